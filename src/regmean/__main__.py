@@ -1,0 +1,3 @@
+from regmean.cli import main
+
+main()

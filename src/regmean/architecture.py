@@ -1,0 +1,125 @@
+"""What a model's structure tells us, read from its class on the meta device (no weights loaded).
+
+Linear layers (torch `nn.Linear` and HF GPT-2 `Conv1D`), which of their weights are tied to another parameter,
+and which top-level modules are task heads.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import transformers
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from regmean.errors import RegmeanError
+
+
+@dataclass(frozen=True)
+class LinearLayer:
+    """A linear layer y = W x + b. `transposed` is True for Conv1D, which stores W as [d_in, d_out]."""
+
+    module: str
+    weight_key: str
+    bias_key: str | None
+    d_in: int
+    d_out: int
+    transposed: bool
+
+
+def model_class(config: transformers.PretrainedConfig) -> type[transformers.PreTrainedModel]:
+    """The transformers class named by config.architectures[0] (never remote code)."""
+    names = config.architectures or []
+    if not names:
+        raise RegmeanError(f"config of model_type {config.model_type!r} names no architectures; set 'architectures'")
+    cls = getattr(transformers, names[0], None)
+    if cls is None:
+        raise RegmeanError(
+            f"architecture {names[0]!r} is not a transformers class (custom code is not loaded; "
+            "trust_remote_code is off)"
+        )
+    return cls
+
+
+def load_config(path: str | Path) -> transformers.PretrainedConfig:
+    try:
+        return transformers.AutoConfig.from_pretrained(str(path), trust_remote_code=False)
+    except (OSError, ValueError, KeyError) as exc:
+        raise RegmeanError(f"{path}/config.json: cannot build a config ({exc})") from exc
+
+
+def meta_model(path: str | Path) -> nn.Module:
+    """The model's module tree on the meta device: structure and names, no memory, no weights read."""
+    config = load_config(path)
+    with torch.device("meta"):
+        return model_class(config)(config)
+
+
+def linear_layers(model: nn.Module) -> dict[str, LinearLayer]:
+    """Every nn.Linear / Conv1D whose weight is not tied to an earlier parameter, by module name."""
+    tied = tied_parameters(model)
+    out: dict[str, LinearLayer] = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Linear):
+            d_out, d_in = mod.weight.shape
+            transposed = False
+        elif isinstance(mod, Conv1D):
+            d_in, d_out = mod.weight.shape
+            transposed = True
+        else:
+            continue
+        weight_key = f"{name}.weight"
+        if weight_key in tied:
+            continue
+        bias_key = f"{name}.bias" if getattr(mod, "bias", None) is not None else None
+        out[name] = LinearLayer(name, weight_key, bias_key, d_in, d_out, transposed)
+    return out
+
+
+def tied_parameters(model: nn.Module) -> set[str]:
+    """Names of parameters that are the same tensor as a parameter listed before them (e.g. a tied lm_head)."""
+    first: dict[int, str] = {}
+    tied: set[str] = set()
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in first:
+            tied.add(name)
+        else:
+            first[id(param)] = name
+    tied.update(getattr(model, "all_tied_weights_keys", None) or {})
+    return tied
+
+
+def head_modules(model: nn.Module, override: list[str] | None = None) -> list[str]:
+    """Top-level task-head modules: every child beside the base model (classifier, score, lm_head, ...).
+
+    `override` is a list of regular expressions over module names that replaces the detection.
+    """
+    if override is not None:
+        pats = [re.compile(p) for p in override]
+        return [n for n, _ in model.named_modules() if n and any(p.fullmatch(n) for p in pats)]
+    prefix = getattr(model, "base_model_prefix", "")
+    if prefix and isinstance(getattr(model, prefix, None), nn.Module):
+        return [n for n, child in model.named_children() if n != prefix and any(True for _ in child.parameters())]
+    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return [n for n, m in model.named_modules() if out_emb is not None and m is out_emb]
+
+
+def embedding_modules(model: nn.Module) -> tuple[list[str], str | None]:
+    """Names of the input embedding module(s) (every module sharing its weight) and of the output embedding."""
+    inp = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    weight = getattr(inp, "weight", None)
+    inputs = [
+        n
+        for n, m in model.named_modules()
+        if m is inp or (weight is not None and getattr(m, "weight", 0) is weight and isinstance(m, nn.Embedding))
+    ]
+    output = next((n for n, m in model.named_modules() if out is not None and m is out), None)
+    return inputs, output
+
+
+def is_head_key(key: str, heads: list[str]) -> bool:
+    return any(key == h or key.startswith(h + ".") for h in heads)

@@ -1,0 +1,64 @@
+"""Predictions, output ensembling and the paper's metrics (accuracy, macro-F1, entity F1)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import transformers as tf
+from seqeval.metrics import f1_score as entity_f1
+
+from regmean.bench.data import TextDataset
+from regmean.bench.train import IGNORE, batches, tokenizer_for
+
+
+def load_classifier(path: str | Path, token_level: bool):
+    cls = tf.AutoModelForTokenClassification if token_level else tf.AutoModelForSequenceClassification
+    return cls.from_pretrained(path).eval()
+
+
+@torch.inference_mode()
+def predict(path: str | Path, data: TextDataset, max_length: int = 64, batch_size: int = 64) -> list[torch.Tensor]:
+    """Logits per example: [C] for sequence classification, [n_words, C] (first sub-token) for token level."""
+    model = load_classifier(path, data.token_level)
+    tok = tokenizer_for(Path(path))
+    out: list[torch.Tensor] = []
+    for batch in batches(tok, data, batch_size, max_length):
+        labels = batch.pop("labels")
+        logits = model(**batch).logits.float()
+        if data.token_level:
+            out += [row[lab != IGNORE] for row, lab in zip(logits, labels, strict=True)]
+        else:
+            out += list(logits)
+    return out
+
+
+def ensemble(predictions: list[list[torch.Tensor]]) -> list[torch.Tensor]:
+    """Output ensembling: the average of the models' logits, example by example."""
+    return [torch.stack(per_model).mean(0) for per_model in zip(*predictions, strict=True)]
+
+
+def macro_f1(gold: list[int], pred: list[int], n_labels: int) -> float:
+    scores = []
+    for c in range(n_labels):
+        tp = sum(g == c and p == c for g, p in zip(gold, pred, strict=True))
+        fp = sum(g != c and p == c for g, p in zip(gold, pred, strict=True))
+        fn = sum(g == c and p != c for g, p in zip(gold, pred, strict=True))
+        if tp + fp + fn:
+            scores.append(2 * tp / (2 * tp + fp + fn))
+    return sum(scores) / len(scores) if scores else 0.0
+
+
+def score(data: TextDataset, logits: list[torch.Tensor], max_length: int = 64) -> dict[str, float]:
+    """accuracy and macro-F1 for classification; entity F1 (seqeval) for token classification."""
+    if data.token_level:
+        names = data.label_names
+        gold, pred = [], []
+        for labels, lg in zip(data.labels, logits, strict=True):
+            n = lg.shape[0]  # words beyond max_length were truncated: scored on the words the model saw
+            gold.append([names[y] for y in labels[:n]])
+            pred.append([names[int(i)] for i in lg.argmax(-1)])
+        return {"entity_f1": float(entity_f1(gold, pred))}
+    pred = [int(lg.argmax()) for lg in logits]
+    acc = sum(p == y for p, y in zip(pred, data.labels, strict=True)) / len(pred)
+    return {"accuracy": acc, "macro_f1": macro_f1(data.labels, pred, len(data.label_names))}

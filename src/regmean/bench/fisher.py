@@ -1,0 +1,54 @@
+"""Diagonal Fisher information per parameter, for the Fisher-weighted averaging baseline.
+
+F = (1/N) sum_n E_{y ~ p_model(.|x_n)} [ (d log p_model(y | x_n) / d theta)^2 ]
+
+from per-example gradients of the model's own log-likelihood (never the batch-mean loss, never the gold labels):
+exact over the classes for sequence classification, one sampled tag sequence per example for token classification.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from rich.progress import Progress
+
+from regmean import distributed
+from regmean.bench.data import TextDataset
+from regmean.bench.train import IGNORE, batches, tokenizer_for
+
+
+def measure_fisher(model_dir: str | Path, data: TextDataset, max_length: int = 64, seed: int = 0) -> dict:
+    """Per-parameter Fisher over `data` (labels unused). In a torch.distributed job each rank takes its shard and
+    rank 0's result covers all examples."""
+    from regmean.bench.evaluate import load_classifier
+
+    model = load_classifier(model_dir, data.token_level)
+    tok = tokenizer_for(Path(model_dir))
+    params = dict(model.named_parameters())
+    fisher = {n: torch.zeros_like(p) for n, p in params.items()}
+    gen = torch.Generator().manual_seed(seed + distributed.rank())
+    local = data.subset(distributed.shard(range(len(data))))
+    with Progress(transient=True, disable=distributed.rank() != 0) as bar:
+        task = bar.add_task("fisher", total=len(local))
+        for batch in batches(tok, local, 1, max_length):
+            labels = batch.pop("labels")
+            logp = model(**batch).logits.float().log_softmax(-1)
+            if data.token_level:
+                keep = labels[0] != IGNORE
+                sampled = torch.multinomial(logp[0, keep].exp(), 1, generator=gen).squeeze(1)
+                terms = [(logp[0, keep].gather(1, sampled[:, None]).sum(), 1.0)]
+            else:
+                probs = logp[0].exp().detach()
+                terms = [(logp[0, c], float(probs[c])) for c in range(logp.shape[-1])]
+            for j, (value, weight) in enumerate(terms):
+                grads = torch.autograd.grad(
+                    value, list(params.values()), retain_graph=j < len(terms) - 1, allow_unused=True
+                )
+                for (name, _), g in zip(params.items(), grads, strict=True):
+                    if g is not None:
+                        fisher[name].add_(g.detach() ** 2, alpha=weight)
+            bar.advance(task)
+    for f in fisher.values():  # one parameter at a time into rank 0
+        distributed.sum_to_rank0(f)
+    return {n: f / len(data) for n, f in fisher.items()}

@@ -1,0 +1,313 @@
+"""The paper's experiments on packaged real data, one function per suite.
+
+Every suite fine-tunes (or reuses cached) models from the packaged MiniLM, measures statistics on each model's own
+training data, merges with RegMean and the baselines through the same engine, evaluates, and returns result rows
+plus wall times per step. Reports are written by `regmean.bench.report`.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from regmean.bench import data as D
+from regmean.bench.evaluate import ensemble, predict, score
+from regmean.bench.fisher import measure_fisher
+from regmean.bench.train import Recipe, fine_tune
+from regmean.fisher import save_fisher
+from regmean.io.data import Example
+from regmean.measure import measure
+from regmean.merge import MergeConfig, merge
+from regmean.merge.output import output_names
+from regmean.stats import save
+
+
+@dataclass
+class Settings:
+    base: Path
+    work: Path
+    recipe: Recipe = field(default_factory=Recipe)
+    train_size: int = 1000  # examples per fine-tuned model
+    test_size: int = 1000  # examples per evaluation set
+    stats_size: int = 1000  # examples each owner measures Grams on
+    fisher_size: int = 128  # examples for the (per-example gradient) Fisher
+    alpha: float = 0.9
+    alphas: tuple[float, ...] = (0.0, 0.1, 0.5, 0.9, 1.0)
+    methods: tuple[str, ...] = ("average", "fisher", "ensemble", "regmean", "mtl")
+    log: Callable[[str], None] = print
+
+
+@dataclass
+class Results:
+    rows: list[dict] = field(default_factory=list)  # suite, seed, task, eval, method, metric, value
+    times: list[dict] = field(default_factory=list)  # suite, seed, step, seconds
+    curves: list[dict] = field(default_factory=list)  # incremental merging: n_models, method, eval, value
+
+    def extend(self, other: Results) -> None:
+        self.rows += other.rows
+        self.times += other.times
+        self.curves += other.curves
+
+
+class Runner:
+    """Shared machinery of one suite run at one seed: timing, statistics, merging, evaluation."""
+
+    def __init__(self, suite: str, seed: int, s: Settings):
+        self.suite, self.seed, self.s = suite, seed, s
+        self.work = s.work / suite / f"seed{seed}"
+        self.results = Results()
+
+    def timed(self, step: str, fn, *args, **kwargs):
+        start = time.perf_counter()
+        out = fn(*args, **kwargs)
+        self.results.times.append(
+            {"suite": self.suite, "seed": self.seed, "step": step, "seconds": time.perf_counter() - start}
+        )
+        return out
+
+    def record(self, task: str, method: str, eval_name: str, metrics: dict[str, float]) -> None:
+        for metric, value in metrics.items():
+            self.results.rows.append(
+                {
+                    "suite": self.suite,
+                    "seed": self.seed,
+                    "task": task,
+                    "eval": eval_name,
+                    "method": method,
+                    "metric": metric,
+                    "value": value,
+                }
+            )
+
+    def train(self, tasks: list[D.TextDataset]) -> list[Path]:
+        self.s.log(f"[{self.suite} seed {self.seed}] fine-tune on {' + '.join(t.name for t in tasks)}")
+        return self.timed(
+            "fine-tune" if len(tasks) == 1 else "mtl-train",
+            fine_tune,
+            self.s.base,
+            tasks,
+            self.s.recipe,
+            self.seed,
+            log=self.s.log,
+        )
+
+    def gram_stats(self, model: Path, data: D.TextDataset, tag: str) -> Path:
+        texts = [" ".join(t) if data.token_level else t for t in data.texts[: self.s.stats_size]]
+        stats = self.timed(
+            "measure",
+            measure,
+            model,
+            [Example(t) for t in texts],
+            max_length=self.s.recipe.max_length,
+            batch_size=32,
+            progress=False,
+        )
+        return save(stats, self.work / "stats" / tag).parent
+
+    def fisher_stats(self, model: Path, data: D.TextDataset, tag: str) -> Path:
+        part = data.subset(range(min(len(data), self.s.fisher_size)))
+        fisher = self.timed("fisher", measure_fisher, model, part, self.s.recipe.max_length, self.seed)
+        return save_fisher(fisher, model, self.work / "fisher" / tag, len(part)).parent
+
+    def merged(self, tag: str, method: str, models: list[Path], stats: list[Path] | None = None, **recipe) -> Path:
+        entries = [
+            {"path": str(m), **({"statistics": str(st)} if stats else {})}
+            for m, st in zip(models, stats or [None] * len(models), strict=True)
+        ]
+        config = MergeConfig(method=method, models=entries, **recipe)
+        out = self.work / "merged" / tag
+        self.timed("merge", merge, config, out, force=True, progress=False)
+        return out
+
+    def evaluate(self, model: Path, evals: dict[str, D.TextDataset]) -> dict[str, list]:
+        return {name: self.timed("evaluate", predict, model, d, self.s.recipe.max_length) for name, d in evals.items()}
+
+
+def _cap(data: D.TextDataset, n: int, seed: int) -> D.TextDataset:
+    if len(data) <= n:
+        return data
+    index = sorted(random.Random(seed).sample(range(len(data)), n))
+    return data.subset(index)
+
+
+def shared_label_space(
+    run: Runner, task: str, parts: list[D.TextDataset], evals: dict[str, D.TextDataset], names: list[str] | None = None
+) -> tuple[dict[str, dict[str, list]], list[Path], list]:
+    """Models of one label space: each individual model, average, Fisher, ensemble, RegMean (+ alpha sweep), MTL.
+
+    Returns every method's predictions per eval set, the fine-tuned models and their Gram statistics (for
+    incremental merging).
+    """
+    s = run.s
+    names = names or [f"model{k}" for k in range(len(parts))]
+    models = [run.train([p])[0] for p in parts]
+    preds: dict[str, dict[str, list]] = {}
+    grams: list[Path] = []
+    for name, m in zip(names, models, strict=True):
+        preds[f"individual:{name}"] = run.evaluate(m, evals)
+    if "average" in s.methods:
+        preds["average"] = run.evaluate(run.merged(f"{task}-average", "average", models), evals)
+    if "fisher" in s.methods:
+        fisher = [
+            run.fisher_stats(m, p, f"{task}-fisher{k}") for k, (m, p) in enumerate(zip(models, parts, strict=True))
+        ]
+        preds["fisher"] = run.evaluate(run.merged(f"{task}-fisher", "fisher", models, fisher), evals)
+    if "ensemble" in s.methods:
+        preds["ensemble"] = {e: ensemble([preds[f"individual:{n}"][e] for n in names]) for e in evals}
+    if "regmean" in s.methods:
+        grams = [run.gram_stats(m, p, f"{task}-gram{k}") for k, (m, p) in enumerate(zip(models, parts, strict=True))]
+        for alpha in sorted(set(s.alphas) | {s.alpha}):
+            label = "regmean" if alpha == s.alpha else f"regmean(alpha={alpha:g})"
+            out = run.merged(f"{task}-regmean-{alpha:g}", "regmean", models, grams, options={"alpha": alpha})
+            preds[label] = run.evaluate(out, evals)
+    if "mtl" in s.methods:
+        preds["mtl"] = run.evaluate(run.train(parts)[0], evals)
+    for method, per_eval in preds.items():
+        for e, logits in per_eval.items():
+            run.record(task, method, e, score(evals[e], logits))
+    return preds, models, grams
+
+
+# -- suites ------------------------------------------------------------------------------------------------------
+PARTITION_TASKS = ("tweets", "rotten_tomatoes", "debates")
+
+
+def suite_partitions(seed: int, s: Settings, tasks=PARTITION_TASKS) -> Results:
+    """One task, two non-i.i.d. partitions of the training split, heads merged, evaluated on the full test split."""
+    run = Runner("partitions", seed, s)
+    for task in tasks:
+        train, _, test = D.split(D.load(task), seed)
+        index, main = D.partition_noniid(train.labels, seed, size=s.train_size)
+        parts = [train.subset(ix, f"{task}/part{k}") for k, ix in enumerate(index)]
+        s.log(f"[partitions seed {seed}] {task}: main label {train.label_names[main]}, sizes {[len(p) for p in parts]}")
+        shared_label_space(run, task, parts, {"test": _cap(test, s.test_size, seed)})
+    return run.results
+
+
+TASK_PAIRS = (("tweets", "rotten_tomatoes"), ("debates", "chatterbot"))
+
+
+def suite_tasks(seed: int, s: Settings, pairs=TASK_PAIRS) -> Results:
+    """Pairs of different tasks: bodies merged, heads kept; each task scored with the merged body + its own head."""
+    run = Runner("tasks", seed, s)
+    for pair in pairs:
+        splits = [D.split(D.load(t), seed) for t in pair]
+        trains = [_cap(tr, s.train_size, seed) for tr, _, _ in splits]
+        tests = [_cap(te, s.test_size, seed) for _, _, te in splits]
+        name = "+".join(pair)
+        models = [run.train([t])[0] for t in trains]
+        outputs: dict[str, list[Path]] = {"individual": models}
+        if "average" in s.methods:
+            out = run.merged(f"{name}-average", "average", models, heads="keep")
+            outputs["average"] = _keep_dirs(out, models)
+        if "fisher" in s.methods:
+            fisher = [
+                run.fisher_stats(m, t, f"{name}-fisher{k}") for k, (m, t) in enumerate(zip(models, trains, strict=True))
+            ]
+            outputs["fisher"] = _keep_dirs(run.merged(f"{name}-fisher", "fisher", models, fisher, heads="keep"), models)
+        if "regmean" in s.methods:
+            grams = [
+                run.gram_stats(m, t, f"{name}-gram{k}") for k, (m, t) in enumerate(zip(models, trains, strict=True))
+            ]
+            for alpha in sorted(set(s.alphas) | {s.alpha}):
+                label = "regmean" if alpha == s.alpha else f"regmean(alpha={alpha:g})"
+                out = run.merged(
+                    f"{name}-regmean-{alpha:g}", "regmean", models, grams, options={"alpha": alpha}, heads="keep"
+                )
+                outputs[label] = _keep_dirs(out, models)
+        if "mtl" in s.methods:
+            outputs["mtl"] = run.train(trains)
+        for method, folders in outputs.items():
+            for task, folder, test in zip(pair, folders, tests, strict=True):
+                run.record(name, method, task, score(test, run.evaluate(folder, {task: test})[task]))
+    return run.results
+
+
+def _keep_dirs(out: Path, models: list[Path]) -> list[Path]:
+    """The per-model folders a heads: keep merge wrote."""
+    return [out / n for n in output_names(models)]
+
+
+IN_DOMAINS = ("airline", "apple", "deflategate", "selfdriving")
+
+
+def suite_domains(seed: int, s: Settings, in_domains=IN_DOMAINS) -> Results:
+    """Shared-label multi-domain sentiment: one model per tweet sub-domain, merged; in-domain and OOD scores;
+    incremental merging in order of the individual models' OOD score."""
+    run = Runner("domains", seed, s)
+    train, _, test = D.split(D.load("tweets"), seed)
+
+    def domain(d: D.TextDataset, name: str) -> D.TextDataset:
+        return d.subset([i for i, x in enumerate(d.domains) if x == name], f"tweets/{name}")
+
+    parts = [_cap(domain(train, n), s.train_size, seed) for n in in_domains]
+    evals = {f"in:{n}": _cap(domain(test, n), s.test_size // 2, seed) for n in in_domains}
+    held_out = [n for n in D.TWEET_DOMAINS if n not in in_domains] + ["other"]
+    for n in held_out:
+        evals[f"ood:{n}"] = _cap(domain(test, n), s.test_size, seed)
+    rt = D.split(D.load_rotten_tomatoes(sentiment_only=True), seed)[2]
+    rt = replace(rt, labels=[0 if y == 0 else 2 for y in rt.labels], label_names=train.label_names)  # to 3 labels
+    evals["ood:rotten_tomatoes"] = _cap(rt, s.test_size, seed)
+    preds, models, grams = shared_label_space(run, "tweet-domains", parts, evals, names=list(in_domains))
+
+    if "regmean" in s.methods:  # incremental merging, models added in order of their OOD score
+        ood = [e for e in evals if e.startswith("ood:")]
+
+        def ood_score(method: str) -> float:
+            return sum(score(evals[e], preds[method][e])["macro_f1"] for e in ood) / len(ood)
+
+        order = sorted(range(len(parts)), key=lambda k: -ood_score(f"individual:{in_domains[k]}"))
+        for n in range(1, len(order) + 1):
+            chosen = [models[k] for k in order[:n]]
+            stats = [grams[k] for k in order[:n]]
+            for method in ("regmean", "average"):
+                folder = (
+                    chosen[0]
+                    if n == 1
+                    else run.merged(
+                        f"incremental-{method}-{n}",
+                        method,
+                        chosen,
+                        stats if method == "regmean" else None,
+                        **({"options": {"alpha": s.alpha}} if method == "regmean" else {}),
+                    )
+                )
+                got = run.evaluate(folder, {e: evals[e] for e in ood})
+                value = sum(score(evals[e], got[e])["macro_f1"] for e in ood) / len(ood)
+                run.results.curves.append(
+                    {
+                        "suite": "domains",
+                        "seed": seed,
+                        "n_models": n,
+                        "method": method,
+                        "added": in_domains[order[n - 1]],
+                        "ood_macro_f1": value,
+                    }
+                )
+    return run.results
+
+
+def suite_ner(seed: int, s: Settings) -> Results:
+    """WNUT-2016 NER: two random partitions of the training split, tags merged, entity F1 on the test split."""
+    run = Runner("ner", seed, s)
+    train, _, test = D.split(D.load("wnut"), seed)
+    order = list(range(len(train)))
+    random.Random(seed).shuffle(order)
+    half = min(len(order) // 2, s.train_size)
+    parts = [
+        train.subset(sorted(order[:half]), "wnut/part0"),
+        train.subset(sorted(order[half : 2 * half]), "wnut/part1"),
+    ]
+    shared_label_space(run, "wnut", parts, {"test": _cap(test, s.test_size, seed)})
+    return run.results
+
+
+SUITES: dict[str, Callable[[int, Settings], Results]] = {
+    "partitions": suite_partitions,
+    "tasks": suite_tasks,
+    "domains": suite_domains,
+    "ner": suite_ner,
+}

@@ -1,0 +1,288 @@
+"""The `regmean` command: measure, merge, stats show, stats combine."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from regmean.errors import RegmeanError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Dataless knowledge fusion with RegMean.")
+stats_app = typer.Typer(no_args_is_help=True, help="Inspect and combine statistics files.")
+app.add_typer(stats_app, name="stats")
+console = Console(stderr=True)
+
+
+def _fail(exc: RegmeanError) -> None:
+    for line in exc.problems:
+        print(f"error: {line}", file=sys.stderr)
+    raise typer.Exit(2)
+
+
+def _refuse_existing(out: Path, force: bool) -> None:
+    from regmean.stats import BLOCK_PATTERN, FILE_NAME
+
+    existing = [out / FILE_NAME] if (out / FILE_NAME).exists() else sorted(out.glob(BLOCK_PATTERN))
+    if existing and not force:
+        raise RegmeanError(f"{existing[0]}: exists; choose another folder or pass --force to replace it")
+    for file in existing:  # --force: no stale block may mix with the new statistics
+        file.unlink()
+
+
+@app.command()
+def measure(
+    model_dir: Annotated[Path, typer.Argument(help="Hugging Face model folder (config.json + safetensors)")],
+    data: Annotated[Path, typer.Option(help="Local data file: .jsonl, .json, .csv, .tsv or .parquet")],
+    out: Annotated[Path, typer.Option(help="Folder to write statistics.safetensors into")],
+    text_field: Annotated[str, typer.Option(help="Column holding the text")] = "text",
+    text_pair_field: Annotated[str | None, typer.Option(help="Column holding the second text of a pair")] = None,
+    target_field: Annotated[str | None, typer.Option(help="Decoder target column (encoder-decoder LMs)")] = None,
+    max_examples: Annotated[int | None, typer.Option(help="Use at most this many examples")] = None,
+    batch_size: Annotated[int, typer.Option(min=1)] = 16,
+    max_length: Annotated[int, typer.Option(min=1, help="Truncate inputs to this many tokens")] = 128,
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1, mps ...")] = "cpu",
+    stats_dtype: Annotated[str, typer.Option(help="float32 or float64 sums")] = "float32",
+    model_dtype: Annotated[str, typer.Option(help="float32, float64, bfloat16 or float16 forward")] = "float32",
+    include: Annotated[str | None, typer.Option(help="Regex: measure only matching module names")] = None,
+    exclude: Annotated[str | None, typer.Option(help="Regex: skip matching module names")] = None,
+    force: Annotated[bool, typer.Option(help="Replace an existing statistics file")] = False,
+    nproc: Annotated[int, typer.Option(min=1, help="Processes on this machine (runs torchrun for you)")] = 1,
+    max_memory: Annotated[
+        str | None, typer.Option(help="Most memory for the sums, e.g. 8GB; more means several passes, one file each")
+    ] = None,
+) -> None:
+    """Measure a model's linear-layer input statistics on local data (run by each model owner).
+
+    Data-parallel: `torchrun --nproc_per_node N -m regmean measure ...` or `--nproc N`; rank 0 writes the file.
+    """
+    from regmean import distributed
+    from regmean.io.data import load_examples
+    from regmean.measure import measure as run_measure
+    from regmean.stats import save
+    from regmean.units import parse_size
+
+    if nproc > 1 and not distributed.launched():
+        _relaunch_with_torchrun(nproc)
+    try:
+        device = distributed.init_from_env(device)
+        if distributed.rank() == 0:
+            _refuse_existing(out, force)
+        fields = {"text_field": text_field, "text_pair_field": text_pair_field, "target_field": target_field}
+        examples = load_examples(data, max_examples=max_examples, **fields)
+        provenance = {"data": data.name, **{k: v for k, v in fields.items() if v}}
+        written: list[Path] = []
+
+        def write_block(block, index: int, count: int) -> None:  # each finished block leaves memory for disk
+            if distributed.rank() == 0:
+                written.append(save(block, out, block=None if count == 1 else (index, count)))
+
+        stats = run_measure(
+            model_dir,
+            examples,
+            batch_size=batch_size,
+            max_length=max_length,
+            device=device,
+            stats_dtype=stats_dtype,
+            model_dtype=model_dtype,
+            include=include,
+            exclude=exclude,
+            provenance=provenance,
+            log=console.print,
+            max_stats_bytes=None if max_memory is None else parse_size(max_memory),
+            on_block=write_block,
+        )
+        if distributed.rank() != 0:
+            return
+        path = written[0] if len(written) == 1 else out
+    except RegmeanError as exc:
+        _fail(exc)
+    console.print(
+        f"wrote {path}: {len(set(stats.modules.values()))} sites for {len(stats.modules)} modules, "
+        f"{stats.examples} examples, {stats.tokens} tokens, {distributed.world_size()} process(es)"
+    )
+
+
+@app.command()
+def fisher(
+    model_dir: Annotated[Path, typer.Argument(help="Fine-tuned classifier folder (sequence or token classification)")],
+    data: Annotated[Path, typer.Option(help="Local data file: .jsonl, .json, .csv, .tsv or .parquet")],
+    out: Annotated[Path, typer.Option(help="Folder to write fisher.safetensors into")],
+    text_field: Annotated[str, typer.Option(help="Column holding the text (words split on spaces for NER)")] = "text",
+    max_examples: Annotated[int | None, typer.Option(help="Use at most this many examples")] = None,
+    max_length: Annotated[int, typer.Option(min=1)] = 128,
+    seed: Annotated[int, typer.Option(help="Seed of the sampled tags (token classification)")] = 0,
+    nproc: Annotated[int, typer.Option(min=1, help="Processes on this machine (runs torchrun for you)")] = 1,
+) -> None:
+    """Measure the diagonal Fisher of a classifier (for `method: fisher`), from per-example gradients."""
+    from regmean import distributed
+    from regmean.architecture import load_config
+    from regmean.bench.data import TextDataset
+    from regmean.bench.fisher import measure_fisher
+    from regmean.fisher import save_fisher
+    from regmean.io.data import load_examples
+
+    if nproc > 1 and not distributed.launched():
+        _relaunch_with_torchrun(nproc)
+    try:
+        distributed.init_from_env("cpu")
+        config = load_config(model_dir)
+        token_level = (config.architectures or [""])[0].endswith("ForTokenClassification")
+        texts = [e.text for e in load_examples(data, text_field=text_field, max_examples=max_examples)]
+        texts = [t.split() for t in texts] if token_level else texts
+        labels = [[0] * len(t) for t in texts] if token_level else [0] * len(texts)  # unused: the model's own
+        names = [config.id2label[i] for i in range(config.num_labels)]
+        dataset = TextDataset(data.stem, texts, labels, names, token_level=token_level)
+        values = measure_fisher(model_dir, dataset, max_length, seed)
+        if distributed.rank() != 0:
+            return
+        path = save_fisher(values, model_dir, out, len(dataset))
+    except RegmeanError as exc:
+        _fail(exc)
+    console.print(f"wrote {path}: Fisher of {len(values)} parameters over {len(dataset)} examples")
+
+
+def _relaunch_with_torchrun(nproc: int) -> None:
+    """Run this same command as `torchrun --standalone --nproc_per_node N -m regmean ...` and exit with its code."""
+    import subprocess
+
+    args = sys.argv[1:]
+    for i, a in enumerate(args):  # drop --nproc N / --nproc=N
+        if a == "--nproc":
+            del args[i : i + 2]
+            break
+        if a.startswith("--nproc="):
+            del args[i]
+            break
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "regmean"]
+    code = subprocess.call(cmd + args)
+    if code != 0:
+        print(f"error: measure failed in one of its {nproc} processes (exit {code}); nothing written", file=sys.stderr)
+    raise typer.Exit(code)
+
+
+@app.command()
+def merge(
+    config: Annotated[Path, typer.Argument(help="Merge recipe (YAML)")],
+    out_dir: Annotated[Path, typer.Argument(help="Output model folder")],
+    force: Annotated[bool, typer.Option(help="Replace a non-empty output folder")] = False,
+    dry_run: Annotated[
+        bool, typer.Option(help="Validate and print the plan (bytes, peak memory); merge nothing")
+    ] = False,
+    shard_size: Annotated[str, typer.Option(help="Largest output shard, e.g. 2GB")] = "5GB",
+    max_memory: Annotated[str | None, typer.Option(help="Refuse if the peak memory estimate exceeds this")] = None,
+) -> None:
+    """Merge fine-tuned models (and their statistics) into one Hugging Face model folder."""
+    from regmean.merge import merge as run_merge
+
+    try:
+        result = run_merge(
+            config,
+            out_dir,
+            force=force,
+            dry_run=dry_run,
+            shard_size=shard_size,
+            max_memory=max_memory,
+            log=console.print,
+        )
+    except RegmeanError as exc:
+        _fail(exc)
+    if dry_run:
+        return
+    s = result.summary()
+    detail = ""
+    if s["regmean_layers"]:
+        detail = (
+            f"; {s['regmean_layers']} RegMean layers, {s['ridge_layers']} with ridge, "
+            f"mean relative error {s['mean_relative_error']:.3g}"
+        )
+    console.print(f"wrote {out_dir} ({result.method}{detail})")
+
+
+@stats_app.command("show")
+def stats_show(path: Annotated[Path, typer.Argument(help="Statistics folder or file")]) -> None:
+    """Sites, shapes, counts, dtype and provenance of a statistics file."""
+    from regmean.stats import StatisticsFile
+
+    try:
+        st = StatisticsFile(path)
+        out = Console()
+        out.print(f"[bold]{st.path}[/bold]  ({st.meta['library']}, format {st.meta['format_version']})")
+        out.print(f"model: {st.fingerprint['architecture']}  weights {st.fingerprint['weights']}")
+        out.print(f"dtype: {st.dtype}   examples: {st.examples}   tokens: {st.tokens}")
+        out.print(f"masking: {st.masking}")
+        for rec in st.provenance:
+            out.print("provenance: " + ", ".join(f"{k}={v}" for k, v in rec.items()))
+        table = Table("site", "shape", "rows", "modules")
+        for column in table.columns:
+            column.no_wrap = True
+        by_site: dict[str, list[str]] = {}
+        for module, site in st.modules.items():
+            by_site.setdefault(site, []).append(module)
+        for site in st.site_names:
+            stats = st.site(site, check_finite=False)
+            table.add_row(site, "x".join(map(str, st.site_shape(site))), str(stats.count), "\n".join(by_site[site]))
+        out.print(table)
+        if st.skipped:
+            out.print(f"not measured: {len(st.skipped)} modules, e.g. {next(iter(st.skipped.items()))}")
+    except RegmeanError as exc:
+        _fail(exc)
+
+
+@stats_app.command("combine")
+def stats_combine(
+    paths: Annotated[list[Path], typer.Argument(help="Statistics of one model on disjoint data")],
+    out: Annotated[Path, typer.Option(help="Folder for the combined statistics")],
+    force: Annotated[bool, typer.Option(help="Replace an existing statistics file")] = False,
+) -> None:
+    """Add statistics measured separately: the result equals measuring the union of the data."""
+    from regmean.stats import combine, save
+
+    try:
+        _refuse_existing(out, force)
+        path = save(combine(paths), out)
+    except RegmeanError as exc:
+        _fail(exc)
+    console.print(f"wrote {path}")
+
+
+@app.command()
+def bench(
+    name: Annotated[str, typer.Argument(help="partitions, tasks, domains, ner, all, or demo")],
+    seeds: Annotated[int, typer.Option(min=1, help="Number of seeds (0, 1, ...)")] = 1,
+    out: Annotated[Path | None, typer.Option(help="Output folder (default runs/NAME)")] = None,
+    base: Annotated[Path | None, typer.Option(help="Backbone model folder (default: packaged MiniLM)")] = None,
+    train_size: Annotated[int | None, typer.Option(help="Training examples per model")] = None,
+    test_size: Annotated[int | None, typer.Option(help="Examples per evaluation set")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Fine-tuning epochs")] = None,
+    alpha: Annotated[float | None, typer.Option(help="RegMean alpha of the main row")] = None,
+) -> None:
+    """Reproduce the paper's experiments on packaged real data: fine-tune, measure, merge, evaluate, report."""
+    from regmean.bench.run import run_bench
+
+    try:
+        report = run_bench(
+            name,
+            list(range(seeds)),
+            out or Path("runs") / name,
+            base,
+            train_size=train_size,
+            test_size=test_size,
+            epochs=epochs,
+            alpha=alpha,
+        )
+    except RegmeanError as exc:
+        _fail(exc)
+    print(report)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

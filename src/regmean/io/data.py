@@ -1,0 +1,72 @@
+"""Local text data for measuring: JSONL, JSON, CSV/TSV (optionally compressed) or Parquet, read in place."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from regmean.errors import RegmeanError
+
+
+@dataclass(frozen=True)
+class Example:
+    text: str
+    text_pair: str | None = None
+    target: str | None = None
+
+
+def read_table(path: str | Path) -> pd.DataFrame:
+    path = Path(path)
+    if not path.is_file():
+        raise RegmeanError(f"{path}: data file not found")
+    suffixes = [s.lower() for s in path.suffixes if s.lower() not in (".gz", ".bz2", ".xz", ".zst", ".zip")]
+    kind = suffixes[-1] if suffixes else ""
+    try:
+        if kind in (".jsonl", ".ndjson"):
+            return pd.read_json(path, lines=True)
+        if kind == ".json":
+            return pd.read_json(path)
+        if kind == ".csv":
+            return pd.read_csv(path)
+        if kind == ".tsv":
+            return pd.read_csv(path, sep="\t")
+        if kind == ".parquet":
+            return pd.read_parquet(path)
+    except (ValueError, OSError, pd.errors.ParserError) as exc:
+        raise RegmeanError(f"{path}: cannot parse as {kind[1:]} ({exc})") from exc
+    raise RegmeanError(f"{path}: unknown data format {kind or '(none)'}; use .jsonl, .json, .csv, .tsv or .parquet")
+
+
+def load_examples(
+    path: str | Path,
+    text_field: str = "text",
+    text_pair_field: str | None = None,
+    target_field: str | None = None,
+    max_examples: int | None = None,
+) -> list[Example]:
+    """Rows with an empty or missing text are skipped; the first `max_examples` remaining rows are kept."""
+    table = read_table(path)
+    for field in (text_field, text_pair_field, target_field):
+        if field is not None and field not in table.columns:
+            raise RegmeanError(f"{path}: no column {field!r}; columns are {', '.join(map(str, table.columns))}")
+
+    def cell(row, field):
+        if field is None:
+            return None
+        value = row[field]
+        return None if pd.isna(value) else str(value)
+
+    examples = []
+    for _, row in table.iterrows():
+        text = cell(row, text_field)
+        if not text or not text.strip():
+            continue
+        pair = cell(row, text_pair_field) or ("" if text_pair_field else None)
+        examples.append(Example(text, pair, cell(row, target_field)))
+        if max_examples is not None and len(examples) >= max_examples:
+            break
+    if not examples:
+        raise RegmeanError(f"{path}: no non-empty {text_field!r} values")
+    return examples

@@ -1,0 +1,6 @@
+"""The merge step: recipe -> validated inputs -> merged tensors -> model folder(s)."""
+
+from regmean.merge.config import MergeConfig, ModelEntry
+from regmean.merge.engine import MergeReport, merge
+
+__all__ = ["MergeConfig", "MergeReport", "ModelEntry", "merge"]

@@ -1,0 +1,249 @@
+"""The merge: every output tensor from the K inputs (and their statistics), one site or one tensor at a time."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from regmean.architecture import LinearLayer, is_head_key
+from regmean.errors import RegmeanError
+from regmean.io.writer import DEFAULT_SHARD_BYTES, ShardedWriter
+from regmean.merge.config import MergeConfig
+from regmean.merge.inputs import MergeInputs, base_key, open_inputs
+from regmean.merge.output import check_output_dir, finish_folders, output_folders, staged_output
+from regmean.merge.plan import MergePlan, check_memory, make_plan
+from regmean.methods import METHODS
+from regmean.methods.regmean import RegMeanOptions, affine_gram, reconstruction_error, regmean_solve
+from regmean.units import parse_size
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class MergeReport:
+    method: str
+    layers: list[dict] = field(default_factory=list)
+    """Per RegMean-merged linear layer: module, site, ridge, relative reconstruction error per model."""
+    averaged_linears: list[str] = field(default_factory=list)
+    """Linear layers without statistics, merged by the method's plain rule."""
+    base_missing: list[str] = field(default_factory=list)
+    """task_arithmetic: tensors the base model lacks (averaged)."""
+
+    def summary(self) -> dict:
+        errs = [e for row in self.layers for e in row["relative_error"]]
+        ridged = [row["module"] for row in self.layers if row["ridge"] > 0]
+        return {
+            "regmean_layers": len(self.layers),
+            "ridge_layers": len(ridged),
+            "mean_relative_error": sum(errs) / len(errs) if errs else None,
+            "max_relative_error": max(errs) if errs else None,
+        }
+
+    def to_dict(self) -> dict:
+        return {"method": self.method, "summary": self.summary(), **self.__dict__}
+
+
+def merge(
+    config: MergeConfig | str | Path,
+    out_dir: str | Path,
+    *,
+    force: bool = False,
+    progress: bool = True,
+    dry_run: bool = False,
+    shard_size: int | str = DEFAULT_SHARD_BYTES,
+    max_memory: int | str | None = None,
+    log=None,
+) -> MergeReport | MergePlan:
+    """Merge the models of `config` (a MergeConfig or a YAML path) into `out_dir`.
+
+    With heads: merge, `out_dir` is one model folder; with heads: keep, it holds one folder per input model (the
+    merged body plus that model's own head). The plan (bytes, peak memory estimate) is computed first and passed to
+    `log`; `dry_run` returns it without merging; `max_memory` refuses a merge whose estimate exceeds it. Tensors are
+    read one at a time and written in shards of `shard_size`; nothing is left in `out_dir` unless the merge completes.
+    """
+    if not isinstance(config, MergeConfig):
+        config = MergeConfig.from_file(config)
+    out_dir = Path(out_dir)
+    if not dry_run:
+        check_output_dir(out_dir, force)
+    inputs = open_inputs(config)
+    groups = _site_groups(inputs) if METHODS[config.method].statistics == "gram" else {}
+    shard_bytes = parse_size(shard_size)
+    plan = make_plan(inputs, groups, shard_bytes)
+    if log is not None:
+        log(plan.describe())
+    check_memory(plan, None if max_memory is None else parse_size(max_memory))
+    if dry_run:
+        return plan
+    with staged_output(out_dir, force) as staged:
+        folders = output_folders(inputs, staged)
+        writers = [ShardedWriter(f, shard_bytes) for f in folders]
+        report = merge_into(inputs, groups, writers, progress)
+        for w in writers:
+            w.finish()
+        finish_folders(inputs, folders, staged, report)
+    return report
+
+
+def merge_into(inputs: MergeInputs, groups: dict, writers: list[ShardedWriter], progress: bool = True) -> MergeReport:
+    """Compute every output tensor, one site group or one tensor at a time, straight into the writers.
+
+    Body tensors go to every writer; with heads: keep, writer k also gets model k's own head tensors.
+    """
+    config = inputs.config
+    method = METHODS[config.method]
+    options = config.method_options()
+    weights = torch.tensor([m.weight for m in config.models], dtype=torch.float64)
+    report = MergeReport(config.method)
+    keys = inputs.body_keys()
+    group_of = {}
+    for site, layers in groups.items():
+        for layer in layers:
+            group_of[layer.weight_key] = site
+            if layer.bias_key and options.bias == "joint":
+                group_of[layer.bias_key] = site
+    done: set[str] = set()
+    columns = [TextColumn("merging"), BarColumn(), MofNCompleteColumn(), TextColumn("tensors"), TimeElapsedColumn()]
+    with Progress(*columns, disable=not progress) as bar:
+        task = bar.add_task("merge", total=len(keys))
+        for key in keys:
+            if key in done:
+                continue
+            if key in group_of:
+                site = group_of[key]
+                solved = _regmean_site(inputs, site, groups[site], options, weights, report)
+            else:
+                solved = {key: _plain_tensor(inputs, key, weights, options, method, report)}
+            for name, tensor in solved.items():
+                for w in writers:
+                    w.add(name, tensor)
+            done.update(solved)
+            bar.advance(task, len(solved))
+        for key in inputs.head_keys():
+            for model, w in zip(inputs.models, writers, strict=True):
+                w.add(key, model.get(key))
+    measured = {layer.module for group in groups.values() for layer in group}
+    body = set(keys)
+    report.averaged_linears = (
+        sorted(n for n, layer in inputs.linears.items() if n not in measured and layer.weight_key in body)
+        if method.statistics == "gram"
+        else []
+    )
+    return report
+
+
+def _plain_tensor(inputs: MergeInputs, key, weights, options, method, report) -> torch.Tensor:
+    tensors = [m.get(key) for m in inputs.models]
+    if not tensors[0].is_floating_point():  # integer buffers (position ids): identical across fine-tunes
+        return tensors[0]
+    config = inputs.config
+    if (config.embeddings == "base" and is_head_key(key, inputs.embeddings)) or (
+        config.lm_head == "base" and inputs.lm_head and is_head_key(key, [inputs.lm_head])
+    ):
+        bkey = base_key(inputs.base, key, inputs.skeleton)
+        if bkey is not None:
+            return inputs.base.get(bkey).to(_out_dtype(config, tensors[0].dtype))
+        report.base_missing.append(key)
+    base = None
+    if inputs.base is not None:
+        bkey = base_key(inputs.base, key, inputs.skeleton)
+        if bkey is None:
+            report.base_missing.append(key)
+        else:
+            base = inputs.base.get(bkey)
+    extra = {}
+    if method.statistics == "fisher":
+        fisher = [f.get(key) for f in inputs.stats]
+        extra["fisher"] = torch.stack(fisher) if all(f is not None for f in fisher) else None
+    merged = method.merge_tensor(torch.stack(tensors), weights, base, options, **extra)
+    return merged.to(_out_dtype(inputs.config, tensors[0].dtype))
+
+
+def _out_dtype(config: MergeConfig, dtype: torch.dtype) -> torch.dtype:
+    return dtype if config.dtype == "auto" else DTYPES[config.dtype]
+
+
+def _site_groups(inputs: MergeInputs) -> dict[tuple[str, ...], list[LinearLayer]]:
+    """Measured body linear layers grouped by their site in every model: one factorisation serves a group."""
+    groups: dict[tuple[str, ...], list[LinearLayer]] = defaultdict(list)
+    keep = inputs.config.heads == "keep"
+    for name, layer in inputs.linears.items():
+        if name not in inputs.stats[0].modules or (keep and is_head_key(layer.weight_key, inputs.heads)):
+            continue
+        if name == inputs.lm_head and inputs.config.lm_head != "regmean":
+            continue
+        groups[tuple(st.modules[name] for st in inputs.stats)].append(layer)
+    return groups
+
+
+def _weight(tensor: torch.Tensor, layer: LinearLayer) -> torch.Tensor:
+    """As [d_out, d_in] whatever the storage (Conv1D stores [d_in, d_out])."""
+    return tensor.T if layer.transposed else tensor
+
+
+def _regmean_site(
+    inputs: MergeInputs,
+    sites: tuple[str, ...],
+    layers: list[LinearLayer],
+    options: RegMeanOptions,
+    weights: torch.Tensor,
+    report: MergeReport,
+) -> dict[str, torch.Tensor]:
+    stats = [st.site(name) for st, name in zip(inputs.stats, sites, strict=True)]
+    d_in = stats[0].gram.shape[0]
+    for layer in layers:
+        if layer.d_in != d_in:
+            raise RegmeanError(
+                f"{inputs.stats[0].path}: site {sites[0]} is {d_in} wide, {layer.module} reads {layer.d_in}"
+            )
+    if any(s.count == 0 for s in stats):
+        raise RegmeanError(f"site {sites[0]}: a statistics file has zero rows; measure on non-empty data")
+    counts = torch.tensor([s.count for s in stats], dtype=torch.float64)
+    scale = weights / counts if options.gram_weighting == "mean" else weights.clone()
+    joint = options.bias == "joint"
+    subgroups = [[la for la in layers if la.bias_key], [la for la in layers if not la.bias_key]] if joint else [layers]
+    out: dict[str, torch.Tensor] = {}
+    dtypes: dict[str, torch.dtype] = {}
+    for group in subgroups:
+        if not group:
+            continue
+        affine = joint and group[0].bias_key is not None
+        grams = [affine_gram(s.gram, s.sum, s.count) if affine else s.gram for s in stats]
+        stacked = []
+        for model in inputs.models:
+            rows = []
+            for layer in group:
+                source = model.get(layer.weight_key)
+                dtypes[layer.module] = _out_dtype(inputs.config, source.dtype)
+                w = _weight(source, layer).to(torch.float64)
+                if affine:
+                    w = torch.cat([w, model.get(layer.bias_key).to(torch.float64)[:, None]], dim=1)
+                rows.append(w)
+            stacked.append(torch.cat(rows))
+        stacked = torch.stack(stacked)
+        merged, ridge = regmean_solve(stacked, grams, scale, weights, options.alpha)
+        start = 0
+        for layer in group:
+            part = merged[start : start + layer.d_out]
+            errors = [
+                reconstruction_error(part, stacked[k, start : start + layer.d_out], grams[k]) for k in range(len(stats))
+            ]
+            start += layer.d_out
+            w = part[:, :d_in].to(dtypes[layer.module])
+            out[layer.weight_key] = w.T.contiguous() if layer.transposed else w.contiguous()
+            if affine:
+                out[layer.bias_key] = part[:, d_in].to(dtypes[layer.module]).contiguous()
+            report.layers.append(
+                {
+                    "module": layer.module,
+                    "site": sites[0],
+                    "ridge": ridge,
+                    "relative_error": errors,
+                    "bias": "joint" if affine else "average",
+                }
+            )
+    return out

@@ -1,0 +1,153 @@
+"""Open and cross-check every input of a merge, reporting all problems at once, before any merging."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from regmean.architecture import (
+    LinearLayer,
+    embedding_modules,
+    head_modules,
+    is_head_key,
+    linear_layers,
+    meta_model,
+)
+from regmean.errors import RegmeanError
+from regmean.fisher import FisherFile
+from regmean.io.checkpoint import Checkpoint
+from regmean.merge.config import MergeConfig
+from regmean.methods import METHODS
+from regmean.stats import StatisticsFile
+
+STATISTICS_READERS = {"gram": StatisticsFile, "fisher": FisherFile}
+
+
+@dataclass
+class MergeInputs:
+    config: MergeConfig
+    models: list[Checkpoint]
+    stats: list[StatisticsFile] | list[FisherFile] | None
+    base: Checkpoint | None
+    skeleton: nn.Module
+    linears: dict[str, LinearLayer]
+    heads: list[str]
+    embeddings: list[str]  # input embedding modules
+    lm_head: str | None  # output embedding module
+
+    def body_keys(self) -> list[str]:
+        """Tensors merged into the body: every key, less the heads when each model keeps its own."""
+        keys = self.models[0].keys()
+        if self.config.heads == "keep":
+            keys = [k for k in keys if not is_head_key(k, self.heads)]
+        return keys
+
+    def head_keys(self) -> list[str]:
+        return [k for k in self.models[0].keys() if is_head_key(k, self.heads)] if self.config.heads == "keep" else []
+
+
+def open_inputs(config: MergeConfig, check_fingerprints: bool = True) -> MergeInputs:
+    problems: list[str] = []
+
+    def attempt(fn, *args):
+        try:
+            return fn(*args)
+        except RegmeanError as exc:
+            problems.extend(exc.problems)
+            return None
+
+    models = [attempt(Checkpoint, m.path, config.allow_pickle) for m in config.models]
+    method = METHODS[config.method]
+    reader = STATISTICS_READERS.get(method.statistics)
+    stats = [attempt(reader, m.statistics) for m in config.models] if reader else None
+    base = attempt(Checkpoint, config.base_model, config.allow_pickle) if config.base_model else None
+    if problems:
+        raise RegmeanError(problems)
+
+    first, first_path = models[0], config.models[0].path
+    skeleton = attempt(meta_model, first_path)
+    if skeleton is None:
+        raise RegmeanError(problems)
+    heads = head_modules(skeleton, config.head_modules)
+    ignore_heads = config.heads == "keep"
+
+    def body(ckpt: Checkpoint) -> dict[str, tuple[int, ...]]:
+        return {k: s for k, s in ckpt.shapes.items() if not (ignore_heads and is_head_key(k, heads))}
+
+    ref = body(first)
+    for entry, ckpt in zip(config.models[1:], models[1:], strict=True):
+        vocab, first_vocab = ckpt.config.get("vocab_size"), first.config.get("vocab_size")
+        if vocab != first_vocab:
+            problems.append(
+                f"{entry.path}: vocabulary of {vocab} tokens, {first_path} has {first_vocab}; models with different "
+                "vocabularies cannot be merged (their embedding rows mean different tokens)"
+            )
+            continue
+        if ckpt.architecture != first.architecture:
+            problems.append(
+                f"{entry.path}: architecture {ckpt.architecture} differs from {first_path} ({first.architecture})"
+            )
+            continue
+        other = body(ckpt)
+        missing, extra = sorted(set(ref) - set(other)), sorted(set(other) - set(ref))
+        if missing or extra:
+            problems.append(
+                f"{entry.path}: tensors differ from {first_path} (missing {missing[:3]}, extra {extra[:3]})"
+            )
+            continue
+        bad = [k for k in ref if ref[k] != other[k]]
+        if bad:
+            vocab = " (different vocabularies?)" if any("embed" in k for k in bad) else ""
+            hint = "; heads of different tasks need heads: keep" if any(is_head_key(k, heads) for k in bad) else ""
+            problems.append(
+                f"{entry.path}: shape of {bad[0]} is {other[bad[0]]}, {first_path} has {ref[bad[0]]}"
+                f"{vocab}{hint} ({len(bad)} tensors differ)"
+            )
+    if base is not None:
+        absent = [k for k in ref if base_key(base, k, skeleton) is None and not is_head_key(k, heads)]
+        if absent:
+            problems.append(f"{config.base_model}: base model lacks {len(absent)} body tensors, e.g. {absent[0]}")
+
+    linears = linear_layers(skeleton)
+    if stats is not None:
+        for entry, ckpt, st in zip(config.models, models, stats, strict=True):
+            if check_fingerprints and st.fingerprint != ckpt.fingerprint:
+                problems.append(
+                    f"{st.path}: statistics were measured on another model than {entry.path} "
+                    f"(fingerprint {st.fingerprint.get('weights', '?')[:12]} vs {ckpt.fingerprint['weights'][:12]}); "
+                    "measure this model"
+                )
+                continue
+            unknown = sorted(set(getattr(st, "modules", ())) - set(linears))
+            if unknown:
+                problems.append(f"{st.path}: statistics name modules the model lacks, e.g. {unknown[0]}")
+            absent = [linears[m].weight_key for m in getattr(st, "modules", ()) if m in linears]
+            absent = [k for k in absent if k not in ckpt]
+            if absent:
+                problems.append(
+                    f"{entry.path}: has no tensor {absent[0]} for a measured module ({len(absent)} missing); "
+                    "re-save the model with save_pretrained"
+                )
+        if not problems and method.statistics == "gram":
+            covered = [set(st.modules) for st in stats]
+            partial = sorted(set.union(*covered) - set.intersection(*covered))
+            if partial:
+                problems.append(
+                    f"module {partial[0]} has statistics in some models but not others ({len(partial)} modules); "
+                    "measure every model with the same include/exclude"
+                )
+    if problems:
+        raise RegmeanError(problems)
+    embeddings, lm_head = embedding_modules(skeleton)
+    return MergeInputs(config, models, stats, base, skeleton, linears, heads, embeddings, lm_head)
+
+
+def base_key(base: Checkpoint, key: str, skeleton: nn.Module) -> str | None:
+    """The base model's name for `key`: the same, or without the task model's base prefix (e.g. 'bert.')."""
+    if key in base:
+        return key
+    prefix = getattr(skeleton, "base_model_prefix", "")
+    if prefix and key.startswith(prefix + ".") and key[len(prefix) + 1 :] in base:
+        return key[len(prefix) + 1 :]
+    return None

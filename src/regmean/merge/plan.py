@@ -1,0 +1,86 @@
+"""What a merge will read, write and hold in memory, said before the work (and `regmean merge --dry-run`)."""
+
+from __future__ import annotations
+
+import math
+import resource
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from regmean.errors import RegmeanError
+from regmean.merge.inputs import MergeInputs
+from regmean.units import human
+
+DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+def current_rss() -> int:
+    """This process's resident memory now (libraries loaded, inputs opened): the floor under any estimate.
+
+    Linux: VmRSS of /proc/self/status. Elsewhere the peak from getrusage (on Linux that value is inherited across
+    fork and exec, so a process started by a large parent would report the parent's peak)."""
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+@dataclass
+class MergePlan:
+    tensors: int
+    regmean_layers: int
+    read_bytes: int
+    write_bytes: int
+    working_bytes: int
+    """The largest per-step working set: one site's K Grams and its layers' K weights (float64), or one tensor."""
+    buffer_bytes: int
+    """Output shard buffers (one per output folder)."""
+    runtime_bytes: int
+
+    @property
+    def peak_bytes(self) -> int:
+        return self.runtime_bytes + self.buffer_bytes + self.working_bytes
+
+    def describe(self) -> str:
+        return (
+            f"plan: {self.tensors} tensors ({self.regmean_layers} RegMean layers); read {human(self.read_bytes)}, "
+            f"write {human(self.write_bytes)}; peak memory about {human(self.peak_bytes)} "
+            f"(runtime {human(self.runtime_bytes)} + shard buffers {human(self.buffer_bytes)} "
+            f"+ largest step {human(self.working_bytes)})"
+        )
+
+
+def make_plan(inputs: MergeInputs, groups: dict, shard_bytes: int) -> MergePlan:
+    k = len(inputs.models)
+    first = inputs.models[0]
+    numel = {key: math.prod(first.shapes[key]) for key in first.keys()}
+    size = {key: numel[key] * DTYPE_BYTES.get(first.dtype(key), 4) for key in first.keys()}
+    keys, head_keys = inputs.body_keys(), inputs.head_keys()
+    body, heads = sum(size[key] for key in keys), sum(size[key] for key in head_keys)
+    outputs = k if inputs.config.heads == "keep" else 1
+    read = k * (body + heads) + (body if inputs.base else 0)
+    read += sum(st.nbytes for st in inputs.stats) if inputs.stats else 0
+    # one plain tensor: K stacked copies promoted to float32 or wider, plus the result
+    working = max((8 * (k + 1) * numel[key] for key in keys), default=0)
+    for layers in groups.values():
+        d = layers[0].d_in + 1
+        d_out = sum(layer.d_out for layer in layers)
+        # K float32 Grams as read; one float64 Gram being added, the system and its factor; K float64 weights,
+        # their average, the right-hand side and the solution
+        working = max(working, 4 * k * d * d + 8 * 3 * d * d + 8 * (k + 3) * d_out * d)
+    buffer = outputs * min(shard_bytes, body + heads)
+    regmean_layers = sum(len(g) for g in groups.values())
+    return MergePlan(len(keys), regmean_layers, read, outputs * body + heads, working, buffer, current_rss())
+
+
+def check_memory(plan: MergePlan, max_memory: int | None) -> None:
+    if max_memory is not None and plan.peak_bytes > max_memory:
+        raise RegmeanError(
+            f"estimated peak memory {human(plan.peak_bytes)} exceeds --max-memory {human(max_memory)} "
+            f"(largest step {human(plan.working_bytes)}, shard buffers {human(plan.buffer_bytes)}); "
+            "lower --shard-size or raise the limit"
+        )

@@ -1,0 +1,187 @@
+"""Bad input: a clear one-line error per problem, a non-zero exit, inputs untouched, no output folder left."""
+
+import hashlib
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import build_model, save_model
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from test_merge import make_models, write_config
+from typer.testing import CliRunner
+
+from regmean.cli import app
+from regmean.io.data import Example
+from regmean.measure import measure
+from regmean.stats import save
+
+runner = CliRunner()
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    return {str(p): hashlib.md5(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def trio(tmp_path):
+    models = make_models(tmp_path / "in", "bert", "BertForSequenceClassification")
+    return tmp_path, models
+
+
+def merge_fails(tmp_path: Path, recipe: dict, *expected: str, out_name: str = "out"):
+    config = write_config(tmp_path, **recipe)
+    before = snapshot(tmp_path / "in")
+    result = runner.invoke(app, ["merge", str(config), str(tmp_path / out_name)])
+    assert result.exit_code != 0
+    errors = [line for line in result.output.splitlines() if line.startswith("error: ")]
+    assert errors, result.output
+    assert "Traceback" not in result.output
+    for text in expected:
+        assert any(text in line for line in errors), (text, result.output)
+    assert snapshot(tmp_path / "in") == before
+    assert not (tmp_path / out_name).exists()
+    assert not list(tmp_path.glob(f".{out_name}.partial-*"))
+    return errors
+
+
+def test_mismatched_architectures(trio):
+    tmp_path, models = trio
+    other = save_model(build_model("roberta", "RobertaForSequenceClassification", 1), tmp_path / "in" / "rob")
+    models[1] = {"path": str(other), "statistics": models[1]["statistics"]}
+    merge_fails(tmp_path, {"method": "average", "models": models}, "architecture RobertaForSequenceClassification")
+
+
+def test_mismatched_shapes(tmp_path):
+    models = make_models(tmp_path / "in", "bert", "BertForSequenceClassification", num_labels=(3, 3, 5))
+    errors = merge_fails(tmp_path, {"method": "regmean", "models": models}, "shape of classifier.", "heads: keep")
+    assert len(errors) == 1
+
+
+def test_statistics_of_another_model(trio):
+    tmp_path, models = trio
+    models[0]["statistics"], models[1]["statistics"] = models[1]["statistics"], models[0]["statistics"]
+    errors = merge_fails(tmp_path, {"method": "regmean", "models": models}, "measured on another model")
+    assert len(errors) == 2  # both problems reported at once
+
+
+def test_nan_in_statistics(trio):
+    tmp_path, models = trio
+    path = Path(models[2]["statistics"]) / "statistics.safetensors"
+    with safe_open(str(path), "pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    key = next(k for k in tensors if k.endswith("::gram"))
+    tensors[key][0, 0] = float("nan")
+    save_file(tensors, path, metadata=meta)
+    merge_fails(tmp_path, {"method": "regmean", "models": models}, "NaN or Inf")
+
+
+def test_truncated_safetensors(trio):
+    tmp_path, models = trio
+    weights = Path(models[1]["path"]) / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    merge_fails(tmp_path, {"method": "average", "models": models}, "model.safetensors")
+
+
+def test_missing_model_file(trio):
+    tmp_path, models = trio
+    (Path(models[0]["path"]) / "model.safetensors").unlink()
+    merge_fails(tmp_path, {"method": "average", "models": models}, "no model weights")
+
+
+def test_missing_statistics(trio):
+    tmp_path, models = trio
+    del models[2]["statistics"]
+    merge_fails(tmp_path, {"method": "regmean", "models": models}, "needs statistics")
+
+
+def test_unknown_config_keys_are_all_reported(trio):
+    tmp_path, models = trio
+    recipe = {"method": "regmean", "models": models, "optoins": {}, "options": {"alpah": 0.5}}
+    merge_fails(tmp_path, recipe, "optoins: unknown key", "alpah")
+
+
+def test_bad_option_value(trio):
+    tmp_path, models = trio
+    merge_fails(tmp_path, {"method": "regmean", "models": models, "options": {"alpha": 1.5}}, "alpha")
+
+
+def test_pickle_checkpoint_refused_unless_allowed(trio):
+    tmp_path, models = trio
+    model = build_model("bert", "BertForSequenceClassification", 9)
+    pkl = tmp_path / "in" / "pickled"
+    pkl.mkdir()
+    model.config.architectures = [type(model).__name__]
+    model.config.save_pretrained(pkl)
+    torch.save(model.state_dict(), pkl / "pytorch_model.bin")
+    models[1] = {"path": str(pkl)}
+    merge_fails(tmp_path, {"method": "average", "models": models}, "pickle checkpoint refused", "allow_pickle")
+    config = write_config(tmp_path, method="average", models=models, allow_pickle=True)
+    result = runner.invoke(app, ["merge", str(config), str(tmp_path / "ok")])
+    assert result.exit_code == 0, result.output
+
+
+def test_existing_output_folder_needs_force(trio):
+    tmp_path, models = trio
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    config = write_config(tmp_path, method="average", models=models)
+    result = runner.invoke(app, ["merge", str(config), str(out)])
+    assert result.exit_code != 0 and "--force" in result.output
+    assert (out / "keep.txt").read_text() == "precious"
+    assert runner.invoke(app, ["merge", str(config), str(out), "--force"]).exit_code == 0
+    assert (out / "model.safetensors").is_file() and not (out / "keep.txt").exists()
+
+
+def test_measure_bad_input(tmp_path):
+    model = save_model(build_model("bert", "BertForSequenceClassification", 1), tmp_path / "m")
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"sentence": "hello"}\n')
+    result = runner.invoke(app, ["measure", str(model), "--data", str(data), "--out", str(tmp_path / "s")])
+    assert result.exit_code != 0 and "no column 'text'" in result.output and "sentence" in result.output
+    result = runner.invoke(app, ["measure", str(tmp_path / "nope"), "--data", str(data), "--out", str(tmp_path / "s")])
+    assert result.exit_code != 0 and "error:" in result.output
+    assert not (tmp_path / "s").exists()
+
+
+def test_yaml_paths_are_relative_to_the_config(trio):
+    tmp_path, models = trio
+    rel = [
+        {
+            "path": str(Path(m["path"]).relative_to(tmp_path)),
+            "statistics": str(Path(m["statistics"]).relative_to(tmp_path)),
+        }
+        for m in models
+    ]
+    config = tmp_path / "recipe.yaml"
+    config.write_text(yaml.safe_dump({"method": "regmean", "models": rel}))
+    elsewhere = tmp_path / "in"
+    result = runner.invoke(app, ["merge", str(config), str(elsewhere / "merged")])
+    assert result.exit_code == 0, result.output
+
+
+def test_checkpoint_without_a_measured_weight(trio):
+    tmp_path, models = trio
+    for m in models:  # every model stores the layer under a legacy name
+        path = Path(m["path"]) / "model.safetensors"
+        sd = load_file(path)
+        sd["bert.encoder.layer.0.output.dense.kernel"] = sd.pop("bert.encoder.layer.0.output.dense.weight")
+        save_file(sd, path, metadata={"format": "pt"})
+        stats = measure(m["path"], [Example("a legacy checkpoint"), Example("measured as it is")], progress=False)
+        save(stats, m["statistics"])
+    merge_fails(tmp_path, {"method": "regmean", "models": models}, "no tensor bert.encoder.layer.0.output.dense.weight")
+
+
+def test_different_vocabularies_are_refused_naming_both_sizes(tmp_path):
+    import transformers as tf
+
+    models = make_models(tmp_path / "in", "llama", "LlamaForCausalLM", stats=False)
+    config = tf.LlamaConfig.from_pretrained(models[1]["path"])
+    config.vocab_size = 32000
+    bigger = tmp_path / "in" / "big"
+    save_model(tf.LlamaForCausalLM(config), bigger)
+    models[1] = {"path": str(bigger)}
+    errors = merge_fails(tmp_path, {"method": "average", "models": models}, "vocabulary of 32000 tokens", "30522")
+    assert len(errors) == 1

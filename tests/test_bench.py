@@ -1,0 +1,135 @@
+"""Benchmark building blocks: loaders, partitioner, Fisher (closed form), ensembling, one tiny suite run."""
+
+from collections import Counter
+
+import pytest
+import torch
+import transformers as tf
+from conftest import build_model, save_model
+
+from regmean.bench import data as D
+from regmean.bench.evaluate import ensemble, macro_f1, score
+from regmean.bench.fisher import measure_fisher
+from regmean.fisher import FisherFile, save_fisher
+from regmean.methods.fisher import fisher_average
+
+
+def test_loaders_match_the_documented_counts():
+    tweets = D.load("tweets")
+    assert len(tweets) == 38158 and tweets.label_counts() == {"negative": 16186, "neutral": 15018, "positive": 6954}
+    domains = Counter(tweets.domains)
+    assert set(domains) == {"airline", "apple", "deflategate", "selfdriving", "other"}
+    assert 14000 < domains["airline"] < 15500 and 9000 < domains["deflategate"] < 10000
+    rt = D.load("rotten_tomatoes")
+    assert len(rt) == 13905 - 14 and rt.label_names == ["fresh", "rotten", "plot"]
+    assert D.load_rotten_tomatoes(sentiment_only=True).label_counts() == {"negative": 5405, "positive": 7403}
+    debates = D.load("debates")
+    assert len(debates) == 1122 and debates.label_counts() == {"Democratic": 348, "Moderator": 320, "Republican": 454}
+    wnut = D.load("wnut")
+    assert len(wnut) == 2394 and sum(map(len, wnut.texts)) == 46469 and len(wnut.label_names) == 21
+    assert all(len(t) == len(y) for t, y in zip(wnut.texts, wnut.labels, strict=True))
+    chat = D.load("chatterbot")
+    assert all(c >= 100 for c in chat.label_counts().values())
+
+
+def test_user_file_loader(tmp_path):
+    path = tmp_path / "mine.csv"
+    path.write_text("text,label\nhello there,greet\nbye now,leave\nhi,greet\n")
+    data = D.load(str(path))
+    assert data.label_names == ["greet", "leave"] and data.labels == [0, 1, 0]
+
+
+def test_split_is_deterministic_disjoint_and_stratified():
+    data = D.load("debates")
+    a, b = D.split(data, 3), D.split(data, 3)
+    assert [p.texts for p in a] == [p.texts for p in b]
+    train, val, test = a
+    assert len(train) + len(val) + len(test) == len(data)
+    for part in (train, test):
+        share = part.label_counts()["Republican"] / len(part)
+        assert share == pytest.approx(454 / 1122, abs=0.01)
+    assert D.split(data, 4)[0].texts != train.texts
+
+
+@pytest.mark.parametrize("ratio", [0.8, 0.6])
+def test_noniid_partition_proportions(ratio):
+    labels = [0] * 500 + [1] * 300 + [2] * 200
+    (p0, p1), main = D.partition_noniid(labels, seed=7, main_ratio=ratio)
+    assert set(p0).isdisjoint(p1) and sorted(p0 + p1) == list(range(1000))
+    totals = Counter(labels)
+    got0 = Counter(labels[i] for i in p0)
+    for label, total in totals.items():
+        expected = ratio if label == main else 1 - ratio
+        assert got0[label] == round(expected * total)
+    three, _ = D.partition_noniid(labels, seed=7, n_parts=3)
+    assert sorted(sum(three, [])) == list(range(1000)) and abs(len(three[1]) - len(three[2])) <= 3
+    cut, _ = D.partition_noniid(labels, seed=7, size=100)
+    assert all(len(p) == 100 for p in cut)
+
+
+def test_fisher_equals_the_closed_form_for_the_classifier(tmp_path):
+    """For logits = W h + b: d log p_c / dW = (e_c - p) h^T, so F_W = mean_n sum_c p_c ((e_c - p) h^T)^2."""
+    model = build_model("bert", "BertForSequenceClassification", seed=1)
+    path = save_model(model, tmp_path / "m")
+    texts = ["good flight", "terrible service and long lines", "ok"]
+    data = D.TextDataset("t", texts, [0, 1, 2], ["a", "b", "c"])
+    fisher = measure_fisher(path, data)
+    model = tf.BertForSequenceClassification.from_pretrained(path).eval()
+    tok = tf.AutoTokenizer.from_pretrained(path)
+    expect_w = torch.zeros_like(model.classifier.weight)
+    expect_b = torch.zeros_like(model.classifier.bias)
+    with torch.no_grad():
+        for t in texts:
+            h = model.bert(**tok([t], return_tensors="pt")).pooler_output[0]
+            p = model.classifier(h).softmax(-1)
+            for c in range(3):
+                e = torch.nn.functional.one_hot(torch.tensor(c), 3).float() - p
+                expect_w += p[c] * torch.outer(e, h) ** 2
+                expect_b += p[c] * e**2
+    torch.testing.assert_close(fisher["classifier.weight"], expect_w / 3, rtol=1e-4, atol=1e-9)
+    torch.testing.assert_close(fisher["classifier.bias"], expect_b / 3, rtol=1e-4, atol=1e-9)
+    saved = FisherFile(save_fisher(fisher, path, tmp_path / "f", examples=3))
+    assert torch.equal(saved.get("classifier.weight"), fisher["classifier.weight"])
+
+
+def test_fisher_average():
+    t = torch.tensor([[1.0, 2.0], [3.0, 6.0]])
+    f = torch.tensor([[1.0, 0.0], [3.0, 0.0]])
+    out = fisher_average(t, torch.ones(2), f)
+    torch.testing.assert_close(out, torch.tensor([2.5, 4.0], dtype=torch.float64))  # 0/0 falls back to the mean
+
+
+def test_ensemble_and_metrics():
+    a = [torch.tensor([2.0, 0.0]), torch.tensor([0.0, 1.0])]
+    b = [torch.tensor([0.0, 4.0]), torch.tensor([0.0, 3.0])]
+    avg = ensemble([a, b])
+    torch.testing.assert_close(avg[0], torch.tensor([1.0, 2.0]))
+    data = D.TextDataset("t", ["x", "y"], [1, 1], ["n", "p"])
+    assert score(data, avg) == {"accuracy": 1.0, "macro_f1": 1.0}
+    assert macro_f1([0, 0, 1, 1], [0, 1, 1, 1], 2) == pytest.approx((2 / 3 + 0.8) / 2)
+    ner = D.TextDataset("n", [["a", "b"]], [[1, 2]], ["O", "B-x", "I-x"], token_level=True)
+    assert score(ner, [torch.tensor([[0.0, 5.0, 0.0], [0.0, 0.0, 5.0]])])["entity_f1"] == 1.0
+
+
+def test_tiny_domains_suite_end_to_end(tmp_path, monkeypatch, minilm):
+    """One seed of the multi-domain suite on the real MiniLM and real tweets, shrunk to seconds."""
+    from regmean.bench.run import run_bench
+
+    monkeypatch.setenv("REGMEAN_CACHE", str(tmp_path / "cache"))
+    report = run_bench(
+        "domains",
+        [0],
+        tmp_path / "run",
+        minilm,
+        train_size=12,
+        test_size=12,
+        stats_size=12,
+        fisher_size=4,
+        epochs=1,
+        alphas=(0.0, 1.0),
+    )
+    for name in ("results.json", "results.csv", "report.md", "domains.png", "domains-alpha.png", "incremental.png"):
+        assert (tmp_path / "run" / name).is_file(), name
+    for method in ("individual:airline", "average", "fisher", "ensemble", "regmean", "regmean(alpha=1)", "mtl"):
+        assert f"| {method} |" in report
+    assert "ood:rotten_tomatoes" in report and "mtl-train" in report

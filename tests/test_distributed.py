@@ -1,0 +1,87 @@
+"""Data-parallel measuring: 2 Gloo processes (spawned by torchrun) equal one process; a dying rank fails cleanly."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from conftest import TEXTS, build_model, save_model, write_jsonl
+
+from regmean.io.data import Example
+from regmean.measure import measure
+from regmean.stats import StatisticsFile
+
+HELPERS = Path(__file__).parent / "helpers"
+COMMON = ["--stats-dtype", "float64", "--model-dtype", "float64", "--batch-size", "2"]
+
+
+def torchrun(*args, nproc=2, module=("-m", "regmean")):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *module]
+    return subprocess.run(cmd + [str(a) for a in args], capture_output=True, text=True, timeout=300)
+
+
+def assert_same(stats_dir: Path, reference) -> None:
+    got = StatisticsFile(stats_dir)
+    assert got.examples == reference.examples and got.tokens == reference.tokens
+    assert got.modules == reference.modules
+    for name, ref in reference.sites.items():
+        site = got.site(name)
+        assert site.count == ref.count
+        scale = ref.gram.abs().max()
+        assert (site.gram - ref.gram).abs().max() <= 1e-6 * scale
+        assert (site.sum - ref.sum).abs().max() <= 1e-6 * ref.sum.abs().max()
+
+
+def test_two_processes_equal_one(tmp_path):
+    model = save_model(build_model("t5", "T5ForSequenceClassification", 1), tmp_path / "m")
+    texts = TEXTS + ["one more example makes eleven"]  # 11 examples: uneven shards over 2 ranks
+    data = write_jsonl(tmp_path / "d.jsonl", texts, ["x"] * len(texts))
+    reference = measure(
+        model, [Example(t) for t in texts], batch_size=4, stats_dtype="float64", model_dtype="float64", progress=False
+    )
+    result = torchrun("measure", model, "--data", data, "--out", tmp_path / "s", *COMMON)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_same(tmp_path / "s", reference)
+    assert StatisticsFile(tmp_path / "s").provenance[0]["processes"] == 2
+    # the convenience flag runs torchrun itself
+    cmd = [sys.executable, "-m", "regmean", "measure", str(model), "--data", str(data), "--out", str(tmp_path / "n")]
+    result = subprocess.run(cmd + COMMON + ["--nproc", "2"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_same(tmp_path / "n", reference)
+    assert result.stderr.count("wrote ") == 1  # reported once, by rank 0
+
+
+def test_a_dying_rank_fails_the_run_and_writes_nothing(tmp_path):
+    model = save_model(build_model("bert", "BertForSequenceClassification", 1), tmp_path / "m")
+    data = write_jsonl(tmp_path / "d.jsonl")
+    result = torchrun(
+        "measure", model, "--data", data, "--out", tmp_path / "s", *COMMON, module=(str(HELPERS / "dying_rank.py"),)
+    )
+    assert result.returncode != 0
+    assert not (tmp_path / "s" / "statistics.safetensors").exists()
+    assert not list((tmp_path / "s").glob("*")) if (tmp_path / "s").exists() else True
+
+
+def test_too_few_examples_for_the_processes(tmp_path):
+    model = save_model(build_model("bert", "BertForSequenceClassification", 1), tmp_path / "m")
+    data = write_jsonl(tmp_path / "d.jsonl", TEXTS[:1], ["x"])
+    result = torchrun("measure", model, "--data", data, "--out", tmp_path / "s")
+    assert result.returncode != 0 and "cannot be shared among 2 processes" in result.stderr
+    assert torch.distributed.is_available()
+
+
+def test_fisher_two_processes_equal_one(tmp_path):
+    from regmean.bench.data import TextDataset
+    from regmean.bench.fisher import measure_fisher
+    from regmean.fisher import FisherFile
+
+    model = save_model(build_model("bert", "BertForSequenceClassification", 1), tmp_path / "m")
+    texts = TEXTS[:7]  # uneven over 2 ranks
+    data = write_jsonl(tmp_path / "d.jsonl", texts, ["x"] * len(texts))
+    result = torchrun("fisher", model, "--data", data, "--out", tmp_path / "f")
+    assert result.returncode == 0, result.stderr[-3000:]
+    reference = measure_fisher(model, TextDataset("d", texts, [0] * len(texts), ["a", "b", "c"]), max_length=128)
+    got = FisherFile(tmp_path / "f")
+    assert got.examples == len(texts)
+    for name, ref in reference.items():
+        torch.testing.assert_close(got.get(name), ref, rtol=1e-5, atol=1e-12)

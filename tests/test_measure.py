@@ -1,0 +1,150 @@
+"""Statistics against an independent oracle: per-module hooks, one unpadded example at a time."""
+
+import inspect
+
+import pytest
+import torch
+import transformers as tf
+from conftest import CASE_IDS, CASES, TARGETS, TEXTS, build_model, save_model
+from torch import nn
+
+from regmean.io.data import Example
+from regmean.measure import measure
+from regmean.stats import StatisticsFile, combine, save
+
+EXAMPLES = [Example(t, None, y) for t, y in zip(TEXTS, TARGETS, strict=True)]
+
+
+def oracle_grams(model_dir, model, names: list[str]) -> dict[str, torch.Tensor]:
+    """Sum of x x^T per module over every row, feeding one example at a time (so there is no padding at all)."""
+    tok = tf.AutoTokenizer.from_pretrained(model_dir)
+    mods = dict(model.named_modules())
+    grams = {n: 0 for n in names}
+
+    def hook(name):
+        def fn(_m, args):
+            x = args[0].reshape(-1, args[0].shape[-1]).double()
+            grams[name] = grams[name] + x.T @ x
+
+        return fn
+
+    handles = [mods[n].register_forward_pre_hook(hook(n)) for n in names]
+    with torch.no_grad():
+        for text, target in zip(TEXTS, TARGETS, strict=True):
+            enc = tok([text], return_tensors="pt", truncation=True, max_length=128)
+            kwargs = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+            accepted = inspect.signature(model.forward).parameters
+            if "token_type_ids" in enc and "token_type_ids" in accepted:
+                kwargs["token_type_ids"] = enc["token_type_ids"]
+            if "use_cache" in accepted:
+                kwargs["use_cache"] = False
+            if isinstance(model, tf.T5ForConditionalGeneration):
+                labels = tok(text_target=[target], return_tensors="pt")["input_ids"]
+                kwargs["decoder_input_ids"] = model.prepare_decoder_input_ids_from_labels(labels=labels)
+            model(**kwargs)
+    for h in handles:
+        h.remove()
+    return grams
+
+
+@pytest.mark.parametrize(("family", "cls"), CASES, ids=CASE_IDS)
+def test_padded_batched_statistics_equal_unpadded_per_module_grams(tmp_path, family, cls):
+    model = build_model(family, cls, seed=1)
+    path = save_model(model, tmp_path / "m")
+    stats = measure(path, EXAMPLES, batch_size=4, stats_dtype="float64", model_dtype="float64", progress=False)
+    model = model.double()
+    oracle = oracle_grams(path, model, list(stats.modules))
+    for module, site in stats.modules.items():
+        torch.testing.assert_close(stats.sites[site].gram, oracle[module], rtol=1e-9, atol=1e-9, msg=module)
+    # every nn.Linear / Conv1D is measured or skipped with a reason; nothing silently dropped
+    linear = {n for n, m in model.named_modules() if isinstance(m, nn.Linear | tf.pytorch_utils.Conv1D)}
+    assert linear == set(stats.modules) | set(stats.skipped)
+
+
+def test_sites_are_shared_by_modules_reading_one_tensor(tmp_path):
+    path = save_model(build_model("t5", "T5ForSequenceClassification", 1), tmp_path / "m")
+    stats = measure(path, EXAMPLES, batch_size=4, progress=False)
+    m = stats.modules
+    enc = "transformer.encoder.block.0.layer.0.SelfAttention."
+    assert m[enc + "q"] == m[enc + "k"] == m[enc + "v"] != m[enc + "o"]
+    cross = [n for n in m if "EncDecAttention.k" in n or "EncDecAttention.v" in n]
+    assert len(cross) == 4 and len({m[n] for n in cross}) == 1  # every layer's k/v read the encoder output
+    assert m["transformer.decoder.block.0.layer.1.EncDecAttention.q"] != m[cross[0]]
+    # counts: encoder and decoder streams both count the real tokens, the pooled head one row per example
+    tokens = stats.tokens
+    assert stats.sites[m[enc + "q"]].count == tokens
+    assert stats.sites[m[cross[0]]].count == tokens  # each module's own Gram: every encoder token once
+    assert stats.sites[m["transformer.decoder.block.0.layer.0.SelfAttention.q"]].count == tokens
+    assert stats.sites[m["transformer.decoder.block.0.layer.1.EncDecAttention.q"]].count == tokens
+    assert stats.sites[m["classification_head.out_proj"]].count == len(EXAMPLES)
+
+
+def test_sums_and_counts(tmp_path):
+    model = build_model("bert", "BertForSequenceClassification", 1)
+    path = save_model(model, tmp_path / "m")
+    stats = measure(path, EXAMPLES, batch_size=3, stats_dtype="float64", model_dtype="float64", progress=False)
+    tok = tf.AutoTokenizer.from_pretrained(path)
+    assert stats.tokens == sum(len(tok(t)["input_ids"]) for t in TEXTS)
+    site = stats.sites[stats.modules["bert.encoder.layer.0.attention.self.query"]]
+    assert site.count == stats.tokens
+    # the sum of x is a row of the affine Gram: check against the oracle's mean through the embeddings output
+    with torch.no_grad():
+        total = sum(model.double().bert.embeddings(tok([t], return_tensors="pt")["input_ids"])[0].sum(0) for t in TEXTS)
+    torch.testing.assert_close(site.sum, total, rtol=1e-9, atol=1e-9)
+
+
+def test_combined_halves_equal_the_whole(tmp_path):
+    path = save_model(build_model("llama", "LlamaForCausalLM", 1), tmp_path / "m")
+    kw = {"batch_size": 4, "stats_dtype": "float64", "progress": False}
+    whole = measure(path, EXAMPLES, **kw)
+    save(measure(path, EXAMPLES[:4], **kw), tmp_path / "a")
+    save(measure(path, EXAMPLES[4:], **kw), tmp_path / "b")
+    both = combine([tmp_path / "a", tmp_path / "b"])
+    assert both.examples == whole.examples and both.tokens == whole.tokens
+    for name, s in whole.sites.items():
+        assert both.sites[name].count == s.count
+        torch.testing.assert_close(both.sites[name].gram, s.gram, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(both.sites[name].sum, s.sum, rtol=1e-12, atol=1e-12)
+
+
+def test_file_round_trip_keeps_everything(tmp_path):
+    path = save_model(build_model("gpt2", "GPT2LMHeadModel", 1), tmp_path / "m")
+    stats = measure(path, EXAMPLES, batch_size=4, include=r"\.h\.0\.", provenance={"data": "x.jsonl"}, progress=False)
+    assert set(stats.modules) == {
+        f"transformer.h.0.{n}" for n in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+    }
+    file = StatisticsFile(save(stats, tmp_path / "s"))
+    assert file.modules == stats.modules and file.fingerprint == stats.fingerprint
+    assert file.provenance[0]["data"] == "x.jsonl" and file.examples == len(EXAMPLES)
+    assert "not matched by include" in file.skipped["transformer.h.1.attn.c_attn"]
+    for name, s in stats.sites.items():
+        assert torch.equal(file.site(name).gram, s.gram) and file.site(name).count == s.count
+
+
+def test_measuring_in_blocks_equals_one_pass_and_merges(tmp_path):
+    from conftest import write_jsonl
+    from typer.testing import CliRunner
+
+    from regmean.cli import app
+
+    path = save_model(build_model("llama", "LlamaForCausalLM", 1), tmp_path / "m")
+    data = write_jsonl(tmp_path / "d.jsonl")
+    runner = CliRunner()
+    common = ["measure", str(path), "--data", str(data), "--stats-dtype", "float64", "--model-dtype", "float64"]
+    assert runner.invoke(app, [*common, "--out", str(tmp_path / "one")]).exit_code == 0
+    result = runner.invoke(app, [*common, "--out", str(tmp_path / "blocks"), "--max-memory", "2KB"])
+    assert result.exit_code == 0, result.output
+    one, blocks = StatisticsFile(tmp_path / "one"), StatisticsFile(tmp_path / "blocks")
+    files = sorted((tmp_path / "blocks").glob("statistics-*-of-*.safetensors"))
+    assert len(files) == len(one.site_names) > 1  # 16-wide float64 sums: one site per 2KB block
+    assert (blocks.examples, blocks.tokens, blocks.modules) == (one.examples, one.tokens, one.modules)
+    for site in one.site_names:
+        a, b = one.site(site), blocks.site(site)
+        assert a.count == b.count and torch.allclose(a.gram, b.gram, rtol=1e-12, atol=1e-12)
+    import regmean
+
+    models = [{"path": str(path), "statistics": str(tmp_path / "blocks")}] * 2
+    regmean.merge(regmean.MergeConfig(models=models), tmp_path / "merged", progress=False)
+    files[1].unlink()
+    with pytest.raises(regmean.RegmeanError, match="the measure did not finish"):
+        StatisticsFile(tmp_path / "blocks")

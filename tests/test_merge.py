@@ -1,0 +1,282 @@
+"""End-to-end merges through the CLI for every family, checked against the normal equations and the definitions."""
+
+from pathlib import Path
+
+import pytest
+import torch
+import transformers as tf
+import yaml
+from conftest import CASE_IDS, CASES, TARGETS, TEXTS, build_model, save_model, write_jsonl
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from regmean.cli import app
+from regmean.io.data import Example
+from regmean.measure import measure
+from regmean.methods.regmean import shrink
+from regmean.stats import StatisticsFile, save
+
+K = 3
+EXAMPLES = [Example(t, None, y) for t, y in zip(TEXTS, TARGETS, strict=True)]
+runner = CliRunner()
+
+
+def make_models(root: Path, family: str, cls: str, num_labels=(3, 3, 3), stats=True) -> list[dict]:
+    entries = []
+    for k in range(K):
+        path = save_model(build_model(family, cls, seed=k + 1, num_labels=num_labels[k]), root / f"ft{k}")
+        entry = {"path": str(path)}
+        if stats:
+            part = EXAMPLES[k * 3 : k * 3 + 4]
+            save(measure(path, part, batch_size=2, progress=False), root / f"stats{k}")
+            entry["statistics"] = str(root / f"stats{k}")
+        entries.append(entry)
+    return entries
+
+
+def write_config(root: Path, **recipe) -> Path:
+    path = root / "merge.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def run(*args):
+    result = runner.invoke(app, [str(a) for a in args])
+    return result
+
+
+def normal_equation_residual(merged: torch.Tensor, weights: list[torch.Tensor], grams: list[torch.Tensor], scale):
+    """|| sum_i s_i G~_i (W - W_i)^T || / || sum_i s_i G~_i W_i^T ||, with W in nn.Linear layout."""
+    res = sum(s * g @ (merged - w).T for s, g, w in zip(scale, grams, weights, strict=True))
+    ref = sum(s * g @ w.T for s, g, w in zip(scale, grams, weights, strict=True))
+    return float(res.norm() / ref.norm())
+
+
+@pytest.mark.parametrize(("family", "cls"), CASES, ids=CASE_IDS)
+def test_regmean_merge_every_family(tmp_path, family, cls):
+    models = make_models(tmp_path, family, cls)
+    alpha = 0.9
+    config = write_config(tmp_path, method="regmean", models=models, options={"alpha": alpha})
+    result = run("merge", config, tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "out"
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "README.md",
+        "merge_config.yaml",
+        "merge_report.json",
+        "tokenizer.json",
+    ):
+        assert (out / name).is_file(), name
+
+    merged_model = getattr(tf, cls).from_pretrained(out).eval()
+    tok = tf.AutoTokenizer.from_pretrained(out)
+    batch = tok(TEXTS[:2], padding=True, return_tensors="pt")
+    kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    if cls == "T5ForConditionalGeneration":
+        kwargs["decoder_input_ids"] = batch["input_ids"][:, :3]
+    with torch.no_grad():
+        assert torch.isfinite(merged_model(**kwargs).logits).all()
+
+    merged = load_file(out / "model.safetensors")
+    inputs = [load_file(Path(m["path"]) / "model.safetensors") for m in models]
+    stats = [StatisticsFile(m["statistics"]) for m in models]
+    conv1d = {n for n, m in merged_model.named_modules() if isinstance(m, tf.pytorch_utils.Conv1D)}
+    checked = 0
+    for module, site in stats[0].modules.items():
+        key = f"{module}.weight"
+        sites = [st.site(site) for st in stats]
+        layout = (lambda t: t.T) if module in conv1d else (lambda t: t)
+        grams = [shrink(s.gram.double(), alpha) for s in sites]
+        scale = [1.0 / s.count for s in sites]  # default gram_weighting: mean
+        weights = [layout(sd[key]).double() for sd in inputs]
+        assert normal_equation_residual(layout(merged[key]).double(), weights, grams, scale) < 1e-4, module
+        checked += 1
+    assert checked == len(stats[0].modules) > 0
+    # every other float tensor is the simple average
+    lin = {f"{m}.weight" for m in stats[0].modules}
+    for key, t in merged.items():
+        if key not in lin and t.is_floating_point():
+            torch.testing.assert_close(t, torch.stack([sd[key] for sd in inputs]).mean(0), msg=key)
+
+
+def test_conv1d_and_linear_give_the_same_merged_function(tmp_path):
+    """GPT-2's Conv1D c_fc merged by the engine equals merging the same layer written as nn.Linear weights."""
+    from regmean.methods.regmean import regmean_solve
+
+    models = make_models(tmp_path, "gpt2", "GPT2LMHeadModel")
+    config = write_config(tmp_path, method="regmean", models=models, options={"alpha": 1.0, "gram_weighting": "sum"})
+    assert run("merge", config, tmp_path / "out").exit_code == 0
+    key, site = "transformer.h.1.mlp.c_fc.weight", "transformer.h.1.mlp.c_fc"
+    conv = torch.stack([load_file(Path(m["path"]) / "model.safetensors")[key] for m in models])  # [K, in, out]
+    grams = torch.stack([StatisticsFile(m["statistics"]).site(site).gram for m in models])
+    linear, _ = regmean_solve(conv.transpose(1, 2), grams, torch.ones(K), torch.ones(K), alpha=1.0)
+    merged_conv = load_file(tmp_path / "out" / "model.safetensors")[key]
+    x = torch.randn(5, conv.shape[1], dtype=torch.float64)
+    torch.testing.assert_close(x @ merged_conv.double(), x @ linear.T, rtol=1e-5, atol=1e-5)
+
+
+def test_joint_bias_and_sum_weighting_satisfy_the_affine_normal_equations(tmp_path):
+    from regmean.methods.regmean import affine_gram
+
+    models = make_models(tmp_path, "bert", "BertForSequenceClassification")
+    options = {"alpha": 1.0, "bias": "joint", "gram_weighting": "sum"}
+    assert (
+        run("merge", write_config(tmp_path, method="regmean", models=models, options=options), tmp_path / "o").exit_code
+        == 0
+    )
+    merged = load_file(tmp_path / "o" / "model.safetensors")
+    inputs = [load_file(Path(m["path"]) / "model.safetensors") for m in models]
+    module = "bert.encoder.layer.1.intermediate.dense"
+    sites = [StatisticsFile(m["statistics"]).site(module) for m in models]
+    grams = [affine_gram(s.gram.double(), s.sum.double(), s.count) for s in sites]
+
+    def wb(sd):
+        return torch.cat([sd[module + ".weight"], sd[module + ".bias"][:, None]], 1).double()
+
+    assert normal_equation_residual(wb(merged), [wb(sd) for sd in inputs], grams, [1.0] * K) < 1e-4
+    assert not torch.allclose(merged[module + ".bias"], torch.stack([sd[module + ".bias"] for sd in inputs]).mean(0))
+
+
+def test_heads_keep_gives_each_model_the_merged_body_and_its_own_head(tmp_path):
+    models = make_models(tmp_path, "bert", "BertForSequenceClassification", num_labels=(2, 3, 4))
+    config = write_config(tmp_path, method="regmean", models=models, heads="keep")
+    result = run("merge", config, tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    outs = [tmp_path / "out" / f"ft{k}" for k in range(K)]
+    merged = [load_file(o / "model.safetensors") for o in outs]
+    for k, o in enumerate(outs):
+        model = tf.AutoModelForSequenceClassification.from_pretrained(o)
+        assert model.config.num_labels == k + 2
+        own = load_file(Path(models[k]["path"]) / "model.safetensors")
+        assert torch.equal(merged[k]["classifier.weight"], own["classifier.weight"])
+        for key in merged[0]:
+            if not key.startswith("classifier."):
+                assert torch.equal(merged[k][key], merged[0][key]), key
+
+
+def test_average_and_task_arithmetic(tmp_path):
+    models = make_models(tmp_path, "llama", "LlamaForCausalLM", stats=False)
+    base = save_model(build_model("llama", "LlamaForCausalLM", seed=0), tmp_path / "base")
+    inputs = [load_file(Path(m["path"]) / "model.safetensors") for m in models]
+    base_sd = load_file(base / "model.safetensors")
+    models[2]["weight"] = 2.0
+    avg = write_config(tmp_path, method="average", models=models)
+    assert run("merge", avg, tmp_path / "avg").exit_code == 0
+    ta = write_config(tmp_path, method="task_arithmetic", models=models, base_model=str(base), options={"scaling": 0.3})
+    assert run("merge", ta, tmp_path / "ta").exit_code == 0
+    got_avg = load_file(tmp_path / "avg" / "model.safetensors")
+    got_ta = load_file(tmp_path / "ta" / "model.safetensors")
+    w = [1.0, 1.0, 2.0]
+    for key in base_sd:
+        expect = sum(wi * sd[key] for wi, sd in zip(w, inputs, strict=True)) / 4
+        torch.testing.assert_close(got_avg[key], expect)
+        delta = sum(wi * (sd[key] - base_sd[key]) for wi, sd in zip(w, inputs, strict=True))
+        torch.testing.assert_close(got_ta[key], base_sd[key] + 0.3 * delta)
+    assert tf.LlamaForCausalLM.from_pretrained(tmp_path / "ta").config.tie_word_embeddings
+
+
+def test_python_api_matches_cli(tmp_path):
+    import regmean
+
+    models = make_models(tmp_path, "distilbert", "DistilBertForSequenceClassification")
+    cfg = regmean.MergeConfig(method="regmean", models=models, options={"alpha": 0.5})
+    report = regmean.merge(cfg, tmp_path / "api", progress=False)
+    assert run("merge", write_config(tmp_path, **cfg.model_dump(mode="json")), tmp_path / "cli").exit_code == 0
+    a, b = load_file(tmp_path / "api" / "model.safetensors"), load_file(tmp_path / "cli" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), (k, (a[k] - b[k]).abs().max())
+    assert report.summary()["regmean_layers"] == 14
+    # only the classifier (it reads ReLU outputs with dead units: zero Gram diagonal) needs and reports a ridge
+    assert {row["module"] for row in report.layers if row["ridge"] > 0} <= {"classifier"}
+
+
+def test_measure_show_combine_cli(tmp_path):
+    path = save_model(build_model("bert", "BertForSequenceClassification", 1), tmp_path / "m")
+    data = write_jsonl(tmp_path / "d.jsonl")
+    first = write_jsonl(tmp_path / "d1.jsonl", TEXTS[:5], TARGETS[:5])
+    second = write_jsonl(tmp_path / "d2.jsonl", TEXTS[5:], TARGETS[5:])
+    common = ["--stats-dtype", "float64", "--model-dtype", "float64", "--batch-size", "3"]
+    for d, out in ((data, "all"), (first, "s1"), (second, "s2")):
+        result = run("measure", path, "--data", d, "--out", tmp_path / out, *common)
+        assert result.exit_code == 0, result.output
+    assert run("stats", "combine", tmp_path / "s1", tmp_path / "s2", "--out", tmp_path / "sum").exit_code == 0
+    whole, summed = StatisticsFile(tmp_path / "all"), StatisticsFile(tmp_path / "sum")
+    assert (whole.examples, whole.tokens) == (summed.examples, summed.tokens)
+    for site in whole.site_names:
+        torch.testing.assert_close(whole.site(site).gram, summed.site(site).gram, rtol=1e-12, atol=1e-10)
+    shown = runner.invoke(app, ["stats", "show", str(tmp_path / "sum")], env={"COLUMNS": "250"})
+    assert shown.exit_code == 0
+    assert "bert.encoder.layer.0.attention.self.query" in shown.output and "float64" in shown.output
+    assert "d1.jsonl" in shown.output and "d2.jsonl" in shown.output
+    # an existing statistics file is not replaced without --force
+    again = run("measure", path, "--data", data, "--out", tmp_path / "all")
+    assert again.exit_code != 0 and "--force" in again.output
+
+
+def test_bfloat16_inputs_keep_their_dtype_unless_asked(tmp_path):
+    models = []
+    for k in range(2):
+        model = build_model("llama", "LlamaForCausalLM", seed=k + 1).to(torch.bfloat16)
+        path = save_model(model, tmp_path / f"ft{k}")
+        save(measure(path, EXAMPLES, batch_size=4, model_dtype="bfloat16", progress=False), tmp_path / f"s{k}")
+        models.append({"path": str(path), "statistics": str(tmp_path / f"s{k}")})
+    assert run("merge", write_config(tmp_path, method="regmean", models=models), tmp_path / "bf").exit_code == 0
+    assert {t.dtype for t in load_file(tmp_path / "bf" / "model.safetensors").values()} == {torch.bfloat16}
+    config = write_config(tmp_path, method="regmean", models=models, dtype="float32")
+    assert run("merge", config, tmp_path / "fp").exit_code == 0
+    assert {t.dtype for t in load_file(tmp_path / "fp" / "model.safetensors").values()} == {torch.float32}
+
+
+def test_head_modules_override(tmp_path):
+    models = make_models(tmp_path, "bert", "BertForSequenceClassification", num_labels=(2, 3, 4))
+    recipe = {"method": "regmean", "models": models, "heads": "keep", "head_modules": ["classifier", r"bert\.pooler.*"]}
+    assert run("merge", write_config(tmp_path, **recipe), tmp_path / "out").exit_code == 0
+    own = load_file(Path(models[1]["path"]) / "model.safetensors")
+    got = load_file(tmp_path / "out" / "ft1" / "model.safetensors")
+    assert torch.equal(got["bert.pooler.dense.weight"], own["bert.pooler.dense.weight"])  # kept, not merged
+    other = load_file(tmp_path / "out" / "ft0" / "model.safetensors")
+    assert not torch.equal(got["bert.pooler.dense.weight"], other["bert.pooler.dense.weight"])
+
+
+def test_untied_lm_head_and_embedding_options(tmp_path):
+    import conftest
+
+    config = conftest._config("llama")
+    config.tie_word_embeddings = False
+    models = []
+    for k in range(3):
+        torch.manual_seed(k)
+        path = save_model(tf.LlamaForCausalLM(config), tmp_path / f"ft{k}")
+        save(measure(path, EXAMPLES, batch_size=4, progress=False), tmp_path / f"s{k}")
+        models.append({"path": str(path), "statistics": str(tmp_path / f"s{k}")})
+    assert "lm_head" in StatisticsFile(models[0]["statistics"]).modules  # untied: measured like any linear
+    base = save_model(tf.LlamaForCausalLM(config), tmp_path / "base")
+    inputs = [load_file(Path(m["path"]) / "model.safetensors") for m in models]
+    mean = {k: torch.stack([sd[k] for sd in inputs]).mean(0) for k in inputs[0]}
+
+    def merged(name, **recipe):
+        assert (
+            run("merge", write_config(tmp_path, method="regmean", models=models, **recipe), tmp_path / name).exit_code
+            == 0
+        )
+        return load_file(tmp_path / name / "model.safetensors")
+
+    default = merged("default")
+    torch.testing.assert_close(default["lm_head.weight"], mean["lm_head.weight"])  # LM head averaged by default
+    solved = merged("solved", lm_head="regmean")
+    assert not torch.allclose(solved["lm_head.weight"], mean["lm_head.weight"])
+    grams = [StatisticsFile(m["statistics"]).site("lm_head") for m in models]
+    residual = normal_equation_residual(
+        solved["lm_head.weight"].double(),
+        [sd["lm_head.weight"].double() for sd in inputs],
+        [shrink(g.gram.double(), 0.9) for g in grams],
+        [1 / g.count for g in grams],
+    )
+    assert residual < 1e-4
+    from_base = merged("from_base", base_model=str(base), embeddings="base", lm_head="base")
+    base_sd = load_file(base / "model.safetensors")
+    for key in ("model.embed_tokens.weight", "lm_head.weight"):
+        assert torch.equal(from_base[key], base_sd[key])
