@@ -1,6 +1,6 @@
 """Copy each finished suite's report and plots from runs/ into docs/results/ (what docs/results.md shows).
 
-    python benchmarks/collect_results.py [RUNS_DIR]
+python benchmarks/collect_results.py [RUNS_DIR]
 """
 
 from __future__ import annotations

@@ -48,7 +48,7 @@ class FisherFile:
     def get(self, key: str) -> torch.Tensor | None:
         if key not in self.keys:
             return None
-        f = self._handle.get_tensor(f"{key}::fisher")
+        f = self._handle.get(f"{key}::fisher")
         if not torch.isfinite(f).all():
             raise RegmeanError(f"{self.path}: Fisher of {key} has NaN or Inf values")
         return f

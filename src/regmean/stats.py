@@ -20,11 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from regmean import __version__
 from regmean.errors import RegmeanError
+from regmean.io.tensorfile import TensorFile
 
 FORMAT = "regmean.gram"
 FORMAT_VERSION = 1
@@ -127,10 +127,10 @@ def open_statistics(path: Path, fmt: str, what: str):
     if not path.is_file():
         raise RegmeanError(f"{path}: {what} not found (measure them first)")
     try:
-        handle = safe_open(str(path), framework="pt")
-        meta = handle.metadata() or {}
-    except Exception as exc:
-        raise RegmeanError(f"{path}: unreadable {what} ({exc}); measure again") from exc
+        handle = TensorFile(path)
+    except RegmeanError as exc:
+        raise RegmeanError(f"{exc.problems[0]} ({what}: measure again)") from exc
+    meta = handle.metadata
     if meta.get("format") != fmt:
         raise RegmeanError(f"{path}: not a file of {what} (format {meta.get('format')!r}, expected {fmt})")
     if int(meta.get("format_version", 0)) > FORMAT_VERSION:
@@ -169,11 +169,11 @@ class StatisticsFile:
     def site(self, name: str, check_finite: bool = True) -> SiteStats:
         handle = self._handle(name)
         try:
-            gram = handle.get_tensor(f"{name}::gram")
-            total = handle.get_tensor(f"{name}::sum")
-            count = int(handle.get_tensor(f"{name}::count")[0])
-        except Exception as exc:
-            raise RegmeanError(f"{self.path}: cannot read site {name} ({exc})") from exc
+            gram = handle.get(f"{name}::gram")
+            total = handle.get(f"{name}::sum")
+            count = int(handle.get(f"{name}::count")[0])
+        except KeyError as exc:
+            raise RegmeanError(f"{self.path}: incomplete statistics for site {name} (no {exc})") from exc
         if check_finite and not (torch.isfinite(gram).all() and torch.isfinite(total).all()):
             raise RegmeanError(
                 f"{self.path}: site {name} has NaN or Inf values; measure again (try --stats-dtype float64)"
@@ -181,7 +181,7 @@ class StatisticsFile:
         return SiteStats(gram, total, count)
 
     def site_shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._handle(name).get_slice(f"{name}::gram").get_shape())
+        return self._handle(name).shape(f"{name}::gram")
 
     def load(self) -> Statistics:
         return Statistics(

@@ -8,9 +8,9 @@ from functools import cached_property
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from regmean.errors import RegmeanError
+from regmean.io.tensorfile import TensorFile
 
 SAFETENSORS_SINGLE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -21,7 +21,7 @@ PICKLE_INDEX = "pytorch_model.bin.index.json"
 class Checkpoint:
     """A model folder: config.json plus safetensors weights (single file or sharded with an index).
 
-    Tensors are read one at a time through memory-mapped `safe_open` handles; nothing loads the whole model.
+    Tensors are read one at a time (`TensorFile`, positioned reads); nothing loads or maps the whole model.
     Pickle checkpoints (`pytorch_model.bin`) are refused unless `allow_pickle` (then read with
     `torch.load(weights_only=True)`).
     """
@@ -38,7 +38,7 @@ class Checkpoint:
         except json.JSONDecodeError as exc:
             raise RegmeanError(f"{config_file}: not valid JSON ({exc})") from exc
         self._pickle: dict[str, torch.Tensor] | None = None
-        self._handles: dict[Path, object] = {}
+        self._handles: dict[Path, TensorFile] = {}
         self.key_to_file = self._locate(allow_pickle)
 
     # -- discovery ---------------------------------------------------------------------------------
@@ -76,14 +76,10 @@ class Checkpoint:
                 raise RegmeanError(f"{f}: cannot read checkpoint ({exc})") from exc
         return dict.fromkeys(self._pickle, first)
 
-    def _open(self, file: Path):
+    def _open(self, file: Path) -> TensorFile:
         handle = self._handles.get(file)
         if handle is None:
-            try:
-                handle = safe_open(str(file), framework="pt")
-            except Exception as exc:  # safetensors raises SafetensorError for truncated or corrupt files
-                raise RegmeanError(f"{file}: unreadable safetensors file ({exc}); re-save or re-download it") from exc
-            self._handles[file] = handle
+            handle = self._handles[file] = TensorFile(file)
         return handle
 
     # -- access ------------------------------------------------------------------------------------
@@ -101,7 +97,7 @@ class Checkpoint:
     def shape(self, key: str) -> tuple[int, ...]:
         if self._pickle is not None:
             return tuple(self._pickle[key].shape)
-        return tuple(self._open(self.key_to_file[key]).get_slice(key).get_shape())
+        return self._open(self.key_to_file[key]).shape(key)
 
     def dtype(self, key: str) -> str:
         """The safetensors dtype name (F32, BF16, ...)."""
@@ -109,15 +105,16 @@ class Checkpoint:
             return {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}.get(
                 self._pickle[key].dtype, "I64"
             )
-        return self._open(self.key_to_file[key]).get_slice(key).get_dtype()
+        return self._open(self.key_to_file[key]).dtype(key)
 
     def get(self, key: str) -> torch.Tensor:
         if self._pickle is not None:
             return self._pickle[key]
-        try:
-            return self._open(self.key_to_file[key]).get_tensor(key)
-        except Exception as exc:
-            raise RegmeanError(f"{self.key_to_file[key]}: cannot read tensor {key} ({exc})") from exc
+        file = self.key_to_file[key]
+        handle = self._open(file)
+        if key not in handle:
+            raise RegmeanError(f"{file}: tensor {key} is named in the index but missing from the shard")
+        return handle.get(key)
 
     @cached_property
     def shapes(self) -> dict[str, tuple[int, ...]]:

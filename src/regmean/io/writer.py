@@ -1,65 +1,74 @@
-"""Streaming sharded safetensors output: tensors are buffered up to the shard size, then written and released.
+"""Streaming sharded safetensors output with a layout declared up front.
 
-Shards are written under temporary names; `finish` names them model-0000i-of-0000n.safetensors with a
-model.safetensors.index.json (or a single model.safetensors), as transformers' save_pretrained does.
+The output tensors' names, dtypes and shapes are known before the merge starts (they are the inputs'), so the
+shards and their headers are laid out first and each tensor is written to its final place the moment it is
+computed: nothing is buffered. Shards carry temporary names until `finish`, which names them
+model-0000i-of-0000n.safetensors with a model.safetensors.index.json (or a single model.safetensors), as
+transformers' save_pretrained does.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
+from regmean.errors import RegmeanError
 from regmean.io.checkpoint import SAFETENSORS_INDEX, SAFETENSORS_SINGLE
+from regmean.io.tensorfile import PlannedFile
 
 DEFAULT_SHARD_BYTES = 5 * 1024**3
+Layout = dict[str, tuple[torch.dtype, tuple[int, ...]]]
 
 
-def tensor_bytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
+def layout_bytes(layout: Layout) -> int:
+    return sum(math.prod(shape) * dtype.itemsize for dtype, shape in layout.values())
 
 
 class ShardedWriter:
-    """Write a model's tensors into `folder` with at most `max_shard_bytes` per shard (one tensor may exceed it)."""
+    """Write the tensors of `layout` (in its order) into shards of at most `max_shard_bytes` (a tensor larger
+    than that gets a shard of its own). `add` accepts the tensors in any order."""
 
-    def __init__(self, folder: Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES):
+    def __init__(self, folder: Path, layout: Layout, max_shard_bytes: int = DEFAULT_SHARD_BYTES):
         self.folder = folder
-        self.max_shard_bytes = max_shard_bytes
         self.folder.mkdir(parents=True, exist_ok=True)
-        self._buffer: dict[str, torch.Tensor] = {}
-        self._buffered = 0
-        self._shards: list[tuple[Path, list[str]]] = []
-        self.total_bytes = 0
+        groups: list[Layout] = [{}]
+        filled = 0
+        for name, (dtype, shape) in layout.items():
+            size = math.prod(shape) * dtype.itemsize
+            if groups[-1] and filled + size > max_shard_bytes:
+                groups.append({})
+                filled = 0
+            groups[-1][name] = (dtype, shape)
+            filled += size
+        self.total_bytes = layout_bytes(layout)
+        self._files = [
+            PlannedFile(folder / f".shard-{i:05d}.partial", g, {"format": "pt"}) for i, g in enumerate(groups)
+        ]
+        self._file_of = {name: f for f in self._files for name in f.missing}
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        size = tensor_bytes(tensor)
-        if self._buffer and self._buffered + size > self.max_shard_bytes:
-            self._flush()
-        self._buffer[name] = tensor.contiguous()
-        self._buffered += size
-        self.total_bytes += size
-
-    def _flush(self) -> None:
-        path = self.folder / f".shard-{len(self._shards):05d}.partial"
-        save_file(self._buffer, path, metadata={"format": "pt"})
-        self._shards.append((path, list(self._buffer)))
-        self._buffer, self._buffered = {}, 0
+        if name not in self._file_of:
+            raise RegmeanError(f"{self.folder}: tensor {name} is not in the planned output")
+        self._file_of[name].write(name, tensor)
 
     def finish(self) -> list[Path]:
-        """Write what is buffered, give the shards their final names and write the index."""
-        if self._buffer or not self._shards:
-            self._flush()
-        n = len(self._shards)
+        """Check every planned tensor arrived, give the shards their final names and write the index."""
+        missing = sorted(name for f in self._files for name in f.missing)
+        if missing:
+            raise RegmeanError(f"{self.folder}: {len(missing)} planned tensors were never written ({missing[0]}, ...)")
+        n = len(self._files)
         if n == 1:
             final = [self.folder / SAFETENSORS_SINGLE]
         else:
             final = [self.folder / f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
         weight_map = {}
-        for (tmp, names), path in zip(self._shards, final, strict=True):
-            tmp.rename(path)
-            weight_map.update(dict.fromkeys(names, path.name))
+        for f, path in zip(self._files, final, strict=True):
+            f.close()
+            f.path.rename(path)
+            weight_map.update(dict.fromkeys(f.names, path.name))
         if n > 1:
             index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
             (self.folder / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2))

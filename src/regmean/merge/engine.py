@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -11,7 +12,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from regmean.architecture import LinearLayer, is_head_key
 from regmean.errors import RegmeanError
-from regmean.io.writer import DEFAULT_SHARD_BYTES, ShardedWriter
+from regmean.io.tensorfile import DTYPES as TENSOR_DTYPES
+from regmean.io.writer import DEFAULT_SHARD_BYTES, Layout, ShardedWriter
 from regmean.merge.config import MergeConfig
 from regmean.merge.inputs import MergeInputs, base_key, open_inputs
 from regmean.merge.output import check_output_dir, finish_folders, output_folders, staged_output
@@ -73,7 +75,8 @@ def merge(
     inputs = open_inputs(config)
     groups = _site_groups(inputs) if METHODS[config.method].statistics == "gram" else {}
     shard_bytes = parse_size(shard_size)
-    plan = make_plan(inputs, groups, shard_bytes)
+    layouts = output_layouts(inputs)
+    plan = make_plan(inputs, groups, layouts)
     if log is not None:
         log(plan.describe())
     check_memory(plan, None if max_memory is None else parse_size(max_memory))
@@ -81,7 +84,7 @@ def merge(
         return plan
     with staged_output(out_dir, force) as staged:
         folders = output_folders(inputs, staged)
-        writers = [ShardedWriter(f, shard_bytes) for f in folders]
+        writers = [ShardedWriter(f, layout, shard_bytes) for f, layout in zip(folders, layouts, strict=True)]
         report = merge_into(inputs, groups, writers, progress)
         for w in writers:
             w.finish()
@@ -89,10 +92,26 @@ def merge(
     return report
 
 
+def output_layouts(inputs: MergeInputs) -> list[Layout]:
+    """Names, dtypes and shapes of every output folder's tensors, known before any tensor is read."""
+    config, first = inputs.config, inputs.models[0]
+
+    def entry(model, key: str, merged: bool) -> tuple[torch.dtype, tuple[int, ...]]:
+        dtype = TENSOR_DTYPES[model.dtype(key)]
+        if merged and dtype.is_floating_point:
+            dtype = _out_dtype(config, dtype)
+        return dtype, model.shapes[key]
+
+    body = {key: entry(first, key, True) for key in inputs.body_keys()}
+    outputs = inputs.models if config.heads == "keep" else inputs.models[:1]
+    return [{**body, **{key: entry(m, key, False) for key in inputs.head_keys()}} for m in outputs]
+
+
 def merge_into(inputs: MergeInputs, groups: dict, writers: list[ShardedWriter], progress: bool = True) -> MergeReport:
     """Compute every output tensor, one site group or one tensor at a time, straight into the writers.
 
-    Body tensors go to every writer; with heads: keep, writer k also gets model k's own head tensors.
+    Body tensors go to every writer; with heads: keep, writer k also gets model k's own head tensors. A reader
+    thread loads the next step's tensors (and statistics) while this one computes, so I/O overlaps the solves.
     """
     config = inputs.config
     method = METHODS[config.method]
@@ -106,22 +125,38 @@ def merge_into(inputs: MergeInputs, groups: dict, writers: list[ShardedWriter], 
             group_of[layer.weight_key] = site
             if layer.bias_key and options.bias == "joint":
                 group_of[layer.bias_key] = site
-    done: set[str] = set()
+    steps: list[tuple[str, object]] = []
+    seen: set = set()
+    for key in keys:
+        step = ("site", group_of[key]) if key in group_of else ("tensor", key)
+        if step not in seen:
+            seen.add(step)
+            steps.append(step)
+
+    def load(step):
+        kind, what = step
+        if kind == "site":
+            return _load_site(inputs, what, groups[what], options)
+        return _load_plain(inputs, what, method)
+
+    def compute(step, data) -> dict[str, torch.Tensor]:
+        kind, what = step
+        if kind == "site":
+            return _regmean_site(inputs, what, groups[what], data, options, weights, report)
+        return {what: _plain_tensor(inputs, what, data, weights, options, method, report)}
+
     columns = [TextColumn("merging"), BarColumn(), MofNCompleteColumn(), TextColumn("tensors"), TimeElapsedColumn()]
-    with Progress(*columns, disable=not progress) as bar:
+    with Progress(*columns, disable=not progress) as bar, ThreadPoolExecutor(1, "regmean-reader") as reader:
         task = bar.add_task("merge", total=len(keys))
-        for key in keys:
-            if key in done:
-                continue
-            if key in group_of:
-                site = group_of[key]
-                solved = _regmean_site(inputs, site, groups[site], options, weights, report)
-            else:
-                solved = {key: _plain_tensor(inputs, key, weights, options, method, report)}
+        pending = reader.submit(load, steps[0]) if steps else None
+        for i, step in enumerate(steps):
+            data = pending.result()
+            pending = reader.submit(load, steps[i + 1]) if i + 1 < len(steps) else None
+            solved = compute(step, data)
+            del data
             for name, tensor in solved.items():
                 for w in writers:
                     w.add(name, tensor)
-            done.update(solved)
             bar.advance(task, len(solved))
         for key in inputs.head_keys():
             for model, w in zip(inputs.models, writers, strict=True):
@@ -136,31 +171,41 @@ def merge_into(inputs: MergeInputs, groups: dict, writers: list[ShardedWriter], 
     return report
 
 
-def _plain_tensor(inputs: MergeInputs, key, weights, options, method, report) -> torch.Tensor:
-    tensors = [m.get(key) for m in inputs.models]
+def _load_plain(inputs: MergeInputs, key: str, method) -> dict:
+    """The K input tensors of `key`, the base model's (None where it lacks it) and the Fisher diagonals."""
+    data: dict = {"tensors": [m.get(key) for m in inputs.models], "base": None, "base_missing": False}
+    if inputs.base is not None and (method.needs_base or _from_base(inputs, key)):
+        bkey = base_key(inputs.base, key, inputs.skeleton)
+        data["base_missing"] = bkey is None
+        data["base"] = None if bkey is None else inputs.base.get(bkey)
+    if method.statistics == "fisher":
+        fisher = [f.get(key) for f in inputs.stats]
+        data["fisher"] = torch.stack(fisher) if all(f is not None for f in fisher) else None
+    return data
+
+
+def _from_base(inputs: MergeInputs, key: str) -> bool:
+    """Whether `key` is taken from the base model (embeddings: base, or lm_head: base)."""
+    config = inputs.config
+    return (config.embeddings == "base" and is_head_key(key, inputs.embeddings)) or bool(
+        config.lm_head == "base" and inputs.lm_head and is_head_key(key, [inputs.lm_head])
+    )
+
+
+def _plain_tensor(inputs: MergeInputs, key, data: dict, weights, options, method, report) -> torch.Tensor:
+    tensors = data["tensors"]
     if not tensors[0].is_floating_point():  # integer buffers (position ids): identical across fine-tunes
         return tensors[0]
     config = inputs.config
-    if (config.embeddings == "base" and is_head_key(key, inputs.embeddings)) or (
-        config.lm_head == "base" and inputs.lm_head and is_head_key(key, [inputs.lm_head])
-    ):
-        bkey = base_key(inputs.base, key, inputs.skeleton)
-        if bkey is not None:
-            return inputs.base.get(bkey).to(_out_dtype(config, tensors[0].dtype))
+    out_dtype = _out_dtype(config, tensors[0].dtype)
+    if data["base_missing"]:
         report.base_missing.append(key)
-    base = None
-    if inputs.base is not None:
-        bkey = base_key(inputs.base, key, inputs.skeleton)
-        if bkey is None:
-            report.base_missing.append(key)
-        else:
-            base = inputs.base.get(bkey)
-    extra = {}
-    if method.statistics == "fisher":
-        fisher = [f.get(key) for f in inputs.stats]
-        extra["fisher"] = torch.stack(fisher) if all(f is not None for f in fisher) else None
+    if data["base"] is not None and _from_base(inputs, key):
+        return data["base"].to(out_dtype)
+    extra = {"fisher": data["fisher"]} if method.statistics == "fisher" else {}
+    base = data["base"] if method.needs_base else None
     merged = method.merge_tensor(torch.stack(tensors), weights, base, options, **extra)
-    return merged.to(_out_dtype(inputs.config, tensors[0].dtype))
+    return merged.to(out_dtype)
 
 
 def _out_dtype(config: MergeConfig, dtype: torch.dtype) -> torch.dtype:
@@ -185,15 +230,28 @@ def _weight(tensor: torch.Tensor, layer: LinearLayer) -> torch.Tensor:
     return tensor.T if layer.transposed else tensor
 
 
+def _load_site(inputs: MergeInputs, sites: tuple[str, ...], layers: list[LinearLayer], options) -> dict:
+    """Each model's statistics of the site and the weights (and biases, for joint) of the layers reading it."""
+    stats = [st.site(name) for st, name in zip(inputs.stats, sites, strict=True)]
+    params = {}
+    for model in inputs.models:
+        for layer in layers:
+            params[model.path, layer.weight_key] = model.get(layer.weight_key)
+            if layer.bias_key and options.bias == "joint":
+                params[model.path, layer.bias_key] = model.get(layer.bias_key)
+    return {"stats": stats, "params": params}
+
+
 def _regmean_site(
     inputs: MergeInputs,
     sites: tuple[str, ...],
     layers: list[LinearLayer],
+    data: dict,
     options: RegMeanOptions,
     weights: torch.Tensor,
     report: MergeReport,
 ) -> dict[str, torch.Tensor]:
-    stats = [st.site(name) for st, name in zip(inputs.stats, sites, strict=True)]
+    stats, params = data["stats"], data["params"]
     d_in = stats[0].gram.shape[0]
     for layer in layers:
         if layer.d_in != d_in:
@@ -217,11 +275,11 @@ def _regmean_site(
         for model in inputs.models:
             rows = []
             for layer in group:
-                source = model.get(layer.weight_key)
-                dtypes[layer.module] = _out_dtype(inputs.config, source.dtype)
+                source = params[model.path, layer.weight_key]
+                dtypes.setdefault(layer.module, _out_dtype(inputs.config, source.dtype))
                 w = _weight(source, layer).to(torch.float64)
                 if affine:
-                    w = torch.cat([w, model.get(layer.bias_key).to(torch.float64)[:, None]], dim=1)
+                    w = torch.cat([w, params[model.path, layer.bias_key].to(torch.float64)[:, None]], dim=1)
                 rows.append(w)
             stacked.append(torch.cat(rows))
         stacked = torch.stack(stacked)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from regmean.errors import RegmeanError
+from regmean.io.writer import Layout, layout_bytes
 from regmean.merge.inputs import MergeInputs
 from regmean.units import human
 
@@ -37,50 +38,52 @@ class MergePlan:
     write_bytes: int
     working_bytes: int
     """The largest per-step working set: one site's K Grams and its layers' K weights (float64), or one tensor."""
-    buffer_bytes: int
-    """Output shard buffers (one per output folder)."""
+    prefetch_bytes: int
+    """The largest step's raw inputs, which the reader thread loads while the previous step computes."""
     runtime_bytes: int
 
     @property
     def peak_bytes(self) -> int:
-        return self.runtime_bytes + self.buffer_bytes + self.working_bytes
+        return self.runtime_bytes + self.prefetch_bytes + self.working_bytes
 
     def describe(self) -> str:
         return (
             f"plan: {self.tensors} tensors ({self.regmean_layers} RegMean layers); read {human(self.read_bytes)}, "
             f"write {human(self.write_bytes)}; peak memory about {human(self.peak_bytes)} "
-            f"(runtime {human(self.runtime_bytes)} + shard buffers {human(self.buffer_bytes)} "
-            f"+ largest step {human(self.working_bytes)})"
+            f"(runtime {human(self.runtime_bytes)} + largest step {human(self.working_bytes)} "
+            f"+ next step's inputs {human(self.prefetch_bytes)})"
         )
 
 
-def make_plan(inputs: MergeInputs, groups: dict, shard_bytes: int) -> MergePlan:
+def make_plan(inputs: MergeInputs, groups: dict, layouts: list[Layout]) -> MergePlan:
     k = len(inputs.models)
     first = inputs.models[0]
     numel = {key: math.prod(first.shapes[key]) for key in first.keys()}
     size = {key: numel[key] * DTYPE_BYTES.get(first.dtype(key), 4) for key in first.keys()}
-    keys, head_keys = inputs.body_keys(), inputs.head_keys()
-    body, heads = sum(size[key] for key in keys), sum(size[key] for key in head_keys)
-    outputs = k if inputs.config.heads == "keep" else 1
-    read = k * (body + heads) + (body if inputs.base else 0)
+    keys = inputs.body_keys()
+    read = k * sum(size.values()) + (sum(size[key] for key in keys) if inputs.base else 0)
     read += sum(st.nbytes for st in inputs.stats) if inputs.stats else 0
-    # one plain tensor: K stacked copies promoted to float32 or wider, plus the result
+    # one plain tensor: its K inputs (and the base's), K stacked copies promoted to float32 or wider, the result
     working = max((8 * (k + 1) * numel[key] for key in keys), default=0)
+    prefetch = max(((k + 1) * size[key] for key in keys), default=0)
+    gram_bytes = 8 if inputs.stats and getattr(inputs.stats[0], "dtype", "") == "float64" else 4
     for layers in groups.values():
         d = layers[0].d_in + 1
         d_out = sum(layer.d_out for layer in layers)
-        # K float32 Grams as read; one float64 Gram being added, the system and its factor; K float64 weights,
+        weight_bytes = sum(size[layer.weight_key] for layer in layers)
+        # K Grams as read; one float64 Gram being added, the system and its factor; K float64 weights,
         # their average, the right-hand side and the solution
-        working = max(working, 4 * k * d * d + 8 * 3 * d * d + 8 * (k + 3) * d_out * d)
-    buffer = outputs * min(shard_bytes, body + heads)
+        working = max(working, gram_bytes * k * d * d + 8 * 3 * d * d + 8 * (k + 3) * d_out * d)
+        prefetch = max(prefetch, k * (gram_bytes * d * d + weight_bytes))
     regmean_layers = sum(len(g) for g in groups.values())
-    return MergePlan(len(keys), regmean_layers, read, outputs * body + heads, working, buffer, current_rss())
+    write = sum(layout_bytes(layout) for layout in layouts)
+    return MergePlan(len(keys), regmean_layers, read, write, working, prefetch, current_rss())
 
 
 def check_memory(plan: MergePlan, max_memory: int | None) -> None:
     if max_memory is not None and plan.peak_bytes > max_memory:
         raise RegmeanError(
             f"estimated peak memory {human(plan.peak_bytes)} exceeds --max-memory {human(max_memory)} "
-            f"(largest step {human(plan.working_bytes)}, shard buffers {human(plan.buffer_bytes)}); "
-            "lower --shard-size or raise the limit"
+            f"(largest step {human(plan.working_bytes)}, next step's inputs {human(plan.prefetch_bytes)}); "
+            "raise the limit or merge on a machine with more memory"
         )
