@@ -38,7 +38,12 @@ def smollm2_folder() -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     src = Path(spec.origin).parent
-    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=GGUF)
+    loaded = AutoModelForCausalLM.from_pretrained(src, gguf_file=GGUF)  # dequantised to float32
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config)  # a plain model: save_pretrained refuses the GGUF-loaded one
+    model.load_state_dict(loaded.state_dict())
     tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=GGUF)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)

@@ -98,16 +98,18 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=22)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--skip-regmean", action="store_true")
-    ap.add_argument("--stats-examples", type=int, default=32)
+    ap.add_argument("--stats-examples", type=int, default=8)
+    ap.add_argument("--hidden", type=int, default=2048, help="width (intermediate = 11/4 of it)")
     args = ap.parse_args()
 
     WORK.mkdir(parents=True, exist_ok=True)
     mk = side_venv("mergekit", "mergekit==0.1.5")
     from smollm2 import smollm2_folder
 
-    folder = WORK / f"llama-{args.layers}"
-    base, *models = build_llamas(folder, args.layers, 3, tokenizer=smollm2_folder())
-    params = param_count(llama_config(args.layers))
+    dims = {"hidden": args.hidden, "intermediate": args.hidden * 11 // 4}
+    folder = WORK / (f"llama-{args.layers}" if args.hidden == 2048 else f"llama-{args.layers}-h{args.hidden}")
+    base, *models = build_llamas(folder, args.layers, 3, tokenizer=smollm2_folder(), **dims)
+    params = param_count(llama_config(args.layers, **dims))
     print(f"models: 3 x {params / 1e9:.2f}B parameters under {folder}")
     cfgs = WORK / "configs"
     cfgs.mkdir(exist_ok=True)
@@ -174,7 +176,8 @@ def main() -> None:
     lines = [
         "# Data-free merges vs mergekit 0.1.5, and RegMean",
         "",
-        f"3 fine-tunes of a {params / 1e9:.2f}B-parameter Llama ({args.layers} layers, hidden 2048, GQA 32/4 heads, "
+        f"3 fine-tunes of a {params / 1e9:.2f}B-parameter Llama ({args.layers} layers, hidden {args.hidden}, "
+        "GQA 32/4 heads, "
         "untied lm_head), bf16, sharded safetensors. Median of "
         f"{args.runs} runs, alternating tools. Machine: {machine()}.",
         "",

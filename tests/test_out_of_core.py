@@ -60,6 +60,21 @@ def test_sharded_inputs_and_outputs_equal_the_single_file_merge(tmp_path):
         assert torch.isfinite(model(torch.tensor([[5, 6, 7]])).logits).all()
 
 
+@pytest.mark.parametrize("method", ["average", "task_arithmetic"])
+def test_large_tensors_merged_in_row_blocks_equal_the_whole_tensor_merge(tmp_path, monkeypatch, method):
+    from regmean.merge import plan
+
+    models = make_models(tmp_path / "m", "llama", "LlamaForCausalLM")
+    base = models[0]["path"] if method == "task_arithmetic" else None
+    config = regmean.MergeConfig(method=method, models=[{"path": m["path"]} for m in models[1:]], base_model=base)
+    regmean.merge(config, tmp_path / "whole", progress=False)
+    monkeypatch.setattr(plan, "BLOCK_BYTES", 1000)  # every matrix in blocks of a few rows
+    assert plan.row_blocks((64, 32), 4) is not None
+    regmean.merge(config, tmp_path / "blocks", progress=False, shard_size="3KB")
+    a, b = read_all(tmp_path / "whole"), read_all(tmp_path / "blocks")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_failure_mid_merge_leaves_nothing(tmp_path, monkeypatch):
     engine = importlib.import_module("regmean.merge.engine")  # (regmean.merge is also the merge function)
     models = make_models(tmp_path, "bert", "BertForSequenceClassification")

@@ -45,10 +45,10 @@ class FisherFile:
         self.nbytes = self.path.stat().st_size
         self.keys = {k.rsplit("::", 1)[0] for k in self._handle.keys()}
 
-    def get(self, key: str) -> torch.Tensor | None:
+    def get(self, key: str, rows: tuple[int, int] | None = None) -> torch.Tensor | None:
         if key not in self.keys:
             return None
-        f = self._handle.get(f"{key}::fisher")
+        f = self._handle.get(f"{key}::fisher", rows)
         if not torch.isfinite(f).all():
             raise RegmeanError(f"{self.path}: Fisher of {key} has NaN or Inf values")
         return f

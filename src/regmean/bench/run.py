@@ -17,11 +17,11 @@ from regmean.errors import RegmeanError
 # The demo: the multi-domain setting, sized to finish in minutes on 2 CPU cores.
 DEMO = {
     "suite": "domains",
-    "train_size": 300,
-    "test_size": 300,
-    "stats_size": 300,
-    "fisher_size": 64,
-    "alphas": (0.0, 0.5, 0.9, 1.0),
+    "train_size": 200,
+    "test_size": 200,
+    "stats_size": 200,
+    "fisher_size": 32,
+    "alphas": (0.0, 0.9, 1.0),
     "epochs": 2,
 }
 

@@ -107,14 +107,16 @@ class Checkpoint:
             )
         return self._open(self.key_to_file[key]).dtype(key)
 
-    def get(self, key: str) -> torch.Tensor:
+    def get(self, key: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """Tensor `key`, or only its rows [start, stop) along the first dimension."""
         if self._pickle is not None:
-            return self._pickle[key]
+            t = self._pickle[key]
+            return t if rows is None else t[rows[0] : rows[1]]
         file = self.key_to_file[key]
         handle = self._open(file)
         if key not in handle:
             raise RegmeanError(f"{file}: tensor {key} is named in the index but missing from the shard")
-        return handle.get(key)
+        return handle.get(key, rows)
 
     @cached_property
     def shapes(self) -> dict[str, tuple[int, ...]]:

@@ -98,8 +98,13 @@ class TensorFile:
         _, _, begin, stop = self._entries[key]
         return stop - begin
 
-    def get(self, key: str) -> torch.Tensor:
+    def get(self, key: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """The tensor, or only its rows [start, stop) along the first dimension (one contiguous read)."""
         dtype, shape, begin, stop = self._entries[key]
+        if rows is not None:
+            row_bytes = (stop - begin) // shape[0] if shape and shape[0] else 0
+            begin, stop = begin + rows[0] * row_bytes, begin + rows[1] * row_bytes
+            shape = (rows[1] - rows[0], *shape[1:])
         buffer = bytearray(stop - begin)
         view, done = memoryview(buffer), 0
         while done < len(buffer):
@@ -141,21 +146,28 @@ class PlannedFile:
         text += b" " * (-len(text) % 8)
         self._start = 8 + len(text)
         self._missing = set(layout)
+        self._written: dict[str, int] = {}
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         os.pwrite(self._fd, struct.pack("<Q", len(text)) + text, 0)
         os.ftruncate(self._fd, self._start + offset)
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
+    def write(self, name: str, tensor: torch.Tensor, first_row: int | None = None) -> None:
+        """Write a whole tensor, or (with `first_row`) a block of its rows; a tensor is done when all its bytes are."""
         dtype, shape, begin, stop = self._offsets[name]
-        if tensor.dtype != dtype or tuple(tensor.shape) != shape:
+        expected = shape if first_row is None else (tensor.shape[0], *shape[1:])
+        if tensor.dtype != dtype or tuple(tensor.shape) != tuple(expected):
             raise RegmeanError(
                 f"{self.path}: tensor {name} is {tensor.dtype} {tuple(tensor.shape)}, planned {dtype} {shape}"
             )
         data = memoryview(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
+        if first_row is not None:
+            begin += first_row * ((stop - begin) // shape[0])
         done = 0
-        while done < stop - begin:
+        while done < len(data):
             done += os.pwrite(self._fd, data[done:], self._start + begin + done)
-        self._missing.discard(name)
+        self._written[name] = self._written.get(name, 0) + len(data)
+        if self._written[name] >= stop - self._offsets[name][2]:
+            self._missing.discard(name)
 
     @property
     def missing(self) -> set[str]:

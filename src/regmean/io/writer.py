@@ -49,10 +49,11 @@ class ShardedWriter:
         ]
         self._file_of = {name: f for f in self._files for name in f.missing}
 
-    def add(self, name: str, tensor: torch.Tensor) -> None:
+    def add(self, name: str, tensor: torch.Tensor, first_row: int | None = None) -> None:
+        """Write tensor `name`, or with `first_row` a block of its rows starting there."""
         if name not in self._file_of:
             raise RegmeanError(f"{self.folder}: tensor {name} is not in the planned output")
-        self._file_of[name].write(name, tensor)
+        self._file_of[name].write(name, tensor, first_row)
 
     def finish(self) -> list[Path]:
         """Check every planned tensor arrived, give the shards their final names and write the index."""

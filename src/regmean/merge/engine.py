@@ -17,7 +17,7 @@ from regmean.io.writer import DEFAULT_SHARD_BYTES, Layout, ShardedWriter
 from regmean.merge.config import MergeConfig
 from regmean.merge.inputs import MergeInputs, base_key, open_inputs
 from regmean.merge.output import check_output_dir, finish_folders, output_folders, staged_output
-from regmean.merge.plan import MergePlan, check_memory, make_plan
+from regmean.merge.plan import MergePlan, check_memory, make_plan, row_blocks
 from regmean.methods import METHODS
 from regmean.methods.regmean import RegMeanOptions, affine_gram, reconstruction_error, regmean_solve
 from regmean.units import parse_size
@@ -127,8 +127,14 @@ def merge_into(inputs: MergeInputs, groups: dict, writers: list[ShardedWriter], 
                 group_of[layer.bias_key] = site
     steps: list[tuple[str, object]] = []
     seen: set = set()
+    first = inputs.models[0]
     for key in keys:
-        step = ("site", group_of[key]) if key in group_of else ("tensor", key)
+        if key in group_of:
+            step = ("site", group_of[key])
+        elif row_blocks(first.shapes[key], TENSOR_DTYPES[first.dtype(key)].itemsize) is not None:
+            step = ("blocks", key)
+        else:
+            step = ("tensor", key)
         if step not in seen:
             seen.add(step)
             steps.append(step)
@@ -137,13 +143,23 @@ def merge_into(inputs: MergeInputs, groups: dict, writers: list[ShardedWriter], 
         kind, what = step
         if kind == "site":
             return _load_site(inputs, what, groups[what], options)
-        return _load_plain(inputs, what, method)
+        if kind == "tensor":
+            return _load_plain(inputs, what, method)
+        return None  # blocks are read in their step
 
     def compute(step, data) -> dict[str, torch.Tensor]:
         kind, what = step
         if kind == "site":
             return _regmean_site(inputs, what, groups[what], data, options, weights, report)
-        return {what: _plain_tensor(inputs, what, data, weights, options, method, report)}
+        if kind == "tensor":
+            return {what: _plain_tensor(inputs, what, data, weights, options, method, report)}
+        for rows in row_blocks(first.shapes[what], TENSOR_DTYPES[first.dtype(what)].itemsize):
+            block = _plain_tensor(
+                inputs, what, _load_plain(inputs, what, method, rows), weights, options, method, report
+            )
+            for w in writers:
+                w.add(what, block, rows[0])
+        return {}
 
     columns = [TextColumn("merging"), BarColumn(), MofNCompleteColumn(), TextColumn("tensors"), TimeElapsedColumn()]
     with Progress(*columns, disable=not progress) as bar, ThreadPoolExecutor(1, "regmean-reader") as reader:
@@ -157,7 +173,7 @@ def merge_into(inputs: MergeInputs, groups: dict, writers: list[ShardedWriter], 
             for name, tensor in solved.items():
                 for w in writers:
                     w.add(name, tensor)
-            bar.advance(task, len(solved))
+            bar.advance(task, len(solved) or 1)
         for key in inputs.head_keys():
             for model, w in zip(inputs.models, writers, strict=True):
                 w.add(key, model.get(key))
@@ -171,15 +187,16 @@ def merge_into(inputs: MergeInputs, groups: dict, writers: list[ShardedWriter], 
     return report
 
 
-def _load_plain(inputs: MergeInputs, key: str, method) -> dict:
-    """The K input tensors of `key`, the base model's (None where it lacks it) and the Fisher diagonals."""
-    data: dict = {"tensors": [m.get(key) for m in inputs.models], "base": None, "base_missing": False}
+def _load_plain(inputs: MergeInputs, key: str, method, rows: tuple[int, int] | None = None) -> dict:
+    """The K input tensors of `key` (or their `rows`), the base model's (None where it lacks it) and the Fisher
+    diagonals."""
+    data: dict = {"tensors": [m.get(key, rows) for m in inputs.models], "base": None, "base_missing": False}
     if inputs.base is not None and (method.needs_base or _from_base(inputs, key)):
         bkey = base_key(inputs.base, key, inputs.skeleton)
-        data["base_missing"] = bkey is None
-        data["base"] = None if bkey is None else inputs.base.get(bkey)
+        data["base_missing"] = bkey is None and (rows is None or rows[0] == 0)  # reported once per tensor
+        data["base"] = None if bkey is None else inputs.base.get(bkey, rows)
     if method.statistics == "fisher":
-        fisher = [f.get(key) for f in inputs.stats]
+        fisher = [f.get(key, rows) for f in inputs.stats]
         data["fisher"] = torch.stack(fisher) if all(f is not None for f in fisher) else None
     return data
 

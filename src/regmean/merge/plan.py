@@ -30,6 +30,27 @@ def current_rss() -> int:
     return peak if sys.platform == "darwin" else peak * 1024
 
 
+BLOCK_BYTES = 16 * 1024**2
+"""Plain tensors larger than this (per input) are merged a block of rows at a time, read and written in place."""
+
+
+def row_blocks(shape: tuple[int, ...], itemsize: int) -> list[tuple[int, int]] | None:
+    """The [start, stop) row blocks a large tensor is merged in, or None to merge it whole."""
+    size = math.prod(shape) * itemsize
+    if size <= BLOCK_BYTES or len(shape) < 2:
+        return None
+    step = max(1, BLOCK_BYTES // (size // shape[0]))
+    return [(i, min(i + step, shape[0])) for i in range(0, shape[0], step)]
+
+
+def _largest_block(shape: tuple[int, ...], itemsize: int) -> int:
+    """Elements of the largest piece a plain tensor is merged in."""
+    blocks = row_blocks(shape, itemsize)
+    if blocks is None:
+        return math.prod(shape)
+    return (blocks[0][1] - blocks[0][0]) * math.prod(shape[1:])
+
+
 @dataclass
 class MergePlan:
     tensors: int
@@ -63,9 +84,13 @@ def make_plan(inputs: MergeInputs, groups: dict, layouts: list[Layout]) -> Merge
     keys = inputs.body_keys()
     read = k * sum(size.values()) + (sum(size[key] for key in keys) if inputs.base else 0)
     read += sum(st.nbytes for st in inputs.stats) if inputs.stats else 0
-    # one plain tensor: its K inputs (and the base's), K stacked copies promoted to float32 or wider, the result
-    working = max((8 * (k + 1) * numel[key] for key in keys), default=0)
-    prefetch = max(((k + 1) * size[key] for key in keys), default=0)
+    # one plain tensor (or row block): K inputs and the base's, stacked, promoted to float32 or wider, the result
+    itemsize = {key: DTYPE_BYTES.get(first.dtype(key), 4) for key in keys}
+    block = {key: _largest_block(first.shapes[key], itemsize[key]) for key in keys}
+    working = max((8 * (k + 2) * block[key] for key in keys), default=0)
+    # blocked tensors are read inside their step, so only whole tensors are prefetched
+    whole = [key for key in keys if row_blocks(first.shapes[key], itemsize[key]) is None]
+    prefetch = max(((k + 1) * size[key] for key in whole), default=0)
     gram_bytes = 8 if inputs.stats and getattr(inputs.stats[0], "dtype", "") == "float64" else 4
     for layers in groups.values():
         d = layers[0].d_in + 1
