@@ -221,7 +221,7 @@ def _plain_tensor(inputs: MergeInputs, key, data: dict, weights, options, method
         return data["base"].to(out_dtype)
     extra = {"fisher": data["fisher"]} if method.statistics == "fisher" else {}
     base = data["base"] if method.needs_base else None
-    merged = method.merge_tensor(torch.stack(tensors), weights, base, options, **extra)
+    merged = method.merge_tensor(tensors, weights, base, options, **extra)
     return merged.to(out_dtype)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from torch import nn
@@ -111,6 +113,9 @@ def open_inputs(config: MergeConfig, check_fingerprints: bool = True) -> MergeIn
 
     linears = linear_layers(skeleton)
     if stats is not None:
+        if check_fingerprints:  # hash the models' weights concurrently (hashing and reads release the GIL)
+            with ThreadPoolExecutor(min(len(models), os.cpu_count() or 1)) as pool:
+                list(pool.map(lambda c: c.fingerprint, models))
         for entry, ckpt, st in zip(config.models, models, stats, strict=True):
             if check_fingerprints and st.fingerprint != ckpt.fingerprint:
                 problems.append(

@@ -112,7 +112,9 @@ def model_card(inputs: MergeInputs, report: MergeReport, own_head: int | None = 
         measured = f"{st.examples} examples" if st else "-"
         if st is not None and hasattr(st, "tokens"):
             measured += f", {st.tokens} tokens ({st.dtype})"
-        lines.append(f"| {k} | `{entry.path}` | {entry.weight} | {ckpt.fingerprint['weights'][:16]} | {measured} |")
+        # the weights hash is read in full only when statistics were checked against it; not for data-free merges
+        digest = ckpt.__dict__.get("fingerprint", {}).get("weights", "not computed")[:16]
+        lines.append(f"| {k} | `{entry.path}` | {entry.weight} | {digest} | {measured} |")
     lines += ["", "## Recipe", "", f"- method: `{config.method}`"]
     lines += [f"- {k}: `{v}`" for k, v in config.options.items()]
     lines.append(f"- heads: `{config.heads}` (head modules: {', '.join(inputs.heads) or 'none'})")

@@ -15,7 +15,8 @@ class Method:
     name: str
     options: type[BaseModel]
     merge_tensor: Callable
-    """(stacked [K, ...], weights [K], base or None, options) -> merged tensor, for every non-RegMean tensor."""
+    """(K tensors (a list or stacked [K, ...]), weights [K], base or None, options) -> merged tensor, for every
+    non-RegMean tensor."""
     needs_base: bool = False
     statistics: str | None = None
     """The statistics file each model needs: "gram" (regmean measure) or "fisher"."""

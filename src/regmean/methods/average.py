@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from pydantic import BaseModel, ConfigDict
 
@@ -10,11 +12,15 @@ class AverageOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-def weighted_average(tensors: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """sum_i w_i T_i / sum_i w_i over the first dimension, computed in at least float32."""
-    work = torch.promote_types(tensors.dtype, torch.float32)
-    w = weights.to(work)
-    return torch.tensordot(w / w.sum(), tensors.to(work), dims=1)
+def weighted_average(tensors: Sequence[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
+    """sum_i w_i T_i / sum_i w_i, accumulated one input at a time in at least float32 (no stacked copy).
+
+    `tensors` is a list of same-shape tensors or a stacked tensor [K, ...]."""
+    coef = (weights.to(torch.float64) / weights.to(torch.float64).sum()).tolist()
+    out = tensors[0].to(torch.promote_types(tensors[0].dtype, torch.float32), copy=True).mul_(coef[0])
+    for t, c in zip(tensors[1:], coef[1:], strict=True):
+        out.add_(t, alpha=c)
+    return out
 
 
 def merge_tensor(tensors: torch.Tensor, weights: torch.Tensor, base: torch.Tensor | None, options) -> torch.Tensor:

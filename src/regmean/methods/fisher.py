@@ -23,4 +23,4 @@ def fisher_average(tensors: torch.Tensor, weights: torch.Tensor, fisher: torch.T
 def merge_tensor(tensors, weights, base, options, fisher: torch.Tensor | None = None) -> torch.Tensor:
     if fisher is None:
         return weighted_average(tensors, weights)
-    return fisher_average(tensors, weights, fisher)
+    return fisher_average(torch.stack(list(tensors)), weights, fisher)

@@ -90,7 +90,7 @@ def regmean_solve(
         a.add_(g)
         b.addmm_(g, weight.to(torch.float64).T)
         del g
-    fallback = weighted_average(torch.stack([w.to(torch.float64).T for w in weights]), avg_weights)
+    fallback = weighted_average([w.to(torch.float64).T for w in weights], avg_weights)
     x, ridge = solve_spd(a, b, fallback)
     return x.T, ridge
 

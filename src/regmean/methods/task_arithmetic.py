@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from pydantic import BaseModel, ConfigDict
 
@@ -14,11 +16,16 @@ class TaskArithmeticOptions(BaseModel):
     """lambda in W_base + lambda * sum_i w_i (W_i - W_base)."""
 
 
-def task_arithmetic(tensors: torch.Tensor, weights: torch.Tensor, base: torch.Tensor, scaling: float) -> torch.Tensor:
-    work = torch.promote_types(tensors.dtype, torch.float32)
-    base = base.to(work)
-    deltas = tensors.to(work) - base
-    return base + scaling * torch.tensordot(weights.to(work), deltas, dims=1)
+def task_arithmetic(
+    tensors: Sequence[torch.Tensor], weights: torch.Tensor, base: torch.Tensor, scaling: float
+) -> torch.Tensor:
+    """base + scaling * sum_i w_i (T_i - base), as (1 - scaling sum_i w_i) base + sum_i scaling w_i T_i,
+    accumulated one input at a time in at least float32."""
+    coef = (scaling * weights.to(torch.float64)).tolist()
+    out = base.to(torch.promote_types(base.dtype, torch.float32), copy=True).mul_(1.0 - sum(coef))
+    for t, c in zip(tensors, coef, strict=True):
+        out.add_(t, alpha=c)
+    return out
 
 
 def merge_tensor(
