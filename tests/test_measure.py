@@ -1,5 +1,6 @@
 """Statistics against an independent oracle: per-module hooks, one unpadded example at a time."""
 
+import importlib
 import inspect
 
 import pytest
@@ -59,6 +60,21 @@ def test_padded_batched_statistics_equal_unpadded_per_module_grams(tmp_path, fam
     # every nn.Linear / Conv1D is measured or skipped with a reason; nothing silently dropped
     linear = {n for n, m in model.named_modules() if isinstance(m, nn.Linear | tf.pytorch_utils.Conv1D)}
     assert linear == set(stats.modules) | set(stats.skipped)
+
+
+def test_grams_accumulated_by_upper_blocks_equal_the_full_product(tmp_path, monkeypatch):
+    """Wide Grams are accumulated on and above the block diagonal only and mirrored at the end."""
+    M = importlib.import_module("regmean.measure")  # the module (the package exports a function of that name)
+    monkeypatch.setattr(M, "GRAM_BLOCK", 5)  # every tiny-model site (width >= 10) split into blocks
+    assert len(M.gram_blocks(37)) > 3
+    model = build_model("llama", "LlamaForCausalLM", seed=2)
+    path = save_model(model, tmp_path / "m")
+    stats = measure(path, EXAMPLES, batch_size=4, stats_dtype="float64", model_dtype="float64", progress=False)
+    oracle = oracle_grams(path, model.double(), list(stats.modules))
+    for module, site in stats.modules.items():
+        gram = stats.sites[site].gram
+        assert len(M.gram_blocks(gram.shape[0])) > 2, module
+        torch.testing.assert_close(gram, oracle[module], rtol=1e-9, atol=1e-9, msg=module)
 
 
 def test_sites_are_shared_by_modules_reading_one_tensor(tmp_path):

@@ -82,13 +82,14 @@ def regmean_solve(
     a = torch.zeros(d_in, d_in, dtype=torch.float64)
     b = torch.zeros(d_in, weights[0].shape[0], dtype=torch.float64)
     for gram, weight, scale in zip(grams, weights, gram_scale.tolist(), strict=True):
-        g = gram.to(torch.float64, copy=True)
+        # the products run in the statistics' own precision (float32 unless measured in float64), the sums in float64
+        g = gram.to(torch.promote_types(gram.dtype, torch.float32), copy=True)
         if alpha != 1.0:  # shrink in place: off-diagonal entries times alpha, diagonal kept
             diag = g.diagonal().clone()
             g.mul_(alpha).diagonal().copy_(diag)
         g.mul_(scale)
         a.add_(g)
-        b.addmm_(g, weight.to(torch.float64).T)
+        b.add_(g @ weight.to(g.dtype).T)
         del g
     fallback = weighted_average([w.to(torch.float64).T for w in weights], avg_weights)
     x, ridge = solve_spd(a, b, fallback)
@@ -96,12 +97,16 @@ def regmean_solve(
 
 
 def reconstruction_error(merged: torch.Tensor, weight: torch.Tensor, gram: torch.Tensor) -> float:
-    """tr((W - W_i) G_i (W - W_i)^T) / tr(W_i G_i W_i^T): output error on model i's own inputs, relative."""
-    merged, weight, gram = (t.to(torch.float64) for t in (merged, weight, gram))
-    diff = merged - weight
-    num = torch.einsum("oi,ij,oj->", diff, gram, diff)
-    den = torch.einsum("oi,ij,oj->", weight, gram, weight)
-    return float(num / den) if float(den) > 0 else float("nan")
+    """tr((W - W_i) G_i (W - W_i)^T) / tr(W_i G_i W_i^T): output error on model i's own inputs, relative.
+
+    Computed in the Gram's precision (float32 unless measured in float64), as sum((D G) * D)."""
+    work = torch.promote_types(gram.dtype, torch.float32)
+    gram = gram.to(work)
+    diff = (merged.to(torch.float64) - weight.to(torch.float64)).to(work)
+    weight = weight.to(work)
+    num = float(((diff @ gram) * diff).sum(dtype=torch.float64))
+    den = float(((weight @ gram) * weight).sum(dtype=torch.float64))
+    return num / den if den > 0 else float("nan")
 
 
 def merge_tensor(tensors: torch.Tensor, weights: torch.Tensor, base: torch.Tensor | None, options) -> torch.Tensor:
