@@ -53,10 +53,12 @@ def solve_spd(a: torch.Tensor, b: torch.Tensor, fallback: torch.Tensor) -> tuple
     constrains take `fallback` (the weighted average) instead of zero.
     """
     scale = float(torch.diagonal(a).mean().abs()) or 1.0
-    eye = torch.eye(a.shape[0], dtype=a.dtype, device=a.device)
     for step in RIDGE_LADDER:
         ridge = step * scale
-        chol, info = torch.linalg.cholesky_ex(a + ridge * eye if ridge else a)
+        if ridge:  # a + ridge I, without materialising I
+            shifted = a.clone()
+            shifted.diagonal().add_(ridge)
+        chol, info = torch.linalg.cholesky_ex(shifted if ridge else a)
         if int(info) == 0:
             x = torch.cholesky_solve(b + ridge * fallback if ridge else b, chol)
             if torch.isfinite(x).all():
