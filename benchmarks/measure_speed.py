@@ -58,8 +58,7 @@ def ours(model_dir: Path, texts: list[str]) -> dict:
         acc = Accumulator(model, sites, torch.float32, "cpu")
         with torch.inference_mode():
             for b in batches:
-                acc.batch = b
-                _forward(model, b)
+                acc.run(b)
         acc.finish()
         acc.close()
         out["regmean_s"].append(time.perf_counter() - t)

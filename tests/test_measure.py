@@ -164,3 +164,24 @@ def test_measuring_in_blocks_equals_one_pass_and_merges(tmp_path):
     files[1].unlink()
     with pytest.raises(regmean.RegmeanError, match="the measure did not finish"):
         StatisticsFile(tmp_path / "blocks")
+
+
+def test_forward_stops_after_the_last_measured_input(tmp_path, monkeypatch):
+    """Layers after the last measured input never run; statistics stay those of the full forward (tests above)."""
+    M = importlib.import_module("regmean.measure")
+    path = save_model(build_model("llama", "LlamaForCausalLM", seed=1), tmp_path / "m")
+    ran: dict[str, int] = {"lm_head": 0, "last_mlp": 0}
+    load = M.load_model
+
+    def load_watched(*args, **kwargs):
+        model = load(*args, **kwargs)
+        model.lm_head.register_forward_hook(lambda *_: ran.__setitem__("lm_head", ran["lm_head"] + 1))
+        mlp = model.model.layers[-1].mlp
+        mlp.register_forward_hook(lambda *_: ran.__setitem__("last_mlp", ran["last_mlp"] + 1))
+        return model
+
+    monkeypatch.setattr(M, "load_model", load_watched)
+    stats = measure(path, EXAMPLES, batch_size=4, exclude="lm_head", progress=False)
+    assert "lm_head" in stats.skipped
+    assert ran == {"lm_head": 1, "last_mlp": 1}  # only the site-detection pass runs to the end
+    assert stats.sites[stats.modules["model.layers.1.mlp.down_proj"]].count == stats.tokens

@@ -12,7 +12,7 @@ from __future__ import annotations
 import inspect
 import re
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,6 +38,8 @@ class Site:
     modules: list[str]
     stream: str  # "input" (input_ids; the encoder's for enc-dec) | "decoder" | "example" (one row per example)
     d: int
+    calls: int = 1  # calls of the hooked module per forward pass
+    last_call: int = 0  # position of its last call among all measured modules' calls in a forward pass
 
 
 @dataclass
@@ -166,6 +168,7 @@ def detect_sites(model: nn.Module, modules: list[str], batch: Batch) -> list[Sit
     first_input: dict[str, torch.Tensor] = {}
     alive: list[torch.Tensor] = []  # holding every input keeps ids unique during the pass
     order: list[str] = []
+    events: list[str] = []
     named = dict(model.named_modules())
 
     def pre_hook(name):
@@ -173,6 +176,7 @@ def detect_sites(model: nn.Module, modules: list[str], batch: Batch) -> list[Sit
             x = args[0]
             alive.append(x)
             calls[name].append(id(x))
+            events.append(name)
             if name not in first_input:
                 first_input[name] = x
                 order.append(name)
@@ -203,20 +207,23 @@ def detect_sites(model: nn.Module, modules: list[str], batch: Batch) -> list[Sit
             stream = "input"
         else:
             stream = "decoder"
-        sites.append(Site(members[0], members, stream, x.shape[-1]))
+        last = max(i for i, e in enumerate(events) if e == members[0])
+        sites.append(Site(members[0], members, stream, x.shape[-1], len(key), last))
     return sites
 
 
-GRAM_BLOCK = 512
-"""Grams wider than twice this are accumulated by blocks on and above the diagonal only: x x^T is symmetric, so
-the lower blocks are copies (filled once by `Accumulator.finish`), saving up to half the multiply-adds."""
+GRAM_BLOCK = 192
+"""Grams at least twice this wide are accumulated by blocks (at most `MAX_GRAM_BLOCKS` a side, none narrower than
+this) on and above the diagonal only: x x^T is symmetric, so the lower blocks are copies (filled once by
+`Accumulator.finish`), saving up to half the multiply-adds."""
+MAX_GRAM_BLOCKS = 8
 
 
 def gram_blocks(d: int) -> list[int]:
     """Block edges of a d-wide Gram: [0, d] (one block) unless d >= 2 * GRAM_BLOCK."""
-    if d < 2 * GRAM_BLOCK:
+    n = min(MAX_GRAM_BLOCKS, d // GRAM_BLOCK)
+    if n < 2:
         return [0, d]
-    n = -(-d // GRAM_BLOCK)
     return [round(i * d / n) for i in range(n + 1)]
 
 
@@ -232,8 +239,17 @@ def add_gram(gram: torch.Tensor, rows: torch.Tensor) -> None:
             gram[edges[i] : edges[i + 1], edges[j] : edges[j + 1]].addmm_(a.T, rows[:, edges[j] : edges[j + 1]])
 
 
+class _Collected(Exception):
+    """Raised by the hook of the last site called in a forward pass: nothing after it is needed."""
+
+
 class Accumulator:
-    """Sums x x^T, x and row counts per site, over the rows that are not padding."""
+    """Sums x x^T, x and row counts per site, over the rows that are not padding.
+
+    `run` stops each forward pass right after the last measured input is summed: the rest of the network (for a
+    causal LM, the vocabulary-wide lm_head; for a pass over an early block of sites, most of the model) would only
+    compute outputs that nobody reads.
+    """
 
     def __init__(self, model: nn.Module, sites: list[Site], dtype: torch.dtype, device: str):
         self.sites = sites
@@ -245,8 +261,18 @@ class Accumulator:
             for s in sites
         }
         self.batch: Batch | None = None
+        self.model = model
+        self.last = max(sites, key=lambda s: s.last_call)
+        self.calls_left = 0
         named = dict(model.named_modules())
         self.handles = [named[s.name].register_forward_pre_hook(self._hook(s)) for s in sites]
+
+    def run(self, batch: Batch) -> None:
+        """One forward pass over `batch`, summing every site's inputs."""
+        self.batch = batch
+        self.calls_left = self.last.calls
+        with suppress(_Collected):
+            _forward(self.model, batch)
 
     def _hook(self, site: Site):
         def hook(_mod, args):
@@ -269,6 +295,10 @@ class Accumulator:
             add_gram(s.gram, rows)
             s.sum.addmv_(rows.T, rows.new_ones(rows.shape[0]))
             s.count += rows.shape[0]
+            if site is self.last:
+                self.calls_left -= 1
+                if self.calls_left == 0:
+                    raise _Collected
 
         return hook
 
@@ -363,8 +393,7 @@ def measure(
             )
             with _hooks(acc.handles), torch.inference_mode():
                 for batch in passes:
-                    acc.batch = batch
-                    _forward(model, batch)
+                    acc.run(batch)
                     if b == 0:
                         tokens += int(batch.masks["input"].sum())
                     bar.advance(task, batch.size)
