@@ -12,6 +12,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from regmean.bench.suites import Results  # noqa: E402
 
@@ -119,6 +120,7 @@ def curve_chart(curves: pd.DataFrame, path: Path) -> None:
         g = df.groupby("n_models")["ood_macro_f1"]
         ax.errorbar(g.mean().index, 100 * g.mean(), yerr=100 * g.std().fillna(0), marker="o", capsize=3, label=method)
     ax.set_xlabel("models merged (added in order of OOD score)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("OOD macro-F1 x 100")
     ax.set_title("incremental merging")
     ax.legend(fontsize=8)
