@@ -8,7 +8,7 @@ import transformers as tf
 from conftest import build_model, save_model
 
 from regmean.bench import data as D
-from regmean.bench.evaluate import ensemble, macro_f1, score
+from regmean.bench.evaluate import ensemble, macro_f1, predict, score
 from regmean.bench.fisher import measure_fisher
 from regmean.fisher import FisherFile, save_fisher
 from regmean.methods.fisher import fisher_average
@@ -90,6 +90,27 @@ def test_fisher_equals_the_closed_form_for_the_classifier(tmp_path):
     torch.testing.assert_close(fisher["classifier.bias"], expect_b / 3, rtol=1e-4, atol=1e-9)
     saved = FisherFile(save_fisher(fisher, path, tmp_path / "f", examples=3))
     assert torch.equal(saved.get("classifier.weight"), fisher["classifier.weight"])
+
+
+@pytest.mark.parametrize("cls", ["BertForSequenceClassification", "BertForTokenClassification"])
+def test_predictions_batched_by_length_equal_one_example_at_a_time(tmp_path, cls):
+    path = save_model(build_model("bert", cls, seed=3), tmp_path / "m")
+    model = getattr(tf, cls).from_pretrained(path).eval()
+    tok = tf.AutoTokenizer.from_pretrained(path)
+    words = [["a", "much", "longer", "sentence", "here"], ["hi"], ["three", "words", "now"], ["two", "words"]]
+    token_level = cls.endswith("TokenClassification")
+    texts = words if token_level else [" ".join(w) for w in words]
+    labels = [[0] * len(w) for w in words] if token_level else [0] * len(words)
+    data = D.TextDataset("t", texts, labels, ["a", "b", "c"], token_level=token_level)
+    got = predict(path, data, batch_size=3)
+    with torch.no_grad():
+        for text, logits in zip(texts, got, strict=True):
+            enc = tok([text], is_split_into_words=token_level, return_tensors="pt")
+            expect = model(**enc).logits[0]
+            if token_level:  # each word's first sub-token
+                ids = enc.word_ids(0)
+                expect = expect[[p for p, w in enumerate(ids) if w is not None and (p == 0 or ids[p - 1] != w)]]
+            torch.testing.assert_close(logits, expect, rtol=1e-4, atol=1e-5)
 
 
 def test_fisher_average():

@@ -19,17 +19,19 @@ def load_classifier(path: str | Path, token_level: bool):
 
 @torch.inference_mode()
 def predict(path: str | Path, data: TextDataset, max_length: int = 64, batch_size: int = 64) -> list[torch.Tensor]:
-    """Logits per example: [C] for sequence classification, [n_words, C] (first sub-token) for token level."""
+    """Logits per example: [C] for sequence classification, [n_words, C] (first sub-token) for token level.
+
+    Examples are batched in order of length (less padding), the logits returned in the data's order."""
     model = load_classifier(path, data.token_level)
     tok = tokenizer_for(Path(path))
-    out: list[torch.Tensor] = []
-    for batch in batches(tok, data, batch_size, max_length):
+    order = sorted(range(len(data)), key=lambda i: len(" ".join(data.texts[i]) if data.token_level else data.texts[i]))
+    out: list[torch.Tensor] = [torch.empty(0)] * len(data)
+    rows = iter(order)
+    for batch in batches(tok, data, batch_size, max_length, order):
         labels = batch.pop("labels")
         logits = model(**batch).logits.float()
-        if data.token_level:
-            out += [row[lab != IGNORE] for row, lab in zip(logits, labels, strict=True)]
-        else:
-            out += list(logits)
+        for row, lab in zip(logits, labels, strict=True):
+            out[next(rows)] = row[lab != IGNORE] if data.token_level else row
     return out
 
 
