@@ -110,7 +110,7 @@ def test_predictions_batched_by_length_equal_one_example_at_a_time(tmp_path, cls
             if token_level:  # each word's first sub-token
                 ids = enc.word_ids(0)
                 expect = expect[[p for p, w in enumerate(ids) if w is not None and (p == 0 or ids[p - 1] != w)]]
-            torch.testing.assert_close(logits, expect, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(logits, expect.float(), rtol=1e-4, atol=1e-5)
 
 
 def test_fisher_average():
