@@ -194,6 +194,7 @@ def detect_sites(model: nn.Module, modules: list[str], batch: Batch) -> list[Sit
     never = [m for m in modules if not calls[m]]
     if never:
         raise RegmeanError(f"modules never called in a forward pass: {', '.join(never[:5])}; exclude them")
+    last_call = {name: i for i, name in enumerate(events)}  # each module's last position in the pass
     encoder_prefix = next((n + "." for n, m in model.named_modules() if m is encoder), None)
     groups: dict[tuple[int, ...], list[str]] = {}
     for name in order:
@@ -207,8 +208,7 @@ def detect_sites(model: nn.Module, modules: list[str], batch: Batch) -> list[Sit
             stream = "input"
         else:
             stream = "decoder"
-        last = max(i for i, e in enumerate(events) if e == members[0])
-        sites.append(Site(members[0], members, stream, x.shape[-1], len(key), last))
+        sites.append(Site(members[0], members, stream, x.shape[-1], len(key), last_call[members[0]]))
     return sites
 
 

@@ -55,10 +55,11 @@ def solve_spd(a: torch.Tensor, b: torch.Tensor, fallback: torch.Tensor) -> tuple
     scale = float(torch.diagonal(a).mean().abs()) or 1.0
     for step in RIDGE_LADDER:
         ridge = step * scale
+        system = a
         if ridge:  # a + ridge I, without materialising I
-            shifted = a.clone()
-            shifted.diagonal().add_(ridge)
-        chol, info = torch.linalg.cholesky_ex(shifted if ridge else a)
+            system = a.clone()
+            system.diagonal().add_(ridge)
+        chol, info = torch.linalg.cholesky_ex(system)
         if int(info) == 0:
             x = torch.cholesky_solve(b + ridge * fallback if ridge else b, chol)
             if torch.isfinite(x).all():
