@@ -154,3 +154,4 @@ def test_tiny_domains_suite_end_to_end(tmp_path, monkeypatch, minilm):
     for method in ("individual:airline", "average", "fisher", "ensemble", "regmean", "regmean(alpha=1)", "mtl"):
         assert f"| {method} |" in report
     assert "ood:rotten_tomatoes" in report and "mtl-train" in report
+    assert not list((tmp_path / "run").rglob("*.safetensors")), "merged models and statistics outlive their seed"

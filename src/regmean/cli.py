@@ -260,6 +260,7 @@ def bench(
     test_size: Annotated[int | None, typer.Option(help="Examples per evaluation set")] = None,
     epochs: Annotated[int | None, typer.Option(help="Fine-tuning epochs")] = None,
     alpha: Annotated[float | None, typer.Option(help="RegMean alpha of the main row")] = None,
+    keep_work: Annotated[bool, typer.Option(help="Keep statistics and merged models under OUT/work")] = False,
 ) -> None:
     """Reproduce the paper's experiments on packaged real data: fine-tune, measure, merge, evaluate, report."""
     from regmean.bench.run import run_bench
@@ -274,6 +275,7 @@ def bench(
             test_size=test_size,
             epochs=epochs,
             alpha=alpha,
+            keep_work=keep_work,
         )
     except RegmeanError as exc:
         _fail(exc)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -48,12 +49,14 @@ def run_bench(name: str, seeds: list[int], out: Path, base: Path | None = None, 
     for suite in suites:
         for seed in seeds:
             results.extend(SUITES[suite](seed, settings))
+            if not settings.keep_work:  # merged models add up to gigabytes per seed
+                shutil.rmtree(settings.seed_dir(suite, seed), ignore_errors=True)
             # write as we go: a long run interrupted still leaves its finished seeds on disk
             write_report(results, out, _describe(settings), seeds)
     return write_report(results, out, _describe(settings), seeds)
 
 
 def _describe(s: Settings) -> dict:
-    d = {k: v for k, v in asdict(s).items() if k not in ("log", "work", "base")}
+    d = {k: v for k, v in asdict(s).items() if k not in ("log", "work", "base", "keep_work")}
     d["base"] = str(s.base)
     return json.loads(json.dumps(d, default=str))

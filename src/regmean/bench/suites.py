@@ -37,7 +37,12 @@ class Settings:
     alpha: float = 0.9
     alphas: tuple[float, ...] = (0.0, 0.1, 0.5, 0.9, 1.0)
     methods: tuple[str, ...] = ("average", "fisher", "ensemble", "regmean", "mtl")
+    keep_work: bool = False  # keep each seed's statistics and merged models (else deleted once the seed is scored)
     log: Callable[[str], None] = print
+
+    def seed_dir(self, suite: str, seed: int) -> Path:
+        """Statistics and merged models of one suite at one seed."""
+        return self.work / suite / f"seed{seed}"
 
 
 @dataclass
@@ -57,7 +62,7 @@ class Runner:
 
     def __init__(self, suite: str, seed: int, s: Settings):
         self.suite, self.seed, self.s = suite, seed, s
-        self.work = s.work / suite / f"seed{seed}"
+        self.work = s.seed_dir(suite, seed)
         self.results = Results()
 
     def timed(self, step: str, fn, *args, **kwargs):
