@@ -155,3 +155,32 @@ def test_tiny_domains_suite_end_to_end(tmp_path, monkeypatch, minilm):
         assert f"| {method} |" in report
     assert "ood:rotten_tomatoes" in report and "mtl-train" in report
     assert not list((tmp_path / "run").rglob("*.safetensors")), "merged models and statistics outlive their seed"
+
+
+def test_an_interrupted_run_resumes_and_other_settings_are_refused(tmp_path, monkeypatch):
+    """Seeds already in results.json are kept, not rerun; a folder of other settings is refused."""
+    from regmean.bench import run as R
+    from regmean.bench.suites import Results
+    from regmean.errors import RegmeanError
+
+    calls = []
+
+    def fake(seed, s):
+        if seed == 1 and not calls.count(1):
+            calls.append(1)
+            raise KeyboardInterrupt  # the run dies during seed 1
+        calls.append(seed)
+        row = {"suite": "fake", "seed": seed, "task": "t", "eval": "test", "method": "average"}
+        time = {"suite": "fake", "seed": seed, "step": "merge", "seconds": 1.0}
+        return Results([row | {"metric": "accuracy", "value": 0.5 + seed / 10}], [time], [])
+
+    monkeypatch.setattr(R, "SUITES", {"fake": fake})
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        R.run_bench("fake", [0, 1, 2], out, tmp_path)
+    assert calls == [0, 1]
+    report = R.run_bench("fake", [0, 1, 2], out, tmp_path)
+    assert calls == [0, 1, 1, 2]  # seed 0 kept, seeds 1 and 2 run
+    assert "| average | 60.0 +- 10.0 |" in report and "over 3 seed(s)" in report, report  # 50, 60, 70
+    with pytest.raises(RegmeanError, match="train_size"):
+        R.run_bench("fake", [0], out, tmp_path, train_size=10)

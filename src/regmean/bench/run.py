@@ -35,7 +35,10 @@ def packaged_minilm() -> Path:
 
 
 def run_bench(name: str, seeds: list[int], out: Path, base: Path | None = None, **overrides) -> str:
-    """Run suite `name` (or "demo", or "all") at every seed; write results, tables and plots to `out`."""
+    """Run suite `name` (or "demo", or "all") at every seed; write results, tables and plots to `out`.
+
+    Seeds already in `out`/results.json (same settings) are kept, not rerun: an interrupted run resumes.
+    """
     transformers.utils.logging.disable_progress_bar()
     preset = dict(DEMO) if name == "demo" else {}
     suites = [preset.pop("suite")] if name == "demo" else (list(SUITES) if name == "all" else [name])
@@ -45,15 +48,37 @@ def run_bench(name: str, seeds: list[int], out: Path, base: Path | None = None, 
     preset.update({k: v for k, v in overrides.items() if v is not None})
     recipe = Recipe(**{k: preset.pop(k) for k in list(preset) if k in Recipe.__dataclass_fields__})
     settings = replace(Settings(base=base or packaged_minilm(), work=out / "work", recipe=recipe), **preset)
-    results = Results()
+    described = _describe(settings)
+    results = _finished(out / "results.json", described)
+    done = {(r["suite"], r["seed"]) for r in results.rows}
+    seeds = sorted(set(seeds) | {seed for _, seed in done})
     for suite in suites:
         for seed in seeds:
+            if (suite, seed) in done:
+                settings.log(f"[{suite} seed {seed}] kept from {out / 'results.json'} (delete it to rerun)")
+                continue
             results.extend(SUITES[suite](seed, settings))
             if not settings.keep_work:  # merged models add up to gigabytes per seed
                 shutil.rmtree(settings.seed_dir(suite, seed), ignore_errors=True)
             # write as we go: a long run interrupted still leaves its finished seeds on disk
-            write_report(results, out, _describe(settings), seeds)
-    return write_report(results, out, _describe(settings), seeds)
+            write_report(results, out, described, seeds)
+    return write_report(results, out, described, seeds)
+
+
+def _finished(path: Path, settings: dict) -> Results:
+    """The results of an earlier run into the same folder, to resume it: only with the same settings."""
+    if not path.is_file():
+        return Results()
+    earlier = json.loads(path.read_text())
+    if earlier["settings"] != settings:
+        changed = sorted(
+            k for k in settings.keys() | earlier["settings"].keys() if settings.get(k) != earlier["settings"].get(k)
+        )
+        raise RegmeanError(
+            f"{path.parent} holds results of other settings ({', '.join(changed)} differ): "
+            "use another --out, or delete it to start again"
+        )
+    return Results(earlier["rows"], earlier["times"], earlier["curves"])
 
 
 def _describe(s: Settings) -> dict:
