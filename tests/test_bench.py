@@ -153,7 +153,7 @@ def test_tiny_domains_suite_end_to_end(tmp_path, monkeypatch, minilm):
         assert (tmp_path / "run" / name).is_file(), name
     for method in ("individual:airline", "average", "fisher", "ensemble", "regmean", "regmean(alpha=1)", "mtl"):
         assert f"| {method} |" in report
-    assert "ood:rotten_tomatoes" in report and "mtl-train" in report
+    assert "ood:rotten_tomatoes" in report and "mtl-train" in report and "out of domain at least as good" in report
     assert not list((tmp_path / "run").rglob("*.safetensors")), "merged models and statistics outlive their seed"
 
 
@@ -184,3 +184,37 @@ def test_an_interrupted_run_resumes_and_other_settings_are_refused(tmp_path, mon
     assert "| average | 60.0 +- 10.0 |" in report and "over 3 seed(s)" in report, report  # 50, 60, 70
     with pytest.raises(RegmeanError, match="train_size"):
         R.run_bench("fake", [0], out, tmp_path, train_size=10)
+
+
+def test_claims_are_per_seed_differences():
+    import pandas as pd
+
+    from regmean.bench.report import claims_markdown
+
+    values = {  # method: value at seed 0, seed 1 (one eval column)
+        "regmean": (0.6, 0.7),
+        "average": (0.5, 0.5),
+        "fisher": (0.65, 0.6),
+        "mtl": (0.8, 0.9),
+        "individual:a": (0.5, 0.75),
+        "individual:b": (0.7, 0.5),
+    }
+    rows = pd.DataFrame(
+        {
+            "suite": "partitions",
+            "seed": seed,
+            "task": "t",
+            "eval": "test",
+            "method": m,
+            "metric": "accuracy",
+            "value": v,
+        }
+        for m, vs in values.items()
+        for seed, v in enumerate(vs)
+    )
+    text = claims_markdown(rows, "partitions")
+    assert "| above simple averaging | 65.0 | average 50.0 | +15.0 +- 7.1 | yes |" in text
+    assert "| above Fisher averaging | 65.0 | fisher 62.5 | +2.5 +- 10.6 | yes (within noise) |" in text
+    assert "| mtl 85.0 | -20.0 +- 0.0 | gap 20.0 points |" in text
+    # the best individual by mean is a (62.5, over b's 60.0); differences +10 and -5
+    assert "| individual:a 62.5 | +2.5 +- 10.6 | yes (within noise) |" in text

@@ -60,6 +60,50 @@ def markdown(table: pd.DataFrame, suite: str, seeds: int) -> str:
     return "\n".join(lines)
 
 
+def claims_markdown(rows: pd.DataFrame, suite: str) -> str:
+    """The paper's claims checked on this run: RegMean minus each reference, paired by seed (x 100)."""
+    metric = PRIMARY.get(suite, rows["metric"].iloc[0])
+    df = rows[(rows["suite"] == suite) & (rows["metric"] == metric)]
+    columns = df["task"] + " / " + df["eval"]
+    checks = [
+        ("above simple averaging", "average", columns),
+        ("above Fisher averaging", "fisher", columns),
+        ("close to multi-task learning (MTL)", "mtl", columns),
+    ]
+    if suite == "domains":  # the paper's out-of-domain claim
+        ood = columns[df["eval"].str.startswith("ood:")]
+        checks.append(("out of domain at least as good as the best individual model", "individual", ood))
+    elif suite != "tasks":  # in `tasks` each individual model is its own task's specialist, not a competitor
+        checks.append(("at least as good as the best individual model", "individual", columns))
+    lines = [
+        f"RegMean against the paper's claims ({metric} x 100, mean over the columns, RegMean minus the reference, "
+        "mean +- std of the per-seed differences):",
+        "",
+        "| claim | RegMean | reference | difference | holds here |",
+        "|---|---|---|---|---|",
+    ]
+    for claim, ref, cols in checks:
+        per_seed = df[columns.isin(cols)].groupby(["method", "seed"])["value"].mean().unstack("seed")
+        if "regmean" not in per_seed.index or not per_seed.index.str.startswith(ref).any():
+            continue
+        ours = per_seed.loc["regmean"]
+        if ref == "individual":  # the best individual model by mean score, the same model at every seed
+            ind = per_seed[per_seed.index.str.startswith("individual:")]
+            ref = ind.mean(axis=1).idxmax()
+        diff = 100 * (ours - per_seed.loc[ref])
+        spread = diff.std() if len(diff) > 1 else 0.0
+        verdict = "yes" if diff.mean() >= 0 else "no"
+        if ref == "mtl":
+            verdict = f"gap {-diff.mean():.1f} points"
+        elif len(diff) > 1 and abs(diff.mean()) < spread:
+            verdict += " (within noise)"
+        lines.append(
+            f"| {claim} | {100 * ours.mean():.1f} | {ref} {100 * per_seed.loc[ref].mean():.1f} "
+            f"| {diff.mean():+.1f} +- {spread:.1f} | {verdict} |"
+        )
+    return "\n".join(lines)
+
+
 def timing_markdown(times: pd.DataFrame) -> str:
     per_seed = times.groupby(["suite", "seed", "step"])["seconds"].sum().reset_index()
     table = per_seed.groupby(["suite", "step"])["seconds"].mean().unstack("step").fillna(0.0)
@@ -139,6 +183,7 @@ def write_report(results: Results, out: Path, settings: dict, seeds: list[int]) 
     for suite in rows["suite"].unique():
         table = summary_table(rows, suite)
         parts.append(markdown(table, suite, rows.loc[rows["suite"] == suite, "seed"].nunique()))
+        parts.append(claims_markdown(rows, suite))
         bar_chart(table, suite, out / f"{suite}.png")
         parts.append(f"![{suite}]({suite}.png)")
         if alpha_chart(table, suite, out / f"{suite}-alpha.png"):
