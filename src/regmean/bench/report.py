@@ -60,8 +60,8 @@ def markdown(table: pd.DataFrame, suite: str, seeds: int) -> str:
     return "\n".join(lines)
 
 
-def claims_markdown(rows: pd.DataFrame, suite: str) -> str:
-    """The paper's claims checked on this run: RegMean minus each reference, paired by seed (x 100)."""
+def claims(rows: pd.DataFrame, suite: str) -> list[dict]:
+    """The paper's claims checked on this run: RegMean minus each reference (x 100), paired by seed."""
     metric = PRIMARY.get(suite, rows["metric"].iloc[0])
     df = rows[(rows["suite"] == suite) & (rows["metric"] == metric)]
     columns = df["task"] + " / " + df["eval"]
@@ -75,6 +75,37 @@ def claims_markdown(rows: pd.DataFrame, suite: str) -> str:
         checks.append(("out of domain at least as good as the best individual model", "individual", ood))
     elif suite != "tasks":  # in `tasks` each individual model is its own task's specialist, not a competitor
         checks.append(("at least as good as the best individual model", "individual", columns))
+    out = []
+    for claim, ref, cols in checks:
+        per_seed = df[columns.isin(cols)].groupby(["method", "seed"])["value"].mean().unstack("seed")
+        if "regmean" not in per_seed.index or not per_seed.index.str.startswith(ref).any():
+            continue
+        ours = per_seed.loc["regmean"]
+        if ref == "individual":  # the best individual model by mean score, the same model at every seed
+            ref = per_seed[per_seed.index.str.startswith("individual:")].mean(axis=1).idxmax()
+        diff = 100 * (ours - per_seed.loc[ref])
+        spread = float(diff.std()) if len(diff) > 1 else 0.0
+        verdict = "yes" if diff.mean() >= 0 else "no"
+        if ref == "mtl":
+            verdict = f"gap {-diff.mean():.1f} points"
+        elif len(diff) > 1 and abs(diff.mean()) < spread:
+            verdict += " (within noise)"
+        out.append(
+            {
+                "claim": claim,
+                "regmean": 100 * ours.mean(),
+                "reference": ref,
+                "reference_value": 100 * per_seed.loc[ref].mean(),
+                "difference": float(diff.mean()),
+                "spread": spread,
+                "verdict": verdict,
+            }
+        )
+    return out
+
+
+def claims_markdown(rows: pd.DataFrame, suite: str) -> str:
+    metric = PRIMARY.get(suite, rows["metric"].iloc[0])
     lines = [
         f"RegMean against the paper's claims ({metric} x 100, mean over the columns, RegMean minus the reference, "
         "mean +- std of the per-seed differences):",
@@ -82,24 +113,10 @@ def claims_markdown(rows: pd.DataFrame, suite: str) -> str:
         "| claim | RegMean | reference | difference | holds here |",
         "|---|---|---|---|---|",
     ]
-    for claim, ref, cols in checks:
-        per_seed = df[columns.isin(cols)].groupby(["method", "seed"])["value"].mean().unstack("seed")
-        if "regmean" not in per_seed.index or not per_seed.index.str.startswith(ref).any():
-            continue
-        ours = per_seed.loc["regmean"]
-        if ref == "individual":  # the best individual model by mean score, the same model at every seed
-            ind = per_seed[per_seed.index.str.startswith("individual:")]
-            ref = ind.mean(axis=1).idxmax()
-        diff = 100 * (ours - per_seed.loc[ref])
-        spread = diff.std() if len(diff) > 1 else 0.0
-        verdict = "yes" if diff.mean() >= 0 else "no"
-        if ref == "mtl":
-            verdict = f"gap {-diff.mean():.1f} points"
-        elif len(diff) > 1 and abs(diff.mean()) < spread:
-            verdict += " (within noise)"
+    for c in claims(rows, suite):
         lines.append(
-            f"| {claim} | {100 * ours.mean():.1f} | {ref} {100 * per_seed.loc[ref].mean():.1f} "
-            f"| {diff.mean():+.1f} +- {spread:.1f} | {verdict} |"
+            f"| {c['claim']} | {c['regmean']:.1f} | {c['reference']} {c['reference_value']:.1f} "
+            f"| {c['difference']:+.1f} +- {c['spread']:.1f} | {c['verdict']} |"
         )
     return "\n".join(lines)
 
