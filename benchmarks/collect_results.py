@@ -1,4 +1,5 @@
-"""Copy each finished suite's report and plots from runs/ into docs/results/ (what docs/results.md shows).
+"""Copy each finished suite's report and plots from runs/ into docs/results/ (what docs/results.md shows), and write
+docs/results/claims.md: the paper's claims checked across the suites.
 
 python benchmarks/collect_results.py [RUNS_DIR]
 """
@@ -9,12 +10,40 @@ import shutil
 import sys
 from pathlib import Path
 
+import pandas as pd
+
+from regmean.bench.report import claims
+
 SUITES = ("partitions", "tasks", "domains", "ner")
+
+
+def claims_table(found: dict[str, pd.DataFrame]) -> str:
+    """One row per claim, one column per suite: RegMean minus the reference, mean +- std over seeds, x 100."""
+    cells: dict[str, dict[str, str]] = {}
+    for suite, rows in found.items():
+        seeds = rows["seed"].nunique()
+        for c in claims(rows, suite):
+            claim = c["claim"].replace("out of domain at least", "at least")  # one row for both individual checks
+            cells.setdefault(claim, {})[f"{suite} ({seeds} seeds)"] = (
+                f"{c['difference']:+.1f} +- {c['spread']:.1f}: {c['verdict']}"
+            )
+    columns = [f"{s} ({found[s]['seed'].nunique()} seeds)" for s in found]
+    lines = [
+        "RegMean minus the reference, primary metric x 100 (mean +- std of per-seed differences; domains: the best "
+        "individual model is compared out of domain):",
+        "",
+        "| claim | " + " | ".join(columns) + " |",
+        "|---" * (len(columns) + 1) + "|",
+    ]
+    for claim, row in cells.items():
+        lines.append(f"| {claim} | " + " | ".join(row.get(c, "n/a") for c in columns) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     runs = Path(sys.argv[1] if len(sys.argv) > 1 else "runs")
     docs = Path(__file__).resolve().parent.parent / "docs" / "results"
+    found = {}
     for suite in SUITES:
         src = runs / suite
         if not (src / "report.md").is_file():
@@ -24,7 +53,11 @@ def main() -> None:
         dst.mkdir(parents=True, exist_ok=True)
         for file in [src / "report.md", src / "results.csv", *src.glob("*.png"), *src.glob("incremental.csv")]:
             shutil.copy2(file, dst / file.name)
+        found[suite] = pd.read_csv(src / "results.csv")
         print(f"{suite}: copied to {dst}")
+    if found:
+        (docs / "claims.md").write_text(claims_table(found))
+        print((docs / "claims.md").read_text())
 
 
 if __name__ == "__main__":
