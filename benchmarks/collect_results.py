@@ -20,14 +20,12 @@ SUITES = ("partitions", "tasks", "domains", "ner")
 def claims_table(found: dict[str, pd.DataFrame]) -> str:
     """One row per claim, one column per suite: RegMean minus the reference, mean +- std over seeds, x 100."""
     cells: dict[str, dict[str, str]] = {}
+    columns = []
     for suite, rows in found.items():
-        seeds = rows["seed"].nunique()
+        columns.append(f"{suite} ({rows['seed'].nunique()} seeds)")
         for c in claims(rows, suite):
             claim = c["claim"].replace("out of domain at least", "at least")  # one row for both individual checks
-            cells.setdefault(claim, {})[f"{suite} ({seeds} seeds)"] = (
-                f"{c['difference']:+.1f} +- {c['spread']:.1f}: {c['verdict']}"
-            )
-    columns = [f"{s} ({found[s]['seed'].nunique()} seeds)" for s in found]
+            cells.setdefault(claim, {})[columns[-1]] = f"{c['difference']:+.1f} +- {c['spread']:.1f}: {c['verdict']}"
     lines = [
         "RegMean minus the reference, primary metric x 100 (mean +- std of per-seed differences; domains: the best "
         "individual model is compared out of domain):",
