@@ -5,8 +5,9 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers as tf
 import yaml
-from conftest import build_model, save_model
+from conftest import MINILM, TEXTS, build_model, save_model, write_jsonl
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from test_merge import make_models, write_config
@@ -15,7 +16,7 @@ from typer.testing import CliRunner
 from regmean.cli import app
 from regmean.io.data import Example
 from regmean.measure import measure
-from regmean.stats import save
+from regmean.stats import StatisticsFile, save
 
 runner = CliRunner()
 
@@ -115,11 +116,25 @@ def test_pickle_checkpoint_refused_unless_allowed(trio):
     model.config.architectures = [type(model).__name__]
     model.config.save_pretrained(pkl)
     torch.save(model.state_dict(), pkl / "pytorch_model.bin")
+    tf.AutoTokenizer.from_pretrained(MINILM).save_pretrained(pkl)
     models[1] = {"path": str(pkl)}
     merge_fails(tmp_path, {"method": "average", "models": models}, "pickle checkpoint refused", "allow_pickle")
     config = write_config(tmp_path, method="average", models=models, allow_pickle=True)
     result = runner.invoke(app, ["merge", str(config), str(tmp_path / "ok")])
     assert result.exit_code == 0, result.output
+
+    # measuring it: refused the same way, unless --allow-pickle; then the same statistics as from safetensors
+    data = write_jsonl(tmp_path / "d.jsonl")
+    args = ["measure", str(pkl), "--data", str(data), "--stats-dtype", "float64"]
+    result = runner.invoke(app, [*args, "--out", str(tmp_path / "s")])
+    assert result.exit_code != 0 and "--allow-pickle" in result.output and not (tmp_path / "s").exists()
+    assert runner.invoke(app, [*args, "--out", str(tmp_path / "s"), "--allow-pickle"]).exit_code == 0
+    safe = save_model(model, tmp_path / "safe")
+    reference = measure(safe, [Example(t) for t in TEXTS], stats_dtype="float64", progress=False)
+    got = StatisticsFile(tmp_path / "s")
+    assert got.fingerprint == reference.fingerprint
+    for name, site in reference.sites.items():
+        torch.testing.assert_close(got.site(name).gram, site.gram)
 
 
 def test_existing_output_folder_needs_force(trio):
@@ -143,6 +158,9 @@ def test_measure_bad_input(tmp_path):
     assert result.exit_code != 0 and "no column 'text'" in result.output and "sentence" in result.output
     result = runner.invoke(app, ["measure", str(tmp_path / "nope"), "--data", str(data), "--out", str(tmp_path / "s")])
     assert result.exit_code != 0 and "error:" in result.output
+    (model / "tokenizer.json").unlink()  # transformers would tokenize every word as [UNK]
+    result = runner.invoke(app, ["measure", str(model), "--data", str(write_jsonl(data)), "--out", str(tmp_path / "s")])
+    assert result.exit_code != 0 and "no tokenizer vocabulary" in result.output
     assert not (tmp_path / "s").exists()
 
 
@@ -175,7 +193,6 @@ def test_checkpoint_without_a_measured_weight(trio):
 
 
 def test_different_vocabularies_are_refused_naming_both_sizes(tmp_path):
-    import transformers as tf
 
     models = make_models(tmp_path / "in", "llama", "LlamaForCausalLM", stats=False)
     config = tf.LlamaConfig.from_pretrained(models[1]["path"])

@@ -51,6 +51,9 @@ def measure(
     include: Annotated[str | None, typer.Option(help="Regex: measure only matching module names")] = None,
     exclude: Annotated[str | None, typer.Option(help="Regex: skip matching module names")] = None,
     force: Annotated[bool, typer.Option(help="Replace an existing statistics file")] = False,
+    allow_pickle: Annotated[
+        bool, typer.Option(help="Read a pytorch_model.bin checkpoint (pickle: only if you trust its source)")
+    ] = False,
     nproc: Annotated[int, typer.Option(min=1, help="Processes on this machine (runs torchrun for you)")] = 1,
     max_memory: Annotated[
         str | None, typer.Option(help="Most memory for the sums, e.g. 8GB; more means several passes, one file each")
@@ -95,6 +98,7 @@ def measure(
             log=console.print,
             max_stats_bytes=None if max_memory is None else parse_size(max_memory),
             on_block=write_block,
+            allow_pickle=allow_pickle,
         )
         if distributed.rank() != 0:
             return

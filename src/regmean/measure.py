@@ -68,7 +68,23 @@ def load_model(model_dir: str | Path, device: str = "cpu", dtype: torch.dtype = 
     return model.to(device).eval()
 
 
+# files that carry a vocabulary; without one, transformers builds a tokenizer that maps every word to [UNK]
+VOCABULARY_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "vocab.*",
+    "spiece.model",
+    "sentencepiece*.model",
+    "*.tiktoken",
+)
+
+
 def load_tokenizer(model_dir: str | Path):
+    if not any(any(Path(model_dir).glob(pattern)) for pattern in VOCABULARY_FILES):
+        raise RegmeanError(
+            f"{model_dir}: no tokenizer vocabulary ({', '.join(VOCABULARY_FILES)}); "
+            "save the tokenizer into the folder (tokenizer.save_pretrained)"
+        )
     try:
         tok = transformers.AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
     except (OSError, ValueError) as exc:
@@ -331,6 +347,7 @@ def measure(
     log=None,
     max_stats_bytes: int | None = None,
     on_block: Callable[[Statistics, int, int], None] | None = None,
+    allow_pickle: bool = False,
 ) -> Statistics:
     """Measure the statistics of every (selected) linear layer's input over `examples`.
 
@@ -339,6 +356,7 @@ def measure(
 
     With `max_stats_bytes`, sites are measured in blocks whose sums fit, one pass over the data per block; each
     finished block goes to `on_block(statistics, index, count)` (e.g. to be written) instead of staying in memory.
+    A pickle checkpoint (`pytorch_model.bin`) is refused unless `allow_pickle`.
     """
     if stats_dtype not in DTYPES:
         raise RegmeanError(f"stats dtype {stats_dtype!r}: use one of {', '.join(DTYPES)}")
@@ -346,9 +364,9 @@ def measure(
         raise RegmeanError(f"model dtype {model_dtype!r}: use one of {', '.join(MODEL_DTYPES)}")
     if not examples:
         raise RegmeanError("no examples to measure on")
-    checkpoint = Checkpoint(model_dir)
-    model = load_model(model_dir, device, MODEL_DTYPES[model_dtype])
+    checkpoint = Checkpoint(model_dir, allow_pickle)
     tokenizer = load_tokenizer(model_dir)
+    model = load_model(model_dir, device, MODEL_DTYPES[model_dtype])
     modules, skipped = select_modules(model, include, exclude)
     local = distributed.shard(examples)
     batches = make_batches(local, tokenizer, model, batch_size, max_length, device)

@@ -58,7 +58,8 @@ class Checkpoint:
             if not allow_pickle:
                 raise RegmeanError(
                     f"{pickles[0]}: pickle checkpoint refused (it can run arbitrary code); convert it with "
-                    "save_pretrained(..., safe_serialization=True) or set allow_pickle: true if you trust it"
+                    "save_pretrained(..., safe_serialization=True), or if you trust it allow it "
+                    "(`allow_pickle: true` in a merge recipe, `--allow-pickle` to measure)"
                 )
             return self._load_pickle(pickles[0])
         raise RegmeanError(f"{self.path}: no model weights ({SAFETENSORS_SINGLE} or {SAFETENSORS_INDEX})")
