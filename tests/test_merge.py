@@ -1,5 +1,6 @@
 """End-to-end merges through the CLI for every family, checked against the normal equations and the definitions."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -210,6 +211,9 @@ def test_measure_show_combine_cli(tmp_path):
     shown = runner.invoke(app, ["stats", "show", str(tmp_path / "sum")], env={"COLUMNS": "250"})
     assert shown.exit_code == 0
     assert "bert.encoder.layer.0.attention.self.query" in shown.output and "float64" in shown.output
+    assert "query, key, value" in shown.output
+    narrow = runner.invoke(app, ["stats", "show", str(tmp_path / "sum")], env={"COLUMNS": "80"}).output
+    assert re.search(rf"16x16 +│ +{summed.tokens} │", narrow) and "24x24" in narrow  # shapes and rows fit 80 columns
     assert "d1.jsonl" in shown.output and "d2.jsonl" in shown.output
     # an existing statistics file is not replaced without --force
     again = run("measure", path, "--data", data, "--out", tmp_path / "all")

@@ -221,15 +221,19 @@ def stats_show(path: Annotated[Path, typer.Argument(help="Statistics folder or f
         out.print(f"masking: {st.masking}")
         for rec in st.provenance:
             out.print("provenance: " + ", ".join(f"{k}={v}" for k, v in rec.items()))
-        table = Table("site", "shape", "rows", "modules")
-        for column in table.columns:
-            column.no_wrap = True
+        table = Table()
+        table.add_column("site", overflow="fold", ratio=3)
+        table.add_column("shape", no_wrap=True, min_width=11)
+        table.add_column("rows", no_wrap=True, justify="right", min_width=8)
+        table.add_column("modules (under the site's parent)", overflow="fold", ratio=2)
         by_site: dict[str, list[str]] = {}
         for module, site in st.modules.items():
             by_site.setdefault(site, []).append(module)
         for site in st.site_names:
             stats = st.site(site, check_finite=False)
-            table.add_row(site, "x".join(map(str, st.site_shape(site))), str(stats.count), "\n".join(by_site[site]))
+            parent = site.rpartition(".")[0] + "."
+            names = [m.removeprefix(parent) if parent != "." else m for m in by_site[site]]
+            table.add_row(site, "x".join(map(str, st.site_shape(site))), str(stats.count), ", ".join(names))
         out.print(table)
         if st.skipped:
             out.print(f"not measured: {len(st.skipped)} modules, e.g. {next(iter(st.skipped.items()))}")
