@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import bz2
+import gzip
+import json
+import lzma
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,26 +21,34 @@ class Example:
     target: str | None = None
 
 
+COMPRESSION = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
+
+
 def read_table(path: str | Path) -> pd.DataFrame:
+    """The file's rows; texts stay as written (no number, date or "NA" parsing)."""
     path = Path(path)
     if not path.is_file():
         raise RegmeanError(f"{path}: data file not found")
-    suffixes = [s.lower() for s in path.suffixes if s.lower() not in (".gz", ".bz2", ".xz", ".zst", ".zip")]
-    kind = suffixes[-1] if suffixes else ""
+    suffixes = [s.lower() for s in path.suffixes]
+    opener = COMPRESSION.get(suffixes[-1], open) if suffixes else open
+    kind = (suffixes[-2] if opener is not open and len(suffixes) > 1 else suffixes[-1]) if suffixes else ""
     try:
-        if kind in (".jsonl", ".ndjson"):
-            return pd.read_json(path, lines=True)
-        if kind == ".json":
-            return pd.read_json(path)
-        if kind == ".csv":
-            return pd.read_csv(path)
-        if kind == ".tsv":
-            return pd.read_csv(path, sep="\t")
+        if kind in (".jsonl", ".ndjson", ".json"):
+            with opener(path, "rt", encoding="utf-8") as f:
+                rows = json.load(f) if kind == ".json" else [json.loads(line) for line in f if line.strip()]
+            if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+                raise ValueError("expected a list of objects, one per example")
+            return pd.DataFrame(rows, dtype=object)
+        if kind in (".csv", ".tsv"):
+            return pd.read_csv(path, sep="\t" if kind == ".tsv" else ",", dtype=str, keep_default_na=False)
         if kind == ".parquet":
             return pd.read_parquet(path)
-    except (ValueError, OSError, pd.errors.ParserError) as exc:
+    except (ValueError, OSError, ImportError, pd.errors.ParserError) as exc:
         raise RegmeanError(f"{path}: cannot parse as {kind[1:]} ({exc})") from exc
-    raise RegmeanError(f"{path}: unknown data format {kind or '(none)'}; use .jsonl, .json, .csv, .tsv or .parquet")
+    raise RegmeanError(
+        f"{path}: unknown data format {kind or '(none)'}; use .jsonl, .json, .csv, .tsv (each optionally .gz, .bz2 "
+        "or .xz) or .parquet"
+    )
 
 
 def load_examples(
@@ -56,7 +68,7 @@ def load_examples(
         if field is None:
             return None
         value = row[field]
-        return None if pd.isna(value) else str(value)
+        return None if value is None or (isinstance(value, float) and pd.isna(value)) or value == "" else str(value)
 
     examples = []
     for _, row in table.iterrows():

@@ -1,0 +1,74 @@
+"""Local data files: every format gives the same examples, texts exactly as written."""
+
+import bz2
+import gzip
+import json
+
+import pandas as pd
+import pytest
+
+from regmean.errors import RegmeanError
+from regmean.io.data import Example, load_examples
+
+ROWS = [
+    {"text": "007", "pair": "NA", "target": "null"},  # no number or missing-value parsing
+    {"text": "2020-01-01", "pair": "1e3", "target": "True"},  # no dates, floats or booleans
+    {"text": "", "pair": "x", "target": "y"},  # empty text: skipped
+    {"text": 'a, "quoted"\tline', "pair": "", "target": ""},  # separators inside a field
+    {"text": "last one", "pair": "p", "target": "t"},
+]
+EXPECTED = [
+    Example("007", "NA", "null"),
+    Example("2020-01-01", "1e3", "True"),
+    Example('a, "quoted"\tline', "", None),
+    Example("last one", "p", "t"),
+]
+
+
+def write(path, rows):
+    frame = pd.DataFrame(rows)
+    name = path.name
+    if name.endswith(".parquet"):
+        frame.to_parquet(path)
+    elif ".csv" in name or ".tsv" in name:
+        frame.to_csv(path, sep="\t" if ".tsv" in name else ",", index=False)
+    else:
+        text = json.dumps(rows) if ".json" in name and ".jsonl" not in name else "\n".join(map(json.dumps, rows))
+        data = text.encode()
+        path.write_bytes(
+            gzip.compress(data) if name.endswith(".gz") else bz2.compress(data) if name.endswith(".bz2") else data
+        )
+    return path
+
+
+@pytest.mark.parametrize(
+    "name", ["d.jsonl", "d.json", "d.csv", "d.tsv", "d.parquet", "d.jsonl.gz", "d.json.bz2", "d.csv.gz"]
+)
+def test_every_format_gives_the_texts_as_written(tmp_path, name):
+    path = write(tmp_path / name, ROWS)
+    got = load_examples(path, text_field="text", text_pair_field="pair", target_field="target")
+    assert got == EXPECTED
+    assert load_examples(path, max_examples=2) == [Example("007"), Example("2020-01-01")]
+
+
+def test_json_values_keep_their_written_form(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"text": "a", "y": 1}\n{"text": "b"}\n\n{"y": 2}\n{"text": null}\n')
+    assert load_examples(path, target_field="y") == [Example("a", None, "1"), Example("b")]
+
+
+def test_bad_files_are_named_with_the_reason(tmp_path):
+    path = write(tmp_path / "d.csv", ROWS)
+    with pytest.raises(RegmeanError, match="no column 'sentence'; columns are text, pair, target"):
+        load_examples(path, text_field="sentence")
+    (tmp_path / "d.txt").write_text("plain text")
+    with pytest.raises(RegmeanError, match="unknown data format .txt"):
+        load_examples(tmp_path / "d.txt")
+    (tmp_path / "o.json").write_text('{"text": "one object, not a list"}')
+    with pytest.raises(RegmeanError, match="expected a list of objects"):
+        load_examples(tmp_path / "o.json")
+    (tmp_path / "e.jsonl").write_text('{"text": ""}\n')
+    with pytest.raises(RegmeanError, match="no non-empty 'text' values"):
+        load_examples(tmp_path / "e.jsonl")
+    with pytest.raises(RegmeanError, match="data file not found"):
+        load_examples(tmp_path / "missing.jsonl")
