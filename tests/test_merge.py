@@ -155,6 +155,10 @@ def test_heads_keep_gives_each_model_the_merged_body_and_its_own_head(tmp_path):
         for key in merged[0]:
             if not key.startswith("classifier."):
                 assert torch.equal(merged[k][key], merged[0][key]), key
+    # options left out are recorded resolved: the card and the recipe say which alpha was used
+    recipe = yaml.safe_load((outs[0] / "merge_config.yaml").read_text())
+    assert recipe["options"] == {"alpha": 0.9, "gram_weighting": "mean", "bias": "average"}
+    assert "- alpha: `0.9`" in (outs[0] / "README.md").read_text()
 
 
 def test_average_and_task_arithmetic(tmp_path):

@@ -36,7 +36,7 @@ class MergeConfig(BaseModel):
     models: list[ModelEntry] = Field(min_length=1)
     base_model: Path | None = None
     """The pretrained model the others were fine-tuned from (task_arithmetic)."""
-    options: dict[str, Any] = Field(default_factory=dict)
+    options: dict[str, Any] = Field(default_factory=dict, validate_default=True)
     """Method options: regmean {alpha, gram_weighting, bias}; task_arithmetic {scaling}."""
     heads: Literal["merge", "keep"] = "merge"
     """merge: heads merged like the body (same label space); keep: one output per model, each with its own head."""
