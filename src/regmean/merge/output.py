@@ -135,5 +135,10 @@ def model_card(inputs: MergeInputs, report: MergeReport, own_head: int | None = 
             f"- linear layers averaged for lack of statistics: {len(report.averaged_linears)}",
             f"- statistics masking: {inputs.stats[0].masking}",
         ]
+    if inputs.stats:
+        lines += ["", "## Statistics provenance", ""]
+        for k, st in enumerate(inputs.stats):
+            for record in getattr(st, "provenance", []):  # one record per measuring run (several after combine)
+                lines.append(f"- model {k}: " + ", ".join(f"{key}={value}" for key, value in record.items()))
     lines += ["", "The full recipe is in `merge_config.yaml`, per-layer diagnostics in `merge_report.json`.", ""]
     return "\n".join(lines)
