@@ -120,6 +120,7 @@ def fisher(
     max_examples: Annotated[int | None, typer.Option(help="Use at most this many examples")] = None,
     max_length: Annotated[int, typer.Option(min=1)] = 128,
     seed: Annotated[int, typer.Option(help="Seed of the sampled tags (token classification)")] = 0,
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1, mps ...")] = "cpu",
     nproc: Annotated[int, typer.Option(min=1, help="Processes on this machine (runs torchrun for you)")] = 1,
 ) -> None:
     """Measure the diagonal Fisher of a classifier (for `method: fisher`), from per-example gradients."""
@@ -133,7 +134,7 @@ def fisher(
     if nproc > 1 and not distributed.launched():
         _relaunch_with_torchrun(nproc)
     try:
-        distributed.init_from_env("cpu")
+        device = distributed.init_from_env(device)
         config = load_config(model_dir)
         token_level = (config.architectures or [""])[0].endswith("ForTokenClassification")
         texts = [e.text for e in load_examples(data, text_field=text_field, max_examples=max_examples)]
@@ -141,7 +142,7 @@ def fisher(
         labels = [[0] * len(t) for t in texts] if token_level else [0] * len(texts)  # unused: the model's own
         names = [config.id2label[i] for i in range(config.num_labels)]
         dataset = TextDataset(data.stem, texts, labels, names, token_level=token_level)
-        values = measure_fisher(model_dir, dataset, max_length, seed)
+        values = measure_fisher(model_dir, dataset, max_length, seed, device)
         if distributed.rank() != 0:
             return
         path = save_fisher(values, model_dir, out, len(dataset))

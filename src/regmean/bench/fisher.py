@@ -18,20 +18,23 @@ from regmean.bench.data import TextDataset
 from regmean.bench.train import IGNORE, batches, tokenizer_for
 
 
-def measure_fisher(model_dir: str | Path, data: TextDataset, max_length: int = 64, seed: int = 0) -> dict:
-    """Per-parameter Fisher over `data` (labels unused). In a torch.distributed job each rank takes its shard and
-    rank 0's result covers all examples."""
+def measure_fisher(
+    model_dir: str | Path, data: TextDataset, max_length: int = 64, seed: int = 0, device: str = "cpu"
+) -> dict:
+    """Per-parameter Fisher over `data` (labels unused), on CPU tensors. In a torch.distributed job each rank takes
+    its shard and rank 0's result covers all examples."""
     from regmean.bench.evaluate import load_classifier
 
-    model = load_classifier(model_dir, data.token_level)
+    model = load_classifier(model_dir, data.token_level).to(device)
     tok = tokenizer_for(Path(model_dir))
     params = dict(model.named_parameters())
     fisher = {n: torch.zeros_like(p) for n, p in params.items()}
-    gen = torch.Generator().manual_seed(seed + distributed.rank())
+    gen = torch.Generator(device=device).manual_seed(seed + distributed.rank())
     local = data.subset(distributed.shard(range(len(data))))
     with Progress(transient=True, disable=distributed.rank() != 0) as bar:
         task = bar.add_task("fisher", total=len(local))
         for batch in batches(tok, local, 1, max_length):
+            batch = {k: v.to(device) for k, v in batch.items()}
             labels = batch.pop("labels")
             logp = model(**batch).logits.float().log_softmax(-1)
             if data.token_level:
@@ -51,4 +54,4 @@ def measure_fisher(model_dir: str | Path, data: TextDataset, max_length: int = 6
             bar.advance(task)
     for f in fisher.values():  # one parameter at a time into rank 0
         distributed.sum_to_rank0(f)
-    return {n: f / len(data) for n, f in fisher.items()}
+    return {n: (f / len(data)).cpu() for n, f in fisher.items()}
