@@ -1,5 +1,6 @@
 """Data-parallel measuring: 2 Gloo processes (spawned by torchrun) equal one process; a dying rank fails cleanly."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,9 +16,9 @@ HELPERS = Path(__file__).parent / "helpers"
 COMMON = ["--stats-dtype", "float64", "--model-dtype", "float64", "--batch-size", "2"]
 
 
-def torchrun(*args, nproc=2, module=("-m", "regmean")):
+def torchrun(*args, nproc=2, module=("-m", "regmean"), env=None):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *module]
-    return subprocess.run(cmd + [str(a) for a in args], capture_output=True, text=True, timeout=300)
+    return subprocess.run(cmd + [str(a) for a in args], capture_output=True, text=True, timeout=300, env=env)
 
 
 def assert_same(stats_dir: Path, reference) -> None:
@@ -54,12 +55,20 @@ def test_two_processes_equal_one(tmp_path):
 def test_a_dying_rank_fails_the_run_and_writes_nothing(tmp_path):
     model = save_model(build_model("bert", "BertForSequenceClassification", 1), tmp_path / "m")
     data = write_jsonl(tmp_path / "d.jsonl")
-    result = torchrun(
-        "measure", model, "--data", data, "--out", tmp_path / "s", *COMMON, module=(str(HELPERS / "dying_rank.py"),)
-    )
-    assert result.returncode != 0
-    assert not (tmp_path / "s" / "statistics.safetensors").exists()
-    assert not list((tmp_path / "s").glob("*")) if (tmp_path / "s").exists() else True
+    dying = (str(HELPERS / "dying_rank.py"),)
+    result = torchrun("measure", model, "--data", data, "--out", tmp_path / "s", *COMMON, module=dying)
+    assert result.returncode != 0 and "exitcode  : 17" in result.stderr, result.stderr[-3000:]  # rank 1 died
+    assert not (tmp_path / "s").exists() or not list((tmp_path / "s").iterdir())
+    # measured in blocks, over older statistics (--force): rank 1 dies in block 2, after rank 0 wrote block 1
+    old = tmp_path / "old"
+    assert torchrun("measure", model, "--data", data, "--out", old, *COMMON).returncode == 0
+    before = (old / "statistics.safetensors").read_bytes()
+    args = ["measure", model, "--data", data, "--out", old, *COMMON, "--max-memory", "2KB", "--force"]
+    env = {**os.environ, "DIE_IN_BLOCK": "2"}
+    result = torchrun(*args, module=dying, env=env)
+    assert result.returncode != 0 and "exitcode  : 17" in result.stderr, result.stderr[-3000:]
+    assert [p.name for p in old.iterdir()] == ["statistics.safetensors"]  # no block, no hidden partial file
+    assert (old / "statistics.safetensors").read_bytes() == before  # --force replaces only on success
 
 
 def test_too_few_examples_for_the_processes(tmp_path):

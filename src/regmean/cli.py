@@ -30,8 +30,6 @@ def _refuse_existing(out: Path, force: bool) -> None:
     existing = [out / FILE_NAME] if (out / FILE_NAME).exists() else sorted(out.glob(BLOCK_PATTERN))
     if existing and not force:
         raise RegmeanError(f"{existing[0]}: exists; choose another folder or pass --force to replace it")
-    for file in existing:  # --force: no stale block may mix with the new statistics
-        file.unlink()
 
 
 @app.command()
@@ -50,7 +48,9 @@ def measure(
     model_dtype: Annotated[str, typer.Option(help="float32, float64, bfloat16 or float16 forward")] = "float32",
     include: Annotated[str | None, typer.Option(help="Regex: measure only matching module names")] = None,
     exclude: Annotated[str | None, typer.Option(help="Regex: skip matching module names")] = None,
-    force: Annotated[bool, typer.Option(help="Replace an existing statistics file")] = False,
+    force: Annotated[
+        bool, typer.Option(help="Replace existing statistics (kept until the new ones are complete)")
+    ] = False,
     allow_pickle: Annotated[
         bool, typer.Option(help="Read a pytorch_model.bin checkpoint (pickle: only if you trust its source)")
     ] = False,
@@ -66,24 +66,20 @@ def measure(
     from regmean import distributed
     from regmean.io.data import load_examples
     from regmean.measure import measure as run_measure
-    from regmean.stats import save
+    from regmean.stats import BlockWriter
     from regmean.units import parse_size
 
     if nproc > 1 and not distributed.launched():
         _relaunch_with_torchrun(nproc)
+    writer = None
     try:
         device = distributed.init_from_env(device)
         if distributed.rank() == 0:
             _refuse_existing(out, force)
+            writer = BlockWriter(out)  # each finished block leaves memory for disk; shown when all are done
         fields = {"text_field": text_field, "text_pair_field": text_pair_field, "target_field": target_field}
         examples = load_examples(data, max_examples=max_examples, **fields)
         provenance = {"data": data.name, **{k: v for k, v in fields.items() if v}}
-        written: list[Path] = []
-
-        def write_block(block, index: int, count: int) -> None:  # each finished block leaves memory for disk
-            if distributed.rank() == 0:
-                written.append(save(block, out, block=None if count == 1 else (index, count)))
-
         stats = run_measure(
             model_dir,
             examples,
@@ -97,14 +93,18 @@ def measure(
             provenance=provenance,
             log=console.print,
             max_stats_bytes=None if max_memory is None else parse_size(max_memory),
-            on_block=write_block,
+            on_block=writer.write if writer else lambda *_: None,
             allow_pickle=allow_pickle,
         )
-        if distributed.rank() != 0:
+        if writer is None:
             return
+        written = writer.commit()
         path = written[0] if len(written) == 1 else out
     except RegmeanError as exc:
         _fail(exc)
+    finally:
+        if writer is not None:
+            writer.discard()
     console.print(
         f"wrote {path}: {len(set(stats.modules.values()))} sites for {len(stats.modules)} modules, "
         f"{stats.examples} examples, {stats.tokens} tokens, {distributed.world_size()} process(es)"
@@ -249,11 +249,13 @@ def stats_combine(
     force: Annotated[bool, typer.Option(help="Replace an existing statistics file")] = False,
 ) -> None:
     """Add statistics measured separately: the result equals measuring the union of the data."""
-    from regmean.stats import combine, save
+    from regmean.stats import BlockWriter, combine
 
     try:
         _refuse_existing(out, force)
-        path = save(combine(paths), out)
+        writer = BlockWriter(out)
+        writer.write(combine(paths), 0, 1)
+        (path,) = writer.commit()
     except RegmeanError as exc:
         _fail(exc)
     console.print(f"wrote {path}")

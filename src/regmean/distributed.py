@@ -8,6 +8,7 @@ use torchrun's standard rendezvous (`--nnodes`, `--rdzv-endpoint`). Backends: NC
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Sequence
 from datetime import timedelta
 from typing import TypeVar
@@ -33,9 +34,15 @@ def init_from_env(device: str) -> str:
     if cuda:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
         torch.cuda.set_device(device)
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     timeout = timedelta(seconds=int(os.environ.get("REGMEAN_DIST_TIMEOUT", "1800")))
     dist.init_process_group(backend="nccl" if cuda else "gloo", timeout=timeout)
     return device
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    """torchrun stops the other ranks with SIGTERM when one dies: exit through Python so clean-up code runs."""
+    raise SystemExit(128 + signum)
 
 
 def active() -> bool:

@@ -97,15 +97,53 @@ def block_path(out: str | Path, index: int, count: int) -> Path:
     return Path(out) / f"statistics-{index + 1:05d}-of-{count:05d}.safetensors"
 
 
-def save(stats: Statistics, out: str | Path, block: tuple[int, int] | None = None) -> Path:
-    """Write statistics to `out` (a folder or a .safetensors path); `block=(i, n)` writes block i of n."""
+def save(stats: Statistics, out: str | Path) -> Path:
+    """Write statistics to `out` (a folder or a .safetensors path); `BlockWriter` writes a measure's blocks."""
+    return write_atomic(_tensors(stats), stats.metadata(), stats_path(out))
+
+
+def _tensors(stats: Statistics) -> dict[str, torch.Tensor]:
     tensors: dict[str, torch.Tensor] = {}
     for name, s in stats.sites.items():
         tensors[f"{name}::gram"] = s.gram.contiguous()
         tensors[f"{name}::sum"] = s.sum.contiguous()
         tensors[f"{name}::count"] = torch.tensor([s.count], dtype=torch.int64)
-    target = stats_path(out) if block is None else block_path(out, *block)
-    return write_atomic(tensors, stats.metadata(), target)
+    return tensors
+
+
+class BlockWriter:
+    """The files of one measure, written as each block finishes under hidden names and revealed together by
+    `commit`: a measure that fails or is killed never leaves a statistics file, whole or partial."""
+
+    PREFIX = ".partial-"
+
+    def __init__(self, out: str | Path):
+        self.out = Path(out)
+        self.staged: list[tuple[Path, Path]] = []
+        for stale in self.out.glob(f"{self.PREFIX}statistics*.safetensors"):  # left by a killed measure
+            stale.unlink()
+
+    def write(self, stats: Statistics, index: int, count: int) -> None:
+        final = stats_path(self.out) if count == 1 else block_path(self.out, index, count)
+        hidden = final.with_name(self.PREFIX + final.name)
+        self.staged.append((write_atomic(_tensors(stats), stats.metadata(), hidden), final))
+
+    def commit(self) -> list[Path]:
+        """Replace whatever statistics the folder held (one file or blocks) by the staged files."""
+        finals = {final for _, final in self.staged}
+        for old in [stats_path(self.out), *self.out.glob(BLOCK_PATTERN)]:
+            if old not in finals:
+                old.unlink(missing_ok=True)
+        for hidden, final in self.staged:
+            os.replace(hidden, final)
+        written = [final for _, final in self.staged]
+        self.staged = []
+        return written
+
+    def discard(self) -> None:
+        for hidden, _ in self.staged:
+            hidden.unlink(missing_ok=True)
+        self.staged = []
 
 
 def write_atomic(tensors: dict[str, torch.Tensor], metadata: dict[str, str], target: Path) -> Path:
