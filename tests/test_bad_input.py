@@ -14,7 +14,8 @@ from test_merge import make_models, write_config
 from typer.testing import CliRunner
 
 from regmean.cli import app
-from regmean.io.data import Example
+from regmean.errors import RegmeanError
+from regmean.io.data import Example, load_examples
 from regmean.measure import measure
 from regmean.stats import StatisticsFile, save
 
@@ -158,8 +159,18 @@ def test_measure_bad_input(tmp_path):
     assert result.exit_code != 0 and "no column 'text'" in result.output and "sentence" in result.output
     result = runner.invoke(app, ["measure", str(tmp_path / "nope"), "--data", str(data), "--out", str(tmp_path / "s")])
     assert result.exit_code != 0 and "error:" in result.output
+    good = write_jsonl(tmp_path / "good.jsonl")
+    for flags, message in (
+        (["--device", "cuda:99"], "device 'cuda:99': "),  # no such GPU here (or no CUDA at all)
+        (["--device", "gpu"], "not a device name"),
+        (["--stats-dtype", "float16"], "stats dtype 'float16'"),
+    ):
+        result = runner.invoke(app, ["measure", str(model), "--data", str(good), "--out", str(tmp_path / "s"), *flags])
+        assert result.exit_code != 0 and message in result.output, (flags, result.output)
+    with pytest.raises(RegmeanError, match="max_examples must be at least 1"):
+        load_examples(good, max_examples=0)
     (model / "tokenizer.json").unlink()  # transformers would tokenize every word as [UNK]
-    result = runner.invoke(app, ["measure", str(model), "--data", str(write_jsonl(data)), "--out", str(tmp_path / "s")])
+    result = runner.invoke(app, ["measure", str(model), "--data", str(good), "--out", str(tmp_path / "s")])
     assert result.exit_code != 0 and "no tokenizer vocabulary" in result.output
     assert not (tmp_path / "s").exists()
 

@@ -16,6 +16,7 @@ from typing import TypeVar
 import torch
 import torch.distributed as dist
 
+from regmean.devices import check_device
 from regmean.errors import RegmeanError
 
 T = TypeVar("T")
@@ -32,6 +33,7 @@ def init_from_env(device: str) -> str:
         return device
     cuda = device.startswith("cuda")
     if cuda:
+        check_device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}")
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
         torch.cuda.set_device(device)
     signal.signal(signal.SIGTERM, _exit_on_sigterm)

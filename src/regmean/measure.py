@@ -23,6 +23,7 @@ from torch import nn
 
 from regmean import distributed
 from regmean.architecture import linear_layers, load_config, model_class
+from regmean.devices import check_device
 from regmean.errors import RegmeanError
 from regmean.io.checkpoint import Checkpoint
 from regmean.io.data import Example
@@ -364,6 +365,7 @@ def measure(
         raise RegmeanError(f"model dtype {model_dtype!r}: use one of {', '.join(MODEL_DTYPES)}")
     if not examples:
         raise RegmeanError("no examples to measure on")
+    check_device(device)
     checkpoint = Checkpoint(model_dir, allow_pickle)
     tokenizer = load_tokenizer(model_dir)
     model = load_model(model_dir, device, MODEL_DTYPES[model_dtype])

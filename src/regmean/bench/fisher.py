@@ -16,6 +16,7 @@ from rich.progress import Progress
 from regmean import distributed
 from regmean.bench.data import TextDataset
 from regmean.bench.train import IGNORE, batches, tokenizer_for
+from regmean.devices import check_device
 
 
 def measure_fisher(
@@ -25,6 +26,7 @@ def measure_fisher(
     its shard and rank 0's result covers all examples."""
     from regmean.bench.evaluate import load_classifier
 
+    check_device(device)
     model = load_classifier(model_dir, data.token_level).to(device)
     tok = tokenizer_for(Path(model_dir))
     params = dict(model.named_parameters())

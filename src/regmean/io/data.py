@@ -59,6 +59,8 @@ def load_examples(
     max_examples: int | None = None,
 ) -> list[Example]:
     """Rows with an empty or missing text are skipped; the first `max_examples` remaining rows are kept."""
+    if max_examples is not None and max_examples < 1:
+        raise RegmeanError(f"max_examples must be at least 1, not {max_examples}")
     table = read_table(path)
     for field in (text_field, text_pair_field, target_field):
         if field is not None and field not in table.columns:
