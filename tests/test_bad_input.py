@@ -102,6 +102,10 @@ def test_unknown_config_keys_are_all_reported(trio):
     tmp_path, models = trio
     recipe = {"method": "regmean", "models": models, "optoins": {}, "options": {"alpah": 0.5}}
     merge_fails(tmp_path, recipe, "optoins: unknown key", "alpah")
+    # with a missing model folder too: reported in the same run
+    models[2] = {**models[2], "path": str(tmp_path / "in" / "gone")}
+    errors = merge_fails(tmp_path, recipe, "optoins: unknown key", "alpah", "gone: not found")
+    assert len(errors) == 3
 
 
 def test_bad_option_value(trio):

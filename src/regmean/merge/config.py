@@ -103,8 +103,9 @@ class MergeConfig(BaseModel):
     def parse(cls, raw: dict, source: str = "config", root: Path | None = None) -> MergeConfig:
         try:
             config = cls.model_validate(raw)
-        except ValidationError as exc:
-            raise RegmeanError([_one_line(source, e) for e in exc.errors()]) from exc
+        except ValidationError as exc:  # with the missing files, so that every problem is reported at once
+            problems = [_one_line(source, e) for e in exc.errors()]
+            raise RegmeanError(problems + _missing_paths(raw, root or Path("."))) from exc
         return config.resolved(root) if root is not None else config
 
     def resolved(self, root: Path) -> MergeConfig:
@@ -120,6 +121,14 @@ class MergeConfig(BaseModel):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _missing_paths(raw: dict, root: Path) -> list[str]:
+    """The model, statistics and base-model paths of an unvalidated recipe that do not exist."""
+    entries = [m for m in raw.get("models") or [] if isinstance(m, dict)]
+    named = [m.get(key) for m in entries for key in ("path", "statistics")] + [raw.get("base_model")]
+    paths = [root / p for p in named if isinstance(p, str | Path)]
+    return [f"{p}: not found" for p in paths if not p.exists()]
 
 
 def _one_line(source: str, error: dict) -> str:
