@@ -50,6 +50,11 @@ def test_two_processes_equal_one(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert_same(tmp_path / "n", reference)
     assert result.stderr.count("wrote ") == 1  # reported once, by rank 0
+    # in blocks of sites (one pass over each rank's shard per block), reduced and written block by block
+    result = torchrun("measure", model, "--data", data, "--out", tmp_path / "b", *COMMON, "--max-memory", "20KB")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(list((tmp_path / "b").glob("statistics-*-of-*.safetensors"))) > 1
+    assert_same(tmp_path / "b", reference)
 
 
 def test_a_dying_rank_fails_the_run_and_writes_nothing(tmp_path):
