@@ -353,7 +353,7 @@ def measure(
     """Measure the statistics of every (selected) linear layer's input over `examples`.
 
     Inside a torch.distributed job each rank measures its shard of `examples` and the sums are reduced site by
-    site to rank 0, whose returned statistics cover all examples (other ranks' are partial).
+    site to rank 0, whose returned statistics cover all examples (other ranks' hold no sites).
 
     With `max_stats_bytes`, sites are measured in blocks whose sums fit, one pass over the data per block; each
     finished block goes to `on_block(statistics, index, count)` (e.g. to be written) instead of staying in memory.
@@ -431,7 +431,12 @@ def measure(
                     "processes": distributed.world_size(),
                     **(provenance or {}),
                 }
-            part = {n: SiteStats(st.gram.cpu(), st.sum.cpu(), st.count) for n, st in acc.stats.items()}
+            # only rank 0 keeps the sums: N ranks on one machine never hold N host copies of every Gram
+            part = (
+                {n: SiteStats(st.gram.cpu(), st.sum.cpu(), st.count) for n, st in acc.stats.items()}
+                if distributed.rank() == 0
+                else {}
+            )
             del acc
             if on_block is None:
                 collected.update(part)
