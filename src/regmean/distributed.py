@@ -33,8 +33,8 @@ def init_from_env(device: str) -> str:
         return device
     cuda = device.startswith("cuda")
     if cuda:
-        check_device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}")
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        check_device(device)
         torch.cuda.set_device(device)
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     timeout = timedelta(seconds=int(os.environ.get("REGMEAN_DIST_TIMEOUT", "1800")))

@@ -30,8 +30,8 @@ def read_table(path: str | Path) -> pd.DataFrame:
     if not path.is_file():
         raise RegmeanError(f"{path}: data file not found")
     suffixes = [s.lower() for s in path.suffixes]
-    opener = COMPRESSION.get(suffixes[-1], open) if suffixes else open
-    kind = (suffixes[-2] if opener is not open and len(suffixes) > 1 else suffixes[-1]) if suffixes else ""
+    opener = COMPRESSION[suffixes.pop()] if suffixes and suffixes[-1] in COMPRESSION else open
+    kind = suffixes[-1] if suffixes else ""
     try:
         if kind in (".jsonl", ".ndjson", ".json"):
             with opener(path, "rt", encoding="utf-8") as f:
