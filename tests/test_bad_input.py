@@ -208,7 +208,6 @@ def test_checkpoint_without_a_measured_weight(trio):
 
 
 def test_different_vocabularies_are_refused_naming_both_sizes(tmp_path):
-
     models = make_models(tmp_path / "in", "llama", "LlamaForCausalLM", stats=False)
     config = tf.LlamaConfig.from_pretrained(models[1]["path"])
     config.vocab_size = 32000
