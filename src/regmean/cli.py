@@ -24,14 +24,6 @@ def _fail(exc: RegmeanError) -> None:
     raise typer.Exit(2)
 
 
-def _refuse_existing(out: Path, force: bool) -> None:
-    from regmean.stats import BLOCK_PATTERN, FILE_NAME
-
-    existing = [out / FILE_NAME] if (out / FILE_NAME).exists() else sorted(out.glob(BLOCK_PATTERN))
-    if existing and not force:
-        raise RegmeanError(f"{existing[0]}: exists; choose another folder or pass --force to replace it")
-
-
 @app.command()
 def measure(
     model_dir: Annotated[Path, typer.Argument(help="Hugging Face model folder (config.json + safetensors)")],
@@ -75,8 +67,7 @@ def measure(
     try:
         device = distributed.init_from_env(device)
         if distributed.rank() == 0:
-            _refuse_existing(out, force)
-            writer = BlockWriter(out)  # each finished block leaves memory for disk; shown when all are done
+            writer = BlockWriter(out, replace=force)  # each finished block leaves memory for disk; shown at the end
         fields = {"text_field": text_field, "text_pair_field": text_pair_field, "target_field": target_field}
         examples = load_examples(data, max_examples=max_examples, **fields)
         provenance = {"data": data.name, **{k: v for k, v in fields.items() if v}}
@@ -252,8 +243,7 @@ def stats_combine(
     from regmean.stats import BlockWriter, combine
 
     try:
-        _refuse_existing(out, force)
-        writer = BlockWriter(out)
+        writer = BlockWriter(out, replace=force)
         writer.write(combine(paths), 0, 1)
         (path,) = writer.commit()
     except RegmeanError as exc:

@@ -117,11 +117,19 @@ class BlockWriter:
 
     PREFIX = ".partial-"
 
-    def __init__(self, out: str | Path):
+    def __init__(self, out: str | Path, replace: bool = False):
         self.out = Path(out)
         self.staged: list[tuple[Path, Path]] = []
+        existing = self.existing()
+        if existing and not replace:
+            raise RegmeanError(f"{existing[0]}: exists; choose another folder or pass --force to replace it")
         for stale in self.out.glob(f"{self.PREFIX}statistics*.safetensors"):  # left by a killed measure
             stale.unlink()
+
+    def existing(self) -> list[Path]:
+        """The statistics the folder holds now: one file or blocks."""
+        single = stats_path(self.out)
+        return [single] if single.is_file() else sorted(self.out.glob(BLOCK_PATTERN))
 
     def write(self, stats: Statistics, index: int, count: int) -> None:
         final = stats_path(self.out) if count == 1 else block_path(self.out, index, count)
@@ -131,9 +139,9 @@ class BlockWriter:
     def commit(self) -> list[Path]:
         """Replace whatever statistics the folder held (one file or blocks) by the staged files."""
         finals = {final for _, final in self.staged}
-        for old in [stats_path(self.out), *self.out.glob(BLOCK_PATTERN)]:
+        for old in self.existing():
             if old not in finals:
-                old.unlink(missing_ok=True)
+                old.unlink()
         for hidden, final in self.staged:
             os.replace(hidden, final)
         written = [final for _, final in self.staged]
