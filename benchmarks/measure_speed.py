@@ -26,12 +26,11 @@ from smollm2 import smollm2_folder  # noqa: E402
 from regmean.bench.data import load  # noqa: E402
 from regmean.bench.run import packaged_minilm  # noqa: E402
 from regmean.io.data import Example  # noqa: E402
+from regmean.loading import load_model, load_tokenizer  # noqa: E402
 from regmean.measure import (  # noqa: E402
     Accumulator,
     _forward,
     detect_sites,
-    load_model,
-    load_tokenizer,
     make_batches,
     measure,
     select_modules,

@@ -151,8 +151,16 @@ def test_existing_output_folder_needs_force(trio):
     result = runner.invoke(app, ["merge", str(config), str(out)])
     assert result.exit_code != 0 and "--force" in result.output
     assert (out / "keep.txt").read_text() == "precious"
+    # --force replaces only a folder a merge wrote: here it says what it would have deleted, and deletes nothing
+    result = runner.invoke(app, ["merge", str(config), str(out), "--force"])
+    assert result.exit_code == 2 and "keep.txt" in result.output and "nothing was deleted" in result.output
+    assert (out / "keep.txt").read_text() == "precious"
+    (out / "keep.txt").unlink()
+    assert runner.invoke(app, ["merge", str(config), str(out)]).exit_code == 0
+    first = snapshot(out)
+    assert runner.invoke(app, ["merge", str(config), str(out)]).exit_code == 2  # not empty now: needs --force
     assert runner.invoke(app, ["merge", str(config), str(out), "--force"]).exit_code == 0
-    assert (out / "model.safetensors").is_file() and not (out / "keep.txt").exists()
+    assert snapshot(out).keys() == first.keys()
 
 
 def test_measure_bad_input(tmp_path):
@@ -195,16 +203,17 @@ def test_yaml_paths_are_relative_to_the_config(trio):
     assert result.exit_code == 0, result.output
 
 
-def test_checkpoint_without_a_measured_weight(trio):
+def test_checkpoint_missing_a_tensor_is_refused_not_initialised(trio):
+    """transformers would initialise an absent tensor at random: measure and merge refuse such a checkpoint."""
     tmp_path, models = trio
     for m in models:  # every model stores the layer under a legacy name
         path = Path(m["path"]) / "model.safetensors"
         sd = load_file(path)
         sd["bert.encoder.layer.0.output.dense.kernel"] = sd.pop("bert.encoder.layer.0.output.dense.weight")
         save_file(sd, path, metadata={"format": "pt"})
-        stats = measure(m["path"], [Example("a legacy checkpoint"), Example("measured as it is")], progress=False)
-        save(stats, m["statistics"])
-    merge_fails(tmp_path, {"method": "regmean", "models": models}, "no tensor bert.encoder.layer.0.output.dense.weight")
+    with pytest.raises(RegmeanError, match="lacks 1 tensors BertForSequenceClassification needs.*dense.weight"):
+        measure(models[0]["path"], [Example("a legacy checkpoint")], progress=False)
+    merge_fails(tmp_path, {"method": "average", "models": models}, "needs, e.g. bert.encoder.layer.0.output.dense.weight")
 
 
 def test_different_vocabularies_are_refused_naming_both_sizes(tmp_path):

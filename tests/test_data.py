@@ -51,10 +51,18 @@ def test_every_format_gives_the_texts_as_written(tmp_path, name):
     assert load_examples(path, max_examples=2) == [Example("007"), Example("2020-01-01")]
 
 
-def test_json_values_keep_their_written_form(tmp_path):
+def test_json_texts_must_be_strings(tmp_path):
     path = tmp_path / "d.jsonl"
-    path.write_text('{"text": "a", "y": 1}\n{"text": "b"}\n\n{"y": 2}\n{"text": null}\n')
+    path.write_text('{"text": "a", "y": "1"}\n{"text": "b"}\n\n{"y": "2"}\n{"text": null}\n')
     assert load_examples(path, target_field="y") == [Example("a", None, "1"), Example("b")]
+    # a number, list or object is not a text (it would be measured as its Python repr): refused, naming the row
+    for value, kind in (("1", "int"), ("2.5", "float"), ("true", "bool"), ('["a", "b"]', "list"), ('{"a": 1}', "dict")):
+        path.write_text(f'{{"text": "fine", "y": "1"}}\n{{"text": "b", "y": {value}}}\n')
+        with pytest.raises(RegmeanError, match=f"row 2: 'y' is a {kind}, not text"):
+            load_examples(path, target_field="y")
+        path.write_text(f'{{"text": {value}}}\n')
+        with pytest.raises(RegmeanError, match=f"d.jsonl: row 1: 'text' is a {kind}, not text"):
+            load_examples(path)
 
 
 def test_bad_files_are_named_with_the_reason(tmp_path):

@@ -6,7 +6,6 @@ and which top-level modules are task heads.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from regmean.errors import RegmeanError
+from regmean.io.untrusted import compile_pattern, one_line, read_json_object
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,7 @@ class LinearLayer:
 def model_class(config: transformers.PretrainedConfig) -> type[transformers.PreTrainedModel]:
     """The transformers class named by config.architectures[0] (never remote code)."""
     names = config.architectures or []
-    if not names:
+    if not names or not isinstance(names[0], str):
         raise RegmeanError(f"config of model_type {config.model_type!r} names no architectures; set 'architectures'")
     cls = getattr(transformers, names[0], None)
     if cls is None:
@@ -45,17 +45,25 @@ def model_class(config: transformers.PretrainedConfig) -> type[transformers.PreT
 
 
 def load_config(path: str | Path) -> transformers.PretrainedConfig:
+    config_file = Path(path) / "config.json"
+    if not config_file.is_file():
+        raise RegmeanError(f"{config_file}: missing; a model folder needs config.json (save_pretrained writes it)")
+    read_json_object(config_file, "a model config")  # strict JSON, an object: one clear line, not transformers'
     try:
         return transformers.AutoConfig.from_pretrained(str(path), trust_remote_code=False)
-    except (OSError, ValueError, KeyError) as exc:
-        raise RegmeanError(f"{path}/config.json: cannot build a config ({exc})") from exc
+    except Exception as exc:  # transformers raises many types for configs it cannot use
+        raise RegmeanError(f"{config_file}: cannot build a config ({one_line(str(exc), 300)})") from exc
 
 
 def meta_model(path: str | Path) -> nn.Module:
     """The model's module tree on the meta device: structure and names, no memory, no weights read."""
     config = load_config(path)
-    with torch.device("meta"):
-        return model_class(config)(config)
+    cls = model_class(config)
+    try:
+        with torch.device("meta"):
+            return cls(config)
+    except Exception as exc:  # a config whose values the class cannot build (negative sizes, ...)
+        raise RegmeanError(f"{path}/config.json: cannot build {cls.__name__} ({one_line(str(exc), 300)})") from exc
 
 
 def linear_layers(model: nn.Module) -> dict[str, LinearLayer]:
@@ -98,7 +106,7 @@ def head_modules(model: nn.Module, override: list[str] | None = None) -> list[st
     `override` is a list of regular expressions over module names that replaces the detection.
     """
     if override is not None:
-        pats = [re.compile(p) for p in override]
+        pats = [compile_pattern(p, "head_modules") for p in override]
         return [n for n, _ in model.named_modules() if n and any(p.fullmatch(n) for p in pats)]
     prefix = getattr(model, "base_model_prefix", "")
     if prefix and isinstance(getattr(model, prefix, None), nn.Module):
@@ -123,3 +131,11 @@ def embedding_modules(model: nn.Module) -> tuple[list[str], str | None]:
 
 def is_head_key(key: str, heads: list[str]) -> bool:
     return any(key == h or key.startswith(h + ".") for h in heads)
+
+
+def required_keys(model: nn.Module) -> list[str]:
+    """State-dict names a checkpoint must hold for `model` (its parameters and persistent buffers), less tied copies
+    and what the class declares may be missing; transformers would initialise any absent one at random."""
+    tied = tied_parameters(model)
+    optional = [compile_pattern(p, type(model).__name__) for p in model._keys_to_ignore_on_load_missing or []]
+    return [k for k in model.state_dict() if k not in tied and not any(p.search(k) for p in optional)]

@@ -2,29 +2,64 @@
 
 from __future__ import annotations
 
+import functools
+import os
 import sys
+from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
+import click
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from regmean.errors import RegmeanError
+from regmean.errors import RegmeanError, one_line
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Dataless knowledge fusion with RegMean.")
 stats_app = typer.Typer(no_args_is_help=True, help="Inspect and combine statistics files.")
 app.add_typer(stats_app, name="stats")
-console = Console(stderr=True)
+console = Console(stderr=True, markup=False)  # paths and texts from users are never read as markup
+SHOWN_RECORDS = 20
+"""Provenance records `stats show` prints (all stay in the file)."""
 
 
-def _fail(exc: RegmeanError) -> None:
-    for line in exc.problems:
-        print(f"error: {line}", file=sys.stderr)
-    raise typer.Exit(2)
+def _fail(problems: list[str], code: int = 2) -> NoReturn:
+    for line in problems:
+        print(f"error: {one_line(line)}", file=sys.stderr)
+    raise typer.Exit(code)
+
+
+def _reports_errors(command: Callable) -> Callable:
+    """Every failure of a command as one line per problem and a non-zero exit, never a traceback: the tool's own
+    errors (exit 2), the operating system's (a full disk, a folder made read-only during the run), memory, an
+    interrupt, and, as a last resort, a defect of ours (exit 3; REGMEAN_DEBUG=1 shows its traceback)."""
+
+    @functools.wraps(command)
+    def run(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise
+        except RegmeanError as exc:
+            _fail(exc.problems)
+        except OSError as exc:
+            _fail([f"{exc.filename or 'a file'}: {exc.strerror or exc}; nothing was written"])
+        except MemoryError:
+            _fail(["out of memory; nothing was written (lower --batch-size, or see the plan with --dry-run)"])
+        except KeyboardInterrupt:
+            _fail(["interrupted; nothing was written"], 130)
+        except Exception as exc:
+            if os.environ.get("REGMEAN_DEBUG"):
+                raise
+            _fail([f"internal error ({type(exc).__name__}: {exc}); please report it (REGMEAN_DEBUG=1 for details)"], 3)
+
+    return run
 
 
 @app.command()
+@_reports_errors
 def measure(
     model_dir: Annotated[Path, typer.Argument(help="Hugging Face model folder (config.json + safetensors)")],
     data: Annotated[Path, typer.Option(help="Local data file: .jsonl, .json, .csv, .tsv or .parquet")],
@@ -63,11 +98,11 @@ def measure(
 
     if nproc > 1 and not distributed.launched():
         _relaunch_with_torchrun(nproc)
-    writer = None
-    try:
-        device = distributed.init_from_env(device)
-        if distributed.rank() == 0:
-            writer = BlockWriter(out, replace=force)  # each finished block leaves memory for disk; shown at the end
+    device = distributed.init_from_env(device)
+    sources = [("model", model_dir), ("data file", data)]
+    # rank 0 writes: each finished block leaves memory for disk, all are shown together at the end
+    writing = BlockWriter(out, force, sources, console.print) if distributed.rank() == 0 else nullcontext()
+    with writing as writer:
         fields = {"text_field": text_field, "text_pair_field": text_pair_field, "target_field": target_field}
         examples = load_examples(data, max_examples=max_examples, **fields)
         provenance = {"data": data.name, **{k: v for k, v in fields.items() if v}}
@@ -83,19 +118,14 @@ def measure(
             exclude=exclude,
             provenance=provenance,
             log=console.print,
-            max_stats_bytes=None if max_memory is None else parse_size(max_memory),
+            max_stats_bytes=None if max_memory is None else parse_size(max_memory, "--max-memory"),
             on_block=writer.write if writer else lambda *_: None,
             allow_pickle=allow_pickle,
         )
         if writer is None:
             return
         written = writer.commit()
-        path = written[0] if len(written) == 1 else out
-    except RegmeanError as exc:
-        _fail(exc)
-    finally:
-        if writer is not None:
-            writer.discard()
+    path = written[0] if len(written) == 1 else out
     console.print(
         f"wrote {path}: {len(set(stats.modules.values()))} sites for {len(stats.modules)} modules, "
         f"{stats.examples} examples, {stats.tokens} tokens, {distributed.world_size()} process(es)"
@@ -103,6 +133,7 @@ def measure(
 
 
 @app.command()
+@_reports_errors
 def fisher(
     model_dir: Annotated[Path, typer.Argument(help="Fine-tuned classifier folder (sequence or token classification)")],
     data: Annotated[Path, typer.Option(help="Local data file: .jsonl, .json, .csv, .tsv or .parquet")],
@@ -113,32 +144,52 @@ def fisher(
     seed: Annotated[int, typer.Option(help="Seed of the sampled tags (token classification)")] = 0,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1, mps ...")] = "cpu",
     nproc: Annotated[int, typer.Option(min=1, help="Processes on this machine (runs torchrun for you)")] = 1,
+    force: Annotated[
+        bool, typer.Option(help="Replace an existing Fisher file (kept until the new one is complete)")
+    ] = False,
+    allow_pickle: Annotated[
+        bool, typer.Option(help="Read a pytorch_model.bin checkpoint (pickle: only if you trust its source)")
+    ] = False,
 ) -> None:
     """Measure the diagonal Fisher of a classifier (for `method: fisher`), from per-example gradients."""
     from regmean import distributed
+    from regmean import fisher as F
     from regmean.architecture import load_config
     from regmean.bench.data import TextDataset
     from regmean.bench.fisher import measure_fisher
-    from regmean.fisher import save_fisher
+    from regmean.io.checkpoint import Checkpoint
     from regmean.io.data import load_examples
+    from regmean.io.staged import StagedFiles
 
     if nproc > 1 and not distributed.launched():
         _relaunch_with_torchrun(nproc)
-    try:
-        device = distributed.init_from_env(device)
+    device = distributed.init_from_env(device)
+    sources = [("model", model_dir), ("data file", data)]
+    writing = (
+        StagedFiles(out, fmt=F.FORMAT, file_name=F.FILE_NAME, replace=force, inputs=sources, log=console.print)
+        if distributed.rank() == 0
+        else nullcontext()
+    )
+    with writing as writer:
+        checkpoint = Checkpoint(model_dir, allow_pickle)
+        if not checkpoint.architecture.endswith(("ForSequenceClassification", "ForTokenClassification")):
+            raise RegmeanError(
+                f"{model_dir}: {checkpoint.architecture} is not a classifier; the Fisher needs a fine-tuned "
+                "...ForSequenceClassification or ...ForTokenClassification model"
+            )
         config = load_config(model_dir)
-        token_level = (config.architectures or [""])[0].endswith("ForTokenClassification")
+        token_level = checkpoint.architecture.endswith("ForTokenClassification")
         texts = [e.text for e in load_examples(data, text_field=text_field, max_examples=max_examples)]
         texts = [t.split() for t in texts] if token_level else texts
         labels = [[0] * len(t) for t in texts] if token_level else [0] * len(texts)  # unused: the model's own
         names = [config.id2label[i] for i in range(config.num_labels)]
         dataset = TextDataset(data.stem, texts, labels, names, token_level=token_level)
+        fingerprint = checkpoint.fingerprint  # reads every weight: NaN or Inf is refused before the work
         values = measure_fisher(model_dir, dataset, max_length, seed, device)
-        if distributed.rank() != 0:
+        if writer is None:
             return
-        path = save_fisher(values, model_dir, out, len(dataset))
-    except RegmeanError as exc:
-        _fail(exc)
+        writer.stage(*F.fisher_file(values, fingerprint, len(dataset)))
+        (path,) = writer.commit()
     console.print(f"wrote {path}: Fisher of {len(values)} parameters over {len(dataset)} examples")
 
 
@@ -162,6 +213,7 @@ def _relaunch_with_torchrun(nproc: int) -> None:
 
 
 @app.command()
+@_reports_errors
 def merge(
     config: Annotated[Path, typer.Argument(help="Merge recipe (YAML)")],
     out_dir: Annotated[Path, typer.Argument(help="Output model folder")],
@@ -175,18 +227,9 @@ def merge(
     """Merge fine-tuned models (and their statistics) into one Hugging Face model folder."""
     from regmean.merge import merge as run_merge
 
-    try:
-        result = run_merge(
-            config,
-            out_dir,
-            force=force,
-            dry_run=dry_run,
-            shard_size=shard_size,
-            max_memory=max_memory,
-            log=console.print,
-        )
-    except RegmeanError as exc:
-        _fail(exc)
+    result = run_merge(
+        config, out_dir, force=force, dry_run=dry_run, shard_size=shard_size, max_memory=max_memory, log=console.print
+    )
     if dry_run:
         return
     s = result.summary()
@@ -200,40 +243,46 @@ def merge(
 
 
 @stats_app.command("show")
+@_reports_errors
 def stats_show(path: Annotated[Path, typer.Argument(help="Statistics folder or file")]) -> None:
     """Sites, shapes, counts, dtype and provenance of a statistics file."""
+    from regmean.io.metadata import describe_record
     from regmean.stats import StatisticsFile
 
-    try:
-        st = StatisticsFile(path)
-        out = Console()
-        out.print(f"[bold]{st.path}[/bold]  ({st.meta['library']}, format {st.meta['format_version']})")
-        out.print(f"model: {st.fingerprint['architecture']}  weights {st.fingerprint['weights']}")
-        out.print(f"dtype: {st.dtype}   examples: {st.examples}   tokens: {st.tokens}")
-        out.print(f"masking: {st.masking}")
-        for rec in st.provenance:
-            out.print("provenance: " + ", ".join(f"{k}={v}" for k, v in rec.items()))
-        table = Table()
-        table.add_column("site", overflow="fold", ratio=3)
-        table.add_column("shape", no_wrap=True, min_width=11)
-        table.add_column("rows", no_wrap=True, justify="right", min_width=8)
-        table.add_column("modules (under the site's parent)", overflow="fold", ratio=2)
-        by_site: dict[str, list[str]] = {}
-        for module, site in st.modules.items():
-            by_site.setdefault(site, []).append(module)
-        for site in st.site_names:
-            stats = st.site(site, check_finite=False)
-            parent = site.rpartition(".")[0] + "."
-            names = [m.removeprefix(parent) if parent != "." else m for m in by_site[site]]
-            table.add_row(site, "x".join(map(str, st.site_shape(site))), str(stats.count), ", ".join(names))
-        out.print(table)
-        if st.skipped:
-            out.print(f"not measured: {len(st.skipped)} modules, e.g. {next(iter(st.skipped.items()))}")
-    except RegmeanError as exc:
-        _fail(exc)
+    st = StatisticsFile(path)
+    out = Console(markup=False)
+    library, version = one_line(st.meta.get("library", "?"), 60), st.meta["format_version"]
+    out.print(f"{st.path}  ({library}, format {version})", style="bold")
+    out.print(
+        f"model: {one_line(st.fingerprint['architecture'], 120)}  weights {one_line(st.fingerprint['weights'], 64)}"
+    )
+    out.print(f"dtype: {st.dtype}   examples: {st.examples}   tokens: {st.tokens}")
+    out.print(f"masking: {one_line(st.masking, 300)}")
+    for rec in st.provenance[:SHOWN_RECORDS]:  # bounded output, however long the provenance
+        out.print(f"provenance: {describe_record(rec)}")
+    if len(st.provenance) > SHOWN_RECORDS:
+        out.print(f"provenance: ... and {len(st.provenance) - SHOWN_RECORDS} more records")
+    table = Table()
+    table.add_column("site", overflow="fold", ratio=3)
+    table.add_column("shape", no_wrap=True, min_width=11)
+    table.add_column("rows", no_wrap=True, justify="right", min_width=8)
+    table.add_column("modules (under the site's parent)", overflow="fold", ratio=2)
+    by_site: dict[str, list[str]] = {}
+    for module, site in st.modules.items():
+        by_site.setdefault(site, []).append(module)
+    for site in st.site_names:
+        stats = st.site(site, check_finite=False)
+        parent = site.rpartition(".")[0] + "."
+        names = [m.removeprefix(parent) if parent != "." else m for m in by_site[site]]
+        table.add_row(site, "x".join(map(str, st.site_shape(site))), str(stats.count), one_line(", ".join(names), 300))
+    out.print(table)
+    if st.skipped:
+        module, reason = next(iter(st.skipped.items()))
+        out.print(f"not measured: {len(st.skipped)} modules, e.g. {one_line(module, 120)}: {one_line(reason, 120)}")
 
 
 @stats_app.command("combine")
+@_reports_errors
 def stats_combine(
     paths: Annotated[list[Path], typer.Argument(help="Statistics of one model on disjoint data")],
     out: Annotated[Path, typer.Option(help="Folder for the combined statistics")],
@@ -242,16 +291,14 @@ def stats_combine(
     """Add statistics measured separately: the result equals measuring the union of the data."""
     from regmean.stats import BlockWriter, combine
 
-    try:
-        writer = BlockWriter(out, replace=force)
+    with BlockWriter(out, force, [("statistics", p) for p in paths], console.print) as writer:
         writer.write(combine(paths), 0, 1)
         (path,) = writer.commit()
-    except RegmeanError as exc:
-        _fail(exc)
     console.print(f"wrote {path}")
 
 
 @app.command()
+@_reports_errors
 def bench(
     name: Annotated[str, typer.Argument(help="partitions, tasks, domains, ner, all, or demo")],
     seeds: Annotated[int, typer.Option(min=1, help="Number of seeds (0, 1, ...)")] = 1,
@@ -266,20 +313,17 @@ def bench(
     """Reproduce the paper's experiments on packaged real data: fine-tune, measure, merge, evaluate, report."""
     from regmean.bench.run import run_bench
 
-    try:
-        report = run_bench(
-            name,
-            list(range(seeds)),
-            out or Path("runs") / name,
-            base,
-            train_size=train_size,
-            test_size=test_size,
-            epochs=epochs,
-            alpha=alpha,
-            keep_work=keep_work,
-        )
-    except RegmeanError as exc:
-        _fail(exc)
+    report = run_bench(
+        name,
+        list(range(seeds)),
+        out or Path("runs") / name,
+        base,
+        train_size=train_size,
+        test_size=test_size,
+        epochs=epochs,
+        alpha=alpha,
+        keep_work=keep_work,
+    )
     print(report)
 
 

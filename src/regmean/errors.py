@@ -5,5 +5,11 @@ class RegmeanError(Exception):
     """Bad input or an impossible request. The CLI prints it as one line per problem and exits non-zero."""
 
     def __init__(self, problems: str | list[str]):
-        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        self.problems = [one_line(p) for p in ([problems] if isinstance(problems, str) else problems)]
         super().__init__("\n".join(self.problems))
+
+
+def one_line(text: str, limit: int = 600) -> str:
+    """Whitespace (newlines included) collapsed to single spaces, cut to `limit` characters."""
+    flat = " ".join(str(text).split())
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."

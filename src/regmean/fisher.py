@@ -12,43 +12,58 @@ import torch
 from regmean import __version__
 from regmean.errors import RegmeanError
 from regmean.io.checkpoint import Checkpoint
-from regmean.stats import open_statistics, write_atomic
+from regmean.io.staged import target_file, write_atomic
+from regmean.stats import open_statistics
 
 FORMAT = "regmean.fisher"
 FILE_NAME = "fisher.safetensors"
 NORMALISATION = "mean over examples of the expected squared score under the model's own predictive distribution"
+FLOATS = ("F64", "F32", "F16", "BF16")
 
 
-def save_fisher(fisher: dict[str, torch.Tensor], model_dir: str | Path, out: str | Path, examples: int) -> Path:
-    out = Path(out)
+def fisher_file(
+    fisher: dict[str, torch.Tensor], fingerprint: dict[str, str], examples: int
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors and metadata of a Fisher statistics file."""
     metadata = {
         "format": FORMAT,
         "format_version": "1",
         "library": f"regmean {__version__}",
-        "fingerprint": json.dumps(Checkpoint(model_dir).fingerprint, sort_keys=True),
+        "fingerprint": json.dumps(fingerprint, sort_keys=True),
         "examples": str(examples),
         "normalisation": NORMALISATION,
     }
-    tensors = {f"{n}::fisher": f.contiguous() for n, f in fisher.items()}
-    return write_atomic(tensors, metadata, out / FILE_NAME if out.suffix != ".safetensors" else out)
+    return {f"{n}::fisher": f.contiguous() for n, f in fisher.items()}, metadata
+
+
+def save_fisher(fisher: dict[str, torch.Tensor], model_dir: str | Path, out: str | Path, examples: int) -> Path:
+    tensors, metadata = fisher_file(fisher, Checkpoint(model_dir).fingerprint, examples)
+    return write_atomic(tensors, metadata, target_file(Path(out), FILE_NAME))
 
 
 class FisherFile:
-    """A Fisher statistics file opened lazily: one parameter's Fisher when asked."""
+    """A Fisher statistics file opened lazily (header checked at open): one parameter's Fisher when asked."""
 
     def __init__(self, path: str | Path):
-        path = Path(path)
-        self.path = path / FILE_NAME if path.is_dir() else path
+        self.path = target_file(Path(path), FILE_NAME)
         self._handle, meta = open_statistics(self.path, FORMAT, "Fisher statistics")
-        self.fingerprint: dict[str, str] = json.loads(meta["fingerprint"])
-        self.examples = int(meta["examples"])
+        self.fingerprint = meta.fingerprint()
+        self.examples = meta.natural("examples")
         self.nbytes = self.path.stat().st_size
-        self.keys = {k.rsplit("::", 1)[0] for k in self._handle.keys()}
+        self.keys: dict[str, str] = {}  # parameter -> its tensor in the file
+        for key in self._handle.keys():
+            name, sep, kind = key.rpartition("::")
+            if not sep or kind != "fisher" or self._handle.dtype(key) not in FLOATS:
+                raise RegmeanError(f"{self.path}: entry {key!r} is not a floating {{parameter}}::fisher tensor")
+            self.keys[name] = key
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._handle.shape(self.keys[key])
 
     def get(self, key: str, rows: tuple[int, int] | None = None) -> torch.Tensor | None:
         if key not in self.keys:
             return None
-        f = self._handle.get(f"{key}::fisher", rows)
-        if not torch.isfinite(f).all():
-            raise RegmeanError(f"{self.path}: Fisher of {key} has NaN or Inf values")
+        f = self._handle.get(self.keys[key], rows)
+        if not torch.isfinite(f).all() or bool((f < 0).any()):
+            raise RegmeanError(f"{self.path}: Fisher of {key} has NaN, Inf or negative values; measure again")
         return f

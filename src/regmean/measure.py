@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import inspect
-import re
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
@@ -22,11 +21,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 
 from regmean import distributed
-from regmean.architecture import linear_layers, load_config, model_class
+from regmean.architecture import linear_layers
 from regmean.devices import check_device
 from regmean.errors import RegmeanError
 from regmean.io.checkpoint import Checkpoint
 from regmean.io.data import Example
+from regmean.io.untrusted import compile_pattern, one_line
+from regmean.loading import check_positions, load_model, load_tokenizer
 from regmean.stats import SiteStats, Statistics
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -58,59 +59,19 @@ class Batch:
         return self._rows[stream]
 
 
-def load_model(model_dir: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32):
-    config = load_config(model_dir)
-    cls = model_class(config)
-    transformers.utils.logging.disable_progress_bar()
-    try:
-        model = cls.from_pretrained(str(model_dir), dtype=dtype, trust_remote_code=False)
-    except (OSError, ValueError) as exc:
-        raise RegmeanError(f"{model_dir}: cannot load model ({exc})") from exc
-    return model.to(device).eval()
-
-
-# files that carry a vocabulary; without one, transformers builds a tokenizer that maps every word to [UNK]
-VOCABULARY_FILES = (
-    "tokenizer.json",
-    "tokenizer.model",
-    "vocab.*",
-    "spiece.model",
-    "sentencepiece*.model",
-    "*.tiktoken",
-)
-
-
-def load_tokenizer(model_dir: str | Path):
-    if not any(any(Path(model_dir).glob(pattern)) for pattern in VOCABULARY_FILES):
-        raise RegmeanError(
-            f"{model_dir}: no tokenizer vocabulary ({', '.join(VOCABULARY_FILES)}); "
-            "save the tokenizer into the folder (tokenizer.save_pretrained)"
-        )
-    try:
-        tok = transformers.AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
-    except (OSError, ValueError) as exc:
-        raise RegmeanError(
-            f"{model_dir}: no usable tokenizer files ({exc}); copy the tokenizer into the folder"
-        ) from exc
-    tok.padding_side = "right"  # right padding keeps positions and causal attention of real tokens unchanged
-    if tok.pad_token is None:
-        if tok.eos_token is None:
-            raise RegmeanError(f"{model_dir}: tokenizer has neither a pad nor an eos token to pad with")
-        tok.pad_token = tok.eos_token
-    return tok
-
-
 def select_modules(model: nn.Module, include: str | None, exclude: str | None) -> tuple[list[str], dict[str, str]]:
     """Linear modules to measure, and the skipped ones with the reason."""
     measured, skipped = [], {}
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear | transformers.pytorch_utils.Conv1D)]
     layers = linear_layers(model)
+    keep = compile_pattern(include, "--include") if include else None
+    drop = compile_pattern(exclude, "--exclude") if exclude else None
     for name in names:
         if name not in layers:
             skipped[name] = "weight tied to another parameter (averaged)"
-        elif include and not re.search(include, name):
+        elif keep and not keep.search(name):
             skipped[name] = f"not matched by include {include!r}"
-        elif exclude and re.search(exclude, name):
+        elif drop and drop.search(name):
             skipped[name] = f"matched by exclude {exclude!r}"
         else:
             measured.append(name)
@@ -130,6 +91,7 @@ def make_batches(
         enc = tokenizer(
             [e.text for e in chunk], pairs, padding=True, truncation=True, max_length=max_length, return_tensors="pt"
         )
+        check_positions(model.config, enc["input_ids"].shape[-1])
         inputs = {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
         if "token_type_ids" in inputs and "token_type_ids" not in _forward_args(model):
             del inputs["token_type_ids"]
@@ -167,7 +129,14 @@ def _forward(model: nn.Module, batch: Batch) -> None:
     kwargs = dict(batch.inputs)
     if "use_cache" in _forward_args(model):
         kwargs["use_cache"] = False
-    model(**kwargs)
+    try:
+        model(**kwargs)
+    except (IndexError, RuntimeError, ValueError) as exc:  # torch and transformers' own failures on these inputs
+        tokens = batch.inputs["input_ids"].shape[-1]
+        raise RegmeanError(
+            f"{type(model).__name__} failed on a batch of {tokens}-token inputs ({one_line(str(exc), 200)}); "
+            "if the inputs are longer than the model accepts, lower --max-length"
+        ) from exc
 
 
 @contextmanager
@@ -368,6 +337,7 @@ def measure(
     check_device(device)
     checkpoint = Checkpoint(model_dir, allow_pickle)
     tokenizer = load_tokenizer(model_dir)
+    fingerprint = checkpoint.fingerprint  # reads every weight: NaN or Inf is refused before the model loads
     model = load_model(model_dir, device, MODEL_DTYPES[model_dtype])
     modules, skipped = select_modules(model, include, exclude)
     local = distributed.shard(examples)
@@ -394,7 +364,7 @@ def measure(
     ]
     base = {
         "modules": {m: s.name for s in sites for m in s.modules},
-        "fingerprint": checkpoint.fingerprint,
+        "fingerprint": fingerprint,
         "dtype": stats_dtype,
         "examples": len(examples),
         "skipped": skipped,

@@ -13,18 +13,21 @@ provenance. Reading is lazy: `StatisticsFile.site(name)` reads one site's tensor
 
 from __future__ import annotations
 
+import hashlib
 import json
-import os
-import tempfile
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from regmean import __version__
 from regmean.errors import RegmeanError
+from regmean.io.metadata import Metadata
+from regmean.io.outputs import Inputs
+from regmean.io.staged import StagedFiles, target_file, write_atomic
 from regmean.io.tensorfile import TensorFile
+from regmean.io.untrusted import one_line
 
 FORMAT = "regmean.gram"
 FORMAT_VERSION = 1
@@ -75,8 +78,10 @@ BLOCK_PATTERN = "statistics-*-of-*.safetensors"
 
 
 def stats_path(path: str | Path) -> Path:
-    path = Path(path)
-    return path / FILE_NAME if path.is_dir() or path.suffix != ".safetensors" else path
+    return target_file(Path(path), FILE_NAME)
+
+
+BLOCK_NAME = re.compile(r"statistics-(\d{5})-of-(\d{5})\.safetensors")
 
 
 def stats_files(path: str | Path) -> list[Path]:
@@ -87,9 +92,15 @@ def stats_files(path: str | Path) -> list[Path]:
     blocks = sorted(Path(path).glob(BLOCK_PATTERN))
     if not blocks:
         return [single]
-    n = int(blocks[0].stem.rsplit("-of-", 1)[1])
-    if len(blocks) != n:
-        raise RegmeanError(f"{path}: {len(blocks)} of {n} statistics blocks present; the measure did not finish")
+    numbered = [BLOCK_NAME.fullmatch(b.name) for b in blocks]
+    bad = [b for b, m in zip(blocks, numbered, strict=True) if m is None]
+    if bad:
+        raise RegmeanError(f"{bad[0]}: not a statistics block name (statistics-00001-of-00003.safetensors)")
+    n = int(numbered[0].group(2))
+    if sorted((int(m.group(1)), int(m.group(2))) for m in numbered) != [(i, n) for i in range(1, n + 1)]:
+        raise RegmeanError(
+            f"{path}: {len(blocks)} statistics blocks present, not blocks 1 to {n}; the measure did not finish"
+        )
     return blocks
 
 
@@ -111,64 +122,20 @@ def _tensors(stats: Statistics) -> dict[str, torch.Tensor]:
     return tensors
 
 
-class BlockWriter:
-    """The files of one measure, written as each block finishes under hidden names and revealed together by
-    `commit`: a measure that fails or is killed never leaves a statistics file, whole or partial."""
+class BlockWriter(StagedFiles):
+    """The statistics files of one measure (or combine), revealed together at `commit` (see `StagedFiles`)."""
 
-    PREFIX = ".partial-"
-
-    def __init__(self, out: str | Path, replace: bool = False):
-        self.out = Path(out)
-        self.staged: list[tuple[Path, Path]] = []
-        existing = self.existing()
-        if existing and not replace:
-            raise RegmeanError(f"{existing[0]}: exists; choose another folder or pass --force to replace it")
-        for stale in self.out.glob(f"{self.PREFIX}statistics*.safetensors"):  # left by a killed measure
-            stale.unlink()
-
-    def existing(self) -> list[Path]:
-        """The statistics the folder holds now: one file or blocks."""
-        single = stats_path(self.out)
-        return [single] if single.is_file() else sorted(self.out.glob(BLOCK_PATTERN))
+    def __init__(self, out: str | Path, replace: bool = False, inputs: Inputs = (), log=None):
+        super().__init__(
+            Path(out), fmt=FORMAT, file_name=FILE_NAME, replace=replace, inputs=inputs, log=log, blocks=BLOCK_PATTERN
+        )
 
     def write(self, stats: Statistics, index: int, count: int) -> None:
-        final = stats_path(self.out) if count == 1 else block_path(self.out, index, count)
-        hidden = final.with_name(self.PREFIX + final.name)
-        self.staged.append((write_atomic(_tensors(stats), stats.metadata(), hidden), final))
-
-    def commit(self) -> list[Path]:
-        """Replace whatever statistics the folder held (one file or blocks) by the staged files."""
-        finals = {final for _, final in self.staged}
-        for old in self.existing():
-            if old not in finals:
-                old.unlink()
-        for hidden, final in self.staged:
-            os.replace(hidden, final)
-        written = [final for _, final in self.staged]
-        self.staged = []
-        return written
-
-    def discard(self) -> None:
-        for hidden, _ in self.staged:
-            hidden.unlink(missing_ok=True)
-        self.staged = []
+        final = self.target if count == 1 else block_path(self.target.parent, index, count)
+        self.stage(_tensors(stats), stats.metadata(), final)
 
 
-def write_atomic(tensors: dict[str, torch.Tensor], metadata: dict[str, str], target: Path) -> Path:
-    """Write a safetensors file through a temporary file in the same folder, renamed when complete."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".stats-", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return target
-
-
-def open_statistics(path: Path, fmt: str, what: str):
+def open_statistics(path: Path, fmt: str, what: str) -> tuple[TensorFile, Metadata]:
     """Open a statistics safetensors file lazily and check its format tag; returns (handle, metadata)."""
     if not path.is_file():
         raise RegmeanError(f"{path}: {what} not found (measure them first)")
@@ -176,36 +143,65 @@ def open_statistics(path: Path, fmt: str, what: str):
         handle = TensorFile(path)
     except RegmeanError as exc:
         raise RegmeanError(f"{exc.problems[0]} ({what}: measure again)") from exc
-    meta = handle.metadata
-    if meta.get("format") != fmt:
-        raise RegmeanError(f"{path}: not a file of {what} (format {meta.get('format')!r}, expected {fmt})")
-    if int(meta.get("format_version", 0)) > FORMAT_VERSION:
-        raise RegmeanError(f"{path}: written by a newer regmean (format {meta['format_version']}); upgrade")
+    meta = Metadata(handle.metadata, path)
+    if handle.metadata.get("format") != fmt:
+        found = one_line(str(handle.metadata.get("format")), 40)
+        raise RegmeanError(f"{path}: not a file of {what} (format {found!r}, expected {fmt})")
+    if meta.natural("format_version", "0") > FORMAT_VERSION:
+        raise RegmeanError(f"{path}: written by a newer regmean (format {meta.text('format_version')}); upgrade")
     return handle, meta
 
 
+STATS_DTYPES = {"float32": "F32", "float64": "F64"}
+
+
 class StatisticsFile:
-    """Statistics opened lazily (one file, or one per block of sites): metadata now, a site's tensors when asked."""
+    """Statistics opened lazily (one file, or one per block of sites): metadata now, a site's tensors when asked.
+
+    Everything the header says is checked at open: metadata types, and for every site a square Gram, a sum and
+    a count of the right shapes and dtypes."""
 
     def __init__(self, path: str | Path):
         files = stats_files(path)
         self.path = files[0] if len(files) == 1 else Path(path)
         opened = [open_statistics(f, FORMAT, "regmean statistics") for f in files]
-        self._handles = {}
-        for handle, _ in opened:
+        meta = opened[0][1]
+        self.meta = meta.meta
+        self.nbytes = sum(f.stat().st_size for f in files)
+        self.fingerprint = meta.fingerprint()
+        self.modules = meta.str_map("modules")
+        self.dtype = meta.text("dtype")
+        if self.dtype not in STATS_DTYPES:
+            raise RegmeanError(f"{self.path}: metadata 'dtype' must be float32 or float64, not {self.dtype!r:.40}")
+        self.examples, self.tokens = meta.natural("examples"), meta.natural("tokens")
+        self.masking = meta.text("masking")
+        self.provenance = meta.records("provenance")
+        self.skipped = meta.str_map("skipped", "{}")
+        self.site_names = list(dict.fromkeys(self.modules.values()))  # forward order
+        self._handles: dict[str, TensorFile] = {}
+        for handle, block in opened:
+            if (
+                block.meta.get("fingerprint") != self.meta["fingerprint"]
+                or block.meta.get("modules") != self.meta["modules"]
+            ):
+                raise RegmeanError(f"{handle.path}: a block of another measure than {files[0]}; measure again")
             for key in handle.keys():
                 self._handles.setdefault(key.rsplit("::", 1)[0], handle)
-        meta = opened[0][1]
-        self.meta = meta
-        self.nbytes = sum(f.stat().st_size for f in files)
-        self.fingerprint: dict[str, str] = json.loads(meta["fingerprint"])
-        self.modules: dict[str, str] = json.loads(meta["modules"])
-        self.dtype: str = meta["dtype"]
-        self.examples, self.tokens = int(meta["examples"]), int(meta["tokens"])
-        self.masking: str = meta["masking"]
-        self.provenance: list[dict] = json.loads(meta["provenance"])
-        self.skipped: dict[str, str] = json.loads(meta.get("skipped", "{}"))
-        self.site_names = list(dict.fromkeys(self.modules.values()))  # forward order
+        for name in self.site_names:
+            self._check_site(name)
+
+    def _check_site(self, name: str) -> None:
+        handle = self._handle(name)
+        d = handle.shape(f"{name}::gram")[0] if f"{name}::gram" in handle else -1
+        dtype = STATS_DTYPES[self.dtype]
+        expected = {f"{name}::gram": (dtype, (d, d)), f"{name}::sum": (dtype, (d,)), f"{name}::count": ("I64", (1,))}
+        for key, (want_dtype, want_shape) in expected.items():
+            if key not in handle or handle.dtype(key) != want_dtype or handle.shape(key) != want_shape:
+                found = (handle.dtype(key), handle.shape(key)) if key in handle else "nothing"
+                raise RegmeanError(
+                    f"{handle.path}: incomplete statistics for site {name}: {key} should be {want_dtype} "
+                    f"{list(want_shape)}, found {found}; measure again"
+                )
 
     def _handle(self, name: str):
         if name not in self._handles:
@@ -214,17 +210,25 @@ class StatisticsFile:
 
     def site(self, name: str, check_finite: bool = True) -> SiteStats:
         handle = self._handle(name)
-        try:
-            gram = handle.get(f"{name}::gram")
-            total = handle.get(f"{name}::sum")
-            count = int(handle.get(f"{name}::count")[0])
-        except KeyError as exc:
-            raise RegmeanError(f"{self.path}: incomplete statistics for site {name} (no {exc})") from exc
+        gram, total = handle.get(f"{name}::gram"), handle.get(f"{name}::sum")
+        count = int(handle.get(f"{name}::count")[0])
+        if count < 0:
+            raise RegmeanError(f"{handle.path}: site {name} has a negative row count ({count}); measure again")
         if check_finite and not (torch.isfinite(gram).all() and torch.isfinite(total).all()):
             raise RegmeanError(
                 f"{self.path}: site {name} has NaN or Inf values; measure again (try --stats-dtype float64)"
             )
         return SiteStats(gram, total, count)
+
+    def content_digest(self) -> str:
+        """A hash of what the data contributed (every site's sum vector and row count): equal for two copies of
+        the same statistics, different for statistics of different data. Reads no Gram."""
+        digest = hashlib.blake2b(digest_size=16)
+        for name in sorted(self.site_names):
+            handle = self._handle(name)
+            for part in ("sum", "count"):
+                digest.update(handle.get(f"{name}::{part}").numpy().tobytes())
+        return digest.hexdigest()
 
     def site_shape(self, name: str) -> tuple[int, ...]:
         return self._handle(name).shape(f"{name}::gram")
@@ -250,6 +254,12 @@ def combine(paths: list[str | Path]) -> Statistics:
     files = [StatisticsFile(p) for p in paths]
     first = files[0]
     problems = []
+    seen: dict[str, Path] = {}
+    for f in files:
+        digest = f.content_digest()
+        if digest in seen:
+            problems.append(f"{f.path}: the same statistics as {seen[digest]}; each data shard may be added only once")
+        seen.setdefault(digest, f.path)
     for f in files[1:]:
         if f.fingerprint != first.fingerprint:
             problems.append(f"{f.path}: measured on a different model than {first.path}; cannot combine")

@@ -10,11 +10,13 @@ from seqeval.metrics import f1_score as entity_f1
 
 from regmean.bench.data import TextDataset
 from regmean.bench.train import IGNORE, batches, tokenizer_for
+from regmean.loading import load_model
 
 
 def load_classifier(path: str | Path, token_level: bool):
+    """The classifier in eval mode; refused if its checkpoint lacks the head (or any tensor) the class needs."""
     cls = tf.AutoModelForTokenClassification if token_level else tf.AutoModelForSequenceClassification
-    return cls.from_pretrained(path).eval()
+    return load_model(path, cls=cls)
 
 
 @torch.inference_mode()

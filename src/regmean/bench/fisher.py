@@ -17,6 +17,7 @@ from regmean import distributed
 from regmean.bench.data import TextDataset
 from regmean.bench.train import IGNORE, batches, tokenizer_for
 from regmean.devices import check_device
+from regmean.loading import check_positions
 
 
 def measure_fisher(
@@ -36,6 +37,7 @@ def measure_fisher(
     with Progress(transient=True, disable=distributed.rank() != 0) as bar:
         task = bar.add_task("fisher", total=len(local))
         for batch in batches(tok, local, 1, max_length):
+            check_positions(model.config, batch["input_ids"].shape[-1])
             batch = {k: v.to(device) for k, v in batch.items()}
             labels = batch.pop("labels")
             logp = model(**batch).logits.float().log_softmax(-1)

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import hashlib
-import json
+from collections.abc import Iterator
 from functools import cached_property
 from pathlib import Path
 
 import torch
 
 from regmean.errors import RegmeanError
-from regmean.io.tensorfile import TensorFile
+from regmean.io.tensorfile import DTYPES, NAMES, TensorFile
+from regmean.io.untrusted import check_finite, one_line, read_json_object
 
 SAFETENSORS_SINGLE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -33,10 +34,10 @@ class Checkpoint:
         config_file = self.path / "config.json"
         if not config_file.is_file():
             raise RegmeanError(f"{config_file}: missing; a model folder needs config.json (save_pretrained writes it)")
-        try:
-            self.config: dict = json.loads(config_file.read_text())
-        except json.JSONDecodeError as exc:
-            raise RegmeanError(f"{config_file}: not valid JSON ({exc})") from exc
+        self.config: dict = read_json_object(config_file, "a model config")
+        archs = self.config.get("architectures")
+        if archs is not None and not (isinstance(archs, list) and all(isinstance(a, str) for a in archs)):
+            raise RegmeanError(f"{config_file}: 'architectures' must be a list of class names, not {archs!r:.80}")
         self._pickle: dict[str, torch.Tensor] | None = None
         self._handles: dict[Path, TensorFile] = {}
         self.key_to_file = self._locate(allow_pickle)
@@ -45,11 +46,15 @@ class Checkpoint:
     def _locate(self, allow_pickle: bool) -> dict[str, Path]:
         single, index = self.path / SAFETENSORS_SINGLE, self.path / SAFETENSORS_INDEX
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            files = {k: self.path / f for k, f in weight_map.items()}
-            for f in set(files.values()):
+            files = self._weight_map(index)
+            for f in sorted(set(files.values())):
                 if not f.is_file():
                     raise RegmeanError(f"{f}: shard named in {index.name} is missing")
+                absent = [k for k, g in files.items() if g == f and k not in self._open(f)]
+                if absent:
+                    raise RegmeanError(
+                        f"{f}: lacks {absent[0]}, which {index.name} places there ({len(absent)} missing)"
+                    )
             return files
         if single.is_file():
             return dict.fromkeys(self._open(single).keys(), single)
@@ -64,17 +69,27 @@ class Checkpoint:
             return self._load_pickle(pickles[0])
         raise RegmeanError(f"{self.path}: no model weights ({SAFETENSORS_SINGLE} or {SAFETENSORS_INDEX})")
 
+    def _weight_map(self, index: Path) -> dict[str, Path]:
+        """An index's tensor -> shard map; shard names must be plain file names in this folder."""
+        weight_map = read_json_object(index, "a sharded checkpoint index").get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise RegmeanError(f"{index}: no weight_map (tensor name -> shard file); re-save the model")
+        for key, shard in weight_map.items():
+            if not isinstance(shard, str) or shard in ("", ".", "..") or Path(shard).name != shard or "\\" in shard:
+                raise RegmeanError(f"{index}: tensor {key} is mapped to {shard!r}, not a file name in the folder")
+        return {k: self.path / f for k, f in weight_map.items()}
+
     def _load_pickle(self, first: Path) -> dict[str, Path]:
-        if first.name == PICKLE_INDEX:
-            files = sorted({self.path / f for f in json.loads(first.read_text())["weight_map"].values()})
-        else:
-            files = [first]
+        files = sorted(set(self._weight_map(first).values())) if first.name == PICKLE_INDEX else [first]
         self._pickle = {}
         for f in files:
             try:
-                self._pickle.update(torch.load(f, map_location="cpu", weights_only=True, mmap=True))
+                state = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
             except Exception as exc:  # torch raises many types for corrupt files
-                raise RegmeanError(f"{f}: cannot read checkpoint ({exc})") from exc
+                raise RegmeanError(f"{f}: cannot read checkpoint ({one_line(str(exc), 200)})") from exc
+            if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
+                raise RegmeanError(f"{f}: not a state dict of tensors")
+            self._pickle.update(state)
         return dict.fromkeys(self._pickle, first)
 
     def _open(self, file: Path) -> TensorFile:
@@ -103,21 +118,27 @@ class Checkpoint:
     def dtype(self, key: str) -> str:
         """The safetensors dtype name (F32, BF16, ...)."""
         if self._pickle is not None:
-            return {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}.get(
-                self._pickle[key].dtype, "I64"
-            )
+            dtype = self._pickle[key].dtype
+            if dtype not in NAMES:
+                raise RegmeanError(f"{self.key_to_file[key]}: tensor {key} has unsupported dtype {dtype}")
+            return NAMES[dtype]
         return self._open(self.key_to_file[key]).dtype(key)
 
     def get(self, key: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
-        """Tensor `key`, or only its rows [start, stop) along the first dimension."""
+        """Tensor `key`, or only its rows [start, stop) along the first dimension; NaN or Inf is refused."""
         if self._pickle is not None:
             t = self._pickle[key]
-            return t if rows is None else t[rows[0] : rows[1]]
-        file = self.key_to_file[key]
-        handle = self._open(file)
-        if key not in handle:
-            raise RegmeanError(f"{file}: tensor {key} is named in the index but missing from the shard")
-        return handle.get(key, rows)
+            t = t if rows is None else t[rows[0] : rows[1]]
+        else:
+            t = self._open(self.key_to_file[key]).get(key, rows)
+        return check_finite(t, f"{self.key_to_file[key]}: tensor {key}")
+
+    def chunks(self, key: str) -> Iterator[torch.Tensor]:
+        """Tensor `key` as flat pieces of bounded size, in storage order (for hashing any size)."""
+        if self._pickle is not None:
+            yield self._pickle[key].contiguous().reshape(-1)
+        else:
+            yield from self._open(self.key_to_file[key]).chunks(key)
 
     @cached_property
     def shapes(self) -> dict[str, tuple[int, ...]]:
@@ -133,11 +154,12 @@ class Checkpoint:
         shapes = hashlib.blake2b(digest_size=16)
         weights = hashlib.blake2b(digest_size=16)
         for key in sorted(self.keys()):
-            t = self.get(key).contiguous()
-            head = f"{key}:{str(t.dtype)}:{tuple(t.shape)};".encode()
-            shapes.update(f"{key}:{tuple(t.shape)};".encode())
-            weights.update(head)
-            weights.update(t.reshape(-1).view(torch.uint8).numpy())
+            shape = self.shape(key)
+            shapes.update(f"{key}:{shape};".encode())
+            weights.update(f"{key}:{DTYPES[self.dtype(key)]}:{shape};".encode())
+            for piece in self.chunks(key):  # NaN or Inf anywhere in the weights is refused here
+                check_finite(piece, f"{self.key_to_file[key]}: tensor {key}")
+                weights.update(piece.view(torch.uint8).numpy())
         return {
             "architecture": self.architecture,
             "model_type": str(self.config.get("model_type", "")),

@@ -12,6 +12,7 @@ from pathlib import Path
 import pandas as pd
 
 from regmean.errors import RegmeanError
+from regmean.io.untrusted import one_line
 
 
 @dataclass(frozen=True)
@@ -30,21 +31,28 @@ def read_table(path: str | Path) -> pd.DataFrame:
     if not path.is_file():
         raise RegmeanError(f"{path}: data file not found")
     suffixes = [s.lower() for s in path.suffixes]
-    opener = COMPRESSION[suffixes.pop()] if suffixes and suffixes[-1] in COMPRESSION else open
+    compressed = suffixes.pop() if suffixes and suffixes[-1] in COMPRESSION else ""
+    opener, opener_name = COMPRESSION.get(compressed, open), compressed and f" compressed with {compressed[1:]}"
     kind = suffixes[-1] if suffixes else ""
     try:
         if kind in (".jsonl", ".ndjson", ".json"):
             with opener(path, "rt", encoding="utf-8") as f:
                 rows = json.load(f) if kind == ".json" else [json.loads(line) for line in f if line.strip()]
             if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
-                raise ValueError("expected a list of objects, one per example")
+                raise RegmeanError(f"{path}: expected a list of objects, one per example")
             return pd.DataFrame(rows, dtype=object)
         if kind in (".csv", ".tsv"):
-            return pd.read_csv(path, sep="\t" if kind == ".tsv" else ",", dtype=str, keep_default_na=False)
+            with opener(path, "rt", encoding="utf-8", newline="") as f:
+                return pd.read_csv(f, sep="\t" if kind == ".tsv" else ",", dtype=str, keep_default_na=False)
         if kind == ".parquet":
             return pd.read_parquet(path)
-    except (ValueError, OSError, ImportError, pd.errors.ParserError) as exc:
-        raise RegmeanError(f"{path}: cannot parse as {kind[1:]} ({exc})") from exc
+    except RegmeanError:
+        raise
+    except RecursionError:
+        raise RegmeanError(f"{path}: cannot parse as {kind[1:]} (nested too deeply)") from None
+    except Exception as exc:  # decompressors, json, pandas and pyarrow each raise their own types
+        detail = one_line(f"{type(exc).__name__}: {exc}", 200)
+        raise RegmeanError(f"{path}: cannot read as {kind[1:]}{opener_name} ({detail})") from None
     raise RegmeanError(
         f"{path}: unknown data format {kind or '(none)'}; use .jsonl, .json, .csv, .tsv (each optionally .gz, .bz2 "
         "or .xz) or .parquet"
@@ -66,19 +74,25 @@ def load_examples(
         if field is not None and field not in table.columns:
             raise RegmeanError(f"{path}: no column {field!r}; columns are {', '.join(map(str, table.columns))}")
 
-    def cell(row, field):
+    def cell(row, field, number):
         if field is None:
             return None
         value = row[field]
-        return None if value is None or (isinstance(value, float) and pd.isna(value)) or value == "" else str(value)
+        if value is None or (isinstance(value, float) and pd.isna(value)) or value == "":
+            return None
+        if not isinstance(value, str):
+            raise RegmeanError(
+                f"{path}: row {number}: {field!r} is a {type(value).__name__}, not text; write it as a string"
+            )
+        return value
 
     examples = []
-    for _, row in table.iterrows():
-        text = cell(row, text_field)
+    for number, (_, row) in enumerate(table.iterrows(), start=1):
+        text = cell(row, text_field, number)
         if not text or not text.strip():
             continue
-        pair = cell(row, text_pair_field) or ("" if text_pair_field else None)
-        examples.append(Example(text, pair, cell(row, target_field)))
+        pair = cell(row, text_pair_field, number) or ("" if text_pair_field else None)
+        examples.append(Example(text, pair, cell(row, target_field, number)))
         if max_examples is not None and len(examples) >= max_examples:
             break
     if not examples:

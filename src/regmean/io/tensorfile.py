@@ -12,11 +12,13 @@ import json
 import math
 import os
 import struct
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
 from regmean.errors import RegmeanError
+from regmean.io.untrusted import parse_json
 
 DTYPES = {
     "F64": torch.float64,
@@ -59,28 +61,52 @@ class TensorFile:
         (n,) = struct.unpack("<Q", raw)
         if n > MAX_HEADER or 8 + n > size:
             raise RegmeanError(f"{self.path}: unreadable safetensors header (truncated or corrupt file)")
-        try:
-            header = json.loads(os.pread(self._fd, n, 8))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise RegmeanError(f"{self.path}: unreadable safetensors header ({exc})") from exc
-        self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
+        header = parse_json(os.pread(self._fd, n, 8), f"{self.path}: safetensors header")
+        if not isinstance(header, dict):
+            raise RegmeanError(f"{self.path}: safetensors header is a {type(header).__name__}, not a JSON object")
+        metadata = header.pop("__metadata__", {})
+        if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+            raise RegmeanError(f"{self.path}: safetensors __metadata__ must map names to strings")
+        self.metadata: dict[str, str] = metadata
         self._start = 8 + n
-        self._entries: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
-        end = 0
-        for key, e in header.items():
-            begin, stop = e["data_offsets"]
-            dtype, shape = e["dtype"], tuple(e["shape"])
-            if dtype not in DTYPES:
-                raise RegmeanError(f"{self.path}: tensor {key} has unsupported dtype {dtype}")
-            if stop - begin != math.prod(shape) * DTYPES[dtype].itemsize:
-                raise RegmeanError(f"{self.path}: tensor {key} has a size that does not match its shape")
-            self._entries[key] = (dtype, shape, begin, stop)
-            end = max(end, stop)
-        if self._start + end > size:
+        self._entries = {key: self._entry(key, value) for key, value in header.items()}
+        end = 0  # tensors must tile the data section in order: no gap, no overlap (as the safetensors format says)
+        for key, (_, _, begin, stop) in sorted(self._entries.items(), key=lambda kv: kv[1][2:]):
+            if begin != end:
+                raise RegmeanError(
+                    f"{self.path}: tensor {key} starts at data byte {begin}, expected {end} "
+                    "(tensors overlap or leave a gap: corrupt header)"
+                )
+            end = stop
+        if self._start + end != size:
+            problem = "truncated safetensors file" if self._start + end > size else "bytes after the last tensor in"
             raise RegmeanError(
-                f"{self.path}: truncated safetensors file ({size} bytes, the header needs {self._start + end}); "
+                f"{self.path}: {problem} ({size} bytes, the header accounts for {self._start + end}); "
                 "re-save or re-download it"
             )
+
+    def _entry(self, key: str, entry: object) -> tuple[str, tuple[int, ...], int, int]:
+        """One header entry checked completely: known dtype, shape of non-negative integers, offsets that
+        are non-negative, ordered and exactly dtype x shape bytes apart."""
+
+        def bad(what: str) -> RegmeanError:
+            return RegmeanError(f"{self.path}: tensor {key!r} in the safetensors header {what}")
+
+        if not isinstance(entry, dict):
+            raise bad(f"is a {type(entry).__name__}, not an object")
+        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if not isinstance(dtype, str) or dtype not in DTYPES:
+            raise bad(f"has unsupported dtype {dtype!r}")
+        if not isinstance(shape, list) or not all(_natural(d) for d in shape):
+            raise bad(f"has shape {shape!r}; expected a list of non-negative integers")
+        if not isinstance(offsets, list) or len(offsets) != 2 or not all(_natural(o) for o in offsets):
+            raise bad(f"has data_offsets {offsets!r}; expected [begin, end], non-negative integers")
+        begin, stop = offsets
+        if stop - begin != math.prod(shape) * DTYPES[dtype].itemsize:
+            raise bad(
+                f"spans {stop - begin} bytes but {dtype} x {shape} needs {math.prod(shape) * DTYPES[dtype].itemsize}"
+            )
+        return dtype, tuple(shape), begin, stop
 
     def keys(self) -> list[str]:
         return list(self._entries)
@@ -94,10 +120,6 @@ class TensorFile:
     def dtype(self, key: str) -> str:
         return self._entries[key][0]
 
-    def nbytes(self, key: str) -> int:
-        _, _, begin, stop = self._entries[key]
-        return stop - begin
-
     def get(self, key: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
         """The tensor, or only its rows [start, stop) along the first dimension (one contiguous read)."""
         dtype, shape, begin, stop = self._entries[key]
@@ -105,6 +127,18 @@ class TensorFile:
             row_bytes = (stop - begin) // shape[0] if shape and shape[0] else 0
             begin, stop = begin + rows[0] * row_bytes, begin + rows[1] * row_bytes
             shape = (rows[1] - rows[0], *shape[1:])
+        return self._read(key, begin, stop).view(DTYPES[dtype]).reshape(shape)
+
+    def chunks(self, key: str, max_bytes: int = 64 * 1024**2) -> Iterator[torch.Tensor]:
+        """The tensor's elements in file order, as flat pieces of at most `max_bytes` (bounded memory for any size)."""
+        dtype, _, begin, stop = self._entries[key]
+        itemsize = DTYPES[dtype].itemsize
+        step = max(itemsize, max_bytes // itemsize * itemsize)
+        for first in range(begin, stop, step):
+            yield self._read(key, first, min(first + step, stop)).view(DTYPES[dtype])
+
+    def _read(self, key: str, begin: int, stop: int) -> torch.Tensor:
+        """Bytes [begin, stop) of the data section as a uint8 tensor (one positioned read, retried until done)."""
         buffer = bytearray(stop - begin)
         view, done = memoryview(buffer), 0
         while done < len(buffer):
@@ -112,9 +146,7 @@ class TensorFile:
             if got == 0:
                 raise RegmeanError(f"{self.path}: tensor {key} ends past the end of the file")
             done += got
-        if not buffer:
-            return torch.empty(shape, dtype=DTYPES[dtype])
-        return torch.frombuffer(buffer, dtype=DTYPES[dtype]).reshape(shape)
+        return torch.frombuffer(buffer, dtype=torch.uint8) if buffer else torch.empty(0, dtype=torch.uint8)
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -124,6 +156,11 @@ class TensorFile:
     def __del__(self):
         if getattr(self, "_fd", -1) >= 0:
             self.close()
+
+
+def _natural(value: object) -> bool:
+    """A JSON integer >= 0 (not a bool, not a float)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 class PlannedFile:

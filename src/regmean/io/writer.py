@@ -18,6 +18,7 @@ import torch
 from regmean.errors import RegmeanError
 from regmean.io.checkpoint import SAFETENSORS_INDEX, SAFETENSORS_SINGLE
 from regmean.io.tensorfile import PlannedFile
+from regmean.io.untrusted import check_finite
 
 DEFAULT_SHARD_BYTES = 5 * 1024**3
 Layout = dict[str, tuple[torch.dtype, tuple[int, ...]]]
@@ -53,6 +54,7 @@ class ShardedWriter:
         """Write tensor `name`, or with `first_row` a block of its rows starting there."""
         if name not in self._file_of:
             raise RegmeanError(f"{self.folder}: tensor {name} is not in the planned output")
+        check_finite(tensor, f"merged tensor {name} (check the recipe's weights and scaling; nothing was written)")
         self._file_of[name].write(name, tensor, first_row)
 
     def finish(self) -> list[Path]:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import math
+import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -17,24 +20,34 @@ from pydantic import (
 )
 
 from regmean.errors import RegmeanError
+from regmean.io.untrusted import one_line
 from regmean.methods import METHODS
 
 
+def _no_nul(path: Path) -> Path:
+    if "\0" in str(path):
+        raise ValueError("a path may not contain a NUL character")
+    return path
+
+
+LocalPath = Annotated[Path, AfterValidator(_no_nul)]
+
+
 class ModelEntry(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    path: Path
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    path: LocalPath
     """A Hugging Face model folder (config.json + safetensors)."""
-    statistics: Path | None = None
+    statistics: LocalPath | None = None
     """Its statistics folder or file (required by regmean)."""
     weight: float = Field(1.0, gt=0)
     """Relative weight of this model (normalised for averages; multiplies its Gram for regmean)."""
 
 
 class MergeConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     method: str = "regmean"
     models: list[ModelEntry] = Field(min_length=1)
-    base_model: Path | None = None
+    base_model: LocalPath | None = None
     """The pretrained model the others were fine-tuned from (task_arithmetic)."""
     options: dict[str, Any] = Field(default_factory=dict, validate_default=True)
     """Method options: regmean {alpha, gram_weighting, bias}; task_arithmetic {scaling}."""
@@ -56,6 +69,23 @@ class MergeConfig(BaseModel):
     def _known_method(cls, v: str) -> str:
         if v not in METHODS:
             raise ValueError(f"unknown method {v!r}; choose one of {', '.join(METHODS)}")
+        return v
+
+    @field_validator("models")
+    @classmethod
+    def _weights_sum(cls, v: list[ModelEntry]) -> list[ModelEntry]:
+        if not math.isfinite(math.fsum(m.weight for m in v)):
+            raise ValueError("the models' weights must sum to a finite number (scale them down)")
+        return v
+
+    @field_validator("head_modules")
+    @classmethod
+    def _patterns(cls, v: list[str] | None) -> list[str] | None:
+        for pattern in v or []:
+            try:
+                re.compile(pattern)
+            except (re.error, RecursionError, OverflowError) as exc:
+                raise ValueError(f"invalid regular expression {pattern!r} ({exc})") from None
         return v
 
     @field_validator("options")
@@ -82,6 +112,12 @@ class MergeConfig(BaseModel):
                 raise ValueError(f"method {self.method} needs statistics for every model; missing for {missing}")
         return self
 
+    def input_paths(self) -> list[tuple[str, Path]]:
+        """Every file or folder the merge reads, named by what it is (an output may not overlap any)."""
+        paths = [("model", m.path) for m in self.models]
+        paths += [("statistics", m.statistics) for m in self.models if m.statistics is not None]
+        return paths + ([("base model", self.base_model)] if self.base_model is not None else [])
+
     def method_options(self) -> BaseModel:
         return METHODS[self.method].options(**self.options)
 
@@ -91,10 +127,7 @@ class MergeConfig(BaseModel):
         path = Path(path)
         if not path.is_file():
             raise RegmeanError(f"{path}: config file not found")
-        try:
-            raw = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            raise RegmeanError(f"{path}: not valid YAML ({exc})") from exc
+        raw = read_yaml(path)
         if not isinstance(raw, dict):
             raise RegmeanError(f"{path}: expected a mapping with method, models, options")
         return cls.parse(raw, source=str(path), root=path.parent)
@@ -123,17 +156,49 @@ class MergeConfig(BaseModel):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """Safe YAML that refuses a key given twice in one mapping (plain safe_load keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} appears twice", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+MAX_RECIPE = 1024**2
+
+
+def read_yaml(path: Path) -> object:
+    """A recipe's YAML (safe, no duplicate keys, at most 1 MB); any error is one line with its position."""
+    try:
+        if path.stat().st_size > MAX_RECIPE:
+            raise RegmeanError(f"{path}: a recipe of {path.stat().st_size} bytes is too large (at most 1 MB)")
+        return yaml.load(path.read_text(encoding="utf-8"), Loader=_StrictLoader)  # noqa: S506 (a SafeLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise RegmeanError(f"{path}: not valid YAML{where}: {one_line(problem, 200)}") from None
+    except (UnicodeDecodeError, RecursionError) as exc:
+        raise RegmeanError(f"{path}: not a readable YAML text ({type(exc).__name__})") from None
+
+
 def _missing_paths(raw: dict, root: Path) -> list[str]:
     """The model, statistics and base-model paths of an unvalidated recipe that do not exist."""
-    entries = [m for m in raw.get("models") or [] if isinstance(m, dict)]
+    models = raw.get("models")
+    entries = [m for m in models if isinstance(m, dict)] if isinstance(models, list) else []
     named = [m.get(key) for m in entries for key in ("path", "statistics")] + [raw.get("base_model")]
     paths = [root / p for p in named if isinstance(p, str | Path)]
     return [f"{p}: not found" for p in paths if not p.exists()]
 
 
 def _one_line(source: str, error: dict) -> str:
-    where = ".".join(str(p) for p in error.get("loc", ())) or "(top level)"
-    msg = error.get("msg", "invalid")
+    where = one_line(".".join(str(p) for p in error.get("loc", ())), 100) or "(top level)"
+    msg = one_line(error.get("msg", "invalid"), 300)
     if error.get("type") == "extra_forbidden":
         msg = "unknown key (check its spelling against the documented options)"
     return f"{source}: {where}: {msg}"

@@ -12,11 +12,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from regmean.architecture import LinearLayer, is_head_key
 from regmean.errors import RegmeanError
+from regmean.io.outputs import check_free_space
 from regmean.io.tensorfile import DTYPES as TENSOR_DTYPES
 from regmean.io.writer import DEFAULT_SHARD_BYTES, Layout, ShardedWriter
 from regmean.merge.config import MergeConfig
 from regmean.merge.inputs import MergeInputs, base_key, open_inputs
-from regmean.merge.output import check_output_dir, finish_folders, output_folders, staged_output
+from regmean.merge.output import finish_folders, output_folders, staged_output
 from regmean.merge.plan import MergePlan, check_memory, make_plan, row_blocks
 from regmean.methods import METHODS
 from regmean.methods.regmean import RegMeanOptions, affine_gram, reconstruction_error, regmean_solve
@@ -67,22 +68,20 @@ def merge(
     `log`; `dry_run` returns it without merging; `max_memory` refuses a merge whose estimate exceeds it. Tensors are
     read one at a time and written in shards of `shard_size`; nothing is left in `out_dir` unless the merge completes.
     """
+    sources: list[tuple[str, Path]] = []
     if not isinstance(config, MergeConfig):
+        sources.append(("recipe", Path(config)))
         config = MergeConfig.from_file(config)
+    sources += config.input_paths()
     out_dir = Path(out_dir)
-    if not dry_run:
-        check_output_dir(out_dir, force)
-    inputs = open_inputs(config)
-    groups = _site_groups(inputs) if METHODS[config.method].statistics == "gram" else {}
-    shard_bytes = parse_size(shard_size)
-    layouts = output_layouts(inputs)
-    plan = make_plan(inputs, groups, layouts)
-    if log is not None:
-        log(plan.describe())
-    check_memory(plan, None if max_memory is None else parse_size(max_memory))
+    shard_bytes = parse_size(shard_size, "--shard-size")
+    memory_limit = None if max_memory is None else parse_size(max_memory, "--max-memory")
     if dry_run:
-        return plan
-    with staged_output(out_dir, force) as staged:
+        return _planned(open_inputs(config), log, memory_limit)[0]
+    with staged_output(out_dir, force, sources, log) as staged:
+        inputs = open_inputs(config)
+        plan, groups, layouts = _planned(inputs, log, memory_limit)
+        check_free_space(staged, plan.write_bytes, "the merged model")
         folders = output_folders(inputs, staged)
         writers = [ShardedWriter(f, layout, shard_bytes) for f, layout in zip(folders, layouts, strict=True)]
         report = merge_into(inputs, groups, writers, progress)
@@ -90,6 +89,17 @@ def merge(
             w.finish()
         finish_folders(inputs, folders, staged, report)
     return report
+
+
+def _planned(inputs: MergeInputs, log, memory_limit: int | None) -> tuple[MergePlan, dict, list[Layout]]:
+    """The plan (said to `log`, checked against the memory limit), the RegMean site groups and output layouts."""
+    groups = _site_groups(inputs) if METHODS[inputs.config.method].statistics == "gram" else {}
+    layouts = output_layouts(inputs)
+    plan = make_plan(inputs, groups, layouts)
+    if log is not None:
+        log(plan.describe())
+    check_memory(plan, memory_limit)
+    return plan, groups, layouts
 
 
 def output_layouts(inputs: MergeInputs) -> list[Layout]:

@@ -15,6 +15,7 @@ from regmean.architecture import (
     is_head_key,
     linear_layers,
     meta_model,
+    required_keys,
 )
 from regmean.errors import RegmeanError
 from regmean.fisher import FisherFile
@@ -106,13 +107,19 @@ def open_inputs(config: MergeConfig, check_fingerprints: bool = True) -> MergeIn
                 f"{entry.path}: shape of {bad[0]} is {other[bad[0]]}, {first_path} has {ref[bad[0]]}"
                 f"{vocab}{hint} ({len(bad)} tensors differ)"
             )
+    needed = [k for k in required_keys(skeleton) if base_key(first, k, skeleton) is None]
+    if needed:
+        problems.append(
+            f"{first_path}: lacks {len(needed)} tensors its architecture {first.architecture} needs, e.g. {needed[0]} "
+            "(loading would initialise them at random); re-save the model with save_pretrained"
+        )
     if base is not None:
         absent = [k for k in ref if base_key(base, k, skeleton) is None and not is_head_key(k, heads)]
         if absent:
             problems.append(f"{config.base_model}: base model lacks {len(absent)} body tensors, e.g. {absent[0]}")
 
     linears = linear_layers(skeleton)
-    if stats is not None:
+    if stats is not None and not problems:  # hashing is the costly part: not when the inputs are already wrong
         if check_fingerprints:  # hash the models' weights concurrently (hashing and reads release the GIL)
             with ThreadPoolExecutor(min(len(models), os.cpu_count() or 1)) as pool:
                 list(pool.map(lambda c: c.fingerprint, models))
@@ -124,10 +131,13 @@ def open_inputs(config: MergeConfig, check_fingerprints: bool = True) -> MergeIn
                     "measure this model"
                 )
                 continue
-            unknown = sorted(set(getattr(st, "modules", ())) - set(linears))
+            if isinstance(st, FisherFile):
+                problems += _fisher_problems(st, ckpt)
+                continue
+            unknown = sorted(set(st.modules) - set(linears))
             if unknown:
                 problems.append(f"{st.path}: statistics name modules the model lacks, e.g. {unknown[0]}")
-            absent = [linears[m].weight_key for m in getattr(st, "modules", ()) if m in linears]
+            absent = [linears[m].weight_key for m in st.modules if m in linears]
             absent = [k for k in absent if k not in ckpt]
             if absent:
                 problems.append(
@@ -146,6 +156,17 @@ def open_inputs(config: MergeConfig, check_fingerprints: bool = True) -> MergeIn
         raise RegmeanError(problems)
     embeddings, lm_head = embedding_modules(skeleton)
     return MergeInputs(config, models, stats, base, skeleton, linears, heads, embeddings, lm_head)
+
+
+def _fisher_problems(fisher: FisherFile, ckpt: Checkpoint) -> list[str]:
+    """A Fisher file must cover tensors of the model, each with its shape."""
+    unknown = [k for k in fisher.keys if k not in ckpt]
+    if unknown:
+        return [f"{fisher.path}: Fisher of {unknown[0]}, which the model lacks ({len(unknown)} unknown); measure again"]
+    bad = [k for k in fisher.keys if fisher.shape(k) != ckpt.shapes[k]]
+    if bad:
+        return [f"{fisher.path}: Fisher of {bad[0]} is {fisher.shape(bad[0])}, the model's is {ckpt.shapes[bad[0]]}"]
+    return []
 
 
 def base_key(base: Checkpoint, key: str, skeleton: nn.Module) -> str | None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import glob
 import json
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -12,6 +14,9 @@ from typing import TYPE_CHECKING
 
 from regmean import __version__
 from regmean.errors import RegmeanError
+from regmean.io.checkpoint import SAFETENSORS_INDEX
+from regmean.io.metadata import describe_record
+from regmean.io.outputs import Inputs, check_output_path, listing, new_folders, output_lock, remove_if_empty
 
 if TYPE_CHECKING:
     from regmean.merge.engine import MergeReport
@@ -32,26 +37,107 @@ COPIED_PATTERNS = (
 )
 
 
+WEIGHT_PATTERNS = ("model.safetensors", "model-*-of-*.safetensors", SAFETENSORS_INDEX)
+OWN_FILES = ("README.md", "merge_config.yaml", "merge_report.json")
+STAGING_MARK = ".regmean-staging"
+MAX_RECORDS = 20
+"""Provenance records shown per model in the model card (all of them stay in the statistics file)."""
+
+
+def foreign_entries(out_dir: Path) -> list[Path]:
+    """What in an existing output folder regmean did not write: everything, unless the folder holds a
+    merge_report.json and only the files a merge writes (and per-model folders of the same kind)."""
+    entries = list(out_dir.iterdir())
+    if not (out_dir / "merge_report.json").is_file():
+        return entries
+    ours = (*COPIED_PATTERNS, *WEIGHT_PATTERNS, *OWN_FILES)
+    foreign = []
+    for entry in entries:
+        if entry.is_symlink():
+            foreign.append(entry)
+        elif entry.is_dir():
+            inner = foreign_entries(entry) if (entry / "merge_report.json").is_file() else [entry]
+            foreign += [entry] if inner else []
+        elif not any(entry.match(pattern) for pattern in ours):
+            foreign.append(entry)
+    return foreign
+
+
 def check_output_dir(out_dir: Path, force: bool) -> None:
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not force:
+    """Refuse a non-empty output without --force, and with --force anything but a folder a merge wrote."""
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise RegmeanError(f"{out_dir}: exists and is not a folder; choose another output")
+    if not any(out_dir.iterdir()):
+        return
+    if not force:
         raise RegmeanError(f"{out_dir}: exists and is not empty; choose another folder or pass --force to replace it")
+    foreign = foreign_entries(out_dir)
+    if foreign:
+        raise RegmeanError(
+            f"{out_dir}: --force replaces only a folder regmean merged, but it holds {listing(foreign, out_dir)}; "
+            "move those away or choose another folder (nothing was deleted)"
+        )
 
 
 @contextmanager
-def staged_output(out_dir: Path, force: bool) -> Iterator[Path]:
-    """A temporary sibling folder renamed to `out_dir` only when the block completes: an interrupted or failed
-    merge leaves nothing that looks like a finished model folder."""
+def staged_output(out_dir: Path, force: bool, inputs: Inputs, log=None) -> Iterator[Path]:
+    """A staging folder beside `out_dir`, renamed to `out_dir` only when the block completes: an interrupted or
+    failed merge leaves nothing that looks like a finished model folder.
+
+    Before any work: the output is checked against every input and what --force may replace, locked against a
+    second writer, and staging folders left by killed runs into the same output are removed."""
+    check_output_path(out_dir, inputs)
     check_output_dir(out_dir, force)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.partial-"))
+    made = new_folders(out_dir.parent)
     try:
-        yield tmp
-        if out_dir.exists():
-            shutil.rmtree(out_dir) if out_dir.is_dir() else out_dir.unlink()
-        tmp.rename(out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        with _locked_staging(out_dir, force, log) as tmp:
+            yield tmp
+    except BaseException:
+        remove_if_empty(made)  # a failed merge leaves no folder it made
+        raise
+
+
+@contextmanager
+def _locked_staging(out_dir: Path, force: bool, log) -> Iterator[Path]:
+    with output_lock(out_dir):
+        for stale in _left_by_killed_runs(out_dir):
+            shutil.rmtree(stale)
+            if log is not None:
+                log(f"removed {stale}, left by an interrupted merge into {out_dir}")
+        try:
+            tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.partial-"))
+            (tmp / STAGING_MARK).touch()
+        except OSError as exc:
+            raise RegmeanError(f"{out_dir.parent}: cannot write here ({exc.strerror})") from None
+        try:
+            yield tmp
+            (tmp / STAGING_MARK).unlink()
+            _replace(tmp, out_dir, force)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+
+
+def _left_by_killed_runs(out_dir: Path) -> list[Path]:
+    """Staging folders (marked) and set-aside old outputs (holding only `out_dir`'s name) of runs that died."""
+    name = glob.escape(out_dir.name)
+    staging = [p for p in out_dir.parent.glob(f".{name}.partial-*") if (p / STAGING_MARK).is_file()]
+    old = [p for p in out_dir.parent.glob(f".{name}.old-*") if [e.name for e in p.iterdir()] == [out_dir.name]]
+    return staging + old
+
+
+def _replace(tmp: Path, out_dir: Path, force: bool) -> None:
+    """Move the finished folder into place; an old output is set aside first and deleted only afterwards."""
+    check_output_dir(out_dir, force)  # again: files may have appeared during the merge
+    old = None
+    if out_dir.exists():
+        old = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.old-"))
+        out_dir.rename(old / out_dir.name)
+    tmp.rename(out_dir)
+    if old is not None:
+        shutil.rmtree(old)
 
 
 def output_folders(inputs: MergeInputs, staged: Path) -> list[Path]:
@@ -77,9 +163,14 @@ def finish_folders(inputs: MergeInputs, folders: list[Path], staged: Path, repor
 
 
 def output_names(models: list[Path]) -> list[str]:
-    """Folder names of a heads: keep merge: the input folders' names, numbered when they collide."""
-    names = [m.name or f"model_{k}" for k, m in enumerate(models)]
-    if len(set(names)) < len(names):
+    """Folder names of a heads: keep merge: each input folder's own name reduced to letters, digits, '.', '-' and
+    '_' (so never '..', a separator or an absolute part), numbered when two collide (case-insensitively too) or
+    when one would take the name of a file the merge writes beside them."""
+    names = [
+        re.sub(r"[^A-Za-z0-9._-]+", "_", m.resolve().name).lstrip(".") or f"model_{k}" for k, m in enumerate(models)
+    ]
+    taken = [n.lower() for n in names] + [f.lower() for f in OWN_FILES]
+    if len(set(taken)) < len(taken):
         names = [f"{k}_{n}" for k, n in enumerate(names)]
     return names
 
@@ -138,7 +229,9 @@ def model_card(inputs: MergeInputs, report: MergeReport, own_head: int | None = 
     if inputs.stats:
         lines += ["", "## Statistics provenance", ""]
         for k, st in enumerate(inputs.stats):
-            for record in getattr(st, "provenance", []):  # one record per measuring run (several after combine)
-                lines.append(f"- model {k}: " + ", ".join(f"{key}={value}" for key, value in record.items()))
+            records = getattr(st, "provenance", [])  # one record per measuring run (several after combine)
+            lines += [f"- model {k}: {describe_record(record)}" for record in records[:MAX_RECORDS]]
+            if len(records) > MAX_RECORDS:
+                lines.append(f"- model {k}: ... and {len(records) - MAX_RECORDS} more measuring runs")
     lines += ["", "The full recipe is in `merge_config.yaml`, per-layer diagnostics in `merge_report.json`.", ""]
     return "\n".join(lines)

@@ -11,7 +11,7 @@ EPS = 1e-30  # only breaks 0/0: a parameter no model's Fisher touches is simply 
 
 
 class FisherOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 def fisher_average(tensors: torch.Tensor, weights: torch.Tensor, fisher: torch.Tensor) -> torch.Tensor:

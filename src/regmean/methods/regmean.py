@@ -19,7 +19,7 @@ RIDGE_LADDER = (0.0, 1e-10, 1e-8, 1e-6, 1e-4, 1e-2, 1.0)
 
 
 class RegMeanOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     alpha: float = Field(0.9, ge=0.0, le=1.0)
     """Off-diagonal multiplier: 1 = plain RegMean, 0 = per-feature weighted average."""
     gram_weighting: Literal["mean", "sum"] = "mean"

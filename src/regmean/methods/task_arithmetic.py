@@ -11,7 +11,7 @@ from regmean.methods.average import weighted_average
 
 
 class TaskArithmeticOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     scaling: float = 1.0
     """lambda in W_base + lambda * sum_i w_i (W_i - W_base)."""
 

@@ -1,0 +1,71 @@
+"""Typed, bounded reads of a statistics file's header metadata (strings written by us, but read from anyone)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from regmean.errors import RegmeanError
+from regmean.io.untrusted import one_line, parse_json
+
+MAX_FIELD = 16 * 1024**2
+"""No metadata field may be longer (the module map of a 70B model is about 40 KB)."""
+SCALARS = (str, int, float, bool, type(None))
+
+
+class Metadata:
+    """The `__metadata__` strings of one file, each read as the type it must have, or one clear error."""
+
+    def __init__(self, meta: dict[str, str], path: Path):
+        self.meta, self.path = meta, path
+
+    def _raw(self, key: str, default: str | None) -> str:
+        value = self.meta.get(key, default)
+        if value is None:
+            raise RegmeanError(f"{self.path}: metadata lacks {key!r}; not a complete statistics file (measure again)")
+        if len(value) > MAX_FIELD:
+            raise RegmeanError(f"{self.path}: metadata {key!r} is {len(value)} characters long (at most {MAX_FIELD})")
+        return value
+
+    def _bad(self, key: str, expected: str) -> RegmeanError:
+        return RegmeanError(f"{self.path}: metadata {key!r} must be {expected}, not {one_line(self.meta[key], 80)!r}")
+
+    def text(self, key: str, default: str | None = None) -> str:
+        return self._raw(key, default)
+
+    def natural(self, key: str, default: str | None = None) -> int:
+        """A non-negative integer written in decimal digits."""
+        raw = self._raw(key, default)
+        if not (raw.isascii() and raw.isdigit() and len(raw) <= 18):
+            raise self._bad(key, "a non-negative integer")
+        return int(raw)
+
+    def json(self, key: str, default: str | None = None) -> Any:
+        return parse_json(self._raw(key, default), f"{self.path}: metadata {key!r}")
+
+    def str_map(self, key: str, default: str | None = None) -> dict[str, str]:
+        value = self.json(key, default)
+        if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+            raise self._bad(key, "a JSON object of strings")
+        return value
+
+    def records(self, key: str, default: str | None = None) -> list[dict[str, Any]]:
+        """A JSON list of flat objects (string, number, boolean or null values)."""
+        value = self.json(key, default)
+        if not isinstance(value, list) or not all(
+            isinstance(r, dict) and all(isinstance(v, SCALARS) for v in r.values()) for r in value
+        ):
+            raise self._bad(key, "a JSON list of flat objects")
+        return value
+
+    def fingerprint(self) -> dict[str, str]:
+        value = self.str_map("fingerprint")
+        missing = [k for k in ("architecture", "weights") if k not in value]
+        if missing:
+            raise self._bad("fingerprint", f"an object with {' and '.join(missing)}")
+        return value
+
+
+def describe_record(record: dict[str, Any], limit: int = 120) -> str:
+    """One provenance record as `key=value, ...`, each part cut to `limit` characters (bounded output)."""
+    return ", ".join(one_line(f"{k}={v}", limit) for k, v in record.items())

@@ -1,0 +1,128 @@
+"""Statistics files written under hidden names and revealed together: a run that fails or is killed never leaves a
+file that looks complete, and --force replaces only files of the same format that regmean wrote."""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from contextlib import ExitStack
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from regmean.errors import RegmeanError
+from regmean.io.outputs import Inputs, check_output_path, new_folders, output_lock, probe_writable, remove_if_empty
+from regmean.io.tensorfile import TensorFile
+
+
+def write_atomic(tensors: dict[str, torch.Tensor], metadata: dict[str, str], target: Path) -> Path:
+    """Write a safetensors file through a temporary file in the same folder, renamed when complete."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".stats-", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def target_file(out: Path, file_name: str) -> Path:
+    """`out` itself when it names a .safetensors file, else `out/file_name`."""
+    return out / file_name if out.is_dir() or out.suffix != ".safetensors" else out
+
+
+class StagedFiles:
+    """The files of one run into `out` (a folder, or a .safetensors file path), as a context manager.
+
+    On entry, before any work: the output is checked against the inputs, locked, checked writable, and files left
+    by a killed run into it are removed (said to `log`). `existing` files of format `fmt` are replaced only with
+    `replace`; anything else there is never touched."""
+
+    PREFIX = ".partial-"
+
+    def __init__(
+        self, out: Path, *, fmt: str, file_name: str, replace: bool, inputs: Inputs = (), log=None, blocks: str = ""
+    ):
+        self.out, self.fmt, self.replace, self.inputs, self.log = Path(out), fmt, replace, list(inputs), log
+        self.target = target_file(self.out, file_name)
+        self.blocks = blocks  # glob of block files that stand for the single file, if any
+        self.staged: list[tuple[Path, Path]] = []
+        self._stack = ExitStack()
+
+    def __enter__(self) -> StagedFiles:
+        check_output_path(self.out, self.inputs)
+        if self.out.exists() and not self.out.is_dir() and self.target != self.out:
+            raise RegmeanError(f"{self.out}: exists and is a file, not a folder; choose another output")
+        folder = self.target.parent
+        self._new = new_folders(folder)
+        self._stack.enter_context(output_lock(self.target))
+        try:
+            probe_writable(folder)
+            for stale in [*folder.glob(f"{self.PREFIX}*.safetensors"), *folder.glob(".stats-*.tmp")]:
+                stale.unlink()
+                if self.log is not None:
+                    self.log(f"removed {stale}, left by an interrupted run")
+            self._check_existing()
+        except BaseException:
+            self.__exit__(*sys.exc_info())
+            raise
+        return self
+
+    def __exit__(self, exc_type, *_) -> None:
+        self.discard()
+        self._stack.close()
+        if exc_type is not None:  # a failed run leaves no folder it made
+            remove_if_empty(self._new)
+
+    def existing(self) -> list[Path]:
+        """What the output holds now: the single file, or its blocks."""
+        if self.target.is_file() or self.target.is_symlink():
+            return [self.target]
+        return sorted(self.target.parent.glob(self.blocks)) if self.blocks else []
+
+    def _check_existing(self) -> None:
+        existing = self.existing()
+        if existing and not self.replace:
+            raise RegmeanError(f"{existing[0]}: exists; choose another folder or pass --force to replace it")
+        for path in existing:
+            if not self._ours(path):
+                raise RegmeanError(
+                    f"{path}: not a {self.fmt} file written by regmean; --force will not replace it (nothing deleted)"
+                )
+
+    def _ours(self, path: Path) -> bool:
+        if path.is_symlink() or not path.is_file():
+            return False
+        try:
+            return TensorFile(path).metadata.get("format") == self.fmt
+        except RegmeanError:
+            return False
+
+    def stage(self, tensors: dict[str, torch.Tensor], metadata: dict[str, str], final: Path | None = None) -> None:
+        """Write one file under a hidden name; it becomes `final` (default: the target) at `commit`."""
+        final = final or self.target
+        hidden = final.with_name(self.PREFIX + final.name)
+        self.staged.append((write_atomic(tensors, metadata, hidden), final))
+
+    def commit(self) -> list[Path]:
+        """Replace whatever the output held (one file or blocks) by the staged files."""
+        self._check_existing()  # again: files may have appeared during the run
+        finals = {final for _, final in self.staged}
+        for old in self.existing():
+            if old not in finals:
+                old.unlink()
+        for hidden, final in self.staged:
+            os.replace(hidden, final)
+        written = [final for _, final in self.staged]
+        self.staged = []
+        return written
+
+    def discard(self) -> None:
+        for hidden, _ in self.staged:
+            hidden.unlink(missing_ok=True)
+        self.staged = []

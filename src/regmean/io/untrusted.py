@@ -1,0 +1,71 @@
+"""Parsers of input the user hands us (JSON files and headers, regular expressions, numbers): each either returns a
+value of the expected type or raises a one-line `RegmeanError` naming where the input came from."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from regmean.errors import RegmeanError, one_line
+
+MAX_JSON_FILE = 64 * 1024**2
+"""config.json and index files larger than this are refused (real ones are kilobytes to a few megabytes)."""
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"key {key!r} appears twice")
+        out[key] = value
+    return out
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def parse_json(text: str | bytes, where: str) -> Any:
+    """Strict JSON: no duplicate keys, no NaN/Infinity, bounded nesting; any failure is one line about `where`."""
+    try:
+        return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
+    except RecursionError:
+        raise RegmeanError(f"{where}: JSON nested too deeply") from None
+    except (ValueError, TypeError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise RegmeanError(f"{where}: not valid JSON ({one_line(str(exc), 200)})") from None
+
+
+def read_json_object(path: Path, what: str) -> dict[str, Any]:
+    """A JSON file that must hold an object (config.json, an index)."""
+    try:
+        size = path.stat().st_size
+        if size > MAX_JSON_FILE:
+            raise RegmeanError(f"{path}: {size} bytes is too large for {what}")
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise RegmeanError(f"{path}: cannot read {what} ({exc.strerror})") from None
+    value = parse_json(raw, str(path))
+    if not isinstance(value, dict):
+        raise RegmeanError(f"{path}: {what} must be a JSON object, not a {type(value).__name__}")
+    return value
+
+
+def compile_pattern(pattern: str, where: str) -> re.Pattern:
+    try:
+        return re.compile(pattern)
+    except (re.error, RecursionError, OverflowError) as exc:
+        raise RegmeanError(f"{where}: invalid regular expression {pattern!r} ({exc})") from None
+
+
+def check_finite(tensor: torch.Tensor, where: str) -> torch.Tensor:
+    """Refuse NaN or Inf in a floating tensor (float8 types are widened to check)."""
+    if not tensor.is_floating_point():
+        return tensor
+    probe = tensor.to(torch.float16) if tensor.element_size() == 1 else tensor
+    if not bool(torch.isfinite(probe).all()):
+        raise RegmeanError(f"{where}: has NaN or Inf values")
+    return tensor

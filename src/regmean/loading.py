@@ -1,0 +1,75 @@
+"""Loading a model folder for a forward pass (measure, fisher): the tokenizer, and the model with every tensor its
+architecture needs (transformers would initialise a missing one at random and carry on)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import transformers
+
+from regmean.architecture import load_config, model_class
+from regmean.errors import RegmeanError
+from regmean.io.untrusted import one_line
+
+# files that carry a vocabulary; without one, transformers builds a tokenizer that maps every word to [UNK]
+VOCABULARY_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "vocab.*",
+    "spiece.model",
+    "sentencepiece*.model",
+    "*.tiktoken",
+)
+POSITION_KEYS = ("max_position_embeddings", "n_positions")
+
+
+def load_model(model_dir: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32, cls=None):
+    """The model in eval mode on `device` (class `cls`, or the one config.json names), refused when the checkpoint
+    lacks a tensor the class needs or holds one of another shape."""
+    cls = cls or model_class(load_config(model_dir))
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        model, info = cls.from_pretrained(
+            str(model_dir), dtype=dtype, trust_remote_code=False, output_loading_info=True
+        )
+    except Exception as exc:  # transformers raises many types for checkpoints it cannot use
+        raise RegmeanError(f"{model_dir}: cannot load model ({one_line(str(exc), 300)})") from exc
+    absent = list(info.get("missing_keys", [])) + [str(k[0]) for k in info.get("mismatched_keys", [])]
+    if absent:
+        raise RegmeanError(
+            f"{model_dir}: the checkpoint lacks {len(absent)} tensors {cls.__name__} needs (or has them in another "
+            f"shape), e.g. {absent[0]}; transformers would initialise them at random. Use the matching model folder"
+        )
+    return model.to(device).eval()
+
+
+def load_tokenizer(model_dir: str | Path):
+    if not any(any(Path(model_dir).glob(pattern)) for pattern in VOCABULARY_FILES):
+        raise RegmeanError(
+            f"{model_dir}: no tokenizer vocabulary ({', '.join(VOCABULARY_FILES)}); "
+            "save the tokenizer into the folder (tokenizer.save_pretrained)"
+        )
+    try:
+        tok = transformers.AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
+    except Exception as exc:  # tokenizers and transformers raise many types for files they cannot use
+        raise RegmeanError(
+            f"{model_dir}: no usable tokenizer files ({one_line(str(exc), 300)}); copy the tokenizer into the folder"
+        ) from exc
+    tok.padding_side = "right"  # right padding keeps positions and causal attention of real tokens unchanged
+    if tok.pad_token is None:
+        if tok.eos_token is None:
+            raise RegmeanError(f"{model_dir}: tokenizer has neither a pad nor an eos token to pad with")
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def check_positions(config: transformers.PretrainedConfig, tokens: int) -> None:
+    """Refuse inputs longer than the positions config.json declares (position embeddings would index past their
+    table): called on each batch, so a --max-length that no text reaches costs nothing."""
+    limits = [getattr(config, k) for k in POSITION_KEYS if isinstance(getattr(config, k, None), int)]
+    if limits and tokens > min(limits):
+        raise RegmeanError(
+            f"inputs of {tokens} tokens exceed the {min(limits)} positions the model's config.json declares; "
+            f"use --max-length {min(limits)} or less"
+        )
