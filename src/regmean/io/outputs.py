@@ -27,7 +27,6 @@ def check_output_path(out: Path, inputs: Inputs) -> Path:
     blocking = next((p for p in (real, *real.parents) if p.exists() and not p.is_dir()), None)
     if blocking is not None and blocking != real:
         raise RegmeanError(f"{out}: cannot be created, {blocking} is a file")
-    _refuse_protected(out, real)
     for what, path in inputs:
         source = Path(path).resolve()
         if real == source:
@@ -39,6 +38,7 @@ def check_output_path(out: Path, inputs: Inputs) -> Path:
         else:
             continue
         raise RegmeanError(f"{out}: the output {relation} the {what} {path}; choose an output outside every input")
+    _refuse_protected(out, real)
     return real
 
 

@@ -60,7 +60,7 @@ class StagedFiles:
             raise RegmeanError(f"{self.out}: exists and is a file, not a folder; choose another output")
         folder = self.target.parent
         self._new = new_folders(folder)
-        self._stack.enter_context(output_lock(self.target))
+        self._stack.enter_context(output_lock(self.out))
         try:
             probe_writable(folder)
             for stale in [*folder.glob(f"{self.PREFIX}*.safetensors"), *folder.glob(".stats-*.tmp")]:

@@ -1,0 +1,190 @@
+"""Nothing outside the output is ever written or deleted: outputs never overlap inputs, --force replaces only what
+regmean wrote, one writer per output, staging of killed runs removed, writability checked before any work."""
+
+import errno
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import TEXTS, write_jsonl
+from test_bad_input import snapshot
+from test_merge import make_models, write_config
+from typer.testing import CliRunner
+
+from regmean.cli import app
+from regmean.errors import RegmeanError
+from regmean.io.outputs import check_output_path, output_lock
+from regmean.merge.output import STAGING_MARK, output_names
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def trio(tmp_path_factory):
+    root = tmp_path_factory.mktemp("safety")
+    return root, make_models(root / "in", "bert", "BertForSequenceClassification")
+
+
+def refused(args, *expected, code=2):
+    result = runner.invoke(app, [str(a) for a in args])
+    assert result.exit_code == code, result.output
+    assert "Traceback" not in result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error: ")]
+    assert errors, result.output
+    for text in expected:
+        assert any(text in line for line in errors), (text, result.output)
+    return errors
+
+
+def test_merge_into_the_current_folder_holding_the_models(trio, monkeypatch):
+    root, models = trio
+    config = write_config(root, method="average", models=models)
+    before = snapshot(root)
+    monkeypatch.chdir(root / "in")
+    refused(["merge", config, ".", "--force"], ".: the output contains the model")
+    monkeypatch.chdir(root)
+    refused(["merge", config, "in", "--force"], "contains the model")  # the folder holding the inputs
+    refused(["merge", config, root / "in" / "ft0" / "merged"], "lies inside the model")
+    refused(["merge", config, root / "in" / "stats1", "--force"], "is the statistics")
+    refused(["merge", config, root, "--force"], "contains the recipe")
+    assert snapshot(root) == before
+
+
+def test_protected_folders_are_never_outputs(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "home" / "work").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "home" / "work")
+    for path, says in ((Path("/"), "root folder"), (tmp_path / "home", "home folder"), (Path("."), "current folder")):
+        with pytest.raises(RegmeanError, match=says):
+            check_output_path(path, [])
+    with pytest.raises(RegmeanError, match="contains the current folder"):
+        check_output_path(tmp_path, [])
+
+
+def test_force_replaces_only_what_a_merge_wrote(trio, tmp_path):
+    root, models = trio
+    config = write_config(tmp_path, method="average", models=models)
+    out = tmp_path / "out"
+    assert runner.invoke(app, ["merge", str(config), str(out)]).exit_code == 0
+    (out / "notes.md").write_text("mine")
+    (out / "sub").mkdir()
+    errors = refused(["merge", config, out, "--force"], "notes.md, sub/", "nothing was deleted")
+    assert len(errors) == 1
+    assert (out / "notes.md").read_text() == "mine"
+    (out / "notes.md").unlink()
+    (out / "sub").rmdir()
+    assert runner.invoke(app, ["merge", str(config), str(out), "--force"]).exit_code == 0
+    # a folder regmean did not write at all (no merge_report.json)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "model.safetensors").write_bytes(b"not ours")
+    refused(["merge", config, other, "--force"], "model.safetensors", "nothing was deleted")
+    assert (other / "model.safetensors").read_bytes() == b"not ours"
+
+
+def test_heads_keep_folder_names_stay_inside_the_output(trio, tmp_path):
+    """A model at `path: ..` once made the per-model folder resolve outside the output and overwrite files there."""
+    root, models = trio
+    recipes = Path(models[0]["path"]) / "recipes"
+    recipes.mkdir(exist_ok=True)
+    entries = [{"path": ".."}, *models[1:]]
+    (recipes / "r.yaml").write_text(yaml.safe_dump({"method": "average", "models": entries, "heads": "keep"}))
+    (tmp_path / "README.md").write_text("the user's own")
+    before = snapshot(root)
+    result = runner.invoke(app, ["merge", str(recipes / "r.yaml"), str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (tmp_path / "out").iterdir() if p.is_dir()) == ["ft0", "ft1", "ft2"]
+    assert (tmp_path / "README.md").read_text() == "the user's own"
+    assert snapshot(root) == before
+    (recipes / "r.yaml").unlink()
+    recipes.rmdir()
+
+
+def test_output_names_are_plain_and_distinct():
+    names = output_names([Path(".."), Path("/a/b/.."), Path("x/A"), Path("y/a"), Path("/"), Path("m/README.md")])
+    assert all(n and "/" not in n and not n.startswith(".") for n in names)
+    assert len({n.lower() for n in names}) == len(names)
+    assert "README.md" not in names
+
+
+def test_a_second_writer_is_refused(trio, tmp_path):
+    root, models = trio
+    config = write_config(tmp_path, method="average", models=models)
+    out = tmp_path / "out"
+    with output_lock(out):  # another run holds this output
+        refused(["merge", config, out], "another regmean process is writing this output")
+        data = write_jsonl(tmp_path / "d.jsonl")
+        refused(["measure", models[0]["path"], "--data", data, "--out", out], "another regmean process")
+    assert not out.exists()
+    assert runner.invoke(app, ["merge", str(config), str(out)]).exit_code == 0
+
+
+def test_staging_left_by_a_killed_run_is_removed_and_said(trio, tmp_path):
+    root, models = trio
+    config = write_config(tmp_path, method="average", models=models)
+    stale = tmp_path / ".out.partial-killed"
+    stale.mkdir()
+    (stale / STAGING_MARK).touch()
+    (stale / "model.safetensors").write_bytes(b"half")
+    foreign = tmp_path / ".out.partial-not-ours"  # no staging mark: not ours, left alone
+    foreign.mkdir()
+    result = runner.invoke(app, ["merge", str(config), str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert "left by an interrupted merge" in result.output and not stale.exists() and foreign.is_dir()
+    # measure: hidden blocks of a killed measure are removed and said
+    stats = tmp_path / "stats"
+    stats.mkdir()
+    (stats / ".partial-statistics.safetensors").write_bytes(b"half")
+    data = write_jsonl(tmp_path / "d.jsonl")
+    result = runner.invoke(app, ["measure", models[0]["path"], "--data", str(data), "--out", str(stats)])
+    assert result.exit_code == 0, result.output
+    assert "left by an interrupted run" in result.output
+    assert sorted(p.name for p in stats.iterdir()) == ["statistics.safetensors"]
+
+
+def test_measure_never_overwrites_model_weights(trio):
+    root, models = trio
+    model = Path(models[0]["path"])
+    data = write_jsonl(root / "d.jsonl")
+    before = snapshot(model)
+    refused(["measure", model, "--data", data, "--out", model / "model.safetensors", "--force"], "lies inside the model")
+    refused(["measure", model, "--data", data, "--out", root / "d.jsonl", "--force"], "is the data file")
+    assert snapshot(model) == before
+    # a safetensors file that is not statistics is never replaced, --force or not
+    elsewhere = root / "copy.safetensors"
+    elsewhere.write_bytes((model / "model.safetensors").read_bytes())
+    refused(["measure", model, "--data", data, "--out", elsewhere, "--force"], "not a regmean.gram file")
+    assert elsewhere.read_bytes() == (model / "model.safetensors").read_bytes()
+    elsewhere.unlink()
+
+
+def test_unwritable_outputs_are_refused_before_any_work(trio, tmp_path):
+    root, models = trio
+    config = write_config(tmp_path, method="average", models=models)
+    (tmp_path / "file.txt").write_text("x")
+    refused(["merge", config, tmp_path / "file.txt"], "not a folder")
+    refused(["merge", config, tmp_path / "file.txt" / "out"], "file.txt is a file")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    refused(["merge", config, tmp_path / "dangling"], "symbolic link")
+    data = write_jsonl(tmp_path / "d.jsonl")
+    refused(["measure", models[0]["path"], "--data", data, "--out", tmp_path / "file.txt"], "is a file")
+    refused(["measure", models[0]["path"], "--data", data, "--out", tmp_path / "dangling"], "symbolic link")
+    refused(["stats", "combine", models[0]["statistics"], "--out", tmp_path / "file.txt" / "s"], "is a file")
+    assert not (tmp_path / "nowhere").exists()
+
+
+def test_a_full_disk_is_one_line_and_leaves_nothing(trio, tmp_path, monkeypatch):
+    root, models = trio
+    config = write_config(tmp_path, method="average", models=models)
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "the disk")
+
+    monkeypatch.setattr("regmean.io.tensorfile.os.pwrite", full)
+    refused(["merge", config, tmp_path / "out" / "merged"], "No space left on device")
+    monkeypatch.setattr("regmean.io.staged.save_file", full)
+    data = write_jsonl(tmp_path / "d.jsonl", TEXTS[:2], ["a", "b"])
+    refused(["measure", models[0]["path"], "--data", data, "--out", tmp_path / "stats"], "No space left on device")
+    refused(["stats", "combine", models[0]["statistics"], "--out", tmp_path / "comb"], "No space left on device")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.jsonl", "merge.yaml"]
