@@ -17,7 +17,7 @@ from regmean.cli import app
 from regmean.errors import RegmeanError
 from regmean.io.data import Example, load_examples
 from regmean.measure import measure
-from regmean.stats import StatisticsFile, save
+from regmean.stats import StatisticsFile
 
 runner = CliRunner()
 
@@ -213,7 +213,9 @@ def test_checkpoint_missing_a_tensor_is_refused_not_initialised(trio):
         save_file(sd, path, metadata={"format": "pt"})
     with pytest.raises(RegmeanError, match="lacks 1 tensors BertForSequenceClassification needs.*dense.weight"):
         measure(models[0]["path"], [Example("a legacy checkpoint")], progress=False)
-    merge_fails(tmp_path, {"method": "average", "models": models}, "needs, e.g. bert.encoder.layer.0.output.dense.weight")
+    merge_fails(
+        tmp_path, {"method": "average", "models": models}, "needs, e.g. bert.encoder.layer.0.output.dense.weight"
+    )
 
 
 def test_different_vocabularies_are_refused_naming_both_sizes(tmp_path):

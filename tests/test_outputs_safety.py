@@ -148,7 +148,9 @@ def test_measure_never_overwrites_model_weights(trio):
     model = Path(models[0]["path"])
     data = write_jsonl(root / "d.jsonl")
     before = snapshot(model)
-    refused(["measure", model, "--data", data, "--out", model / "model.safetensors", "--force"], "lies inside the model")
+    refused(
+        ["measure", model, "--data", data, "--out", model / "model.safetensors", "--force"], "lies inside the model"
+    )
     refused(["measure", model, "--data", data, "--out", root / "d.jsonl", "--force"], "is the data file")
     assert snapshot(model) == before
     # a safetensors file that is not statistics is never replaced, --force or not

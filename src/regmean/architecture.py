@@ -30,16 +30,17 @@ class LinearLayer:
     transposed: bool
 
 
-def model_class(config: transformers.PretrainedConfig) -> type[transformers.PreTrainedModel]:
-    """The transformers class named by config.architectures[0] (never remote code)."""
+def model_class(config: transformers.PretrainedConfig, path: str | Path) -> type[transformers.PreTrainedModel]:
+    """The transformers model class named by config.architectures[0] of folder `path` (never remote code)."""
     names = config.architectures or []
+    where = Path(path) / "config.json"
     if not names or not isinstance(names[0], str):
-        raise RegmeanError(f"config of model_type {config.model_type!r} names no architectures; set 'architectures'")
+        raise RegmeanError(f"{where}: model_type {config.model_type!r} names no architectures; set 'architectures'")
     cls = getattr(transformers, names[0], None)
-    if cls is None:
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
         raise RegmeanError(
-            f"architecture {names[0]!r} is not a transformers class (custom code is not loaded; "
-            "trust_remote_code is off)"
+            f"{where}: architecture {one_line(names[0], 80)!r} is not a transformers model class (custom code is "
+            "not loaded; trust_remote_code is off)"
         )
     return cls
 
@@ -58,7 +59,7 @@ def load_config(path: str | Path) -> transformers.PretrainedConfig:
 def meta_model(path: str | Path) -> nn.Module:
     """The model's module tree on the meta device: structure and names, no memory, no weights read."""
     config = load_config(path)
-    cls = model_class(config)
+    cls = model_class(config, path)
     try:
         with torch.device("meta"):
             return cls(config)

@@ -24,14 +24,14 @@ VOCABULARY_FILES = (
 POSITION_KEYS = ("max_position_embeddings", "n_positions")
 
 
-def load_model(model_dir: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32, cls=None):
-    """The model in eval mode on `device` (class `cls`, or the one config.json names), refused when the checkpoint
-    lacks a tensor the class needs or holds one of another shape."""
-    cls = cls or model_class(load_config(model_dir))
+def load_model(model_dir: str | Path, device: str = "cpu", dtype: torch.dtype | None = None, cls=None):
+    """The model in eval mode on `device` (class `cls`, or the one config.json names; in `dtype`, or as saved),
+    refused when the checkpoint lacks a tensor the class needs or holds one of another shape."""
+    cls = cls or model_class(load_config(model_dir), model_dir)
     transformers.utils.logging.disable_progress_bar()
     try:
         model, info = cls.from_pretrained(
-            str(model_dir), dtype=dtype, trust_remote_code=False, output_loading_info=True
+            str(model_dir), dtype=dtype or "auto", trust_remote_code=False, output_loading_info=True
         )
     except Exception as exc:  # transformers raises many types for checkpoints it cannot use
         raise RegmeanError(f"{model_dir}: cannot load model ({one_line(str(exc), 300)})") from exc

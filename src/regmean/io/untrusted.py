@@ -32,6 +32,8 @@ def _no_constant(name: str) -> None:
 def parse_json(text: str | bytes, where: str) -> Any:
     """Strict JSON: no duplicate keys, no NaN/Infinity, bounded nesting; any failure is one line about `where`."""
     try:
+        if isinstance(text, bytes):
+            text = text.decode("utf-8")  # json.loads would guess UTF-16 or UTF-32 from the first bytes
         return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
     except RecursionError:
         raise RegmeanError(f"{where}: JSON nested too deeply") from None

@@ -74,7 +74,7 @@ class MergeConfig(BaseModel):
     @field_validator("models")
     @classmethod
     def _weights_sum(cls, v: list[ModelEntry]) -> list[ModelEntry]:
-        if not math.isfinite(math.fsum(m.weight for m in v)):
+        if not math.isfinite(sum(m.weight for m in v)):
             raise ValueError("the models' weights must sum to a finite number (scale them down)")
         return v
 

@@ -80,16 +80,16 @@ def open_inputs(config: MergeConfig, check_fingerprints: bool = True) -> MergeIn
 
     ref = body(first)
     for entry, ckpt in zip(config.models[1:], models[1:], strict=True):
+        if ckpt.architecture != first.architecture:
+            problems.append(
+                f"{entry.path}: architecture {ckpt.architecture} differs from {first_path} ({first.architecture})"
+            )
+            continue
         vocab, first_vocab = ckpt.config.get("vocab_size"), first.config.get("vocab_size")
         if vocab != first_vocab:
             problems.append(
                 f"{entry.path}: vocabulary of {vocab} tokens, {first_path} has {first_vocab}; models with different "
                 "vocabularies cannot be merged (their embedding rows mean different tokens)"
-            )
-            continue
-        if ckpt.architecture != first.architecture:
-            problems.append(
-                f"{entry.path}: architecture {ckpt.architecture} differs from {first_path} ({first.architecture})"
             )
             continue
         other = body(ckpt)

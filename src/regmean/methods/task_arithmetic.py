@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 from pydantic import BaseModel, ConfigDict
 
+from regmean.errors import RegmeanError
 from regmean.methods.average import weighted_average
 
 
@@ -22,7 +23,10 @@ def task_arithmetic(
     """base + scaling * sum_i w_i (T_i - base), as (1 - scaling sum_i w_i) base + sum_i scaling w_i T_i,
     accumulated one input at a time in at least float32."""
     coef = (scaling * weights.to(torch.float64)).tolist()
-    out = base.to(torch.promote_types(base.dtype, torch.float32), copy=True).mul_(1.0 - sum(coef))
+    work = torch.promote_types(base.dtype, torch.float32)
+    if not all(abs(c) < torch.finfo(work).max for c in [*coef, 1.0 - sum(coef)]):
+        raise RegmeanError(f"task_arithmetic: scaling {scaling:g} times the weights overflows {work}; scale them down")
+    out = base.to(work, copy=True).mul_(1.0 - sum(coef))
     for t, c in zip(tensors, coef, strict=True):
         out.add_(t, alpha=c)
     return out
