@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from regmean import __version__
-from regmean.errors import RegmeanError
+from regmean.errors import RegmeanError, one_line
 from regmean.io.checkpoint import SAFETENSORS_INDEX
 from regmean.io.metadata import describe_record
 from regmean.io.outputs import Inputs, check_output_path, listing, new_folders, output_lock, remove_if_empty
@@ -224,7 +224,7 @@ def model_card(inputs: MergeInputs, report: MergeReport, own_head: int | None = 
             f"- relative reconstruction error on each model's own statistics: mean {s['mean_relative_error']:.4g}, "
             f"max {s['max_relative_error']:.4g}",
             f"- linear layers averaged for lack of statistics: {len(report.averaged_linears)}",
-            f"- statistics masking: {inputs.stats[0].masking}",
+            f"- statistics masking: {one_line(inputs.stats[0].masking, 300)}",
         ]
     if inputs.stats:
         lines += ["", "## Statistics provenance", ""]
