@@ -3,6 +3,7 @@ file that looks complete, and --force replaces only files of the same format tha
 
 from __future__ import annotations
 
+import glob
 import os
 import sys
 import tempfile
@@ -20,7 +21,7 @@ from regmean.io.tensorfile import TensorFile
 def write_atomic(tensors: dict[str, torch.Tensor], metadata: dict[str, str], target: Path) -> Path:
     """Write a safetensors file through a temporary file in the same folder, renamed when complete."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".stats-", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.tmp-")
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=metadata)
@@ -63,7 +64,8 @@ class StagedFiles:
         self._stack.enter_context(output_lock(self.out))
         try:
             probe_writable(folder)
-            for stale in [*folder.glob(f"{self.PREFIX}*.safetensors"), *folder.glob(".stats-*.tmp")]:
+            stem = glob.escape(self.target.stem)  # only this output's own hidden files, not a neighbour's
+            for stale in [*folder.glob(f"{self.PREFIX}{stem}*.safetensors"), *folder.glob(f".*{stem}*.tmp-*")]:
                 stale.unlink()
                 if self.log is not None:
                     self.log(f"removed {stale}, left by an interrupted run")

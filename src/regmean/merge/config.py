@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -20,7 +19,7 @@ from pydantic import (
 )
 
 from regmean.errors import RegmeanError
-from regmean.io.untrusted import one_line
+from regmean.io.untrusted import compile_pattern, one_line
 from regmean.methods import METHODS
 
 
@@ -83,9 +82,9 @@ class MergeConfig(BaseModel):
     def _patterns(cls, v: list[str] | None) -> list[str] | None:
         for pattern in v or []:
             try:
-                re.compile(pattern)
-            except (re.error, RecursionError, OverflowError) as exc:
-                raise ValueError(f"invalid regular expression {pattern!r} ({exc})") from None
+                compile_pattern(pattern, "head_modules")
+            except RegmeanError as exc:
+                raise ValueError(exc.problems[0].removeprefix("head_modules: ")) from None
         return v
 
     @field_validator("options")

@@ -119,12 +119,14 @@ def open_inputs(config: MergeConfig, check_fingerprints: bool = True) -> MergeIn
             problems.append(f"{config.base_model}: base model lacks {len(absent)} body tensors, e.g. {absent[0]}")
 
     linears = linear_layers(skeleton)
-    if stats is not None and not problems:  # hashing is the costly part: not when the inputs are already wrong
-        if check_fingerprints:  # hash the models' weights concurrently (hashing and reads release the GIL)
+    if stats is not None:
+        # hashing reads every weight: not when the inputs are already known to be wrong (or absurdly large)
+        hashed = check_fingerprints and not problems
+        if hashed:  # hash the models' weights concurrently (hashing and reads release the GIL)
             with ThreadPoolExecutor(min(len(models), os.cpu_count() or 1)) as pool:
                 list(pool.map(lambda c: c.fingerprint, models))
         for entry, ckpt, st in zip(config.models, models, stats, strict=True):
-            if check_fingerprints and st.fingerprint != ckpt.fingerprint:
+            if hashed and st.fingerprint != ckpt.fingerprint:
                 problems.append(
                     f"{st.path}: statistics were measured on another model than {entry.path} "
                     f"(fingerprint {st.fingerprint.get('weights', '?')[:12]} vs {ckpt.fingerprint['weights'][:12]}); "
