@@ -434,3 +434,74 @@ def test_a_defect_is_one_line_too(trio, monkeypatch):
     before = snapshot(tmp_path / "in")
     errors = fails(["merge", config, tmp_path / "out"], "internal error (TypeError: a defect over two lines)", code=3)
     assert len(errors) == 1 and snapshot(tmp_path / "in") == before and not (tmp_path / "out").exists()
+
+
+def test_more_parser_corners_are_one_line(trio):
+    tmp_path, models = trio
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("? [a, b]\n: 1\n")
+    fails(["merge", bad, tmp_path / "out"], "a key must be a plain value")
+    config = write_config(tmp_path, method="average", models=models)
+    fails(["merge", config, tmp_path / "out", "--shard-size", "1" * 400], "--shard-size")
+    pd = importlib.import_module("pandas")
+    pd.DataFrame({"text": [["a", "list"], ["b"]]}).to_parquet(tmp_path / "lists.parquet")
+    with pytest.raises(RegmeanError, match="row 1: 'text' is a ndarray, not text"):
+        load_examples(tmp_path / "lists.parquet")
+    path = save_model(build_model("bert", "BertForSequenceClassification", 1), tmp_path / "m")
+    stats = measure(path, [Example(t) for t in TEXTS[:3]], progress=False)
+    site = stats.modules["bert.encoder.layer.0.attention.self.query"]
+    file = save(stats, tmp_path / "s")
+    original = file.read_bytes()
+    rewrite(file, metadata_change=lambda m: m.pop("format_version"))
+    assert runner.invoke(app, ["stats", "show", str(file)]).exit_code == 0
+    file.write_bytes(original)
+    rewrite(file, tensor_change=lambda t: t.__setitem__(f"{site}::gram", torch.tensor(1.0)))
+    fails(["stats", "show", file], "incomplete statistics")
+    assert TensorFile(raw_safetensors(tmp_path / "n.safetensors", {"__metadata__": None})).metadata == {}
+
+
+def test_blocks_of_different_measures_are_refused(tmp_path):
+    path = save_model(build_model("bert", "BertForSequenceClassification", 1), tmp_path / "m")
+    data = write_jsonl(tmp_path / "d.jsonl")
+    args = ["measure", str(path), "--data", str(data), "--max-memory", "1KB"]
+    assert runner.invoke(app, [*args, "--out", str(tmp_path / "a")]).exit_code == 0
+    assert runner.invoke(app, [*args, "--out", str(tmp_path / "b"), "--max-examples", "4"]).exit_code == 0
+    blocks = sorted((tmp_path / "a").iterdir())
+    assert len(blocks) > 2
+    (tmp_path / "b" / blocks[1].name).replace(blocks[1])  # as a kill in the middle of revealing the blocks would
+    fails(["stats", "show", tmp_path / "a"], "a block of another measure")
+
+
+def test_recipe_weights_of_any_finite_size_merge(trio):
+    """Only the weights' ratios matter: 1e300 each merges as 1 each (the Grams times weights stay finite)."""
+    tmp_path, models = trio
+    outs = []
+    for weight in (1.0, 1e300):
+        entries = [{**m, "weight": weight} for m in models]
+        config = write_config(tmp_path, method="regmean", models=entries)
+        out = tmp_path / f"w{weight:g}"
+        assert runner.invoke(app, ["merge", str(config), str(out)]).exit_code == 0
+        outs.append(load_file(out / "model.safetensors"))
+    for key, tensor in outs[0].items():
+        torch.testing.assert_close(outs[1][key], tensor)
+
+
+def test_legacy_names_and_yaml_merge_keys_still_work(trio):
+    tmp_path, models = trio
+    for m in models:  # an old checkpoint: LayerNorm.gamma / beta, which transformers renames when loading
+        weights = Path(m["path"]) / "model.safetensors"
+        legacy = {
+            k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): t
+            for k, t in load_file(weights).items()
+        }
+        save_file(legacy, weights, metadata={"format": "pt"})
+    recipe = tmp_path / "r.yaml"  # a YAML merge key: model 1 takes model 0's entry, with its own path
+    recipe.write_text(
+        f"method: average\nmodels:\n  - &first {{path: {models[0]['path']}, weight: 2}}\n"
+        f"  - {{<<: *first, path: {models[1]['path']}}}\n  - {{path: {models[2]['path']}}}\n"
+    )
+    result = runner.invoke(app, ["merge", str(recipe), str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    merged = yaml.safe_load((tmp_path / "out" / "merge_config.yaml").read_text())
+    assert [m["weight"] for m in merged["models"]] == [2, 2, 1]
+    assert merged["models"][1]["path"] == models[1]["path"]

@@ -2,6 +2,7 @@
 regmean wrote, one writer per output, staging of killed runs removed, writability checked before any work."""
 
 import errno
+import importlib
 import os
 from pathlib import Path
 
@@ -15,7 +16,9 @@ from typer.testing import CliRunner
 from regmean.cli import app
 from regmean.errors import RegmeanError
 from regmean.io.outputs import check_output_path, output_lock
-from regmean.merge.output import STAGING_MARK, output_names
+from regmean.merge.files import STAGING_MARK
+from regmean.merge.output import output_names
+from regmean.merge.staging import SET_ASIDE_MARK
 
 runner = CliRunner()
 
@@ -112,11 +115,15 @@ def test_a_second_writer_is_refused(trio, tmp_path):
     root, models = trio
     config = write_config(tmp_path, method="average", models=models)
     out = tmp_path / "out"
-    with output_lock(out):  # another run holds this output
+    with output_lock(out / "sub" / ".."):  # another run holds this output (the lock is on the real path)
         refused(["merge", config, out], "another regmean process is writing this output")
-        data = write_jsonl(tmp_path / "d.jsonl")
-        refused(["measure", models[0]["path"], "--data", data, "--out", out], "another regmean process")
-    assert not out.exists()
+    data = write_jsonl(tmp_path / "d.jsonl")
+    stats = tmp_path / "stats"
+    stats.mkdir()
+    with output_lock(stats / "statistics.safetensors"):  # e.g. a `stats combine --out stats/statistics.safetensors`
+        refused(["measure", models[0]["path"], "--data", data, "--out", stats], "another regmean process")
+        refused(["stats", "combine", models[0]["statistics"], "--out", stats], "another regmean process")
+    assert not out.exists() and not any(stats.iterdir())
     assert runner.invoke(app, ["merge", str(config), str(out)]).exit_code == 0
 
 
@@ -190,3 +197,83 @@ def test_a_full_disk_is_one_line_and_leaves_nothing(trio, tmp_path, monkeypatch)
     refused(["measure", models[0]["path"], "--data", data, "--out", tmp_path / "stats"], "No space left on device")
     refused(["stats", "combine", models[0]["statistics"], "--out", tmp_path / "comb"], "No space left on device")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d.jsonl", "merge.yaml"]
+
+
+def test_cleanup_touches_only_this_outputs_own_files(trio, tmp_path):
+    root, models = trio
+    data = write_jsonl(tmp_path / "d.jsonl")
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    neighbours = [".data.tmp-keep", ".partial-abc.safetensors", "..partial-abc.safetensors.tmp-x", "notes.txt"]
+    for name in neighbours:
+        (shared / name).write_text("someone else's")
+    (shared / "statistics-00001-of-00002.safetensors").write_text("blocks of another measure")
+    before = snapshot(shared)
+    (shared / ".partial-a.safetensors").write_text("left by a killed run into a.safetensors")
+    (shared / "a.safetensors").write_text("not statistics")
+    refused(
+        ["measure", models[0]["path"], "--data", data, "--out", shared / "a.safetensors", "--force"], "not a regmean"
+    )
+    assert (shared / ".partial-a.safetensors").exists()  # a refused run deletes nothing, not even leftovers
+    (shared / "a.safetensors").unlink()
+    result = runner.invoke(
+        app, ["measure", models[0]["path"], "--data", str(data), "--out", str(shared / "a.safetensors")]
+    )
+    assert result.exit_code == 0, result.output
+    assert "left by an interrupted run" in result.output and not (shared / ".partial-a.safetensors").exists()
+    comb = ["stats", "combine", str(shared / "a.safetensors"), "--out", str(shared / "b.safetensors"), "--force"]
+    assert runner.invoke(app, comb).exit_code == 0
+    for name, digest in before.items():  # the neighbours, the other measure's block included, are untouched
+        assert snapshot(shared)[name] == digest
+
+
+def test_killed_replacements_are_recovered_never_a_users_folder(trio, tmp_path, monkeypatch):
+    root, models = trio
+    config = write_config(tmp_path, method="average", models=models)
+    out = tmp_path / "merged"
+    assert runner.invoke(app, ["merge", str(config), str(out)]).exit_code == 0
+    first = snapshot(out)
+    backup = tmp_path / ".merged.old-2024" / "merged"  # the user's own backup, named like a set-aside output
+    backup.mkdir(parents=True)
+    (backup / "notes.txt").write_text("mine")
+    # a run killed after setting the old output aside, before the new one took its place
+    aside = tmp_path / ".merged.old-killed"
+    aside.mkdir()
+    (aside / SET_ASIDE_MARK).touch()
+    out.rename(aside / "merged")
+    result = runner.invoke(app, ["merge", str(config), str(out), "--force"])
+    assert result.exit_code == 0, result.output
+    assert "put back" in result.output and not aside.exists()
+    assert (backup / "notes.txt").read_text() == "mine"
+    assert snapshot(out).keys() == first.keys()
+    # the replaced output cannot be deleted: the merge is complete, so a warning, not a failure
+    staging = importlib.import_module("regmean.merge.staging")
+    real_rmtree = staging.shutil.rmtree
+
+    def stubborn(path, *args, **kwargs):
+        if ".old-" in str(path):
+            raise OSError(errno.EPERM, "Operation not permitted", str(path))
+        return real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(staging.shutil, "rmtree", stubborn)
+    result = runner.invoke(app, ["merge", str(config), str(out), "--force"])
+    assert result.exit_code == 0 and "warning: could not delete the replaced output" in result.output, result.output
+
+
+def test_other_spellings_of_an_input_are_the_input(trio, tmp_path):
+    root, models = trio
+    config = write_config(tmp_path, method="average", models=models)
+    link = tmp_path / "link"
+    link.symlink_to(root / "in")
+    refused(["merge", config, link / "ft0" / "merged"], "lies inside the model")
+    refused(["merge", config, link / "ft0" / ".." / "ft1" / "x"], "lies inside the model")
+    refused(["merge", config, f"{root / 'in' / 'stats0'}/"], "is the statistics")
+
+
+def test_heads_keep_names_follow_the_paths_as_written(trio, tmp_path):
+    root, models = trio
+    (tmp_path / "sst2").symlink_to(models[0]["path"])
+    entries = [{"path": str(tmp_path / "sst2")}, *({"path": m["path"]} for m in models[1:])]
+    config = write_config(tmp_path, method="average", models=entries, heads="keep")
+    assert runner.invoke(app, ["merge", str(config), str(tmp_path / "out")]).exit_code == 0
+    assert sorted(p.name for p in (tmp_path / "out").iterdir() if p.is_dir()) == ["ft1", "ft2", "sst2"]

@@ -6,6 +6,7 @@ and which top-level modules are task heads.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,8 +15,8 @@ import transformers
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from regmean.errors import RegmeanError
-from regmean.io.untrusted import compile_pattern, one_line, read_json_object
+from regmean.errors import RegmeanError, one_line
+from regmean.io.untrusted import compile_pattern, read_model_config
 
 
 @dataclass(frozen=True)
@@ -47,9 +48,7 @@ def model_class(config: transformers.PretrainedConfig, path: str | Path) -> type
 
 def load_config(path: str | Path) -> transformers.PretrainedConfig:
     config_file = Path(path) / "config.json"
-    if not config_file.is_file():
-        raise RegmeanError(f"{config_file}: missing; a model folder needs config.json (save_pretrained writes it)")
-    read_json_object(config_file, "a model config")  # strict JSON, an object: one clear line, not transformers'
+    read_model_config(Path(path))  # strict JSON, an object: one clear line, not transformers'
     try:
         return transformers.AutoConfig.from_pretrained(str(path), trust_remote_code=False)
     except Exception as exc:  # transformers raises many types for configs it cannot use
@@ -140,3 +139,26 @@ def required_keys(model: nn.Module) -> list[str]:
     tied = tied_parameters(model)
     optional = [compile_pattern(p, type(model).__name__) for p in model._keys_to_ignore_on_load_missing or []]
     return [k for k in model.state_dict() if k not in tied and not any(p.search(k) for p in optional)]
+
+
+def loaded_names(model: nn.Module, keys: list[str]) -> set[str]:
+    """The names transformers gives checkpoint `keys` when it loads them into `model`: each key with and without the
+    base-model prefix, after transformers' own simple renamings (e.g. legacy LayerNorm.gamma -> LayerNorm.weight).
+    Keys that a many-to-many conversion would produce are not predicted (absent ones are then not reported)."""
+    rules = []
+    try:  # transformers' conversion tables; if their API moves, only exact names count
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming
+
+        for rule in get_model_conversion_mapping(model):
+            if type(rule) is WeightRenaming and len(rule.target_patterns) == 1:
+                rules += [(re.compile(source), rule.target_patterns[0]) for source in rule.source_patterns]
+    except Exception:  # noqa: S110 (best effort: exact names are still checked)
+        pass
+    prefix = getattr(model, "base_model_prefix", "")
+    names = set()
+    for key in keys:
+        for pattern, target in rules:
+            key = pattern.sub(target, key)
+        names |= {key, f"{prefix}.{key}", key.removeprefix(f"{prefix}.")}
+    return names

@@ -98,6 +98,8 @@ def measure(
 
     if nproc > 1 and not distributed.launched():
         _relaunch_with_torchrun(nproc)
+    if max_memory is not None and out.suffix == ".safetensors" and not out.is_dir():
+        raise RegmeanError(f"{out}: --max-memory may write several blocks; give a folder as --out")
     device = distributed.init_from_env(device)
     sources = [("model", model_dir), ("data file", data)]
     # rank 0 writes: each finished block leaves memory for disk, all are shown together at the end
@@ -251,7 +253,7 @@ def stats_show(path: Annotated[Path, typer.Argument(help="Statistics folder or f
 
     st = StatisticsFile(path)
     out = Console(markup=False)
-    library, version = one_line(st.meta.get("library", "?"), 60), st.meta["format_version"]
+    library, version = one_line(st.meta.get("library", "?"), 60), one_line(st.meta.get("format_version", "?"), 20)
     out.print(f"{st.path}  ({library}, format {version})", style="bold")
     out.print(
         f"model: {one_line(st.fingerprint['architecture'], 120)}  weights {one_line(st.fingerprint['weights'], 64)}"

@@ -9,8 +9,7 @@ import torch
 import transformers
 
 from regmean.architecture import load_config, model_class
-from regmean.errors import RegmeanError
-from regmean.io.untrusted import one_line
+from regmean.errors import RegmeanError, one_line
 
 # files that carry a vocabulary; without one, transformers builds a tokenizer that maps every word to [UNK]
 VOCABULARY_FILES = (

@@ -23,10 +23,10 @@ from torch import nn
 from regmean import distributed
 from regmean.architecture import linear_layers
 from regmean.devices import check_device
-from regmean.errors import RegmeanError
+from regmean.errors import RegmeanError, one_line
 from regmean.io.checkpoint import Checkpoint
 from regmean.io.data import Example
-from regmean.io.untrusted import compile_pattern, one_line
+from regmean.io.untrusted import compile_pattern
 from regmean.loading import check_positions, load_model, load_tokenizer
 from regmean.stats import SiteStats, Statistics
 

@@ -22,12 +22,11 @@ from pathlib import Path
 import torch
 
 from regmean import __version__
-from regmean.errors import RegmeanError
+from regmean.errors import RegmeanError, one_line
 from regmean.io.metadata import Metadata
 from regmean.io.outputs import Inputs
 from regmean.io.staged import StagedFiles, target_file, write_atomic
 from regmean.io.tensorfile import TensorFile
-from regmean.io.untrusted import one_line
 
 FORMAT = "regmean.gram"
 FORMAT_VERSION = 1
@@ -77,16 +76,12 @@ class Statistics:
 BLOCK_PATTERN = "statistics-*-of-*.safetensors"
 
 
-def stats_path(path: str | Path) -> Path:
-    return target_file(Path(path), FILE_NAME)
-
-
 BLOCK_NAME = re.compile(r"statistics-(\d{5})-of-(\d{5})\.safetensors")
 
 
 def stats_files(path: str | Path) -> list[Path]:
     """The file(s) of a statistics folder: statistics.safetensors, or every block statistics-i-of-n.safetensors."""
-    single = stats_path(path)
+    single = target_file(Path(path), FILE_NAME)
     if single.is_file() or not Path(path).is_dir():
         return [single]
     blocks = sorted(Path(path).glob(BLOCK_PATTERN))
@@ -110,7 +105,7 @@ def block_path(out: str | Path, index: int, count: int) -> Path:
 
 def save(stats: Statistics, out: str | Path) -> Path:
     """Write statistics to `out` (a folder or a .safetensors path); `BlockWriter` writes a measure's blocks."""
-    return write_atomic(_tensors(stats), stats.metadata(), stats_path(out))
+    return write_atomic(_tensors(stats), stats.metadata(), target_file(Path(out), FILE_NAME))
 
 
 def _tensors(stats: Statistics) -> dict[str, torch.Tensor]:
@@ -131,6 +126,8 @@ class BlockWriter(StagedFiles):
         )
 
     def write(self, stats: Statistics, index: int, count: int) -> None:
+        if count > 1 and not self.blocks:
+            raise RegmeanError(f"{self.out}: statistics in {count} blocks need a folder of their own as output")
         final = self.target if count == 1 else block_path(self.target.parent, index, count)
         self.stage(_tensors(stats), stats.metadata(), final)
 
@@ -180,10 +177,7 @@ class StatisticsFile:
         self.site_names = list(dict.fromkeys(self.modules.values()))  # forward order
         self._handles: dict[str, TensorFile] = {}
         for handle, block in opened:
-            if (
-                block.meta.get("fingerprint") != self.meta["fingerprint"]
-                or block.meta.get("modules") != self.meta["modules"]
-            ):
+            if block.meta != self.meta:  # every block of one measure carries the same metadata
                 raise RegmeanError(f"{handle.path}: a block of another measure than {files[0]}; measure again")
             for key in handle.keys():
                 self._handles.setdefault(key.rsplit("::", 1)[0], handle)
@@ -192,7 +186,8 @@ class StatisticsFile:
 
     def _check_site(self, name: str) -> None:
         handle = self._handle(name)
-        d = handle.shape(f"{name}::gram")[0] if f"{name}::gram" in handle else -1
+        shape = handle.shape(f"{name}::gram") if f"{name}::gram" in handle else ()
+        d = shape[0] if len(shape) == 2 else -1
         dtype = STATS_DTYPES[self.dtype]
         expected = {f"{name}::gram": (dtype, (d, d)), f"{name}::sum": (dtype, (d,)), f"{name}::count": ("I64", (1,))}
         for key, (want_dtype, want_shape) in expected.items():

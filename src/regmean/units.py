@@ -17,10 +17,10 @@ def parse_size(text: str | int, what: str = "size") -> int:
         match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*", str(text))
         if not match or match.group(2).upper() not in UNITS:
             raise RegmeanError(f"{what} {str(text)[:40]!r}: write a number with an optional unit (KB, MB, GB, GiB)")
-        value = int(float(match.group(1)) * UNITS[match.group(2).upper()])
-    if not 0 < value < 10**15:
+        value = float(match.group(1)) * UNITS[match.group(2).upper()]
+    if not 0 < value < 10**15:  # (a float of 400 digits is inf: refused here, before int())
         raise RegmeanError(f"{what} {str(text)[:40]!r}: must be more than 0 bytes and less than 1 PB")
-    return value
+    return int(value)
 
 
 def human(n: float) -> str:

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import torch
 
-from regmean.errors import RegmeanError
+from regmean.errors import RegmeanError, one_line
 from regmean.io.tensorfile import DTYPES, NAMES, TensorFile
-from regmean.io.untrusted import check_finite, one_line, read_json_object
+from regmean.io.untrusted import check_finite, read_json_object, read_model_config
 
 SAFETENSORS_SINGLE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -31,13 +31,12 @@ class Checkpoint:
         self.path = Path(path)
         if not self.path.is_dir():
             raise RegmeanError(f"{self.path}: model folder not found")
-        config_file = self.path / "config.json"
-        if not config_file.is_file():
-            raise RegmeanError(f"{config_file}: missing; a model folder needs config.json (save_pretrained writes it)")
-        self.config: dict = read_json_object(config_file, "a model config")
+        self.config: dict = read_model_config(self.path)
         archs = self.config.get("architectures")
         if archs is not None and not (isinstance(archs, list) and all(isinstance(a, str) for a in archs)):
-            raise RegmeanError(f"{config_file}: 'architectures' must be a list of class names, not {archs!r:.80}")
+            raise RegmeanError(
+                f"{self.path}/config.json: 'architectures' must be a list of class names, not {archs!r:.80}"
+            )
         self._pickle: dict[str, torch.Tensor] | None = None
         self._handles: dict[Path, TensorFile] = {}
         self.key_to_file = self._locate(allow_pickle)
@@ -81,7 +80,7 @@ class Checkpoint:
 
     def _load_pickle(self, first: Path) -> dict[str, Path]:
         files = sorted(set(self._weight_map(first).values())) if first.name == PICKLE_INDEX else [first]
-        self._pickle = {}
+        self._pickle, located = {}, {}
         for f in files:
             try:
                 state = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
@@ -90,7 +89,8 @@ class Checkpoint:
             if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
                 raise RegmeanError(f"{f}: not a state dict of tensors")
             self._pickle.update(state)
-        return dict.fromkeys(self._pickle, first)
+            located.update(dict.fromkeys(state, f))
+        return located
 
     def _open(self, file: Path) -> TensorFile:
         handle = self._handles.get(file)

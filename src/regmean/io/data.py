@@ -6,13 +6,13 @@ import bz2
 import gzip
 import json
 import lzma
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
-from regmean.errors import RegmeanError
-from regmean.io.untrusted import one_line
+from regmean.errors import RegmeanError, one_line
 
 
 @dataclass(frozen=True)
@@ -78,13 +78,13 @@ def load_examples(
         if field is None:
             return None
         value = row[field]
-        if value is None or (isinstance(value, float) and pd.isna(value)) or value == "":
+        if isinstance(value, str):
+            return value or None
+        if value is None or (isinstance(value, float) and math.isnan(value)):  # missing
             return None
-        if not isinstance(value, str):
-            raise RegmeanError(
-                f"{path}: row {number}: {field!r} is a {type(value).__name__}, not text; write it as a string"
-            )
-        return value
+        raise RegmeanError(
+            f"{path}: row {number}: {field!r} is a {type(value).__name__}, not text; write it as a string"
+        )
 
     examples = []
     for number, (_, row) in enumerate(table.iterrows(), start=1):

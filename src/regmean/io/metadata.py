@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from regmean.errors import RegmeanError
-from regmean.io.untrusted import one_line, parse_json
+from regmean.errors import RegmeanError, one_line
+from regmean.io.untrusted import parse_json
 
 MAX_FIELD = 16 * 1024**2
 """No metadata field may be longer (the module map of a 70B model is about 40 KB)."""

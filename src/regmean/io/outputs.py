@@ -9,7 +9,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from regmean.errors import RegmeanError
@@ -20,38 +20,60 @@ Inputs = Iterable[tuple[str, Path]]
 
 def check_output_path(out: Path, inputs: Inputs) -> Path:
     """The output's real path, after refusing a symlink, a path under a file, a protected folder, and any overlap
-    with an input (equal, containing it or inside it). Both paths are named."""
+    with an input (equal, containing it or inside it). Both paths are named.
+
+    Overlap is decided on the files themselves (device and inode of each existing folder on the way), so other
+    spellings of a path (case on case-insensitive file systems, bind mounts, `..`, symlinked parents) change
+    nothing."""
     if out.is_symlink():
         raise RegmeanError(f"{out}: is a symbolic link (to {os.readlink(out)}); give the real output path")
     real = out.resolve()
     blocking = next((p for p in (real, *real.parents) if p.exists() and not p.is_dir()), None)
     if blocking is not None and blocking != real:
         raise RegmeanError(f"{out}: cannot be created, {blocking} is a file")
+    out_chain = _identities(real)  # the output (if it exists) and every existing folder above it
+    out_id = out_chain[0] if real.exists() else None
     for what, path in inputs:
-        source = Path(path).resolve()
-        if real == source:
+        chain = _identities(Path(path).resolve()) if Path(path).exists() else []
+        if not chain:
+            continue  # a missing input is reported by the command that reads it
+        if out_id == chain[0]:
             relation = "is"
-        elif real in source.parents:
+        elif out_id is not None and out_id in chain[1:]:
             relation = "contains"
-        elif source in real.parents:
+        elif chain[0] in out_chain:
             relation = "lies inside"
         else:
             continue
         raise RegmeanError(f"{out}: the output {relation} the {what} {path}; choose an output outside every input")
-    _refuse_protected(out, real)
+    _refuse_protected(out, out_id, out_chain)
     return real
 
 
-def _refuse_protected(out: Path, real: Path) -> None:
-    cwd = Path.cwd().resolve()
+def _identities(path: Path) -> list[tuple[int, int]]:
+    """(device, inode) of `path` (when it exists) and of every existing folder above it, nearest first."""
+    ids = []
+    for p in (path, *path.parents):
+        try:
+            st = p.stat()
+        except OSError:
+            continue
+        ids.append((st.st_dev, st.st_ino))
+    return ids
+
+
+def _refuse_protected(out: Path, out_id: tuple[int, int] | None, out_chain: list[tuple[int, int]]) -> None:
+    if out_id is None:
+        return  # a folder yet to be made is none of these
+    cwd = _identities(Path.cwd())
     protected = {
-        cwd: "the current folder",
-        Path.home().resolve(): "a home folder",
-        Path(real.anchor): "the root folder",
+        cwd[0]: "the current folder",
+        _identities(Path.home())[0]: "a home folder",
+        _identities(Path(out.resolve().anchor))[0]: "the root folder",
     }
-    if real in protected:
-        raise RegmeanError(f"{out}: is {protected[real]}; refusing to write an output there (name a new folder)")
-    if real in cwd.parents:
+    if out_id in protected:
+        raise RegmeanError(f"{out}: is {protected[out_id]}; refusing to write an output there (name a new folder)")
+    if out_id in cwd:
         raise RegmeanError(f"{out}: contains the current folder; refusing to write an output there")
 
 
@@ -77,9 +99,11 @@ def check_free_space(folder: Path, needed: int, what: str) -> None:
 
 @contextmanager
 def output_lock(out: Path) -> Iterator[None]:
-    """Hold an exclusive lock on `out` (a hidden file beside it) for the block; a second writer is refused.
+    """Hold an exclusive lock on `out` (a hidden file beside it, named from its real path, so every spelling of
+    one output takes the same lock) for the block; a second writer is refused.
 
     flock locks die with their process, so a killed run never leaves a stale lock behind."""
+    out = out.resolve()
     lock = out.parent / f".{out.name}.regmean-lock"
     for _ in range(10):  # another process may unlink the lock file between our open and our flock: retry
         try:
@@ -104,7 +128,8 @@ def output_lock(out: Path) -> Iterator[None]:
     try:
         yield
     finally:
-        os.unlink(lock)
+        with suppress(FileNotFoundError):  # removed by hand meanwhile: nothing left to clean
+            os.unlink(lock)
         os.close(fd)
 
 

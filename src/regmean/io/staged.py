@@ -40,9 +40,9 @@ def target_file(out: Path, file_name: str) -> Path:
 class StagedFiles:
     """The files of one run into `out` (a folder, or a .safetensors file path), as a context manager.
 
-    On entry, before any work: the output is checked against the inputs, locked, checked writable, and files left
-    by a killed run into it are removed (said to `log`). `existing` files of format `fmt` are replaced only with
-    `replace`; anything else there is never touched."""
+    On entry, before any work: the output is checked against the inputs, made, checked writable and locked; files
+    regmean already wrote there are replaced only with `replace` (anything else is never touched), and this
+    output's own hidden files left by a killed run are removed (said to `log`)."""
 
     PREFIX = ".partial-"
 
@@ -50,26 +50,26 @@ class StagedFiles:
         self, out: Path, *, fmt: str, file_name: str, replace: bool, inputs: Inputs = (), log=None, blocks: str = ""
     ):
         self.out, self.fmt, self.replace, self.inputs, self.log = Path(out), fmt, replace, list(inputs), log
-        self.target = target_file(self.out, file_name)
-        self.blocks = blocks  # glob of block files that stand for the single file, if any
+        self.file_name, self.block_glob = file_name, blocks
         self.staged: list[tuple[Path, Path]] = []
         self._stack = ExitStack()
 
     def __enter__(self) -> StagedFiles:
-        check_output_path(self.out, self.inputs)
-        if self.out.exists() and not self.out.is_dir() and self.target != self.out:
+        real = check_output_path(self.out, self.inputs)
+        if real.exists() and not real.is_dir() and real.suffix != ".safetensors":
             raise RegmeanError(f"{self.out}: exists and is a file, not a folder; choose another output")
+        self.target = target_file(real, self.file_name)
+        self.blocks = self.block_glob if self.target != real else ""  # blocks only in a folder of their own
         folder = self.target.parent
         self._new = new_folders(folder)
-        self._stack.enter_context(output_lock(self.out))
         try:
             probe_writable(folder)
-            stem = glob.escape(self.target.stem)  # only this output's own hidden files, not a neighbour's
-            for stale in [*folder.glob(f"{self.PREFIX}{stem}*.safetensors"), *folder.glob(f".*{stem}*.tmp-*")]:
+            self._stack.enter_context(output_lock(self.target))
+            self._check_existing()
+            for stale in self._leftovers():
                 stale.unlink()
                 if self.log is not None:
                     self.log(f"removed {stale}, left by an interrupted run")
-            self._check_existing()
         except BaseException:
             self.__exit__(*sys.exc_info())
             raise
@@ -80,6 +80,13 @@ class StagedFiles:
         self._stack.close()
         if exc_type is not None:  # a failed run leaves no folder it made
             remove_if_empty(self._new)
+
+    def _leftovers(self) -> list[Path]:
+        """This output's hidden files (staged, and their temporaries) that a killed run left; never a neighbour's."""
+        folder, found = self.target.parent, []
+        for name in [glob.escape(self.target.name), *([self.blocks] if self.blocks else [])]:
+            found += [*folder.glob(f"{self.PREFIX}{name}"), *folder.glob(f".{self.PREFIX}{name}.tmp-*")]
+        return found
 
     def existing(self) -> list[Path]:
         """What the output holds now: the single file, or its blocks."""

@@ -64,7 +64,8 @@ class TensorFile:
         header = parse_json(os.pread(self._fd, n, 8), f"{self.path}: safetensors header")
         if not isinstance(header, dict):
             raise RegmeanError(f"{self.path}: safetensors header is a {type(header).__name__}, not a JSON object")
-        metadata = header.pop("__metadata__", {})
+        metadata = header.pop("__metadata__", None)
+        metadata = {} if metadata is None else metadata  # null, as the safetensors library accepts
         if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
             raise RegmeanError(f"{self.path}: safetensors __metadata__ must map names to strings")
         self.metadata: dict[str, str] = metadata

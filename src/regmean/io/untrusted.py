@@ -56,6 +56,14 @@ def read_json_object(path: Path, what: str) -> dict[str, Any]:
     return value
 
 
+def read_model_config(folder: Path) -> dict[str, Any]:
+    """A model folder's config.json, which must exist and hold a JSON object."""
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise RegmeanError(f"{config_file}: missing; a model folder needs config.json (save_pretrained writes it)")
+    return read_json_object(config_file, "a model config")
+
+
 def compile_pattern(pattern: str, where: str) -> re.Pattern:
     try:
         return re.compile(pattern)

@@ -18,8 +18,8 @@ from pydantic import (
     model_validator,
 )
 
-from regmean.errors import RegmeanError
-from regmean.io.untrusted import compile_pattern, one_line
+from regmean.errors import RegmeanError, one_line
+from regmean.io.untrusted import compile_pattern
 from regmean.methods import METHODS
 
 
@@ -161,7 +161,11 @@ class _StrictLoader(yaml.SafeLoader):
     def construct_mapping(self, node, deep=False):
         seen = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` merges, and may be overridden
+                continue
             key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, str | int | float | bool | None):
+                raise yaml.constructor.ConstructorError(None, None, "a key must be a plain value", key_node.start_mark)
             if key in seen:
                 raise yaml.constructor.ConstructorError(None, None, f"key {key!r} appears twice", key_node.start_mark)
             seen.add(key)

@@ -17,8 +17,9 @@ from regmean.io.tensorfile import DTYPES as TENSOR_DTYPES
 from regmean.io.writer import DEFAULT_SHARD_BYTES, Layout, ShardedWriter
 from regmean.merge.config import MergeConfig
 from regmean.merge.inputs import MergeInputs, base_key, open_inputs
-from regmean.merge.output import finish_folders, output_folders, staged_output
+from regmean.merge.output import finish_folders, output_folders
 from regmean.merge.plan import MergePlan, check_memory, make_plan, row_blocks
+from regmean.merge.staging import staged_output
 from regmean.methods import METHODS
 from regmean.methods.regmean import RegMeanOptions, affine_gram, reconstruction_error, regmean_solve
 from regmean.units import parse_size
@@ -288,7 +289,8 @@ def _regmean_site(
     if any(s.count == 0 for s in stats):
         raise RegmeanError(f"site {sites[0]}: a statistics file has zero rows; measure on non-empty data")
     counts = torch.tensor([s.count for s in stats], dtype=torch.float64)
-    scale = weights / counts if options.gram_weighting == "mean" else weights.clone()
+    relative = weights / weights.max()  # the solution depends only on the ratios; this keeps Grams x weights finite
+    scale = relative / counts if options.gram_weighting == "mean" else relative
     joint = options.bias == "joint"
     subgroups = [[la for la in layers if la.bias_key], [la for la in layers if not la.bias_key]] if joint else [layers]
     out: dict[str, torch.Tensor] = {}
@@ -310,7 +312,10 @@ def _regmean_site(
                 rows.append(w)
             stacked.append(torch.cat(rows))
         stacked = torch.stack(stacked)
-        merged, ridge = regmean_solve(stacked, grams, scale, weights, options.alpha)
+        try:
+            merged, ridge = regmean_solve(stacked, grams, scale, weights, options.alpha)
+        except FloatingPointError as exc:
+            raise RegmeanError(f"site {sites[0]}: {exc}; check the statistics and the models' weights") from None
         start = 0
         for layer in group:
             part = merged[start : start + layer.d_out]

@@ -14,6 +14,7 @@ from regmean.architecture import (
     head_modules,
     is_head_key,
     linear_layers,
+    loaded_names,
     meta_model,
     required_keys,
 )
@@ -107,7 +108,8 @@ def open_inputs(config: MergeConfig, check_fingerprints: bool = True) -> MergeIn
                 f"{entry.path}: shape of {bad[0]} is {other[bad[0]]}, {first_path} has {ref[bad[0]]}"
                 f"{vocab}{hint} ({len(bad)} tensors differ)"
             )
-    needed = [k for k in required_keys(skeleton) if base_key(first, k, skeleton) is None]
+    present = loaded_names(skeleton, first.keys())
+    needed = [k for k in required_keys(skeleton) if k not in present]
     if needed:
         problems.append(
             f"{first_path}: lacks {len(needed)} tensors its architecture {first.architecture} needs, e.g. {needed[0]} "

@@ -1,0 +1,22 @@
+"""The names of the files in a merged model folder (written by `output`, recognised by `staging`)."""
+
+from regmean.io.checkpoint import SAFETENSORS_INDEX
+
+COPIED_PATTERNS = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer*",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.*",
+    "merges.txt",
+    "spiece.model",
+    "sentencepiece*.model",
+    "chat_template.*",
+)
+"""Config, generation settings and every tokenizer file format transformers writes: copied from the first model."""
+WEIGHT_PATTERNS = ("model.safetensors", "model-*-of-*.safetensors", SAFETENSORS_INDEX)
+CARD, RECIPE, REPORT = "README.md", "merge_config.yaml", "merge_report.json"
+"""The model card, the resolved recipe, and the report (which lists every file of the folder)."""
+STAGING_MARK = ".regmean-staging"
+"""Marks a folder regmean is writing (or was, when a run was killed)."""

@@ -1,0 +1,145 @@
+"""Where a merge writes: a staging folder beside the output, renamed into place only when complete, and an existing
+output replaced only when regmean wrote every file in it."""
+
+from __future__ import annotations
+
+import glob
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from regmean.errors import RegmeanError
+from regmean.io.outputs import Inputs, check_output_path, listing, new_folders, output_lock, remove_if_empty
+from regmean.io.untrusted import parse_json
+from regmean.merge.files import CARD, COPIED_PATTERNS, RECIPE, REPORT, STAGING_MARK, WEIGHT_PATTERNS
+
+SET_ASIDE_MARK = ".regmean-set-aside"
+"""Marks the folder an old output is moved into while the new one takes its place."""
+
+
+def _listed_files(out_dir: Path) -> set[str] | None:
+    """The files the folder's merge report says the merge wrote; None when there is no usable list."""
+    try:
+        files = parse_json((out_dir / REPORT).read_bytes(), str(out_dir / REPORT)).get("files")
+    except (OSError, RegmeanError, AttributeError):
+        return None
+    return set(files) if isinstance(files, list) and all(isinstance(f, str) for f in files) else None
+
+
+def foreign_entries(out_dir: Path) -> list[Path]:
+    """What in an existing output folder regmean did not write: everything, unless its merge report lists the
+    folder's files (reports older than that list: only the names a merge writes, at the top level)."""
+    entries = sorted(out_dir.iterdir())
+    if not (out_dir / REPORT).is_file():
+        return entries
+    listed = _listed_files(out_dir)
+    if listed is None:
+        ours = (*COPIED_PATTERNS, *WEIGHT_PATTERNS, CARD, RECIPE, REPORT)
+        return [e for e in entries if e.is_symlink() or not e.is_file() or not any(e.match(p) for p in ours)]
+    folders = {part for f in listed for part in (Path(f).parents) if part != Path(".")}
+    foreign = []
+    for path in sorted(out_dir.rglob("*")):
+        rel = path.relative_to(out_dir)
+        if any(parent in foreign for parent in path.parents):
+            continue  # already listed by its folder
+        if (
+            path.is_symlink()
+            or (path.is_dir() and rel not in folders)
+            or (path.is_file() and rel.as_posix() not in listed)
+        ):
+            foreign.append(path)
+    return foreign
+
+
+def check_output_dir(out_dir: Path, force: bool) -> None:
+    """Refuse a non-empty output without --force, and with --force anything but a folder a merge wrote."""
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise RegmeanError(f"{out_dir}: exists and is not a folder; choose another output")
+    if not any(out_dir.iterdir()):
+        return
+    if not force:
+        raise RegmeanError(f"{out_dir}: exists and is not empty; choose another folder or pass --force to replace it")
+    foreign = foreign_entries(out_dir)
+    if foreign:
+        raise RegmeanError(
+            f"{out_dir}: --force replaces only a folder regmean merged, but it holds {listing(foreign, out_dir)}; "
+            "move those away or choose another folder (nothing was deleted)"
+        )
+
+
+@contextmanager
+def staged_output(out_dir: Path, force: bool, inputs: Inputs, log=None) -> Iterator[Path]:
+    """A staging folder beside `out_dir`, renamed to `out_dir` only when the block completes: an interrupted or
+    failed merge leaves nothing that looks like a finished model folder, and no folder it made.
+
+    Before any work: the output is checked against every input and what --force may replace, and locked against a
+    second writer; what killed runs into the same output left is cleaned up (and said)."""
+    out_dir = check_output_path(out_dir, inputs)
+    check_output_dir(out_dir, force)
+    made = new_folders(out_dir.parent)
+    try:
+        with output_lock(out_dir):
+            _recover(out_dir, log)
+            with _staging(out_dir) as tmp:
+                yield tmp
+                _replace(tmp, out_dir, force, log)
+    except BaseException:
+        remove_if_empty(made)
+        raise
+
+
+@contextmanager
+def _staging(out_dir: Path) -> Iterator[Path]:
+    try:
+        tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.partial-"))
+        (tmp / STAGING_MARK).touch()
+    except OSError as exc:
+        raise RegmeanError(f"{out_dir.parent}: cannot write here ({exc.strerror})") from None
+    try:
+        yield tmp
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def _recover(out_dir: Path, log) -> None:
+    """Clean up after runs into `out_dir` that were killed: their staging folders are removed; an old output they
+    had set aside is put back if the new one never took its place, else removed."""
+    name = glob.escape(out_dir.name)
+    for stale in out_dir.parent.glob(f".{name}.partial-*"):
+        if (stale / STAGING_MARK).is_file():
+            shutil.rmtree(stale)
+            _say(log, f"removed {stale}, left by an interrupted merge into {out_dir}")
+    for aside in out_dir.parent.glob(f".{name}.old-*"):
+        if not (aside / SET_ASIDE_MARK).is_file():
+            continue
+        if not out_dir.exists() and (aside / out_dir.name).is_dir():
+            (aside / out_dir.name).rename(out_dir)
+            _say(log, f"put back {out_dir}, set aside by a merge that was interrupted before replacing it")
+        shutil.rmtree(aside)
+
+
+def _replace(tmp: Path, out_dir: Path, force: bool, log) -> None:
+    """Move the finished folder into place; an old output is set aside first and deleted only afterwards."""
+    check_output_dir(out_dir, force)  # again: files may have appeared during the merge
+    (tmp / STAGING_MARK).unlink()
+    aside = None
+    if out_dir.exists():
+        aside = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.old-"))
+        (aside / SET_ASIDE_MARK).touch()
+        out_dir.rename(aside / out_dir.name)
+    tmp.rename(out_dir)
+    if aside is not None:
+        try:
+            shutil.rmtree(aside)
+        except OSError as exc:  # the merge is complete: say what is left rather than fail
+            _say(log, f"warning: could not delete the replaced output, set aside in {aside} ({exc.strerror})")
+
+
+def _say(log, message: str) -> None:
+    if log is not None:
+        log(message)
