@@ -32,19 +32,25 @@ def trio(tmp_path):
     return tmp_path, models
 
 
+def cli_fails(args, *expected, code=2):
+    """The CLI exits `code` with only `error: ` lines (each naming what is expected), never a traceback."""
+    result = runner.invoke(app, [str(a) for a in args])
+    assert result.exit_code == code, result.output
+    assert "Traceback" not in result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error: ")]
+    assert errors, result.output
+    for text in expected:
+        assert any(text in line for line in errors), (text, result.output)
+    return errors
+
+
 def merge_fails(tmp_path: Path, recipe: dict, *expected: str, out_name: str = "out"):
     config = write_config(tmp_path, **recipe)
     before = snapshot(tmp_path / "in")
-    result = runner.invoke(app, ["merge", str(config), str(tmp_path / out_name)])
-    assert result.exit_code != 0
-    errors = [line for line in result.output.splitlines() if line.startswith("error: ")]
-    assert errors, result.output
-    assert "Traceback" not in result.output
-    for text in expected:
-        assert any(text in line for line in errors), (text, result.output)
+    errors = cli_fails(["merge", config, tmp_path / out_name], *expected)
     assert snapshot(tmp_path / "in") == before
     assert not (tmp_path / out_name).exists()
-    assert not list(tmp_path.glob(f".{out_name}.partial-*"))
+    assert not list(tmp_path.glob(f".{out_name}.*"))  # no staging folder, no lock file
     return errors
 
 

@@ -15,6 +15,7 @@ import yaml
 from conftest import MINILM, TEXTS, build_model, save_model, write_jsonl
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from test_bad_input import cli_fails as fails
 from test_bad_input import merge_fails, snapshot
 from test_merge import make_models, write_config
 from typer.testing import CliRunner
@@ -33,18 +34,6 @@ runner = CliRunner()
 @pytest.fixture
 def trio(tmp_path):
     return tmp_path, make_models(tmp_path / "in", "bert", "BertForSequenceClassification")
-
-
-def fails(args, *expected, code=2):
-    """The CLI exits `code` with only `error: ` lines (each naming what is expected), never a traceback."""
-    result = runner.invoke(app, [str(a) for a in args])
-    assert result.exit_code == code, result.output
-    assert "Traceback" not in result.output
-    errors = [line for line in result.output.splitlines() if line.startswith("error: ")]
-    assert errors, result.output
-    for text in expected:
-        assert any(text in line for line in errors), (text, result.output)
-    return errors
 
 
 def raw_safetensors(path: Path, header, data: bytes = b"") -> Path:

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import TEXTS, write_jsonl
+from test_bad_input import cli_fails as refused
 from test_bad_input import snapshot
 from test_merge import make_models, write_config
 from typer.testing import CliRunner
@@ -27,17 +28,6 @@ runner = CliRunner()
 def trio(tmp_path_factory):
     root = tmp_path_factory.mktemp("safety")
     return root, make_models(root / "in", "bert", "BertForSequenceClassification")
-
-
-def refused(args, *expected, code=2):
-    result = runner.invoke(app, [str(a) for a in args])
-    assert result.exit_code == code, result.output
-    assert "Traceback" not in result.output
-    errors = [line for line in result.output.splitlines() if line.startswith("error: ")]
-    assert errors, result.output
-    for text in expected:
-        assert any(text in line for line in errors), (text, result.output)
-    return errors
 
 
 def test_merge_into_the_current_folder_holding_the_models(trio, monkeypatch):
