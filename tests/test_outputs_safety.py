@@ -74,6 +74,11 @@ def test_force_replaces_only_what_a_merge_wrote(trio, tmp_path):
     (other / "model.safetensors").write_bytes(b"not ours")
     refused(["merge", config, other, "--force"], "model.safetensors", "nothing was deleted")
     assert (other / "model.safetensors").read_bytes() == b"not ours"
+    # a merge report claiming a file a merge never writes is not believed
+    (other / "thesis.tex").write_text("years of work")
+    (other / "merge_report.json").write_text('{"files": ["thesis.tex", "model.safetensors", "merge_report.json"]}')
+    refused(["merge", config, other, "--force"], "thesis.tex", "nothing was deleted")
+    assert (other / "thesis.tex").read_text() == "years of work"
 
 
 def test_heads_keep_folder_names_stay_inside_the_output(trio, tmp_path):

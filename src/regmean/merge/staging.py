@@ -28,29 +28,39 @@ def _listed_files(out_dir: Path) -> set[str] | None:
     return set(files) if isinstance(files, list) and all(isinstance(f, str) for f in files) else None
 
 
+OWN_NAMES = (*COPIED_PATTERNS, *WEIGHT_PATTERNS, CARD, RECIPE, REPORT)
+"""Every file a merge writes has one of these names (a merge report listing any other file is not believed)."""
+
+
 def foreign_entries(out_dir: Path) -> list[Path]:
     """What in an existing output folder regmean did not write: everything, unless its merge report lists the
-    folder's files (reports older than that list: only the names a merge writes, at the top level)."""
+    folder's files; then every file neither listed nor named as a merge names its files (reports older than that
+    list: every top-level entry not named so)."""
     entries = sorted(out_dir.iterdir())
     if not (out_dir / REPORT).is_file():
         return entries
     listed = _listed_files(out_dir)
     if listed is None:
-        ours = (*COPIED_PATTERNS, *WEIGHT_PATTERNS, CARD, RECIPE, REPORT)
-        return [e for e in entries if e.is_symlink() or not e.is_file() or not any(e.match(p) for p in ours)]
+        return [e for e in entries if e.is_symlink() or not e.is_file() or not _own_name(e)]
     folders = {part for f in listed for part in (Path(f).parents) if part != Path(".")}
     foreign = []
     for path in sorted(out_dir.rglob("*")):
         rel = path.relative_to(out_dir)
         if any(parent in foreign for parent in path.parents):
             continue  # already listed by its folder
-        if (
-            path.is_symlink()
-            or (path.is_dir() and rel not in folders)
-            or (path.is_file() and rel.as_posix() not in listed)
-        ):
+        if path.is_symlink():
+            ours = False
+        elif path.is_dir():
+            ours = rel in folders
+        else:
+            ours = rel.as_posix() in listed and _own_name(path)
+        if not ours:
             foreign.append(path)
     return foreign
+
+
+def _own_name(path: Path) -> bool:
+    return any(path.match(pattern) for pattern in OWN_NAMES)
 
 
 def check_output_dir(out_dir: Path, force: bool) -> None:
