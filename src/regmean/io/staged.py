@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 from regmean.errors import RegmeanError
+from regmean.io.metadata import Metadata
 from regmean.io.outputs import Inputs, check_output_path, new_folders, output_lock, probe_writable, remove_if_empty
 from regmean.io.tensorfile import TensorFile
 
@@ -107,8 +108,9 @@ class StagedFiles:
     def _ours(self, path: Path) -> bool:
         if path.is_symlink() or not path.is_file():
             return False
-        try:
-            return TensorFile(path).metadata.get("format") == self.fmt
+        try:  # our format tag and a model fingerprint, as every file regmean writes carries
+            metadata = TensorFile(path).metadata
+            return metadata.get("format") == self.fmt and bool(Metadata(metadata, path).fingerprint())
         except RegmeanError:
             return False
 
