@@ -394,12 +394,13 @@ def test_combine_refuses_the_same_statistics_twice(trio):
 def test_long_provenance_is_shown_bounded(tmp_path):
     path = save_model(build_model("bert", "BertForSequenceClassification", 1), tmp_path / "m")
     stats = measure(path, [Example(t) for t in TEXTS[:3]], progress=False)
-    stats.provenance = [{"data": "x" * 100_000, "note": "[bold]not markup[/]"}] * 100
+    stats.provenance = [{"data": "x" * 100_000, "note": "[bold]not markup[/]", "esc": "\x1b[2J"}] * 100
     save(stats, tmp_path / "s")
     result = runner.invoke(app, ["stats", "show", str(tmp_path / "s")])
     assert result.exit_code == 0, result.output
     assert "and 80 more records" in result.output and len(result.output) < 20_000
     assert "[bold]not markup[/]" in result.output
+    assert "\x1b" not in result.output and "esc=\\x1b[2J" in result.output  # no terminal escapes from a file
 
 
 def test_every_cli_error_is_one_line_per_problem(trio):

@@ -114,6 +114,21 @@ def test_killed_merge_leaves_no_complete_looking_folder(tmp_path):
     assert list(tmp_path.glob(".out.partial-*")), "the merge had started writing"
     assert not (tmp_path / "out").exists()  # only a hidden, visibly partial folder remains
     assert not list(tmp_path.glob(".out.partial-*/model*.safetensors"))
+    # the next run into that output removes the staging folder the killed run left, and says so
+    result = runner.invoke(app, ["merge", str(config), str(tmp_path / "out")])
+    assert result.exit_code == 0 and "left by an interrupted merge" in result.output, result.output
+    assert not list(tmp_path.glob(".out.*"))
+    # SIGTERM (kill): the run cleans up after itself, one line, exit 143
+    sigterm = code.replace("e.merge(", "import sys\nsys.argv = ['regmean', 'merge', '--force', ").replace(
+        ", progress=False, shard_size='20KB')", ", '--shard-size', '20KB']\nfrom regmean.cli import main\nmain()"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", sigterm], stderr=subprocess.PIPE, text=True)
+    while time.time() < deadline and not list(tmp_path.glob(".out.partial-*/.shard-*")):
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait() == 143
+    assert proc.stderr.read().splitlines()[-1] == "error: terminated; nothing was written"
+    assert not list(tmp_path.glob(".out.*")) and (tmp_path / "out" / "model.safetensors").is_file()
 
 
 def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path):

@@ -3,27 +3,49 @@
 stats = regmean.measure(model_dir, examples)       # per owner, on private data
 regmean.save_statistics(stats, "stats/")           # shareable safetensors file
 regmean.merge("merge.yaml", "merged/")             # K models + K statistics files -> one model folder
+
+The names below are imported on first use, so that `import regmean` (and the `regmean` command) starts without
+loading torch and transformers.
 """
+
+import importlib
+import sys
+import types
 
 __version__ = "0.1.0"
 
-from regmean.errors import RegmeanError  # noqa: E402
-from regmean.io.data import Example, load_examples  # noqa: E402
-from regmean.measure import measure  # noqa: E402
-from regmean.merge import MergeConfig, merge  # noqa: E402
-from regmean.stats import Statistics, StatisticsFile, combine  # noqa: E402
-from regmean.stats import save as save_statistics  # noqa: E402
+_API = {
+    "Example": ("regmean.io.data", "Example"),
+    "MergeConfig": ("regmean.merge", "MergeConfig"),
+    "RegmeanError": ("regmean.errors", "RegmeanError"),
+    "Statistics": ("regmean.stats", "Statistics"),
+    "StatisticsFile": ("regmean.stats", "StatisticsFile"),
+    "combine": ("regmean.stats", "combine"),
+    "load_examples": ("regmean.io.data", "load_examples"),
+    "measure": ("regmean.measure", "measure"),
+    "merge": ("regmean.merge", "merge"),
+    "save_statistics": ("regmean.stats", "save"),
+}
+__all__ = [*_API, "__version__"]
 
-__all__ = [
-    "Example",
-    "MergeConfig",
-    "RegmeanError",
-    "Statistics",
-    "StatisticsFile",
-    "__version__",
-    "combine",
-    "load_examples",
-    "measure",
-    "merge",
-    "save_statistics",
-]
+
+def __getattr__(name: str):
+    if name not in _API:
+        raise AttributeError(f"module 'regmean' has no attribute {name!r}")
+    module, attr = _API[name]
+    value = getattr(importlib.import_module(module), attr)
+    globals()[name] = value
+    return value
+
+
+class _Package(types.ModuleType):
+    """`regmean.measure` and `regmean.merge` stay the functions once their modules are imported (the import system
+    would bind those names to the modules)."""
+
+    def __setattr__(self, name: str, value) -> None:
+        if isinstance(value, types.ModuleType) and _API.get(name, ("", ""))[0] == value.__name__:
+            value = getattr(value, _API[name][1])
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

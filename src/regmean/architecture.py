@@ -7,6 +7,8 @@ and which top-level modules are task heads.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,11 +48,23 @@ def model_class(config: transformers.PretrainedConfig, path: str | Path) -> type
     return cls
 
 
+@contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """transformers' own warnings (load reports, config notes) silenced: we report what matters in one line."""
+    level = transformers.utils.logging.get_verbosity()
+    transformers.utils.logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        transformers.utils.logging.set_verbosity(level)
+
+
 def load_config(path: str | Path) -> transformers.PretrainedConfig:
     config_file = Path(path) / "config.json"
     read_model_config(Path(path))  # strict JSON, an object: one clear line, not transformers'
     try:
-        return transformers.AutoConfig.from_pretrained(str(path), trust_remote_code=False)
+        with quiet_transformers():
+            return transformers.AutoConfig.from_pretrained(str(path), trust_remote_code=False)
     except Exception as exc:  # transformers raises many types for configs it cannot use
         raise RegmeanError(f"{config_file}: cannot build a config ({one_line(str(exc), 300)})") from exc
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
 import sys
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -50,6 +51,8 @@ def _reports_errors(command: Callable) -> Callable:
             _fail(["out of memory; nothing was written (lower --batch-size, or see the plan with --dry-run)"])
         except KeyboardInterrupt:
             _fail(["interrupted; nothing was written"], 130)
+        except Terminated:
+            _fail(["terminated; nothing was written"], 143)
         except Exception as exc:
             if os.environ.get("REGMEAN_DEBUG"):
                 raise
@@ -156,7 +159,7 @@ def fisher(
     """Measure the diagonal Fisher of a classifier (for `method: fisher`), from per-example gradients."""
     from regmean import distributed
     from regmean import fisher as F
-    from regmean.architecture import load_config
+    from regmean.architecture import load_config, model_class
     from regmean.bench.data import TextDataset
     from regmean.bench.fisher import measure_fisher
     from regmean.io.checkpoint import Checkpoint
@@ -174,13 +177,14 @@ def fisher(
     )
     with writing as writer:
         checkpoint = Checkpoint(model_dir, allow_pickle)
-        if not checkpoint.architecture.endswith(("ForSequenceClassification", "ForTokenClassification")):
+        config = load_config(model_dir)
+        name = model_class(config, model_dir).__name__  # a transformers model class, not just a name
+        if not name.endswith(("ForSequenceClassification", "ForTokenClassification")):
             raise RegmeanError(
-                f"{model_dir}: {checkpoint.architecture} is not a classifier; the Fisher needs a fine-tuned "
+                f"{model_dir}: {name} is not a classifier; the Fisher needs a fine-tuned "
                 "...ForSequenceClassification or ...ForTokenClassification model"
             )
-        config = load_config(model_dir)
-        token_level = checkpoint.architecture.endswith("ForTokenClassification")
+        token_level = name.endswith("ForTokenClassification")
         texts = [e.text for e in load_examples(data, text_field=text_field, max_examples=max_examples)]
         texts = [t.split() for t in texts] if token_level else texts
         labels = [[0] * len(t) for t in texts] if token_level else [0] * len(texts)  # unused: the model's own
@@ -276,7 +280,8 @@ def stats_show(path: Annotated[Path, typer.Argument(help="Statistics folder or f
         stats = st.site(site, check_finite=False)
         parent = site.rpartition(".")[0] + "."
         names = [m.removeprefix(parent) if parent != "." else m for m in by_site[site]]
-        table.add_row(site, "x".join(map(str, st.site_shape(site))), str(stats.count), one_line(", ".join(names), 300))
+        shape = "x".join(map(str, st.site_shape(site)))
+        table.add_row(one_line(site, 200), shape, str(stats.count), one_line(", ".join(names), 300))
     out.print(table)
     if st.skipped:
         module, reason = next(iter(st.skipped.items()))
@@ -329,8 +334,24 @@ def bench(
     print(report)
 
 
+class Terminated(BaseException):
+    """SIGTERM (e.g. `kill`), raised where the program is, so that every clean-up runs as for Ctrl-C."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated
+
+
 def main() -> None:
-    app()
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        app()
+    except KeyboardInterrupt:  # before a command started (_reports_errors reports the rest)
+        print("error: interrupted; nothing was written", file=sys.stderr)
+        sys.exit(130)
+    except Terminated:
+        print("error: terminated; nothing was written", file=sys.stderr)
+        sys.exit(143)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ class RegmeanError(Exception):
 
 
 def one_line(text: str, limit: int = 600) -> str:
-    """Whitespace (newlines included) collapsed to single spaces, cut to `limit` characters."""
-    flat = " ".join(str(text).split())
+    """Whitespace (newlines included) collapsed to single spaces, other unprintable characters (terminal escapes)
+    written as escapes, cut to `limit` characters: safe to print whatever file the text came from."""
+    flat = "".join(c if c.isprintable() else repr(c)[1:-1] for c in " ".join(str(text).split()))
     return flat if len(flat) <= limit else flat[: limit - 3] + "..."

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 import transformers
 
-from regmean.architecture import load_config, model_class
+from regmean.architecture import load_config, model_class, quiet_transformers
 from regmean.errors import RegmeanError, one_line
 
 # files that carry a vocabulary; without one, transformers builds a tokenizer that maps every word to [UNK]
@@ -29,9 +29,10 @@ def load_model(model_dir: str | Path, device: str = "cpu", dtype: torch.dtype | 
     cls = cls or model_class(load_config(model_dir), model_dir)
     transformers.utils.logging.disable_progress_bar()
     try:
-        model, info = cls.from_pretrained(
-            str(model_dir), dtype=dtype or "auto", trust_remote_code=False, output_loading_info=True
-        )
+        with quiet_transformers():
+            model, info = cls.from_pretrained(
+                str(model_dir), dtype=dtype or "auto", trust_remote_code=False, output_loading_info=True
+            )
     except Exception as exc:  # transformers raises many types for checkpoints it cannot use
         raise RegmeanError(f"{model_dir}: cannot load model ({one_line(str(exc), 300)})") from exc
     absent = list(info.get("missing_keys", [])) + [str(k[0]) for k in info.get("mismatched_keys", [])]
@@ -50,7 +51,8 @@ def load_tokenizer(model_dir: str | Path):
             "save the tokenizer into the folder (tokenizer.save_pretrained)"
         )
     try:
-        tok = transformers.AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
+        with quiet_transformers():
+            tok = transformers.AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
     except Exception as exc:  # tokenizers and transformers raise many types for files they cannot use
         raise RegmeanError(
             f"{model_dir}: no usable tokenizer files ({one_line(str(exc), 300)}); copy the tokenizer into the folder"
