@@ -5,8 +5,11 @@ import bz2
 import importlib
 import json
 import lzma
+import os
 import re
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -495,3 +498,19 @@ def test_legacy_names_and_yaml_merge_keys_still_work(trio):
     merged = yaml.safe_load((tmp_path / "out" / "merge_config.yaml").read_text())
     assert [m["weight"] for m in merged["models"]] == [2, 2, 1]
     assert merged["models"][1]["path"] == models[1]["path"]
+
+
+def test_usage_errors_and_empty_merges_are_refused_in_one_line(trio):
+    tmp_path, models = trio
+    merge_fails(
+        tmp_path,
+        {"method": "average", "models": models, "heads": "keep", "head_modules": [".*"]},
+        "nothing would be merged",
+    )
+    command = [sys.executable, "-m", "regmean", "measure", models[0]["path"], "--batch-size", "0"]
+    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.splitlines() == [
+        "error: Invalid value for '--batch-size': Input should be greater than or equal to 1 "
+        "(see regmean measure --help)"
+    ]

@@ -342,16 +342,30 @@ def _terminate(signum: int, frame: object) -> None:
     raise Terminated
 
 
+UsageError = typer.BadParameter.__mro__[1]
+"""typer's own click UsageError: a command line that does not parse (unknown option, value out of range)."""
+
+
 def main() -> None:
     signal.signal(signal.SIGTERM, _terminate)
     try:
-        app()
+        code = app(standalone_mode=False, prog_name="regmean")
+    except UsageError as exc:  # click would print a usage box: one line instead, and where to look
+        message = exc.format_message()
+        if message:  # (no message: help was printed because no arguments were given)
+            command = exc.ctx.command_path if exc.ctx else "regmean"
+            print(f"error: {one_line(message)} (see {command} --help)", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        print("error: aborted; nothing was written", file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:  # before a command started (_reports_errors reports the rest)
         print("error: interrupted; nothing was written", file=sys.stderr)
         sys.exit(130)
     except Terminated:
         print("error: terminated; nothing was written", file=sys.stderr)
         sys.exit(143)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -75,6 +75,11 @@ def open_inputs(config: MergeConfig, check_fingerprints: bool = True) -> MergeIn
         raise RegmeanError(problems)
     heads = head_modules(skeleton, config.head_modules)
     ignore_heads = config.heads == "keep"
+    if ignore_heads and all(is_head_key(k, heads) for k in first.keys()):
+        problems.append(
+            f"head_modules {config.head_modules or heads} cover every tensor of {first_path}: nothing would be "
+            "merged; name only the task heads"
+        )
 
     def body(ckpt: Checkpoint) -> dict[str, tuple[int, ...]]:
         return {k: s for k, s in ckpt.shapes.items() if not (ignore_heads and is_head_key(k, heads))}
