@@ -129,11 +129,14 @@ def test_staging_left_by_a_killed_run_is_removed_and_said(trio, tmp_path):
     stale.mkdir()
     (stale / STAGING_MARK).touch()
     (stale / "model.safetensors").write_bytes(b"half")
-    foreign = tmp_path / ".out.partial-not-ours"  # no staging mark: not ours, left alone
+    foreign = tmp_path / ".out.partial-not-ours"  # no staging mark and not empty: not ours, left alone
     foreign.mkdir()
+    (foreign / "keep.txt").write_text("mine")
+    (tmp_path / ".out.partial-unmarked").mkdir()  # killed between making the folder and marking it: empty
     result = runner.invoke(app, ["merge", str(config), str(tmp_path / "out")])
     assert result.exit_code == 0, result.output
     assert "left by an interrupted merge" in result.output and not stale.exists() and foreign.is_dir()
+    assert not (tmp_path / ".out.partial-unmarked").exists()
     # measure: hidden blocks of a killed measure are removed and said
     stats = tmp_path / "stats"
     stats.mkdir()

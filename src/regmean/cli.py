@@ -338,8 +338,11 @@ class Terminated(BaseException):
     """SIGTERM (e.g. `kill`), raised where the program is, so that every clean-up runs as for Ctrl-C."""
 
 
-def _terminate(signum: int, frame: object) -> None:
-    raise Terminated
+def _interrupt(signum: int, frame: object) -> None:
+    """The first Ctrl-C or SIGTERM stops the run; later ones are ignored, so that its clean-up finishes."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise KeyboardInterrupt if signum == signal.SIGINT else Terminated
 
 
 UsageError = typer.BadParameter.__mro__[1]
@@ -347,7 +350,8 @@ UsageError = typer.BadParameter.__mro__[1]
 
 
 def main() -> None:
-    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         code = app(standalone_mode=False, prog_name="regmean")
     except UsageError as exc:  # click would print a usage box: one line instead, and where to look

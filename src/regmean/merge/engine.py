@@ -286,8 +286,9 @@ def _regmean_site(
             raise RegmeanError(
                 f"{inputs.stats[0].path}: site {sites[0]} is {d_in} wide, {layer.module} reads {layer.d_in}"
             )
-    if any(s.count == 0 for s in stats):
-        raise RegmeanError(f"site {sites[0]}: a statistics file has zero rows; measure on non-empty data")
+    empty = [st.path for st, s in zip(inputs.stats, stats, strict=True) if s.count == 0]
+    if empty:
+        raise RegmeanError(f"{empty[0]}: site {sites[0]} has zero rows; measure on non-empty data")
     counts = torch.tensor([s.count for s in stats], dtype=torch.float64)
     relative = weights / weights.max()  # the solution depends only on the ratios; this keeps Grams x weights finite
     scale = relative / counts if options.gram_weighting == "mean" else relative

@@ -121,11 +121,11 @@ def _recover(out_dir: Path, log) -> None:
     had set aside is put back if the new one never took its place, else removed."""
     name = glob.escape(out_dir.name)
     for stale in out_dir.parent.glob(f".{name}.partial-*"):
-        if (stale / STAGING_MARK).is_file():
+        if (stale / STAGING_MARK).is_file() or _empty_folder(stale):  # (killed before its mark was written)
             shutil.rmtree(stale)
             _say(log, f"removed {stale}, left by an interrupted merge into {out_dir}")
     for aside in out_dir.parent.glob(f".{name}.old-*"):
-        if not (aside / SET_ASIDE_MARK).is_file():
+        if not ((aside / SET_ASIDE_MARK).is_file() or _empty_folder(aside)):
             continue
         if not out_dir.exists() and (aside / out_dir.name).is_dir():
             (aside / out_dir.name).rename(out_dir)
@@ -148,6 +148,10 @@ def _replace(tmp: Path, out_dir: Path, force: bool, log) -> None:
             shutil.rmtree(aside)
         except OSError as exc:  # the merge is complete: say what is left rather than fail
             _say(log, f"warning: could not delete the replaced output, set aside in {aside} ({exc.strerror})")
+
+
+def _empty_folder(path: Path) -> bool:
+    return path.is_dir() and not path.is_symlink() and not any(path.iterdir())
 
 
 def _say(log, message: str) -> None:
