@@ -106,7 +106,7 @@ def measure(
     device = distributed.init_from_env(device)
     sources = [("model", model_dir), ("data file", data)]
     # rank 0 writes: each finished block leaves memory for disk, all are shown together at the end
-    writing = BlockWriter(out, force, sources, console.print) if distributed.rank() == 0 else nullcontext()
+    writing = _on_rank0(lambda: BlockWriter(out, force, sources, console.print))
     with writing as writer:
         fields = {"text_field": text_field, "text_pair_field": text_pair_field, "target_field": target_field}
         examples = load_examples(data, max_examples=max_examples, **fields)
@@ -170,10 +170,8 @@ def fisher(
         _relaunch_with_torchrun(nproc)
     device = distributed.init_from_env(device)
     sources = [("model", model_dir), ("data file", data)]
-    writing = (
-        StagedFiles(out, fmt=F.FORMAT, file_name=F.FILE_NAME, replace=force, inputs=sources, log=console.print)
-        if distributed.rank() == 0
-        else nullcontext()
+    writing = _on_rank0(
+        lambda: StagedFiles(out, fmt=F.FORMAT, file_name=F.FILE_NAME, replace=force, inputs=sources, log=console.print)
     )
     with writing as writer:
         checkpoint = Checkpoint(model_dir, allow_pickle)
@@ -197,6 +195,13 @@ def fisher(
         writer.stage(*F.fisher_file(values, fingerprint, len(dataset)))
         (path,) = writer.commit()
     console.print(f"wrote {path}: Fisher of {len(values)} parameters over {len(dataset)} examples")
+
+
+def _on_rank0(make_writer: Callable):
+    """The writer (a context manager) on rank 0, which alone writes; nothing on the other ranks."""
+    from regmean import distributed
+
+    return make_writer() if distributed.rank() == 0 else nullcontext()
 
 
 def _relaunch_with_torchrun(nproc: int) -> None:
@@ -277,11 +282,10 @@ def stats_show(path: Annotated[Path, typer.Argument(help="Statistics folder or f
     for module, site in st.modules.items():
         by_site.setdefault(site, []).append(module)
     for site in st.site_names:
-        stats = st.site(site, check_finite=False)
         parent = site.rpartition(".")[0] + "."
         names = [m.removeprefix(parent) if parent != "." else m for m in by_site[site]]
         shape = "x".join(map(str, st.site_shape(site)))
-        table.add_row(one_line(site, 200), shape, str(stats.count), one_line(", ".join(names), 300))
+        table.add_row(one_line(site, 200), shape, str(st.count(site)), one_line(", ".join(names), 300))
     out.print(table)
     if st.skipped:
         module, reason = next(iter(st.skipped.items()))

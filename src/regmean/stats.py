@@ -205,15 +205,20 @@ class StatisticsFile:
 
     def site(self, name: str, check_finite: bool = True) -> SiteStats:
         handle = self._handle(name)
-        gram, total = handle.get(f"{name}::gram"), handle.get(f"{name}::sum")
-        count = int(handle.get(f"{name}::count")[0])
-        if count < 0:
-            raise RegmeanError(f"{handle.path}: site {name} has a negative row count ({count}); measure again")
+        gram, total, count = handle.get(f"{name}::gram"), handle.get(f"{name}::sum"), self.count(name)
         if check_finite and not (torch.isfinite(gram).all() and torch.isfinite(total).all()):
             raise RegmeanError(
                 f"{self.path}: site {name} has NaN or Inf values; measure again (try --stats-dtype float64)"
             )
         return SiteStats(gram, total, count)
+
+    def count(self, name: str) -> int:
+        """The site's row count (reads 8 bytes, no Gram)."""
+        handle = self._handle(name)
+        count = int(handle.get(f"{name}::count")[0])
+        if count < 0:
+            raise RegmeanError(f"{handle.path}: site {name} has a negative row count ({count}); measure again")
+        return count
 
     def content_digest(self) -> str:
         """A hash of what the data contributed (every site's sum vector and row count): equal for two copies of
