@@ -7,7 +7,6 @@ from regmean.methods.average import weighted_average
 from regmean.methods.regmean import affine_gram, reconstruction_error, regmean_solve, shrink, solve_spd
 from regmean.methods.task_arithmetic import task_arithmetic
 
-torch.set_default_dtype(torch.float64)
 K, D_IN, D_OUT = 3, 6, 4
 
 
@@ -23,7 +22,16 @@ def grams(xs):
     return torch.stack([x.T @ x for x in xs])
 
 
-ONES = torch.ones(K)
+ONES = torch.ones(K, dtype=torch.float64)
+
+
+@pytest.fixture(autouse=True)
+def _float64():
+    """These oracles are exact in float64; the default dtype is restored so other test files are unaffected."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
 
 
 def test_identical_models_give_that_model():
