@@ -173,24 +173,23 @@ def test_measure_bad_input(tmp_path):
     model = save_model(build_model("bert", "BertForSequenceClassification", 1), tmp_path / "m")
     data = tmp_path / "d.jsonl"
     data.write_text('{"sentence": "hello"}\n')
-    result = runner.invoke(app, ["measure", str(model), "--data", str(data), "--out", str(tmp_path / "s")])
-    assert result.exit_code != 0 and "no column 'text'" in result.output and "sentence" in result.output
-    result = runner.invoke(app, ["measure", str(tmp_path / "nope"), "--data", str(data), "--out", str(tmp_path / "s")])
-    assert result.exit_code != 0 and "error:" in result.output
     good = write_jsonl(tmp_path / "good.jsonl")
-    for flags, message in (
-        (["--device", "cuda:99"], "device 'cuda:99': "),  # no such GPU here (or no CUDA at all)
-        (["--device", "gpu"], "not a device name"),
-        (["--stats-dtype", "float16"], "stats dtype 'float16'"),
-    ):
-        result = runner.invoke(app, ["measure", str(model), "--data", str(good), "--out", str(tmp_path / "s"), *flags])
-        assert result.exit_code != 0 and message in result.output, (flags, result.output)
+
+    def measure_fails(model_dir, data_file, expected: list[str], *flags):
+        before = snapshot(tmp_path)
+        cli_fails(["measure", model_dir, "--data", data_file, "--out", tmp_path / "s", *flags], *expected)
+        assert snapshot(tmp_path) == before  # inputs untouched, nothing written (no statistics, no lock file)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["d.jsonl", "good.jsonl", "m"]
+
+    measure_fails(model, data, ["no column 'text'", "sentence"])
+    measure_fails(tmp_path / "nope", good, ["nope: model folder not found"])
+    measure_fails(model, good, ["device 'cuda:99': "], "--device", "cuda:99")  # no such GPU here (or no CUDA)
+    measure_fails(model, good, ["not a device name"], "--device", "gpu")
+    measure_fails(model, good, ["stats dtype 'float16'"], "--stats-dtype", "float16")
     with pytest.raises(RegmeanError, match="max_examples must be at least 1"):
         load_examples(good, max_examples=0)
     (model / "tokenizer.json").unlink()  # transformers would tokenize every word as [UNK]
-    result = runner.invoke(app, ["measure", str(model), "--data", str(good), "--out", str(tmp_path / "s")])
-    assert result.exit_code != 0 and "no tokenizer vocabulary" in result.output
-    assert not (tmp_path / "s").exists()
+    measure_fails(model, good, ["no tokenizer vocabulary"])
 
 
 def test_yaml_paths_are_relative_to_the_config(trio):

@@ -81,7 +81,8 @@ def test_too_few_examples_for_the_processes(tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", TEXTS[:1], ["x"])
     result = torchrun("measure", model, "--data", data, "--out", tmp_path / "s")
     assert result.returncode != 0 and "cannot be shared among 2 processes" in result.stderr
-    assert torch.distributed.is_available()
+    assert not (tmp_path / "s").exists()  # refused before any output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.jsonl", "m"]
 
 
 def test_fisher_two_processes_equal_one(tmp_path):

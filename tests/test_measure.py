@@ -7,6 +7,7 @@ import pytest
 import torch
 import transformers as tf
 from conftest import CASE_IDS, CASES, TARGETS, TEXTS, build_model, save_model
+from safetensors.torch import load_file
 from torch import nn
 
 from regmean.io.data import Example
@@ -159,8 +160,24 @@ def test_measuring_in_blocks_equals_one_pass_and_merges(tmp_path):
         assert a.count == b.count and torch.allclose(a.gram, b.gram, rtol=1e-12, atol=1e-12)
     import regmean
 
-    models = [{"path": str(path), "statistics": str(tmp_path / "blocks")}] * 2
-    regmean.merge(regmean.MergeConfig(models=models), tmp_path / "merged", progress=False)
+    # merging from the blocks is merging from the one file; other = the model perturbed, measured the same way
+    other = build_model("llama", "LlamaForCausalLM", 2)
+    other_path = save_model(other, tmp_path / "m2")
+    assert runner.invoke(app, ["measure", str(other_path), *common[2:], "--out", str(tmp_path / "o2")]).exit_code == 0
+    merged = {}
+    for name in ("one", "blocks"):
+        models = [
+            {"path": str(path), "statistics": str(tmp_path / name)},
+            {"path": str(other_path), "statistics": str(tmp_path / "o2")},
+        ]
+        regmean.merge(regmean.MergeConfig(models=models), tmp_path / f"merged-{name}", progress=False)
+        merged[name] = load_file(tmp_path / f"merged-{name}" / "model.safetensors")
+    assert merged["one"].keys() == merged["blocks"].keys()
+    assert all(torch.equal(merged["blocks"][key], tensor) for key, tensor in merged["one"].items())
+    assert not torch.equal(
+        merged["one"]["model.layers.0.mlp.up_proj.weight"],
+        load_file(path / "model.safetensors")["model.layers.0.mlp.up_proj.weight"],
+    )
     files[1].unlink()
     with pytest.raises(regmean.RegmeanError, match="the measure did not finish"):
         StatisticsFile(tmp_path / "blocks")

@@ -197,7 +197,7 @@ def test_python_api_matches_cli(tmp_path):
         assert torch.equal(a[k], b[k]), (k, (a[k] - b[k]).abs().max())
     assert report.summary()["regmean_layers"] == 14
     # only the classifier (it reads ReLU outputs with dead units: zero Gram diagonal) needs and reports a ridge
-    assert {row["module"] for row in report.layers if row["ridge"] > 0} <= {"classifier"}
+    assert {row.module for row in report.layers if row.ridge > 0} <= {"classifier"}
 
 
 def test_measure_show_combine_cli(tmp_path):
@@ -290,3 +290,34 @@ def test_untied_lm_head_and_embedding_options(tmp_path):
     base_sd = load_file(base / "model.safetensors")
     for key in ("model.embed_tokens.weight", "lm_head.weight"):
         assert torch.equal(from_base[key], base_sd[key])
+
+
+def test_fisher_merge_is_the_elementwise_fisher_weighted_average(tmp_path):
+    """Through the engine, with weights: sum_i w_i F_i W_i / sum_i w_i F_i per entry; a tensor some model has no
+    Fisher for is the weighted average."""
+    from regmean.fisher import save_fisher
+
+    models = make_models(tmp_path, "gpt2", "GPT2ForSequenceClassification", stats=False)
+    inputs = [load_file(Path(m["path"]) / "model.safetensors") for m in models]
+    fishers = []
+    for k, (entry, sd) in enumerate(zip(models, inputs, strict=True)):
+        gen = torch.Generator().manual_seed(k)
+        fisher = {n: torch.rand(t.shape, generator=gen) ** 3 for n, t in sd.items() if t.is_floating_point()}
+        if k == 1:
+            del fisher["transformer.wte.weight"]
+        save_fisher(fisher, entry["path"], tmp_path / f"fisher{k}", examples=5)
+        entry["statistics"], entry["weight"] = str(tmp_path / f"fisher{k}"), float(k + 1)
+        fishers.append(fisher)
+    assert run("merge", write_config(tmp_path, method="fisher", models=models), tmp_path / "out").exit_code == 0
+    merged = load_file(tmp_path / "out" / "model.safetensors")
+    w = [1.0, 2.0, 3.0]
+    for key, got in merged.items():
+        if not got.is_floating_point():
+            continue
+        if key == "transformer.wte.weight":
+            expect = sum(wi * sd[key].double() for wi, sd in zip(w, inputs, strict=True)) / 6
+        else:
+            num = sum(wi * f[key].double() * sd[key].double() for wi, f, sd in zip(w, fishers, inputs, strict=True))
+            den = sum(wi * f[key].double() for wi, f in zip(w, fishers, strict=True))
+            expect = num / den
+        torch.testing.assert_close(got.double(), expect, rtol=1e-5, atol=1e-6, msg=key)

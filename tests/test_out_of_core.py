@@ -1,6 +1,5 @@
 """Out-of-core merging: sharded inputs and outputs, atomic output, the plan's memory estimate."""
 
-import importlib
 import json
 import os
 import signal
@@ -62,7 +61,7 @@ def test_sharded_inputs_and_outputs_equal_the_single_file_merge(tmp_path):
 
 @pytest.mark.parametrize("method", ["average", "task_arithmetic"])
 def test_large_tensors_merged_in_row_blocks_equal_the_whole_tensor_merge(tmp_path, monkeypatch, method):
-    from regmean.merge import plan
+    from regmean.methods import base as plan
 
     models = make_models(tmp_path / "m", "llama", "LlamaForCausalLM")
     base = models[0]["path"] if method == "task_arithmetic" else None
@@ -76,10 +75,11 @@ def test_large_tensors_merged_in_row_blocks_equal_the_whole_tensor_merge(tmp_pat
 
 
 def test_failure_mid_merge_leaves_nothing(tmp_path, monkeypatch):
-    engine = importlib.import_module("regmean.merge.engine")  # (regmean.merge is also the merge function)
+    from regmean.methods.regmean import RegMean
+
     models = make_models(tmp_path, "bert", "BertForSequenceClassification")
     calls = {"n": 0}
-    original = engine._plain_tensor
+    original = RegMean.compute
 
     def failing(*args, **kwargs):
         calls["n"] += 1
@@ -87,7 +87,7 @@ def test_failure_mid_merge_leaves_nothing(tmp_path, monkeypatch):
             raise RuntimeError("disk full")
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(engine, "_plain_tensor", failing)
+    monkeypatch.setattr(RegMean, "compute", failing)
     with pytest.raises(RuntimeError):
         regmean.merge(regmean.MergeConfig(models=models), tmp_path / "out", progress=False, shard_size="50KB")
     assert not (tmp_path / "out").exists()
@@ -99,10 +99,11 @@ def test_killed_merge_leaves_no_complete_looking_folder(tmp_path):
     config = write_config(tmp_path, method="regmean", models=models)
     code = (
         "import importlib, time\n"
+        "from regmean.methods.regmean import RegMean\n"
         "e = importlib.import_module('regmean.merge.engine')\n"
-        "orig = e._regmean_site\n"
+        "orig = RegMean.compute\n"
         "def slow(*a, **k):\n    time.sleep(0.5)\n    return orig(*a, **k)\n"
-        "e._regmean_site = slow\n"
+        "RegMean.compute = slow\n"
         f"e.merge({str(config)!r}, {str(tmp_path / 'out')!r}, progress=False, shard_size='20KB')\n"
     )
     proc = subprocess.Popen([sys.executable, "-c", code])

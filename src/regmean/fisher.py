@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from regmean import __version__
+from regmean.dtypes import STORED
 from regmean.errors import RegmeanError
 from regmean.io.checkpoint import Checkpoint
 from regmean.io.staged import target_file, write_atomic
@@ -18,7 +19,6 @@ from regmean.stats import open_statistics
 FORMAT = "regmean.fisher"
 FILE_NAME = "fisher.safetensors"
 NORMALISATION = "mean over examples of the expected squared score under the model's own predictive distribution"
-FLOATS = ("F64", "F32", "F16", "BF16")
 
 
 def fisher_file(
@@ -50,12 +50,16 @@ class FisherFile:
         self.fingerprint = meta.fingerprint()
         self.examples = meta.natural("examples")
         self.nbytes = self.path.stat().st_size
+        self.provenance: list[dict] = []  # Fisher files record no measuring runs
         self.keys: dict[str, str] = {}  # parameter -> its tensor in the file
         for key in self._handle.keys():
             name, sep, kind = key.rpartition("::")
-            if not sep or kind != "fisher" or self._handle.dtype(key) not in FLOATS:
+            if not sep or kind != "fisher" or not STORED[self._handle.dtype(key)].is_floating_point:
                 raise RegmeanError(f"{self.path}: entry {key!r} is not a floating {{parameter}}::fisher tensor")
             self.keys[name] = key
+
+    def describe(self) -> str:
+        return f"{self.examples} examples (Fisher)"
 
     def shape(self, key: str) -> tuple[int, ...]:
         return self._handle.shape(self.keys[key])

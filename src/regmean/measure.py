@@ -20,7 +20,7 @@ import transformers
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
 
-from regmean import distributed
+from regmean import distributed, dtypes
 from regmean.architecture import linear_layers
 from regmean.devices import check_device
 from regmean.errors import RegmeanError, one_line
@@ -29,9 +29,6 @@ from regmean.io.data import Example
 from regmean.io.untrusted import compile_pattern
 from regmean.loading import check_positions, load_model, load_tokenizer
 from regmean.stats import SiteStats, Statistics
-
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
-MODEL_DTYPES = {**DTYPES, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -328,24 +325,22 @@ def measure(
     finished block goes to `on_block(statistics, index, count)` (e.g. to be written) instead of staying in memory.
     A pickle checkpoint (`pytorch_model.bin`) is refused unless `allow_pickle`.
     """
-    if stats_dtype not in DTYPES:
-        raise RegmeanError(f"stats dtype {stats_dtype!r}: use one of {', '.join(DTYPES)}")
-    if model_dtype not in MODEL_DTYPES:
-        raise RegmeanError(f"model dtype {model_dtype!r}: use one of {', '.join(MODEL_DTYPES)}")
+    sums = dtypes.named(stats_dtype, dtypes.STATISTICS, "stats dtype")
+    forward = dtypes.named(model_dtype, dtypes.FLOATS, "model dtype")
     if not examples:
         raise RegmeanError("no examples to measure on")
     check_device(device)
     checkpoint = Checkpoint(model_dir, allow_pickle)
     tokenizer = load_tokenizer(model_dir)
     fingerprint = checkpoint.fingerprint  # reads every weight: NaN or Inf is refused before the model loads
-    model = load_model(model_dir, device, MODEL_DTYPES[model_dtype])
+    model = load_model(model_dir, device, forward)
     modules, skipped = select_modules(model, include, exclude)
     local = distributed.shard(examples)
     batches = make_batches(local, tokenizer, model, batch_size, max_length, device)
     first = next(batches)
     sites = detect_sites(model, modules, first)
     distributed.check_same(repr([(s.name, s.modules, s.stream) for s in sites]), "the detected sites")
-    width = torch.finfo(DTYPES[stats_dtype]).bits // 8
+    width = sums.itemsize
     blocks = site_blocks(sites, width, max_stats_bytes)
     if log is not None and distributed.rank() == 0:
         gram_bytes = sum(s.d * (s.d + 1) * width for s in sites)
@@ -374,7 +369,7 @@ def measure(
     with Progress(*columns, disable=not progress) as bar:
         task = bar.add_task("measure", total=len(local) * len(blocks))
         for b, block in enumerate(blocks):
-            acc = Accumulator(model, block, DTYPES[stats_dtype], device)
+            acc = Accumulator(model, block, sums, device)
             passes = (
                 _chain(first, batches)
                 if b == 0

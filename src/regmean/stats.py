@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from regmean import __version__
+from regmean.dtypes import FLOATS, STATISTICS, STORED_NAMES
 from regmean.errors import RegmeanError, one_line
 from regmean.io.metadata import Metadata
 from regmean.io.outputs import Inputs
@@ -149,9 +150,6 @@ def open_statistics(path: Path, fmt: str, what: str) -> tuple[TensorFile, Metada
     return handle, meta
 
 
-STATS_DTYPES = {"float32": "F32", "float64": "F64"}
-
-
 class StatisticsFile:
     """Statistics opened lazily (one file, or one per block of sites): metadata now, a site's tensors when asked.
 
@@ -168,7 +166,7 @@ class StatisticsFile:
         self.fingerprint = meta.fingerprint()
         self.modules = meta.str_map("modules")
         self.dtype = meta.text("dtype")
-        if self.dtype not in STATS_DTYPES:
+        if self.dtype not in STATISTICS:
             raise RegmeanError(f"{self.path}: metadata 'dtype' must be float32 or float64, not {self.dtype!r:.40}")
         self.examples, self.tokens = meta.natural("examples"), meta.natural("tokens")
         self.masking = meta.text("masking")
@@ -184,11 +182,14 @@ class StatisticsFile:
         for name in self.site_names:
             self._check_site(name)
 
+    def describe(self) -> str:
+        return f"{self.examples} examples, {self.tokens} tokens ({self.dtype})"
+
     def _check_site(self, name: str) -> None:
         handle = self._handle(name)
         shape = handle.shape(f"{name}::gram") if f"{name}::gram" in handle else ()
         d = shape[0] if len(shape) == 2 else -1
-        dtype = STATS_DTYPES[self.dtype]
+        dtype = STORED_NAMES[FLOATS[self.dtype]]
         expected = {f"{name}::gram": (dtype, (d, d)), f"{name}::sum": (dtype, (d,)), f"{name}::count": ("I64", (1,))}
         for key, (want_dtype, want_shape) in expected.items():
             if key not in handle or handle.dtype(key) != want_dtype or handle.shape(key) != want_shape:

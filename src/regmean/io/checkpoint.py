@@ -9,8 +9,9 @@ from pathlib import Path
 
 import torch
 
+from regmean.dtypes import STORED, STORED_NAMES
 from regmean.errors import RegmeanError, one_line
-from regmean.io.tensorfile import DTYPES, NAMES, TensorFile
+from regmean.io.tensorfile import TensorFile
 from regmean.io.untrusted import check_finite, read_json_object, read_model_config
 
 SAFETENSORS_SINGLE = "model.safetensors"
@@ -119,9 +120,9 @@ class Checkpoint:
         """The safetensors dtype name (F32, BF16, ...)."""
         if self._pickle is not None:
             dtype = self._pickle[key].dtype
-            if dtype not in NAMES:
+            if dtype not in STORED_NAMES:
                 raise RegmeanError(f"{self.key_to_file[key]}: tensor {key} has unsupported dtype {dtype}")
-            return NAMES[dtype]
+            return STORED_NAMES[dtype]
         return self._open(self.key_to_file[key]).dtype(key)
 
     def get(self, key: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
@@ -156,7 +157,7 @@ class Checkpoint:
         for key in sorted(self.keys()):
             shape = self.shape(key)
             shapes.update(f"{key}:{shape};".encode())
-            weights.update(f"{key}:{DTYPES[self.dtype(key)]}:{shape};".encode())
+            weights.update(f"{key}:{STORED[self.dtype(key)]}:{shape};".encode())
             for piece in self.chunks(key):  # NaN or Inf anywhere in the weights is refused here
                 check_finite(piece, f"{self.key_to_file[key]}: tensor {key}")
                 weights.update(piece.view(torch.uint8).numpy())

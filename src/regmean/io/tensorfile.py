@@ -17,24 +17,10 @@ from pathlib import Path
 
 import torch
 
+from regmean.dtypes import STORED, STORED_NAMES
 from regmean.errors import RegmeanError
 from regmean.io.untrusted import parse_json
 
-DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-}
-NAMES = {v: k for k, v in DTYPES.items()}
 MAX_HEADER = 100 * 1024**2
 
 
@@ -96,16 +82,16 @@ class TensorFile:
         if not isinstance(entry, dict):
             raise bad(f"is a {type(entry).__name__}, not an object")
         dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-        if not isinstance(dtype, str) or dtype not in DTYPES:
+        if not isinstance(dtype, str) or dtype not in STORED:
             raise bad(f"has unsupported dtype {dtype!r}")
         if not isinstance(shape, list) or not all(_natural(d) for d in shape):
             raise bad(f"has shape {shape!r}; expected a list of non-negative integers")
         if not isinstance(offsets, list) or len(offsets) != 2 or not all(_natural(o) for o in offsets):
             raise bad(f"has data_offsets {offsets!r}; expected [begin, end], non-negative integers")
         begin, stop = offsets
-        if stop - begin != math.prod(shape) * DTYPES[dtype].itemsize:
+        if stop - begin != math.prod(shape) * STORED[dtype].itemsize:
             raise bad(
-                f"spans {stop - begin} bytes but {dtype} x {shape} needs {math.prod(shape) * DTYPES[dtype].itemsize}"
+                f"spans {stop - begin} bytes but {dtype} x {shape} needs {math.prod(shape) * STORED[dtype].itemsize}"
             )
         return dtype, tuple(shape), begin, stop
 
@@ -128,15 +114,15 @@ class TensorFile:
             row_bytes = (stop - begin) // shape[0] if shape and shape[0] else 0
             begin, stop = begin + rows[0] * row_bytes, begin + rows[1] * row_bytes
             shape = (rows[1] - rows[0], *shape[1:])
-        return self._read(key, begin, stop).view(DTYPES[dtype]).reshape(shape)
+        return self._read(key, begin, stop).view(STORED[dtype]).reshape(shape)
 
     def chunks(self, key: str, max_bytes: int = 64 * 1024**2) -> Iterator[torch.Tensor]:
         """The tensor's elements in file order, as flat pieces of at most `max_bytes` (bounded memory for any size)."""
         dtype, _, begin, stop = self._entries[key]
-        itemsize = DTYPES[dtype].itemsize
+        itemsize = STORED[dtype].itemsize
         step = max(itemsize, max_bytes // itemsize * itemsize)
         for first in range(begin, stop, step):
-            yield self._read(key, first, min(first + step, stop)).view(DTYPES[dtype])
+            yield self._read(key, first, min(first + step, stop)).view(STORED[dtype])
 
     def _read(self, key: str, begin: int, stop: int) -> torch.Tensor:
         """Bytes [begin, stop) of the data section as a uint8 tensor (one positioned read, retried until done)."""
@@ -177,7 +163,7 @@ class PlannedFile:
         # largest element size first keeps every tensor aligned to its element size
         for name, (dtype, shape) in sorted(layout.items(), key=lambda kv: (-kv[1][0].itemsize, kv[0])):
             size = math.prod(shape) * dtype.itemsize
-            header[name] = {"dtype": NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+            header[name] = {"dtype": STORED_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
             self._offsets[name] = (dtype, tuple(shape), offset, offset + size)
             offset += size
         text = json.dumps(header, separators=(",", ":")).encode()

@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import torch
 import yaml
 from pydantic import (
     AfterValidator,
@@ -18,6 +19,7 @@ from pydantic import (
     model_validator,
 )
 
+from regmean.dtypes import FLOATS
 from regmean.errors import RegmeanError, one_line
 from regmean.io.untrusted import compile_pattern
 from regmean.methods import METHODS
@@ -119,6 +121,10 @@ class MergeConfig(BaseModel):
 
     def method_options(self) -> BaseModel:
         return METHODS[self.method].options(**self.options)
+
+    def output_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """The dtype a merged floating tensor stored as `dtype` is written in."""
+        return dtype if self.dtype == "auto" else FLOATS[self.dtype]
 
     @classmethod
     def from_file(cls, path: str | Path) -> MergeConfig:

@@ -19,20 +19,18 @@ from regmean.architecture import (
     required_keys,
 )
 from regmean.errors import RegmeanError
-from regmean.fisher import FisherFile
 from regmean.io.checkpoint import Checkpoint
 from regmean.merge.config import MergeConfig
 from regmean.methods import METHODS
-from regmean.stats import StatisticsFile
-
-STATISTICS_READERS = {"gram": StatisticsFile, "fisher": FisherFile}
+from regmean.methods.base import StatisticsSource
 
 
 @dataclass
 class MergeInputs:
     config: MergeConfig
     models: list[Checkpoint]
-    stats: list[StatisticsFile] | list[FisherFile] | None
+    stats: list[StatisticsSource] | None
+    """Each model's statistics, of the kind the method reads (None for data-free methods)."""
     base: Checkpoint | None
     skeleton: nn.Module
     linears: dict[str, LinearLayer]
@@ -50,8 +48,22 @@ class MergeInputs:
     def head_keys(self) -> list[str]:
         return [k for k in self.models[0].keys() if is_head_key(k, self.heads)] if self.config.heads == "keep" else []
 
+    def base_key(self, key: str) -> str | None:
+        """The base model's name for `key`: the same, or without the task model's base prefix (e.g. 'bert.')."""
+        return _base_key(self.base, key, self.skeleton)
 
-def open_inputs(config: MergeConfig, check_fingerprints: bool = True) -> MergeInputs:
+
+def _base_key(base: Checkpoint, key: str, skeleton: nn.Module) -> str | None:
+    if key in base:
+        return key
+    prefix = getattr(skeleton, "base_model_prefix", "")
+    if prefix and key.startswith(prefix + ".") and key[len(prefix) + 1 :] in base:
+        return key[len(prefix) + 1 :]
+    return None
+
+
+def open_inputs(config: MergeConfig) -> MergeInputs:
+    """Every input opened (headers only) and checked, with the method's own checks; all problems in one error."""
     problems: list[str] = []
 
     def attempt(fn, *args):
@@ -63,8 +75,8 @@ def open_inputs(config: MergeConfig, check_fingerprints: bool = True) -> MergeIn
 
     models = [attempt(Checkpoint, m.path, config.allow_pickle) for m in config.models]
     method = METHODS[config.method]
-    reader = STATISTICS_READERS.get(method.statistics)
-    stats = [attempt(reader, m.statistics) for m in config.models] if reader else None
+    kind = method.statistics
+    stats = [attempt(kind.reader, m.statistics) for m in config.models] if kind else None
     base = attempt(Checkpoint, config.base_model, config.allow_pickle) if config.base_model else None
     if problems:
         raise RegmeanError(problems)
@@ -121,68 +133,34 @@ def open_inputs(config: MergeConfig, check_fingerprints: bool = True) -> MergeIn
             "(loading would initialise them at random); re-save the model with save_pretrained"
         )
     if base is not None:
-        absent = [k for k in ref if base_key(base, k, skeleton) is None and not is_head_key(k, heads)]
+        absent = [k for k in ref if _base_key(base, k, skeleton) is None and not is_head_key(k, heads)]
         if absent:
             problems.append(f"{config.base_model}: base model lacks {len(absent)} body tensors, e.g. {absent[0]}")
 
     linears = linear_layers(skeleton)
-    if stats is not None:
-        # hashing reads every weight: not when the inputs are already known to be wrong (or absurdly large)
-        hashed = check_fingerprints and not problems
-        if hashed:  # hash the models' weights concurrently (hashing and reads release the GIL)
-            with ThreadPoolExecutor(min(len(models), os.cpu_count() or 1)) as pool:
-                list(pool.map(lambda c: c.fingerprint, models))
-        for entry, ckpt, st in zip(config.models, models, stats, strict=True):
-            if hashed and st.fingerprint != ckpt.fingerprint:
-                problems.append(
-                    f"{st.path}: statistics were measured on another model than {entry.path} "
-                    f"(fingerprint {st.fingerprint.get('weights', '?')[:12]} vs {ckpt.fingerprint['weights'][:12]}); "
-                    "measure this model"
-                )
-                continue
-            if isinstance(st, FisherFile):
-                problems += _fisher_problems(st, ckpt)
-                continue
-            unknown = sorted(set(st.modules) - set(linears))
-            if unknown:
-                problems.append(f"{st.path}: statistics name modules the model lacks, e.g. {unknown[0]}")
-            absent = [linears[m].weight_key for m in st.modules if m in linears]
-            absent = [k for k in absent if k not in ckpt]
-            if absent:
-                problems.append(
-                    f"{entry.path}: has no tensor {absent[0]} for a measured module ({len(absent)} missing); "
-                    "re-save the model with save_pretrained"
-                )
-        if not problems and method.statistics == "gram":
-            covered = [set(st.modules) for st in stats]
-            partial = sorted(set.union(*covered) - set.intersection(*covered))
-            if partial:
-                problems.append(
-                    f"module {partial[0]} has statistics in some models but not others ({len(partial)} modules); "
-                    "measure every model with the same include/exclude"
-                )
+    embeddings, lm_head = embedding_modules(skeleton)
+    if problems:  # hashing reads every weight: not when the inputs are already known to be wrong
+        raise RegmeanError(problems)
+    inputs = MergeInputs(config, models, stats, base, skeleton, linears, heads, embeddings, lm_head)
+    problems = (_fingerprint_problems(inputs) if stats is not None else []) + method.check(inputs)
     if problems:
         raise RegmeanError(problems)
-    embeddings, lm_head = embedding_modules(skeleton)
-    return MergeInputs(config, models, stats, base, skeleton, linears, heads, embeddings, lm_head)
+    return inputs
 
 
-def _fisher_problems(fisher: FisherFile, ckpt: Checkpoint) -> list[str]:
-    """A Fisher file must cover tensors of the model, each with its shape."""
-    unknown = [k for k in fisher.keys if k not in ckpt]
-    if unknown:
-        return [f"{fisher.path}: Fisher of {unknown[0]}, which the model lacks ({len(unknown)} unknown); measure again"]
-    bad = [k for k in fisher.keys if fisher.shape(k) != ckpt.shapes[k]]
-    if bad:
-        return [f"{fisher.path}: Fisher of {bad[0]} is {fisher.shape(bad[0])}, the model's is {ckpt.shapes[bad[0]]}"]
-    return []
+def _fingerprint_problems(inputs: MergeInputs) -> list[str]:
+    """Each statistics file was measured on its model (the models' weights hashed concurrently: reads and hashing
+    release the GIL)."""
+    with ThreadPoolExecutor(min(len(inputs.models), os.cpu_count() or 1)) as pool:
+        list(pool.map(lambda c: c.fingerprint, inputs.models))
+    problems = []
+    for entry, ckpt, st in zip(inputs.config.models, inputs.models, inputs.stats, strict=True):
+        if st.fingerprint != ckpt.fingerprint:
+            problems.append(
+                f"{st.path}: statistics were measured on another model than {entry.path} "
+                f"(fingerprint {st.fingerprint.get('weights', '?')[:12]} vs {ckpt.fingerprint['weights'][:12]}); "
+                "measure this model"
+            )
+    return problems
 
 
-def base_key(base: Checkpoint, key: str, skeleton: nn.Module) -> str | None:
-    """The base model's name for `key`: the same, or without the task model's base prefix (e.g. 'bert.')."""
-    if key in base:
-        return key
-    prefix = getattr(skeleton, "base_model_prefix", "")
-    if prefix and key.startswith(prefix + ".") and key[len(prefix) + 1 :] in base:
-        return key[len(prefix) + 1 :]
-    return None

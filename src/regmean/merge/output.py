@@ -10,12 +10,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from regmean import __version__
-from regmean.errors import one_line
 from regmean.io.metadata import describe_record
 from regmean.merge.files import CARD, COPIED_PATTERNS, RECIPE, REPORT, STAGING_MARK
+from regmean.merge.report import MergeReport
 
 if TYPE_CHECKING:
-    from regmean.merge.engine import MergeReport
     from regmean.merge.inputs import MergeInputs
 
 MAX_RECORDS = 20
@@ -84,10 +83,7 @@ def model_card(inputs: MergeInputs, report: MergeReport, own_head: int | None = 
         "|---|---|---|---|---|",
     ]
     for k, (entry, ckpt) in enumerate(zip(config.models, inputs.models, strict=True)):
-        st = inputs.stats[k] if inputs.stats else None
-        measured = f"{st.examples} examples" if st else "-"
-        if st is not None and hasattr(st, "tokens"):
-            measured += f", {st.tokens} tokens ({st.dtype})"
+        measured = inputs.stats[k].describe() if inputs.stats else "-"
         # the weights hash is read in full only when statistics were checked against it; not for data-free merges
         digest = ckpt.__dict__.get("fingerprint", {}).get("weights", "not computed")[:16]
         lines.append(f"| {k} | `{entry.path}` | {entry.weight} | {digest} | {measured} |")
@@ -100,7 +96,7 @@ def model_card(inputs: MergeInputs, report: MergeReport, own_head: int | None = 
     if config.base_model:
         lines.append(f"- base model: `{config.base_model}`")
     s = report.summary()
-    if inputs.stats and s["regmean_layers"]:
+    if s["regmean_layers"]:
         lines += [
             "",
             "## Diagnostics",
@@ -109,12 +105,12 @@ def model_card(inputs: MergeInputs, report: MergeReport, own_head: int | None = 
             f"- relative reconstruction error on each model's own statistics: mean {s['mean_relative_error']:.4g}, "
             f"max {s['max_relative_error']:.4g}",
             f"- linear layers averaged for lack of statistics: {len(report.averaged_linears)}",
-            f"- statistics masking: {one_line(inputs.stats[0].masking, 300)}",
         ]
+        lines += [f"- {note}" for note in report.notes]
     if inputs.stats:
         lines += ["", "## Statistics provenance", ""]
         for k, st in enumerate(inputs.stats):
-            records = getattr(st, "provenance", [])  # one record per measuring run (several after combine)
+            records = st.provenance  # one record per measuring run (several after combine)
             lines += [f"- model {k}: {describe_record(record)}" for record in records[:MAX_RECORDS]]
             if len(records) > MAX_RECORDS:
                 lines.append(f"- model {k}: ... and {len(records) - MAX_RECORDS} more measuring runs")

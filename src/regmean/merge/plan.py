@@ -8,12 +8,14 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
+from regmean.dtypes import STORED, itemsize
 from regmean.errors import RegmeanError
 from regmean.io.writer import Layout, layout_bytes
 from regmean.merge.inputs import MergeInputs
+from regmean.methods.base import MergeMethod, Step
 from regmean.units import human
-
-DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
 def current_rss() -> int:
@@ -30,35 +32,16 @@ def current_rss() -> int:
     return peak if sys.platform == "darwin" else peak * 1024
 
 
-BLOCK_BYTES = 16 * 1024**2
-"""Plain tensors larger than this (per input) are merged a block of rows at a time, read and written in place."""
-
-
-def row_blocks(shape: tuple[int, ...], itemsize: int) -> list[tuple[int, int]] | None:
-    """The [start, stop) row blocks a large tensor is merged in, or None to merge it whole."""
-    size = math.prod(shape) * itemsize
-    if size <= BLOCK_BYTES or len(shape) < 2:
-        return None
-    step = max(1, BLOCK_BYTES // (size // shape[0]))
-    return [(i, min(i + step, shape[0])) for i in range(0, shape[0], step)]
-
-
-def _largest_block(shape: tuple[int, ...], itemsize: int) -> int:
-    """Elements of the largest piece a plain tensor is merged in."""
-    blocks = row_blocks(shape, itemsize)
-    if blocks is None:
-        return math.prod(shape)
-    return (blocks[0][1] - blocks[0][0]) * math.prod(shape[1:])
-
-
 @dataclass
 class MergePlan:
     tensors: int
-    regmean_layers: int
+    steps: int
+    note: str
+    """What the method says about its work (e.g. how many layers it solves from statistics)."""
     read_bytes: int
     write_bytes: int
     working_bytes: int
-    """The largest per-step working set: one site's K Grams and its layers' K weights (float64), or one tensor."""
+    """The largest step's working set (e.g. one site's K Grams and its layers' K weights in float64)."""
     prefetch_bytes: int
     """The largest step's raw inputs, which the reader thread loads while the previous step computes."""
     runtime_bytes: int
@@ -69,40 +52,43 @@ class MergePlan:
 
     def describe(self) -> str:
         return (
-            f"plan: {self.tensors} tensors ({self.regmean_layers} RegMean layers); read {human(self.read_bytes)}, "
+            f"plan: {self.tensors} tensors in {self.steps} steps{f' ({self.note})' if self.note else ''}; "
+            f"read {human(self.read_bytes)}, "
             f"write {human(self.write_bytes)}; peak memory about {human(self.peak_bytes)} "
             f"(runtime {human(self.runtime_bytes)} + largest step {human(self.working_bytes)} "
             f"+ next step's inputs {human(self.prefetch_bytes)})"
         )
 
 
-def make_plan(inputs: MergeInputs, groups: dict, layouts: list[Layout]) -> MergePlan:
-    k = len(inputs.models)
+def make_plan(inputs: MergeInputs, method: MergeMethod, steps: list[Step], layouts: list[Layout]) -> MergePlan:
+    """Totals over the method's steps, plus the heads that every output folder copies from its own model."""
     first = inputs.models[0]
-    numel = {key: math.prod(first.shapes[key]) for key in first.keys()}
-    size = {key: numel[key] * DTYPE_BYTES.get(first.dtype(key), 4) for key in first.keys()}
-    keys = inputs.body_keys()
-    read = k * sum(size.values()) + (sum(size[key] for key in keys) if inputs.base else 0)
-    read += sum(st.nbytes for st in inputs.stats) if inputs.stats else 0
-    # one plain tensor (or row block): K inputs and the base's, stacked, promoted to float32 or wider, the result
-    itemsize = {key: DTYPE_BYTES.get(first.dtype(key), 4) for key in keys}
-    block = {key: _largest_block(first.shapes[key], itemsize[key]) for key in keys}
-    working = max((8 * (k + 2) * block[key] for key in keys), default=0)
-    # blocked tensors are read inside their step, so only whole tensors are prefetched
-    whole = [key for key in keys if row_blocks(first.shapes[key], itemsize[key]) is None]
-    prefetch = max(((k + 1) * size[key] for key in whole), default=0)
-    gram_bytes = 8 if inputs.stats and getattr(inputs.stats[0], "dtype", "") == "float64" else 4
-    for layers in groups.values():
-        d = layers[0].d_in + 1
-        d_out = sum(layer.d_out for layer in layers)
-        weight_bytes = sum(size[layer.weight_key] for layer in layers)
-        # K Grams as read; one float64 Gram being added, the system and its factor; K float64 weights,
-        # their average, the right-hand side and the solution
-        working = max(working, gram_bytes * k * d * d + 8 * 3 * d * d + 8 * (k + 3) * d_out * d)
-        prefetch = max(prefetch, k * (gram_bytes * d * d + weight_bytes))
-    regmean_layers = sum(len(g) for g in groups.values())
-    write = sum(layout_bytes(layout) for layout in layouts)
-    return MergePlan(len(keys), regmean_layers, read, write, working, prefetch, current_rss())
+    heads = len(inputs.models) * sum(math.prod(first.shapes[k]) * itemsize(first.dtype(k)) for k in inputs.head_keys())
+    return MergePlan(
+        tensors=len({name for step in steps for name in step.outputs}),
+        steps=len(steps),
+        note=method.describe(steps),
+        read_bytes=heads + sum(step.cost.read_bytes for step in steps),
+        write_bytes=sum(layout_bytes(layout) for layout in layouts),
+        working_bytes=max((step.cost.working_bytes for step in steps), default=0),
+        prefetch_bytes=max((step.cost.read_bytes for step in steps), default=0),
+        runtime_bytes=current_rss(),
+    )
+
+
+def output_layouts(inputs: MergeInputs) -> list[Layout]:
+    """Names, dtypes and shapes of every output folder's tensors, known before any tensor is read."""
+    config, first = inputs.config, inputs.models[0]
+
+    def entry(model, key: str, merged: bool) -> tuple[torch.dtype, tuple[int, ...]]:
+        dtype = STORED[model.dtype(key)]
+        if merged and dtype.is_floating_point:
+            dtype = config.output_dtype(dtype)
+        return dtype, model.shapes[key]
+
+    body = {key: entry(first, key, True) for key in inputs.body_keys()}
+    outputs = inputs.models if config.heads == "keep" else inputs.models[:1]
+    return [{**body, **{key: entry(m, key, False) for key in inputs.head_keys()}} for m in outputs]
 
 
 def check_memory(plan: MergePlan, max_memory: int | None) -> None:

@@ -7,6 +7,8 @@ from collections.abc import Sequence
 import torch
 from pydantic import BaseModel, ConfigDict
 
+from regmean.methods.base import ElementwiseMethod, TensorInputs, TensorStep
+
 
 class AverageOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
@@ -23,5 +25,9 @@ def weighted_average(tensors: Sequence[torch.Tensor], weights: torch.Tensor) -> 
     return out
 
 
-def merge_tensor(tensors: torch.Tensor, weights: torch.Tensor, base: torch.Tensor | None, options) -> torch.Tensor:
-    return weighted_average(tensors, weights)
+class Average(ElementwiseMethod):
+    name = "average"
+    options = AverageOptions
+
+    def merge_tensor(self, step: TensorStep, data: TensorInputs) -> torch.Tensor:
+        return weighted_average(data.tensors, self.weights)

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from pydantic import BaseModel, ConfigDict
 
+from regmean.fisher import FisherFile
 from regmean.methods.average import weighted_average
+from regmean.methods.base import Cost, ElementwiseMethod, StatisticsKind, TensorInputs, TensorStep
 
 EPS = 1e-30  # only breaks 0/0: a parameter no model's Fisher touches is simply averaged
 
@@ -20,7 +24,46 @@ def fisher_average(tensors: torch.Tensor, weights: torch.Tensor, fisher: torch.T
     return (f * tensors.to(torch.float64)).sum(0) / f.sum(0)
 
 
-def merge_tensor(tensors, weights, base, options, fisher: torch.Tensor | None = None) -> torch.Tensor:
-    if fisher is None:
-        return weighted_average(tensors, weights)
-    return fisher_average(torch.stack(list(tensors)), weights, fisher)
+@dataclass
+class FisherInputs(TensorInputs):
+    fisher: torch.Tensor | None = None
+    """The K Fisher diagonals, stacked; None when some model has none for this tensor (then averaged)."""
+
+
+class Fisher(ElementwiseMethod):
+    name = "fisher"
+    options = FisherOptions
+    statistics = StatisticsKind("fisher", FisherFile, "regmean fisher")
+
+    @classmethod
+    def check(cls, inputs) -> list[str]:
+        """Every Fisher file covers tensors of its model, each with its shape."""
+        problems = []
+        for fisher, ckpt in zip(inputs.stats, inputs.models, strict=True):
+            unknown = [k for k in fisher.keys if k not in ckpt]
+            bad = [k for k in fisher.keys if k in ckpt and fisher.shape(k) != ckpt.shapes[k]]
+            if unknown:
+                problems.append(
+                    f"{fisher.path}: Fisher of {unknown[0]}, which the model lacks ({len(unknown)} unknown); "
+                    "measure again"
+                )
+            elif bad:
+                problems.append(
+                    f"{fisher.path}: Fisher of {bad[0]} is {fisher.shape(bad[0])}, the model's is {ckpt.shapes[bad[0]]}"
+                )
+        return problems
+
+    def cost(self, numel: int, element_bytes: int, readers: int) -> Cost:
+        """The Fisher diagonals are read as well; tensors and diagonals are stacked in float64."""
+        return Cost(2 * readers * numel * element_bytes, 8 * (3 * readers + 2) * numel, float(3 * readers * numel))
+
+    def load(self, step: TensorStep) -> FisherInputs:
+        data = super().load(step)
+        fisher = [f.get(step.key, step.rows) for f in self.inputs.stats]
+        stacked = torch.stack(fisher) if all(f is not None for f in fisher) else None
+        return FisherInputs(data.tensors, data.base, data.base_missing, stacked)
+
+    def merge_tensor(self, step: TensorStep, data: FisherInputs) -> torch.Tensor:
+        if data.fisher is None:
+            return weighted_average(data.tensors, self.weights)
+        return fisher_average(torch.stack(list(data.tensors)), self.weights, data.fisher)

@@ -7,13 +7,21 @@ lambda growing from 1e-10 x the mean diagonal until the factorisation succeeds, 
 
 from __future__ import annotations
 
+import math
+from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from regmean.methods.average import weighted_average
+from regmean.architecture import LinearLayer, is_head_key
+from regmean.dtypes import itemsize
+from regmean.errors import RegmeanError, one_line
+from regmean.methods.average import Average, weighted_average
+from regmean.methods.base import Computed, Cost, LayerReport, StatisticsKind, Step
+from regmean.stats import SiteStats, StatisticsFile
 
 RIDGE_LADDER = (0.0, 1e-10, 1e-8, 1e-6, 1e-4, 1e-2, 1.0)
 
@@ -28,11 +36,15 @@ class RegMeanOptions(BaseModel):
     """average: biases averaged; joint: weight and bias solved together by affine least squares."""
 
 
-def shrink(grams: torch.Tensor, alpha: float) -> torch.Tensor:
-    """alpha * G + (1 - alpha) * diag(G), for a stack [..., d, d]."""
+def shrink(gram: torch.Tensor, alpha: float, inplace: bool = False) -> torch.Tensor:
+    """alpha * G with G's own diagonal kept (exactly: it is copied back, not recombined), for a stack [..., d, d]."""
     if alpha == 1.0:
-        return grams
-    return alpha * grams + (1.0 - alpha) * torch.diag_embed(torch.diagonal(grams, dim1=-2, dim2=-1))
+        return gram
+    out = gram if inplace else gram.clone()
+    diag = torch.diagonal(out, dim1=-2, dim2=-1).clone()
+    out.mul_(alpha)
+    torch.diagonal(out, dim1=-2, dim2=-1).copy_(diag)
+    return out
 
 
 def affine_gram(gram: torch.Tensor, total: torch.Tensor, count: int) -> torch.Tensor:
@@ -86,10 +98,7 @@ def regmean_solve(
     b = torch.zeros(d_in, weights[0].shape[0], dtype=torch.float64)
     for gram, weight, scale in zip(grams, weights, gram_scale.tolist(), strict=True):
         # the products run in the statistics' own precision (float32 unless measured in float64), the sums in float64
-        g = gram.to(torch.promote_types(gram.dtype, torch.float32), copy=True)
-        if alpha != 1.0:  # shrink in place: off-diagonal entries times alpha, diagonal kept
-            diag = g.diagonal().clone()
-            g.mul_(alpha).diagonal().copy_(diag)
+        g = shrink(gram.to(torch.promote_types(gram.dtype, torch.float32), copy=True), alpha, inplace=True)
         g.mul_(scale)
         a.add_(g)
         b.add_(g @ weight.to(g.dtype).T)
@@ -112,6 +121,192 @@ def reconstruction_error(merged: torch.Tensor, weight: torch.Tensor, gram: torch
     return num / den if den > 0 else float("nan")
 
 
-def merge_tensor(tensors: torch.Tensor, weights: torch.Tensor, base: torch.Tensor | None, options) -> torch.Tensor:
-    """Parameters without statistics (embeddings, norms, biases by default) are averaged."""
-    return weighted_average(tensors, weights)
+@dataclass(frozen=True, kw_only=True)
+class SiteStep(Step):
+    """The linear layers that read one input site, solved together: one system matrix serves them all."""
+
+    sites: tuple[str, ...]
+    """The site's name in each model's statistics."""
+    layers: tuple[LinearLayer, ...]
+
+
+@dataclass
+class SiteInputs:
+    stats: list[SiteStats]
+    params: list[dict[str, torch.Tensor]]
+    """Per model: the weight (and, for joint bias, the bias) of every layer of the site."""
+
+
+def site_groups(inputs) -> dict[tuple[str, ...], list[LinearLayer]]:
+    """Measured body linear layers grouped by their site in every model."""
+    groups: dict[tuple[str, ...], list[LinearLayer]] = defaultdict(list)
+    keep = inputs.config.heads == "keep"
+    for name, layer in inputs.linears.items():
+        if name not in inputs.stats[0].modules or (keep and is_head_key(layer.weight_key, inputs.heads)):
+            continue
+        if name == inputs.lm_head and inputs.config.lm_head != "regmean":
+            continue
+        groups[tuple(st.modules[name] for st in inputs.stats)].append(layer)
+    return groups
+
+
+def _weight(tensor: torch.Tensor, layer: LinearLayer) -> torch.Tensor:
+    """As [d_out, d_in] whatever the storage (Conv1D stores [d_in, d_out])."""
+    return tensor.T if layer.transposed else tensor
+
+
+class RegMean(Average):
+    """Linear layers with statistics solved by RegMean; every other tensor averaged."""
+
+    name = "regmean"
+    options = RegMeanOptions
+    statistics = StatisticsKind("gram", StatisticsFile, "regmean measure")
+
+    @classmethod
+    def check(cls, inputs) -> list[str]:
+        problems = _coverage_problems(inputs)
+        if problems:
+            return problems
+        for sites, layers in site_groups(inputs).items():
+            for st, name in zip(inputs.stats, sites, strict=True):
+                d = st.site_shape(name)[0]
+                wrong = [layer for layer in layers if layer.d_in != d]
+                if wrong:
+                    problems.append(f"{st.path}: site {name} is {d} wide, {wrong[0].module} reads {wrong[0].d_in}")
+                elif st.count(name) == 0:
+                    problems.append(f"{st.path}: site {name} has zero rows; measure on non-empty data")
+        return problems
+
+    def plan(self) -> list[Step]:
+        groups = site_groups(self.inputs)
+        joint = self.settings.bias == "joint"
+        site_of = {}
+        for sites, layers in groups.items():
+            for layer in layers:
+                site_of[layer.weight_key] = sites
+                if layer.bias_key and joint:
+                    site_of[layer.bias_key] = sites
+        steps: list[Step] = []
+        planned = set()
+        for key in self.inputs.body_keys():
+            sites = site_of.get(key)
+            if sites is None:
+                steps += self.tensor_steps(key)
+            elif sites not in planned:
+                planned.add(sites)
+                steps.append(self._site_step(sites, groups[sites]))
+        return steps
+
+    def _site_step(self, sites: tuple[str, ...], layers: list[LinearLayer]) -> SiteStep:
+        inputs, joint = self.inputs, self.settings.bias == "joint"
+        k, first = len(inputs.models), inputs.models[0]
+        d, d_out = layers[0].d_in + 1, sum(layer.d_out for layer in layers)
+        gram_bytes = 8 if inputs.stats[0].dtype == "float64" else 4
+        keys = [la.weight_key for la in layers]
+        weight_bytes = sum(math.prod(first.shapes[key]) * itemsize(first.dtype(key)) for key in keys)
+        outputs = [la.weight_key for la in layers] + [la.bias_key for la in layers if joint and la.bias_key]
+        # K Grams as read; one float64 Gram being added, the system and its factor; K float64 weights, their
+        # average, the right-hand side and the solution. Products G_i W_i^T, the factorisation, the solves and the
+        # reconstruction errors.
+        cost = Cost(
+            k * (gram_bytes * d * d + weight_bytes),
+            gram_bytes * k * d * d + 8 * 3 * d * d + 8 * (k + 3) * d_out * d,
+            4.0 * k * d * d * d_out + d**3 / 3 + 2.0 * d * d * d_out,
+        )
+        return SiteStep(outputs=tuple(outputs), cost=cost, sites=sites, layers=tuple(layers))
+
+    def describe(self, steps: list[Step]) -> str:
+        return f"{sum(len(s.layers) for s in steps if isinstance(s, SiteStep))} RegMean layers"
+
+    def load(self, step: Step):
+        if not isinstance(step, SiteStep):
+            return super().load(step)
+        joint = self.settings.bias == "joint"
+        stats = [st.site(name) for st, name in zip(self.inputs.stats, step.sites, strict=True)]
+        params = []
+        for model in self.inputs.models:
+            keys = [la.weight_key for la in step.layers] + [la.bias_key for la in step.layers if joint and la.bias_key]
+            params.append({key: model.get(key) for key in keys})
+        return SiteInputs(stats, params)
+
+    def compute(self, step: Step, data) -> Computed:
+        if not isinstance(step, SiteStep):
+            return super().compute(step, data)
+        opts = self.settings
+        stats = data.stats
+        counts = torch.tensor([s.count for s in stats], dtype=torch.float64)
+        relative = self.weights / self.weights.max()  # the solution depends only on the ratios; keeps Grams finite
+        scale = relative / counts if opts.gram_weighting == "mean" else relative
+        joint = opts.bias == "joint"
+        layers = list(step.layers)
+        with_bias, without = [la for la in layers if la.bias_key], [la for la in layers if not la.bias_key]
+        subgroups = [with_bias, without] if joint else [layers]
+        out = Computed({})
+        for group in subgroups:
+            if group:
+                self._solve(step, group, joint and group[0].bias_key is not None, data, scale, out)
+        return out
+
+    def _solve(self, step: SiteStep, group: list[LinearLayer], affine: bool, data: SiteInputs, scale, out) -> None:
+        """Solve the layers of `group` together (stacked output rows), into `out`."""
+        d_in = data.stats[0].gram.shape[0]
+        grams = [affine_gram(s.gram, s.sum, s.count) if affine else s.gram for s in data.stats]
+        dtype = {la.module: self.inputs.config.output_dtype(data.params[0][la.weight_key].dtype) for la in group}
+        stacked = []
+        for params in data.params:
+            rows = []
+            for layer in group:
+                w = _weight(params[layer.weight_key], layer).to(torch.float64)
+                if affine:
+                    w = torch.cat([w, params[layer.bias_key].to(torch.float64)[:, None]], dim=1)
+                rows.append(w)
+            stacked.append(torch.cat(rows))
+        stacked = torch.stack(stacked)
+        try:
+            merged, ridge = regmean_solve(stacked, grams, scale, self.weights, self.settings.alpha)
+        except FloatingPointError as exc:
+            raise RegmeanError(f"site {step.sites[0]}: {exc}; check the statistics and the models' weights") from None
+        start = 0
+        for layer in group:
+            part = merged[start : start + layer.d_out]
+            own = stacked[:, start : start + layer.d_out]
+            errors = [reconstruction_error(part, own[k], grams[k]) for k in range(len(grams))]
+            start += layer.d_out
+            w = part[:, :d_in].to(dtype[layer.module])
+            out.tensors[layer.weight_key] = w.T.contiguous() if layer.transposed else w.contiguous()
+            if affine:
+                out.tensors[layer.bias_key] = part[:, d_in].to(dtype[layer.module]).contiguous()
+            bias = "joint" if affine else "average"
+            out.layers.append(LayerReport(layer.module, step.sites[0], ridge, errors, bias))
+
+    def finish(self, report) -> None:
+        measured = {la.module for group in site_groups(self.inputs).values() for la in group}
+        body = set(self.inputs.body_keys())
+        linears = self.inputs.linears.items()
+        report.averaged_linears = sorted(n for n, la in linears if n not in measured and la.weight_key in body)
+        report.notes.append(f"statistics masking: {one_line(self.inputs.stats[0].masking, 300)}")
+
+
+def _coverage_problems(inputs) -> list[str]:
+    """Every measured module is a linear layer of the model, and every model measured the same modules."""
+    problems = []
+    for entry, ckpt, st in zip(inputs.config.models, inputs.models, inputs.stats, strict=True):
+        unknown = sorted(set(st.modules) - set(inputs.linears))
+        if unknown:
+            problems.append(f"{st.path}: statistics name modules the model lacks, e.g. {unknown[0]}")
+        absent = [inputs.linears[m].weight_key for m in st.modules if m in inputs.linears]
+        absent = [k for k in absent if k not in ckpt]
+        if absent:
+            problems.append(
+                f"{entry.path}: has no tensor {absent[0]} for a measured module ({len(absent)} missing); "
+                "re-save the model with save_pretrained"
+            )
+    if not problems:
+        covered = [set(st.modules) for st in inputs.stats]
+        partial = sorted(set.union(*covered) - set.intersection(*covered))
+        if partial:
+            problems.append(
+                f"module {partial[0]} has statistics in some models but not others ({len(partial)} modules); "
+                "measure every model with the same include/exclude"
+            )
+    return problems

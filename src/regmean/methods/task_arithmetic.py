@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from collections.abc import Sequence
 
 import torch
@@ -9,6 +10,7 @@ from pydantic import BaseModel, ConfigDict
 
 from regmean.errors import RegmeanError
 from regmean.methods.average import weighted_average
+from regmean.methods.base import ElementwiseMethod, TensorInputs, TensorStep
 
 
 class TaskArithmeticOptions(BaseModel):
@@ -32,9 +34,25 @@ def task_arithmetic(
     return out
 
 
-def merge_tensor(
-    tensors: torch.Tensor, weights: torch.Tensor, base: torch.Tensor | None, options: TaskArithmeticOptions
-) -> torch.Tensor:
-    if base is None:  # a tensor the base model lacks (a fine-tuned head): nothing to add task vectors to
-        return weighted_average(tensors, weights)
-    return task_arithmetic(tensors, weights, base, options.scaling)
+class TaskVectorMethod(ElementwiseMethod):
+    """Methods that combine task vectors (W_i - W_base). A tensor the base model lacks (a fine-tuned head) has
+    no task vector: it is averaged."""
+
+    needs_base = True
+
+    def merge_tensor(self, step: TensorStep, data: TensorInputs) -> torch.Tensor:
+        if data.base is None:
+            return weighted_average(data.tensors, self.weights)
+        return self.merge_task_vectors(step, data)
+
+    @abstractmethod
+    def merge_task_vectors(self, step: TensorStep, data: TensorInputs) -> torch.Tensor:
+        """The merged tensor (or row block) from the K fine-tuned ones and the base model's (never None here)."""
+
+
+class TaskArithmetic(TaskVectorMethod):
+    name = "task_arithmetic"
+    options = TaskArithmeticOptions
+
+    def merge_task_vectors(self, step: TensorStep, data: TensorInputs) -> torch.Tensor:
+        return task_arithmetic(data.tensors, self.weights, data.base, self.settings.scaling)

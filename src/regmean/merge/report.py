@@ -1,0 +1,43 @@
+"""What a merge did, for merge_report.json and the model card."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from regmean.methods.base import Computed, LayerReport
+
+
+@dataclass
+class MergeReport:
+    method: str
+    layers: list[LayerReport] = field(default_factory=list)
+    """Per linear layer solved from statistics: module, site, ridge, relative reconstruction error per model."""
+    averaged_linears: list[str] = field(default_factory=list)
+    """Linear layers without statistics, merged by the method's plain rule."""
+    base_missing: list[str] = field(default_factory=list)
+    """Methods on task vectors: tensors the base model lacks (averaged)."""
+    notes: list[str] = field(default_factory=list)
+    """Lines the method adds to the model card's diagnostics."""
+
+    def add(self, computed: Computed) -> None:
+        self.layers += computed.layers
+        self.base_missing += computed.base_missing
+
+    def summary(self) -> dict:
+        errs = [e for row in self.layers for e in row.relative_error]
+        return {
+            "regmean_layers": len(self.layers),
+            "ridge_layers": sum(1 for row in self.layers if row.ridge > 0),
+            "mean_relative_error": sum(errs) / len(errs) if errs else None,
+            "max_relative_error": max(errs) if errs else None,
+        }
+
+    def to_dict(self) -> dict:
+        return {
+            "method": self.method,
+            "summary": self.summary(),
+            "layers": [row.to_dict() for row in self.layers],
+            "averaged_linears": self.averaged_linears,
+            "base_missing": self.base_missing,
+            "notes": self.notes,
+        }

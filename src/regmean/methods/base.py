@@ -1,0 +1,217 @@
+"""What a merge method is: what it reads, the steps it plans, and how it loads and computes each step.
+
+The engine (`regmean.merge.engine`) knows only this interface. It asks the method for its steps, loads the next
+step's inputs on a reader thread while the current one computes, writes what each step returns and reports
+progress. A method that merges every tensor entry by entry (average, task arithmetic, TIES, DARE, Fisher) only
+writes `ElementwiseMethod.merge_tensor`; RegMean adds steps that solve a layer from its statistics.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar, Protocol
+
+import torch
+from pydantic import BaseModel
+
+from regmean.architecture import is_head_key
+from regmean.dtypes import itemsize
+
+if TYPE_CHECKING:
+    from regmean.merge.inputs import MergeInputs
+    from regmean.merge.report import MergeReport
+
+BLOCK_BYTES = 16 * 1024**2
+"""Plain tensors larger than this (per input) are merged a block of rows at a time, read and written in place."""
+
+
+def row_blocks(shape: tuple[int, ...], element_bytes: int) -> list[tuple[int, int]] | None:
+    """The [start, stop) row blocks a large tensor is merged in, or None to merge it whole."""
+    size = math.prod(shape) * element_bytes
+    if size <= BLOCK_BYTES or len(shape) < 2:
+        return None
+    step = max(1, BLOCK_BYTES // (size // shape[0]))
+    return [(i, min(i + step, shape[0])) for i in range(0, shape[0], step)]
+
+
+class StatisticsSource(Protocol):
+    """A model's statistics file as a merge sees it (a Gram or a Fisher file, opened lazily)."""
+
+    path: Path
+    fingerprint: dict[str, str]
+    examples: int
+    nbytes: int
+    provenance: list[dict]
+
+    def describe(self) -> str:
+        """What was measured, for the model card's table ('150 examples, 3,000 tokens (float32)')."""
+        ...
+
+
+@dataclass(frozen=True)
+class StatisticsKind:
+    name: str
+    reader: Callable[[Path], StatisticsSource]
+    measured_by: str
+    """The command that measures them (for messages)."""
+
+
+@dataclass(frozen=True)
+class Cost:
+    read_bytes: int
+    """Raw inputs the step reads: what the reader thread holds while the previous step computes."""
+    working_bytes: int
+    """Memory while the step computes (its inputs promoted, intermediates, the result)."""
+    flops: float = 0.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class Step:
+    """One unit of merging: output tensors computed together (whole, or the same block of rows of each)."""
+
+    outputs: tuple[str, ...]
+    cost: Cost
+    rows: tuple[int, int] | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class TensorStep(Step):
+    """One tensor, or one block of its rows, merged entry by entry from the K inputs."""
+
+    key: str
+
+
+@dataclass
+class TensorInputs:
+    tensors: list[torch.Tensor]
+    """The K models' tensor (or row block)."""
+    base: torch.Tensor | None
+    """The base model's, where the method or the recipe reads it; None where the base model lacks the tensor."""
+    base_missing: bool = False
+
+
+@dataclass(frozen=True)
+class LayerReport:
+    """Diagnostics of one linear layer solved from statistics."""
+
+    module: str
+    site: str
+    ridge: float
+    relative_error: list[float]
+    bias: str
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class Computed:
+    """What a step produced: output tensors (row blocks starting at `first_row` if set) and diagnostics."""
+
+    tensors: dict[str, torch.Tensor]
+    first_row: int | None = None
+    layers: list[LayerReport] = field(default_factory=list)
+    base_missing: list[str] = field(default_factory=list)
+
+
+class MergeMethod(ABC):
+    """A merge method bound to the inputs of one merge. Class attributes say what it reads, before any input is
+    opened: its options, whether it needs the base model, and which statistics each model must have."""
+
+    name: ClassVar[str]
+    options: ClassVar[type[BaseModel]]
+    needs_base: ClassVar[bool] = False
+    statistics: ClassVar[StatisticsKind | None] = None
+
+    def __init__(self, inputs: MergeInputs):
+        self.inputs = inputs
+        self.settings = inputs.config.method_options()
+        self.weights = torch.tensor([m.weight for m in inputs.config.models], dtype=torch.float64)
+
+    @classmethod
+    def check(cls, inputs: MergeInputs) -> list[str]:
+        """Problems found from headers alone (shapes, widths, counts), reported with every other before any
+        tensor is read."""
+        return []
+
+    @abstractmethod
+    def plan(self) -> list[Step]:
+        """Every step, in order; together their outputs are every body tensor of the output."""
+
+    @abstractmethod
+    def load(self, step: Step) -> object:
+        """The step's inputs, read from disk (on the reader thread)."""
+
+    @abstractmethod
+    def compute(self, step: Step, data) -> Computed:
+        """The step's output tensors, from what `load` returned."""
+
+    def describe(self, steps: list[Step]) -> str:
+        """What the plan line says about this method's work, beyond tensor counts and bytes."""
+        return ""
+
+    def finish(self, report: MergeReport) -> None:  # noqa: B027 (optional: most methods add nothing)
+        """Add what only the whole merge knows to the report."""
+
+
+class ElementwiseMethod(MergeMethod):
+    """Every tensor merged entry by entry from the K inputs (and the base model's): one step per tensor, or per
+    block of rows of a large one. Integer buffers are copied; `embeddings: base` / `lm_head: base` take the base
+    model's tensor."""
+
+    @abstractmethod
+    def merge_tensor(self, step: TensorStep, data: TensorInputs) -> torch.Tensor:
+        """The merged floating tensor (or row block), in at least float32."""
+
+    def plan(self) -> list[Step]:
+        return [step for key in self.inputs.body_keys() for step in self.tensor_steps(key)]
+
+    def tensor_steps(self, key: str) -> list[TensorStep]:
+        first = self.inputs.models[0]
+        shape, size = first.shapes[key], itemsize(first.dtype(key))
+        readers = len(self.inputs.models) + (1 if self.reads_base(key) else 0)
+        blocks: list[tuple[int, int] | None] = row_blocks(shape, size) or [None]
+        steps = []
+        for rows in blocks:
+            numel = math.prod(shape) if rows is None else (rows[1] - rows[0]) * math.prod(shape[1:])
+            steps.append(TensorStep(outputs=(key,), cost=self.cost(numel, size, readers), rows=rows, key=key))
+        return steps
+
+    def cost(self, numel: int, element_bytes: int, readers: int) -> Cost:
+        """Of merging `numel` entries read from `readers` tensors: the inputs, promoted, and the result."""
+        return Cost(readers * numel * element_bytes, 8 * (readers + 2) * numel, float(readers * numel))
+
+    def reads_base(self, key: str) -> bool:
+        return self.inputs.base is not None and (self.needs_base or self.from_base(key))
+
+    def from_base(self, key: str) -> bool:
+        """Whether the recipe takes `key` from the base model (embeddings: base, or lm_head: base)."""
+        config, inputs = self.inputs.config, self.inputs
+        return (config.embeddings == "base" and is_head_key(key, inputs.embeddings)) or bool(
+            config.lm_head == "base" and inputs.lm_head and is_head_key(key, [inputs.lm_head])
+        )
+
+    def load(self, step: TensorStep) -> TensorInputs:
+        inputs = self.inputs
+        data = TensorInputs([m.get(step.key, step.rows) for m in inputs.models], None)
+        if self.reads_base(step.key):
+            name = inputs.base_key(step.key)
+            data.base_missing = name is None and (step.rows is None or step.rows[0] == 0)  # reported once
+            data.base = None if name is None else inputs.base.get(name, step.rows)
+        return data
+
+    def compute(self, step: TensorStep, data: TensorInputs) -> Computed:
+        first_row = None if step.rows is None else step.rows[0]
+        first = data.tensors[0]
+        if not first.is_floating_point():  # integer buffers (position ids): identical across fine-tunes
+            return Computed({step.key: first}, first_row)
+        out_dtype = self.inputs.config.output_dtype(first.dtype)
+        missing = [step.key] if data.base_missing else []
+        if data.base is not None and self.from_base(step.key):
+            return Computed({step.key: data.base.to(out_dtype)}, first_row, base_missing=missing)
+        merged = self.merge_tensor(step, data).to(out_dtype)
+        return Computed({step.key: merged}, first_row, base_missing=missing)

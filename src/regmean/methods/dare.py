@@ -1,0 +1,83 @@
+"""DARE (Yu et al., 2024): drop each task-vector entry with probability p and rescale the rest by 1 / (1 - p),
+then combine the sparse task vectors linearly (task arithmetic) or by TIES' sign election.
+
+The drop mask is a function of (seed, model, tensor name, entry index) alone, computed by a counter-based hash:
+the same seed gives the same merge on any machine, whether a tensor is merged whole or a block of rows at a time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from regmean.methods.base import TensorInputs, TensorStep
+from regmean.methods.task_arithmetic import TaskVectorMethod
+from regmean.methods.ties import elect_and_average
+
+LOW32 = 0xFFFFFFFF
+
+
+class DareOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    drop_rate: float = Field(0.5, ge=0.0, lt=1.0)
+    """p: the probability that a task-vector entry is dropped."""
+    combine: Literal["linear", "ties"] = "linear"
+    """linear: W_base + scaling * sum_i w_i tau_i; ties: sign election and mean of the agreeing entries."""
+    scaling: float = 1.0
+    seed: int = Field(0, ge=0)
+    """The drop masks' seed (recorded in the model card): the same seed gives the same output."""
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(x * c) mod 2^32 for int64 x in [0, 2^32), without int64 overflow (by 16-bit halves)."""
+    return ((x & 0xFFFF) * c + ((((x >> 16) * c) & 0xFFFF) << 16)) & LOW32
+
+
+def hash32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer mixing function (xor-shift-multiply), elementwise on int64 values in [0, 2^32)."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def stream_key(seed: int, model: int, name: str) -> tuple[int, int]:
+    """Two 32-bit keys for the drop mask of one model's tensor."""
+    digest = hashlib.blake2b(f"{seed}:{model}:{name}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest[:4], "little"), int.from_bytes(digest[4:], "little")
+
+
+def keep_mask(key: tuple[int, int], start: int, count: int, drop_rate: float) -> torch.Tensor:
+    """Which of the entries start .. start + count - 1 (flat indices of the whole tensor) are kept."""
+    index = torch.arange(start, start + count, dtype=torch.int64)
+    h = hash32(hash32((index & LOW32) ^ key[0]) ^ ((index >> 32) ^ key[1]))
+    return h.to(torch.float64) * 2.0**-32 >= drop_rate
+
+
+def drop_and_rescale(task_vector: torch.Tensor, key: tuple[int, int], start: int, drop_rate: float) -> torch.Tensor:
+    keep = keep_mask(key, start, task_vector.numel(), drop_rate).reshape(task_vector.shape)
+    return torch.where(keep, task_vector / (1.0 - drop_rate), 0.0)
+
+
+class Dare(TaskVectorMethod):
+    name = "dare"
+    options = DareOptions
+
+    def merge_task_vectors(self, step: TensorStep, data: TensorInputs) -> torch.Tensor:
+        opts = self.settings
+        base = data.base.to(torch.promote_types(data.base.dtype, torch.float32))
+        shape = self.inputs.models[0].shapes[step.key]
+        start = 0 if step.rows is None else step.rows[0] * math.prod(shape[1:])
+        sparse = [
+            drop_and_rescale(t.to(base.dtype) - base, stream_key(opts.seed, k, step.key), start, opts.drop_rate)
+            for k, t in enumerate(data.tensors)
+        ]
+        if opts.combine == "ties":
+            return base + opts.scaling * elect_and_average(sparse, self.weights)
+        w = self.weights.to(torch.float64).tolist()
+        return base + opts.scaling * sum(wi * tv for wi, tv in zip(w, sparse, strict=True))
