@@ -26,7 +26,7 @@ from threadpoolctl import threadpool_limits
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import machine, write_doc  # noqa: E402
 
-from regmean.measure import add_gram  # noqa: E402
+from regmean.measure.accumulate import add_gram  # noqa: E402
 
 REPEATS = 15
 

@@ -27,14 +27,10 @@ from regmean.bench.data import load  # noqa: E402
 from regmean.bench.run import packaged_minilm  # noqa: E402
 from regmean.io.data import Example  # noqa: E402
 from regmean.loading import load_model, load_tokenizer  # noqa: E402
-from regmean.measure import (  # noqa: E402
-    Accumulator,
-    _forward,
-    detect_sites,
-    make_batches,
-    measure,
-    select_modules,
-)
+from regmean.measure import measure  # noqa: E402
+from regmean.measure.accumulate import Accumulator  # noqa: E402
+from regmean.measure.batching import forward, make_batches  # noqa: E402
+from regmean.measure.sites import detect_sites, select_modules  # noqa: E402
 
 BATCH, MAX_LENGTH = 16, 128
 
@@ -51,7 +47,7 @@ def ours(model_dir: Path, texts: list[str]) -> dict:
         t = time.perf_counter()
         with torch.inference_mode():
             for b in batches:
-                _forward(model, b)
+                forward(model, b)
         out["forward_s"].append(time.perf_counter() - t)
         t = time.perf_counter()
         acc = Accumulator(model, sites, torch.float32, "cpu")

@@ -65,7 +65,7 @@ def test_padded_batched_statistics_equal_unpadded_per_module_grams(tmp_path, fam
 
 def test_grams_accumulated_by_upper_blocks_equal_the_full_product(tmp_path, monkeypatch):
     """Wide Grams are accumulated on and above the block diagonal only and mirrored at the end."""
-    M = importlib.import_module("regmean.measure")  # the module (the package exports a function of that name)
+    M = importlib.import_module("regmean.measure.accumulate")
     monkeypatch.setattr(M, "GRAM_BLOCK", 5)  # every tiny-model site (width >= 10) split into blocks
     assert len(M.gram_blocks(37)) > 3
     model = build_model("llama", "LlamaForCausalLM", seed=2)
@@ -185,7 +185,7 @@ def test_measuring_in_blocks_equals_one_pass_and_merges(tmp_path):
 
 def test_forward_stops_after_the_last_measured_input(tmp_path, monkeypatch):
     """Layers after the last measured input never run; statistics stay those of the full forward (tests above)."""
-    M = importlib.import_module("regmean.measure")
+    M = importlib.import_module("regmean.measure.pipeline")
     path = save_model(build_model("llama", "LlamaForCausalLM", seed=1), tmp_path / "m")
     ran: dict[str, int] = {"lm_head": 0, "last_mlp": 0}
     load = M.load_model

@@ -16,7 +16,7 @@ from regmean.methods.ties import elect_and_average, keep_count, kth_largest, kth
 
 def test_ties_by_hand():
     """density 0.5 keeps two of four entries per task vector; signs by total mass; mean of the agreeing ones."""
-    tvs = [torch.tensor([3.0, -2.0, 0.5, 1.0]), torch.tensor([-1.0, -4.0, 2.0, 0.1]), torch.tensor([2.0, 1.0, -3.0, 0.2])]
+    tvs = [torch.tensor(v) for v in ([3.0, -2.0, 0.5, 1.0], [-1.0, -4.0, 2.0, 0.1], [2.0, 1.0, -3.0, 0.2])]
     k = keep_count(4, 0.5)
     assert k == 2
     trimmed = [torch.where(tv.abs() >= kth_largest(tv.abs(), k), tv, 0.0) for tv in tvs]

@@ -41,6 +41,11 @@ def named(name: str, allowed: tuple[str, ...] | dict, what: str) -> torch.dtype:
     return FLOATS[name]
 
 
+def name(dtype: torch.dtype) -> str:
+    """The name people write for a floating dtype ('float32')."""
+    return next(k for k, v in FLOATS.items() if v == dtype)
+
+
 def itemsize(stored: str) -> int:
     """Bytes per element of a safetensors dtype name."""
     return STORED[stored].itemsize

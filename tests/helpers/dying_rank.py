@@ -3,7 +3,7 @@
 import os
 
 from regmean.cli import app
-from regmean.measure import Accumulator
+from regmean.measure.accumulate import Accumulator
 
 original_init, original_hook = Accumulator.__init__, Accumulator._hook
 blocks_started = 0

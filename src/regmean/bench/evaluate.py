@@ -53,7 +53,7 @@ def macro_f1(gold: list[int], pred: list[int], n_labels: int) -> float:
     return sum(scores) / len(scores) if scores else 0.0
 
 
-def score(data: TextDataset, logits: list[torch.Tensor], max_length: int = 64) -> dict[str, float]:
+def score(data: TextDataset, logits: list[torch.Tensor]) -> dict[str, float]:
     """accuracy and macro-F1 for classification; entity F1 (seqeval) for token classification."""
     if data.token_level:
         names = data.label_names

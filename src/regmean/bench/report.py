@@ -22,7 +22,7 @@ SWEEP = re.compile(r"regmean\(alpha=([0-9.]+)\)")
 
 def _method_order(methods: list[str]) -> list[str]:
     def key(m: str):
-        order = ["individual", "average", "fisher", "ensemble", "regmean", "mtl"]
+        order = ["individual", "average", "task_arithmetic", "ties", "dare", "fisher", "ensemble", "regmean", "mtl"]
         head = m.split(":")[0].split("(")[0]
         return (order.index(head) if head in order else len(order), "(" in m, m)
 

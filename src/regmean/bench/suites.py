@@ -24,6 +24,14 @@ from regmean.merge import MergeConfig, merge
 from regmean.merge.output import output_names
 from regmean.stats import save
 
+DATA_FREE: dict[str, dict] = {
+    "task_arithmetic": {"scaling": 0.4},
+    "ties": {"density": 0.2, "scaling": 1.0},
+    "dare": {"drop_rate": 0.5, "combine": "ties", "scaling": 1.0},
+}
+"""The data-free baselines on task vectors (base: the packaged MiniLM) and their options: task arithmetic's usual
+scaling, TIES' paper defaults, DARE on TIES (its seed is the run's)."""
+
 
 @dataclass
 class Settings:
@@ -36,7 +44,7 @@ class Settings:
     fisher_size: int = 128  # examples for the (per-example gradient) Fisher
     alpha: float = 0.9
     alphas: tuple[float, ...] = (0.0, 0.1, 0.5, 0.9, 1.0)
-    methods: tuple[str, ...] = ("average", "fisher", "ensemble", "regmean", "mtl")
+    methods: tuple[str, ...] = ("average", *DATA_FREE, "fisher", "ensemble", "regmean", "mtl")
     keep_work: bool = False  # keep each seed's statistics and merged models (else deleted once the seed is scored)
     log: Callable[[str], None] = print
 
@@ -127,6 +135,18 @@ class Runner:
         self.timed("merge", merge, config, out, force=True, progress=False)
         return out
 
+    def data_free(self, tag: str, models: list[Path], **recipe) -> dict[str, Path]:
+        """The merged model(s) of every data-free method the settings ask for: average and those on task vectors."""
+        out = {}
+        if "average" in self.s.methods:
+            out["average"] = self.merged(f"{tag}-average", "average", models, **recipe)
+        for method, options in DATA_FREE.items():
+            if method in self.s.methods:
+                options = {**options, "seed": self.seed} if method == "dare" else options
+                base = str(self.s.base)
+                out[method] = self.merged(f"{tag}-{method}", method, models, base_model=base, options=options, **recipe)
+        return out
+
     def evaluate(self, model: Path, evals: dict[str, D.TextDataset]) -> dict[str, list]:
         return {name: self.timed("evaluate", predict, model, d, self.s.recipe.max_length) for name, d in evals.items()}
 
@@ -153,8 +173,8 @@ def shared_label_space(
     grams: list[Path] = []
     for name, m in zip(names, models, strict=True):
         preds[f"individual:{name}"] = run.evaluate(m, evals)
-    if "average" in s.methods:
-        preds["average"] = run.evaluate(run.merged(f"{task}-average", "average", models), evals)
+    for method, folder in run.data_free(task, models).items():
+        preds[method] = run.evaluate(folder, evals)
     if "fisher" in s.methods:
         fisher = [
             run.fisher_stats(m, p, f"{task}-fisher{k}") for k, (m, p) in enumerate(zip(models, parts, strict=True))
@@ -205,9 +225,8 @@ def suite_tasks(seed: int, s: Settings, pairs=TASK_PAIRS) -> Results:
         name = "+".join(pair)
         models = [run.train([t])[0] for t in trains]
         outputs: dict[str, list[Path]] = {"individual": models}
-        if "average" in s.methods:
-            out = run.merged(f"{name}-average", "average", models, heads="keep")
-            outputs["average"] = _keep_dirs(out, models)
+        for method, folder in run.data_free(name, models, heads="keep").items():
+            outputs[method] = _keep_dirs(folder, models)
         if "fisher" in s.methods:
             fisher = [
                 run.fisher_stats(m, t, f"{name}-fisher{k}") for k, (m, t) in enumerate(zip(models, trains, strict=True))

@@ -162,5 +162,3 @@ def _fingerprint_problems(inputs: MergeInputs) -> list[str]:
                 "measure this model"
             )
     return problems
-
-

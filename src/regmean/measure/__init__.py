@@ -1,0 +1,12 @@
+"""The measure step: run a model over local data and accumulate the input statistics of its linear layers.
+
+- `sites`: which distinct input tensors the linear layers read, and the padding mask of each (one forward pass).
+- `batching`: tokenised batches with a mask per stream, and the forward pass.
+- `accumulate`: the sums x x^T, x and row counts per site, collected by forward hooks.
+- `pipeline`: `measure`, which runs them over the data (in blocks of sites that fit a memory limit, on any number
+  of processes) and returns the statistics.
+"""
+
+from regmean.measure.pipeline import measure
+
+__all__ = ["measure"]

@@ -1,0 +1,88 @@
+"""Batches for measuring: tokenised examples with one padding mask per stream, and the forward pass over them."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from regmean.errors import RegmeanError, one_line
+from regmean.io.data import Example
+from regmean.loading import check_positions
+
+
+@dataclass
+class Batch:
+    inputs: dict[str, torch.Tensor]
+    masks: dict[str, torch.Tensor]  # stream -> [B, T] bool
+    size: int
+    _rows: dict[str, torch.Tensor | None] = field(default_factory=dict)
+
+    def rows(self, stream: str) -> torch.Tensor | None:
+        """Indices of the stream's real (unpadded) rows, computed once per batch; None when nothing is padding."""
+        if stream not in self._rows:
+            flat = self.masks[stream].reshape(-1)
+            self._rows[stream] = None if bool(flat.all()) else flat.nonzero().squeeze(1)
+        return self._rows[stream]
+
+
+def make_batches(
+    examples: Sequence[Example], tokenizer, model: nn.Module, batch_size: int, max_length: int, device: str
+) -> Iterator[Batch]:
+    encdec = bool(getattr(model.config, "is_encoder_decoder", False))
+    seq2seq_lm = encdec and hasattr(model, "prepare_decoder_input_ids_from_labels")
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start : start + batch_size]
+        pairs = [e.text_pair for e in chunk] if chunk[0].text_pair is not None else None
+        enc = tokenizer(
+            [e.text for e in chunk], pairs, padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+        )
+        check_positions(model.config, enc["input_ids"].shape[-1])
+        inputs = {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+        if "token_type_ids" in inputs and "token_type_ids" not in forward_args(model):
+            del inputs["token_type_ids"]
+        mask = inputs["attention_mask"].bool()
+        masks = {"input": mask}
+        if encdec:
+            if seq2seq_lm:
+                if any(e.target is None for e in chunk):
+                    raise RegmeanError(
+                        f"{type(model).__name__} is an encoder-decoder LM: give the decoder targets (--target-field)"
+                    )
+                tgt = tokenizer(
+                    text_target=[e.target for e in chunk],
+                    padding=True,
+                    truncation=True,
+                    max_length=max_length,
+                    return_tensors="pt",
+                )
+                labels = tgt["input_ids"].to(device)
+                inputs["decoder_input_ids"] = model.prepare_decoder_input_ids_from_labels(labels=labels)
+                inputs["decoder_attention_mask"] = tgt["attention_mask"].to(device)
+                masks["decoder"] = inputs["decoder_attention_mask"].bool()
+            else:
+                # Sequence classification: the model feeds the decoder its input shifted right; decoder position t
+                # exists in the unpadded example exactly when encoder position t does.
+                masks["decoder"] = mask
+        yield Batch(inputs, masks, len(chunk))
+
+
+def forward_args(model: nn.Module) -> set[str]:
+    return set(inspect.signature(model.forward).parameters)
+
+
+def forward(model: nn.Module, batch: Batch) -> None:
+    kwargs = dict(batch.inputs)
+    if "use_cache" in forward_args(model):
+        kwargs["use_cache"] = False
+    try:
+        model(**kwargs)
+    except (IndexError, RuntimeError, ValueError) as exc:  # torch and transformers' own failures on these inputs
+        tokens = batch.inputs["input_ids"].shape[-1]
+        raise RegmeanError(
+            f"{type(model).__name__} failed on a batch of {tokens}-token inputs ({one_line(str(exc), 200)}); "
+            "if the inputs are longer than the model accepts, lower --max-length"
+        ) from exc

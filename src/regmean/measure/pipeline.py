@@ -1,0 +1,145 @@
+"""The measure step: run a model over local data and accumulate the input statistics of its linear layers.
+
+Eval mode, inference mode, sums in float32 (or float64) on the model's device; padding rows excluded, each site by
+its stream's mask (see `regmean.measure.sites`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from regmean import distributed, dtypes
+from regmean.devices import check_device
+from regmean.errors import RegmeanError
+from regmean.io.checkpoint import Checkpoint
+from regmean.io.data import Example
+from regmean.loading import load_model, load_tokenizer
+from regmean.measure.accumulate import Accumulator
+from regmean.measure.batching import Batch, make_batches
+from regmean.measure.sites import Site, detect_sites, hooks, select_modules, site_blocks
+from regmean.stats import SiteStats, Statistics
+
+
+def measure(
+    model_dir: str | Path,
+    examples: Sequence[Example],
+    *,
+    batch_size: int = 16,
+    max_length: int = 128,
+    device: str = "cpu",
+    stats_dtype: str = "float32",
+    model_dtype: str = "float32",
+    include: str | None = None,
+    exclude: str | None = None,
+    provenance: dict | None = None,
+    progress: bool = True,
+    log=None,
+    max_stats_bytes: int | None = None,
+    on_block: Callable[[Statistics, int, int], None] | None = None,
+    allow_pickle: bool = False,
+) -> Statistics:
+    """Measure the statistics of every (selected) linear layer's input over `examples`.
+
+    Inside a torch.distributed job each rank measures its shard of `examples` and the sums are reduced site by
+    site to rank 0, whose returned statistics cover all examples (other ranks' hold no sites).
+
+    With `max_stats_bytes`, sites are measured in blocks whose sums fit, one pass over the data per block; each
+    finished block goes to `on_block(statistics, index, count)` (e.g. to be written) instead of staying in memory.
+    A pickle checkpoint (`pytorch_model.bin`) is refused unless `allow_pickle`.
+    """
+    sums = dtypes.named(stats_dtype, dtypes.STATISTICS, "stats dtype")
+    forward = dtypes.named(model_dtype, dtypes.FLOATS, "model dtype")
+    if not examples:
+        raise RegmeanError("no examples to measure on")
+    check_device(device)
+    checkpoint = Checkpoint(model_dir, allow_pickle)
+    tokenizer = load_tokenizer(model_dir)
+    fingerprint = checkpoint.fingerprint  # reads every weight: NaN or Inf is refused before the model loads
+    model = load_model(model_dir, device, forward)
+    modules, skipped = select_modules(model, include, exclude)
+    local = distributed.shard(examples)
+
+    def batches() -> Iterator[Batch]:
+        return make_batches(local, tokenizer, model, batch_size, max_length, device)
+
+    first_pass = batches()
+    first = next(first_pass)
+    sites = detect_sites(model, modules, first)
+    distributed.check_same(repr([(s.name, s.modules, s.stream) for s in sites]), "the detected sites")
+    blocks = site_blocks(sites, sums.itemsize, max_stats_bytes)
+    if log is not None and distributed.rank() == 0:
+        log(_announcement(blocks, len(modules), sums, device, len(examples)))
+    base = {
+        "modules": {m: s.name for s in sites for m in s.modules},
+        "fingerprint": fingerprint,
+        "dtype": stats_dtype,
+        "examples": len(examples),
+        "skipped": skipped,
+    }
+    collected: dict[str, SiteStats] = {}
+    columns = [TextColumn("measuring"), BarColumn(), MofNCompleteColumn(), TextColumn("examples")]
+    with Progress(*columns, TimeRemainingColumn(), disable=not (progress and distributed.rank() == 0)) as bar:
+        task = bar.add_task("measure", total=len(local) * len(blocks))
+        for b, block in enumerate(blocks):
+            acc = Accumulator(model, block, sums, device)
+            data = _chain(first, first_pass) if b == 0 else batches()
+            tokens = _accumulate(acc, data, lambda n: bar.advance(task, n))
+            if b == 0:  # every pass reads the same tokens
+                record = {
+                    "examples": len(examples),
+                    "tokens": distributed.sum_int(tokens, device),
+                    "max_length": max_length,
+                    "model_dtype": model_dtype,
+                    "processes": distributed.world_size(),
+                    **(provenance or {}),
+                }
+            part = _reduced(acc, device)
+            del acc
+            if on_block is None:
+                collected.update(part)
+            else:
+                on_block(Statistics(sites=part, tokens=record["tokens"], provenance=[record], **base), b, len(blocks))
+    return Statistics(sites=collected, tokens=record["tokens"], provenance=[record], **base)
+
+
+def _announcement(blocks: list[list[Site]], modules: int, sums: torch.dtype, device: str, examples: int) -> str:
+    sites = [site for block in blocks for site in block]
+    gram_bytes = sum(s.d * (s.d + 1) * sums.itemsize for s in sites)
+    passes = f"; {len(blocks)} passes, one block of sites each" if len(blocks) > 1 else ""
+    return (
+        f"{len(sites)} sites for {modules} linear modules: {gram_bytes / 1e9:.2f} GB of {dtypes.name(sums)} sums "
+        f"on {device}; {examples} examples over {distributed.world_size()} process(es){passes}"
+    )
+
+
+def _accumulate(acc: Accumulator, batches: Iterator[Batch], advance: Callable[[int], None]) -> int:
+    """One pass over the data into `acc`; returns this process's count of unpadded input tokens."""
+    tokens = 0
+    with hooks(acc.handles), torch.inference_mode():
+        for batch in batches:
+            acc.run(batch)
+            tokens += int(batch.masks["input"].sum())
+            advance(batch.size)
+    acc.finish()
+    return tokens
+
+
+def _reduced(acc: Accumulator, device: str) -> dict[str, SiteStats]:
+    """Every process's sums added up on rank 0, one site at a time (never a second copy of all Grams); only rank 0
+    keeps them, on the host (so N ranks on one machine never hold N host copies of every Gram)."""
+    for stat in acc.stats.values():
+        distributed.sum_to_rank0(stat.gram)
+        distributed.sum_to_rank0(stat.sum)
+        stat.count = distributed.sum_int(stat.count, device)
+    if distributed.rank() != 0:
+        return {}
+    return {n: SiteStats(st.gram.cpu(), st.sum.cpu(), st.count) for n, st in acc.stats.items()}
+
+
+def _chain(first: Batch, rest: Iterator[Batch]) -> Iterator[Batch]:
+    yield first
+    yield from rest

@@ -1,0 +1,127 @@
+"""Sites: the distinct input tensors of the measured linear layers, found by watching one forward pass.
+
+Modules whose inputs are the very same tensor objects in a forward pass share a site (q/k/v, gate/up,
+cross-attention k/v reading the encoder output). Each site belongs to a stream, whose padding mask applies to it:
+the input ids' (the encoder's, for encoder-decoders), the decoder's, or none for per-example inputs ([B, d]).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import transformers
+from torch import nn
+
+from regmean.architecture import linear_layers
+from regmean.errors import RegmeanError
+from regmean.io.untrusted import compile_pattern
+from regmean.measure.batching import Batch, forward
+
+
+@dataclass
+class Site:
+    name: str
+    modules: list[str]
+    stream: str  # "input" (input_ids; the encoder's for enc-dec) | "decoder" | "example" (one row per example)
+    d: int
+    calls: int = 1  # calls of the hooked module per forward pass
+    last_call: int = 0  # position of its last call among all measured modules' calls in a forward pass
+
+
+def select_modules(model: nn.Module, include: str | None, exclude: str | None) -> tuple[list[str], dict[str, str]]:
+    """Linear modules to measure, and the skipped ones with the reason."""
+    measured, skipped = [], {}
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear | transformers.pytorch_utils.Conv1D)]
+    layers = linear_layers(model)
+    keep = compile_pattern(include, "--include") if include else None
+    drop = compile_pattern(exclude, "--exclude") if exclude else None
+    for name in names:
+        if name not in layers:
+            skipped[name] = "weight tied to another parameter (averaged)"
+        elif keep and not keep.search(name):
+            skipped[name] = f"not matched by include {include!r}"
+        elif drop and drop.search(name):
+            skipped[name] = f"matched by exclude {exclude!r}"
+        else:
+            measured.append(name)
+    if not measured:
+        raise RegmeanError("no linear module left to measure (check --include / --exclude)")
+    return measured, skipped
+
+
+@contextmanager
+def hooks(handles: list) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def detect_sites(model: nn.Module, modules: list[str], batch: Batch) -> list[Site]:
+    """Group modules by the identity of their input tensors over one forward pass, and find each group's stream."""
+    calls: dict[str, list[int]] = {m: [] for m in modules}
+    first_input: dict[str, torch.Tensor] = {}
+    alive: list[torch.Tensor] = []  # holding every input keeps ids unique during the pass
+    order: list[str] = []
+    events: list[str] = []
+    named = dict(model.named_modules())
+
+    def pre_hook(name):
+        def hook(_mod, args):
+            x = args[0]
+            alive.append(x)
+            calls[name].append(id(x))
+            events.append(name)
+            if name not in first_input:
+                first_input[name] = x
+                order.append(name)
+
+        return hook
+
+    encoder_out: list[int] = []
+    handles = [named[m].register_forward_pre_hook(pre_hook(m)) for m in modules]
+    encoder = model.get_encoder() if getattr(model.config, "is_encoder_decoder", False) else None
+    if encoder is not None:
+        handles.append(encoder.register_forward_hook(lambda _m, _a, out: encoder_out.append(id(out[0]))))
+    with hooks(handles), torch.inference_mode():
+        forward(model, batch)
+
+    never = [m for m in modules if not calls[m]]
+    if never:
+        raise RegmeanError(f"modules never called in a forward pass: {', '.join(never[:5])}; exclude them")
+    last_call = {name: i for i, name in enumerate(events)}  # each module's last position in the pass
+    encoder_prefix = next((n + "." for n, m in model.named_modules() if m is encoder), None)
+    groups: dict[tuple[int, ...], list[str]] = {}
+    for name in order:
+        groups.setdefault(tuple(calls[name]), []).append(name)
+    sites = []
+    for key, members in groups.items():
+        x = first_input[members[0]]
+        if x.dim() == 2 and x.shape[0] == batch.size:
+            stream = "example"
+        elif encoder is None or members[0].startswith(encoder_prefix) or key[0] in encoder_out:
+            stream = "input"
+        else:
+            stream = "decoder"
+        sites.append(Site(members[0], members, stream, x.shape[-1], len(key), last_call[members[0]]))
+    return sites
+
+
+def site_blocks(sites: list[Site], width: int, max_bytes: int | None) -> list[list[Site]]:
+    """Consecutive sites grouped so that each group's sums fit in `max_bytes` (a site larger than that alone)."""
+    if max_bytes is None:
+        return [sites]
+    blocks: list[list[Site]] = [[]]
+    used = 0
+    for site in sites:
+        size = site.d * (site.d + 1) * width
+        if blocks[-1] and used + size > max_bytes:
+            blocks.append([])
+            used = 0
+        blocks[-1].append(site)
+        used += size
+    return blocks
