@@ -232,3 +232,26 @@ def test_different_vocabularies_are_refused_naming_both_sizes(tmp_path):
     models[1] = {"path": str(bigger)}
     errors = merge_fails(tmp_path, {"method": "average", "models": models}, "vocabulary of 32000 tokens", "30522")
     assert len(errors) == 1
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare"])
+def test_base_model_of_other_shapes_is_refused_before_any_work(tmp_path, method):
+    """A base model whose vocabulary differs: refused from the headers (merged by row blocks, its last block would
+    otherwise read past the end of the base tensor)."""
+    models = make_models(tmp_path / "in", "llama", "LlamaForCausalLM", stats=False)
+    config = build_model("llama", "LlamaForCausalLM", seed=0).config
+    config.vocab_size -= 3
+    base = save_model(tf.LlamaForCausalLM(config), tmp_path / "in" / "base")
+    recipe = {"method": method, "models": models, "base_model": str(base)}
+    merge_fails(tmp_path, recipe, "base: shape of model.embed_tokens.weight is (30519, 16), the models' is (30522, 16)")
+
+
+def test_rows_outside_a_tensor_are_refused(trio):
+    from regmean.io.checkpoint import Checkpoint
+
+    _, models = trio
+    ckpt = Checkpoint(models[0]["path"])
+    key = "bert.embeddings.word_embeddings.weight"
+    assert ckpt.get(key, (30520, 30522)).shape == (2, 16)
+    with pytest.raises(RegmeanError, match="rows 30520:30525"):
+        ckpt.get(key, (30520, 30525))

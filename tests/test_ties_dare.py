@@ -18,7 +18,7 @@ def test_ties_by_hand():
     """density 0.5 keeps two of four entries per task vector; signs by total mass; mean of the agreeing ones."""
     tvs = [torch.tensor(v) for v in ([3.0, -2.0, 0.5, 1.0], [-1.0, -4.0, 2.0, 0.1], [2.0, 1.0, -3.0, 0.2])]
     k = keep_count(4, 0.5)
-    assert k == 2
+    assert k == 2 and keep_count(100, 0.07) == 7 and keep_count(10, 0.01) == 1 and keep_count(3, 1.0) == 3
     trimmed = [torch.where(tv.abs() >= kth_largest(tv.abs(), k), tv, 0.0) for tv in tvs]
     assert [t.tolist() for t in trimmed] == [[3, -2, 0, 0], [0, -4, 2, 0], [2, 0, -3, 0]]
     # total mass [5, -6, -1, 0]: entry 0 keeps models 0 and 2, entry 1 models 0 and 1, entry 2 model 2, entry 3 none
@@ -35,8 +35,9 @@ def test_streamed_threshold_equals_the_whole_tensor_kth_value(k):
     values = torch.randn(1000, generator=g).abs()
     values[::7] = 0.0  # many ties, at zero and elsewhere
     values[1::11] = 0.5
-    pieces = [values[i : i + 130] for i in range(0, 1000, 130)]
-    assert kth_largest_streamed(lambda: iter(pieces), k) == kth_largest(values, k)
+    other = values.flip(0) * 2  # a second stream read alongside: its own threshold
+    streams = [[values[i : i + 130], other[i : i + 130]] for i in range(0, 1000, 130)]
+    assert kth_largest_streamed(lambda: iter(streams), k) == [kth_largest(values, k), kth_largest(other, k)]
     assert kth_largest(values, k) == float(values.sort(descending=True).values[k - 1])
 
 

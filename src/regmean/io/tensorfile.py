@@ -111,6 +111,8 @@ class TensorFile:
         """The tensor, or only its rows [start, stop) along the first dimension (one contiguous read)."""
         dtype, shape, begin, stop = self._entries[key]
         if rows is not None:
+            if not (shape and 0 <= rows[0] <= rows[1] <= shape[0]):
+                raise RegmeanError(f"{self.path}: rows {rows[0]}:{rows[1]} of tensor {key} of shape {list(shape)}")
             row_bytes = (stop - begin) // shape[0] if shape and shape[0] else 0
             begin, stop = begin + rows[0] * row_bytes, begin + rows[1] * row_bytes
             shape = (rows[1] - rows[0], *shape[1:])

@@ -49,9 +49,9 @@ class MergeConfig(BaseModel):
     method: str = "regmean"
     models: list[ModelEntry] = Field(min_length=1)
     base_model: LocalPath | None = None
-    """The pretrained model the others were fine-tuned from (task_arithmetic)."""
+    """The pretrained model the others were fine-tuned from (task vectors: task_arithmetic, ties, dare)."""
     options: dict[str, Any] = Field(default_factory=dict, validate_default=True)
-    """Method options: regmean {alpha, gram_weighting, bias}; task_arithmetic {scaling}."""
+    """The method's options (its `options` model in regmean.methods; the README lists them)."""
     heads: Literal["merge", "keep"] = "merge"
     """merge: heads merged like the body (same label space); keep: one output per model, each with its own head."""
     head_modules: list[str] | None = None
@@ -110,7 +110,10 @@ class MergeConfig(BaseModel):
         if method.statistics:
             missing = [str(m.path) for m in self.models if m.statistics is None]
             if missing:
-                raise ValueError(f"method {self.method} needs statistics for every model; missing for {missing}")
+                raise ValueError(
+                    f"method {self.method} needs statistics for every model (from `{method.statistics.measured_by}`); "
+                    f"missing for {missing}"
+                )
         return self
 
     def input_paths(self) -> list[tuple[str, Path]]:

@@ -51,10 +51,9 @@ def merge(
         return _planned(open_inputs(config), log, memory_limit)[0]
     with staged_output(out_dir, force, sources, log) as staged:
         inputs = open_inputs(config)
-        plan, method, steps = _planned(inputs, log, memory_limit)
+        plan, method, steps, layouts = _planned(inputs, log, memory_limit)
         check_free_space(staged, plan.write_bytes, "the merged model")
         folders = output_folders(inputs, staged)
-        layouts = output_layouts(inputs)
         writers = [ShardedWriter(f, layout, shard_bytes) for f, layout in zip(folders, layouts, strict=True)]
         report = merge_into(method, steps, writers, progress)
         for w in writers:
@@ -63,15 +62,17 @@ def merge(
     return report
 
 
-def _planned(inputs: MergeInputs, log, memory_limit: int | None) -> tuple[MergePlan, MergeMethod, list[Step]]:
-    """The method bound to the inputs, its steps, and the plan (said to `log`, checked against the limit)."""
+def _planned(inputs: MergeInputs, log, memory_limit: int | None) -> tuple[MergePlan, MergeMethod, list[Step], list]:
+    """The method bound to the inputs, its steps, the output layouts and the plan (said to `log`, checked against
+    the limit)."""
     method = METHODS[inputs.config.method](inputs)
     steps = method.plan()
-    plan = make_plan(inputs, method, steps, output_layouts(inputs))
+    layouts = output_layouts(inputs)
+    plan = make_plan(inputs, method, steps, layouts)
     if log is not None:
         log(plan.describe())
     check_memory(plan, memory_limit)
-    return plan, method, steps
+    return plan, method, steps, layouts
 
 
 def merge_into(method: MergeMethod, steps: list[Step], writers: list[ShardedWriter], progress: bool = True):

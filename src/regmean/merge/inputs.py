@@ -132,20 +132,42 @@ def open_inputs(config: MergeConfig) -> MergeInputs:
             f"{first_path}: lacks {len(needed)} tensors its architecture {first.architecture} needs, e.g. {needed[0]} "
             "(loading would initialise them at random); re-save the model with save_pretrained"
         )
-    if base is not None:
-        absent = [k for k in ref if _base_key(base, k, skeleton) is None and not is_head_key(k, heads)]
-        if absent:
-            problems.append(f"{config.base_model}: base model lacks {len(absent)} body tensors, e.g. {absent[0]}")
-
+    if problems:  # the models disagree: nothing below can be checked meaningfully
+        raise RegmeanError(problems)
     linears = linear_layers(skeleton)
     embeddings, lm_head = embedding_modules(skeleton)
-    if problems:  # hashing reads every weight: not when the inputs are already known to be wrong
-        raise RegmeanError(problems)
     inputs = MergeInputs(config, models, stats, base, skeleton, linears, heads, embeddings, lm_head)
-    problems = (_fingerprint_problems(inputs) if stats is not None else []) + method.check(inputs)
+    problems = _base_problems(inputs, ref) if base is not None else []
+    try:  # the method's own header checks, reported with the base model's
+        problems += method.check(inputs)
+    except RegmeanError as exc:
+        problems += exc.problems
+    if not problems and stats is not None:  # hashing reads every weight: only when nothing else is wrong
+        problems = _fingerprint_problems(inputs)
     if problems:
         raise RegmeanError(problems)
     return inputs
+
+
+def _base_problems(inputs: MergeInputs, body: dict[str, tuple[int, ...]]) -> list[str]:
+    """The base model has every body tensor (heads aside), each with the fine-tuned models' shape."""
+    absent, mismatched = [], []
+    for key, shape in body.items():
+        name = inputs.base_key(key)
+        if name is None:
+            if not is_head_key(key, inputs.heads):
+                absent.append(key)
+        elif inputs.base.shapes[name] != shape:
+            mismatched.append(key)
+    where = inputs.config.base_model
+    problems = [f"{where}: base model lacks {len(absent)} body tensors, e.g. {absent[0]}"] if absent else []
+    if mismatched:
+        key = mismatched[0]
+        problems.append(
+            f"{where}: shape of {key} is {inputs.base.shapes[inputs.base_key(key)]}, the models' is {body[key]} "
+            f"({len(mismatched)} tensors differ); a base model must have the fine-tuned models' shapes"
+        )
+    return problems
 
 
 def _fingerprint_problems(inputs: MergeInputs) -> list[str]:

@@ -39,6 +39,8 @@ class MergePlan:
     note: str
     """What the method says about its work (e.g. how many layers it solves from statistics)."""
     read_bytes: int
+    flops: float
+    """Floating-point operations of all steps (for dividing the work among processes, and the floor it sets)."""
     write_bytes: int
     working_bytes: int
     """The largest step's working set (e.g. one site's K Grams and its layers' K weights in float64)."""
@@ -53,8 +55,8 @@ class MergePlan:
     def describe(self) -> str:
         return (
             f"plan: {self.tensors} tensors in {self.steps} steps{f' ({self.note})' if self.note else ''}; "
-            f"read {human(self.read_bytes)}, "
-            f"write {human(self.write_bytes)}; peak memory about {human(self.peak_bytes)} "
+            f"read {human(self.read_bytes)}, write {human(self.write_bytes)}, "
+            f"{self.flops / 1e9:.3g} GFLOP; peak memory about {human(self.peak_bytes)} "
             f"(runtime {human(self.runtime_bytes)} + largest step {human(self.working_bytes)} "
             f"+ next step's inputs {human(self.prefetch_bytes)})"
         )
@@ -68,7 +70,8 @@ def make_plan(inputs: MergeInputs, method: MergeMethod, steps: list[Step], layou
         tensors=len({name for step in steps for name in step.outputs}),
         steps=len(steps),
         note=method.describe(steps),
-        read_bytes=heads + sum(step.cost.read_bytes for step in steps),
+        read_bytes=heads + sum(step.cost.read_bytes + step.cost.streamed_bytes for step in steps),
+        flops=sum(step.cost.flops for step in steps),
         write_bytes=sum(layout_bytes(layout) for layout in layouts),
         working_bytes=max((step.cost.working_bytes for step in steps), default=0),
         prefetch_bytes=max((step.cost.read_bytes for step in steps), default=0),

@@ -2,8 +2,9 @@
 
 The engine (`regmean.merge.engine`) knows only this interface. It asks the method for its steps, loads the next
 step's inputs on a reader thread while the current one computes, writes what each step returns and reports
-progress. A method that merges every tensor entry by entry (average, task arithmetic, TIES, DARE, Fisher) only
-writes `ElementwiseMethod.merge_tensor`; RegMean adds steps that solve a layer from its statistics.
+progress. A method that merges every tensor entry by entry (average, task arithmetic, TIES, DARE, Fisher) subclasses
+`ElementwiseMethod` and writes `merge_tensor` (and, if it reads more than the K tensors and the base's, `load`);
+RegMean adds steps that solve the layers sharing an input site from their statistics.
 """
 
 from __future__ import annotations
@@ -54,7 +55,6 @@ class StatisticsSource(Protocol):
 
 @dataclass(frozen=True)
 class StatisticsKind:
-    name: str
     reader: Callable[[Path], StatisticsSource]
     measured_by: str
     """The command that measures them (for messages)."""
@@ -67,6 +67,8 @@ class Cost:
     working_bytes: int
     """Memory while the step computes (its inputs promoted, intermediates, the result)."""
     flops: float = 0.0
+    streamed_bytes: int = 0
+    """Read a block at a time inside the step, never held whole (e.g. TIES' threshold passes)."""
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from regmean.methods.base import TensorInputs, TensorStep
 from regmean.methods.task_arithmetic import TaskVectorMethod
-from regmean.methods.ties import elect_and_average
+from regmean.methods.ties import elect_and_average, task_vector
 
 LOW32 = 0xFFFFFFFF
 
@@ -59,9 +59,17 @@ def keep_mask(key: tuple[int, int], start: int, count: int, drop_rate: float) ->
     return h.to(torch.float64) * 2.0**-32 >= drop_rate
 
 
+MASK_CHUNK = 1 << 20
+"""Entries hashed at a time: the int64 temporaries of the hash (about 50 bytes per entry) stay small."""
+
+
 def drop_and_rescale(task_vector: torch.Tensor, key: tuple[int, int], start: int, drop_rate: float) -> torch.Tensor:
-    keep = keep_mask(key, start, task_vector.numel(), drop_rate).reshape(task_vector.shape)
-    return torch.where(keep, task_vector / (1.0 - drop_rate), 0.0)
+    """The task vector with the dropped entries zeroed and the kept ones divided by 1 - drop_rate."""
+    flat = (task_vector / (1.0 - drop_rate)).reshape(-1)
+    for first in range(0, flat.numel(), MASK_CHUNK):
+        piece = flat[first : first + MASK_CHUNK]
+        piece.masked_fill_(~keep_mask(key, start + first, piece.numel(), drop_rate), 0.0)
+    return flat.reshape(task_vector.shape)
 
 
 class Dare(TaskVectorMethod):
@@ -70,14 +78,15 @@ class Dare(TaskVectorMethod):
 
     def merge_task_vectors(self, step: TensorStep, data: TensorInputs) -> torch.Tensor:
         opts = self.settings
-        base = data.base.to(torch.promote_types(data.base.dtype, torch.float32))
         shape = self.inputs.models[0].shapes[step.key]
         start = 0 if step.rows is None else step.rows[0] * math.prod(shape[1:])
         sparse = [
-            drop_and_rescale(t.to(base.dtype) - base, stream_key(opts.seed, k, step.key), start, opts.drop_rate)
+            drop_and_rescale(task_vector(t, data.base), stream_key(opts.seed, k, step.key), start, opts.drop_rate)
             for k, t in enumerate(data.tensors)
         ]
         if opts.combine == "ties":
-            return base + opts.scaling * elect_and_average(sparse, self.weights)
-        w = self.weights.to(torch.float64).tolist()
-        return base + opts.scaling * sum(wi * tv for wi, tv in zip(w, sparse, strict=True))
+            merged = elect_and_average(sparse, self.weights)
+        else:
+            w = self.weights.to(torch.float64).tolist()
+            merged = sum(wi * tv for wi, tv in zip(w, sparse, strict=True))
+        return data.base.to(merged.dtype) + opts.scaling * merged

@@ -33,7 +33,7 @@ class FisherInputs(TensorInputs):
 class Fisher(ElementwiseMethod):
     name = "fisher"
     options = FisherOptions
-    statistics = StatisticsKind("fisher", FisherFile, "regmean fisher")
+    statistics = StatisticsKind(FisherFile, "regmean fisher")
 
     @classmethod
     def check(cls, inputs) -> list[str]:

@@ -160,7 +160,7 @@ class RegMean(Average):
 
     name = "regmean"
     options = RegMeanOptions
-    statistics = StatisticsKind("gram", StatisticsFile, "regmean measure")
+    statistics = StatisticsKind(StatisticsFile, "regmean measure")
 
     @classmethod
     def check(cls, inputs) -> list[str]:

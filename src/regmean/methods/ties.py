@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from regmean.dtypes import itemsize
 from regmean.methods.base import TensorInputs, TensorStep
 from regmean.methods.task_arithmetic import TaskVectorMethod
 
@@ -32,13 +33,19 @@ class TiesOptions(BaseModel):
 
 
 def keep_count(numel: int, density: float) -> int:
-    return min(numel, max(1, math.ceil(density * numel)))
+    """Entries kept of `numel`: ceil(density x numel), at least one (rounded first: 0.07 x 100 is 7, not 8)."""
+    return min(numel, max(1, math.ceil(round(density * numel, 6))))
+
+
+def task_vector(tensor: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """tensor - base in the wider of their dtypes, at least float32."""
+    work = torch.promote_types(torch.promote_types(tensor.dtype, base.dtype), torch.float32)
+    return tensor.to(work) - base.to(work)
 
 
 def magnitudes(tensor: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
     """|tensor - base| in float32: the values trimming compares."""
-    work = torch.promote_types(tensor.dtype, torch.float32)
-    return (tensor.to(work) - base.to(work)).abs_().to(torch.float32)
+    return task_vector(tensor, base).abs_().to(torch.float32)
 
 
 def kth_largest(values: torch.Tensor, k: int) -> float:
@@ -46,22 +53,28 @@ def kth_largest(values: torch.Tensor, k: int) -> float:
     return float(torch.kthvalue(values.reshape(-1), values.numel() - k + 1).values)
 
 
-def kth_largest_streamed(pieces: Callable[[], Iterator[torch.Tensor]], k: int) -> float:
-    """The k-th largest of the non-negative float32 values that `pieces()` yields (it is called twice).
+def kth_largest_streamed(pieces: Callable[[], Iterator[list[torch.Tensor]]], k: int) -> list[float]:
+    """For each of several streams of non-negative float32 values, its k-th largest. `pieces()` (called twice)
+    yields one piece of every stream at a time (so a shared input, such as the base model's block, is read once).
 
     Non-negative float32 values order as their bit patterns do, so the k-th largest is found by a histogram of the
     high 16 bits (which bucket holds it) and then one of the low 16 bits within that bucket: exact, with memory for
-    two histograms of 2^16 counts."""
-    high = torch.zeros(1 << 16, dtype=torch.int64)
-    for piece in pieces():
-        high += torch.bincount(piece.reshape(-1).view(torch.int32) >> 16, minlength=1 << 16)
-    bucket, k = _from_the_top(high, k)
-    low = torch.zeros(1 << 16, dtype=torch.int64)
-    for piece in pieces():
-        bits = piece.reshape(-1).view(torch.int32)
-        low += torch.bincount(bits[(bits >> 16) == bucket] & 0xFFFF, minlength=1 << 16)
-    rest, _ = _from_the_top(low, k)
-    return float(torch.tensor([(bucket << 16) | rest], dtype=torch.int32).view(torch.float32))
+    two histograms of 2^16 counts per stream."""
+    high: list[torch.Tensor] = []
+    for group in pieces():
+        counts = [torch.bincount(p.reshape(-1).view(torch.int32) >> 16, minlength=1 << 16) for p in group]
+        high = counts if not high else [h + c for h, c in zip(high, counts, strict=True)]
+    found = [_from_the_top(h, k) for h in high]
+    low = [torch.zeros(1 << 16, dtype=torch.int64) for _ in high]
+    for group in pieces():
+        for histogram, piece, (bucket, _) in zip(low, group, found, strict=True):
+            bits = piece.reshape(-1).view(torch.int32)
+            histogram += torch.bincount(bits[(bits >> 16) == bucket] & 0xFFFF, minlength=1 << 16)
+    out = []
+    for histogram, (bucket, rank) in zip(low, found, strict=True):
+        rest, _ = _from_the_top(histogram, rank)
+        out.append(float(torch.tensor([(bucket << 16) | rest], dtype=torch.int32).view(torch.float32)))
+    return out
 
 
 def _from_the_top(histogram: torch.Tensor, k: int) -> tuple[int, int]:
@@ -101,6 +114,18 @@ class Ties(TaskVectorMethod):
         self._thresholds: dict[str, list[float]] = {}
         """The current blocked tensor's thresholds, found when its first block is loaded."""
 
+    def tensor_steps(self, key: str) -> list[TensorStep]:
+        """As for any elementwise method; a tensor merged by blocks is read twice more, whole, for its thresholds
+        (counted on its first block)."""
+        steps = super().tensor_steps(key)
+        if len(steps) == 1:
+            return steps
+        first = self.inputs.models[0]
+        extra = 2 * (len(self.inputs.models) + 1) * math.prod(first.shapes[key]) * itemsize(first.dtype(key))
+        cost = steps[0].cost
+        steps[0] = replace(steps[0], cost=replace(cost, streamed_bytes=extra))
+        return steps
+
     def load(self, step: TensorStep) -> TiesInputs:
         data = super().load(step)
         thresholds = None
@@ -112,25 +137,28 @@ class Ties(TaskVectorMethod):
         """Each model's k-th largest task-vector magnitude over the whole tensor (read again, by blocks, when the
         step holds only a block of it)."""
         inputs, key = self.inputs, step.key
-        shape = inputs.models[0].shapes[key]
-        k = keep_count(math.prod(shape), self.settings.density)
+        numel = math.prod(inputs.models[0].shapes[key])
+        if numel == 0:
+            return [0.0] * len(data.tensors)
+        k = keep_count(numel, self.settings.density)
         if step.rows is None:
             return [kth_largest(magnitudes(t, data.base), k) for t in data.tensors]
         if key not in self._thresholds:
             blocks = [s.rows for s in self.tensor_steps(key)]
             base_name = inputs.base_key(key)
 
-            def pieces(model):
+            def pieces():
                 for rows in blocks:
-                    yield magnitudes(model.get(key, rows), inputs.base.get(base_name, rows))
+                    base = inputs.base.get(base_name, rows)
+                    yield [magnitudes(model.get(key, rows), base) for model in inputs.models]
 
-            self._thresholds = {key: [kth_largest_streamed(lambda m=m: pieces(m), k) for m in inputs.models]}
+            self._thresholds = {key: kth_largest_streamed(pieces, k)}
         return self._thresholds[key]
 
     def merge_task_vectors(self, step: TensorStep, data: TiesInputs) -> torch.Tensor:
-        base = data.base.to(torch.promote_types(data.base.dtype, torch.float32))
         trimmed = []
         for t, threshold in zip(data.tensors, data.thresholds, strict=True):
-            tv = t.to(base.dtype) - base
+            tv = task_vector(t, data.base)
             trimmed.append(torch.where(tv.abs().to(torch.float32) >= threshold, tv, 0.0))
-        return base + self.settings.scaling * elect_and_average(trimmed, self.weights)
+        merged = elect_and_average(trimmed, self.weights)
+        return data.base.to(merged.dtype) + self.settings.scaling * merged
