@@ -106,6 +106,8 @@ def test_dare_masks_drop_the_asked_fraction_reproducibly():
     assert torch.equal(keep[1000:2000], keep_mask(key, 1000, 1000, 0.3))  # a block is the whole tensor's slice
     assert not torch.equal(keep, keep_mask(stream_key(8, 0, "layer.weight"), 0, 200_000, 0.3))
     assert not torch.equal(keep, keep_mask(stream_key(7, 1, "layer.weight"), 0, 200_000, 0.3))
+    across = keep_mask(key, 2**32 - 5, 10, 0.3)  # a block across a 2^32 boundary is its two halves
+    assert torch.equal(across, torch.cat([keep_mask(key, 2**32 - 5, 5, 0.3), keep_mask(key, 2**32, 5, 0.3)]))
     # entries far beyond 2^32 hash too (the high word enters the mix)
     far = keep_mask(key, 2**33, 10_000, 0.3)
     assert not torch.equal(far, keep[:10_000]) and abs(float(far.float().mean()) - 0.7) < 0.03

@@ -53,10 +53,18 @@ def stream_key(seed: int, model: int, name: str) -> tuple[int, int]:
 
 
 def keep_mask(key: tuple[int, int], start: int, count: int, drop_rate: float) -> torch.Tensor:
-    """Which of the entries start .. start + count - 1 (flat indices of the whole tensor) are kept."""
-    index = torch.arange(start, start + count, dtype=torch.int64)
-    h = hash32(hash32((index & LOW32) ^ key[0]) ^ ((index >> 32) ^ key[1]))
-    return h.to(torch.float64) * 2.0**-32 >= drop_rate
+    """Which of the entries start .. start + count - 1 (flat indices of the whole tensor) are kept: those whose
+    hash, as a fraction of 2^32, is at least `drop_rate`. The index's high word and the second key are mixed into
+    a salt once per 2^32 entries, so each entry costs one round of the hash."""
+    threshold = math.ceil(drop_rate * 2**32)
+    pieces, stop = [], start + count
+    while start < stop:
+        high, low = start >> 32, start & LOW32
+        end = min(stop, (high + 1) << 32)
+        salt = int(hash32(torch.tensor([(high & LOW32) ^ key[1]], dtype=torch.int64))[0]) ^ key[0]
+        pieces.append(hash32(torch.arange(low, low + end - start, dtype=torch.int64) ^ salt) >= threshold)
+        start = end
+    return pieces[0] if len(pieces) == 1 else torch.cat([torch.zeros(0, dtype=torch.bool), *pieces])
 
 
 MASK_CHUNK = 1 << 20
