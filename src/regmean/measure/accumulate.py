@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from contextlib import suppress
 
 import torch
@@ -9,7 +10,7 @@ from torch import nn
 
 from regmean.errors import RegmeanError
 from regmean.measure.batching import Batch, forward
-from regmean.measure.sites import Site
+from regmean.measure.sites import Site, hooks
 from regmean.stats import SiteStats
 
 GRAM_BLOCK = 512
@@ -73,6 +74,19 @@ class Accumulator:
         with suppress(_Collected):
             forward(self.model, batch)
 
+    def pass_over(self, batches: Iterable[Batch], advance: Callable[[int], None] | None = None) -> int:
+        """One pass over the data, then the hooks removed and the Grams completed; returns the count of unpadded
+        input tokens (`advance` is told each batch's size)."""
+        tokens = 0
+        with hooks(self.handles), torch.inference_mode():
+            for batch in batches:
+                self.run(batch)
+                tokens += int(batch.masks["input"].sum())
+                if advance is not None:
+                    advance(batch.size)
+        self.finish()
+        return tokens
+
     def _hook(self, site: Site):
         def hook(_mod, args):
             x = args[0]
@@ -109,7 +123,3 @@ class Accumulator:
                 for j in range(i + 1, len(edges) - 1):
                     upper = s.gram[edges[i] : edges[i + 1], edges[j] : edges[j + 1]]
                     s.gram[edges[j] : edges[j + 1], edges[i] : edges[i + 1]].copy_(upper.T)
-
-    def close(self) -> None:
-        for h in self.handles:
-            h.remove()

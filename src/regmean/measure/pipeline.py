@@ -20,7 +20,7 @@ from regmean.io.data import Example
 from regmean.loading import load_model, load_tokenizer
 from regmean.measure.accumulate import Accumulator
 from regmean.measure.batching import Batch, make_batches
-from regmean.measure.sites import Site, detect_sites, hooks, select_modules, site_blocks
+from regmean.measure.sites import Site, detect_sites, select_modules, site_blocks
 from regmean.stats import SiteStats, Statistics
 
 
@@ -87,7 +87,7 @@ def measure(
         for b, block in enumerate(blocks):
             acc = Accumulator(model, block, sums, device)
             data = _chain(first, first_pass) if b == 0 else batches()
-            tokens = _accumulate(acc, data, lambda n: bar.advance(task, n))
+            tokens = acc.pass_over(data, lambda n: bar.advance(task, n))
             if b == 0:  # every pass reads the same tokens
                 record = {
                     "examples": len(examples),
@@ -114,18 +114,6 @@ def _announcement(blocks: list[list[Site]], modules: int, sums: torch.dtype, dev
         f"{len(sites)} sites for {modules} linear modules: {gram_bytes / 1e9:.2f} GB of {dtypes.name(sums)} sums "
         f"on {device}; {examples} examples over {distributed.world_size()} process(es){passes}"
     )
-
-
-def _accumulate(acc: Accumulator, batches: Iterator[Batch], advance: Callable[[int], None]) -> int:
-    """One pass over the data into `acc`; returns this process's count of unpadded input tokens."""
-    tokens = 0
-    with hooks(acc.handles), torch.inference_mode():
-        for batch in batches:
-            acc.run(batch)
-            tokens += int(batch.masks["input"].sum())
-            advance(batch.size)
-    acc.finish()
-    return tokens
 
 
 def _reduced(acc: Accumulator, device: str) -> dict[str, SiteStats]:

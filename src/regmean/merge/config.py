@@ -34,12 +34,28 @@ def _no_nul(path: Path) -> Path:
 LocalPath = Annotated[Path, AfterValidator(_no_nul)]
 
 
+class DataSource(BaseModel):
+    """A model's own data, for a method that measures during the merge (regmean_plusplus); the fields mean what
+    `regmean measure`'s options of the same names mean."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    file: LocalPath
+    text_field: str = "text"
+    text_pair_field: str | None = None
+    target_field: str | None = None
+    max_examples: int | None = Field(None, ge=1)
+    batch_size: int = Field(16, ge=1)
+    max_length: int = Field(128, ge=1)
+
+
 class ModelEntry(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     path: LocalPath
     """A Hugging Face model folder (config.json + safetensors)."""
     statistics: LocalPath | None = None
     """Its statistics folder or file (required by regmean)."""
+    data: DataSource | None = None
+    """Its data (required by regmean_plusplus, which measures while it merges)."""
     weight: float = Field(1.0, gt=0)
     """Relative weight of this model (normalised for averages; multiplies its Gram for regmean)."""
 
@@ -114,12 +130,23 @@ class MergeConfig(BaseModel):
                     f"method {self.method} needs statistics for every model (from `{method.statistics.measured_by}`); "
                     f"missing for {missing}"
                 )
+        given = [str(m.path) for m in self.models if m.data is not None]
+        if method.needs_data:
+            missing = [str(m.path) for m in self.models if m.data is None]
+            if missing:
+                raise ValueError(
+                    f"method {self.method} measures each model on its own data while merging: give every model "
+                    f"`data: {{file: ...}}`; missing for {missing} (owners who cannot share data: use regmean)"
+                )
+        elif given:
+            raise ValueError(f"method {self.method} reads no data; remove `data` from {given}")
         return self
 
     def input_paths(self) -> list[tuple[str, Path]]:
         """Every file or folder the merge reads, named by what it is (an output may not overlap any)."""
         paths = [("model", m.path) for m in self.models]
         paths += [("statistics", m.statistics) for m in self.models if m.statistics is not None]
+        paths += [("data file", m.data.file) for m in self.models if m.data is not None]
         return paths + ([("base model", self.base_model)] if self.base_model is not None else [])
 
     def method_options(self) -> BaseModel:
@@ -157,6 +184,8 @@ class MergeConfig(BaseModel):
         for m in data.models:
             m.path = fix(m.path) or m.path
             m.statistics = fix(m.statistics) or m.statistics
+            if m.data is not None:
+                m.data.file = fix(m.data.file) or m.data.file
         data.base_model = fix(data.base_model) or data.base_model
         return data
 
@@ -200,10 +229,11 @@ def read_yaml(path: Path) -> object:
 
 
 def _missing_paths(raw: dict, root: Path) -> list[str]:
-    """The model, statistics and base-model paths of an unvalidated recipe that do not exist."""
+    """The model, statistics, data and base-model paths of an unvalidated recipe that do not exist."""
     models = raw.get("models")
     entries = [m for m in models if isinstance(m, dict)] if isinstance(models, list) else []
     named = [m.get(key) for m in entries for key in ("path", "statistics")] + [raw.get("base_model")]
+    named += [m["data"].get("file") for m in entries if isinstance(m.get("data"), dict)]
     paths = [root / p for p in named if isinstance(p, str | Path)]
     return [f"{p}: not found" for p in paths if not p.exists()]
 

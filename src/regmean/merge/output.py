@@ -79,11 +79,15 @@ def model_card(inputs: MergeInputs, report: MergeReport, own_head: int | None = 
         "",
         "## Models",
         "",
-        "| # | model | weight | weights hash | statistics (examples, tokens) |",
+        f"| # | model | weight | weights hash | {'data' if report.data else 'statistics'} (examples, tokens) |",
         "|---|---|---|---|---|",
     ]
     for k, (entry, ckpt) in enumerate(zip(config.models, inputs.models, strict=True)):
         measured = inputs.stats[k].describe() if inputs.stats else "-"
+        if report.data:
+            measured = (
+                f"{report.data[k]['examples']:,} examples, {report.data[k]['tokens']:,} tokens (read while merging)"
+            )
         # the weights hash is read in full only when statistics were checked against it; not for data-free merges
         digest = ckpt.__dict__.get("fingerprint", {}).get("weights", "not computed")[:16]
         lines.append(f"| {k} | `{entry.path}` | {entry.weight} | {digest} | {measured} |")
@@ -114,5 +118,8 @@ def model_card(inputs: MergeInputs, report: MergeReport, own_head: int | None = 
             lines += [f"- model {k}: {describe_record(record)}" for record in records[:MAX_RECORDS]]
             if len(records) > MAX_RECORDS:
                 lines.append(f"- model {k}: ... and {len(records) - MAX_RECORDS} more measuring runs")
+    if report.data:
+        lines += ["", "## Data provenance", ""]
+        lines += [f"- model {k}: {describe_record(record)}" for k, record in enumerate(report.data)]
     lines += ["", "The full recipe is in `merge_config.yaml`, per-layer diagnostics in `merge_report.json`.", ""]
     return "\n".join(lines)

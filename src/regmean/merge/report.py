@@ -18,6 +18,8 @@ class MergeReport:
     """Methods on task vectors: tensors the base model lacks (averaged)."""
     notes: list[str] = field(default_factory=list)
     """Lines the method adds to the model card's diagnostics."""
+    data: list[dict] = field(default_factory=list)
+    """Per model, what a method that measures while merging read: data file name, fields, examples, tokens."""
 
     def add(self, computed: Computed) -> None:
         self.layers += computed.layers
@@ -40,4 +42,5 @@ class MergeReport:
             "averaged_linears": self.averaged_linears,
             "base_missing": self.base_missing,
             "notes": self.notes,
+            "data": self.data,
         }

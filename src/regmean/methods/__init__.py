@@ -7,6 +7,7 @@ from regmean.methods.base import MergeMethod
 from regmean.methods.dare import Dare
 from regmean.methods.fisher import Fisher
 from regmean.methods.regmean import RegMean
+from regmean.methods.regmean_plusplus import RegMeanPlusPlus
 from regmean.methods.task_arithmetic import TaskArithmetic
 from regmean.methods.ties import Ties
 
@@ -14,6 +15,7 @@ METHODS: dict[str, type[MergeMethod]] = {
     method.name: method
     for method in (
         RegMean,
+        RegMeanPlusPlus,
         Fisher,
         Average,
         TaskArithmetic,

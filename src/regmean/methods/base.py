@@ -128,6 +128,8 @@ class MergeMethod(ABC):
     options: ClassVar[type[BaseModel]]
     needs_base: ClassVar[bool] = False
     statistics: ClassVar[StatisticsKind | None] = None
+    needs_data: ClassVar[bool] = False
+    """Whether it measures each model on that model's data (`data:` in the recipe) while merging."""
 
     def __init__(self, inputs: MergeInputs):
         self.inputs = inputs

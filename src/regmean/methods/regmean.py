@@ -201,7 +201,7 @@ class RegMean(Average):
         inputs, joint = self.inputs, self.settings.bias == "joint"
         k, first = len(inputs.models), inputs.models[0]
         d, d_out = layers[0].d_in + 1, sum(layer.d_out for layer in layers)
-        gram_bytes = 8 if inputs.stats[0].dtype == "float64" else 4
+        gram_bytes = self._gram_bytes()
         keys = [la.weight_key for la in layers]
         weight_bytes = sum(math.prod(first.shapes[key]) * itemsize(first.dtype(key)) for key in keys)
         outputs = [la.weight_key for la in layers] + [la.bias_key for la in layers if joint and la.bias_key]
@@ -214,6 +214,10 @@ class RegMean(Average):
             4.0 * k * d * d * d_out + d**3 / 3 + 2.0 * d * d * d_out,
         )
         return SiteStep(outputs=tuple(outputs), cost=cost, sites=sites, layers=tuple(layers))
+
+    def _gram_bytes(self) -> int:
+        """Bytes per entry of the Grams as read."""
+        return 8 if self.inputs.stats[0].dtype == "float64" else 4
 
     def describe(self, steps: list[Step]) -> str:
         return f"{sum(len(s.layers) for s in steps if isinstance(s, SiteStep))} RegMean layers"
