@@ -18,7 +18,7 @@ SUITES = ("partitions", "tasks", "domains", "ner")
 
 
 def claims_table(found: dict[str, pd.DataFrame]) -> str:
-    """One row per claim, one column per suite: RegMean minus the reference, mean +- std over seeds, x 100."""
+    """One row per claim, one column per suite: the method minus the reference, mean +- std over seeds, x 100."""
     cells: dict[str, dict[str, str]] = {}
     columns = []
     for suite, rows in found.items():
@@ -27,7 +27,8 @@ def claims_table(found: dict[str, pd.DataFrame]) -> str:
             claim = c["claim"].replace("out of domain at least", "at least")  # one row for both individual checks
             cells.setdefault(claim, {})[columns[-1]] = f"{c['difference']:+.1f} +- {c['spread']:.1f}: {c['verdict']}"
     lines = [
-        "RegMean minus the reference, primary metric x 100 (mean +- std of per-seed differences; domains: the best "
+        "The method (RegMean, or RegMean++ in its row) minus the reference, primary metric x 100 (mean +- std of "
+        "per-seed differences; domains: the best "
         "individual model is compared out of domain):",
         "",
         "| claim | " + " | ".join(columns) + " |",

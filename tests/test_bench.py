@@ -152,6 +152,7 @@ def test_tiny_domains_suite_end_to_end(tmp_path, monkeypatch, minilm):
     for name in ("results.json", "results.csv", "report.md", "domains.png", "domains-alpha.png", "incremental.png"):
         assert (tmp_path / "run" / name).is_file(), name
     methods = ("individual:airline", "average", "task_arithmetic", "ties", "dare", "fisher", "ensemble", "regmean")
+    methods += ("regmean_plusplus",)
     for method in (*methods, "regmean(alpha=1)", "mtl"):
         assert f"| {method} |" in report
     assert "ood:rotten_tomatoes" in report and "mtl-train" in report and "out of domain at least as good" in report
@@ -194,6 +195,7 @@ def test_claims_are_per_seed_differences():
 
     values = {  # method: value at seed 0, seed 1 (one eval column)
         "regmean": (0.6, 0.7),
+        "regmean_plusplus": (0.65, 0.7),
         "average": (0.5, 0.5),
         "fisher": (0.65, 0.6),
         "mtl": (0.8, 0.9),
@@ -214,8 +216,10 @@ def test_claims_are_per_seed_differences():
         for seed, v in enumerate(vs)
     )
     text = claims_markdown(rows, "partitions")
-    assert "| above simple averaging | 65.0 | average 50.0 | +15.0 +- 7.1 | yes |" in text
-    assert "| above Fisher averaging | 65.0 | fisher 62.5 | +2.5 +- 10.6 | yes (within noise) |" in text
+    assert "| above simple averaging | regmean 65.0 | average 50.0 | +15.0 +- 7.1 | yes |" in text
+    assert "| above Fisher averaging | regmean 65.0 | fisher 62.5 | +2.5 +- 10.6 | yes (within noise) |" in text
+    plusplus = "| RegMean++ above RegMean | regmean_plusplus 67.5 | regmean 65.0 | +2.5 +- 3.5 | yes (within noise) |"
+    assert plusplus in text
     assert "| mtl 85.0 | -20.0 +- 0.0 | gap 20.0 points |" in text
     # the best individual by mean is a (62.5, over b's 60.0); differences +10 and -5
     assert "| individual:a 62.5 | +2.5 +- 10.6 | yes (within noise) |" in text

@@ -7,6 +7,7 @@ plus wall times per step. Reports are written by `regmean.bench.report`.
 
 from __future__ import annotations
 
+import json
 import random
 import time
 from collections.abc import Callable
@@ -44,7 +45,7 @@ class Settings:
     fisher_size: int = 128  # examples for the (per-example gradient) Fisher
     alpha: float = 0.9
     alphas: tuple[float, ...] = (0.0, 0.1, 0.5, 0.9, 1.0)
-    methods: tuple[str, ...] = ("average", *DATA_FREE, "fisher", "ensemble", "regmean", "mtl")
+    methods: tuple[str, ...] = ("average", *DATA_FREE, "fisher", "ensemble", "regmean", "regmean_plusplus", "mtl")
     keep_work: bool = False  # keep each seed's statistics and merged models (else deleted once the seed is scored)
     log: Callable[[str], None] = print
 
@@ -107,13 +108,16 @@ class Runner:
             log=self.s.log,
         )
 
+    def owner_texts(self, data: D.TextDataset) -> list[str]:
+        """The texts each model's owner measures on (for Grams now, or for RegMean++ while merging)."""
+        return [" ".join(t) if data.token_level else t for t in data.texts[: self.s.stats_size]]
+
     def gram_stats(self, model: Path, data: D.TextDataset, tag: str) -> Path:
-        texts = [" ".join(t) if data.token_level else t for t in data.texts[: self.s.stats_size]]
         stats = self.timed(
             "measure",
             measure,
             model,
-            [Example(t) for t in texts],
+            [Example(t) for t in self.owner_texts(data)],
             max_length=self.s.recipe.max_length,
             batch_size=32,
             progress=False,
@@ -130,9 +134,24 @@ class Runner:
             {"path": str(m), **({"statistics": str(st)} if stats else {})}
             for m, st in zip(models, stats or [None] * len(models), strict=True)
         ]
-        config = MergeConfig(method=method, models=entries, **recipe)
+        return self._merge(tag, "merge", MergeConfig(method=method, models=entries, **recipe))
+
+    def plusplus(self, tag: str, models: list[Path], parts: list[D.TextDataset], **recipe) -> Path:
+        """RegMean++ (alpha as RegMean's), each model measured while merging on the texts its owner measures on."""
+        entries = []
+        for k, (model, part) in enumerate(zip(models, parts, strict=True)):
+            file = self.work / "data" / f"{tag}{k}.jsonl"
+            file.parent.mkdir(parents=True, exist_ok=True)
+            file.write_text("".join(json.dumps({"text": t}) + "\n" for t in self.owner_texts(part)))
+            data = {"file": str(file), "batch_size": 32, "max_length": self.s.recipe.max_length}
+            entries.append({"path": str(model), "data": data})
+        options = {"alpha": self.s.alpha}
+        config = MergeConfig(method="regmean_plusplus", models=entries, options=options, **recipe)
+        return self._merge(tag, "regmean++ merge", config)
+
+    def _merge(self, tag: str, step: str, config: MergeConfig) -> Path:
         out = self.work / "merged" / tag
-        self.timed("merge", merge, config, out, force=True, progress=False)
+        self.timed(step, merge, config, out, force=True, progress=False)
         return out
 
     def data_free(self, tag: str, models: list[Path], **recipe) -> dict[str, Path]:
@@ -161,7 +180,8 @@ def _cap(data: D.TextDataset, n: int, seed: int) -> D.TextDataset:
 def shared_label_space(
     run: Runner, task: str, parts: list[D.TextDataset], evals: dict[str, D.TextDataset], names: list[str] | None = None
 ) -> tuple[dict[str, dict[str, list]], list[Path], list]:
-    """Models of one label space: each individual model, average, Fisher, ensemble, RegMean (+ alpha sweep), MTL.
+    """Models of one label space: each individual model, the data-free merges, Fisher, ensemble, RegMean (+ alpha
+    sweep), RegMean++, MTL.
 
     Returns every method's predictions per eval set, the fine-tuned models and their Gram statistics (for
     incremental merging).
@@ -188,6 +208,8 @@ def shared_label_space(
             label = "regmean" if alpha == s.alpha else f"regmean(alpha={alpha:g})"
             out = run.merged(f"{task}-regmean-{alpha:g}", "regmean", models, grams, options={"alpha": alpha})
             preds[label] = run.evaluate(out, evals)
+    if "regmean_plusplus" in s.methods:
+        preds["regmean_plusplus"] = run.evaluate(run.plusplus(f"{task}-regmean_plusplus", models, parts), evals)
     if "mtl" in s.methods:
         preds["mtl"] = run.evaluate(run.train(parts)[0], evals)
     for method, per_eval in preds.items():
@@ -242,6 +264,9 @@ def suite_tasks(seed: int, s: Settings, pairs=TASK_PAIRS) -> Results:
                     f"{name}-regmean-{alpha:g}", "regmean", models, grams, options={"alpha": alpha}, heads="keep"
                 )
                 outputs[label] = _keep_dirs(out, models)
+        if "regmean_plusplus" in s.methods:
+            out = run.plusplus(f"{name}-regmean_plusplus", models, trains, heads="keep")
+            outputs["regmean_plusplus"] = _keep_dirs(out, models)
         if "mtl" in s.methods:
             outputs["mtl"] = run.train(trains)
         for method, folders in outputs.items():
