@@ -166,16 +166,26 @@ def test_one_block_with_identical_embeddings_equals_regmean(tmp_path):
             torch.testing.assert_close(a[key], b[key], rtol=1e-6, atol=1e-7, msg=key)
 
 
-def test_identical_candidates_give_the_candidate(tmp_path):
-    model = build_model("llama", "LlamaForSequenceClassification", seed=3)
+IDENTICAL_CASES = [
+    ("llama", "LlamaForSequenceClassification", "average"),
+    ("bert", "BertForSequenceClassification", "joint"),
+]
+
+
+@pytest.mark.parametrize(("family", "cls", "bias"), IDENTICAL_CASES, ids=[c[1] for c in IDENTICAL_CASES])
+def test_identical_candidates_give_the_candidate(tmp_path, family, cls, bias):
+    model = build_model(family, cls, seed=3)
     models = []
     for k in range(2):
         path = save_model(model, tmp_path / f"copy{k}")
         models.append({"path": str(path), "data": {"file": str(data_file(tmp_path, k))}})
-    merge(MergeConfig.parse({"method": "regmean_plusplus", "models": models}), tmp_path / "out", progress=False)
+    recipe = {"method": "regmean_plusplus", "models": models, "options": {"bias": bias}}
+    report = merge(MergeConfig.parse(recipe), tmp_path / "out", progress=False)
+    assert not report.averaged_linears
+    assert bias in {layer.bias for layer in report.layers}
     ours, original = merged_state(tmp_path / "out"), load_file(tmp_path / "copy0" / "model.safetensors")
-    for key in original:
-        torch.testing.assert_close(ours[key], original[key], rtol=1e-5, atol=1e-6, msg=key)
+    for key in original:  # float32 Grams of per-example inputs (pooler, classifier) are poorly conditioned
+        torch.testing.assert_close(ours[key], original[key], rtol=1e-5, atol=5e-6, msg=key)
 
 
 def test_grams_through_the_merged_prefix_match_the_hidden_states(tmp_path):
