@@ -16,7 +16,6 @@ from regmean.io.data import Example
 from regmean.measure import measure
 from regmean.merge import merge
 from regmean.merge.config import MergeConfig
-from regmean.merge.engine import merge_into
 from regmean.merge.inputs import open_inputs
 from regmean.methods.average import weighted_average
 from regmean.methods.regmean import regmean_solve
@@ -38,10 +37,21 @@ def examples(k: int) -> list[Example]:
     return [Example(t, None, y) for t, y in DATA[k]]
 
 
+def perturbed(family: str, cls: str, seed: int) -> torch.nn.Module:
+    """A fine-tune whose every tensor differs from the others' (conftest's noise leaves constant tensors, norms'
+    weights and zero biases, identical), so that a wrong norm or bias in a stage shows."""
+    model = build_model(family, cls, seed=seed)
+    gen = torch.Generator().manual_seed(100 + seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=gen))
+    return model
+
+
 def entries(root: Path, family: str, cls: str, seeds=(1, 2), target=False, weights=(1.0, 1.0)) -> list[dict]:
     out = []
     for k, seed in enumerate(seeds):
-        path = save_model(build_model(family, cls, seed=seed), root / f"ft{k}")
+        path = save_model(perturbed(family, cls, seed), root / f"ft{k}")
         data = {"file": str(data_file(root, k)), "batch_size": 8}
         if target:
             data["target_field"] = "label"
@@ -188,21 +198,24 @@ def test_identical_candidates_give_the_candidate(tmp_path, family, cls, bias):
         torch.testing.assert_close(ours[key], original[key], rtol=1e-5, atol=5e-6, msg=key)
 
 
-def test_grams_through_the_merged_prefix_match_the_hidden_states(tmp_path):
-    """After the merge the working model is the merged model: the Gram of block 1's input for model k's data is
-    the sum of h h^T over model k's unpadded tokens of the merged model's hidden state after block 0."""
+def test_grams_through_the_merged_prefix_match_the_hidden_states(tmp_path, monkeypatch):
+    """The Grams of block 1's input that the merge measured, for model k's data, are the sums of h h^T over model
+    k's unpadded tokens of the hidden state after block 0 of the merged model as written."""
+    measured = {}
+    original = RegMeanPlusPlus.stage_grams
+
+    def spy(self, stage, batches):
+        grams = original(self, stage, batches)
+        measured.setdefault(stage.name, []).append(grams)
+        return grams
+
+    monkeypatch.setattr(RegMeanPlusPlus, "stage_grams", spy)
     models = entries(tmp_path, "bert", "BertForSequenceClassification")
-    inputs = open_inputs(MergeConfig.parse({"method": "regmean_plusplus", "models": models}))
-    method = RegMeanPlusPlus(inputs)
-    steps = method.plan()
-    merge_into(method, steps, [], progress=False)
-    stage = next(s.stage for s in steps if isinstance(s, StageStep) and s.stage.name == "bert.encoder.layer.1")
-    site = next(s for s in stage.sites if "attention.self.query" in s.modules[0])
-    merged = tf.BertForSequenceClassification.from_pretrained(models[0]["path"]).eval()
-    merged.load_state_dict(method.model.state_dict())
-    tokenizer = tf.AutoTokenizer.from_pretrained(models[1]["path"])
+    merge(MergeConfig.parse({"method": "regmean_plusplus", "models": models}), tmp_path / "out", progress=False)
+    merged = tf.BertForSequenceClassification.from_pretrained(tmp_path / "out").eval()
+    tokenizer = tf.AutoTokenizer.from_pretrained(tmp_path / "out")
     for k in range(2):
-        ours = method.stage_grams(stage, method.data[k].batches)[site.name]
+        ours = measured["bert.encoder.layer.1"][k]["bert.encoder.layer.1.attention.self.query"]
         enc = tokenizer([text for text, _ in DATA[k]], padding=True, return_tensors="pt")
         with torch.no_grad():
             hidden = merged(**enc, output_hidden_states=True).hidden_states[1]
@@ -212,21 +225,54 @@ def test_grams_through_the_merged_prefix_match_the_hidden_states(tmp_path):
         torch.testing.assert_close(ours.sum.double(), rows.sum(0), rtol=1e-5, atol=1e-5)
 
 
-def test_plan_card_and_memory_limit(tmp_path):
+def test_plan_card_and_memory(tmp_path, monkeypatch):
     models = entries(tmp_path, "gpt2", "GPT2ForSequenceClassification")
-    config = write_config(tmp_path, method="regmean_plusplus", models=models)
-    result = run("merge", config, tmp_path / "out", "--dry-run")
+    config = MergeConfig.parse({"method": "regmean_plusplus", "models": models})
+    method = RegMeanPlusPlus(open_inputs(config))
+    steps = [s for s in method.plan() if isinstance(s, StageStep)]
+    assert [s.stage.name for s in steps] == ["transformer.h.0", "transformer.h.1", "score"]
+    block = {k: v for k, v in load_file(Path(models[0]["path"]) / "model.safetensors").items() if ".h.0." in k}
+    assert set(steps[0].swap) == set(block)
+    assert steps[0].cost.read_bytes == 2 * sum(v.numel() * v.element_size() for v in block.values())
+    assert steps[0].cost.working_bytes > steps[0].cost.read_bytes + 2 * 3 * 17 * 17 * 4  # + K Grams of 3 sites
+    path = write_config(tmp_path, method="regmean_plusplus", models=models)
+    result = run("merge", path, tmp_path / "out", "--dry-run")
     assert result.exit_code == 0, result.output
     assert "RegMean++" in result.output and "3 stages" in result.output and "6 forward passes" in result.output
-    result = run("merge", config, tmp_path / "out", "--max-memory", "1MB")
-    assert result.exit_code != 0 and "exceeds --max-memory" in result.output
-    assert not (tmp_path / "out").exists()
-    result = run("merge", config, tmp_path / "out")
+    result = run("merge", path, tmp_path / "out")
     assert result.exit_code == 0, result.output
     card = (tmp_path / "out" / "README.md").read_text()
     assert "regmean_plusplus" in card and "## Data provenance" in card
     assert "data=data0.jsonl" in card and "examples=30" in card
     assert not any(text in card for text, _ in DATA[0] + DATA[1])  # never the texts
+    # a working model over --max-memory is refused before it is loaded
+    monkeypatch.setattr(RegMeanPlusPlus, "resident_bytes", lambda self: 10**13)
+    monkeypatch.setattr("regmean.methods.regmean_plusplus.load_model", lambda *a, **k: pytest.fail("loaded"))
+    result = run("merge", path, tmp_path / "out2", "--max-memory", "100GB")
+    assert result.exit_code == 2 and "holds 10.0 TB through the merge" in result.output, result.output
+    assert not (tmp_path / "out2").exists()
+
+
+def test_legacy_key_names_merge_as_the_current_ones(tmp_path):
+    """A checkpoint with LayerNorm.gamma/beta (renamed by transformers on loading) gives the same merge."""
+    models = entries(tmp_path, "bert", "BertForSequenceClassification")
+    legacy = []
+    for k, m in enumerate(models):
+        state = load_file(Path(m["path"]) / "model.safetensors")
+        renamed = {
+            key.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): v
+            for key, v in state.items()
+        }
+        folder = tmp_path / f"legacy{k}"
+        shutil.copytree(m["path"], folder, ignore=shutil.ignore_patterns("*.safetensors"))
+        save_file(renamed, folder / "model.safetensors", metadata={"format": "pt"})
+        legacy.append({**m, "path": str(folder)})
+    merge(MergeConfig.parse({"method": "regmean_plusplus", "models": models}), tmp_path / "now", progress=False)
+    merge(MergeConfig.parse({"method": "regmean_plusplus", "models": legacy}), tmp_path / "old", progress=False)
+    now, old = merged_state(tmp_path / "now"), merged_state(tmp_path / "old")
+    for key, value in now.items():
+        name = key.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta")
+        torch.testing.assert_close(old[name], value, rtol=0, atol=0, msg=key)
 
 
 def test_bad_input_is_one_line_before_any_work(tmp_path):
@@ -242,8 +288,22 @@ def test_bad_input_is_one_line_before_any_work(tmp_path):
     blank = [models[0], {**models[1], "data": {"file": str(empty)}}]
     merge_fails(tmp_path, {**recipe, "models": blank}, "no non-empty 'text' values")
     merge_fails(tmp_path, {"method": "average", "models": models}, "reads no data")
+    numbers = tmp_path / "in" / "numbers.jsonl"
+    numbers.write_text('{"text": "fine"}\n{"text": 7}\n')
+    bad = [models[0], {**models[1], "data": {"file": str(numbers)}}]
+    merge_fails(tmp_path, {**recipe, "models": bad}, "row 2: 'text' is a int")
+    long = tmp_path / "in" / "long.jsonl"
+    long.write_text('{"text": "%s"}\n' % ("word " * 100))
+    bad = [models[0], {**models[1], "data": {"file": str(long), "max_length": 512}}]
+    errors = merge_fails(tmp_path, {**recipe, "models": bad}, f"{long}: inputs of", "data: max_length")
+    assert len(errors) == 1
 
 
 def test_encoder_decoder_lm_needs_targets(tmp_path):
     models = entries(tmp_path / "in", "t5", "T5ForConditionalGeneration")
-    merge_fails(tmp_path, {"method": "regmean_plusplus", "models": models}, "data: target_field")
+    errors = merge_fails(tmp_path, {"method": "regmean_plusplus", "models": models}, "data: target_field")
+    assert len(errors) == 2  # one per model, both reported
+    partial = tmp_path / "in" / "partial.jsonl"
+    partial.write_text('{"text": "a", "label": "x"}\n{"text": "b"}\n')
+    models = [{**m, "data": {"file": str(partial), "target_field": "label"}} for m in models]
+    merge_fails(tmp_path, {"method": "regmean_plusplus", "models": models}, "every example needs a decoder target")

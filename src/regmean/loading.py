@@ -72,5 +72,5 @@ def check_positions(config: transformers.PretrainedConfig, tokens: int) -> None:
     if limits and tokens > min(limits):
         raise RegmeanError(
             f"inputs of {tokens} tokens exceed the {min(limits)} positions the model's config.json declares; "
-            f"use --max-length {min(limits)} or less"
+            f"use a max length of {min(limits)} or less (measure: --max-length; a merge recipe's data: max_length)"
         )

@@ -81,7 +81,7 @@ class Accumulator:
         with hooks(self.handles), torch.inference_mode():
             for batch in batches:
                 self.run(batch)
-                tokens += int(batch.masks["input"].sum())
+                tokens += batch.tokens
                 if advance is not None:
                     advance(batch.size)
         self.finish()

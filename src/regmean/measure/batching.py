@@ -21,6 +21,11 @@ class Batch:
     size: int
     _rows: dict[str, torch.Tensor | None] = field(default_factory=dict)
 
+    @property
+    def tokens(self) -> int:
+        """Unpadded input tokens."""
+        return int(self.masks["input"].sum())
+
     def rows(self, stream: str) -> torch.Tensor | None:
         """Indices of the stream's real (unpadded) rows, computed once per batch; None when nothing is padding."""
         if stream not in self._rows:
@@ -33,7 +38,7 @@ def make_batches(
     examples: Sequence[Example], tokenizer, model: nn.Module, batch_size: int, max_length: int, device: str
 ) -> Iterator[Batch]:
     encdec = bool(getattr(model.config, "is_encoder_decoder", False))
-    seq2seq_lm = encdec and hasattr(model, "prepare_decoder_input_ids_from_labels")
+    seq2seq_lm = encdec and hasattr(model, "prepare_decoder_input_ids_from_labels")  # feeds targets to its decoder
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
         pairs = [e.text_pair for e in chunk] if chunk[0].text_pair is not None else None
@@ -50,7 +55,8 @@ def make_batches(
             if seq2seq_lm:
                 if any(e.target is None for e in chunk):
                     raise RegmeanError(
-                        f"{type(model).__name__} is an encoder-decoder LM: give the decoder targets (--target-field)"
+                        f"{type(model).__name__} is an encoder-decoder LM: every example needs a decoder target "
+                        "(measure: --target-field; a merge recipe's data: target_field)"
                     )
                 tgt = tokenizer(
                     text_target=[e.target for e in chunk],

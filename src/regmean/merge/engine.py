@@ -13,7 +13,7 @@ from regmean.io.writer import DEFAULT_SHARD_BYTES, ShardedWriter
 from regmean.merge.config import MergeConfig
 from regmean.merge.inputs import MergeInputs, open_inputs
 from regmean.merge.output import finish_folders, output_folders
-from regmean.merge.plan import MergePlan, check_memory, make_plan, output_layouts
+from regmean.merge.plan import MergePlan, check_memory, check_resident, make_plan, output_layouts
 from regmean.merge.report import MergeReport
 from regmean.merge.staging import staged_output
 from regmean.methods import METHODS
@@ -66,6 +66,7 @@ def _planned(inputs: MergeInputs, log, memory_limit: int | None) -> tuple[MergeP
     """The method bound to the inputs, its steps, the output layouts and the plan (said to `log`, checked against
     the limit)."""
     method = METHODS[inputs.config.method](inputs)
+    check_resident(method.resident_bytes(), memory_limit)
     steps = method.plan()
     layouts = output_layouts(inputs)
     plan = make_plan(inputs, method, steps, layouts)

@@ -101,3 +101,14 @@ def check_memory(plan: MergePlan, max_memory: int | None) -> None:
             f"(largest step {human(plan.working_bytes)}, next step's inputs {human(plan.prefetch_bytes)}); "
             "raise the limit or merge on a machine with more memory"
         )
+
+
+def check_resident(resident_bytes: int, max_memory: int | None) -> None:
+    """Refuse, before the method loads it, what the method holds through the whole merge if it alone would exceed
+    the limit (with what this process holds already)."""
+    if max_memory is not None and resident_bytes and current_rss() + resident_bytes > max_memory:
+        raise RegmeanError(
+            f"the method holds {human(resident_bytes)} through the merge (a working model), "
+            f"{human(current_rss() + resident_bytes)} with this process's own: more than --max-memory "
+            f"{human(max_memory)}; raise the limit or merge on a machine with more memory"
+        )

@@ -154,6 +154,11 @@ class MergeMethod(ABC):
     def compute(self, step: Step, data) -> Computed:
         """The step's output tensors, from what `load` returned."""
 
+    def resident_bytes(self) -> int:
+        """Memory the method holds through the whole merge, beyond its steps' (RegMean++: its working model),
+        estimated from headers: checked against --max-memory before `plan` loads anything."""
+        return 0
+
     def describe(self, steps: list[Step]) -> str:
         """What the plan line says about this method's work, beyond tensor counts and bytes."""
         return ""

@@ -137,17 +137,39 @@ class SiteInputs:
     """Per model: the weight (and, for joint bias, the bias) of every layer of the site."""
 
 
+def solvable(inputs, module: str) -> bool:
+    """Whether a linear module of the body is solved from statistics: heads only with heads: merge, an untied LM
+    head only with lm_head: regmean."""
+    layer = inputs.linears[module]
+    if inputs.config.heads == "keep" and is_head_key(layer.weight_key, inputs.heads):
+        return False
+    return module != inputs.lm_head or inputs.config.lm_head == "regmean"
+
+
 def site_groups(inputs) -> dict[tuple[str, ...], list[LinearLayer]]:
     """Measured body linear layers grouped by their site in every model."""
     groups: dict[tuple[str, ...], list[LinearLayer]] = defaultdict(list)
-    keep = inputs.config.heads == "keep"
     for name, layer in inputs.linears.items():
-        if name not in inputs.stats[0].modules or (keep and is_head_key(layer.weight_key, inputs.heads)):
-            continue
-        if name == inputs.lm_head and inputs.config.lm_head != "regmean":
-            continue
-        groups[tuple(st.modules[name] for st in inputs.stats)].append(layer)
+        if name in inputs.stats[0].modules and solvable(inputs, name):
+            groups[tuple(st.modules[name] for st in inputs.stats)].append(layer)
     return groups
+
+
+def averaged_linears(inputs, solved: set[str]) -> list[str]:
+    """Linear modules of the body that were not solved (merged by the plain rule)."""
+    body = set(inputs.body_keys())
+    return sorted(n for n, la in inputs.linears.items() if n not in solved and la.weight_key in body)
+
+
+def absent_weights(entry, ckpt, layers: list[LinearLayer]) -> str | None:
+    """The problem of a model folder that lacks the weight of a linear layer to solve, if it does."""
+    absent = [layer.weight_key for layer in layers if layer.weight_key not in ckpt]
+    if not absent:
+        return None
+    return (
+        f"{entry.path}: has no tensor {absent[0]} for a measured module ({len(absent)} missing); "
+        "re-save the model with save_pretrained"
+    )
 
 
 def _weight(tensor: torch.Tensor, layer: LinearLayer) -> torch.Tensor:
@@ -285,9 +307,7 @@ class RegMean(Average):
 
     def finish(self, report) -> None:
         measured = {la.module for group in site_groups(self.inputs).values() for la in group}
-        body = set(self.inputs.body_keys())
-        linears = self.inputs.linears.items()
-        report.averaged_linears = sorted(n for n, la in linears if n not in measured and la.weight_key in body)
+        report.averaged_linears = averaged_linears(self.inputs, measured)
         report.notes.append(f"statistics masking: {one_line(self.inputs.stats[0].masking, 300)}")
 
 
@@ -298,13 +318,9 @@ def _coverage_problems(inputs) -> list[str]:
         unknown = sorted(set(st.modules) - set(inputs.linears))
         if unknown:
             problems.append(f"{st.path}: statistics name modules the model lacks, e.g. {unknown[0]}")
-        absent = [inputs.linears[m].weight_key for m in st.modules if m in inputs.linears]
-        absent = [k for k in absent if k not in ckpt]
+        absent = absent_weights(entry, ckpt, [inputs.linears[m] for m in st.modules if m in inputs.linears])
         if absent:
-            problems.append(
-                f"{entry.path}: has no tensor {absent[0]} for a measured module ({len(absent)} missing); "
-                "re-save the model with save_pretrained"
-            )
+            problems.append(absent)
     if not problems:
         covered = [set(st.modules) for st in inputs.stats]
         partial = sorted(set.union(*covered) - set.intersection(*covered))

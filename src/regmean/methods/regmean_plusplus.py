@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
+from torch import nn
 
-from regmean.architecture import is_head_key
+from regmean.architecture import loaded_names
 from regmean.dtypes import FLOATS, itemsize
 from regmean.errors import RegmeanError
 from regmean.io.data import load_examples
@@ -26,9 +27,22 @@ from regmean.measure.accumulate import Accumulator
 from regmean.measure.batching import Batch, make_batches
 from regmean.measure.sites import detect_sites, select_modules
 from regmean.methods.base import Computed, Cost, Step
-from regmean.methods.regmean import RegMean, RegMeanOptions, SiteInputs, SiteStep
+from regmean.methods.regmean import (
+    RegMean,
+    RegMeanOptions,
+    SiteInputs,
+    SiteStep,
+    absent_weights,
+    averaged_linears,
+    solvable,
+)
 from regmean.methods.stages import Stage, forward_stages
 from regmean.stats import SiteStats
+
+if TYPE_CHECKING:
+    from regmean.merge.config import ModelEntry
+    from regmean.merge.inputs import MergeInputs
+    from regmean.merge.report import MergeReport
 
 ACTIVATION_COPIES = 16
 """Activations a forward pass holds at once, in rows x width floats (an estimate for the plan)."""
@@ -62,14 +76,15 @@ class ModelData:
     """Provenance for the model card: the data file's name, fields, examples, tokens, max_length."""
 
 
-def model_data(entry, model: torch.nn.Module) -> ModelData:
-    """A model's data (its recipe entry's `data`), tokenised by its own tokenizer into batches for `model`."""
+def model_data(entry: ModelEntry, model: nn.Module) -> ModelData:
+    """A model's data (its recipe entry's `data`), tokenised by its own tokenizer into batches for `model`'s class
+    (the meta-device skeleton will do: only its config and signature are read)."""
     spec = entry.data
     fields = {"text_field": spec.text_field, "text_pair_field": spec.text_pair_field, "target_field": spec.target_field}
     examples = load_examples(spec.file, max_examples=spec.max_examples, **fields)
     tokenizer = load_tokenizer(entry.path)
     batches = list(make_batches(examples, tokenizer, model, spec.batch_size, spec.max_length, "cpu"))
-    tokens = sum(int(b.masks["input"].sum()) for b in batches)
+    tokens = sum(b.tokens for b in batches)
     record = {"data": spec.file.name, **{k: v for k, v in fields.items() if v}}
     return ModelData(batches, {**record, "examples": len(examples), "tokens": tokens, "max_length": spec.max_length})
 
@@ -81,36 +96,37 @@ class RegMeanPlusPlus(RegMean):
     needs_data = True
 
     @classmethod
-    def check(cls, inputs) -> list[str]:
-        """Every model's data readable, with its fields and at least one example; its tokenizer loadable."""
-        skeleton = inputs.skeleton
-        seq2seq_lm = getattr(skeleton.config, "is_encoder_decoder", False) and hasattr(
-            skeleton, "prepare_decoder_input_ids_from_labels"
-        )
+    def check(cls, inputs: MergeInputs) -> list[str]:
+        """Every model has the weights of the layers to solve; its data reads, tokenises and fits the model."""
         problems = []
-        for entry in inputs.config.models:
-            spec = entry.data
-            if seq2seq_lm and spec.target_field is None:
-                problems.append(
-                    f"{spec.file}: {type(skeleton).__name__} is an encoder-decoder LM; name the decoder targets' "
-                    "column in the recipe (data: target_field)"
-                )
-                continue
+        layers = [layer for name, layer in inputs.linears.items() if solvable(inputs, name)]
+        for entry, ckpt in zip(inputs.config.models, inputs.models, strict=True):
+            absent = absent_weights(entry, ckpt, layers)
+            problems += [absent] if absent else []
             try:
-                load_examples(spec.file, spec.text_field, spec.text_pair_field, spec.target_field, 1)
-                load_tokenizer(entry.path)
-            except RegmeanError as exc:
-                problems += exc.problems
+                model_data(entry, inputs.skeleton)
+            except RegmeanError as exc:  # each problem named by its file: the data's unless it names one
+                named = (str(entry.data.file), str(entry.path))
+                problems += [p if p.startswith(named) else f"{entry.data.file}: {p}" for p in exc.problems]
         return problems
 
+    def resident_bytes(self) -> int:
+        """The working model, in float32."""
+        first = self.inputs.models[0]
+        return sum(
+            4 * math.prod(shape) for key, shape in first.shapes.items() if first.dtype(key).startswith(("F", "BF"))
+        )
+
     def plan(self) -> list[Step]:
-        """Load the working model (the first model, in float32) and every model's data; find the sites in one
-        forward pass; then every unsolved tensor's averaging step, then the stages in forward order."""
+        """Tokenise every model's data; load the working model (the first model, in float32) and find its sites in
+        one forward pass; then every unsolved tensor's averaging step, then the stages in forward order."""
         entries = self.inputs.config.models
+        self.data = [model_data(entry, self.inputs.skeleton) for entry in entries]
         self.model = load_model(entries[0].path, "cpu", torch.float32)
         self.params = self.model.state_dict(keep_vars=True)
-        self.data = [model_data(entry, self.model) for entry in entries]
-        sites = detect_sites(self.model, self._measured_modules(), self.data[0].batches[0])
+        self.names = self._working_names()
+        modules = [n for n in select_modules(self.model, None, None)[0] if solvable(self.inputs, n)]
+        sites = detect_sites(self.model, modules, self.data[0].batches[0])
         prefix_params, prefixes = 0, []
         self.stage_steps = []
         for stage in forward_stages(self.model, sites):
@@ -118,20 +134,24 @@ class RegMeanPlusPlus(RegMean):
             prefix_params += params
             prefixes.append(prefix_params)
             self.stage_steps.append(step)
+        # forward work per candidate, in passes through every stage (stage s runs the prefix up to s)
         self.full_passes = sum(prefixes) / max(1, prefix_params)
-        """Forward work per candidate, in passes through every stage (stage s runs the prefix up to s)."""
         solved = {key for step in self.stage_steps for key in step.outputs}
         averaged = [s for key in self.inputs.body_keys() if key not in solved for s in self.tensor_steps(key)]
         return averaged + self.stage_steps
 
-    def _measured_modules(self) -> list[str]:
-        """Linear modules solved: as RegMean's (heads only with heads: merge; the LM head only with lm_head:
-        regmean), all of them measured."""
-        inputs, config = self.inputs, self.inputs.config
-        names = select_modules(self.model, None, None)[0]
-        keep = config.heads == "keep"
-        names = [n for n in names if not (keep and is_head_key(inputs.linears[n].weight_key, inputs.heads))]
-        return [n for n in names if n != inputs.lm_head or config.lm_head == "regmean"]
+    def _working_names(self) -> dict[str, str]:
+        """Checkpoint key -> the working model's name for it (the same, or as transformers renames it on loading:
+        legacy LayerNorm.gamma, a missing base-model prefix). A key the class does not use has none."""
+        names = {}
+        for key in self.inputs.models[0].keys():
+            if key in self.params:
+                names[key] = key
+            else:
+                matches = loaded_names(self.model, [key]) & self.params.keys()
+                if len(matches) == 1:
+                    names[key] = matches.pop()
+        return names
 
     def _gram_bytes(self) -> int:
         return FLOATS[self.settings.stats_dtype].itemsize
@@ -144,7 +164,8 @@ class RegMeanPlusPlus(RegMean):
             layers = [self.inputs.linears[m] for m in site.modules]
             solves.append(self._site_step((site.name,) * k, layers))
         outputs = tuple(key for solve in solves for key in solve.outputs)
-        swap = tuple(key for key in self.inputs.body_keys() if stage.block and key.startswith(stage.block))
+        block = stage.block
+        swap = tuple(key for key in self.inputs.body_keys() if block and self.names.get(key, "").startswith(block))
         read = set(swap) | set(outputs)
         numel = sum(math.prod(first.shapes[key]) for key in read)
         tokens = sum(d.record["tokens"] for d in self.data)
@@ -154,9 +175,10 @@ class RegMeanPlusPlus(RegMean):
         solve_working = max(solve.cost.working_bytes for solve in solves)
         forward_flops = 2.0 * tokens * (prefix_params + numel)
         gram_flops = 2.0 * tokens * sum(site.d**2 for site in stage.sites)
+        read_bytes = k * sum(math.prod(first.shapes[key]) * itemsize(first.dtype(key)) for key in read)
         cost = Cost(
-            k * sum(math.prod(first.shapes[key]) * itemsize(first.dtype(key)) for key in read),
-            grams + 4 * numel + solve_working + 4 * ACTIVATION_COPIES * rows * widest,
+            read_bytes,  # the K models' block, held while the next stage's is read
+            read_bytes + grams + 4 * numel + solve_working + 4 * ACTIVATION_COPIES * rows * widest,
             forward_flops + gram_flops + sum(solve.cost.flops for solve in solves),
         )
         return StageStep(outputs=outputs, cost=cost, stage=stage, swap=swap, solves=tuple(solves)), numel
@@ -171,18 +193,18 @@ class RegMeanPlusPlus(RegMean):
             "passes over each model's data)"
         )
 
-    def load(self, step: Step):
+    def load(self, step: Step) -> object:
         if not isinstance(step, StageStep):
             return super().load(step)
         keys = list(dict.fromkeys(step.swap + step.outputs))
         return StageInputs([{key: model.get(key) for key in keys} for model in self.inputs.models])
 
-    def compute(self, step: Step, data) -> Computed:
+    def compute(self, step: Step, data: object) -> Computed:
         if not isinstance(step, StageStep):
             out = super().compute(step, data)
             self._install(out.tensors, out.first_row)
             return out
-        merged = {key: self.params[key].detach().clone() for key in step.swap if key in self.params}
+        merged = {key: self.params[self.names[key]].detach().clone() for key in step.swap}
         measured = []
         for own, tensors in zip(self.data, data.tensors, strict=True):
             self._install({key: tensors[key] for key in step.swap})
@@ -204,21 +226,19 @@ class RegMeanPlusPlus(RegMean):
         return acc.stats
 
     def _install(self, tensors: dict[str, torch.Tensor], first_row: int | None = None) -> None:
-        """Copy tensors (or row blocks starting at `first_row`) into the working model."""
+        """Copy tensors (or row blocks starting at `first_row`), by checkpoint key, into the working model."""
         with torch.no_grad():
             for key, value in tensors.items():
-                target = self.params.get(key)
-                if target is None:  # a checkpoint entry the class does not use: no effect on the forward pass
+                if key not in self.names:  # a checkpoint entry the class does not use: no effect on the forward pass
                     continue
+                target = self.params[self.names[key]]
                 if first_row is not None:
                     target = target[first_row : first_row + value.shape[0]]
                 target.copy_(value)
 
-    def finish(self, report) -> None:
+    def finish(self, report: MergeReport) -> None:
         solved = {layer.module for step in self.stage_steps for solve in step.solves for layer in solve.layers}
-        body = set(self.inputs.body_keys())
-        linears = self.inputs.linears.items()
-        report.averaged_linears = sorted(n for n, la in linears if n not in solved and la.weight_key in body)
+        report.averaged_linears = averaged_linears(self.inputs, solved)
         k, stages = len(self.inputs.models), len(self.stage_steps)
         report.notes.append(
             f"RegMean++: Grams measured during the merge through the merged prefix, {stages} stages in forward "
