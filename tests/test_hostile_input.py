@@ -259,7 +259,7 @@ def test_bad_statistics_tensors_are_one_line(tmp_path):
     cases = [
         (lambda t: t.__setitem__(f"{site}::count", torch.tensor([-5])), "negative row count"),
         (lambda t: t.pop(f"{site}::sum"), "incomplete statistics"),
-        (lambda t: t.__setitem__(f"{site}::gram", torch.zeros(3, 4)), "incomplete statistics"),
+        (lambda t: t.__setitem__(f"{site}::gram_upper", torch.zeros(3, 4)), "incomplete statistics"),
         (lambda t: t.__setitem__(f"{site}::count", torch.tensor([1.0])), "incomplete statistics"),
     ]
     for change, says in cases:
@@ -448,7 +448,7 @@ def test_more_parser_corners_are_one_line(trio):
     rewrite(file, metadata_change=lambda m: m.pop("format_version"))
     assert runner.invoke(app, ["stats", "show", str(file)]).exit_code == 0
     file.write_bytes(original)
-    rewrite(file, tensor_change=lambda t: t.__setitem__(f"{site}::gram", torch.tensor(1.0)))
+    rewrite(file, tensor_change=lambda t: t.__setitem__(f"{site}::gram_upper", torch.tensor(1.0)))
     fails(["stats", "show", file], "incomplete statistics")
     assert TensorFile(raw_safetensors(tmp_path / "n.safetensors", {"__metadata__": None})).metadata == {}
 

@@ -7,12 +7,14 @@ import pytest
 import torch
 import transformers as tf
 from conftest import CASE_IDS, CASES, TARGETS, TEXTS, build_model, save_model
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch import nn
+from typer.testing import CliRunner
 
+from regmean.cli import app
 from regmean.io.data import Example
 from regmean.measure import measure
-from regmean.stats import StatisticsFile, combine, save
+from regmean.stats import PACK_ROWS, StatisticsFile, combine, pack_upper, save, unpack_upper
 
 EXAMPLES = [Example(t, None, y) for t, y in zip(TEXTS, TARGETS, strict=True)]
 
@@ -124,6 +126,51 @@ def test_combined_halves_equal_the_whole(tmp_path):
         torch.testing.assert_close(both.sites[name].sum, s.sum, rtol=1e-12, atol=1e-12)
 
 
+def test_format_2_stores_half_of_each_gram_and_format_1_still_reads(tmp_path):
+    """Format 2 keeps each Gram's upper triangle (read back bit for bit); a format-1 file (whole Grams) written
+    here by hand reads the same, `stats show` names each layout, and `stats combine` of a format-1 file writes
+    format 2."""
+    path = save_model(build_model("bert", "BertForSequenceClassification", 1), tmp_path / "m")
+    stats = measure(path, EXAMPLES, batch_size=4, progress=False)
+    new = save(stats, tmp_path / "v2")
+    stored = load_file(new)
+    whole = {}
+    for name, site in stats.sites.items():
+        d = site.gram.shape[0]
+        packed = stored[f"{name}::gram_upper"]
+        rows, cols = torch.triu_indices(d, d)
+        assert torch.equal(packed, site.gram[rows, cols])  # the upper triangle, row by row
+        whole.update({f"{name}::gram": site.gram, f"{name}::sum": site.sum, f"{name}::count": stored[f"{name}::count"]})
+    old = tmp_path / "v1" / "statistics.safetensors"
+    old.parent.mkdir()
+    save_file(whole, old, metadata={**stats.metadata(), "format_version": "1"})
+    v1, v2 = StatisticsFile(tmp_path / "v1"), StatisticsFile(tmp_path / "v2")
+    for name, site in stats.sites.items():
+        d = site.gram.shape[0]
+        assert (v1.gram_nbytes(name), v2.gram_nbytes(name)) == (4 * d * d, 4 * d * (d + 1) // 2)
+    grams = sum(4 * (s.gram.shape[0] ** 2 - s.gram.shape[0] * (s.gram.shape[0] + 1) // 2) for s in stats.sites.values())
+    assert v1.nbytes - v2.nbytes >= grams - 200  # the files differ by the lower triangles (and key names)
+    for f in (StatisticsFile(tmp_path / "v1"), StatisticsFile(tmp_path / "v2")):
+        for name, site in stats.sites.items():
+            assert torch.equal(f.site(name).gram, site.gram) and torch.equal(f.site(name).sum, site.sum)
+    for folder, layout in (("v1", "whole"), ("v2", "upper triangle")):
+        shown = CliRunner().invoke(app, ["stats", "show", str(tmp_path / folder)], env={"COLUMNS": "200"}).output
+        assert f"in 1 file(s), Grams stored {layout}" in shown
+    combined = save(combine([tmp_path / "v1"]), tmp_path / "c")
+    assert StatisticsFile(combined).gram_layout == "upper triangle"
+
+
+def test_unpacking_mirrors_every_row_block_exactly():
+    """Widths across several PACK_ROWS blocks (and not a multiple of it) unpack to the matrix that was packed."""
+    for d in (1, PACK_ROWS, 2 * PACK_ROWS + 37):
+        x = torch.randn(3 * d, d, dtype=torch.float64)
+        gram = x.T @ x
+        gram = (gram + gram.T) / 2  # exactly symmetric
+        packed = pack_upper(gram)
+        assert packed.shape == (d * (d + 1) // 2,)
+        assert torch.equal(unpack_upper(packed, d), gram)
+
+
 def test_file_round_trip_keeps_everything(tmp_path):
     path = save_model(build_model("gpt2", "GPT2LMHeadModel", 1), tmp_path / "m")
     stats = measure(path, EXAMPLES, batch_size=4, include=r"\.h\.0\.", provenance={"data": "x.jsonl"}, progress=False)
@@ -140,9 +187,6 @@ def test_file_round_trip_keeps_everything(tmp_path):
 
 def test_measuring_in_blocks_equals_one_pass_and_merges(tmp_path):
     from conftest import write_jsonl
-    from typer.testing import CliRunner
-
-    from regmean.cli import app
 
     path = save_model(build_model("llama", "LlamaForCausalLM", 1), tmp_path / "m")
     data = write_jsonl(tmp_path / "d.jsonl")

@@ -259,6 +259,7 @@ def stats_show(path: Annotated[Path, typer.Argument(help="Statistics folder or f
     """Sites, shapes, counts, dtype and provenance of a statistics file."""
     from regmean.io.metadata import describe_record
     from regmean.stats import StatisticsFile
+    from regmean.units import human
 
     st = StatisticsFile(path)
     out = Console(markup=False)
@@ -268,6 +269,7 @@ def stats_show(path: Annotated[Path, typer.Argument(help="Statistics folder or f
         f"model: {one_line(st.fingerprint['architecture'], 120)}  weights {one_line(st.fingerprint['weights'], 64)}"
     )
     out.print(f"dtype: {st.dtype}   examples: {st.examples}   tokens: {st.tokens}")
+    out.print(f"size: {human(st.nbytes)} in {len(st.files)} file(s), Grams stored {st.gram_layout}")
     out.print(f"masking: {one_line(st.masking, 300)}")
     for rec in st.provenance[:SHOWN_RECORDS]:  # bounded output, however long the provenance
         out.print(f"provenance: {describe_record(rec)}")

@@ -3,9 +3,12 @@
 A *site* is one distinct input tensor: the modules that read it (q/k/v, gate/up, every cross-attention k/v that
 reads the encoder output) share its statistics. For each site we store sums, so files from disjoint data add up:
 
-    {site}::gram   [d, d]  sum over unmasked rows of x x^T
-    {site}::sum    [d]     sum over unmasked rows of x
-    {site}::count  [1]     number of rows (int64)
+    {site}::gram_upper  [d (d + 1) / 2]  sum over unmasked rows of x x^T: its upper triangle, row by row
+    {site}::sum         [d]              sum over unmasked rows of x
+    {site}::count       [1]              number of rows (int64)
+
+A Gram is symmetric, so format version 2 stores half of it; version-1 files (`{site}::gram`, [d, d], whole) are
+still read. Either is read back as the whole [d, d] matrix, one site at a time.
 
 The safetensors header metadata holds the format version, the model fingerprint, the module -> site map and the
 provenance. Reading is lazy: `StatisticsFile.site(name)` reads one site's tensors.
@@ -30,8 +33,36 @@ from regmean.io.staged import StagedFiles, target_file, write_atomic
 from regmean.io.tensorfile import TensorFile
 
 FORMAT = "regmean.gram"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 FILE_NAME = "statistics.safetensors"
+PACK_ROWS = 256
+"""Rows of a Gram packed or unpacked at a time (bounded temporaries whatever the width)."""
+
+
+def pack_upper(gram: torch.Tensor) -> torch.Tensor:
+    """The upper triangle of a [d, d] matrix, row by row: [d (d + 1) / 2]."""
+    d = gram.shape[0]
+    out = gram.new_empty(d * (d + 1) // 2)
+    start = 0
+    for i in range(d):
+        out[start : start + d - i] = gram[i, i:]
+        start += d - i
+    return out
+
+
+def unpack_upper(packed: torch.Tensor, d: int) -> torch.Tensor:
+    """The symmetric [d, d] matrix whose upper triangle `pack_upper` packed (bit-exact)."""
+    out = packed.new_empty(d, d)
+    start = 0
+    for i in range(d):
+        out[i, i:] = packed[start : start + d - i]
+        start += d - i
+    for a in range(0, d, PACK_ROWS):  # the lower triangle mirrored, a block of rows at a time
+        b = min(a + PACK_ROWS, d)
+        out[b:, a:b] = out[a:b, b:].T
+        block = out[a:b, a:b]
+        block.copy_(torch.triu(block) + torch.triu(block, 1).T)
+    return out
 
 
 @dataclass
@@ -112,7 +143,7 @@ def save(stats: Statistics, out: str | Path) -> Path:
 def _tensors(stats: Statistics) -> dict[str, torch.Tensor]:
     tensors: dict[str, torch.Tensor] = {}
     for name, s in stats.sites.items():
-        tensors[f"{name}::gram"] = s.gram.contiguous()
+        tensors[f"{name}::gram_upper"] = pack_upper(s.gram)
         tensors[f"{name}::sum"] = s.sum.contiguous()
         tensors[f"{name}::count"] = torch.tensor([s.count], dtype=torch.int64)
     return tensors
@@ -162,6 +193,7 @@ class StatisticsFile:
         opened = [open_statistics(f, FORMAT, "regmean statistics") for f in files]
         meta = opened[0][1]
         self.meta = meta.meta
+        self.files = files
         self.nbytes = sum(f.stat().st_size for f in files)
         self.fingerprint = meta.fingerprint()
         self.modules = meta.str_map("modules")
@@ -187,10 +219,11 @@ class StatisticsFile:
 
     def _check_site(self, name: str) -> None:
         handle = self._handle(name)
-        shape = handle.shape(f"{name}::gram") if f"{name}::gram" in handle else ()
-        d = shape[0] if len(shape) == 2 else -1
+        shape = handle.shape(f"{name}::sum") if f"{name}::sum" in handle else ()
+        d = shape[0] if len(shape) == 1 else -1
         dtype = STORED_NAMES[FLOATS[self.dtype]]
-        expected = {f"{name}::gram": (dtype, (d, d)), f"{name}::sum": (dtype, (d,)), f"{name}::count": ("I64", (1,))}
+        gram = (f"{name}::gram_upper", (d * (d + 1) // 2,)) if self._packed(name) else (f"{name}::gram", (d, d))
+        expected = {gram[0]: (dtype, gram[1]), f"{name}::sum": (dtype, (d,)), f"{name}::count": ("I64", (1,))}
         for key, (want_dtype, want_shape) in expected.items():
             if key not in handle or handle.dtype(key) != want_dtype or handle.shape(key) != want_shape:
                 found = (handle.dtype(key), handle.shape(key)) if key in handle else "nothing"
@@ -199,6 +232,22 @@ class StatisticsFile:
                     f"{list(want_shape)}, found {found}; measure again"
                 )
 
+    def _packed(self, name: str) -> bool:
+        """Whether the site's Gram is stored as its upper triangle (format 2) rather than whole (format 1)."""
+        return f"{name}::gram_upper" in self._handle(name)
+
+    @property
+    def gram_layout(self) -> str:
+        """How the Grams are stored: 'upper triangle' (format 2) or 'whole' (format 1)."""
+        packed = [self._packed(name) for name in self.site_names]
+        return "upper triangle" if all(packed) else "mixed" if any(packed) else "whole"
+
+    def gram_nbytes(self, name: str) -> int:
+        """Bytes of the site's Gram as stored (about half of the matrix's in format 2)."""
+        d = self.site_shape(name)[0]
+        stored = d * (d + 1) // 2 if self._packed(name) else d * d
+        return stored * FLOATS[self.dtype].itemsize
+
     def _handle(self, name: str):
         if name not in self._handles:
             raise RegmeanError(f"{self.path}: no statistics for site {name}")
@@ -206,7 +255,11 @@ class StatisticsFile:
 
     def site(self, name: str, check_finite: bool = True) -> SiteStats:
         handle = self._handle(name)
-        gram, total, count = handle.get(f"{name}::gram"), handle.get(f"{name}::sum"), self.count(name)
+        total, count = handle.get(f"{name}::sum"), self.count(name)
+        if self._packed(name):
+            gram = unpack_upper(handle.get(f"{name}::gram_upper"), total.shape[0])
+        else:
+            gram = handle.get(f"{name}::gram")
         if check_finite and not (torch.isfinite(gram).all() and torch.isfinite(total).all()):
             raise RegmeanError(
                 f"{self.path}: site {name} has NaN or Inf values; measure again (try --stats-dtype float64)"
@@ -232,7 +285,9 @@ class StatisticsFile:
         return digest.hexdigest()
 
     def site_shape(self, name: str) -> tuple[int, ...]:
-        return self._handle(name).shape(f"{name}::gram")
+        """The Gram's shape, [d, d]."""
+        d = self._handle(name).shape(f"{name}::sum")[0]
+        return (d, d)
 
     def load(self) -> Statistics:
         return Statistics(

@@ -227,11 +227,11 @@ class RegMean(Average):
         keys = [la.weight_key for la in layers]
         weight_bytes = sum(math.prod(first.shapes[key]) * itemsize(first.dtype(key)) for key in keys)
         outputs = [la.weight_key for la in layers] + [la.bias_key for la in layers if joint and la.bias_key]
-        # K Grams as read; one float64 Gram being added, the system and its factor; K float64 weights, their
+        # K Grams unpacked; one float64 Gram being added, the system and its factor; K float64 weights, their
         # average, the right-hand side and the solution. Products G_i W_i^T, the factorisation, the solves and the
         # reconstruction errors.
         cost = Cost(
-            k * (gram_bytes * d * d + weight_bytes),
+            self._stored_gram_bytes(sites) + k * weight_bytes,
             gram_bytes * k * d * d + 8 * 3 * d * d + 8 * (k + 3) * d_out * d,
             4.0 * k * d * d * d_out + d**3 / 3 + 2.0 * d * d * d_out,
         )
@@ -240,6 +240,10 @@ class RegMean(Average):
     def _gram_bytes(self) -> int:
         """Bytes per entry of the Grams as read."""
         return 8 if self.inputs.stats[0].dtype == "float64" else 4
+
+    def _stored_gram_bytes(self, sites: tuple[str, ...]) -> int:
+        """The site's Grams as the statistics files store them (format 2: the upper triangle)."""
+        return sum(st.gram_nbytes(name) for st, name in zip(self.inputs.stats, sites, strict=True))
 
     def describe(self, steps: list[Step]) -> str:
         return f"{sum(len(s.layers) for s in steps if isinstance(s, SiteStep))} RegMean layers"

@@ -156,6 +156,9 @@ class RegMeanPlusPlus(RegMean):
     def _gram_bytes(self) -> int:
         return FLOATS[self.settings.stats_dtype].itemsize
 
+    def _stored_gram_bytes(self, sites: tuple[str, ...]) -> int:
+        return 0  # measured in memory, never read
+
     def _stage_step(self, stage: Stage, prefix_params: int) -> tuple[StageStep, int]:
         """The stage's step and the count of weights it adds to the prefix that each later pass runs through."""
         k, first = len(self.inputs.models), self.inputs.models[0]
