@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from regmean.cli import app
 from regmean.io.data import Example
 from regmean.measure import measure
-from regmean.methods.regmean import shrink
+from regmean.methods.least_squares import shrink
 from regmean.stats import StatisticsFile, save
 
 K = 3
@@ -104,7 +104,7 @@ def test_regmean_merge_every_family(tmp_path, family, cls):
 
 def test_conv1d_and_linear_give_the_same_merged_function(tmp_path):
     """GPT-2's Conv1D c_fc merged by the engine equals merging the same layer written as nn.Linear weights."""
-    from regmean.methods.regmean import regmean_solve
+    from regmean.methods.least_squares import regmean_solve
 
     models = make_models(tmp_path, "gpt2", "GPT2LMHeadModel")
     config = write_config(tmp_path, method="regmean", models=models, options={"alpha": 1.0, "gram_weighting": "sum"})
@@ -112,14 +112,14 @@ def test_conv1d_and_linear_give_the_same_merged_function(tmp_path):
     key, site = "transformer.h.1.mlp.c_fc.weight", "transformer.h.1.mlp.c_fc"
     conv = torch.stack([load_file(Path(m["path"]) / "model.safetensors")[key] for m in models])  # [K, in, out]
     grams = torch.stack([StatisticsFile(m["statistics"]).site(site).gram for m in models])
-    linear, _ = regmean_solve(conv.transpose(1, 2), grams, torch.ones(K), torch.ones(K), alpha=1.0)
+    linear = regmean_solve(conv.transpose(1, 2), grams, torch.ones(K), torch.ones(K), alpha=1.0).merged
     merged_conv = load_file(tmp_path / "out" / "model.safetensors")[key]
     x = torch.randn(5, conv.shape[1], dtype=torch.float64)
     torch.testing.assert_close(x @ merged_conv.double(), x @ linear.T, rtol=1e-5, atol=1e-5)
 
 
 def test_joint_bias_and_sum_weighting_satisfy_the_affine_normal_equations(tmp_path):
-    from regmean.methods.regmean import affine_gram
+    from regmean.methods.least_squares import affine_gram
 
     models = make_models(tmp_path, "bert", "BertForSequenceClassification")
     options = {"alpha": 1.0, "bias": "joint", "gram_weighting": "sum"}
@@ -157,7 +157,7 @@ def test_heads_keep_gives_each_model_the_merged_body_and_its_own_head(tmp_path):
                 assert torch.equal(merged[k][key], merged[0][key]), key
     # options left out are recorded resolved: the card and the recipe say which alpha was used
     recipe = yaml.safe_load((outs[0] / "merge_config.yaml").read_text())
-    assert recipe["options"] == {"alpha": 0.9, "gram_weighting": "mean", "bias": "average"}
+    assert recipe["options"] == {"alpha": 0.9, "gram_weighting": "mean", "bias": "average", "diagnostics": "sampled"}
     card = (outs[0] / "README.md").read_text()
     assert "- alpha: `0.9`" in card
     assert "- model 2: examples=4, tokens=" in card  # each model's statistics provenance
@@ -321,3 +321,31 @@ def test_fisher_merge_is_the_elementwise_fisher_weighted_average(tmp_path):
             den = sum(wi * f[key].double() for wi, f in zip(w, fishers, strict=True))
             expect = num / den
         torch.testing.assert_close(got.double(), expect, rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_sampled_diagnostics_change_no_tensor_and_match_exact_ones_where_every_row_is_checked(tmp_path):
+    import regmean
+
+    models = make_models(tmp_path, "llama", "LlamaForCausalLM")
+    reports, tensors = {}, {}
+    for mode in ("sampled", "exact"):
+        cfg = regmean.MergeConfig(method="regmean", models=models, options={"diagnostics": mode})
+        reports[mode] = regmean.merge(cfg, tmp_path / mode, progress=False)
+        tensors[mode] = load_file(tmp_path / mode / "model.safetensors")
+    for key, t in tensors["exact"].items():
+        assert torch.equal(t, tensors["sampled"][key]), key
+    sampled = 0
+    for s, e in zip(reports["sampled"].layers, reports["exact"].layers, strict=True):
+        d_out = tensors["exact"][f"{e.module}.weight"].shape[0]
+        assert e.checked_rows == d_out and not any(e.error_stderr) and e.residual < 1e-10
+        assert s.residual < 1e-10
+        if s.checked_rows == d_out:
+            assert s.relative_error == e.relative_error
+        else:
+            sampled += 1
+            assert s.checked_rows < d_out and all(x > 0 for x in s.error_stderr)
+            for est, se, exact in zip(s.relative_error, s.error_stderr, e.relative_error, strict=True):
+                assert abs(est - exact) < 5 * se
+    assert sampled > 0
+    card = (tmp_path / "sampled" / "README.md").read_text()
+    assert "estimated on sampled output rows" in card and "relative residual" in card

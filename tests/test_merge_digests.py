@@ -1,7 +1,9 @@
 """Every merged tensor of every method and option, on the tiny models of every family, bit for bit as recorded.
 
 The digests in data/merge_digests.json were recorded before the merge engine was restructured, so any change in
-what a merge computes (not only a wrong answer: a reordered sum, a different dtype) shows here. They depend on
+what a merge computes (not only a wrong answer: a reordered sum, a different dtype) shows here. RegMean's were
+recorded again when its solve moved to float64 products in deviation form (closer to the exact optimum); every
+other method's digests were the same before and after that change. They depend on
 the machine's arithmetic (torch version, CPU kernels, thread count); on another machine the test is skipped with
 that reason, and `REGMEAN_RECORD_DIGESTS=1` records that machine's own.
 """

@@ -18,7 +18,7 @@ from regmean.merge import merge
 from regmean.merge.config import MergeConfig
 from regmean.merge.inputs import open_inputs
 from regmean.methods.average import weighted_average
-from regmean.methods.regmean import regmean_solve
+from regmean.methods.least_squares import regmean_solve
 from regmean.methods.regmean_plusplus import RegMeanPlusPlus, StageStep
 from regmean.stats import save
 
@@ -100,7 +100,7 @@ def naive_regmean_plusplus(models: list[dict], stages: list[str], work: Path, th
             own = [states[k][module + ".weight"] for k in range(len(models))]
             own = [w.T if transposed[module] else w for w in own]  # as [d_out, d_in]
             scale = weights / weights.max() / torch.tensor([site.count for site in sites], dtype=torch.float64)
-            solution, _ = regmean_solve(own, [site.gram for site in sites], scale, weights, ALPHA)
+            solution = regmean_solve(own, [site.gram for site in sites], scale, weights, ALPHA).merged
             merged[module + ".weight"] = (solution.T if transposed[module] else solution).float().contiguous()
     return merged
 

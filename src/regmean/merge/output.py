@@ -107,7 +107,14 @@ def model_card(inputs: MergeInputs, report: MergeReport, own_head: int | None = 
             "",
             f"- {s['regmean_layers']} linear layers merged by RegMean; {s['ridge_layers']} needed a ridge",
             f"- relative reconstruction error on each model's own statistics: mean {s['mean_relative_error']:.4g}, "
-            f"max {s['max_relative_error']:.4g}",
+            f"max {s['max_relative_error']:.4g}"
+            + (
+                f" (estimated on sampled output rows in {s['sampled_layers']} layers, standard error at most "
+                f"{s['max_error_stderr']:.2g}; `diagnostics: exact` checks every row)"
+                if s["sampled_layers"]
+                else ""
+            ),
+            f"- relative residual of the solved systems: at most {s['max_residual']:.2g}",
             f"- linear layers averaged for lack of statistics: {len(report.averaged_linears)}",
         ]
         lines += [f"- {note}" for note in report.notes]

@@ -27,11 +27,15 @@ class MergeReport:
 
     def summary(self) -> dict:
         errs = [e for row in self.layers for e in row.relative_error]
+        stderrs = [e for row in self.layers for e in row.error_stderr]
         return {
             "regmean_layers": len(self.layers),
             "ridge_layers": sum(1 for row in self.layers if row.ridge > 0),
             "mean_relative_error": sum(errs) / len(errs) if errs else None,
             "max_relative_error": max(errs) if errs else None,
+            "max_error_stderr": max(stderrs) if stderrs else None,
+            "sampled_layers": sum(1 for row in self.layers if any(row.error_stderr)),
+            "max_residual": max((row.residual for row in self.layers), default=None),
         }
 
     def to_dict(self) -> dict:

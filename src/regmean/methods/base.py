@@ -104,7 +104,14 @@ class LayerReport:
     site: str
     ridge: float
     relative_error: list[float]
+    """Per model: tr((W - W_i) G_i (W - W_i)^T) / tr(W_i G_i W_i^T), on the checked rows."""
     bias: str
+    error_stderr: list[float] = field(default_factory=list)
+    """Per model: the standard error of relative_error as an estimate from sampled rows (0: every row checked)."""
+    checked_rows: int = 0
+    """Output rows the diagnostics were computed on."""
+    residual: float = 0.0
+    """The site's relative residual ||A E - R|| / ||R|| on the checked rows."""
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)

@@ -1,15 +1,10 @@
-"""RegMean for one linear layer: W^T = (sum_i c_i G~_i)^-1 sum_i c_i G~_i W_i^T, solved without an inverse.
-
-G~_i = alpha G_i + (1 - alpha) diag(G_i) shrinks the off-diagonal entries. The system is solved by a Cholesky
-factorisation in float64; when that fails, a ridge lambda I pulling toward the weighted average is added,
-lambda growing from 1e-10 x the mean diagonal until the factorisation succeeds, and lambda is returned.
-"""
+"""RegMean: the linear layers that read one input site solved together from their statistics (the math is in
+`least_squares`); every other tensor averaged."""
 
 from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -19,11 +14,17 @@ from pydantic import BaseModel, ConfigDict, Field
 from regmean.architecture import LinearLayer, is_head_key
 from regmean.dtypes import itemsize
 from regmean.errors import RegmeanError, one_line
-from regmean.methods.average import Average, weighted_average
+from regmean.methods.average import Average
 from regmean.methods.base import Computed, Cost, LayerReport, StatisticsKind, Step
+from regmean.methods.least_squares import (
+    MIN_SAMPLED_ROWS,
+    SAMPLED_FRACTION,
+    affine_gram,
+    check_rows,
+    reconstruction_error,
+    regmean_solve,
+)
 from regmean.stats import SiteStats, StatisticsFile
-
-RIDGE_LADDER = (0.0, 1e-10, 1e-8, 1e-6, 1e-4, 1e-2, 1.0)
 
 
 class RegMeanOptions(BaseModel):
@@ -34,91 +35,9 @@ class RegMeanOptions(BaseModel):
     """mean: each model's Gram divided by its row count (reference code); sum: raw sums (the paper's formula)."""
     bias: Literal["average", "joint"] = "average"
     """average: biases averaged; joint: weight and bias solved together by affine least squares."""
-
-
-def shrink(gram: torch.Tensor, alpha: float, inplace: bool = False) -> torch.Tensor:
-    """alpha * G with G's own diagonal kept (exactly: it is copied back, not recombined), for a stack [..., d, d]."""
-    if alpha == 1.0:
-        return gram
-    out = gram if inplace else gram.clone()
-    diag = torch.diagonal(out, dim1=-2, dim2=-1).clone()
-    out.mul_(alpha)
-    torch.diagonal(out, dim1=-2, dim2=-1).copy_(diag)
-    return out
-
-
-def affine_gram(gram: torch.Tensor, total: torch.Tensor, count: int) -> torch.Tensor:
-    """The Gram of [x, 1]: [[sum x x^T, sum x], [sum x^T, n]]."""
-    d = gram.shape[-1]
-    out = gram.new_empty(d + 1, d + 1)
-    out[:d, :d] = gram
-    out[:d, d] = total
-    out[d, :d] = total
-    out[d, d] = count
-    return out
-
-
-def solve_spd(a: torch.Tensor, b: torch.Tensor, fallback: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """Solve a x = b for symmetric positive (semi)definite a (float64). Returns x and the ridge used.
-
-    With ridge lambda the system is (a + lambda I) x = b + lambda fallback, so directions that no data
-    constrains take `fallback` (the weighted average) instead of zero.
-    """
-    scale = float(torch.diagonal(a).mean().abs()) or 1.0
-    for step in RIDGE_LADDER:
-        ridge = step * scale
-        system = a
-        if ridge:  # a + ridge I, without materialising I
-            system = a.clone()
-            system.diagonal().add_(ridge)
-        chol, info = torch.linalg.cholesky_ex(system)
-        if int(info) == 0:
-            x = torch.cholesky_solve(b + ridge * fallback if ridge else b, chol)
-            if torch.isfinite(x).all():
-                return x, ridge
-    raise FloatingPointError("Gram matrix is not positive definite even with a ridge of its mean diagonal")
-
-
-def regmean_solve(
-    weights: Sequence[torch.Tensor],
-    grams: Sequence[torch.Tensor],
-    gram_scale: torch.Tensor,
-    avg_weights: torch.Tensor,
-    alpha: float,
-) -> tuple[torch.Tensor, float]:
-    """Merge K weight matrices (each [d_out, d_in], nn.Linear layout) with their Grams (each [d_in, d_in]).
-
-    gram_scale [K] multiplies each Gram (model weight, divided by the row count for `mean` weighting);
-    avg_weights [K] defines the fallback average. The system is accumulated one model at a time in float64, so
-    memory holds the inputs plus about three d_in x d_in float64 matrices. Returns the merged [d_out, d_in]
-    (float64) and the ridge used.
-    """
-    d_in = grams[0].shape[-1]
-    a = torch.zeros(d_in, d_in, dtype=torch.float64)
-    b = torch.zeros(d_in, weights[0].shape[0], dtype=torch.float64)
-    for gram, weight, scale in zip(grams, weights, gram_scale.tolist(), strict=True):
-        # the products run in the statistics' own precision (float32 unless measured in float64), the sums in float64
-        g = shrink(gram.to(torch.promote_types(gram.dtype, torch.float32), copy=True), alpha, inplace=True)
-        g.mul_(scale)
-        a.add_(g)
-        b.add_(g @ weight.to(g.dtype).T)
-        del g
-    fallback = weighted_average([w.to(torch.float64).T for w in weights], avg_weights)
-    x, ridge = solve_spd(a, b, fallback)
-    return x.T, ridge
-
-
-def reconstruction_error(merged: torch.Tensor, weight: torch.Tensor, gram: torch.Tensor) -> float:
-    """tr((W - W_i) G_i (W - W_i)^T) / tr(W_i G_i W_i^T): output error on model i's own inputs, relative.
-
-    Computed in the Gram's precision (float32 unless measured in float64), as sum((D G) * D)."""
-    work = torch.promote_types(gram.dtype, torch.float32)
-    gram = gram.to(work)
-    diff = (merged.to(torch.float64) - weight.to(torch.float64)).to(work)
-    weight = weight.to(work)
-    num = float(((diff @ gram) * diff).sum(dtype=torch.float64))
-    den = float(((weight @ gram) * weight).sum(dtype=torch.float64))
-    return num / den if den > 0 else float("nan")
+    diagnostics: Literal["sampled", "exact"] = "sampled"
+    """sampled: reconstruction errors and residuals estimated on a seeded 2% of each layer's output rows (with
+    their standard errors); exact: on every row (as much arithmetic again as the merge's products)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -228,12 +147,13 @@ class RegMean(Average):
         weight_bytes = sum(math.prod(first.shapes[key]) * itemsize(first.dtype(key)) for key in keys)
         outputs = [la.weight_key for la in layers] + [la.bias_key for la in layers if joint and la.bias_key]
         # K Grams unpacked; one float64 Gram being added, the system and its factor; K float64 weights, their
-        # average, the right-hand side and the solution. Products G_i W_i^T, the factorisation, the solves and the
-        # reconstruction errors.
+        # average, the right-hand side and the solution. Products G_i D_i^T, the factorisation, the solves; the
+        # diagnostics (K errors and the residual) on the checked rows.
+        checked = d_out if self.settings.diagnostics == "exact" else max(MIN_SAMPLED_ROWS, SAMPLED_FRACTION * d_out)
         cost = Cost(
             self._stored_gram_bytes(sites) + k * weight_bytes,
             gram_bytes * k * d * d + 8 * 3 * d * d + 8 * (k + 3) * d_out * d,
-            4.0 * k * d * d * d_out + d**3 / 3 + 2.0 * d * d * d_out,
+            2.0 * k * d * d * d_out + d**3 / 3 + 2.0 * d * d * d_out + 2.0 * (2 * k + 1) * d * d * min(checked, d_out),
         )
         return SiteStep(outputs=tuple(outputs), cost=cost, sites=sites, layers=tuple(layers))
 
@@ -292,27 +212,51 @@ class RegMean(Average):
                 rows.append(w)
             stacked.append(torch.cat(rows))
         stacked = torch.stack(stacked)
+        exact = self.settings.diagnostics == "exact"
+        rows = [check_rows(layer.d_out, layer.module, exact) for layer in group]
         try:
-            merged, ridge = regmean_solve(stacked, grams, scale, self.weights, self.settings.alpha)
+            checked = _stacked_rows(group, rows)
+            solution = regmean_solve(stacked, grams, scale, self.weights, self.settings.alpha, checked)
         except FloatingPointError as exc:
             raise RegmeanError(f"site {step.sites[0]}: {exc}; check the statistics and the models' weights") from None
         start = 0
-        for layer in group:
-            part = merged[start : start + layer.d_out]
+        for layer, checked in zip(group, rows, strict=True):
+            part = solution.merged[start : start + layer.d_out]
             own = stacked[:, start : start + layer.d_out]
-            errors = [reconstruction_error(part, own[k], grams[k]) for k in range(len(grams))]
+            errors = [reconstruction_error(part, own[k], grams[k], checked) for k in range(len(grams))]
             start += layer.d_out
             w = part[:, :d_in].to(dtype[layer.module])
             out.tensors[layer.weight_key] = w.T.contiguous() if layer.transposed else w.contiguous()
             if affine:
                 out.tensors[layer.bias_key] = part[:, d_in].to(dtype[layer.module]).contiguous()
-            bias = "joint" if affine else "average"
-            out.layers.append(LayerReport(layer.module, step.sites[0], ridge, errors, bias))
+            out.layers.append(
+                LayerReport(
+                    module=layer.module,
+                    site=step.sites[0],
+                    ridge=solution.ridge,
+                    relative_error=[e.value for e in errors],
+                    bias="joint" if affine else "average",
+                    error_stderr=[e.stderr for e in errors],
+                    checked_rows=layer.d_out if checked is None else len(checked),
+                    residual=solution.residual,
+                )
+            )
 
     def finish(self, report) -> None:
         measured = {la.module for group in site_groups(self.inputs).values() for la in group}
         report.averaged_linears = averaged_linears(self.inputs, measured)
         report.notes.append(f"statistics masking: {one_line(self.inputs.stats[0].masking, 300)}")
+
+
+def _stacked_rows(group: list[LinearLayer], rows: list[torch.Tensor | None]) -> torch.Tensor | None:
+    """The checked rows of layers solved together, as rows of their stacked outputs (None: every row)."""
+    if all(r is None for r in rows):
+        return None
+    parts, start = [], 0
+    for layer, checked in zip(group, rows, strict=True):
+        parts.append(start + (torch.arange(layer.d_out) if checked is None else checked))
+        start += layer.d_out
+    return torch.cat(parts)
 
 
 def _coverage_problems(inputs) -> list[str]:
