@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from regmean.cli import app
+from regmean.errors import RegmeanError
 from regmean.io.data import Example
 from regmean.measure import measure
 from regmean.methods.least_squares import shrink
@@ -349,3 +350,31 @@ def test_sampled_diagnostics_change_no_tensor_and_match_exact_ones_where_every_r
     assert sampled > 0
     card = (tmp_path / "sampled" / "README.md").read_text()
     assert "estimated on sampled output rows" in card and "relative residual" in card
+
+
+def test_device_option_cpu_is_the_default_and_a_missing_device_is_refused_before_any_work(tmp_path):
+    from regmean.merge.plan import MergePlan, check_memory
+
+    models = make_models(tmp_path, "bert", "BertForSequenceClassification")
+    config = write_config(tmp_path, method="regmean", models=models)
+    assert run("merge", config, tmp_path / "default").exit_code == 0
+    assert run("merge", config, tmp_path / "cpu", "--device", "cpu").exit_code == 0
+    a, b = load_file(tmp_path / "default" / "model.safetensors"), load_file(tmp_path / "cpu" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ties = tmp_path / "ties.yaml"
+    ties.write_text(yaml.safe_dump({"method": "ties", "models": models, "base_model": models[0]["path"]}))
+    before = sorted(p.name for p in tmp_path.iterdir())
+    cases = [(config, "cuda:7", "device 'cuda:7'"), (config, "gpu", "not a device name"), (ties, "cuda", "CPU only")]
+    for recipe, device, says in cases:
+        result = run("merge", recipe, tmp_path / "out", "--device", device)
+        assert result.exit_code != 0 and says in result.output and "Traceback" not in result.output, result.output
+        assert len(result.output.strip().splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing left behind
+    # on a device, --max-memory applies to the device's working set and to the host's staging, each
+    plan = MergePlan(1, 1, "", 0, 0.0, 0, working_bytes=900, prefetch_bytes=100, runtime_bytes=50, device="cuda:0")
+    assert (plan.device_bytes, plan.peak_bytes) == (1000, 250)
+    check_memory(plan, 1000)
+    with pytest.raises(RegmeanError, match="on cuda:0"):
+        check_memory(plan, 999)
+    with pytest.raises(RegmeanError, match="exceeds --max-memory"):
+        check_memory(MergePlan(1, 1, "", 0, 0.0, 0, 900, 100, 50), 999)

@@ -188,7 +188,7 @@ def test_ill_conditioned_real_like_system_is_solved_to_the_float64_optimum():
     solution = regmean_solve(ws, gs, ones, ones, alpha)
     scale = oracle.abs().max()
     assert (solution.merged - oracle).abs().max() / scale < 1e-6
-    assert solution.ridge == 0 and solution.residual < 1e-12
+    assert solution.ridge == 0 and solution.residual() < 1e-12
     in_float32 = torch.linalg.solve(
         a, sum((shrink(g, alpha) @ w.float().T).double() for g, w in zip(gs, ws, strict=True))
     ).T

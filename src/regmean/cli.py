@@ -234,12 +234,20 @@ def merge(
     ] = False,
     shard_size: Annotated[str, typer.Option(help="Largest output shard, e.g. 2GB")] = "5GB",
     max_memory: Annotated[str | None, typer.Option(help="Refuse if the peak memory estimate exceeds this")] = None,
+    device: Annotated[str, typer.Option(help="Where the steps compute: cpu, cuda, cuda:1 (regmean, average)")] = "cpu",
 ) -> None:
     """Merge fine-tuned models (and their statistics) into one Hugging Face model folder."""
     from regmean.merge import merge as run_merge
 
     result = run_merge(
-        config, out_dir, force=force, dry_run=dry_run, shard_size=shard_size, max_memory=max_memory, log=console.print
+        config,
+        out_dir,
+        force=force,
+        dry_run=dry_run,
+        shard_size=shard_size,
+        max_memory=max_memory,
+        device=device,
+        log=console.print,
     )
     if dry_run:
         return

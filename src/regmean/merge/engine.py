@@ -6,8 +6,11 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from regmean.devices import check_device
+from regmean.errors import RegmeanError
 from regmean.io.outputs import check_free_space
 from regmean.io.writer import DEFAULT_SHARD_BYTES, ShardedWriter
 from regmean.merge.config import MergeConfig
@@ -30,6 +33,7 @@ def merge(
     dry_run: bool = False,
     shard_size: int | str = DEFAULT_SHARD_BYTES,
     max_memory: int | str | None = None,
+    device: str = "cpu",
     log=None,
 ) -> MergeReport | MergePlan:
     """Merge the models of `config` (a MergeConfig or a YAML path) into `out_dir`.
@@ -38,6 +42,8 @@ def merge(
     merged body plus that model's own head). The plan (bytes, peak memory estimate) is computed first and passed to
     `log`; `dry_run` returns it without merging; `max_memory` refuses a merge whose estimate exceeds it. Tensors are
     read one at a time and written in shards of `shard_size`; nothing is left in `out_dir` unless the merge completes.
+    `device` (cpu, cuda, cuda:N) is where the steps compute, for methods that can (RegMean, average); the reader
+    thread stages each step's inputs there while the previous step computes.
     """
     sources: list[tuple[str, Path]] = []
     if not isinstance(config, MergeConfig):
@@ -47,11 +53,12 @@ def merge(
     out_dir = Path(out_dir)
     shard_bytes = parse_size(shard_size, "--shard-size")
     memory_limit = None if max_memory is None else parse_size(max_memory, "--max-memory")
+    check_device_method(config.method, device)
     if dry_run:
-        return _planned(open_inputs(config), log, memory_limit)[0]
+        return _planned(open_inputs(config), log, memory_limit, device)[0]
     with staged_output(out_dir, force, sources, log) as staged:
         inputs = open_inputs(config)
-        plan, method, steps, layouts = _planned(inputs, log, memory_limit)
+        plan, method, steps, layouts = _planned(inputs, log, memory_limit, device)
         check_free_space(staged, plan.write_bytes, "the merged model")
         folders = output_folders(inputs, staged)
         writers = [ShardedWriter(f, layout, shard_bytes) for f, layout in zip(folders, layouts, strict=True)]
@@ -62,14 +69,28 @@ def merge(
     return report
 
 
-def _planned(inputs: MergeInputs, log, memory_limit: int | None) -> tuple[MergePlan, MergeMethod, list[Step], list]:
+def check_device_method(method: str, device: str) -> None:
+    """Refuse, before any work, a device this machine lacks or a method that computes only on the CPU."""
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        kind = "cpu"  # not a device name: check_device says so
+    if kind != "cpu" and not METHODS[method].runs_on_device:
+        on_device = ", ".join(name for name, cls in METHODS.items() if cls.runs_on_device)
+        raise RegmeanError(f"--device {device}: method {method} merges on the CPU only ({on_device} run on a device)")
+    check_device(device)
+
+
+def _planned(
+    inputs: MergeInputs, log, memory_limit: int | None, device: str = "cpu"
+) -> tuple[MergePlan, MergeMethod, list[Step], list]:
     """The method bound to the inputs, its steps, the output layouts and the plan (said to `log`, checked against
     the limit)."""
-    method = METHODS[inputs.config.method](inputs)
+    method = METHODS[inputs.config.method](inputs, device)
     check_resident(method.resident_bytes(), memory_limit)
     steps = method.plan()
     layouts = output_layouts(inputs)
-    plan = make_plan(inputs, method, steps, layouts)
+    plan = make_plan(inputs, method, steps, layouts, device)
     if log is not None:
         log(plan.describe())
     check_memory(plan, memory_limit)
@@ -90,6 +111,7 @@ def merge_into(method: MergeMethod, steps: list[Step], writers: list[ShardedWrit
             computed = method.compute(step, data)
             del data
             for name, tensor in computed.tensors.items():
+                tensor = tensor.to("cpu")  # from the compute device (no copy on the CPU)
                 for w in writers:
                     w.add(name, tensor, computed.first_row)
             report.add(computed)

@@ -47,10 +47,24 @@ class MergePlan:
     prefetch_bytes: int
     """The largest step's raw inputs, which the reader thread loads while the previous step computes."""
     runtime_bytes: int
+    device: str = "cpu"
+
+    @property
+    def on_device(self) -> bool:
+        return torch.device(self.device).type != "cpu"
 
     @property
     def peak_bytes(self) -> int:
+        """Host memory: with a device, the steps compute there, and the host holds a step's raw inputs and their
+        pinned copies."""
+        if self.on_device:
+            return self.runtime_bytes + 2 * self.prefetch_bytes
         return self.runtime_bytes + self.prefetch_bytes + self.working_bytes
+
+    @property
+    def device_bytes(self) -> int:
+        """Device memory: the largest step's working set and the next step's inputs, staged there."""
+        return self.working_bytes + self.prefetch_bytes if self.on_device else 0
 
     def describe(self) -> str:
         return (
@@ -59,10 +73,13 @@ class MergePlan:
             f"{self.flops / 1e9:.3g} GFLOP; peak memory about {human(self.peak_bytes)} "
             f"(runtime {human(self.runtime_bytes)} + largest step {human(self.working_bytes)} "
             f"+ next step's inputs {human(self.prefetch_bytes)})"
+            + (f"; on {self.device}: about {human(self.device_bytes)}" if self.on_device else "")
         )
 
 
-def make_plan(inputs: MergeInputs, method: MergeMethod, steps: list[Step], layouts: list[Layout]) -> MergePlan:
+def make_plan(
+    inputs: MergeInputs, method: MergeMethod, steps: list[Step], layouts: list[Layout], device: str = "cpu"
+) -> MergePlan:
     """Totals over the method's steps, plus the heads that every output folder copies from its own model."""
     first = inputs.models[0]
     heads = len(inputs.models) * sum(math.prod(first.shapes[k]) * itemsize(first.dtype(k)) for k in inputs.head_keys())
@@ -76,6 +93,7 @@ def make_plan(inputs: MergeInputs, method: MergeMethod, steps: list[Step], layou
         working_bytes=max((step.cost.working_bytes for step in steps), default=0),
         prefetch_bytes=max((step.cost.read_bytes for step in steps), default=0),
         runtime_bytes=current_rss(),
+        device=device,
     )
 
 
@@ -95,6 +113,12 @@ def output_layouts(inputs: MergeInputs) -> list[Layout]:
 
 
 def check_memory(plan: MergePlan, max_memory: int | None) -> None:
+    """--max-memory applies to the host and to the compute device, each."""
+    if max_memory is not None and plan.device_bytes > max_memory:
+        raise RegmeanError(
+            f"estimated peak memory on {plan.device} {human(plan.device_bytes)} exceeds --max-memory "
+            f"{human(max_memory)}; raise the limit or merge on a device with more memory"
+        )
     if max_memory is not None and plan.peak_bytes > max_memory:
         raise RegmeanError(
             f"estimated peak memory {human(plan.peak_bytes)} exceeds --max-memory {human(max_memory)} "

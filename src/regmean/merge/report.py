@@ -36,6 +36,7 @@ class MergeReport:
             "max_error_stderr": max(stderrs) if stderrs else None,
             "sampled_layers": sum(1 for row in self.layers if any(row.error_stderr)),
             "max_residual": max((row.residual for row in self.layers), default=None),
+            "diagnostics_seconds": sum(row.diagnostics_seconds for row in self.layers),
         }
 
     def to_dict(self) -> dict:

@@ -28,6 +28,7 @@ def weighted_average(tensors: Sequence[torch.Tensor], weights: torch.Tensor) -> 
 class Average(ElementwiseMethod):
     name = "average"
     options = AverageOptions
+    runs_on_device = True
 
     def merge_tensor(self, step: TensorStep, data: TensorInputs) -> torch.Tensor:
         return weighted_average(data.tensors, self.weights)

@@ -20,6 +20,7 @@ import torch
 from pydantic import BaseModel
 
 from regmean.architecture import is_head_key
+from regmean.devices import Stager
 from regmean.dtypes import itemsize
 
 if TYPE_CHECKING:
@@ -112,6 +113,8 @@ class LayerReport:
     """Output rows the diagnostics were computed on."""
     residual: float = 0.0
     """The site's relative residual ||A E - R|| / ||R|| on the checked rows."""
+    diagnostics_seconds: float = 0.0
+    """Time spent on this layer's diagnostics (errors and residual)."""
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -138,8 +141,13 @@ class MergeMethod(ABC):
     needs_data: ClassVar[bool] = False
     """Whether it measures each model on that model's data (`data:` in the recipe) while merging."""
 
-    def __init__(self, inputs: MergeInputs):
+    runs_on_device: ClassVar[bool] = False
+    """Whether its steps compute on an accelerator (`merge --device`); methods without it merge on the CPU."""
+
+    def __init__(self, inputs: MergeInputs, device: str = "cpu"):
         self.inputs = inputs
+        self.stage = Stager(device)
+        """Moves a step's input tensors to the compute device (on the reader thread)."""
         self.settings = inputs.config.method_options()
         self.weights = torch.tensor([m.weight for m in inputs.config.models], dtype=torch.float64)
 
@@ -213,11 +221,11 @@ class ElementwiseMethod(MergeMethod):
 
     def load(self, step: TensorStep) -> TensorInputs:
         inputs = self.inputs
-        data = TensorInputs([m.get(step.key, step.rows) for m in inputs.models], None)
+        data = TensorInputs(self.stage([m.get(step.key, step.rows) for m in inputs.models]), None)
         if self.reads_base(step.key):
             name = inputs.base_key(step.key)
             data.base_missing = name is None and (step.rows is None or step.rows[0] == 0)  # reported once
-            data.base = None if name is None else inputs.base.get(name, step.rows)
+            data.base = None if name is None else self.stage([inputs.base.get(name, step.rows)])[0]
         return data
 
     def compute(self, step: TensorStep, data: TensorInputs) -> Computed:

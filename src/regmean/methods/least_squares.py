@@ -79,8 +79,23 @@ class Solution:
     merged: torch.Tensor
     """[d_out, d_in], float64."""
     ridge: float
-    residual: float
-    """||(A + ridge I) E - R|| / ||R|| (Frobenius) over the checked output rows; 0 when every model is the same."""
+    system: torch.Tensor
+    """A = sum_i c_i G~_i, float64 (kept for the residual)."""
+    rhs: torch.Tensor
+    """R = sum_i c_i G~_i D_i^T, float64."""
+    deviation: torch.Tensor
+    """E, the solution of (A + ridge I) E = R: merged = average + E^T."""
+
+    def residual(self, rows: torch.Tensor | None = None) -> float:
+        """||(A + ridge I) E - R|| / ||R|| (Frobenius) over output `rows` (all if None); 0 when R is 0 (every
+        model the same)."""
+        if rows is not None:
+            rows = rows.to(self.deviation.device)
+        x, b = (self.deviation, self.rhs) if rows is None else (self.deviation[:, rows], self.rhs[:, rows])
+        norm = float(torch.linalg.vector_norm(b))
+        if norm == 0:
+            return 0.0
+        return float(torch.linalg.vector_norm(self.system @ x + self.ridge * x - b)) / norm
 
 
 def regmean_solve(
@@ -89,13 +104,12 @@ def regmean_solve(
     gram_scale: torch.Tensor,
     avg_weights: torch.Tensor,
     alpha: float,
-    check_rows: torch.Tensor | None = None,
 ) -> Solution:
     """Merge K weight matrices (each [d_out, d_in], nn.Linear layout) with their Grams (each [d_in, d_in]).
 
     gram_scale [K] multiplies each Gram (model weight, divided by the row count for `mean` weighting);
     avg_weights [K] defines the weighted average the solve starts from. One model at a time: memory holds the
-    inputs plus about four d_in x d_in float64 matrices. The residual is computed on `check_rows` (all if None).
+    inputs plus about four d_in x d_in float64 matrices.
     """
     average = weighted_average([w.to(torch.float64) for w in weights], avg_weights)
     d_in = grams[0].shape[-1]
@@ -107,16 +121,7 @@ def regmean_solve(
         rhs.addmm_(g, (weight.to(torch.float64) - average).T)
         del g
     deviation, ridge = solve_spd(a, rhs)
-    return Solution(average + deviation.T, ridge, _residual(a, ridge, deviation, rhs, check_rows))
-
-
-def _residual(a: torch.Tensor, ridge: float, x: torch.Tensor, b: torch.Tensor, rows: torch.Tensor | None) -> float:
-    if rows is not None:
-        x, b = x[:, rows], b[:, rows]
-    norm = float(torch.linalg.vector_norm(b))
-    if norm == 0:
-        return 0.0
-    return float(torch.linalg.vector_norm(a @ x + ridge * x - b)) / norm
+    return Solution(average + deviation.T, ridge, a, rhs, deviation)
 
 
 def check_rows(d_out: int, name: str, exact: bool) -> torch.Tensor | None:

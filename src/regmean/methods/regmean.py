@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+import time
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Literal
@@ -172,11 +173,15 @@ class RegMean(Average):
         if not isinstance(step, SiteStep):
             return super().load(step)
         joint = self.settings.bias == "joint"
-        stats = [st.site(name) for st, name in zip(self.inputs.stats, step.sites, strict=True)]
-        params = []
-        for model in self.inputs.models:
-            keys = [la.weight_key for la in step.layers] + [la.bias_key for la in step.layers if joint and la.bias_key]
-            params.append({key: model.get(key) for key in keys})
+        stats = []
+        for st, name in zip(self.inputs.stats, step.sites, strict=True):
+            site = st.site(name)
+            gram, total = self.stage([site.gram, site.sum])
+            stats.append(SiteStats(gram, total, site.count))
+        keys = [la.weight_key for la in step.layers] + [la.bias_key for la in step.layers if joint and la.bias_key]
+        params = [
+            dict(zip(keys, self.stage([model.get(key) for key in keys]), strict=True)) for model in self.inputs.models
+        ]
         return SiteInputs(stats, params)
 
     def compute(self, step: Step, data) -> Computed:
@@ -215,15 +220,16 @@ class RegMean(Average):
         exact = self.settings.diagnostics == "exact"
         rows = [check_rows(layer.d_out, layer.module, exact) for layer in group]
         try:
-            checked = _stacked_rows(group, rows)
-            solution = regmean_solve(stacked, grams, scale, self.weights, self.settings.alpha, checked)
+            solution = regmean_solve(stacked, grams, scale, self.weights, self.settings.alpha)
         except FloatingPointError as exc:
             raise RegmeanError(f"site {step.sites[0]}: {exc}; check the statistics and the models' weights") from None
+        started = time.perf_counter()
+        residual = solution.residual(_stacked_rows(group, rows))
+        diagnostics = _errors(solution.merged, stacked, grams, group, rows)
+        seconds = (time.perf_counter() - started) / len(group)
         start = 0
-        for layer, checked in zip(group, rows, strict=True):
+        for layer, checked, errors in zip(group, rows, diagnostics, strict=True):
             part = solution.merged[start : start + layer.d_out]
-            own = stacked[:, start : start + layer.d_out]
-            errors = [reconstruction_error(part, own[k], grams[k], checked) for k in range(len(grams))]
             start += layer.d_out
             w = part[:, :d_in].to(dtype[layer.module])
             out.tensors[layer.weight_key] = w.T.contiguous() if layer.transposed else w.contiguous()
@@ -238,7 +244,8 @@ class RegMean(Average):
                     bias="joint" if affine else "average",
                     error_stderr=[e.stderr for e in errors],
                     checked_rows=layer.d_out if checked is None else len(checked),
-                    residual=solution.residual,
+                    residual=residual,
+                    diagnostics_seconds=seconds,
                 )
             )
 
@@ -246,6 +253,16 @@ class RegMean(Average):
         measured = {la.module for group in site_groups(self.inputs).values() for la in group}
         report.averaged_linears = averaged_linears(self.inputs, measured)
         report.notes.append(f"statistics masking: {one_line(self.inputs.stats[0].masking, 300)}")
+
+
+def _errors(merged, stacked, grams, group: list[LinearLayer], rows: list[torch.Tensor | None]) -> list[list]:
+    """Per layer of the group, each model's relative reconstruction error (on the layer's checked rows)."""
+    start, errors = 0, []
+    for layer, checked in zip(group, rows, strict=True):
+        part, own = merged[start : start + layer.d_out], stacked[:, start : start + layer.d_out]
+        errors.append([reconstruction_error(part, own[k], grams[k], checked) for k in range(len(grams))])
+        start += layer.d_out
+    return errors
 
 
 def _stacked_rows(group: list[LinearLayer], rows: list[torch.Tensor | None]) -> torch.Tensor | None:

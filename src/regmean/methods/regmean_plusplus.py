@@ -90,6 +90,7 @@ def model_data(entry: ModelEntry, model: nn.Module) -> ModelData:
 
 
 class RegMeanPlusPlus(RegMean):
+    runs_on_device = False  # its working model and forward passes run on the CPU
     name = "regmean_plusplus"
     options = RegMeanPlusPlusOptions
     statistics = None
