@@ -1,5 +1,6 @@
 """Data-parallel measuring: 2 Gloo processes (spawned by torchrun) equal one process; a dying rank fails cleanly."""
 
+import json
 import os
 import subprocess
 import sys
@@ -100,3 +101,90 @@ def test_fisher_two_processes_equal_one(tmp_path):
     assert got.examples == len(texts)
     for name, ref in reference.items():
         torch.testing.assert_close(got.get(name), ref, rtol=1e-5, atol=1e-12)
+
+
+def merge_inputs(tmp_path, family="llama", cls="LlamaForCausalLM", num_labels=3):
+    """Three tiny fine-tunes with statistics, and a recipe merging them by RegMean."""
+    import yaml
+
+    data = write_jsonl(tmp_path / "d.jsonl")
+    models = []
+    for k in range(3):
+        path = save_model(build_model(family, cls, k + 1, num_labels=num_labels), tmp_path / f"ft{k}")
+        models.append({"path": str(path), "statistics": str(tmp_path / f"s{k}")})
+        measure_cmd = [sys.executable, "-m", "regmean", "measure", str(path), "--data", str(data)]
+        subprocess.run([*measure_cmd, "--out", models[-1]["statistics"]], check=True, capture_output=True)
+    recipe = tmp_path / "merge.yaml"
+    recipe.write_text(yaml.safe_dump({"method": "regmean", "models": models}))
+    return recipe
+
+
+def files_of(folder: Path) -> dict[str, bytes]:
+    """Every weight file and the index, by path inside the folder."""
+    found = [*folder.rglob("*.safetensors"), *folder.rglob("*.index.json")]
+    return {str(p.relative_to(folder)): p.read_bytes() for p in found}
+
+
+def test_merge_on_two_processes_writes_the_same_bytes_as_one(tmp_path):
+    recipe = merge_inputs(tmp_path)
+    one = subprocess.run(
+        [sys.executable, "-m", "regmean", "merge", str(recipe), str(tmp_path / "one"), "--shard-size", "8KB"],
+        capture_output=True,
+        text=True,
+    )
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = torchrun("merge", recipe, tmp_path / "two", "--shard-size", "8KB")
+    assert two.returncode == 0, two.stderr[-3000:]
+    reference = files_of(tmp_path / "one")
+    assert len(reference) > 3 and files_of(tmp_path / "two") == reference  # several shards, byte for byte
+    assert two.stderr.count("wrote ") == 1 and two.stderr.count("plan: ") == 1  # said once, by rank 0
+    reports = [json.loads((tmp_path / d / "merge_report.json").read_text()) for d in ("one", "two")]
+    for report in reports:
+        for layer in report["layers"]:
+            layer.pop("diagnostics_seconds")
+    assert reports[0]["layers"] == reports[1]["layers"] and reports[0]["summary"]["regmean_layers"] > 0
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no staging left
+
+
+def test_merge_with_nproc_and_heads_keep(tmp_path):
+    recipe = merge_inputs(tmp_path, "bert", "BertForTokenClassification", num_labels=5)
+    text = recipe.read_text() + "heads: keep\n"
+    recipe.write_text(text)
+    one = subprocess.run(
+        [sys.executable, "-m", "regmean", "merge", str(recipe), str(tmp_path / "one")], capture_output=True, text=True
+    )
+    assert one.returncode == 0, one.stderr[-3000:]
+    cmd = [sys.executable, "-m", "regmean", "merge", str(recipe), str(tmp_path / "two"), "--nproc", "2"]
+    two = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    reference = files_of(tmp_path / "one")
+    assert len(reference) == 3 and files_of(tmp_path / "two") == reference  # one folder per model, same bytes
+
+
+def test_a_dying_merge_rank_leaves_no_output(tmp_path):
+    recipe = merge_inputs(tmp_path)
+    dying = (str(HELPERS / "dying_merge_rank.py"),)
+    for rank in ("1", "0"):
+        env = {**os.environ, "DIE_RANK": rank}
+        result = torchrun("merge", recipe, tmp_path / "out", module=dying, env=env)
+        assert result.returncode != 0 and "exitcode  : 17" in result.stderr, result.stderr[-3000:]
+        assert not (tmp_path / "out").exists()
+        left = [p.name for p in tmp_path.iterdir() if p.name.startswith(".out") and p.name != ".out.regmean-lock"]
+        assert all(n.startswith(".out.partial-") and (tmp_path / n / ".regmean-staging").is_file() for n in left)
+    # the next merge into the same output cleans up what the killed one left, and completes
+    result = torchrun("merge", recipe, tmp_path / "out")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.partial-")]
+
+
+def test_regmean_plusplus_is_refused_on_several_processes(tmp_path):
+    import yaml
+
+    recipe = yaml.safe_load(merge_inputs(tmp_path).read_text())
+    for model in recipe["models"]:
+        model["data"] = {"file": str(tmp_path / "d.jsonl")}
+        del model["statistics"]
+    (tmp_path / "pp.yaml").write_text(yaml.safe_dump({**recipe, "method": "regmean_plusplus"}))
+    result = torchrun("merge", tmp_path / "pp.yaml", tmp_path / "out")
+    assert result.returncode != 0 and "runs in one process" in result.stderr + result.stdout
+    assert not (tmp_path / "out").exists()

@@ -219,7 +219,10 @@ def _relaunch_with_torchrun(nproc: int) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "regmean"]
     code = subprocess.call(cmd + args)
     if code != 0:
-        print(f"error: measure failed in one of its {nproc} processes (exit {code}); nothing written", file=sys.stderr)
+        command = next((a for a in args if a in ("measure", "fisher", "merge")), "the command")
+        print(
+            f"error: {command} failed in one of its {nproc} processes (exit {code}); nothing written", file=sys.stderr
+        )
     raise typer.Exit(code)
 
 
@@ -235,9 +238,17 @@ def merge(
     shard_size: Annotated[str, typer.Option(help="Largest output shard, e.g. 2GB")] = "5GB",
     max_memory: Annotated[str | None, typer.Option(help="Refuse if the peak memory estimate exceeds this")] = None,
     device: Annotated[str, typer.Option(help="Where the steps compute: cpu, cuda, cuda:1 (regmean, average)")] = "cpu",
+    nproc: Annotated[int, typer.Option(min=1, help="Processes on this machine (runs torchrun for you)")] = 1,
 ) -> None:
-    """Merge fine-tuned models (and their statistics) into one Hugging Face model folder."""
+    """Merge fine-tuned models (and their statistics) into one Hugging Face model folder.
+
+    Across processes: `torchrun --nproc_per_node N -m regmean merge ...` or `--nproc N`; the steps are divided
+    among the ranks, which write into the same output shards (one folder every rank sees); rank 0 finishes it."""
+    from regmean import distributed
     from regmean.merge import merge as run_merge
+
+    if nproc > 1 and not distributed.launched():
+        _relaunch_with_torchrun(nproc)
 
     result = run_merge(
         config,
@@ -249,7 +260,7 @@ def merge(
         device=device,
         log=console.print,
     )
-    if dry_run:
+    if dry_run or result is None:  # (a rank other than 0 reports nothing)
         return
     s = result.summary()
     detail = ""

@@ -156,7 +156,15 @@ class PlannedFile:
     """A safetensors file whose layout (names, dtypes, shapes) is known before its tensors: the header is written
     at creation and each tensor is written to its offset when it arrives, in any order."""
 
-    def __init__(self, path: Path, layout: dict[str, tuple[torch.dtype, tuple[int, ...]]], metadata: dict[str, str]):
+    def __init__(
+        self,
+        path: Path,
+        layout: dict[str, tuple[torch.dtype, tuple[int, ...]]],
+        metadata: dict[str, str],
+        create: bool = True,
+    ):
+        """`create`: make the file and write its header; otherwise open the file another process created (with the
+        same layout) to write tensors into it."""
         self.path = path
         self.names = list(layout)
         self._offsets: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
@@ -173,6 +181,9 @@ class PlannedFile:
         self._start = 8 + len(text)
         self._missing = set(layout)
         self._written: dict[str, int] = {}
+        if not create:
+            self._fd = os.open(path, os.O_WRONLY)
+            return
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         os.pwrite(self._fd, struct.pack("<Q", len(text)) + text, 0)
         os.ftruncate(self._fd, self._start + offset)
@@ -191,9 +202,20 @@ class PlannedFile:
         done = 0
         while done < len(data):
             done += os.pwrite(self._fd, data[done:], self._start + begin + done)
-        self._written[name] = self._written.get(name, 0) + len(data)
-        if self._written[name] >= stop - self._offsets[name][2]:
-            self._missing.discard(name)
+        self.add_written({name: len(data)})
+
+    def add_written(self, counts: dict[str, int]) -> None:
+        """Count bytes of tensors as written (here, or by another process into the same file)."""
+        for name, size in counts.items():
+            self._written[name] = self._written.get(name, 0) + size
+            _, _, begin, stop = self._offsets[name]
+            if self._written[name] >= stop - begin:
+                self._missing.discard(name)
+
+    @property
+    def written(self) -> dict[str, int]:
+        """Bytes written so far, per tensor."""
+        return dict(self._written)
 
     @property
     def missing(self) -> set[str]:

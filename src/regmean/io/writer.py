@@ -32,7 +32,9 @@ class ShardedWriter:
     """Write the tensors of `layout` (in its order) into shards of at most `max_shard_bytes` (a tensor larger
     than that gets a shard of its own). `add` accepts the tensors in any order."""
 
-    def __init__(self, folder: Path, layout: Layout, max_shard_bytes: int = DEFAULT_SHARD_BYTES):
+    def __init__(self, folder: Path, layout: Layout, max_shard_bytes: int = DEFAULT_SHARD_BYTES, create: bool = True):
+        """`create`: make the shards; otherwise write into the shards another process made with the same layout
+        (the shard names and offsets follow from the layout alone)."""
         self.folder = folder
         self.folder.mkdir(parents=True, exist_ok=True)
         groups: list[Layout] = [{}]
@@ -46,7 +48,7 @@ class ShardedWriter:
             filled += size
         self.total_bytes = layout_bytes(layout)
         self._files = [
-            PlannedFile(folder / f".shard-{i:05d}.partial", g, {"format": "pt"}) for i, g in enumerate(groups)
+            PlannedFile(folder / f".shard-{i:05d}.partial", g, {"format": "pt"}, create) for i, g in enumerate(groups)
         ]
         self._file_of = {name: f for f in self._files for name in f.missing}
 
@@ -56,6 +58,20 @@ class ShardedWriter:
             raise RegmeanError(f"{self.folder}: tensor {name} is not in the planned output")
         check_finite(tensor, f"merged tensor {name} (check the recipe's weights and scaling; nothing was written)")
         self._file_of[name].write(name, tensor, first_row)
+
+    def written(self) -> list[dict[str, int]]:
+        """Bytes written per tensor, per shard (for the process that finishes the shards)."""
+        return [f.written for f in self._files]
+
+    def add_written(self, counts: list[dict[str, int]]) -> None:
+        """Count what another process wrote into these shards (`written()` there)."""
+        for f, shard in zip(self._files, counts, strict=True):
+            f.add_written(shard)
+
+    def close(self) -> None:
+        """Flush and close the shards (a process that only writes into them is then done)."""
+        for f in self._files:
+            f.close()
 
     def finish(self) -> list[Path]:
         """Check every planned tensor arrived, give the shards their final names and write the index."""

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from regmean import distributed
 from regmean.devices import check_device
 from regmean.errors import RegmeanError
 from regmean.io.outputs import check_free_space
@@ -16,11 +17,12 @@ from regmean.io.writer import DEFAULT_SHARD_BYTES, ShardedWriter
 from regmean.merge.config import MergeConfig
 from regmean.merge.inputs import MergeInputs, open_inputs
 from regmean.merge.output import finish_folders, output_folders
+from regmean.merge.parallel import merge_on_ranks
 from regmean.merge.plan import MergePlan, check_memory, check_resident, make_plan, output_layouts
 from regmean.merge.report import MergeReport
 from regmean.merge.staging import staged_output
 from regmean.methods import METHODS
-from regmean.methods.base import MergeMethod, Step
+from regmean.methods.base import Computed, MergeMethod, Step
 from regmean.units import parse_size
 
 
@@ -56,6 +58,18 @@ def merge(
     check_device_method(config.method, device)
     if dry_run:
         return _planned(open_inputs(config), log, memory_limit, device)[0]
+    if distributed.launched():
+        device = distributed.init_from_env(device)
+        return merge_on_ranks(
+            config,
+            out_dir,
+            sources,
+            force,
+            planned=lambda inputs, say: _planned(inputs, say, memory_limit, device),
+            run=lambda method, steps, writers, heads: _run_share(method, steps, writers, heads, progress),
+            shard_bytes=shard_bytes,
+            log=log,
+        )
     with staged_output(out_dir, force, sources, log) as staged:
         inputs = open_inputs(config)
         plan, method, steps, layouts = _planned(inputs, log, memory_limit, device)
@@ -100,25 +114,46 @@ def _planned(
 def merge_into(method: MergeMethod, steps: list[Step], writers: list[ShardedWriter], progress: bool = True):
     """Run every step, writing its tensors to every writer; then, with heads: keep, each model's own head to its
     writer. A reader thread loads the next step's inputs while this one computes, so I/O overlaps the arithmetic."""
-    report = MergeReport(method.name)
+    results = run_steps(method, list(enumerate(steps)), writers, progress)
+    write_heads(method.inputs, writers)
+    return MergeReport.of_steps(method, results)
+
+
+def run_steps(
+    method: MergeMethod, steps: list[tuple[int, Step]], writers: list[ShardedWriter], progress: bool = True
+) -> dict[int, Computed]:
+    """Run the numbered steps in order, writing their tensors; returns each step's diagnostics (its tensors
+    dropped), by number."""
+    results: dict[int, Computed] = {}
     columns = [TextColumn("merging"), BarColumn(), MofNCompleteColumn(), TextColumn("steps"), TimeElapsedColumn()]
     with Progress(*columns, disable=not progress) as bar, ThreadPoolExecutor(1, "regmean-reader") as reader:
         task = bar.add_task("merge", total=len(steps))
-        pending = reader.submit(method.load, steps[0]) if steps else None
-        for i, step in enumerate(steps):
+        pending = reader.submit(method.load, steps[0][1]) if steps else None
+        for i, (number, step) in enumerate(steps):
             data = pending.result()
-            pending = reader.submit(method.load, steps[i + 1]) if i + 1 < len(steps) else None
+            pending = reader.submit(method.load, steps[i + 1][1]) if i + 1 < len(steps) else None
             computed = method.compute(step, data)
             del data
             for name, tensor in computed.tensors.items():
                 tensor = tensor.to("cpu")  # from the compute device (no copy on the CPU)
                 for w in writers:
                     w.add(name, tensor, computed.first_row)
-            report.add(computed)
+            computed.tensors = {}
+            results[number] = computed
             bar.advance(task)
-    inputs = method.inputs
+    return results
+
+
+def write_heads(inputs: MergeInputs, writers: list[ShardedWriter]) -> None:
+    """With heads: keep, each model's own head into its folder."""
     for key in inputs.head_keys():
         for model, w in zip(inputs.models, writers, strict=True):
             w.add(key, model.get(key))
-    method.finish(report)
-    return report
+
+
+def _run_share(method: MergeMethod, steps, writers: list[ShardedWriter], heads: bool, progress: bool):
+    """One rank's steps (and, on rank 0, the heads), with a progress bar on rank 0 only."""
+    results = run_steps(method, steps, writers, progress and heads)
+    if heads:
+        write_heads(method.inputs, writers)
+    return results

@@ -21,6 +21,16 @@ class MergeReport:
     data: list[dict] = field(default_factory=list)
     """Per model, what a method that measures while merging read: data file name, fields, examples, tokens."""
 
+    @classmethod
+    def of_steps(cls, method, results: dict[int, Computed]) -> MergeReport:
+        """The report of the steps' diagnostics in step order (whichever process ran them), completed by the
+        method."""
+        report = cls(method.name)
+        for number in sorted(results):
+            report.add(results[number])
+        method.finish(report)
+        return report
+
     def add(self, computed: Computed) -> None:
         self.layers += computed.layers
         self.base_missing += computed.base_missing
@@ -36,7 +46,6 @@ class MergeReport:
             "max_error_stderr": max(stderrs) if stderrs else None,
             "sampled_layers": sum(1 for row in self.layers if any(row.error_stderr)),
             "max_residual": max((row.residual for row in self.layers), default=None),
-            "diagnostics_seconds": sum(row.diagnostics_seconds for row in self.layers),
         }
 
     def to_dict(self) -> dict:

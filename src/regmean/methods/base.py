@@ -141,6 +141,8 @@ class MergeMethod(ABC):
     needs_data: ClassVar[bool] = False
     """Whether it measures each model on that model's data (`data:` in the recipe) while merging."""
 
+    splits_across_processes: ClassVar[bool] = True
+    """Whether its steps are independent, so that processes can share them (`merge --nproc`, torchrun)."""
     runs_on_device: ClassVar[bool] = False
     """Whether its steps compute on an accelerator (`merge --device`); methods without it merge on the CPU."""
 

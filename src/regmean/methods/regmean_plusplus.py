@@ -91,6 +91,7 @@ def model_data(entry: ModelEntry, model: nn.Module) -> ModelData:
 
 class RegMeanPlusPlus(RegMean):
     runs_on_device = False  # its working model and forward passes run on the CPU
+    splits_across_processes = False  # each stage runs through the stages merged before it
     name = "regmean_plusplus"
     options = RegMeanPlusPlusOptions
     statistics = None

@@ -109,8 +109,8 @@ class Ties(TaskVectorMethod):
     name = "ties"
     options = TiesOptions
 
-    def __init__(self, inputs):
-        super().__init__(inputs)
+    def __init__(self, inputs, device: str = "cpu"):
+        super().__init__(inputs, device)
         self._thresholds: dict[str, list[float]] = {}
         """The current blocked tensor's thresholds, found when its first block is loaded."""
 

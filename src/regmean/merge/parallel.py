@@ -1,0 +1,121 @@
+"""A merge divided among processes (torchrun, or `regmean merge --nproc N`): every rank plans the same steps and
+output layout from the headers, runs its share of the steps and writes their tensors straight to their offsets in
+the shared output shards; rank 0 creates the shards, writes headers, index, card and report, and reveals the folder
+only after every rank has finished. The output folder must be on a filesystem every rank sees.
+
+A rank that fails makes torchrun stop the others; rank 0's staging folder is then removed (or, if rank 0 itself was
+killed, left under its hidden staging name and removed by the next merge into that output), so nothing that looks
+complete is left.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch.distributed as dist
+
+from regmean import distributed
+from regmean.errors import RegmeanError
+from regmean.io.outputs import check_free_space, check_output_path
+from regmean.io.writer import ShardedWriter
+from regmean.merge.config import MergeConfig
+from regmean.merge.inputs import open_inputs
+from regmean.merge.output import finish_folders, output_folders
+from regmean.merge.report import MergeReport
+from regmean.merge.staging import check_output_dir, staged_output
+from regmean.methods import METHODS
+from regmean.methods.base import Computed, MergeMethod, Step
+
+SECONDS_PER_FLOP = 1 / 50e9
+SECONDS_PER_BYTE = 1 / 1e9
+"""Relative weights of arithmetic and reading when steps are divided (a CPU's order of magnitude: only the
+balance between the two matters)."""
+
+
+def divide(steps: list[Step], ranks: int) -> list[list[int]]:
+    """Each rank's step numbers, in plan order: units (the blocks of one tensor stay together) given, largest
+    first, to the least loaded rank, by estimated time (arithmetic for solved sites, bytes for plain tensors)."""
+    units: dict[tuple[str, ...], list[int]] = {}
+    for number, step in enumerate(steps):
+        units.setdefault(step.outputs, []).append(number)
+    costs = {key: sum(_seconds(steps[n]) for n in numbers) for key, numbers in units.items()}
+    loads, shares = [0.0] * ranks, [[] for _ in range(ranks)]
+    for key in sorted(units, key=lambda k: (-costs[k], units[k][0])):
+        rank = min(range(ranks), key=lambda r: (loads[r], r))
+        loads[rank] += costs[key]
+        shares[rank] += units[key]
+    return [sorted(share) for share in shares]
+
+
+def _seconds(step: Step) -> float:
+    cost = step.cost
+    return cost.flops * SECONDS_PER_FLOP + (cost.read_bytes + cost.streamed_bytes) * SECONDS_PER_BYTE
+
+
+def merge_on_ranks(
+    config: MergeConfig,
+    out_dir: Path,
+    sources: list[tuple[str, Path]],
+    force: bool,
+    planned: Callable,
+    run: Callable,
+    shard_bytes: int,
+    log,
+) -> MergeReport | None:
+    """The merge as one rank of many; `planned(inputs)` gives (plan, method, steps, layouts) and `run(method,
+    numbered steps, writers, heads)` runs steps. Returns the report on rank 0, None elsewhere."""
+    if not METHODS[config.method].splits_across_processes:
+        raise RegmeanError(f"method {config.method} runs in one process; drop --nproc / torchrun")
+    rank, ranks = distributed.rank(), distributed.world_size()
+    check_output_dir(check_output_path(out_dir, sources), force)  # on every rank: all fail alike, before any work
+    inputs = open_inputs(config)
+    plan, method, steps, layouts = planned(inputs, log if rank == 0 else None)
+    mine = [(n, steps[n]) for n in divide(steps, ranks)[rank]]
+    if rank != 0:
+        staged = _shared([None])
+        writers = _writers(output_folders(inputs, staged), layouts, shard_bytes, create=False)
+        results = run(method, mine, writers, heads=False)
+        _gather(writers, results)
+        return None
+    with staged_output(out_dir, force, sources, log) as staged:
+        check_free_space(staged, plan.write_bytes, "the merged model")
+        folders = output_folders(inputs, staged)
+        writers = _writers(folders, layouts, shard_bytes, create=True)
+        _shared([staged])
+        results = run(method, mine, writers, heads=True)
+        report = _finish(method, writers, results)
+        finish_folders(inputs, folders, staged, report)
+    return report
+
+
+def _writers(folders: list[Path], layouts: list, shard_bytes: int, create: bool) -> list[ShardedWriter]:
+    return [ShardedWriter(f, layout, shard_bytes, create=create) for f, layout in zip(folders, layouts, strict=True)]
+
+
+def _shared(value: list) -> Path:
+    """Rank 0's staging folder, known to every rank once rank 0 has created the shards in it."""
+    dist.broadcast_object_list(value, src=0)
+    return Path(value[0])
+
+
+def _gather(writers: list[ShardedWriter], results: dict[int, Computed]) -> list:
+    """Send this rank's written bytes and diagnostics to rank 0 (after its files are flushed)."""
+    for w in writers:
+        w.close()
+    sent = ([w.written() for w in writers], results)
+    gathered: list = [None] * distributed.world_size() if distributed.rank() == 0 else []
+    dist.gather_object(sent, gathered if distributed.rank() == 0 else None, dst=0)
+    return gathered
+
+
+def _finish(method: MergeMethod, writers: list[ShardedWriter], results: dict[int, Computed]) -> MergeReport:
+    """Rank 0: every rank's writes and diagnostics, the shards completed and named, the report in step order."""
+    everything = dict(results)
+    for written, share in _gather(writers, {})[1:]:
+        for w, counts in zip(writers, written, strict=True):
+            w.add_written(counts)
+        everything.update(share)
+    for w in writers:
+        w.finish()
+    return MergeReport.of_steps(method, everything)
