@@ -31,6 +31,7 @@ from regmean.io.metadata import Metadata
 from regmean.io.outputs import Inputs
 from regmean.io.staged import StagedFiles, target_file, write_atomic
 from regmean.io.tensorfile import TensorFile
+from regmean.io.untrusted import all_finite
 
 FORMAT = "regmean.gram"
 FORMAT_VERSION = 2
@@ -260,7 +261,7 @@ class StatisticsFile:
             gram = unpack_upper(handle.get(f"{name}::gram_upper"), total.shape[0])
         else:
             gram = handle.get(f"{name}::gram")
-        if check_finite and not (torch.isfinite(gram).all() and torch.isfinite(total).all()):
+        if check_finite and not (all_finite(gram) and all_finite(total)):
             raise RegmeanError(
                 f"{self.path}: site {name} has NaN or Inf values; measure again (try --stats-dtype float64)"
             )

@@ -71,11 +71,17 @@ def compile_pattern(pattern: str, where: str) -> re.Pattern:
         raise RegmeanError(f"{where}: invalid regular expression {pattern!r} ({exc})") from None
 
 
-def check_finite(tensor: torch.Tensor, where: str) -> torch.Tensor:
-    """Refuse NaN or Inf in a floating tensor (float8 types are widened to check)."""
-    if not tensor.is_floating_point():
-        return tensor
+def all_finite(tensor: torch.Tensor) -> bool:
+    """No NaN or Inf in a floating tensor: one pass summing it (a NaN or Inf makes the sum one), and only when that
+    sum is not finite (or merely overflows) the entry-by-entry check. Float8 types are widened to check."""
     probe = tensor.to(torch.float16) if tensor.element_size() == 1 else tensor
-    if not bool(torch.isfinite(probe).all()):
+    if bool(torch.isfinite(probe.sum())):
+        return True
+    return bool(torch.isfinite(probe).all())
+
+
+def check_finite(tensor: torch.Tensor, where: str) -> torch.Tensor:
+    """Refuse NaN or Inf in a floating tensor."""
+    if tensor.is_floating_point() and not all_finite(tensor):
         raise RegmeanError(f"{where}: has NaN or Inf values")
     return tensor

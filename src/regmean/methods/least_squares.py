@@ -25,10 +25,11 @@ from dataclasses import dataclass
 
 import torch
 
+from regmean.io.untrusted import all_finite
 from regmean.methods.average import weighted_average
 
 RIDGE_LADDER = (0.0, 1e-10, 1e-8, 1e-6, 1e-4, 1e-2, 1.0)
-SAMPLED_FRACTION = 0.02
+SAMPLED_FRACTION = 0.01
 """Share of a layer's output rows its diagnostics are estimated on (at least MIN_SAMPLED_ROWS)."""
 MIN_SAMPLED_ROWS = 16
 
@@ -69,7 +70,7 @@ def solve_spd(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, float]:
         chol, info = torch.linalg.cholesky_ex(system)
         if int(info) == 0:
             x = torch.cholesky_solve(b, chol)
-            if torch.isfinite(x).all():
+            if all_finite(x):
                 return x, ridge
     raise FloatingPointError("Gram matrix is not positive definite even with a ridge of its mean diagonal")
 
@@ -112,13 +113,18 @@ def regmean_solve(
     inputs plus about four d_in x d_in float64 matrices.
     """
     average = weighted_average([w.to(torch.float64) for w in weights], avg_weights)
-    d_in = grams[0].shape[-1]
-    a = torch.zeros(d_in, d_in, dtype=torch.float64, device=average.device)
-    rhs = torch.zeros(d_in, average.shape[0], dtype=torch.float64, device=average.device)
+    delta = torch.empty_like(average)
+    a = rhs = None
     for gram, weight, scale in zip(grams, weights, gram_scale.tolist(), strict=True):
-        g = shrink(gram.to(torch.float64, copy=True), alpha, inplace=True).mul_(scale)
-        a.add_(g)
-        rhs.addmm_(g, (weight.to(torch.float64) - average).T)
+        g = gram.to(torch.float64, copy=True)  # becomes scale * G~, in two passes over it
+        diag = torch.diagonal(g).clone().mul_(scale)
+        torch.diagonal(g.mul_(alpha * scale)).copy_(diag)
+        torch.sub(weight, average, out=delta)
+        if a is None:  # the first model's terms start the sums (no zero-filled matrices)
+            a, rhs = g, g @ delta.T
+        else:
+            a.add_(g)
+            rhs.addmm_(g, delta.T)
         del g
     deviation, ridge = solve_spd(a, rhs)
     return Solution(average + deviation.T, ridge, a, rhs, deviation)

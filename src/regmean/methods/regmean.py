@@ -37,7 +37,7 @@ class RegMeanOptions(BaseModel):
     bias: Literal["average", "joint"] = "average"
     """average: biases averaged; joint: weight and bias solved together by affine least squares."""
     diagnostics: Literal["sampled", "exact"] = "sampled"
-    """sampled: reconstruction errors and residuals estimated on a seeded 2% of each layer's output rows (with
+    """sampled: reconstruction errors and residuals estimated on a seeded 1% of each layer's output rows (with
     their standard errors); exact: on every row (as much arithmetic again as the merge's products)."""
 
 
@@ -207,16 +207,7 @@ class RegMean(Average):
         d_in = data.stats[0].gram.shape[0]
         grams = [affine_gram(s.gram, s.sum, s.count) if affine else s.gram for s in data.stats]
         dtype = {la.module: self.inputs.config.output_dtype(data.params[0][la.weight_key].dtype) for la in group}
-        stacked = []
-        for params in data.params:
-            rows = []
-            for layer in group:
-                w = _weight(params[layer.weight_key], layer).to(torch.float64)
-                if affine:
-                    w = torch.cat([w, params[layer.bias_key].to(torch.float64)[:, None]], dim=1)
-                rows.append(w)
-            stacked.append(torch.cat(rows))
-        stacked = torch.stack(stacked)
+        stacked = _stacked_weights(data.params, group, affine, d_in)
         exact = self.settings.diagnostics == "exact"
         rows = [check_rows(layer.d_out, layer.module, exact) for layer in group]
         try:
@@ -255,13 +246,33 @@ class RegMean(Average):
         report.notes.append(f"statistics masking: {one_line(self.inputs.stats[0].masking, 300)}")
 
 
+def _stacked_weights(params: list[dict], group: list[LinearLayer], affine: bool, d_in: int) -> torch.Tensor:
+    """[K, rows of the group, d_in (+1 with the bias)] float64: each model's weights of the group's layers as
+    [d_out, d_in] (Conv1D transposed), stacked, their biases as the last column when solved jointly."""
+    rows = sum(layer.d_out for layer in group)
+    first = params[0][group[0].weight_key]
+    out = torch.empty(len(params), rows, d_in + affine, dtype=torch.float64, device=first.device)
+    for k, own in enumerate(params):
+        start = 0
+        for layer in group:
+            block = out[k, start : start + layer.d_out]
+            block[:, :d_in].copy_(_weight(own[layer.weight_key], layer))
+            if affine:
+                block[:, d_in].copy_(own[layer.bias_key])
+            start += layer.d_out
+    return out
+
+
 def _errors(merged, stacked, grams, group: list[LinearLayer], rows: list[torch.Tensor | None]) -> list[list]:
-    """Per layer of the group, each model's relative reconstruction error (on the layer's checked rows)."""
-    start, errors = 0, []
-    for layer, checked in zip(group, rows, strict=True):
-        part, own = merged[start : start + layer.d_out], stacked[:, start : start + layer.d_out]
-        errors.append([reconstruction_error(part, own[k], grams[k], checked) for k in range(len(grams))])
-        start += layer.d_out
+    """Per layer of the group, each model's relative reconstruction error (on the layer's checked rows); each Gram
+    converted to float64 once for all the layers."""
+    errors: list[list] = [[] for _ in group]
+    for k, gram in enumerate(grams):
+        gram64, start = gram.to(torch.float64), 0
+        for j, (layer, checked) in enumerate(zip(group, rows, strict=True)):
+            end = start + layer.d_out
+            errors[j].append(reconstruction_error(merged[start:end], stacked[k, start:end], gram64, checked))
+            start = end
     return errors
 
 
