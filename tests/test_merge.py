@@ -15,7 +15,6 @@ from regmean.cli import app
 from regmean.errors import RegmeanError
 from regmean.io.data import Example
 from regmean.measure import measure
-from regmean.methods.least_squares import shrink
 from regmean.stats import StatisticsFile, save
 
 K = 3
@@ -45,6 +44,11 @@ def write_config(root: Path, **recipe) -> Path:
 def run(*args):
     result = runner.invoke(app, [str(a) for a in args])
     return result
+
+
+def shrink(gram: torch.Tensor, alpha: float) -> torch.Tensor:
+    """alpha G + (1 - alpha) diag(G), written plainly."""
+    return alpha * gram + (1 - alpha) * torch.diag(torch.diagonal(gram))
 
 
 def normal_equation_residual(merged: torch.Tensor, weights: list[torch.Tensor], grams: list[torch.Tensor], scale):

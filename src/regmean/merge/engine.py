@@ -37,7 +37,7 @@ def merge(
     max_memory: int | str | None = None,
     device: str = "cpu",
     log=None,
-) -> MergeReport | MergePlan:
+) -> MergeReport | MergePlan | None:
     """Merge the models of `config` (a MergeConfig or a YAML path) into `out_dir`.
 
     With heads: merge, `out_dir` is one model folder; with heads: keep, it holds one folder per input model (the
@@ -45,7 +45,8 @@ def merge(
     `log`; `dry_run` returns it without merging; `max_memory` refuses a merge whose estimate exceeds it. Tensors are
     read one at a time and written in shards of `shard_size`; nothing is left in `out_dir` unless the merge completes.
     `device` (cpu, cuda, cuda:N) is where the steps compute, for methods that can (RegMean, average); the reader
-    thread stages each step's inputs there while the previous step computes.
+    thread stages each step's inputs there while the previous step computes. Under torchrun the steps are divided
+    among the ranks (`merge.parallel`), and only rank 0 returns the report (the others None).
     """
     sources: list[tuple[str, Path]] = []
     if not isinstance(config, MergeConfig):

@@ -34,17 +34,6 @@ SAMPLED_FRACTION = 0.01
 MIN_SAMPLED_ROWS = 16
 
 
-def shrink(gram: torch.Tensor, alpha: float, inplace: bool = False) -> torch.Tensor:
-    """alpha * G with G's own diagonal kept (exactly: it is copied back, not recombined), for a stack [..., d, d]."""
-    if alpha == 1.0:
-        return gram
-    out = gram if inplace else gram.clone()
-    diag = torch.diagonal(out, dim1=-2, dim2=-1).clone()
-    out.mul_(alpha)
-    torch.diagonal(out, dim1=-2, dim2=-1).copy_(diag)
-    return out
-
-
 def affine_gram(gram: torch.Tensor, total: torch.Tensor, count: int) -> torch.Tensor:
     """The Gram of [x, 1]: [[sum x x^T, sum x], [sum x^T, n]]."""
     d = gram.shape[-1]
