@@ -1,4 +1,4 @@
-"""The `regmean` command: measure, merge, stats show, stats combine."""
+"""The `regmean` command: measure, fisher, merge, evaluate, stats show, stats combine, bench."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from regmean.cli_evaluate import evaluate as evaluate_command
 from regmean.errors import RegmeanError, one_line
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Dataless knowledge fusion with RegMean.")
@@ -361,6 +362,9 @@ def bench(
 
 class Terminated(BaseException):
     """SIGTERM (e.g. `kill`), raised where the program is, so that every clean-up runs as for Ctrl-C."""
+
+
+app.command("evaluate")(_reports_errors(evaluate_command))
 
 
 def _interrupt(signum: int, frame: object) -> None:

@@ -20,18 +20,19 @@ def load_classifier(path: str | Path, token_level: bool):
 
 
 @torch.inference_mode()
-def predict(path: str | Path, data: TextDataset, max_length: int = 64, batch_size: int = 64) -> list[torch.Tensor]:
-    """Logits per example: [C] for sequence classification, [n_words, C] (first sub-token) for token level.
-
-    Examples are batched in order of length (less padding), the logits returned in the data's order."""
-    model = load_classifier(path, data.token_level)
+def predict(
+    path: str | Path, data: TextDataset, max_length: int = 64, batch_size: int = 64, device: str = "cpu"
+) -> list[torch.Tensor]:
+    """Logits per example (on the CPU): [C] for sequence classification, [n_words, C] (first sub-token) for token
+    level. Examples are batched in order of length (less padding), the logits returned in the data's order."""
+    model = load_classifier(path, data.token_level).to(device)
     tok = tokenizer_for(Path(path))
     order = sorted(range(len(data)), key=lambda i: len(" ".join(data.texts[i]) if data.token_level else data.texts[i]))
     out: list[torch.Tensor] = [torch.empty(0)] * len(data)
     rows = iter(order)
     for batch in batches(tok, data, batch_size, max_length, order):
         labels = batch.pop("labels")
-        logits = model(**batch).logits.float()
+        logits = model(**{k: v.to(device) for k, v in batch.items()}).logits.float().cpu()
         for row, lab in zip(logits, labels, strict=True):
             out[next(rows)] = row[lab != IGNORE] if data.token_level else row
     return out
@@ -42,15 +43,25 @@ def ensemble(predictions: list[list[torch.Tensor]]) -> list[torch.Tensor]:
     return [torch.stack(per_model).mean(0) for per_model in zip(*predictions, strict=True)]
 
 
-def macro_f1(gold: list[int], pred: list[int], n_labels: int) -> float:
-    scores = []
+def label_f1(gold: list[int], pred: list[int], n_labels: int) -> list[float | None]:
+    """Each label's F1 (None for a label neither in the gold labels nor predicted)."""
+    scores: list[float | None] = []
     for c in range(n_labels):
         tp = sum(g == c and p == c for g, p in zip(gold, pred, strict=True))
         fp = sum(g != c and p == c for g, p in zip(gold, pred, strict=True))
         fn = sum(g == c and p != c for g, p in zip(gold, pred, strict=True))
-        if tp + fp + fn:
-            scores.append(2 * tp / (2 * tp + fp + fn))
+        scores.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else None)
+    return scores
+
+
+def macro_f1(gold: list[int], pred: list[int], n_labels: int) -> float:
+    scores = [s for s in label_f1(gold, pred, n_labels) if s is not None]
     return sum(scores) / len(scores) if scores else 0.0
+
+
+def per_label_f1(gold: list[int], pred: list[int], names: list[str]) -> dict[str, float]:
+    """F1 by label name, for the labels the gold labels or predictions have."""
+    return {n: s for n, s in zip(names, label_f1(gold, pred, len(names)), strict=True) if s is not None}
 
 
 def score(data: TextDataset, logits: list[torch.Tensor]) -> dict[str, float]:

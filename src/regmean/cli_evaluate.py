@@ -1,0 +1,64 @@
+"""The `regmean evaluate` command: model folders scored side by side on a labelled file (registered in cli.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from regmean.errors import RegmeanError
+
+
+def evaluate(
+    models: Annotated[list[Path], typer.Argument(help="Model folders (e.g. the merged model and its inputs)")],
+    data: Annotated[Path, typer.Option(help="Labelled data file (JSONL, JSON, CSV, TSV, Parquet)")],
+    text_field: Annotated[str, typer.Option(help="Text column (word lists for token classification)")] = "text",
+    label_field: Annotated[str, typer.Option(help="Label column (tag lists for token classification)")] = "label",
+    target_field: Annotated[str | None, typer.Option(help="Target column for sequence-to-sequence models")] = None,
+    per_label: Annotated[bool, typer.Option(help="Add each label's F1 (sequence classification)")] = False,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the scores as JSON")] = None,
+    csv_out: Annotated[Path | None, typer.Option("--csv", help="Write the scores as CSV")] = None,
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1, mps ...")] = "cpu",
+    batch_size: Annotated[int, typer.Option(min=1)] = 32,
+    max_length: Annotated[int, typer.Option(min=1)] = 128,
+) -> None:
+    """Score model folders side by side: accuracy and macro-F1, entity F1, or perplexity."""
+    from regmean.devices import check_device
+    from regmean.evaluate import evaluate as run_evaluate
+    from regmean.io.outputs import check_output_path
+
+    check_device(device)
+    inputs = [("data file", data)] + [("model", m) for m in models]
+    for out in (json_out, csv_out):
+        if out is not None:
+            check_output_path(out, inputs)
+            if out.exists():
+                raise RegmeanError(f"{out}: exists; choose another file (scores are never written over a file)")
+    scores = run_evaluate(
+        models, data, text_field, label_field, target_field, per_label, device, batch_size, max_length
+    )
+    columns = list(dict.fromkeys(k for s in scores for k in s.metrics))
+    table = Table(title=f"{data.name} ({scores[0].kind})")
+    table.add_column("model")
+    for c in columns:
+        table.add_column(c, justify="right")
+    for s in scores:
+        table.add_row(s.model, *(_cell(c, s.metrics.get(c)) for c in columns))
+    Console(markup=False).print(table)
+    rows = [{"model": s.model, "kind": s.kind, **s.metrics} for s in scores]
+    if json_out is not None:
+        json_out.write_text(json.dumps(rows, indent=2) + "\n")
+    if csv_out is not None:
+        import pandas as pd
+
+        pd.DataFrame(rows).to_csv(csv_out, index=False)
+
+
+def _cell(column: str, value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.2f}" if column == "perplexity" else f"{100 * value:.1f}"

@@ -1,0 +1,200 @@
+"""`regmean evaluate MODEL... --data FILE`: any number of model folders (a merge and its inputs, say) scored side by
+side on a local labelled file, with the scoring the bench suites use (`regmean.bench.evaluate`).
+
+- sequence classification: accuracy and macro-F1 (and each label's F1 on request);
+- token classification: entity F1 (seqeval) over word-level tags;
+- causal or sequence-to-sequence LMs: perplexity, token-weighted, padding masked.
+
+Labels are matched by name: each model's `id2label` against the names in the data file, so models whose heads
+order the labels differently are scored alike; a model whose labels differ from the others' is refused, named.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from rich.progress import Progress
+
+from regmean.architecture import load_config
+from regmean.bench.data import TextDataset
+from regmean.bench.evaluate import per_label_f1, predict, score
+from regmean.errors import RegmeanError
+from regmean.io.data import read_table
+
+KINDS = {
+    "ForSequenceClassification": "sequence",
+    "ForTokenClassification": "token",
+    "ForCausalLM": "causal",
+    "LMHeadModel": "causal",
+    "ForConditionalGeneration": "seq2seq",
+}
+
+
+@dataclass
+class Scores:
+    model: str
+    kind: str
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def model_kind(path: Path) -> str:
+    """sequence, token, causal or seq2seq, from the architecture config.json names."""
+    arch = (load_config(path).architectures or ["?"])[0]
+    kind = next((k for suffix, k in KINDS.items() if arch.endswith(suffix)), None)
+    if kind is None:
+        raise RegmeanError(f"{path}: architecture {arch} is not a classifier or a language model regmean can score")
+    return kind
+
+
+def label_names(path: Path) -> list[str]:
+    """The model's label names in its own id order."""
+    id2label = load_config(path).id2label or {}
+    return [str(id2label[k]) for k in sorted(id2label, key=int)]
+
+
+def read_labelled(path: Path, kind: str, text_field: str, label_field: str) -> TextDataset:
+    """The data file as texts (or word lists) and label names (or tag lists), labels indexed by sorted name."""
+    table = read_table(path)
+    for f in (text_field, label_field):
+        if f not in table.columns:
+            raise RegmeanError(f"{path}: no column {f!r}; columns are {', '.join(map(str, table.columns))}")
+    table = table.dropna(subset=[text_field, label_field])
+    if table.empty:
+        raise RegmeanError(f"{path}: no rows with both {text_field!r} and {label_field!r}")
+    texts, labels = table[text_field].tolist(), table[label_field].tolist()
+    if kind == "token":
+        for i, (words, tags) in enumerate(zip(texts, labels, strict=True)):
+            if not _string_list(words) or not _string_list(tags) or len(words) != len(tags):
+                raise RegmeanError(
+                    f"{path}: row {i + 1}: {text_field!r} and {label_field!r} must be lists of strings of one length"
+                )
+        names = sorted({str(t) for tags in labels for t in tags})
+        tag_ids = [[names.index(str(t)) for t in tags] for tags in labels]
+        return TextDataset(path.stem, [list(map(str, w)) for w in texts], tag_ids, names, token_level=True)
+    names = sorted({str(y) for y in labels})
+    return TextDataset(path.stem, [str(t) for t in texts], [names.index(str(y)) for y in labels], names)
+
+
+def _string_list(value) -> bool:
+    return hasattr(value, "__len__") and not isinstance(value, str) and all(isinstance(v, str) for v in value)
+
+
+def check_labels(models: list[Path], data: TextDataset, data_path: Path) -> list[str]:
+    """The label names every model shares (the data's first, in order), refusing models whose sets differ from the
+    first model's and data labels no model has."""
+    sets = {m: label_names(m) for m in models}
+    first = set(sets[models[0]])
+    for m in models[1:]:
+        if set(sets[m]) != first:
+            raise RegmeanError(
+                f"{m}: labels {sorted(sets[m])} differ from {models[0]}'s {sorted(first)}; score them separately"
+            )
+    unknown = sorted(set(data.label_names) - first)
+    if unknown:
+        raise RegmeanError(f"{data_path}: labels {unknown} are not among the models' {sorted(first)}")
+    return data.label_names + sorted(first - set(data.label_names))
+
+
+def classification_scores(
+    model: Path, data: TextDataset, names: list[str], per_label: bool, **options
+) -> dict[str, float]:
+    """The bench's scores for one classifier, its logits reordered to `names` (the model's labels by name)."""
+    own = label_names(model)
+    order = torch.tensor([own.index(n) for n in names])
+    logits = [lg[..., order] for lg in predict(model, data, **options)]
+    named = TextDataset(data.name, data.texts, data.labels, names, token_level=data.token_level)
+    metrics = score(named, logits)
+    if per_label and not data.token_level:
+        predicted = [int(lg.argmax()) for lg in logits]
+        metrics |= {f"f1[{n}]": f for n, f in per_label_f1(data.labels, predicted, names).items()}
+    return metrics
+
+
+def perplexity(model_dir: Path, kind: str, texts: list[str], targets: list[str] | None, **options) -> float:
+    """exp of the mean negative log-likelihood per predicted token over the data (padding masked); seq2seq models
+    score the targets given the texts."""
+    from regmean.loading import load_model, load_tokenizer
+
+    device, batch_size, max_length = options["device"], options["batch_size"], options["max_length"]
+    model, tok = load_model(model_dir, device=device), load_tokenizer(model_dir)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "right"  # left padding would shift the positions of models without position ids
+    total, tokens = 0.0, 0
+    with torch.inference_mode():
+        for start in range(0, len(texts), batch_size):
+            enc = _encoded(tok, texts[start : start + batch_size], max_length, device)
+            if kind == "seq2seq":
+                lab = _encoded(tok, targets[start : start + batch_size], max_length, device)
+                labels = lab["input_ids"].masked_fill(lab["attention_mask"] == 0, -100)
+                logits = model(**enc, labels=labels).logits
+            else:
+                labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+                logits, labels = model(**enc).logits[:, :-1], labels[:, 1:]
+            nll = torch.nn.functional.cross_entropy(
+                logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum"
+            )
+            total, tokens = total + float(nll), tokens + int((labels != -100).sum())
+    if tokens == 0:
+        raise RegmeanError(f"{model_dir}: no token to score (the texts are empty after tokenisation)")
+    return math.exp(total / tokens)
+
+
+def _encoded(tok, texts: list[str], max_length: int, device: str) -> dict[str, torch.Tensor]:
+    """Token ids and attention mask only (a tokenizer's token_type_ids would be added to a GPT-2's embeddings)."""
+    enc = tok(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    return {"input_ids": enc["input_ids"].to(device), "attention_mask": enc["attention_mask"].to(device)}
+
+
+def evaluate(
+    models: list[Path],
+    data: Path,
+    text_field: str = "text",
+    label_field: str = "label",
+    target_field: str | None = None,
+    per_label: bool = False,
+    device: str = "cpu",
+    batch_size: int = 32,
+    max_length: int = 128,
+    progress: bool = True,
+) -> list[Scores]:
+    """Every model's scores on the data file, in the order given (all models must be of one kind)."""
+    kinds = {m: model_kind(m) for m in models}
+    kind = kinds[models[0]]
+    other = next((m for m in models if kinds[m] != kind), None)
+    if other is not None:
+        raise RegmeanError(f"{other}: a {kinds[other]} model, {models[0]} is a {kind} one; score them separately")
+    options = {"device": device, "batch_size": batch_size, "max_length": max_length}
+    out = []
+    with Progress(disable=not progress, transient=True) as bar:
+        task = bar.add_task("evaluating", total=len(models))
+        if kind in ("sequence", "token"):
+            labelled = read_labelled(data, kind, text_field, label_field)
+            names = check_labels(models, labelled, data)
+            for m in models:
+                out.append(Scores(str(m), kind, classification_scores(m, labelled, names, per_label, **options)))
+                bar.advance(task)
+        else:
+            texts, targets = _lm_texts(data, kind, text_field, target_field)
+            for m in models:
+                out.append(Scores(str(m), kind, {"perplexity": perplexity(m, kind, texts, targets, **options)}))
+                bar.advance(task)
+    return out
+
+
+def _lm_texts(path: Path, kind: str, text_field: str, target_field: str | None) -> tuple[list[str], list | None]:
+    table = read_table(path)
+    fields = [text_field] + ([target_field] if kind == "seq2seq" else [])
+    if kind == "seq2seq" and target_field is None:
+        raise RegmeanError(f"{path}: a sequence-to-sequence model scores targets: give --target-field")
+    for f in fields:
+        if f not in table.columns:
+            raise RegmeanError(f"{path}: no column {f!r}; columns are {', '.join(map(str, table.columns))}")
+    table = table.dropna(subset=fields)
+    if table.empty:
+        raise RegmeanError(f"{path}: no rows with {' and '.join(map(repr, fields))}")
+    targets = table[target_field].astype(str).tolist() if kind == "seq2seq" else None
+    return table[text_field].astype(str).tolist(), targets
