@@ -7,6 +7,7 @@ use torchrun's standard rendezvous (`--nnodes`, `--rdzv-endpoint`). Backends: NC
 
 from __future__ import annotations
 
+import atexit
 import os
 import signal
 from collections.abc import Sequence
@@ -39,7 +40,16 @@ def init_from_env(device: str) -> str:
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     timeout = timedelta(seconds=int(os.environ.get("REGMEAN_DIST_TIMEOUT", "1800")))
     dist.init_process_group(backend="nccl" if cuda else "gloo", timeout=timeout)
+    atexit.register(_leave)
     return device
+
+
+def _leave() -> None:
+    """Tear the process group down before the interpreter exits: left to exit, its communication threads can be
+    destroyed while still joinable, which aborts the process after its work is done ("terminate called without an
+    active exception")."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _exit_on_sigterm(signum: int, frame: object) -> None:
