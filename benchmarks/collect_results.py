@@ -1,5 +1,6 @@
-"""Copy each finished suite's report and plots from runs/ into docs/results/ (what docs/results.md shows), and write
-docs/results/claims.md: the paper's claims checked across the suites.
+"""Copy each finished suite's report, plots and results.json from runs/ into docs/results/ (what docs/results.md
+shows), and write docs/results/claims.md: the paper's claims checked across the suites. To add seeds later, in any
+checkout: `mkdir -p runs/SUITE && cp docs/results/SUITE/results.json runs/SUITE/`, then `regmean bench SUITE`.
 
 python benchmarks/collect_results.py [RUNS_DIR]
 """
@@ -50,7 +51,9 @@ def main() -> None:
             continue
         dst = docs / suite
         dst.mkdir(parents=True, exist_ok=True)
-        for file in [src / "report.md", src / "results.csv", *src.glob("*.png"), *src.glob("incremental.csv")]:
+        # results.json too: the finished seeds, so that a later checkout resumes the suite (copy it back to runs/)
+        files = [src / "report.md", src / "results.csv", src / "results.json", *src.glob("*.png")]
+        for file in [*files, *src.glob("incremental.csv")]:
             shutil.copy2(file, dst / file.name)
         found[suite] = pd.read_csv(src / "results.csv")
         print(f"{suite}: copied to {dst}")

