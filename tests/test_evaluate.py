@@ -139,3 +139,26 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path):
         assert result.exit_code != 0 and says in result.output, (says, result.output)
         assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1, result.output
     assert (tmp_path / "taken.json").read_text() == "{}"
+
+
+def test_seq2seq_perplexity_scores_the_targets_given_the_texts(tmp_path):
+    path = save_model(build_model("t5", "T5ForConditionalGeneration", 1), tmp_path / "t5")
+    targets = [f"answer {i}" for i in range(len(TEXTS))]
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"q": t, "a": a}) + "\n" for t, a in zip(TEXTS, targets, strict=True)))
+    args = ["evaluate", str(path), "--data", str(data), "--text-field", "q"]
+    missing = runner.invoke(app, args)
+    assert missing.exit_code != 0 and "--target-field" in missing.output
+    result = runner.invoke(app, [*args, "--target-field", "a", "--json", str(tmp_path / "s.json")])
+    assert result.exit_code == 0, result.output
+    from regmean.loading import load_model
+
+    model, tok = load_model(path), load_tokenizer(path)
+    total = tokens = 0
+    with torch.no_grad():
+        for text, target in zip(TEXTS, targets, strict=True):
+            labels = tok(target, return_tensors="pt")["input_ids"]
+            loss = model(input_ids=tok(text, return_tensors="pt")["input_ids"], labels=labels).loss
+            total, tokens = total + float(loss) * labels.shape[1], tokens + labels.shape[1]
+    got = json.loads((tmp_path / "s.json").read_text())[0]["perplexity"]
+    assert math.isclose(got, math.exp(total / tokens), rel_tol=1e-4)
