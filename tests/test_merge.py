@@ -369,6 +369,7 @@ def test_device_option_cpu_is_the_default_and_a_missing_device_is_refused_before
     ties.write_text(yaml.safe_dump({"method": "ties", "models": models, "base_model": models[0]["path"]}))
     before = sorted(p.name for p in tmp_path.iterdir())
     cases = [(config, "cuda:7", "device 'cuda:7'"), (config, "gpu", "not a device name"), (ties, "cuda", "CPU only")]
+    cases.append((config, "mps", "cpu or cuda"))
     for recipe, device, says in cases:
         result = run("merge", recipe, tmp_path / "out", "--device", device)
         assert result.exit_code != 0 and says in result.output and "Traceback" not in result.output, result.output

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Annotated, NoReturn
 
 import click
+import torch
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -48,7 +49,7 @@ def _reports_errors(command: Callable) -> Callable:
             _fail(exc.problems)
         except OSError as exc:
             _fail([f"{exc.filename or 'a file'}: {exc.strerror or exc}; nothing was written"])
-        except MemoryError:
+        except (MemoryError, torch.OutOfMemoryError):
             _fail(["out of memory; nothing was written (lower --batch-size, or see the plan with --dry-run)"])
         except KeyboardInterrupt:
             _fail(["interrupted; nothing was written"], 130)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Annotated
 
@@ -51,7 +52,10 @@ def evaluate(
     Console(markup=False).print(table)
     rows = [{"model": s.model, "kind": s.kind, **s.metrics} for s in scores]
     if json_out is not None:
-        json_out.write_text(json.dumps(rows, indent=2) + "\n")
+        finite = [
+            {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in r.items()} for r in rows
+        ]
+        json_out.write_text(json.dumps(finite, indent=2) + "\n")  # inf (a broken model) as null: standard JSON
     if csv_out is not None:
         import pandas as pd
 
@@ -62,3 +66,8 @@ def _cell(column: str, value: float | None) -> str:
     if value is None:
         return "-"
     return f"{value:.2f}" if column == "perplexity" else f"{100 * value:.1f}"
+
+
+def _json_number(value):
+    """inf (a broken model's perplexity) as null: standard JSON has no infinity."""
+    return None if isinstance(value, float) and not math.isfinite(value) else value

@@ -116,19 +116,17 @@ def classification_scores(
 def perplexity(model_dir: Path, kind: str, texts: list[str], targets: list[str] | None, **options) -> float:
     """exp of the mean negative log-likelihood per predicted token over the data (padding masked); seq2seq models
     score the targets given the texts."""
-    from regmean.loading import load_model, load_tokenizer
+    from regmean.loading import check_positions, load_model, load_tokenizer
 
     device, batch_size, max_length = options["device"], options["batch_size"], options["max_length"]
-    model, tok = load_model(model_dir, device=device), load_tokenizer(model_dir)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    tok.padding_side = "right"  # left padding would shift the positions of models without position ids
+    model, tok = load_model(model_dir, device=device), load_tokenizer(model_dir)  # (pad token set, right padding)
     total, tokens = 0.0, 0
     with torch.inference_mode():
         for start in range(0, len(texts), batch_size):
             enc = _encoded(tok, texts[start : start + batch_size], max_length, device)
+            check_positions(model.config, enc["input_ids"].shape[-1])
             if kind == "seq2seq":
-                lab = _encoded(tok, targets[start : start + batch_size], max_length, device)
+                lab = _encoded(tok, targets[start : start + batch_size], max_length, device, target=True)
                 labels = lab["input_ids"].masked_fill(lab["attention_mask"] == 0, -100)
                 logits = model(**enc, labels=labels).logits
             else:
@@ -140,12 +138,15 @@ def perplexity(model_dir: Path, kind: str, texts: list[str], targets: list[str] 
             total, tokens = total + float(nll), tokens + int((labels != -100).sum())
     if tokens == 0:
         raise RegmeanError(f"{model_dir}: no token to score (the texts are empty after tokenisation)")
-    return math.exp(total / tokens)
+    mean = total / tokens
+    return math.exp(mean) if mean < 700 else math.inf  # a broken model scores inf, not an overflow
 
 
-def _encoded(tok, texts: list[str], max_length: int, device: str) -> dict[str, torch.Tensor]:
-    """Token ids and attention mask only (a tokenizer's token_type_ids would be added to a GPT-2's embeddings)."""
-    enc = tok(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+def _encoded(tok, texts: list[str], max_length: int, device: str, target: bool = False) -> dict[str, torch.Tensor]:
+    """Token ids and attention mask only (a tokenizer's token_type_ids would be added to a GPT-2's embeddings);
+    `target`: encoded as targets (tokenizers with a target vocabulary use it)."""
+    kwargs = {"text_target": texts} if target else {"text": texts}
+    enc = tok(**kwargs, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
     return {"input_ids": enc["input_ids"].to(device), "attention_mask": enc["attention_mask"].to(device)}
 
 

@@ -224,7 +224,7 @@ class StatisticsFile:
         d = shape[0] if len(shape) == 1 else -1
         dtype = STORED_NAMES[FLOATS[self.dtype]]
         gram = (f"{name}::gram_upper", (d * (d + 1) // 2,)) if self._packed(name) else (f"{name}::gram", (d, d))
-        expected = {gram[0]: (dtype, gram[1]), f"{name}::sum": (dtype, (d,)), f"{name}::count": ("I64", (1,))}
+        expected = {f"{name}::sum": (dtype, (d,)), gram[0]: (dtype, gram[1]), f"{name}::count": ("I64", (1,))}
         for key, (want_dtype, want_shape) in expected.items():
             if key not in handle or handle.dtype(key) != want_dtype or handle.shape(key) != want_shape:
                 found = (handle.dtype(key), handle.shape(key)) if key in handle else "nothing"

@@ -84,8 +84,15 @@ def _finished(path: Path, settings: dict) -> Results:
     return Results(earlier["rows"], earlier["times"], earlier["curves"])
 
 
+def _is_packaged(base: Path) -> bool:
+    try:
+        return base == packaged_minilm()
+    except RegmeanError:  # not installed: a --base of one's own
+        return False
+
+
 def _describe(s: Settings) -> dict:
     d = {k: v for k, v in asdict(s).items() if k not in ("log", "work", "base", "keep_work")}
     # the packaged model by name, not by where this checkout's venv holds it: a run resumes in another checkout
-    d["base"] = PACKAGED if s.base == packaged_minilm() else str(s.base)
+    d["base"] = PACKAGED if _is_packaged(s.base) else str(s.base)
     return json.loads(json.dumps(d, default=str))

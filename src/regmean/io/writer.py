@@ -36,7 +36,8 @@ class ShardedWriter:
         """`create`: make the shards; otherwise write into the shards another process made with the same layout
         (the shard names and offsets follow from the layout alone)."""
         self.folder = folder
-        self.folder.mkdir(parents=True, exist_ok=True)
+        if create:  # (a process attaching to shards another made must not re-create a folder removed meanwhile)
+            self.folder.mkdir(parents=True, exist_ok=True)
         groups: list[Layout] = [{}]
         filled = 0
         for name, (dtype, shape) in layout.items():

@@ -93,6 +93,8 @@ def check_device_method(method: str, device: str) -> None:
     if kind != "cpu" and not METHODS[method].runs_on_device:
         on_device = ", ".join(name for name, cls in METHODS.items() if cls.runs_on_device)
         raise RegmeanError(f"--device {device}: method {method} merges on the CPU only ({on_device} run on a device)")
+    if kind not in ("cpu", "cuda"):  # the solves are float64, which e.g. MPS lacks
+        raise RegmeanError(f"--device {device}: merges run on cpu or cuda[:N]")
     check_device(device)
 
 

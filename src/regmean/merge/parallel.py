@@ -11,6 +11,7 @@ complete is left.
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 
 import torch.distributed as dist
@@ -27,6 +28,7 @@ from regmean.merge.staging import check_output_dir, staged_output
 from regmean.methods import METHODS
 from regmean.methods.base import Computed, MergeMethod, Step
 
+FINISH_TIMEOUT = timedelta(days=7)
 SECONDS_PER_FLOP = 1 / 50e9
 SECONDS_PER_BYTE = 1 / 1e9
 """Relative weights of arithmetic and reading when steps are divided (a CPU's order of magnitude: only the
@@ -69,6 +71,8 @@ def merge_on_ranks(
         raise RegmeanError(f"method {config.method} runs in one process; drop --nproc / torchrun")
     rank, ranks = distributed.rank(), distributed.world_size()
     check_output_dir(check_output_path(out_dir, sources), force)  # on every rank: all fail alike, before any work
+    # the last exchange waits for the slowest rank, however long its share takes
+    finish_group = _collective(dist.new_group, backend="gloo", timeout=FINISH_TIMEOUT)
     inputs = open_inputs(config)
     plan, method, steps, layouts = planned(inputs, log if rank == 0 else None)
     mine = [(n, steps[n]) for n in divide(steps, ranks)[rank]]
@@ -76,7 +80,7 @@ def merge_on_ranks(
         staged = _shared([None])
         writers = _writers(output_folders(inputs, staged), layouts, shard_bytes, create=False)
         results = run(method, mine, writers, heads=False)
-        _gather(writers, results)
+        _gather(writers, results, finish_group)
         return None
     with staged_output(out_dir, force, sources, log) as staged:
         check_free_space(staged, plan.write_bytes, "the merged model")
@@ -84,7 +88,7 @@ def merge_on_ranks(
         writers = _writers(folders, layouts, shard_bytes, create=True)
         _shared([staged])
         results = run(method, mine, writers, heads=True)
-        report = _finish(method, writers, results)
+        report = _finish(method, writers, results, finish_group)
         finish_folders(inputs, folders, staged, report)
     return report
 
@@ -93,26 +97,36 @@ def _writers(folders: list[Path], layouts: list, shard_bytes: int, create: bool)
     return [ShardedWriter(f, layout, shard_bytes, create=create) for f, layout in zip(folders, layouts, strict=True)]
 
 
+def _collective(call: Callable, *args, **kwargs):
+    """A collective call; a peer that died or failed shows here as a broken connection: said as such."""
+    try:
+        return call(*args, **kwargs)
+    except RuntimeError as exc:  # (torch's DistBackendError is one)
+        raise RegmeanError(
+            f"another process of the merge failed or was stopped (see its error); nothing was written ({exc})"
+        ) from exc
+
+
 def _shared(value: list) -> Path:
     """Rank 0's staging folder, known to every rank once rank 0 has created the shards in it."""
-    dist.broadcast_object_list(value, src=0)
+    _collective(dist.broadcast_object_list, value, src=0)
     return Path(value[0])
 
 
-def _gather(writers: list[ShardedWriter], results: dict[int, Computed]) -> list:
+def _gather(writers: list[ShardedWriter], results: dict[int, Computed], group) -> list:
     """Send this rank's written bytes and diagnostics to rank 0 (after its files are flushed)."""
     for w in writers:
         w.close()
     sent = ([w.written() for w in writers], results)
     gathered: list = [None] * distributed.world_size() if distributed.rank() == 0 else []
-    dist.gather_object(sent, gathered if distributed.rank() == 0 else None, dst=0)
+    _collective(dist.gather_object, sent, gathered if distributed.rank() == 0 else None, dst=0, group=group)
     return gathered
 
 
-def _finish(method: MergeMethod, writers: list[ShardedWriter], results: dict[int, Computed]) -> MergeReport:
+def _finish(method: MergeMethod, writers: list[ShardedWriter], results: dict[int, Computed], group) -> MergeReport:
     """Rank 0: every rank's writes and diagnostics, the shards completed and named, the report in step order."""
     everything = dict(results)
-    for written, share in _gather(writers, {})[1:]:
+    for written, share in _gather(writers, {}, group)[1:]:
         for w, counts in zip(writers, written, strict=True):
             w.add_written(counts)
         everything.update(share)
