@@ -45,7 +45,7 @@ class MergePlan:
     working_bytes: int
     """The largest step's working set (e.g. one site's K Grams and its layers' K weights in float64)."""
     prefetch_bytes: int
-    """The largest step's raw inputs, which the reader thread loads while the previous step computes."""
+    """The largest step's inputs as loaded, which the reader thread holds while the previous step computes."""
     runtime_bytes: int
     device: str = "cpu"
 
@@ -91,7 +91,7 @@ def make_plan(
         flops=sum(step.cost.flops for step in steps),
         write_bytes=sum(layout_bytes(layout) for layout in layouts),
         working_bytes=max((step.cost.working_bytes for step in steps), default=0),
-        prefetch_bytes=max((step.cost.read_bytes for step in steps), default=0),
+        prefetch_bytes=max((step.cost.read_bytes + step.cost.unpacked_bytes for step in steps), default=0),
         runtime_bytes=current_rss(),
         device=device,
     )

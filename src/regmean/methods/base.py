@@ -70,6 +70,8 @@ class Cost:
     flops: float = 0.0
     streamed_bytes: int = 0
     """Read a block at a time inside the step, never held whole (e.g. TIES' threshold passes)."""
+    unpacked_bytes: int = 0
+    """What the raw inputs grow by once loaded (format-2 Grams unpacked to whole matrices): held, not read."""
 
 
 @dataclass(frozen=True, kw_only=True)

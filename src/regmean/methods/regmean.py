@@ -148,13 +148,16 @@ class RegMean(Average):
         weight_bytes = sum(math.prod(first.shapes[key]) * itemsize(first.dtype(key)) for key in keys)
         outputs = [la.weight_key for la in layers] + [la.bias_key for la in layers if joint and la.bias_key]
         # K Grams unpacked; one float64 Gram being added, the system and its factor; K float64 weights, their
-        # average, the right-hand side and the solution. Products G_i D_i^T, the factorisation, the solves; the
-        # diagnostics (K errors and the residual) on the checked rows.
+        # average, one deviation, the right-hand side, the solution, the solve's copy of it and the merged weights.
+        # Products G_i D_i^T, the factorisation, the solves; the diagnostics (K errors and the residual) on the
+        # checked rows.
         checked = d_out if self.settings.diagnostics == "exact" else max(MIN_SAMPLED_ROWS, SAMPLED_FRACTION * d_out)
+        stored = self._stored_gram_bytes(sites)
         cost = Cost(
-            self._stored_gram_bytes(sites) + k * weight_bytes,
-            gram_bytes * k * d * d + 8 * 3 * d * d + 8 * (k + 3) * d_out * d,
+            stored + k * weight_bytes,
+            gram_bytes * k * d * d + 8 * 3 * d * d + 8 * (k + 6) * d_out * d,
             2.0 * k * d * d * d_out + d**3 / 3 + 2.0 * d * d * d_out + 2.0 * (2 * k + 1) * d * d * min(checked, d_out),
+            unpacked_bytes=max(0, gram_bytes * k * (d - 1) * (d - 1) - stored),
         )
         return SiteStep(outputs=tuple(outputs), cost=cost, sites=sites, layers=tuple(layers))
 
