@@ -151,7 +151,7 @@ def peer_merge(models: list[Path], stats: list[Path], modules: list[str], out_fi
         for g in grams[site]:
             diag = torch.diag(torch.diagonal(g))
             shrunk.append(ALPHA * g + (1 - ALPHA) * diag)
-        inverse = torch.inverse(sum(shrunk))
+        inverse = torch.inverse(sum(shrunk))  # deliberately: the peers' way, measured against ours
         key = f"{module}.weight"
         rhs = sum(g @ s[key].T for g, s in zip(shrunk, states, strict=True))
         merged[key] = (inverse @ rhs).T.contiguous()

@@ -15,17 +15,15 @@ import click
 import torch
 import typer
 from rich.console import Console
-from rich.table import Table
 
-from regmean.cli_evaluate import evaluate as evaluate_command
+from regmean.cli_show import evaluate as evaluate_command
+from regmean.cli_show import stats_show
 from regmean.errors import RegmeanError, one_line
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Dataless knowledge fusion with RegMean.")
 stats_app = typer.Typer(no_args_is_help=True, help="Inspect and combine statistics files.")
 app.add_typer(stats_app, name="stats")
 console = Console(stderr=True, markup=False)  # paths and texts from users are never read as markup
-SHOWN_RECORDS = 20
-"""Provenance records `stats show` prints (all stay in the file)."""
 
 
 def _fail(problems: list[str], code: int = 2) -> NoReturn:
@@ -274,47 +272,6 @@ def merge(
     console.print(f"wrote {out_dir} ({result.method}{detail})")
 
 
-@stats_app.command("show")
-@_reports_errors
-def stats_show(path: Annotated[Path, typer.Argument(help="Statistics folder or file")]) -> None:
-    """Sites, shapes, counts, dtype and provenance of a statistics file."""
-    from regmean.io.metadata import describe_record
-    from regmean.stats import StatisticsFile
-    from regmean.units import human
-
-    st = StatisticsFile(path)
-    out = Console(markup=False)
-    library, version = one_line(st.meta.get("library", "?"), 60), one_line(st.meta.get("format_version", "?"), 20)
-    out.print(f"{st.path}  ({library}, format {version})", style="bold")
-    out.print(
-        f"model: {one_line(st.fingerprint['architecture'], 120)}  weights {one_line(st.fingerprint['weights'], 64)}"
-    )
-    out.print(f"dtype: {st.dtype}   examples: {st.examples}   tokens: {st.tokens}")
-    out.print(f"size: {human(st.nbytes)} in {len(st.files)} file(s), Grams stored {st.gram_layout}")
-    out.print(f"masking: {one_line(st.masking, 300)}")
-    for rec in st.provenance[:SHOWN_RECORDS]:  # bounded output, however long the provenance
-        out.print(f"provenance: {describe_record(rec)}")
-    if len(st.provenance) > SHOWN_RECORDS:
-        out.print(f"provenance: ... and {len(st.provenance) - SHOWN_RECORDS} more records")
-    table = Table()
-    table.add_column("site", overflow="fold", ratio=3)
-    table.add_column("shape", no_wrap=True, min_width=11)
-    table.add_column("rows", no_wrap=True, justify="right", min_width=8)
-    table.add_column("modules (under the site's parent)", overflow="fold", ratio=2)
-    by_site: dict[str, list[str]] = {}
-    for module, site in st.modules.items():
-        by_site.setdefault(site, []).append(module)
-    for site in st.site_names:
-        parent = site.rpartition(".")[0] + "."
-        names = [m.removeprefix(parent) if parent != "." else m for m in by_site[site]]
-        shape = "x".join(map(str, st.site_shape(site)))
-        table.add_row(one_line(site, 200), shape, str(st.count(site)), one_line(", ".join(names), 300))
-    out.print(table)
-    if st.skipped:
-        module, reason = next(iter(st.skipped.items()))
-        out.print(f"not measured: {len(st.skipped)} modules, e.g. {one_line(module, 120)}: {one_line(reason, 120)}")
-
-
 @stats_app.command("combine")
 @_reports_errors
 def stats_combine(
@@ -366,6 +323,7 @@ class Terminated(BaseException):
 
 
 app.command("evaluate")(_reports_errors(evaluate_command))
+stats_app.command("show")(_reports_errors(stats_show))
 
 
 def _interrupt(signum: int, frame: object) -> None:

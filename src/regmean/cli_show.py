@@ -1,4 +1,5 @@
-"""The `regmean evaluate` command: model folders scored side by side on a labelled file (registered in cli.py)."""
+"""Commands that read and show: `regmean evaluate` (model folders scored side by side on a labelled file) and
+`regmean stats show`; registered in cli.py."""
 
 from __future__ import annotations
 
@@ -11,7 +12,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from regmean.errors import RegmeanError
+from regmean.errors import RegmeanError, one_line
+
+SHOWN_RECORDS = 20
+"""Provenance records `stats show` prints (all stay in the file)."""
 
 
 def evaluate(
@@ -71,3 +75,42 @@ def _cell(column: str, value: float | None) -> str:
 def _json_number(value):
     """inf (a broken model's perplexity) as null: standard JSON has no infinity."""
     return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def stats_show(path: Annotated[Path, typer.Argument(help="Statistics folder or file")]) -> None:
+    """Sites, shapes, counts, dtype and provenance of a statistics file."""
+    from regmean.io.metadata import describe_record
+    from regmean.stats import StatisticsFile
+    from regmean.units import human
+
+    st = StatisticsFile(path)
+    out = Console(markup=False)
+    library, version = one_line(st.meta.get("library", "?"), 60), one_line(st.meta.get("format_version", "?"), 20)
+    out.print(f"{st.path}  ({library}, format {version})", style="bold")
+    out.print(
+        f"model: {one_line(st.fingerprint['architecture'], 120)}  weights {one_line(st.fingerprint['weights'], 64)}"
+    )
+    out.print(f"dtype: {st.dtype}   examples: {st.examples}   tokens: {st.tokens}")
+    out.print(f"size: {human(st.nbytes)} in {len(st.files)} file(s), Grams stored {st.gram_layout}")
+    out.print(f"masking: {one_line(st.masking, 300)}")
+    for rec in st.provenance[:SHOWN_RECORDS]:  # bounded output, however long the provenance
+        out.print(f"provenance: {describe_record(rec)}")
+    if len(st.provenance) > SHOWN_RECORDS:
+        out.print(f"provenance: ... and {len(st.provenance) - SHOWN_RECORDS} more records")
+    table = Table()
+    table.add_column("site", overflow="fold", ratio=3)
+    table.add_column("shape", no_wrap=True, min_width=11)
+    table.add_column("rows", no_wrap=True, justify="right", min_width=8)
+    table.add_column("modules (under the site's parent)", overflow="fold", ratio=2)
+    by_site: dict[str, list[str]] = {}
+    for module, site in st.modules.items():
+        by_site.setdefault(site, []).append(module)
+    for site in st.site_names:
+        parent = site.rpartition(".")[0] + "."
+        names = [m.removeprefix(parent) if parent != "." else m for m in by_site[site]]
+        shape = "x".join(map(str, st.site_shape(site)))
+        table.add_row(one_line(site, 200), shape, str(st.count(site)), one_line(", ".join(names), 300))
+    out.print(table)
+    if st.skipped:
+        module, reason = next(iter(st.skipped.items()))
+        out.print(f"not measured: {len(st.skipped)} modules, e.g. {one_line(module, 120)}: {one_line(reason, 120)}")
