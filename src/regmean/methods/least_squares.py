@@ -99,7 +99,8 @@ def regmean_solve(
 
     gram_scale [K] multiplies each Gram (model weight, divided by the row count for `mean` weighting);
     avg_weights [K] defines the weighted average the solve starts from. One model at a time: memory holds the
-    inputs plus about four d_in x d_in float64 matrices.
+    inputs plus three d_in x d_in float64 matrices (one Gram being added, the system, its factor) and the
+    weight-sized ones the plan counts.
     """
     average = weighted_average([w.to(torch.float64) for w in weights], avg_weights)
     delta = torch.empty_like(average)
