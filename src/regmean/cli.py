@@ -64,9 +64,12 @@ def _reports_errors(command: Callable) -> Callable:
 @app.command()
 @_reports_errors
 def measure(
-    model_dir: Annotated[Path, typer.Argument(help="Hugging Face model folder (config.json + safetensors)")],
+    model_dir: Annotated[
+        Path, typer.Argument(help="Hugging Face model folder (config.json + safetensors), or a PEFT LoRA adapter")
+    ],
     data: Annotated[Path, typer.Option(help="Local data file: .jsonl, .json, .csv, .tsv or .parquet")],
     out: Annotated[Path, typer.Option(help="Folder to write statistics.safetensors into")],
+    base: Annotated[Path | None, typer.Option(help="Base model folder of a LoRA adapter MODEL_DIR")] = None,
     text_field: Annotated[str, typer.Option(help="Column holding the text")] = "text",
     text_pair_field: Annotated[str | None, typer.Option(help="Column holding the second text of a pair")] = None,
     target_field: Annotated[str | None, typer.Option(help="Decoder target column (encoder-decoder LMs)")] = None,
@@ -104,7 +107,7 @@ def measure(
     if max_memory is not None and out.suffix == ".safetensors" and not out.is_dir():
         raise RegmeanError(f"{out}: --max-memory may write several blocks; give a folder as --out")
     device = distributed.init_from_env(device)
-    sources = [("model", model_dir), ("data file", data)]
+    sources = [("model", model_dir), ("data file", data), *([("base model", base)] if base else [])]
     # rank 0 writes: each finished block leaves memory for disk, all are shown together at the end
     writing = _on_rank0(lambda: BlockWriter(out, force, sources, console.print))
     with writing as writer:
@@ -126,6 +129,7 @@ def measure(
             max_stats_bytes=None if max_memory is None else parse_size(max_memory, "--max-memory"),
             on_block=writer.write if writer else lambda *_: None,
             allow_pickle=allow_pickle,
+            base=base,
         )
         if writer is None:
             return

@@ -3,6 +3,7 @@ architecture needs (transformers would initialise a missing one at random and ca
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -42,6 +43,31 @@ def load_model(model_dir: str | Path, device: str = "cpu", dtype: torch.dtype | 
             f"shape), e.g. {absent[0]}; transformers would initialise them at random. Use the matching model folder"
         )
     return model.to(device).eval()
+
+
+def load_adapted(ckpt, device: str = "cpu", dtype: torch.dtype | None = None):
+    """The model a Checkpoint or AdaptedCheckpoint holds, in eval mode: a LoRA adapter is loaded by peft over its
+    base and merged into the base's weights in memory (the same function as base + adapter, one weight per layer)."""
+    from regmean.io.adapter import AdaptedCheckpoint
+
+    if not isinstance(ckpt, AdaptedCheckpoint):
+        return load_model(ckpt.path, device, dtype)
+    import peft
+
+    model = load_model(ckpt.base.path, device, dtype)
+    try:
+        with quiet_transformers():
+            adapted = peft.PeftModel.from_pretrained(model, str(ckpt.path), is_trainable=False)
+    except Exception as exc:  # peft raises many types for adapters it cannot load
+        raise RegmeanError(f"{ckpt.path}: cannot load the adapter ({one_line(str(exc), 300)})") from exc
+    return adapted.merge_and_unload().eval()
+
+
+def tokenizer_folder(folders: Sequence[Path]) -> Path:
+    """The last of a model's folders that holds a vocabulary: an adapter's own tokenizer (saved with its added
+    tokens) before its base model's."""
+    with_vocabulary = [f for f in folders if any(any(Path(f).glob(p)) for p in VOCABULARY_FILES)]
+    return with_vocabulary[-1] if with_vocabulary else folders[-1]
 
 
 def load_tokenizer(model_dir: str | Path):

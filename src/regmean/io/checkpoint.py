@@ -18,6 +18,7 @@ SAFETENSORS_SINGLE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 PICKLE_SINGLE = "pytorch_model.bin"
 PICKLE_INDEX = "pytorch_model.bin.index.json"
+ADAPTER_CONFIG = "adapter_config.json"
 
 
 class Checkpoint:
@@ -32,6 +33,11 @@ class Checkpoint:
         self.path = Path(path)
         if not self.path.is_dir():
             raise RegmeanError(f"{self.path}: model folder not found")
+        if (self.path / ADAPTER_CONFIG).is_file():
+            raise RegmeanError(
+                f"{self.path}: a LoRA adapter, not a model folder; this command needs a full model "
+                "(merge the adapter into its base with peft's merge_and_unload and save that)"
+            )
         self.config: dict = read_model_config(self.path)
         archs = self.config.get("architectures")
         if archs is not None and not (isinstance(archs, list) and all(isinstance(a, str) for a in archs)):
@@ -100,6 +106,11 @@ class Checkpoint:
         return handle
 
     # -- access ------------------------------------------------------------------------------------
+    @property
+    def folders(self) -> tuple[Path, ...]:
+        """Where the model's config and tokenizer files are."""
+        return (self.path,)
+
     @property
     def architecture(self) -> str:
         archs = self.config.get("architectures") or []

@@ -15,9 +15,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from regmean import distributed, dtypes
 from regmean.devices import check_device
 from regmean.errors import RegmeanError
-from regmean.io.checkpoint import Checkpoint
+from regmean.io.adapter import open_model
 from regmean.io.data import Example
-from regmean.loading import load_model, load_tokenizer
+from regmean.loading import load_adapted, load_tokenizer, tokenizer_folder
 from regmean.measure.accumulate import Accumulator
 from regmean.measure.batching import Batch, make_batches
 from regmean.measure.sites import Site, detect_sites, select_modules, site_blocks
@@ -41,6 +41,7 @@ def measure(
     max_stats_bytes: int | None = None,
     on_block: Callable[[Statistics, int, int], None] | None = None,
     allow_pickle: bool = False,
+    base: str | Path | None = None,
 ) -> Statistics:
     """Measure the statistics of every (selected) linear layer's input over `examples`.
 
@@ -49,17 +50,18 @@ def measure(
 
     With `max_stats_bytes`, sites are measured in blocks whose sums fit, one pass over the data per block; each
     finished block goes to `on_block(statistics, index, count)` (e.g. to be written) instead of staying in memory.
-    A pickle checkpoint (`pytorch_model.bin`) is refused unless `allow_pickle`.
+    A pickle checkpoint (`pytorch_model.bin`) is refused unless `allow_pickle`. `model_dir` may be a LoRA adapter
+    folder over the base model folder `base` (or the one its config names, if local).
     """
     sums = dtypes.named(stats_dtype, dtypes.STATISTICS, "stats dtype")
     forward = dtypes.named(model_dtype, dtypes.FLOATS, "model dtype")
     if not examples:
         raise RegmeanError("no examples to measure on")
     check_device(device)
-    checkpoint = Checkpoint(model_dir, allow_pickle)
-    tokenizer = load_tokenizer(model_dir)
+    checkpoint = open_model(model_dir, base, allow_pickle)
+    tokenizer = load_tokenizer(tokenizer_folder(checkpoint.folders))
     fingerprint = checkpoint.fingerprint  # reads every weight: NaN or Inf is refused before the model loads
-    model = load_model(model_dir, device, forward)
+    model = load_adapted(checkpoint, device, forward)
     modules, skipped = select_modules(model, include, exclude)
     local = distributed.shard(examples)
 
@@ -95,6 +97,7 @@ def measure(
                     "max_length": max_length,
                     "model_dtype": model_dtype,
                     "processes": distributed.world_size(),
+                    **({"adapter_of": checkpoint.base.path.name} if len(checkpoint.folders) > 1 else {}),
                     **(provenance or {}),
                 }
             part = _reduced(acc, device)

@@ -19,6 +19,7 @@ from regmean.architecture import (
     required_keys,
 )
 from regmean.errors import RegmeanError
+from regmean.io.adapter import open_model
 from regmean.io.checkpoint import Checkpoint
 from regmean.merge.config import MergeConfig
 from regmean.methods import METHODS
@@ -73,7 +74,7 @@ def open_inputs(config: MergeConfig) -> MergeInputs:
             problems.extend(exc.problems)
             return None
 
-    models = [attempt(Checkpoint, m.path, config.allow_pickle) for m in config.models]
+    models = [attempt(open_model, m.path, config.base_model, config.allow_pickle) for m in config.models]
     method = METHODS[config.method]
     kind = method.statistics
     stats = [attempt(kind.reader, m.statistics) for m in config.models] if kind else None
@@ -82,7 +83,7 @@ def open_inputs(config: MergeConfig) -> MergeInputs:
         raise RegmeanError(problems)
 
     first, first_path = models[0], config.models[0].path
-    skeleton = attempt(meta_model, first_path)
+    skeleton = attempt(meta_model, first.folders[0])
     if skeleton is None:
         raise RegmeanError(problems)
     heads = head_modules(skeleton, config.head_modules)

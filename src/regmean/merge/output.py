@@ -31,11 +31,11 @@ def output_folders(inputs: MergeInputs, staged: Path) -> list[Path]:
 def finish_folders(inputs: MergeInputs, folders: list[Path], staged: Path, report: MergeReport) -> None:
     """Config, tokenizer, model card, recipe and report next to the weights."""
     for k, folder in enumerate(folders):
-        source = Path(inputs.config.models[k].path)
-        for pattern in COPIED_PATTERNS:
-            for file in source.glob(pattern):
-                if file.is_file():
-                    shutil.copy2(file, folder / file.name)
+        for source in inputs.models[k].folders:  # an adapter's own tokenizer files over its base's
+            for pattern in COPIED_PATTERNS:
+                for file in source.glob(pattern):
+                    if file.is_file():
+                        shutil.copy2(file, folder / file.name)
         own = k if inputs.config.heads == "keep" else None
         (folder / CARD).write_text(model_card(inputs, report, own_head=own))
         _write_recipe(folder, inputs, report)
@@ -90,7 +90,8 @@ def model_card(inputs: MergeInputs, report: MergeReport, own_head: int | None = 
             )
         # the weights hash is read in full only when statistics were checked against it; not for data-free merges
         digest = ckpt.__dict__.get("fingerprint", {}).get("weights", "not computed")[:16]
-        lines.append(f"| {k} | `{entry.path}` | {entry.weight} | {digest} | {measured} |")
+        over = f" (LoRA adapter over `{ckpt.folders[0]}`)" if len(ckpt.folders) > 1 else ""
+        lines.append(f"| {k} | `{entry.path}`{over} | {entry.weight} | {digest} | {measured} |")
     lines += ["", "## Recipe", "", f"- method: `{config.method}`"]
     lines += [f"- {k}: `{v}`" for k, v in config.options.items()]
     lines.append(f"- heads: `{config.heads}` (head modules: {', '.join(inputs.heads) or 'none'})")

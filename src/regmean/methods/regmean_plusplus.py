@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 import torch
@@ -22,7 +23,7 @@ from regmean.architecture import loaded_names
 from regmean.dtypes import FLOATS, itemsize
 from regmean.errors import RegmeanError
 from regmean.io.data import load_examples
-from regmean.loading import load_model, load_tokenizer
+from regmean.loading import load_adapted, load_tokenizer, tokenizer_folder
 from regmean.measure.accumulate import Accumulator
 from regmean.measure.batching import Batch, make_batches
 from regmean.measure.sites import detect_sites, select_modules
@@ -76,13 +77,13 @@ class ModelData:
     """Provenance for the model card: the data file's name, fields, examples, tokens, max_length."""
 
 
-def model_data(entry: ModelEntry, model: nn.Module) -> ModelData:
+def model_data(entry: ModelEntry, folders: tuple[Path, ...], model: nn.Module) -> ModelData:
     """A model's data (its recipe entry's `data`), tokenised by its own tokenizer into batches for `model`'s class
     (the meta-device skeleton will do: only its config and signature are read)."""
     spec = entry.data
     fields = {"text_field": spec.text_field, "text_pair_field": spec.text_pair_field, "target_field": spec.target_field}
     examples = load_examples(spec.file, max_examples=spec.max_examples, **fields)
-    tokenizer = load_tokenizer(entry.path)
+    tokenizer = load_tokenizer(tokenizer_folder(folders))
     batches = list(make_batches(examples, tokenizer, model, spec.batch_size, spec.max_length, "cpu"))
     tokens = sum(b.tokens for b in batches)
     record = {"data": spec.file.name, **{k: v for k, v in fields.items() if v}}
@@ -106,7 +107,7 @@ class RegMeanPlusPlus(RegMean):
             absent = absent_weights(entry, ckpt, layers)
             problems += [absent] if absent else []
             try:
-                model_data(entry, inputs.skeleton)
+                model_data(entry, ckpt.folders, inputs.skeleton)
             except RegmeanError as exc:  # each problem named by its file: the data's unless it names one
                 named = (str(entry.data.file), str(entry.path))
                 problems += [p if p.startswith(named) else f"{entry.data.file}: {p}" for p in exc.problems]
@@ -123,8 +124,9 @@ class RegMeanPlusPlus(RegMean):
         """Tokenise every model's data; load the working model (the first model, in float32) and find its sites in
         one forward pass; then every unsolved tensor's averaging step, then the stages in forward order."""
         entries = self.inputs.config.models
-        self.data = [model_data(entry, self.inputs.skeleton) for entry in entries]
-        self.model = load_model(entries[0].path, "cpu", torch.float32)
+        models = self.inputs.models
+        self.data = [model_data(e, m.folders, self.inputs.skeleton) for e, m in zip(entries, models, strict=True)]
+        self.model = load_adapted(models[0], "cpu", torch.float32)
         self.params = self.model.state_dict(keep_vars=True)
         self.names = self._working_names()
         modules = [n for n in select_modules(self.model, None, None)[0] if solvable(self.inputs, n)]

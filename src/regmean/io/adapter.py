@@ -1,0 +1,232 @@
+"""A PEFT LoRA adapter folder read as the model it adapts: each adapted weight materialised on request,
+W = W_base + s B A (s = alpha / r, or alpha / sqrt(r) with rsLoRA), one tensor or row block at a time."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import torch
+
+from regmean.dtypes import STORED
+from regmean.errors import RegmeanError
+from regmean.io.checkpoint import ADAPTER_CONFIG, Checkpoint
+from regmean.io.tensorfile import TensorFile
+from regmean.io.untrusted import check_finite, read_json_object
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+SAVED_PREFIX = "base_model.model."
+VARIANTS = (
+    ("use_dora", "DoRA"),
+    ("use_qalora", "QA-LoRA"),
+    ("alora_invocation_tokens", "activated LoRA (aLoRA)"),
+    ("layer_replication", "layer replication"),
+    ("target_parameters", "LoRA on parameters (target_parameters)"),
+    ("trainable_token_indices", "trainable tokens"),
+    ("arrow_config", "Arrow routing"),
+    ("use_bdlora", "block-diagonal LoRA"),
+    ("kasa_config", "KaSA"),
+    ("monteclora_config", "MonteCLoRA"),
+)
+"""Adapter options that change what the adapted layers compute: W + s B A would not be the adapted weight."""
+LORA_PARTS = {
+    "lora_A.weight": "A",
+    "lora_B.weight": "B",
+    "lora_B.bias": "bias",
+    "lora_embedding_A": "A",
+    "lora_embedding_B": "B",
+}
+
+
+def is_adapter(path: str | Path) -> bool:
+    return (Path(path) / ADAPTER_CONFIG).is_file()
+
+
+@dataclass
+class LoraPair:
+    """The low-rank update of one weight: delta = B @ A (transposed for Conv1D and embeddings), times `scale`."""
+
+    a: str
+    b: str
+    scale: float
+    transposed: bool
+    bias: str | None = None  # lora_B's bias (lora_bias: true), added to the layer's bias times `scale`
+
+
+def open_model(path: str | Path, base: str | Path | None = None, allow_pickle: bool = False):
+    """A model folder as a Checkpoint, or a LoRA adapter folder over its base model as an AdaptedCheckpoint."""
+    if is_adapter(path):
+        return AdaptedCheckpoint(path, base, allow_pickle)
+    return Checkpoint(path, allow_pickle)
+
+
+def base_folder(adapter: Path, given: str | Path | None) -> Path:
+    """The base model of an adapter: the one given, else the adapter config's own base path if it is a local folder."""
+    if given is not None:
+        return Path(given)
+    named = read_json_object(adapter / ADAPTER_CONFIG, "a PEFT adapter config").get("base_model_name_or_path")
+    if isinstance(named, str) and named and Path(named).is_dir():
+        return Path(named)
+    where = f" ({named!r} is not a local folder)" if named else ""
+    raise RegmeanError(
+        f"{adapter}: a LoRA adapter without its base model{where}; give the base model folder "
+        "(`base_model:` in a merge recipe, --base for measure)"
+    )
+
+
+class AdaptedCheckpoint:
+    """Base weights plus a LoRA adapter, with a Checkpoint's read interface (names, shapes and dtypes are the
+    base's; `modules_to_save` and trained biases replace the base's tensors)."""
+
+    def __init__(self, path: str | Path, base: str | Path | None = None, allow_pickle: bool = False):
+        self.path = Path(path)
+        self.adapter_config = read_json_object(self.path / ADAPTER_CONFIG, "a PEFT adapter config")
+        _check_type(self.path, self.adapter_config)
+        self.base = Checkpoint(base_folder(self.path, base), allow_pickle)
+        self.config, self.key_to_file = self.base.config, self.base.key_to_file
+        weights = self.path / ADAPTER_WEIGHTS
+        if not weights.is_file():
+            raise RegmeanError(f"{weights}: adapter weights missing (save the adapter with save_pretrained)")
+        self.file = TensorFile(weights)
+        self.pairs, self.replaced = self._read_layout()
+
+    @property
+    def folders(self) -> tuple[Path, Path]:
+        """Where config and tokenizer files come from: the base's, then the adapter's own (added tokens)."""
+        return (self.base.path, self.path)
+
+    @property
+    def architecture(self) -> str:
+        return self.base.architecture
+
+    def keys(self) -> list[str]:
+        return self.base.keys()
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.base
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self.base.shape(key)
+
+    def dtype(self, key: str) -> str:
+        return self.base.dtype(key)
+
+    @cached_property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return self.base.shapes
+
+    def get(self, key: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """The adapted tensor (or its rows [start, stop)), in the base's dtype, as peft's merge would give it."""
+        if key in self.replaced:
+            t = self.file.get(self.replaced[key], rows)
+            return check_finite(t, f"{self.file.path}: tensor {self.replaced[key]}")
+        base = self.base.get(key, rows)
+        if key not in self.pairs:
+            return base
+        pair = self.pairs[key]
+        start, stop = rows if rows is not None else (0, base.shape[0])
+        if pair.bias is not None:
+            delta = self.file.get(pair.bias).float()[start:stop]
+            return (base.float() + pair.scale * delta).to(base.dtype)
+        a, b = self.file.get(pair.a).float(), self.file.get(pair.b).float()
+        check_finite(a, f"{self.file.path}: tensor {pair.a}")
+        check_finite(b, f"{self.file.path}: tensor {pair.b}")
+        delta = a[:, start:stop].T @ b.T if pair.transposed else b[start:stop] @ a
+        return (base.float() + pair.scale * delta).to(base.dtype)
+
+    @cached_property
+    def fingerprint(self) -> dict[str, str]:
+        """The base's fingerprint with the adapter's tensors and scales hashed into its weights."""
+        digest = hashlib.blake2b(self.base.fingerprint["weights"].encode(), digest_size=16)
+        for key in sorted(self.file.keys()):
+            digest.update(f"{key}:{STORED[self.file.dtype(key)]}:{self.file.shape(key)};".encode())
+            for piece in self.file.chunks(key):
+                check_finite(piece, f"{self.file.path}: tensor {key}")
+                digest.update(piece.view(torch.uint8).numpy())
+        for key in sorted(self.pairs):
+            digest.update(f"{key}:{self.pairs[key].scale!r};".encode())
+        return {**self.base.fingerprint, "weights": digest.hexdigest()}
+
+    # -- layout ------------------------------------------------------------------------------------
+    def _read_layout(self) -> tuple[dict[str, LoraPair], dict[str, str]]:
+        """Base key -> its LoRA pair (weight and, with lora_bias, bias), and base key -> the adapter tensor that
+        replaces it; every adapter tensor accounted for and shaped for its base tensor."""
+        modules: dict[str, dict[str, str]] = {}
+        replaced: dict[str, str] = {}
+        for key in self.file.keys():
+            if not key.startswith(SAVED_PREFIX):
+                raise RegmeanError(f"{self.file.path}: tensor {key} is not a PEFT adapter's (no {SAVED_PREFIX!r})")
+            name = key[len(SAVED_PREFIX) :]
+            part = next((p for p in LORA_PARTS if name.endswith("." + p)), None)
+            if part is None:
+                if ".lora_" in name or "modules_to_save" in name:
+                    raise RegmeanError(f"{self.file.path}: tensor {key} is of a LoRA variant regmean cannot merge")
+                replaced[self._base_key(name, key)] = key
+                continue
+            modules.setdefault(name[: -len(part) - 1], {})[LORA_PARTS[part]] = key
+        pairs = {}
+        for module, parts in modules.items():
+            if "A" not in parts or "B" not in parts:
+                raise RegmeanError(f"{self.file.path}: module {module} lacks its lora_A or lora_B tensor")
+            weight = self._base_key(module + ".weight", parts["A"])
+            pair = LoraPair(parts["A"], parts["B"], self._scale(module, parts["A"]), self._transposed(parts))
+            self._check_shapes(weight, pair)
+            pairs[weight] = pair
+            if "bias" in parts:
+                bias = self._base_key(module + ".bias", parts["bias"])
+                pairs[bias] = LoraPair(pair.a, pair.b, pair.scale, pair.transposed, bias=parts["bias"])
+        for key, source in replaced.items():
+            if self.file.shape(source) != self.base.shape(key):
+                raise RegmeanError(
+                    f"{self.file.path}: {source} is {list(self.file.shape(source))}, the base's {key} is "
+                    f"{list(self.base.shape(key))}; give the base model the adapter was trained on"
+                )
+        return pairs, replaced
+
+    def _base_key(self, name: str, source: str) -> str:
+        if name not in self.base:
+            raise RegmeanError(
+                f"{self.file.path}: {source} adapts {name}, which the base model {self.base.path} lacks; "
+                "give the base model the adapter was trained on"
+            )
+        return name
+
+    def _scale(self, module: str, a_key: str) -> float:
+        rank = self.file.shape(a_key)[0]
+        config = self.adapter_config
+        alpha = config.get("lora_alpha", 8)
+        for pattern, value in (config.get("alpha_pattern") or {}).items():
+            if re.match(rf"(.*\.)?({pattern})$", module):  # peft's rule: the pattern ends the module name
+                alpha = value
+                break
+        if not isinstance(alpha, int | float) or isinstance(alpha, bool) or rank < 1:
+            raise RegmeanError(f"{self.path / ADAPTER_CONFIG}: lora_alpha {alpha!r} for {module} is not a number")
+        return alpha / rank**0.5 if config.get("use_rslora") else alpha / rank
+
+    def _transposed(self, parts: dict[str, str]) -> bool:
+        """Embeddings (lora_embedding_*) and Conv1D layers (fan_in_fan_out) store the weight as [in, out]."""
+        return parts["A"].endswith("lora_embedding_A") or bool(self.adapter_config.get("fan_in_fan_out"))
+
+    def _check_shapes(self, weight: str, pair: LoraPair) -> None:
+        a, b, shape = self.file.shape(pair.a), self.file.shape(pair.b), self.base.shape(weight)
+        want = (b[0], a[1]) if not pair.transposed else (a[1], b[0])
+        if len(a) != 2 or len(b) != 2 or a[0] != b[1] or tuple(shape) != want:
+            raise RegmeanError(
+                f"{self.file.path}: LoRA tensors {list(a)} and {list(b)} do not fit {weight} of shape "
+                f"{list(shape)}; give the base model the adapter was trained on"
+            )
+
+
+def _check_type(path: Path, config: dict) -> None:
+    kind = config.get("peft_type")
+    if kind != "LORA":
+        raise RegmeanError(f"{path / ADAPTER_CONFIG}: adapter type {kind!r} is not supported; regmean reads LoRA only")
+    used = [label for option, label in VARIANTS if config.get(option)]
+    if used:
+        raise RegmeanError(
+            f"{path / ADAPTER_CONFIG}: {used[0]} adapters are not supported (the update is not W + B A); "
+            "merge the adapter into its model first (peft's merge_and_unload) and give that folder"
+        )
