@@ -112,9 +112,8 @@ def test_measure_and_merge_adapters_equal_full_models(adapters):
 
 def _adapter_with(tmp_path: Path, **config_changes) -> tuple[Path, Path]:
     base = save_model(build_model("bert", "BertForSequenceClassification"), tmp_path / "in" / "base")
-    make_adapter(build_model("bert", "BertForSequenceClassification"), {"target_modules": ["query"]}, 1).save_pretrained(
-        tmp_path / "in" / "adapter"
-    )
+    adapter = make_adapter(build_model("bert", "BertForSequenceClassification"), {"target_modules": ["query"]}, 1)
+    adapter.save_pretrained(tmp_path / "in" / "adapter")
     config_file = tmp_path / "in" / "adapter" / "adapter_config.json"
     config_file.write_text(json.dumps({**json.loads(config_file.read_text()), **config_changes}))
     return base, tmp_path / "in" / "adapter"
