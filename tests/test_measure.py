@@ -232,7 +232,7 @@ def test_forward_stops_after_the_last_measured_input(tmp_path, monkeypatch):
     M = importlib.import_module("regmean.measure.pipeline")
     path = save_model(build_model("llama", "LlamaForCausalLM", seed=1), tmp_path / "m")
     ran: dict[str, int] = {"lm_head": 0, "last_mlp": 0}
-    load = M.load_model
+    load = M.load_adapted
 
     def load_watched(*args, **kwargs):
         model = load(*args, **kwargs)
@@ -241,7 +241,7 @@ def test_forward_stops_after_the_last_measured_input(tmp_path, monkeypatch):
         mlp.register_forward_hook(lambda *_: ran.__setitem__("last_mlp", ran["last_mlp"] + 1))
         return model
 
-    monkeypatch.setattr(M, "load_model", load_watched)
+    monkeypatch.setattr(M, "load_adapted", load_watched)
     stats = measure(path, EXAMPLES, batch_size=4, exclude="lm_head", progress=False)
     assert "lm_head" in stats.skipped
     assert ran == {"lm_head": 1, "last_mlp": 1}  # only the site-detection pass runs to the end

@@ -247,7 +247,7 @@ def test_plan_card_and_memory(tmp_path, monkeypatch):
     assert not any(text in card for text, _ in DATA[0] + DATA[1])  # never the texts
     # a working model over --max-memory is refused before it is loaded
     monkeypatch.setattr(RegMeanPlusPlus, "resident_bytes", lambda self: 10**13)
-    monkeypatch.setattr("regmean.methods.regmean_plusplus.load_model", lambda *a, **k: pytest.fail("loaded"))
+    monkeypatch.setattr("regmean.methods.regmean_plusplus.load_adapted", lambda *a, **k: pytest.fail("loaded"))
     result = run("merge", path, tmp_path / "out2", "--max-memory", "100GB")
     assert result.exit_code == 2 and "holds 10.0 TB through the merge" in result.output, result.output
     assert not (tmp_path / "out2").exists()

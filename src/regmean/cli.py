@@ -73,6 +73,11 @@ def measure(
     text_field: Annotated[str, typer.Option(help="Column holding the text")] = "text",
     text_pair_field: Annotated[str | None, typer.Option(help="Column holding the second text of a pair")] = None,
     target_field: Annotated[str | None, typer.Option(help="Decoder target column (encoder-decoder LMs)")] = None,
+    messages_field: Annotated[
+        str | None, typer.Option(help="Column of chat conversations ([{role, content}, ...]), chat-templated")
+    ] = None,
+    prompt_field: Annotated[str | None, typer.Option(help="Prompt column of prompt/response pairs")] = None,
+    response_field: Annotated[str | None, typer.Option(help="Response column of prompt/response pairs")] = None,
     max_examples: Annotated[int | None, typer.Option(min=1, help="Use at most this many examples")] = None,
     batch_size: Annotated[int, typer.Option(min=1)] = 16,
     max_length: Annotated[int, typer.Option(min=1, help="Truncate inputs to this many tokens")] = 128,
@@ -112,6 +117,8 @@ def measure(
     writing = _on_rank0(lambda: BlockWriter(out, force, sources, console.print))
     with writing as writer:
         fields = {"text_field": text_field, "text_pair_field": text_pair_field, "target_field": target_field}
+        chat = {"messages_field": messages_field, "prompt_field": prompt_field, "response_field": response_field}
+        fields = chat if any(chat.values()) else fields
         examples = load_examples(data, max_examples=max_examples, **fields)
         provenance = {"data": data.name, **{k: v for k, v in fields.items() if v}}
         stats = run_measure(

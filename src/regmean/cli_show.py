@@ -24,6 +24,9 @@ def evaluate(
     text_field: Annotated[str, typer.Option(help="Text column (word lists for token classification)")] = "text",
     label_field: Annotated[str, typer.Option(help="Label column (tag lists for token classification)")] = "label",
     target_field: Annotated[str | None, typer.Option(help="Target column for sequence-to-sequence models")] = None,
+    messages_field: Annotated[
+        str | None, typer.Option(help="Conversation column for causal LMs, formatted by each model's chat template")
+    ] = None,
     per_label: Annotated[bool, typer.Option(help="Add each label's F1 (sequence classification)")] = False,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the scores as JSON")] = None,
     csv_out: Annotated[Path | None, typer.Option("--csv", help="Write the scores as CSV")] = None,
@@ -44,7 +47,16 @@ def evaluate(
             if out.exists():
                 raise RegmeanError(f"{out}: exists; choose another file (scores are never written over a file)")
     scores = run_evaluate(
-        models, data, text_field, label_field, target_field, per_label, device, batch_size, max_length
+        models,
+        data,
+        text_field,
+        label_field,
+        target_field,
+        per_label,
+        device,
+        batch_size,
+        max_length,
+        messages_field=messages_field,
     )
     columns = list(dict.fromkeys(k for s in scores for k in s.metrics))
     table = Table(title=f"{data.name} ({scores[0].kind})")

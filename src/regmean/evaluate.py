@@ -22,7 +22,8 @@ from regmean.architecture import load_config
 from regmean.bench.data import TextDataset
 from regmean.bench.evaluate import per_label_f1, predict, score
 from regmean.errors import RegmeanError
-from regmean.io.data import read_table
+from regmean.io.chat import render_chat
+from regmean.io.data import Example, load_examples, read_table
 
 KINDS = {
     "ForSequenceClassification": "sequence",
@@ -113,17 +114,20 @@ def classification_scores(
     return metrics
 
 
-def perplexity(model_dir: Path, kind: str, texts: list[str], targets: list[str] | None, **options) -> float:
+def perplexity(model_dir: Path, kind: str, examples: list[Example], **options) -> float:
     """exp of the mean negative log-likelihood per predicted token over the data (padding masked); seq2seq models
-    score the targets given the texts."""
+    score the targets given the texts; conversations are formatted by each model's own chat template."""
     from regmean.loading import check_positions, load_model, load_tokenizer
 
     device, batch_size, max_length = options["device"], options["batch_size"], options["max_length"]
     model, tok = load_model(model_dir, device=device), load_tokenizer(model_dir)  # (pad token set, right padding)
+    examples, _ = render_chat(examples, tok, model_dir)
+    texts, targets = [e.text for e in examples], [e.target for e in examples]
+    special = not (examples and examples[0].templated)  # a chat template writes its own special tokens
     total, tokens = 0.0, 0
     with torch.inference_mode():
         for start in range(0, len(texts), batch_size):
-            enc = _encoded(tok, texts[start : start + batch_size], max_length, device)
+            enc = _encoded(tok, texts[start : start + batch_size], max_length, device, special=special)
             check_positions(model.config, enc["input_ids"].shape[-1])
             if kind == "seq2seq":
                 lab = _encoded(tok, targets[start : start + batch_size], max_length, device, target=True)
@@ -142,11 +146,15 @@ def perplexity(model_dir: Path, kind: str, texts: list[str], targets: list[str] 
     return math.exp(mean) if mean < 700 else math.inf  # a broken model scores inf, not an overflow
 
 
-def _encoded(tok, texts: list[str], max_length: int, device: str, target: bool = False) -> dict[str, torch.Tensor]:
+def _encoded(
+    tok, texts: list[str], max_length: int, device: str, target: bool = False, special: bool = True
+) -> dict[str, torch.Tensor]:
     """Token ids and attention mask only (a tokenizer's token_type_ids would be added to a GPT-2's embeddings);
     `target`: encoded as targets (tokenizers with a target vocabulary use it)."""
     kwargs = {"text_target": texts} if target else {"text": texts}
-    enc = tok(**kwargs, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    enc = tok(
+        **kwargs, padding=True, truncation=True, max_length=max_length, return_tensors="pt", add_special_tokens=special
+    )
     return {"input_ids": enc["input_ids"].to(device), "attention_mask": enc["attention_mask"].to(device)}
 
 
@@ -161,6 +169,7 @@ def evaluate(
     batch_size: int = 32,
     max_length: int = 128,
     progress: bool = True,
+    messages_field: str | None = None,
 ) -> list[Scores]:
     """Every model's scores on the data file, in the order given (all models must be of one kind)."""
     kinds = {m: model_kind(m) for m in models}
@@ -179,23 +188,25 @@ def evaluate(
                 out.append(Scores(str(m), kind, classification_scores(m, labelled, names, per_label, **options)))
                 bar.advance(task)
         else:
-            texts, targets = _lm_texts(data, kind, text_field, target_field)
+            examples = _lm_examples(data, kind, text_field, target_field, messages_field)
             for m in models:
-                out.append(Scores(str(m), kind, {"perplexity": perplexity(m, kind, texts, targets, **options)}))
+                out.append(Scores(str(m), kind, {"perplexity": perplexity(m, kind, examples, **options)}))
                 bar.advance(task)
     return out
 
 
-def _lm_texts(path: Path, kind: str, text_field: str, target_field: str | None) -> tuple[list[str], list | None]:
-    table = read_table(path)
-    fields = [text_field] + ([target_field] if kind == "seq2seq" else [])
+def _lm_examples(
+    path: Path, kind: str, text_field: str, target_field: str | None, messages_field: str | None
+) -> list[Example]:
     if kind == "seq2seq" and target_field is None:
         raise RegmeanError(f"{path}: a sequence-to-sequence model scores targets: give --target-field")
-    for f in fields:
-        if f not in table.columns:
-            raise RegmeanError(f"{path}: no column {f!r}; columns are {', '.join(map(str, table.columns))}")
-    table = table.dropna(subset=fields)
-    if table.empty:
-        raise RegmeanError(f"{path}: no rows with {' and '.join(map(repr, fields))}")
-    targets = table[target_field].astype(str).tolist() if kind == "seq2seq" else None
-    return table[text_field].astype(str).tolist(), targets
+    if messages_field and kind != "causal":
+        raise RegmeanError(f"{path}: --messages-field scores causal LMs; a {kind} model reads --text-field")
+    if messages_field:
+        return load_examples(path, messages_field=messages_field)
+    examples = load_examples(path, text_field, target_field=target_field if kind == "seq2seq" else None)
+    if kind == "seq2seq":
+        examples = [e for e in examples if e.target is not None]  # rows without a target score nothing
+        if not examples:
+            raise RegmeanError(f"{path}: no rows with both {text_field!r} and {target_field!r}")
+    return examples

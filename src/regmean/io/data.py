@@ -13,6 +13,7 @@ from pathlib import Path
 import pandas as pd
 
 from regmean.errors import RegmeanError, one_line
+from regmean.io.chat import Turns, read_turns
 
 
 @dataclass(frozen=True)
@@ -20,6 +21,10 @@ class Example:
     text: str
     text_pair: str | None = None
     target: str | None = None
+    messages: Turns | None = None
+    """A conversation, rendered into `text` by the tokenizer's chat template (`regmean.io.chat.render_chat`)."""
+    templated: bool = False
+    """`text` came from a chat template, which writes the special tokens itself: tokenise without adding them."""
 
 
 COMPRESSION = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
@@ -65,12 +70,26 @@ def load_examples(
     text_pair_field: str | None = None,
     target_field: str | None = None,
     max_examples: int | None = None,
+    messages_field: str | None = None,
+    prompt_field: str | None = None,
+    response_field: str | None = None,
 ) -> list[Example]:
-    """Rows with an empty or missing text are skipped; the first `max_examples` remaining rows are kept."""
+    """Rows with an empty or missing text are skipped; the first `max_examples` remaining rows are kept.
+
+    Chat data instead of plain text: `messages_field` (a list of {role, content} per row), or `prompt_field` and
+    `response_field` (a user turn and the assistant's answer; their plain concatenation is the fallback text for a
+    tokenizer without a chat template). Either is rendered later by `render_chat`.
+    """
     if max_examples is not None and max_examples < 1:
         raise RegmeanError(f"max_examples must be at least 1, not {max_examples}")
+    if (prompt_field is None) != (response_field is None):
+        raise RegmeanError("give --prompt-field and --response-field together (a prompt and its response)")
+    if messages_field and prompt_field:
+        raise RegmeanError("give either --messages-field or --prompt-field/--response-field, not both")
     table = read_table(path)
-    for field in (text_field, text_pair_field, target_field):
+    chat = [messages_field] if messages_field else [prompt_field, response_field] if prompt_field else []
+    fields = chat or [text_field, text_pair_field, target_field]
+    for field in fields:
         if field is not None and field not in table.columns:
             raise RegmeanError(f"{path}: no column {field!r}; columns are {', '.join(map(str, table.columns))}")
 
@@ -86,15 +105,30 @@ def load_examples(
             f"{path}: row {number}: {field!r} is a {type(value).__name__}, not text; write it as a string"
         )
 
-    examples = []
-    for number, (_, row) in enumerate(table.iterrows(), start=1):
+    def example(row, number) -> Example | None:
+        if messages_field:
+            value = row[messages_field]
+            missing = value is None or (isinstance(value, float) and math.isnan(value))
+            return None if missing else Example("", messages=read_turns(value, f"{path}: row {number}"))
+        if prompt_field:
+            prompt, response = cell(row, prompt_field, number), cell(row, response_field, number)
+            if not prompt or not response:
+                return None
+            return Example(f"{prompt}\n{response}", messages=(("user", prompt), ("assistant", response)))
         text = cell(row, text_field, number)
         if not text or not text.strip():
-            continue
+            return None
         pair = cell(row, text_pair_field, number) or ("" if text_pair_field else None)
-        examples.append(Example(text, pair, cell(row, target_field, number)))
+        return Example(text, pair, cell(row, target_field, number))
+
+    examples = []
+    for number, (_, row) in enumerate(table.iterrows(), start=1):
+        made = example(row, number)
+        if made is not None:
+            examples.append(made)
         if max_examples is not None and len(examples) >= max_examples:
             break
     if not examples:
-        raise RegmeanError(f"{path}: no non-empty {text_field!r} values")
+        named = messages_field or (f"{prompt_field}/{response_field}" if prompt_field else text_field)
+        raise RegmeanError(f"{path}: no non-empty {named!r} values")
     return examples

@@ -43,7 +43,13 @@ def make_batches(
         chunk = examples[start : start + batch_size]
         pairs = [e.text_pair for e in chunk] if chunk[0].text_pair is not None else None
         enc = tokenizer(
-            [e.text for e in chunk], pairs, padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+            [e.text for e in chunk],
+            pairs,
+            padding=True,
+            truncation=True,
+            max_length=max_length,
+            return_tensors="pt",
+            add_special_tokens=not chunk[0].templated,  # a chat template writes its own
         )
         check_positions(model.config, enc["input_ids"].shape[-1])
         inputs = {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}

@@ -16,6 +16,7 @@ from regmean import distributed, dtypes
 from regmean.devices import check_device
 from regmean.errors import RegmeanError
 from regmean.io.adapter import open_model
+from regmean.io.chat import render_chat
 from regmean.io.data import Example
 from regmean.loading import load_adapted, load_tokenizer, tokenizer_folder
 from regmean.measure.accumulate import Accumulator
@@ -59,7 +60,9 @@ def measure(
         raise RegmeanError("no examples to measure on")
     check_device(device)
     checkpoint = open_model(model_dir, base, allow_pickle)
-    tokenizer = load_tokenizer(tokenizer_folder(checkpoint.folders))
+    tokenizer_dir = tokenizer_folder(checkpoint.folders)
+    tokenizer = load_tokenizer(tokenizer_dir)
+    examples, formatting = render_chat(examples, tokenizer, tokenizer_dir)
     fingerprint = checkpoint.fingerprint  # reads every weight: NaN or Inf is refused before the model loads
     model = load_adapted(checkpoint, device, forward)
     modules, skipped = select_modules(model, include, exclude)
@@ -98,6 +101,7 @@ def measure(
                     "model_dtype": model_dtype,
                     "processes": distributed.world_size(),
                     **({"adapter_of": checkpoint.base.path.name} if len(checkpoint.folders) > 1 else {}),
+                    **({"formatting": formatting} if formatting else {}),
                     **(provenance or {}),
                 }
             part = _reduced(acc, device)

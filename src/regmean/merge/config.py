@@ -43,6 +43,9 @@ class DataSource(BaseModel):
     text_field: str = "text"
     text_pair_field: str | None = None
     target_field: str | None = None
+    messages_field: str | None = None
+    prompt_field: str | None = None
+    response_field: str | None = None
     max_examples: int | None = Field(None, ge=1)
     batch_size: int = Field(16, ge=1)
     max_length: int = Field(128, ge=1)
@@ -51,7 +54,7 @@ class DataSource(BaseModel):
 class ModelEntry(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     path: LocalPath
-    """A Hugging Face model folder (config.json + safetensors)."""
+    """A Hugging Face model folder (config.json + safetensors), or a PEFT LoRA adapter folder over `base_model`."""
     statistics: LocalPath | None = None
     """Its statistics folder or file (required by regmean)."""
     data: DataSource | None = None

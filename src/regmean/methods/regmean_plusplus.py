@@ -22,6 +22,7 @@ from torch import nn
 from regmean.architecture import loaded_names
 from regmean.dtypes import FLOATS, itemsize
 from regmean.errors import RegmeanError
+from regmean.io.chat import render_chat
 from regmean.io.data import load_examples
 from regmean.loading import load_adapted, load_tokenizer, tokenizer_folder
 from regmean.measure.accumulate import Accumulator
@@ -81,12 +82,16 @@ def model_data(entry: ModelEntry, folders: tuple[Path, ...], model: nn.Module) -
     """A model's data (its recipe entry's `data`), tokenised by its own tokenizer into batches for `model`'s class
     (the meta-device skeleton will do: only its config and signature are read)."""
     spec = entry.data
-    fields = {"text_field": spec.text_field, "text_pair_field": spec.text_pair_field, "target_field": spec.target_field}
+    names = ("text_field", "text_pair_field", "target_field", "messages_field", "prompt_field", "response_field")
+    fields = {name: getattr(spec, name) for name in names}
     examples = load_examples(spec.file, max_examples=spec.max_examples, **fields)
-    tokenizer = load_tokenizer(tokenizer_folder(folders))
+    folder = tokenizer_folder(folders)
+    tokenizer = load_tokenizer(folder)
+    examples, formatting = render_chat(examples, tokenizer, folder)
     batches = list(make_batches(examples, tokenizer, model, spec.batch_size, spec.max_length, "cpu"))
     tokens = sum(b.tokens for b in batches)
-    record = {"data": spec.file.name, **{k: v for k, v in fields.items() if v}}
+    chat = {"formatting": formatting} if formatting else {}
+    record = {"data": spec.file.name, **{k: v for k, v in fields.items() if v}, **chat}
     return ModelData(batches, {**record, "examples": len(examples), "tokens": tokens, "max_length": spec.max_length})
 
 

@@ -1,0 +1,54 @@
+"""Chat and instruction data: conversations ({role, content} turns, or a prompt and its response) rendered into the
+text a model sees by its tokenizer's chat template."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+
+from regmean.errors import RegmeanError, one_line
+
+Turns = tuple[tuple[str, str], ...]
+CHAT_TEMPLATE = "chat template"
+PLAIN = "plain concatenation (prompt, newline, response: the tokenizer has no chat template)"
+
+
+def read_turns(value, where: str) -> Turns:
+    """A cell holding a conversation: a list of {"role": str, "content": str} (a Parquet list arrives as an array)."""
+    if hasattr(value, "tolist") and not isinstance(value, str):
+        value = value.tolist()
+    if not isinstance(value, list) or not value:
+        raise RegmeanError(f"{where}: expected a non-empty list of {{role, content}} messages")
+    turns = []
+    for turn in value:
+        if not (isinstance(turn, dict) and isinstance(turn.get("role"), str) and isinstance(turn.get("content"), str)):
+            raise RegmeanError(f'{where}: each message must be {{"role": text, "content": text}}, not {turn!r:.80}')
+        turns.append((turn["role"], turn["content"]))
+    return tuple(turns)
+
+
+def render_chat(examples: Sequence, tokenizer, tokenizer_dir: str | Path) -> tuple[list, str | None]:
+    """Examples with `messages` rendered into their text by the tokenizer's chat template (such texts carry their own
+    special tokens), and the formatting used; None when no example is a conversation. Without a template, a prompt
+    and response pair keeps its plain concatenation; a conversation is refused."""
+    if not any(e.messages for e in examples):
+        return list(examples), None
+    if not getattr(tokenizer, "chat_template", None):
+        if any(not e.text for e in examples):
+            raise RegmeanError(
+                f"{tokenizer_dir}: the tokenizer has no chat template to format --messages-field conversations; use "
+                "a tokenizer with one (tokenizer_config.json 'chat_template'), or --prompt-field/--response-field"
+            )
+        return list(examples), PLAIN
+    rendered = []
+    for e in examples:
+        turns = [{"role": role, "content": content} for role, content in e.messages]
+        try:
+            text = tokenizer.apply_chat_template(turns, tokenize=False)
+        except Exception as exc:  # jinja2 raises its own types, and templates raise on roles they do not accept
+            raise RegmeanError(
+                f"{tokenizer_dir}: the chat template cannot format a conversation ({one_line(str(exc), 200)})"
+            ) from exc
+        rendered.append(replace(e, text=text, templated=True))
+    return rendered, CHAT_TEMPLATE
