@@ -104,6 +104,7 @@ def measure(
     from regmean import distributed
     from regmean.io.data import load_examples
     from regmean.measure import measure as run_measure
+    from regmean.measure.card import CARD, is_ours, statistics_card
     from regmean.stats import BlockWriter
     from regmean.units import parse_size
 
@@ -140,6 +141,8 @@ def measure(
         )
         if writer is None:
             return
+        files = [final.name for _, final in writer.staged]
+        writer.stage_text(CARD, statistics_card(stats, model_dir, out, files, base), is_ours)
         written = writer.commit()
     path = written[0] if len(written) == 1 else out
     console.print(

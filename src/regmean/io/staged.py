@@ -53,6 +53,7 @@ class StagedFiles:
         self.out, self.fmt, self.replace, self.inputs, self.log = Path(out), fmt, replace, list(inputs), log
         self.file_name, self.block_glob = file_name, blocks
         self.staged: list[tuple[Path, Path]] = []
+        self.staged_texts: list[tuple[Path, Path]] = []
         self._stack = ExitStack()
 
     def __enter__(self) -> StagedFiles:
@@ -60,7 +61,8 @@ class StagedFiles:
         if real.exists() and not real.is_dir() and real.suffix != ".safetensors":
             raise RegmeanError(f"{self.out}: exists and is a file, not a folder; choose another output")
         self.target = target_file(real, self.file_name)
-        self.blocks = self.block_glob if self.target != real else ""  # blocks only in a folder of their own
+        self.in_folder = self.target != real
+        self.blocks = self.block_glob if self.in_folder else ""  # blocks only in a folder of their own
         folder = self.target.parent
         self._new = new_folders(folder)
         try:
@@ -120,6 +122,21 @@ class StagedFiles:
         hidden = final.with_name(self.PREFIX + final.name)
         self.staged.append((write_atomic(tensors, metadata, hidden), final))
 
+    def stage_text(self, name: str, text: str, ours) -> bool:
+        """Stage a text file `name` beside the output folder's files (revealed at `commit`), unless a file of that
+        name is there that `ours(path)` does not recognise: that one is never replaced. Returns whether staged."""
+        if not self.in_folder:  # a file path as output: nothing is written beside it
+            return False
+        final = self.target.parent / name
+        if final.is_symlink() or (final.exists() and not (final.is_file() and ours(final))):
+            if self.log is not None:
+                self.log(f"{final}: not written by regmean; left as it is")
+            return False
+        hidden = final.with_name(self.PREFIX + name)
+        hidden.write_text(text)
+        self.staged_texts.append((hidden, final))
+        return True
+
     def commit(self) -> list[Path]:
         """Replace whatever the output held (one file or blocks) by the staged files."""
         self._check_existing()  # again: files may have appeared during the run
@@ -127,13 +144,13 @@ class StagedFiles:
         for old in self.existing():
             if old not in finals:
                 old.unlink()
-        for hidden, final in self.staged:
+        for hidden, final in self.staged + self.staged_texts:
             os.replace(hidden, final)
         written = [final for _, final in self.staged]
-        self.staged = []
+        self.staged, self.staged_texts = [], []
         return written
 
     def discard(self) -> None:
-        for hidden, _ in self.staged:
+        for hidden, _ in self.staged + self.staged_texts:
             hidden.unlink(missing_ok=True)
-        self.staged = []
+        self.staged, self.staged_texts = [], []

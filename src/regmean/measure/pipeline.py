@@ -22,7 +22,9 @@ from regmean.loading import load_adapted, load_tokenizer, tokenizer_folder
 from regmean.measure.accumulate import Accumulator
 from regmean.measure.batching import Batch, make_batches
 from regmean.measure.sites import Site, detect_sites, select_modules, site_blocks
+from regmean.memory import Peak, peak_memory
 from regmean.stats import SiteStats, Statistics
+from regmean.units import human
 
 
 def measure(
@@ -73,11 +75,13 @@ def measure(
 
     first_pass = batches()
     first = next(first_pass)
-    sites = detect_sites(model, modules, first)
+    with peak_memory(device) as forward_peak:  # the site-detection pass is a whole forward pass
+        sites = detect_sites(model, modules, first)
     distributed.check_same(repr([(s.name, s.modules, s.stream) for s in sites]), "the detected sites")
     blocks = site_blocks(sites, sums.itemsize, max_stats_bytes)
     if log is not None and distributed.rank() == 0:
         log(_announcement(blocks, len(modules), sums, device, len(examples)))
+        log(_memory_estimate(model, blocks, sums, first, forward_peak, max_length))
     base = {
         "modules": {m: s.name for s in sites for m in s.modules},
         "fingerprint": fingerprint,
@@ -120,6 +124,22 @@ def _announcement(blocks: list[list[Site]], modules: int, sums: torch.dtype, dev
     return (
         f"{len(sites)} sites for {modules} linear modules: {gram_bytes / 1e9:.2f} GB of {dtypes.name(sums)} sums "
         f"on {device}; {examples} examples over {distributed.world_size()} process(es){passes}"
+    )
+
+
+def _memory_estimate(
+    model: torch.nn.Module, blocks: list[list[Site]], sums: torch.dtype, first: Batch, peak: Peak, max_length: int
+) -> str:
+    """Model + one block's sums + a forward pass's activations, the last measured on the first batch."""
+    weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    block = max(sum(s.d * (s.d + 1) * sums.itemsize for s in b) for b in blocks)
+    size, length = first.inputs["input_ids"].shape
+    if peak.bytes is None:
+        return f"memory: model {human(weights)} + sums {human(block)} + activations (not measurable here)"
+    longer = f"; batches longer than {length} tokens (up to {max_length}) take more" if length < max_length else ""
+    return (
+        f"memory: about {human(weights + block + peak.bytes)} (model {human(weights)}, sums {human(block)}, "
+        f"forward pass {human(peak.bytes)} measured on the first batch of {size} x {length} tokens{longer})"
     )
 
 

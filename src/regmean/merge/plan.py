@@ -3,33 +3,17 @@
 from __future__ import annotations
 
 import math
-import resource
-import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from regmean.dtypes import STORED, itemsize
 from regmean.errors import RegmeanError
 from regmean.io.writer import Layout, layout_bytes
+from regmean.memory import current_rss
 from regmean.merge.inputs import MergeInputs
 from regmean.methods.base import MergeMethod, Step
 from regmean.units import human
-
-
-def current_rss() -> int:
-    """This process's resident memory now (libraries loaded, inputs opened): the floor under any estimate.
-
-    Linux: VmRSS of /proc/self/status. Elsewhere the peak from getrusage (on Linux that value is inherited across
-    fork and exec, so a process started by a large parent would report the parent's peak)."""
-    status = Path("/proc/self/status")
-    if status.is_file():
-        for line in status.read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
 
 
 @dataclass

@@ -1,0 +1,79 @@
+"""The statistics card: a README.md beside a measure's statistics, so that a statistics folder can be published like
+a model (what was measured, on what, and how to use it), without a word of the data itself."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from regmean import __version__
+from regmean.stats import FORMAT_VERSION, Statistics
+
+CARD = "README.md"
+MARK = "<!-- regmean statistics card -->"
+"""Marks a card regmean wrote: only such a card is ever replaced (a README.md of the user's own is left alone)."""
+PROVENANCE_COLUMNS = ("data", "fields", "formatting", "examples", "tokens", "max_length", "model_dtype", "processes")
+FIELD_KEYS = ("text_field", "text_pair_field", "target_field", "messages_field", "prompt_field", "response_field")
+
+
+def is_ours(path: Path) -> bool:
+    try:
+        return MARK in path.read_text(errors="replace")[:2000]
+    except OSError:
+        return False
+
+
+def statistics_card(stats: Statistics, model: Path, out: Path, files: list[str], base: Path | None = None) -> str:
+    """The card's text: model fingerprint, data provenance, format and dtype, and the recipe lines that use it."""
+    fp = stats.fingerprint
+    sites = len(set(stats.modules.values()))
+    lines = [
+        "---",
+        "tags: [regmean, merge-statistics]",
+        "---",
+        MARK,
+        "",
+        f"# RegMean statistics of `{model.name}`",
+        "",
+        f"Input statistics (Gram matrices, sums and row counts) of the linear layers of `{model}`, measured by regmean "
+        f"{__version__} on its owner's data, for merging with RegMean (ICLR 2023, \"Dataless Knowledge Fusion by "
+        'Merging Weights of Language Models"). They hold no text: only sums over the inputs the layers saw.',
+        "",
+        "## Model",
+        "",
+        f"- architecture: `{fp.get('architecture', '?')}` (model type `{fp.get('model_type', '?')}`)",
+        f"- weights hash: `{fp.get('weights', '?')}` (a merge refuses these statistics for any other weights)",
+        f"- tensor names and shapes hash: `{fp.get('shapes', '?')}`",
+        "",
+        "## Statistics",
+        "",
+        f"- format: regmean.gram version {FORMAT_VERSION} (safetensors; each Gram stored as its upper triangle)",
+        f"- dtype: {stats.dtype}; {sites} sites for {len(stats.modules)} linear modules"
+        + (f" ({len(stats.skipped)} modules skipped)" if stats.skipped else ""),
+        f"- {stats.examples:,} examples, {stats.tokens:,} tokens; {stats.masking}",
+        f"- files: {', '.join(f'`{f}`' for f in files)}",
+        "",
+        "## Data provenance",
+        "",
+        "| " + " | ".join(PROVENANCE_COLUMNS) + " |",
+        "|" + "---|" * len(PROVENANCE_COLUMNS),
+        *[_provenance_row(record) for record in stats.provenance],
+        "",
+        "## Use in a merge recipe",
+        "",
+        "```yaml",
+        *([f"base_model: {base}  # the LoRA adapter's base"] if base else []),
+        "models:",
+        f"  - path: {model}",
+        f"    statistics: {out}",
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _provenance_row(record: dict) -> str:
+    fields = ", ".join(f"{k.removesuffix('_field')}: `{record[k]}`" for k in FIELD_KEYS if record.get(k))
+    values = {**record, "fields": fields}
+    if record.get("adapter_of"):
+        values["data"] = f"{record.get('data', '')} (LoRA adapter over `{record['adapter_of']}`)"
+    return "| " + " | ".join(str(values.get(c, "")).replace("|", "/") for c in PROVENANCE_COLUMNS) + " |"
