@@ -55,7 +55,9 @@ def run_measure(model: Path, data: Path, batch_size: int, out: Path) -> dict:
     if done.returncode != 0:
         raise SystemExit(done.stdout + done.stderr)
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # the largest child so far
-    announced = next(line[line.index("memory: ") :] for line in done.stdout.splitlines() if "memory: " in line)
+    announced = next(
+        line[line.index("memory: ") :] for line in (done.stdout + done.stderr).splitlines() if "memory: " in line
+    )
     estimate = re.search(r"about ([\d.]+) (\w+)", announced)
     units = {"kB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12}
     return {

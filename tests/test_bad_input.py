@@ -1,6 +1,7 @@
 """Bad input: a clear one-line error per problem, a non-zero exit, inputs untouched, no output folder left."""
 
 import hashlib
+import json
 from pathlib import Path
 
 import pytest
@@ -223,14 +224,24 @@ def test_checkpoint_missing_a_tensor_is_refused_not_initialised(trio):
     )
 
 
-def test_different_vocabularies_are_refused_naming_both_sizes(tmp_path):
+def test_different_tokenizers_are_refused_naming_the_first_conflicting_id(tmp_path):
+    """Vocabularies of different sizes merge only when one grew from the other by added tokens: a model with
+    another tokenizer (one token renamed) is refused, naming an id the two read as different tokens."""
     models = make_models(tmp_path / "in", "llama", "LlamaForCausalLM", stats=False)
     config = tf.LlamaConfig.from_pretrained(models[1]["path"])
     config.vocab_size = 32000
-    bigger = tmp_path / "in" / "big"
-    save_model(tf.LlamaForCausalLM(config), bigger)
-    models[1] = {"path": str(bigger)}
-    errors = merge_fails(tmp_path, {"method": "average", "models": models}, "vocabulary of 32000 tokens", "30522")
+    other = tmp_path / "in" / "other"
+    tf.LlamaForCausalLM(config).save_pretrained(other)
+    tokenizer = json.loads((MINILM / "tokenizer.json").read_text())
+    vocab = tokenizer["model"]["vocab"]
+    renamed = next(token for token, i in vocab.items() if i == 1000)
+    vocab["zzz"] = vocab.pop(renamed)  # id 1000 names another token
+    tf.AutoTokenizer.from_pretrained(MINILM).save_pretrained(other)
+    (other / "tokenizer.json").write_text(json.dumps(tokenizer))
+    models[1] = {"path": str(other)}
+    errors = merge_fails(
+        tmp_path, {"method": "average", "models": models}, "token id 1000 is 'zzz'", "the tokenizers differ"
+    )
     assert len(errors) == 1
 
 

@@ -79,6 +79,9 @@ class MergeConfig(BaseModel):
     """Input embeddings: merged by the method's plain rule (average), or taken from base_model."""
     lm_head: Literal["average", "base", "regmean"] = "average"
     """An untied LM head (output embeddings): averaged, taken from base_model, or RegMean with its input's Gram."""
+    tokenizer_source: LocalPath | None = None
+    """Models whose vocabularies grew by added tokens: the model (its path, as in `models`) whose rows added tokens
+    take; by default each added row is averaged over the models that have it."""
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     """Output dtype; auto keeps each tensor's input dtype."""
     allow_pickle: bool = False
@@ -126,6 +129,8 @@ class MergeConfig(BaseModel):
             raise ValueError(f"method {self.method} needs base_model")
         if "base" in (self.embeddings, self.lm_head) and self.base_model is None:
             raise ValueError("embeddings: base and lm_head: base need base_model")
+        if self.tokenizer_source is not None and self.tokenizer_source not in [m.path for m in self.models]:
+            raise ValueError(f"tokenizer_source {str(self.tokenizer_source)!r} is not one of the models' paths")
         if method.statistics:
             missing = [str(m.path) for m in self.models if m.statistics is None]
             if missing:
@@ -190,6 +195,7 @@ class MergeConfig(BaseModel):
             if m.data is not None:
                 m.data.file = fix(m.data.file) or m.data.file
         data.base_model = fix(data.base_model) or data.base_model
+        data.tokenizer_source = fix(data.tokenizer_source) or data.tokenizer_source
         return data
 
     def to_yaml(self) -> str:

@@ -24,6 +24,7 @@ from regmean.io.checkpoint import Checkpoint
 from regmean.merge.config import MergeConfig
 from regmean.methods import METHODS
 from regmean.methods.base import StatisticsSource
+from regmean.vocabulary import GrownVocabulary, grown_vocabulary
 
 
 @dataclass
@@ -38,6 +39,8 @@ class MergeInputs:
     heads: list[str]
     embeddings: list[str]  # input embedding modules
     lm_head: str | None  # output embedding module
+    vocab: GrownVocabulary | None = None
+    """Where the models' vocabularies differ by added tokens: which tensors, and their rows."""
 
     def body_keys(self) -> list[str]:
         """Tensors merged into the body: every key, less the heads when each model keeps its own."""
@@ -45,6 +48,10 @@ class MergeInputs:
         if self.config.heads == "keep":
             keys = [k for k in keys if not is_head_key(k, self.heads)]
         return keys
+
+    def output_shape(self, key: str) -> tuple[int, ...]:
+        shape = self.models[0].shapes[key]
+        return shape if self.vocab is None else self.vocab.shape(key, shape)
 
     def head_keys(self) -> list[str]:
         return [k for k in self.models[0].keys() if is_head_key(k, self.heads)] if self.config.heads == "keep" else []
@@ -98,17 +105,12 @@ def open_inputs(config: MergeConfig) -> MergeInputs:
         return {k: s for k, s in ckpt.shapes.items() if not (ignore_heads and is_head_key(k, heads))}
 
     ref = body(first)
+    vocab, vocab_problems = grown_vocabulary(config, models, [body(m) for m in models], method)
+    problems += vocab_problems
     for entry, ckpt in zip(config.models[1:], models[1:], strict=True):
         if ckpt.architecture != first.architecture:
             problems.append(
                 f"{entry.path}: architecture {ckpt.architecture} differs from {first_path} ({first.architecture})"
-            )
-            continue
-        vocab, first_vocab = ckpt.config.get("vocab_size"), first.config.get("vocab_size")
-        if vocab != first_vocab:
-            problems.append(
-                f"{entry.path}: vocabulary of {vocab} tokens, {first_path} has {first_vocab}; models with different "
-                "vocabularies cannot be merged (their embedding rows mean different tokens)"
             )
             continue
         other = body(ckpt)
@@ -118,7 +120,7 @@ def open_inputs(config: MergeConfig) -> MergeInputs:
                 f"{entry.path}: tensors differ from {first_path} (missing {missing[:3]}, extra {extra[:3]})"
             )
             continue
-        bad = [k for k in ref if ref[k] != other[k]]
+        bad = [k for k in ref if ref[k] != other[k] and not (vocab and k in vocab.keys)]
         if bad:
             vocab = " (different vocabularies?)" if any("embed" in k for k in bad) else ""
             hint = "; heads of different tasks need heads: keep" if any(is_head_key(k, heads) for k in bad) else ""
@@ -137,7 +139,7 @@ def open_inputs(config: MergeConfig) -> MergeInputs:
         raise RegmeanError(problems)
     linears = linear_layers(skeleton)
     embeddings, lm_head = embedding_modules(skeleton)
-    inputs = MergeInputs(config, models, stats, base, skeleton, linears, heads, embeddings, lm_head)
+    inputs = MergeInputs(config, models, stats, base, skeleton, linears, heads, embeddings, lm_head, vocab)
     problems = _base_problems(inputs, ref) if base is not None else []
     try:  # the method's own header checks, reported with the base model's
         problems += method.check(inputs)

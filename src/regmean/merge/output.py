@@ -30,12 +30,17 @@ def output_folders(inputs: MergeInputs, staged: Path) -> list[Path]:
 
 def finish_folders(inputs: MergeInputs, folders: list[Path], staged: Path, report: MergeReport) -> None:
     """Config, tokenizer, model card, recipe and report next to the weights."""
+    vocab = inputs.vocab
     for k, folder in enumerate(folders):
-        for source in inputs.models[k].folders:  # an adapter's own tokenizer files over its base's
+        model = inputs.models[vocab.tokenizer_model if vocab else k]  # a grown vocabulary: the most tokens
+        for source in model.folders:  # an adapter's own tokenizer files over its base's
             for pattern in COPIED_PATTERNS:
                 for file in source.glob(pattern):
                     if file.is_file():
                         shutil.copy2(file, folder / file.name)
+        if vocab is not None:
+            config = json.loads((folder / "config.json").read_text())
+            (folder / "config.json").write_text(json.dumps({**config, "vocab_size": vocab.total}, indent=2) + "\n")
         own = k if inputs.config.heads == "keep" else None
         (folder / CARD).write_text(model_card(inputs, report, own_head=own))
         _write_recipe(folder, inputs, report)
@@ -98,6 +103,14 @@ def model_card(inputs: MergeInputs, report: MergeReport, own_head: int | None = 
     if own_head is not None:
         lines.append(f"- this folder: the merged body with the head of model {own_head}")
     lines.append(f"- embeddings: `{config.embeddings}`; LM head: `{config.lm_head}`")
+    if inputs.vocab is not None:
+        vocab = inputs.vocab
+        taken = f"from `{config.tokenizer_source}`" if config.tokenizer_source else "averaged over the models with them"
+        lines.append(
+            f"- vocabularies grown by added tokens ({', '.join(map(str, vocab.rows))} rows): {vocab.shared} shared "
+            f"rows merged; {vocab.total - vocab.shared} added rows {taken}; tokenizer and config of "
+            f"`{config.models[vocab.tokenizer_model].path}`"
+        )
     if config.base_model:
         lines.append(f"- base model: `{config.base_model}`")
     s = report.summary()

@@ -91,7 +91,7 @@ def output_layouts(inputs: MergeInputs) -> list[Layout]:
             dtype = config.output_dtype(dtype)
         return dtype, model.shapes[key]
 
-    body = {key: entry(first, key, True) for key in inputs.body_keys()}
+    body = {key: (entry(first, key, True)[0], inputs.output_shape(key)) for key in inputs.body_keys()}
     outputs = inputs.models if config.heads == "keep" else inputs.models[:1]
     return [{**body, **{key: entry(m, key, False) for key in inputs.head_keys()}} for m in outputs]
 

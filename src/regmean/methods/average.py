@@ -29,6 +29,7 @@ class Average(ElementwiseMethod):
     name = "average"
     options = AverageOptions
     runs_on_device = True
+    merges_grown_vocabularies = True
 
     def merge_tensor(self, step: TensorStep, data: TensorInputs) -> torch.Tensor:
         return weighted_average(data.tensors, self.weights)

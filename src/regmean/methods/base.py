@@ -22,6 +22,7 @@ from pydantic import BaseModel
 from regmean.architecture import is_head_key
 from regmean.devices import Stager
 from regmean.dtypes import itemsize
+from regmean.vocabulary import merge_added_rows
 
 if TYPE_CHECKING:
     from regmean.merge.inputs import MergeInputs
@@ -88,6 +89,8 @@ class TensorStep(Step):
     """One tensor, or one block of its rows, merged entry by entry from the K inputs."""
 
     key: str
+    added_rows: bool = False
+    """The rows of tokens only some models have (a grown vocabulary): averaged over those models."""
 
 
 @dataclass
@@ -97,6 +100,8 @@ class TensorInputs:
     base: torch.Tensor | None
     """The base model's, where the method or the recipe reads it; None where the base model lacks the tensor."""
     base_missing: bool = False
+    owners: list[int] | None = None
+    """For added rows: the models whose rows `tensors` are (those that have any row of the step)."""
 
 
 @dataclass(frozen=True)
@@ -147,6 +152,8 @@ class MergeMethod(ABC):
     """Whether its steps are independent, so that processes can share them (`merge --nproc`, torchrun)."""
     runs_on_device: ClassVar[bool] = False
     """Whether its steps compute on an accelerator (`merge --device`); methods without it merge on the CPU."""
+    merges_grown_vocabularies: ClassVar[bool] = False
+    """Whether it merges models whose vocabularies differ by added tokens (its tensor steps read their rows)."""
 
     def __init__(self, inputs: MergeInputs, device: str = "cpu"):
         self.inputs = inputs
@@ -199,14 +206,23 @@ class ElementwiseMethod(MergeMethod):
         return [step for key in self.inputs.body_keys() for step in self.tensor_steps(key)]
 
     def tensor_steps(self, key: str) -> list[TensorStep]:
-        first = self.inputs.models[0]
+        first, vocab = self.inputs.models[0], self.inputs.vocab
         shape, size = first.shapes[key], itemsize(first.dtype(key))
         readers = len(self.inputs.models) + (1 if self.reads_base(key) else 0)
-        blocks: list[tuple[int, int] | None] = row_blocks(shape, size) or [None]
+        grown = vocab is not None and key in vocab.keys
+        if grown:  # rows every model has, merged as usual, then the added rows
+            shape = (vocab.shared, *shape[1:])
+        blocks: list[tuple[int, int] | None] = row_blocks(shape, size) or [(0, shape[0]) if grown else None]
         steps = []
         for rows in blocks:
             numel = math.prod(shape) if rows is None else (rows[1] - rows[0]) * math.prod(shape[1:])
             steps.append(TensorStep(outputs=(key,), cost=self.cost(numel, size, readers), rows=rows, key=key))
+        if grown:
+            numel = (vocab.total - vocab.shared) * math.prod(shape[1:])
+            added = (vocab.shared, vocab.total)
+            steps.append(
+                TensorStep(outputs=(key,), cost=self.cost(numel, size, readers), rows=added, key=key, added_rows=True)
+            )
         return steps
 
     def cost(self, numel: int, element_bytes: int, readers: int) -> Cost:
@@ -225,6 +241,11 @@ class ElementwiseMethod(MergeMethod):
 
     def load(self, step: TensorStep) -> TensorInputs:
         inputs = self.inputs
+        if step.added_rows:  # from the models that have any of these rows, as many as each has
+            start, rows = step.rows[0], inputs.vocab.rows
+            owners = [k for k, m in enumerate(inputs.models) if rows[k] > start]
+            tensors = [inputs.models[k].get(step.key, (start, rows[k])) for k in owners]
+            return TensorInputs(self.stage(tensors), None, owners=owners)
         data = TensorInputs(self.stage([m.get(step.key, step.rows) for m in inputs.models]), None)
         if self.reads_base(step.key):
             name = inputs.base_key(step.key)
@@ -241,5 +262,9 @@ class ElementwiseMethod(MergeMethod):
         missing = [step.key] if data.base_missing else []
         if data.base is not None and self.from_base(step.key):
             return Computed({step.key: data.base.to(out_dtype)}, first_row, base_missing=missing)
+        if step.added_rows:
+            vocab = self.inputs.vocab
+            merged = merge_added_rows(data.tensors, data.owners, self.weights, vocab.total - first_row, vocab.source)
+            return Computed({step.key: merged.to(out_dtype)}, first_row)
         merged = self.merge_tensor(step, data).to(out_dtype)
         return Computed({step.key: merged}, first_row, base_missing=missing)

@@ -98,6 +98,7 @@ def model_data(entry: ModelEntry, folders: tuple[Path, ...], model: nn.Module) -
 class RegMeanPlusPlus(RegMean):
     runs_on_device = False  # its working model and forward passes run on the CPU
     splits_across_processes = False  # each stage runs through the stages merged before it
+    merges_grown_vocabularies = False  # its working model has one model's vocabulary
     name = "regmean_plusplus"
     options = RegMeanPlusPlusOptions
     statistics = None

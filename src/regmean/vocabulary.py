@@ -1,0 +1,125 @@
+"""Grown vocabularies: models whose embedding and LM-head rows differ because tokens were added to their tokenizers.
+
+Rows of the tokens every model has merge as usual; a row only some models have is their weighted average (or the
+row of the model `tokenizer_source:` names, where it has one). Before any tensor is read, every token id the
+tokenizers share must name the same token in each."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from regmean.errors import RegmeanError
+
+
+@dataclass(frozen=True)
+class GrownVocabulary:
+    keys: frozenset[str]
+    """Tensors with one row per token (embeddings, an untied LM head and its bias)."""
+    rows: tuple[int, ...]
+    """Each model's row count."""
+    source: int | None
+    """The model whose rows added tokens take (tokenizer_source:); None: averaged over the models that have them."""
+    tokenizer_model: int
+    """The model whose tokenizer (the most tokens) and config the output takes."""
+
+    @property
+    def shared(self) -> int:
+        return min(self.rows)
+
+    @property
+    def total(self) -> int:
+        return max(self.rows)
+
+    def shape(self, key: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The output's shape of `key` (a model's shape given): every added row for a vocabulary tensor."""
+        return (self.total, *shape[1:]) if key in self.keys else shape
+
+
+def vocabulary_keys(bodies: Sequence[dict[str, tuple[int, ...]]]) -> tuple[frozenset[str], tuple[int, ...]] | None:
+    """The tensors whose shapes differ between models in their first dimension only, each model with one row count
+    for all of them (its vocabulary); None when no shape differs or the differences are not of that kind."""
+    ref = bodies[0]
+    keys = frozenset(k for k in ref if any(b.get(k, ref[k]) != ref[k] for b in bodies[1:]))
+    if not keys:
+        return None
+    rows = []
+    for body in bodies:
+        counts = {body[k][0] for k in keys if k in body}
+        if len(counts) != 1 or any(k in body and body[k][1:] != ref[k][1:] for k in keys):
+            return None
+        rows.append(counts.pop())
+    return keys, tuple(rows)
+
+
+def token_conflict(vocabularies: Sequence[dict[str, int]], names: Sequence[str]) -> str | None:
+    """The first token id two tokenizers give different tokens, as a message; None when every shared id agrees."""
+    by_id = [{i: t for t, i in vocab.items()} for vocab in vocabularies]
+    largest = max(range(len(by_id)), key=lambda k: len(by_id[k]))
+    for k, ids in enumerate(by_id):
+        clashes = sorted(i for i, token in ids.items() if i in by_id[largest] and by_id[largest][i] != token)
+        if clashes:
+            i = clashes[0]
+            return (
+                f"{names[k]}: token id {i} is {ids[i]!r}, in {names[largest]} it is {by_id[largest][i]!r} "
+                f"({len(clashes)} ids differ); the tokenizers differ, not only by added tokens: these models cannot "
+                "be merged"
+            )
+    return None
+
+
+def merge_added_rows(
+    tensors: Sequence[torch.Tensor], owners: Sequence[int], weights: torch.Tensor, count: int, source: int | None
+) -> torch.Tensor:
+    """`count` rows of added tokens from the models `owners` (tensors[j] holds model owners[j]'s first rows of the
+    range): each row the weighted average over the models that have it, or `source`'s row where it has one."""
+    first = tensors[0]
+    dtype = torch.promote_types(first.dtype, torch.float32)
+    out = torch.zeros((count, *first.shape[1:]), dtype=dtype, device=first.device)
+    norm = torch.zeros(count, dtype=torch.float64)
+    for t, k in zip(tensors, owners, strict=True):
+        out[: t.shape[0]].add_(t.to(dtype), alpha=float(weights[k]))
+        norm[: t.shape[0]] += float(weights[k])
+    if bool((norm == 0).any()):
+        raise RegmeanError(f"added rows without a model that has them ({int((norm == 0).sum())} rows)")
+    out.div_(norm.to(dtype=dtype, device=out.device).reshape(-1, *[1] * (out.dim() - 1)))
+    if source is not None and source in owners:
+        own = tensors[owners.index(source)]
+        out[: own.shape[0]] = own.to(dtype)
+    return out
+
+
+def grown_vocabulary(config, models: Sequence, bodies: Sequence[dict], method) -> tuple[GrownVocabulary | None, list]:
+    """The models' grown vocabulary (None when their shapes agree, or differ otherwise: reported elsewhere), and
+    what keeps it from merging: another method or option, or tokenizers that disagree on a shared id."""
+    from regmean.loading import load_tokenizer, tokenizer_folder
+
+    found = vocabulary_keys(bodies)
+    if found is None:
+        return None, []
+    keys, rows = found
+    paths = [str(m.path) for m in config.models]
+    sizes = ", ".join(f"{r}" for r in rows)
+    refused = [
+        (not method.merges_grown_vocabularies, f"method {config.method} does not; use average or regmean"),
+        (config.heads == "keep", "heads: keep does not (one output per model: merge grown vocabularies together)"),
+        ("base" in (config.embeddings, config.lm_head), "embeddings/lm_head: base does not (the base lacks them)"),
+        (config.lm_head == "regmean", "lm_head: regmean does not (use lm_head: average)"),
+    ]
+    problems = [f"the models' vocabularies differ ({sizes} rows): {why}" for bad, why in refused if bad]
+    try:
+        tokenizers = [load_tokenizer(tokenizer_folder(m.folders)) for m in models]
+    except RegmeanError as exc:
+        return None, problems + [
+            f"{p} (the models' vocabularies differ: each tokenizer is checked)" for p in exc.problems
+        ]
+    conflict = token_conflict([t.get_vocab() for t in tokenizers], paths)
+    if conflict:
+        problems.append(conflict)
+    source = None
+    if config.tokenizer_source is not None:
+        source = [str(m.path) for m in config.models].index(str(config.tokenizer_source))
+    largest = max(range(len(models)), key=lambda k: (len(tokenizers[k]), -k))
+    return GrownVocabulary(keys, rows, source, largest), problems

@@ -1,0 +1,110 @@
+"""Grown vocabularies: models whose tokenizers got added tokens (add_tokens + resize_token_embeddings) merge; shared
+rows as usual, added rows averaged over the models that have them (or taken from tokenizer_source), checked against
+the rule written plainly here; tokenizers that disagree on a shared id are refused."""
+
+from pathlib import Path
+
+import pytest
+import torch
+import transformers as tf
+from conftest import MINILM, TEXTS, VOCAB, build_model, write_jsonl
+from safetensors.torch import load_file
+from test_bad_input import merge_fails
+from test_merge import run, write_config
+
+ADDED = (["<tool>", "<think>"], ["<tool>"], [])  # model 0 has two added tokens, model 1 one, model 2 none
+
+
+def grown_model(root: Path, k: int, added: list[str], tied: bool = False) -> Path:
+    """A tiny untied Llama (own LM head) fine-tune whose tokenizer got `added` and whose embeddings were resized."""
+    config = build_model("llama", "LlamaForCausalLM").config
+    config.tie_word_embeddings = tied
+    torch.manual_seed(1234)
+    model = tf.LlamaForCausalLM(config).eval()
+    gen = torch.Generator().manual_seed(k + 1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    tok = tf.AutoTokenizer.from_pretrained(MINILM)
+    tok.add_tokens(added)
+    model.resize_token_embeddings(len(tok), mean_resizing=False)
+    with torch.no_grad():  # the added rows: distinct values per model
+        for t in (model.get_input_embeddings().weight, model.get_output_embeddings().weight):
+            t[VOCAB:] = torch.randn(t[VOCAB:].shape, generator=gen)
+    path = root / f"m{k}"
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def measured(root: Path, path: Path) -> Path:
+    data = write_jsonl(root / "data.jsonl")
+    out = root / f"stats-{path.name}"
+    result = run("measure", path, "--data", data, "--out", out, "--max-length", 32)
+    assert result.exit_code == 0, result.output
+    return out
+
+
+@pytest.mark.parametrize("method", ["average", "regmean"])
+def test_added_rows_are_averaged_over_the_models_that_have_them(tmp_path, method):
+    paths = [grown_model(tmp_path, k, added) for k, added in enumerate(ADDED)]
+    weights = [1.0, 2.0, 3.0]
+    models = [{"path": str(p), "weight": w} for p, w in zip(paths, weights, strict=True)]
+    if method == "regmean":
+        for m, p in zip(models, paths, strict=True):
+            m["statistics"] = str(measured(tmp_path, p))
+    result = run("merge", write_config(tmp_path, method=method, models=models), tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    out = load_file(tmp_path / "out" / "model.safetensors")
+    states = [load_file(p / "model.safetensors") for p in paths]
+    for key in ("model.embed_tokens.weight", "lm_head.weight"):
+        assert out[key].shape == (VOCAB + 2, 16)
+        shared = sum(w * s[key][:VOCAB] for w, s in zip(weights, states, strict=True)) / sum(weights)
+        torch.testing.assert_close(out[key][:VOCAB], shared, rtol=1e-6, atol=1e-6)
+        tool = (1.0 * states[0][key][VOCAB] + 2.0 * states[1][key][VOCAB]) / 3.0  # models 0 and 1 have <tool>
+        torch.testing.assert_close(out[key][VOCAB], tool, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(out[key][VOCAB + 1], states[0][key][VOCAB + 1], rtol=0, atol=0)  # <think>: one
+    merged_tok = tf.AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert len(merged_tok) == VOCAB + 2 and merged_tok.convert_tokens_to_ids("<think>") == VOCAB + 1
+    model = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "out")  # loads: config and shapes agree
+    assert model.config.vocab_size == VOCAB + 2
+    assert "added rows averaged over the models with them" in (tmp_path / "out" / "README.md").read_text()
+
+
+def test_tokenizer_source_gives_the_added_rows(tmp_path):
+    paths = [grown_model(tmp_path, k, added) for k, added in enumerate(ADDED)]
+    models = [{"path": str(p)} for p in paths]
+    config = write_config(tmp_path, method="average", models=models, tokenizer_source=str(paths[1]))
+    result = run("merge", config, tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    out, own = load_file(tmp_path / "out" / "model.safetensors"), load_file(paths[1] / "model.safetensors")
+    torch.testing.assert_close(out["lm_head.weight"][VOCAB], own["lm_head.weight"][VOCAB], rtol=0, atol=0)
+
+
+def test_tied_embeddings_grow_too(tmp_path):
+    paths = [grown_model(tmp_path, k, added, tied=True) for k, added in enumerate(ADDED[:2])]
+    result = run(
+        "merge", write_config(tmp_path, method="average", models=[{"path": str(p)} for p in paths]), tmp_path / "o"
+    )
+    assert result.exit_code == 0, result.output
+    assert load_file(tmp_path / "o" / "model.safetensors")["model.embed_tokens.weight"].shape[0] == VOCAB + 2
+
+
+def test_a_shared_id_naming_two_tokens_is_refused(tmp_path):
+    paths = [grown_model(tmp_path / "in", 0, ["<tool>"]), grown_model(tmp_path / "in", 1, ["<x>", "<y>"])]
+    recipe = {"method": "average", "models": [{"path": str(p)} for p in paths]}
+    merge_fails(tmp_path, recipe, f"token id {VOCAB} is '<tool>'", "'<x>'")
+
+
+def test_methods_that_cannot_merge_grown_vocabularies_say_so(tmp_path):
+    paths = [grown_model(tmp_path / "in", k, added) for k, added in enumerate(ADDED[:2])]
+    base = grown_model(tmp_path / "in", 5, [])
+    recipe = {"method": "ties", "models": [{"path": str(p)} for p in paths], "base_model": str(base)}
+    merge_fails(tmp_path, recipe, "vocabularies differ", "method ties does not; use average or regmean")
+
+
+def test_texts_still_tokenise_alike(tmp_path):
+    """The added tokens leave the shared vocabulary's tokenisation alone (what the shared-row merge relies on)."""
+    paths = [grown_model(tmp_path, k, added) for k, added in enumerate(ADDED)]
+    toks = [tf.AutoTokenizer.from_pretrained(p) for p in paths]
+    assert all(t(TEXTS)["input_ids"] == toks[0](TEXTS)["input_ids"] for t in toks)
