@@ -38,12 +38,15 @@ class GrownVocabulary:
         return (self.total, *shape[1:]) if key in self.keys else shape
 
 
-def vocabulary_keys(bodies: Sequence[dict[str, tuple[int, ...]]]) -> tuple[frozenset[str], tuple[int, ...]] | None:
+def vocabulary_keys(
+    bodies: Sequence[dict[str, tuple[int, ...]]], embedding_keys: set[str]
+) -> tuple[frozenset[str], tuple[int, ...]] | None:
     """The tensors whose shapes differ between models in their first dimension only, each model with one row count
-    for all of them (its vocabulary); None when no shape differs or the differences are not of that kind."""
+    for all of them (its vocabulary), the input embeddings among them; None when no shape differs or the
+    differences are not of that kind (e.g. classifier heads of different label counts)."""
     ref = bodies[0]
     keys = frozenset(k for k in ref if any(b.get(k, ref[k]) != ref[k] for b in bodies[1:]))
-    if not keys:
+    if not keys & embedding_keys:
         return None
     rows = []
     for body in bodies:
@@ -91,12 +94,14 @@ def merge_added_rows(
     return out
 
 
-def grown_vocabulary(config, models: Sequence, bodies: Sequence[dict], method) -> tuple[GrownVocabulary | None, list]:
+def grown_vocabulary(
+    config, models: Sequence, bodies: Sequence[dict], embedding_keys: set[str], method
+) -> tuple[GrownVocabulary | None, list]:
     """The models' grown vocabulary (None when their shapes agree, or differ otherwise: reported elsewhere), and
     what keeps it from merging: another method or option, or tokenizers that disagree on a shared id."""
     from regmean.loading import load_tokenizer, tokenizer_folder
 
-    found = vocabulary_keys(bodies)
+    found = vocabulary_keys(bodies, embedding_keys)
     if found is None:
         return None, []
     keys, rows = found

@@ -105,7 +105,8 @@ def open_inputs(config: MergeConfig) -> MergeInputs:
         return {k: s for k, s in ckpt.shapes.items() if not (ignore_heads and is_head_key(k, heads))}
 
     ref = body(first)
-    vocab, vocab_problems = grown_vocabulary(config, models, [body(m) for m in models], method)
+    embedding_keys = {f"{name}.weight" for name in embedding_modules(skeleton)[0]}
+    vocab, vocab_problems = grown_vocabulary(config, models, [body(m) for m in models], embedding_keys, method)
     problems += vocab_problems
     for entry, ckpt in zip(config.models[1:], models[1:], strict=True):
         if ckpt.architecture != first.architecture:
