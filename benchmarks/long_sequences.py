@@ -59,7 +59,7 @@ def run_measure(model: Path, data: Path, batch_size: int, out: Path) -> dict:
         line[line.index("memory: ") :] for line in (done.stdout + done.stderr).splitlines() if "memory: " in line
     )
     estimate = re.search(r"about ([\d.]+) (\w+)", announced)
-    units = {"kB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12}
+    units = {"B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12}
     return {
         "batch_size": batch_size,
         "announced": announced,

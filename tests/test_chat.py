@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from test_bad_input import cli_fails
 from test_merge import run
 
+from regmean.errors import RegmeanError
 from regmean.io.data import load_examples
 
 # BERT's tokenizer reads "[CLS]" and "[SEP]" written in a text as its special tokens, so a template that writes them
@@ -90,7 +91,7 @@ def test_messages_need_a_chat_template(tmp_path):
 )
 def test_bad_conversations_are_named_by_row(tmp_path, cell, expected):
     data = write_rows(tmp_path / "chat.jsonl", [{"messages": CONVERSATIONS[0]}, {"messages": cell}])
-    with pytest.raises(Exception, match=expected):
+    with pytest.raises(RegmeanError, match=expected):
         load_examples(data, messages_field="messages")
 
 

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from test_bad_input import cli_fails, merge_fails
 from test_merge import run, write_config
 
+from regmean.errors import RegmeanError
 from regmean.io.adapter import AdaptedCheckpoint
 from regmean.io.data import Example
 from regmean.measure import measure
@@ -20,7 +21,7 @@ from regmean.measure import measure
 CASES = {
     "bert": (
         "BertForSequenceClassification",
-        {"target_modules": ["query", "value", "word_embeddings"], "modules_to_save": ["classifier"]},
+        {"target_modules": ["query", "value", "word_embeddings"], "modules_to_save": ["classifier"], "bias": "all"},
     ),
     "gpt2": ("GPT2LMHeadModel", {"target_modules": ["c_attn", "c_fc"], "fan_in_fan_out": True, "lora_bias": True}),
     "llama": (
@@ -36,7 +37,8 @@ def make_adapter(base, options: dict, seed: int) -> peft.PeftModel:
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "lora_" in name or "modules_to_save" in name:
+            trained_bias = options.get("bias") == "all" and name.endswith(".bias")
+            if "lora_" in name or "modules_to_save" in name or trained_bias:
                 p.copy_(0.2 * torch.randn(p.shape, generator=gen))
     return model
 
@@ -146,5 +148,5 @@ def test_adapter_over_the_wrong_base_is_refused(tmp_path):
 def test_measure_needs_the_base(tmp_path):
     _, adapter = _adapter_with(tmp_path)
     ex = [Example(t, None, None) for t in TEXTS]
-    with pytest.raises(Exception, match="a LoRA adapter without its base model"):
+    with pytest.raises(RegmeanError, match="a LoRA adapter without its base model"):
         measure(adapter, ex, progress=False)

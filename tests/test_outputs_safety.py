@@ -145,7 +145,7 @@ def test_staging_left_by_a_killed_run_is_removed_and_said(trio, tmp_path):
     result = runner.invoke(app, ["measure", models[0]["path"], "--data", str(data), "--out", str(stats)])
     assert result.exit_code == 0, result.output
     assert "left by an interrupted run" in result.output
-    assert sorted(p.name for p in stats.iterdir()) == ["statistics.safetensors"]
+    assert sorted(p.name for p in stats.iterdir()) == ["README.md", "statistics.safetensors"]
 
 
 def test_measure_never_overwrites_model_weights(trio):

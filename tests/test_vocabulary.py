@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers as tf
-from conftest import MINILM, TEXTS, VOCAB, build_model, write_jsonl
+from conftest import MINILM, VOCAB, build_model, write_jsonl
 from safetensors.torch import load_file
 from test_bad_input import merge_fails
 from test_merge import run, write_config
@@ -15,7 +15,7 @@ from test_merge import run, write_config
 ADDED = (["<tool>", "<think>"], ["<tool>"], [])  # model 0 has two added tokens, model 1 one, model 2 none
 
 
-def grown_model(root: Path, k: int, added: list[str], tied: bool = False) -> Path:
+def grown_model(root: Path, k: int, added: list[str], tied: bool = False, pad_to: int | None = None) -> Path:
     """A tiny untied Llama (own LM head) fine-tune whose tokenizer got `added` and whose embeddings were resized."""
     config = build_model("llama", "LlamaForCausalLM").config
     config.tie_word_embeddings = tied
@@ -27,7 +27,7 @@ def grown_model(root: Path, k: int, added: list[str], tied: bool = False) -> Pat
             p.add_(0.05 * torch.randn(p.shape, generator=gen))
     tok = tf.AutoTokenizer.from_pretrained(MINILM)
     tok.add_tokens(added)
-    model.resize_token_embeddings(len(tok), mean_resizing=False)
+    model.resize_token_embeddings(len(tok), pad_to_multiple_of=pad_to, mean_resizing=False)
     with torch.no_grad():  # the added rows: distinct values per model
         for t in (model.get_input_embeddings().weight, model.get_output_embeddings().weight):
             t[VOCAB:] = torch.randn(t[VOCAB:].shape, generator=gen)
@@ -103,8 +103,22 @@ def test_methods_that_cannot_merge_grown_vocabularies_say_so(tmp_path):
     merge_fails(tmp_path, recipe, "vocabularies differ", "method ties does not; use average or regmean")
 
 
-def test_texts_still_tokenise_alike(tmp_path):
-    """The added tokens leave the shared vocabulary's tokenisation alone (what the shared-row merge relies on)."""
-    paths = [grown_model(tmp_path, k, added) for k, added in enumerate(ADDED)]
-    toks = [tf.AutoTokenizer.from_pretrained(p) for p in paths]
-    assert all(t(TEXTS)["input_ids"] == toks[0](TEXTS)["input_ids"] for t in toks)
+def test_padding_rows_never_average_into_a_token(tmp_path):
+    """Tables padded to a multiple of 64 (resize_token_embeddings(pad_to_multiple_of=64)): an added token's row is
+    averaged only over the models whose tokenizer has it, never with another model's padding row."""
+    small = grown_model(tmp_path, 2, [], pad_to=64)  # 30522 tokens in 30528 rows, listed first
+    one = grown_model(tmp_path, 1, ["<tool>"])  # 30523 tokens and rows
+    two = grown_model(tmp_path, 0, ["<tool>", "<think>"], pad_to=64)  # 30524 tokens in 30528 rows
+    paths = [small, one, two]
+    result = run(
+        "merge", write_config(tmp_path, method="average", models=[{"path": str(p)} for p in paths]), tmp_path / "o"
+    )
+    assert result.exit_code == 0, result.output
+    out = load_file(tmp_path / "o" / "model.safetensors")["lm_head.weight"]
+    s, o, t = (load_file(p / "model.safetensors")["lm_head.weight"] for p in paths)
+    assert out.shape[0] == VOCAB + 6
+    torch.testing.assert_close(out[:VOCAB], (s[:VOCAB] + o[:VOCAB] + t[:VOCAB]) / 3, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(out[VOCAB], (o[VOCAB] + t[VOCAB]) / 2, rtol=1e-6, atol=1e-6)  # not small's padding
+    torch.testing.assert_close(out[VOCAB + 1], t[VOCAB + 1], rtol=0, atol=0)
+    torch.testing.assert_close(out[VOCAB + 2 :], (s[VOCAB + 2 :] + t[VOCAB + 2 :]) / 2, rtol=1e-6, atol=1e-6)
+    assert len(tf.AutoTokenizer.from_pretrained(tmp_path / "o")) == VOCAB + 2

@@ -20,6 +20,8 @@ class GrownVocabulary:
     """Tensors with one row per token (embeddings, an untied LM head and its bias)."""
     rows: tuple[int, ...]
     """Each model's row count."""
+    tokens: tuple[int, ...]
+    """Each model's rows that are tokens of its tokenizer (the rest, if any, pad the table to a round size)."""
     source: int | None
     """The model whose rows added tokens take (tokenizer_source:); None: averaged over the models that have them."""
     tokenizer_model: int
@@ -27,7 +29,8 @@ class GrownVocabulary:
 
     @property
     def shared(self) -> int:
-        return min(self.rows)
+        """Rows that are a token of every model: merged as usual."""
+        return min(self.tokens)
 
     @property
     def total(self) -> int:
@@ -74,23 +77,34 @@ def token_conflict(vocabularies: Sequence[dict[str, int]], names: Sequence[str])
 
 
 def merge_added_rows(
-    tensors: Sequence[torch.Tensor], owners: Sequence[int], weights: torch.Tensor, count: int, source: int | None
+    tensors: Sequence[torch.Tensor],
+    owners: Sequence[int],
+    tokens: Sequence[int],
+    weights: torch.Tensor,
+    count: int,
+    source: int | None,
 ) -> torch.Tensor:
-    """`count` rows of added tokens from the models `owners` (tensors[j] holds model owners[j]'s first rows of the
-    range): each row the weighted average over the models that have it, or `source`'s row where it has one."""
+    """`count` rows past the shared ones, from the models `owners` (tensors[j] holds model owners[j]'s rows of the
+    range, of which the first tokens[j] are tokens of its tokenizer, the rest padding): each row the weighted
+    average over the models whose token it is, or `source`'s row where it is one of its tokens; a row no tokenizer
+    has (padding only) is the average of the models' padding rows."""
     first = tensors[0]
     dtype = torch.promote_types(first.dtype, torch.float32)
-    out = torch.zeros((count, *first.shape[1:]), dtype=dtype, device=first.device)
-    norm = torch.zeros(count, dtype=torch.float64)
-    for t, k in zip(tensors, owners, strict=True):
-        out[: t.shape[0]].add_(t.to(dtype), alpha=float(weights[k]))
-        norm[: t.shape[0]] += float(weights[k])
-    if bool((norm == 0).any()):
-        raise RegmeanError(f"added rows without a model that has them ({int((norm == 0).sum())} rows)")
-    out.div_(norm.to(dtype=dtype, device=out.device).reshape(-1, *[1] * (out.dim() - 1)))
+    shape = (count, *first.shape[1:])
+    sums = {kind: torch.zeros(shape, dtype=dtype, device=first.device) for kind in ("token", "padding")}
+    norms = {kind: torch.zeros(count, dtype=dtype, device=first.device) for kind in ("token", "padding")}
+    for t, n, k in zip(tensors, tokens, owners, strict=True):
+        for kind, rows in (("token", slice(0, n)), ("padding", slice(n, t.shape[0]))):
+            sums[kind][rows].add_(t[rows].to(dtype), alpha=float(weights[k]))
+            norms[kind][rows] += float(weights[k])
+    if bool(((norms["token"] == 0) & (norms["padding"] == 0)).any()):
+        raise RegmeanError("added rows without a model that has them")
+    column = (count, *[1] * (first.dim() - 1))
+    averages = {kind: sums[kind] / norms[kind].clamp_min(1e-300).reshape(column) for kind in sums}
+    out = torch.where((norms["token"] > 0).reshape(column), averages["token"], averages["padding"])
     if source is not None and source in owners:
-        own = tensors[owners.index(source)]
-        out[: own.shape[0]] = own.to(dtype)
+        j = owners.index(source)
+        out[: tokens[j]] = tensors[j][: tokens[j]].to(dtype)
     return out
 
 
@@ -127,4 +141,5 @@ def grown_vocabulary(
     if config.tokenizer_source is not None:
         source = [str(m.path) for m in config.models].index(str(config.tokenizer_source))
     largest = max(range(len(models)), key=lambda k: (len(tokenizers[k]), -k))
-    return GrownVocabulary(keys, rows, source, largest), problems
+    tokens = tuple(min(len(t), r) for t, r in zip(tokenizers, rows, strict=True))
+    return GrownVocabulary(keys, rows, tokens, source, largest), problems

@@ -4,6 +4,7 @@ W = W_base + s B A (s = alpha / r, or alpha / sqrt(r) with rsLoRA), one tensor o
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 from dataclasses import dataclass
 from functools import cached_property
@@ -56,18 +57,19 @@ class LoraPair:
     bias: str | None = None  # lora_B's bias (lora_bias: true), added to the layer's bias times `scale`
 
 
-def open_model(path: str | Path, base: str | Path | None = None, allow_pickle: bool = False):
-    """A model folder as a Checkpoint, or a LoRA adapter folder over its base model as an AdaptedCheckpoint."""
+def open_model(path: str | Path, base: str | Path | None = None, allow_pickle: bool = False, bases: dict | None = None):
+    """A model folder as a Checkpoint, or a LoRA adapter folder over its base model as an AdaptedCheckpoint
+    (adapters given the same `bases` dict share one opened base per folder: its weights are hashed once)."""
     if is_adapter(path):
-        return AdaptedCheckpoint(path, base, allow_pickle)
+        return AdaptedCheckpoint(path, base, allow_pickle, bases)
     return Checkpoint(path, allow_pickle)
 
 
-def base_folder(adapter: Path, given: str | Path | None) -> Path:
+def base_folder(adapter: Path, config: dict, given: str | Path | None) -> Path:
     """The base model of an adapter: the one given, else the adapter config's own base path if it is a local folder."""
     if given is not None:
         return Path(given)
-    named = read_json_object(adapter / ADAPTER_CONFIG, "a PEFT adapter config").get("base_model_name_or_path")
+    named = config.get("base_model_name_or_path")
     if isinstance(named, str) and named and Path(named).is_dir():
         return Path(named)
     where = f" ({named!r} is not a local folder)" if named else ""
@@ -81,11 +83,17 @@ class AdaptedCheckpoint:
     """Base weights plus a LoRA adapter, with a Checkpoint's read interface (names, shapes and dtypes are the
     base's; `modules_to_save` and trained biases replace the base's tensors)."""
 
-    def __init__(self, path: str | Path, base: str | Path | None = None, allow_pickle: bool = False):
+    def __init__(
+        self, path: str | Path, base: str | Path | None = None, allow_pickle: bool = False, bases: dict | None = None
+    ):
         self.path = Path(path)
         self.adapter_config = read_json_object(self.path / ADAPTER_CONFIG, "a PEFT adapter config")
-        _check_type(self.path, self.adapter_config)
-        self.base = Checkpoint(base_folder(self.path, base), allow_pickle)
+        _check_config(self.path, self.adapter_config)
+        folder = base_folder(self.path, self.adapter_config, base)
+        bases = {} if bases is None else bases
+        if folder.resolve() not in bases:
+            bases[folder.resolve()] = Checkpoint(folder, allow_pickle)
+        self.base = bases[folder.resolve()]
         self.config, self.key_to_file = self.base.config, self.base.key_to_file
         weights = self.path / ADAPTER_WEIGHTS
         if not weights.is_file():
@@ -119,11 +127,14 @@ class AdaptedCheckpoint:
         return self.base.shapes
 
     def get(self, key: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
-        """The adapted tensor (or its rows [start, stop)), in the base's dtype, as peft's merge would give it."""
-        if key in self.replaced:
-            t = self.file.get(self.replaced[key], rows)
-            return check_finite(t, f"{self.file.path}: tensor {self.replaced[key]}")
-        base = self.base.get(key, rows)
+        """The adapted tensor (or its rows [start, stop)) in the base's dtype: W_base + s B A computed in float32
+        and rounded once (peft's merge adds in the base's dtype: the same for float32 bases)."""
+        if key in self.replaced:  # a saved tensor (modules_to_save, a trained bias, a saved base layer)
+            source = self.replaced[key]
+            saved = self.file.get(source, rows).to(STORED[self.base.dtype(key)])  # the dtype the output plans
+            base = check_finite(saved, f"{self.file.path}: tensor {source}")
+        else:
+            base = self.base.get(key, rows)
         if key not in self.pairs:
             return base
         pair = self.pairs[key]
@@ -147,7 +158,7 @@ class AdaptedCheckpoint:
                 check_finite(piece, f"{self.file.path}: tensor {key}")
                 digest.update(piece.view(torch.uint8).numpy())
         for key in sorted(self.pairs):
-            digest.update(f"{key}:{self.pairs[key].scale!r};".encode())
+            digest.update(f"{key}:{self.pairs[key].scale!r}:{self.pairs[key].transposed};".encode())
         return {**self.base.fingerprint, "weights": digest.hexdigest()}
 
     # -- layout ------------------------------------------------------------------------------------
@@ -160,9 +171,13 @@ class AdaptedCheckpoint:
             if not key.startswith(SAVED_PREFIX):
                 raise RegmeanError(f"{self.file.path}: tensor {key} is not a PEFT adapter's (no {SAVED_PREFIX!r})")
             name = key[len(SAVED_PREFIX) :]
+            if ".original_module." in name:  # the frozen copy a modules_to_save wrapper keeps: not the trained one
+                continue
+            for wrapper in (".base_layer.", ".modules_to_save."):  # a wrapped layer's own tensors
+                name = name.replace(wrapper, ".")
             part = next((p for p in LORA_PARTS if name.endswith("." + p)), None)
             if part is None:
-                if ".lora_" in name or "modules_to_save" in name:
+                if ".lora_" in name:
                     raise RegmeanError(f"{self.file.path}: tensor {key} is of a LoRA variant regmean cannot merge")
                 replaced[self._base_key(name, key)] = key
                 continue
@@ -172,14 +187,15 @@ class AdaptedCheckpoint:
             if "A" not in parts or "B" not in parts:
                 raise RegmeanError(f"{self.file.path}: module {module} lacks its lora_A or lora_B tensor")
             weight = self._base_key(module + ".weight", parts["A"])
-            pair = LoraPair(parts["A"], parts["B"], self._scale(module, parts["A"]), self._transposed(parts))
-            self._check_shapes(weight, pair)
+            pair = LoraPair(parts["A"], parts["B"], 0.0, self._transposed(parts))
+            self._check_shapes(weight, pair, parts.get("bias"))
+            pair.scale = self._scale(module, parts["A"])
             pairs[weight] = pair
             if "bias" in parts:
                 bias = self._base_key(module + ".bias", parts["bias"])
                 pairs[bias] = LoraPair(pair.a, pair.b, pair.scale, pair.transposed, bias=parts["bias"])
         for key, source in replaced.items():
-            if self.file.shape(source) != self.base.shape(key):
+            if self.file.shape(source) != self.base.shape(key) or not self.file.dtype(source).startswith(("F", "BF")):
                 raise RegmeanError(
                     f"{self.file.path}: {source} is {list(self.file.shape(source))}, the base's {key} is "
                     f"{list(self.base.shape(key))}; give the base model the adapter was trained on"
@@ -202,7 +218,7 @@ class AdaptedCheckpoint:
             if re.match(rf"(.*\.)?({pattern})$", module):  # peft's rule: the pattern ends the module name
                 alpha = value
                 break
-        if not isinstance(alpha, int | float) or isinstance(alpha, bool) or rank < 1:
+        if not isinstance(alpha, int | float) or isinstance(alpha, bool) or not math.isfinite(alpha):
             raise RegmeanError(f"{self.path / ADAPTER_CONFIG}: lora_alpha {alpha!r} for {module} is not a number")
         return alpha / rank**0.5 if config.get("use_rslora") else alpha / rank
 
@@ -210,17 +226,20 @@ class AdaptedCheckpoint:
         """Embeddings (lora_embedding_*) and Conv1D layers (fan_in_fan_out) store the weight as [in, out]."""
         return parts["A"].endswith("lora_embedding_A") or bool(self.adapter_config.get("fan_in_fan_out"))
 
-    def _check_shapes(self, weight: str, pair: LoraPair) -> None:
+    def _check_shapes(self, weight: str, pair: LoraPair, bias: str | None) -> None:
         a, b, shape = self.file.shape(pair.a), self.file.shape(pair.b), self.base.shape(weight)
-        want = (b[0], a[1]) if not pair.transposed else (a[1], b[0])
-        if len(a) != 2 or len(b) != 2 or a[0] != b[1] or tuple(shape) != want:
+        want = None if len(a) != 2 or len(b) != 2 else (b[0], a[1]) if not pair.transposed else (a[1], b[0])
+        if bias is not None and (not b or self.file.shape(bias) != (b[0],)):
+            raise RegmeanError(f"{self.file.path}: {bias} is {list(self.file.shape(bias))}, not one entry per output")
+        if want is None or a[0] < 1 or a[0] != b[1] or tuple(shape) != want:
             raise RegmeanError(
                 f"{self.file.path}: LoRA tensors {list(a)} and {list(b)} do not fit {weight} of shape "
                 f"{list(shape)}; give the base model the adapter was trained on"
             )
 
 
-def _check_type(path: Path, config: dict) -> None:
+def _check_config(path: Path, config: dict) -> None:
+    """A LoRA adapter of the plain kind, with options of the types peft writes."""
     kind = config.get("peft_type")
     if kind != "LORA":
         raise RegmeanError(f"{path / ADAPTER_CONFIG}: adapter type {kind!r} is not supported; regmean reads LoRA only")
@@ -230,3 +249,16 @@ def _check_type(path: Path, config: dict) -> None:
             f"{path / ADAPTER_CONFIG}: {used[0]} adapters are not supported (the update is not W + B A); "
             "merge the adapter into its model first (peft's merge_and_unload) and give that folder"
         )
+    patterns = config.get("alpha_pattern") or {}
+    if not isinstance(patterns, dict):
+        raise RegmeanError(f"{path / ADAPTER_CONFIG}: alpha_pattern must map module patterns to numbers")
+    for pattern in patterns:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise RegmeanError(
+                f"{path / ADAPTER_CONFIG}: alpha_pattern {pattern!r} is not a regular expression"
+            ) from exc
+    for flag in ("use_rslora", "fan_in_fan_out"):
+        if not isinstance(config.get(flag, False), bool):
+            raise RegmeanError(f"{path / ADAPTER_CONFIG}: {flag} must be true or false, not {config[flag]!r:.40}")

@@ -15,7 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from regmean import distributed, dtypes
 from regmean.devices import check_device
 from regmean.errors import RegmeanError
-from regmean.io.adapter import open_model
+from regmean.io.adapter import is_adapter, open_model
 from regmean.io.chat import render_chat
 from regmean.io.data import Example
 from regmean.loading import load_adapted, load_tokenizer, tokenizer_folder
@@ -61,6 +61,8 @@ def measure(
     if not examples:
         raise RegmeanError("no examples to measure on")
     check_device(device)
+    if base is not None and not is_adapter(model_dir):
+        raise RegmeanError(f"{model_dir}: not a LoRA adapter folder (no adapter_config.json); --base is for adapters")
     checkpoint = open_model(model_dir, base, allow_pickle)
     tokenizer_dir = tokenizer_folder(checkpoint.folders)
     tokenizer = load_tokenizer(tokenizer_dir)

@@ -81,11 +81,14 @@ def open_inputs(config: MergeConfig) -> MergeInputs:
             problems.extend(exc.problems)
             return None
 
-    models = [attempt(open_model, m.path, config.base_model, config.allow_pickle) for m in config.models]
+    bases: dict = {}  # adapters over one base share it (hashed once)
+    models = [attempt(open_model, m.path, config.base_model, config.allow_pickle, bases) for m in config.models]
     method = METHODS[config.method]
     kind = method.statistics
     stats = [attempt(kind.reader, m.statistics) for m in config.models] if kind else None
-    base = attempt(Checkpoint, config.base_model, config.allow_pickle) if config.base_model else None
+    base = None
+    if config.base_model:
+        base = bases.get(config.base_model.resolve()) or attempt(Checkpoint, config.base_model, config.allow_pickle)
     if problems:
         raise RegmeanError(problems)
 
@@ -123,11 +126,11 @@ def open_inputs(config: MergeConfig) -> MergeInputs:
             continue
         bad = [k for k in ref if ref[k] != other[k] and not (vocab and k in vocab.keys)]
         if bad:
-            vocab = " (different vocabularies?)" if any("embed" in k for k in bad) else ""
+            note = " (different vocabularies?)" if any("embed" in k for k in bad) else ""
             hint = "; heads of different tasks need heads: keep" if any(is_head_key(k, heads) for k in bad) else ""
             problems.append(
                 f"{entry.path}: shape of {bad[0]} is {other[bad[0]]}, {first_path} has {ref[bad[0]]}"
-                f"{vocab}{hint} ({len(bad)} tensors differ)"
+                f"{note}{hint} ({len(bad)} tensors differ)"
             )
     present = loaded_names(skeleton, first.keys())
     needed = [k for k in required_keys(skeleton) if k not in present]
@@ -157,6 +160,8 @@ def _base_problems(inputs: MergeInputs, body: dict[str, tuple[int, ...]]) -> lis
     """The base model has every body tensor (heads aside), each with the fine-tuned models' shape."""
     absent, mismatched = [], []
     for key, shape in body.items():
+        if inputs.vocab is not None and key in inputs.vocab.keys:  # the methods that read a base refuse these
+            continue
         name = inputs.base_key(key)
         if name is None:
             if not is_head_key(key, inputs.heads):

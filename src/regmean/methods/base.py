@@ -264,7 +264,10 @@ class ElementwiseMethod(MergeMethod):
             return Computed({step.key: data.base.to(out_dtype)}, first_row, base_missing=missing)
         if step.added_rows:
             vocab = self.inputs.vocab
-            merged = merge_added_rows(data.tensors, data.owners, self.weights, vocab.total - first_row, vocab.source)
+            owned = zip(data.owners, data.tensors, strict=True)
+            tokens = [min(max(0, vocab.tokens[k] - first_row), t.shape[0]) for k, t in owned]
+            count = vocab.total - first_row
+            merged = merge_added_rows(data.tensors, data.owners, tokens, self.weights, count, vocab.source)
             return Computed({step.key: merged.to(out_dtype)}, first_row)
         merged = self.merge_tensor(step, data).to(out_dtype)
         return Computed({step.key: merged}, first_row, base_missing=missing)

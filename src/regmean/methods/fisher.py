@@ -61,7 +61,7 @@ class Fisher(ElementwiseMethod):
         data = super().load(step)
         fisher = [f.get(step.key, step.rows) for f in self.inputs.stats]
         stacked = torch.stack(fisher) if all(f is not None for f in fisher) else None
-        return FisherInputs(data.tensors, data.base, data.base_missing, stacked)
+        return FisherInputs(data.tensors, data.base, data.base_missing, fisher=stacked)
 
     def merge_tensor(self, step: TensorStep, data: FisherInputs) -> torch.Tensor:
         if data.fisher is None:

@@ -131,7 +131,7 @@ class Ties(TaskVectorMethod):
         thresholds = None
         if data.base is not None and data.tensors[0].is_floating_point() and not self.from_base(step.key):
             thresholds = self.thresholds(step, data)
-        return TiesInputs(data.tensors, data.base, data.base_missing, thresholds)
+        return TiesInputs(data.tensors, data.base, data.base_missing, thresholds=thresholds)
 
     def thresholds(self, step: TensorStep, data: TensorInputs) -> list[float]:
         """Each model's k-th largest task-vector magnitude over the whole tensor (read again, by blocks, when the

@@ -1,0 +1,146 @@
+"""LoRA adapters in, chat data measured: two LoRA adapters of the packaged SmolLM2-135M-Instruct, trained briefly on
+two corpora as chat conversations, measured on their own conversations (`--messages-field`), merged by RegMean and
+by averaging straight from the adapter folders, and scored with `regmean evaluate`.
+
+    python benchmarks/smollm2_lora.py [--steps 25] [--train 160] [--test 48]
+
+Each conversation is a user turn asking for a text of the corpus and the text as the assistant's answer, formatted
+by SmolLM2's chat template. The individual adapters are scored folded into full models (peft's merge_and_unload),
+since `evaluate` reads model folders. Writes docs/benchmarks/smollm2_lora.md (+ .json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import time
+from pathlib import Path
+
+from harness import ROOT, WORK, write_doc
+from smollm2 import corpora, smollm2_folder
+
+PROMPTS = {"debates": "Say something a candidate would say in a presidential debate.", "chatterbot": "Chat with me."}
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def conversations(name: str, texts: list[str]) -> list[dict]:
+    turns = [[{"role": "user", "content": PROMPTS[name]}, {"role": "assistant", "content": t}] for t in texts]
+    return [{"messages": t} for t in turns]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def train_adapter(base: Path, rows: list[dict], out: Path, steps: int, seed: int) -> Path:
+    """A LoRA adapter (r 8, alpha 16, every attention and MLP projection) trained on the chat-formatted rows."""
+    import peft
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if (out / "adapter_config.json").is_file():
+        return out
+    torch.manual_seed(seed)
+    tok = AutoTokenizer.from_pretrained(base)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    model = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    texts = [tok.apply_chat_template(r["messages"], tokenize=False) for r in rows]
+    model.train()
+    for step in range(steps):
+        chunk = [texts[(step * 8 + i) % len(texts)] for i in range(8)]
+        enc = tok(chunk, return_tensors="pt", padding=True, truncation=True, max_length=96, add_special_tokens=False)
+        loss = model(**enc, labels=enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        if step % 5 == 0 or step == steps - 1:
+            print(f"  {out.name} step {step + 1}/{steps}: loss {loss.item():.3f}", flush=True)
+    model.save_pretrained(out)
+    return out
+
+
+def folded(base: Path, adapter: Path, out: Path) -> Path:
+    """The adapter folded into a full model folder (for `evaluate`), by peft."""
+    import peft
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not (out / "config.json").is_file():
+        model = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter).merge_and_unload()
+        model.save_pretrained(out)
+        AutoTokenizer.from_pretrained(base).save_pretrained(out)
+    return out
+
+
+def regmean(*args) -> float:
+    start = time.perf_counter()
+    subprocess.run([str(ROOT / ".venv" / "bin" / "regmean"), *map(str, args)], check=True)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=25)
+    ap.add_argument("--train", type=int, default=160)
+    ap.add_argument("--test", type=int, default=48)
+    args = ap.parse_args()
+    base, work = smollm2_folder(), WORK / "smollm2-lora"
+    work.mkdir(parents=True, exist_ok=True)
+    data = corpora(args.train, args.test)
+    adapters, seconds = {}, {}
+    for k, (name, (train, test)) in enumerate(data.items()):
+        rows = write_jsonl(work / f"{name}-train.jsonl", conversations(name, train))
+        write_jsonl(work / f"{name}-test.jsonl", conversations(name, test))
+        adapters[name] = train_adapter(base, conversations(name, train), work / f"adapter-{name}", args.steps, k)
+        if not (work / f"stats-{name}").is_dir():
+            seconds[f"measure {name}"] = regmean(
+                "measure", adapters[name], "--base", base, "--data", rows, "--out", work / f"stats-{name}",
+                "--messages-field", "messages", "--max-length", 96,
+            )  # fmt: skip
+    merged = {}
+    for method in ("average", "regmean"):
+        models = [{"path": str(adapters[n]), "statistics": str(work / f"stats-{n}")} for n in data]
+        recipe = work / f"{method}.yaml"  # JSON is YAML
+        recipe.write_text(json.dumps({"method": method, "base_model": str(base), "models": models}))
+        merged[method] = work / f"merged-{method}"
+        seconds[f"merge {method}"] = regmean("merge", recipe, merged[method], "--force")
+    rows = {"base (SmolLM2-135M-Instruct)": base}
+    rows |= {f"adapter {n} (folded)": folded(base, adapters[n], work / f"folded-{n}") for n in data}
+    rows |= {f"merged: {m} (from the adapters)": p for m, p in merged.items()}
+    scores = {}
+    for name in data:
+        out = work / f"scores-{name}.json"
+        out.unlink(missing_ok=True)
+        regmean("evaluate", *rows.values(), "--data", work / f"{name}-test.jsonl", "--messages-field", "messages",
+                "--max-length", 96, "--json", out)  # fmt: skip
+        scores[name] = [s["perplexity"] for s in json.loads(out.read_text())]
+    write_report(args, list(rows), scores, seconds)
+
+
+def write_report(args, labels: list[str], scores: dict[str, list[float]], seconds: dict[str, float]) -> None:
+    names = list(scores)
+    lines = [
+        "# SmolLM2-135M: LoRA adapters on chat data, merged from the adapter folders",
+        "",
+        f"Two LoRA adapters (r 8, alpha 16, every attention and MLP projection; {args.steps} steps of 8 "
+        f"conversations, 96 tokens, AdamW 1e-3) of the packaged SmolLM2-135M-Instruct, each on {args.train} "
+        f"conversations of one corpus ({' and '.join(names)}) formatted by the model's chat template; statistics "
+        "measured on each adapter's own conversations (`regmean measure ADAPTER --base BASE --messages-field "
+        "messages`); merged by `regmean merge` from the adapter folders. Perplexity by `regmean evaluate "
+        f"--messages-field messages` on {args.test} held-out conversations of each corpus (lower is better). "
+        "`python benchmarks/smollm2_lora.py`.",
+        "",
+        "| model | " + " | ".join(f"ppl {n}" for n in names) + " | mean |",
+        "|---|" + "---:|" * (len(names) + 1),
+    ]
+    for i, label in enumerate(labels):
+        values = [scores[n][i] for n in names]
+        lines.append(f"| {label} | " + " | ".join(f"{v:.2f}" for v in values) + f" | {sum(values) / len(values):.2f} |")
+    lines += ["", "Seconds (2 cores): " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()), ""]
+    print(write_doc("smollm2_lora", "\n".join(lines), {"labels": labels, "perplexity": scores, "seconds": seconds}))
+
+
+if __name__ == "__main__":
+    main()
