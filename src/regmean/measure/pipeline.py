@@ -61,12 +61,7 @@ def measure(
     if not examples:
         raise RegmeanError("no examples to measure on")
     check_device(device)
-    if base is not None and not is_adapter(model_dir):
-        raise RegmeanError(f"{model_dir}: not a LoRA adapter folder (no adapter_config.json); --base is for adapters")
-    checkpoint = open_model(model_dir, base, allow_pickle)
-    tokenizer_dir = tokenizer_folder(checkpoint.folders)
-    tokenizer = load_tokenizer(tokenizer_dir)
-    examples, formatting = render_chat(examples, tokenizer, tokenizer_dir)
+    checkpoint, tokenizer, examples, described = _prepare(model_dir, base, allow_pickle, examples)
     fingerprint = checkpoint.fingerprint  # reads every weight: NaN or Inf is refused before the model loads
     model = load_adapted(checkpoint, device, forward)
     modules, skipped = select_modules(model, include, exclude)
@@ -106,8 +101,7 @@ def measure(
                     "max_length": max_length,
                     "model_dtype": model_dtype,
                     "processes": distributed.world_size(),
-                    **({"adapter_of": checkpoint.base.path.name} if len(checkpoint.folders) > 1 else {}),
-                    **({"formatting": formatting} if formatting else {}),
+                    **described,
                     **(provenance or {}),
                 }
             part = _reduced(acc, device)
@@ -117,6 +111,19 @@ def measure(
             else:
                 on_block(Statistics(sites=part, tokens=record["tokens"], provenance=[record], **base), b, len(blocks))
     return Statistics(sites=collected, tokens=record["tokens"], provenance=[record], **base)
+
+
+def _prepare(model_dir, base, allow_pickle: bool, examples: Sequence[Example]) -> tuple:
+    """The model's checkpoint (an adapter over its base), its tokenizer, the examples as it reads them (chat
+    formatted), and what the provenance says of both."""
+    if base is not None and not is_adapter(model_dir):
+        raise RegmeanError(f"{model_dir}: not a LoRA adapter folder (no adapter_config.json); --base is for adapters")
+    checkpoint = open_model(model_dir, base, allow_pickle)
+    tokenizer_dir = tokenizer_folder(checkpoint.folders)
+    tokenizer = load_tokenizer(tokenizer_dir)
+    examples, formatting = render_chat(examples, tokenizer, tokenizer_dir)
+    described = {"adapter_of": checkpoint.base.path.name} if len(checkpoint.folders) > 1 else {}
+    return checkpoint, tokenizer, examples, {**described, **({"formatting": formatting} if formatting else {})}
 
 
 def _announcement(blocks: list[list[Site]], modules: int, sums: torch.dtype, device: str, examples: int) -> str:

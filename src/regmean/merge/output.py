@@ -69,6 +69,16 @@ def _write_recipe(folder: Path, inputs: MergeInputs, report: MergeReport) -> Non
     (folder / REPORT).write_text(json.dumps({**report.to_dict(), "files": sorted([*files, REPORT])}, indent=1))
 
 
+def _vocabulary_line(inputs: MergeInputs) -> str:
+    config, vocab = inputs.config, inputs.vocab
+    taken = f"from `{config.tokenizer_source}`" if config.tokenizer_source else "averaged over the models with them"
+    return (
+        f"- vocabularies grown by added tokens ({', '.join(map(str, vocab.rows))} rows): {vocab.shared} shared "
+        f"rows merged; {vocab.total - vocab.shared} added rows {taken}; tokenizer and config of "
+        f"`{config.models[vocab.tokenizer_model].path}`"
+    )
+
+
 def model_card(inputs: MergeInputs, report: MergeReport, own_head: int | None = None) -> str:
     config = inputs.config
     lines = [
@@ -104,13 +114,7 @@ def model_card(inputs: MergeInputs, report: MergeReport, own_head: int | None = 
         lines.append(f"- this folder: the merged body with the head of model {own_head}")
     lines.append(f"- embeddings: `{config.embeddings}`; LM head: `{config.lm_head}`")
     if inputs.vocab is not None:
-        vocab = inputs.vocab
-        taken = f"from `{config.tokenizer_source}`" if config.tokenizer_source else "averaged over the models with them"
-        lines.append(
-            f"- vocabularies grown by added tokens ({', '.join(map(str, vocab.rows))} rows): {vocab.shared} shared "
-            f"rows merged; {vocab.total - vocab.shared} added rows {taken}; tokenizer and config of "
-            f"`{config.models[vocab.tokenizer_model].path}`"
-        )
+        lines.append(_vocabulary_line(inputs))
     if config.base_model:
         lines.append(f"- base model: `{config.base_model}`")
     s = report.summary()
