@@ -13,24 +13,26 @@ from pathlib import Path
 
 import pandas as pd
 
-from regmean.bench.report import claims
+from regmean.bench.claims import CLOSE_POINTS, claims
 
 SUITES = ("partitions", "tasks", "domains", "ner")
 
 
 def claims_table(found: dict[str, pd.DataFrame]) -> str:
-    """One row per claim, one column per suite: the method minus the reference, mean +- std over seeds, x 100."""
+    """One row per claim, one column per suite: the method minus the reference, x 100, paired by seed, with its 95%
+    t interval and the verdict from it."""
     cells: dict[str, dict[str, str]] = {}
     columns = []
     for suite, rows in found.items():
         columns.append(f"{suite} ({rows['seed'].nunique()} seeds)")
         for c in claims(rows, suite):
             claim = c["claim"].replace("out of domain at least", "at least")  # one row for both individual checks
-            cells.setdefault(claim, {})[columns[-1]] = f"{c['difference']:+.1f} +- {c['spread']:.1f}: {c['verdict']}"
+            cells.setdefault(claim, {})[columns[-1]] = f"{c['interval']}: {c['verdict']}"
     lines = [
-        "The method (RegMean, or RegMean++ in its row) minus the reference, primary metric x 100 (mean +- std of "
-        "per-seed differences; domains: the best "
-        "individual model is compared out of domain):",
+        "The method (RegMean, or RegMean++ in its row) minus the reference, primary metric x 100: the mean of the "
+        "per-seed differences with its 95% t interval over the seeds, and the verdict from the interval (holds: "
+        f"all of it above zero; fails: all below; undecided: it spans zero; 'close to MTL' within {CLOSE_POINTS:g} "
+        "points). Domains: the best individual model is compared out of domain.",
         "",
         "| claim | " + " | ".join(columns) + " |",
         "|---" * (len(columns) + 1) + "|",

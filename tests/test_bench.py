@@ -11,6 +11,7 @@ from conftest import build_model, save_model
 from regmean.bench import data as D
 from regmean.bench.evaluate import ensemble, macro_f1, predict, score
 from regmean.bench.fisher import measure_fisher
+from regmean.errors import RegmeanError
 from regmean.fisher import FisherFile, save_fisher
 from regmean.methods.fisher import fisher_average
 
@@ -192,19 +193,19 @@ def test_an_interrupted_run_resumes_and_other_settings_are_refused(tmp_path, mon
     assert json.loads((tmp_path / "default" / "results.json").read_text())["settings"]["base"] == R.PACKAGED, default
 
 
-def test_claims_are_per_seed_differences():
+def test_claims_are_paired_differences_with_t_intervals():
     import pandas as pd
 
-    from regmean.bench.report import claims_markdown
+    from regmean.bench.claims import claims_markdown
 
-    values = {  # method: value at seed 0, seed 1 (one eval column)
-        "regmean": (0.6, 0.7),
-        "regmean_plusplus": (0.65, 0.7),
-        "average": (0.5, 0.5),
-        "fisher": (0.65, 0.6),
-        "mtl": (0.8, 0.9),
-        "individual:a": (0.5, 0.75),
-        "individual:b": (0.7, 0.5),
+    values = {  # method: value at seeds 0, 1, 2 (one eval column)
+        "regmean": (0.60, 0.70, 0.65),
+        "regmean_plusplus": (0.62, 0.69, 0.67),
+        "average": (0.50, 0.58, 0.56),
+        "fisher": (0.70, 0.80, 0.74),
+        "mtl": (0.61, 0.72, 0.66),
+        "individual:a": (0.50, 0.60, 0.55),
+        "individual:b": (0.40, 0.50, 0.45),
     }
     rows = pd.DataFrame(
         {
@@ -220,10 +221,44 @@ def test_claims_are_per_seed_differences():
         for seed, v in enumerate(vs)
     )
     text = claims_markdown(rows, "partitions")
-    assert "| above simple averaging | regmean 65.0 | average 50.0 | +15.0 +- 7.1 | yes |" in text
-    assert "| above Fisher averaging | regmean 65.0 | fisher 62.5 | +2.5 +- 10.6 | yes (within noise) |" in text
-    plusplus = "| RegMean++ above RegMean | regmean_plusplus 67.5 | regmean 65.0 | +2.5 +- 3.5 | yes (within noise) |"
-    assert plusplus in text
-    assert "| mtl 85.0 | -20.0 +- 0.0 | gap 20.0 points |" in text
-    # the best individual by mean is a (62.5, over b's 60.0); differences +10 and -5
-    assert "| individual:a 62.5 | +2.5 +- 10.6 | yes (within noise) |" in text
+    # by hand: differences (10, 12, 9): mean 10.33, sd 1.528, half-width 4.303 * 1.528 / sqrt(3) = 3.80
+    assert "| above simple averaging | regmean 65.0 | average 54.7 | 3 | +10.3 [+6.5, +14.1] | holds |" in text
+    # (-10, -10, -9): mean -9.67, sd 0.577, half-width 1.43
+    assert "| above Fisher averaging | regmean 65.0 | fisher 74.7 | 3 | -9.7 [-11.1, -8.2] | fails |" in text
+    # (2, -1, 2): mean 1, sd 1.732, half-width 4.30: spans zero
+    assert "| regmean_plusplus 66.0 | regmean 65.0 | 3 | +1.0 [-3.3, +5.3] | undecided |" in text
+    # (-1, -2, -1): [-2.8, +0.1], within 3 points of MTL
+    assert "| mtl 66.3 | 3 | -1.3 [-2.8, +0.1] | holds |" in text
+    assert "| individual:a 55.0 | 3 | +10.0 [+10.0, +10.0] | holds |" in text  # the best individual model
+    one_seed = claims_markdown(rows[rows["seed"] == 0], "partitions")
+    assert "| 1 | +10.0 (1 seed) | undecided |" in one_seed
+
+
+def test_t_quantiles_against_the_integrated_density():
+    """Each quantile leaves 2.5% in the upper tail of Student's t density, integrated numerically here."""
+    import math
+
+    from regmean.bench.claims import t_quantile
+
+    for df in (1, 2, 3, 5, 10, 15, 16, 20, 40):
+        q = t_quantile(df)
+        x = torch.linspace(q, q + 4000.0, 2_000_001, dtype=torch.float64)
+        log_c = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+        density = torch.exp(log_c - (df + 1) / 2 * torch.log1p(x**2 / df))
+        tail = float(torch.trapezoid(density, x))
+        far = math.exp(log_c) * df ** ((df + 1) / 2) / df / (q + 4000.0) ** df  # the tail beyond, to leading order
+        assert abs(tail + far - 0.025) < 2e-4, (df, q, tail)
+
+
+@pytest.mark.parametrize(
+    ("given", "seeds"),
+    [("3", [0, 1, 2]), ("7,8,9", [7, 8, 9]), ("5-9", [5, 6, 7, 8, 9]), ("0,4-6", [0, 4, 5, 6]), ("7,", None)],
+)
+def test_seeds_are_a_count_a_list_or_a_range(given, seeds):
+    from regmean.bench.run import parse_seeds
+
+    if seeds is None:
+        with pytest.raises(RegmeanError, match="not a count, list or range"):
+            parse_seeds(given)
+    else:
+        assert parse_seeds(given) == seeds

@@ -306,7 +306,7 @@ def stats_combine(
 @_reports_errors
 def bench(
     name: Annotated[str, typer.Argument(help="partitions, tasks, domains, ner, all, or demo")],
-    seeds: Annotated[int, typer.Option(min=1, help="Number of seeds (0, 1, ...)")] = 1,
+    seeds: Annotated[str, typer.Option(help="A count (3: seeds 0-2), or seeds: 7,8,9 or 5-9")] = "1",
     out: Annotated[Path | None, typer.Option(help="Output folder (default runs/NAME)")] = None,
     base: Annotated[Path | None, typer.Option(help="Backbone model folder (default: packaged MiniLM)")] = None,
     train_size: Annotated[int | None, typer.Option(help="Training examples per model")] = None,
@@ -316,11 +316,11 @@ def bench(
     keep_work: Annotated[bool, typer.Option(help="Keep statistics and merged models under OUT/work")] = False,
 ) -> None:
     """Reproduce the paper's experiments on packaged real data: fine-tune, measure, merge, evaluate, report."""
-    from regmean.bench.run import run_bench
+    from regmean.bench.run import parse_seeds, run_bench
 
     report = run_bench(
         name,
-        list(range(seeds)),
+        parse_seeds(seeds),
         out or Path("runs") / name,
         base,
         train_size=train_size,

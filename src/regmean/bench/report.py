@@ -14,9 +14,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from regmean.bench.claims import PRIMARY, claims_markdown  # noqa: E402
 from regmean.bench.suites import Results  # noqa: E402
 
-PRIMARY = {"partitions": "accuracy", "tasks": "accuracy", "domains": "macro_f1", "ner": "entity_f1"}
 SWEEP = re.compile(r"regmean\(alpha=([0-9.]+)\)")
 
 
@@ -58,70 +58,6 @@ def markdown(table: pd.DataFrame, suite: str, seeds: int) -> str:
             m, s = table.loc[method, ("mean", c)], table.loc[method, ("std", c)]
             cells.append("-" if pd.isna(m) else f"{100 * m:.1f} +- {100 * s:.1f}")
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def claims(rows: pd.DataFrame, suite: str) -> list[dict]:
-    """The paper's claims checked on this run (the method minus the reference, x 100, paired by seed): RegMean's,
-    and RegMean++ above RegMean."""
-    metric = PRIMARY.get(suite, rows["metric"].iloc[0])
-    df = rows[(rows["suite"] == suite) & (rows["metric"] == metric)]
-    columns = df["task"] + " / " + df["eval"]
-    checks = [
-        ("above simple averaging", "regmean", "average", columns),
-        ("above Fisher averaging", "regmean", "fisher", columns),
-        ("close to multi-task learning (MTL)", "regmean", "mtl", columns),
-    ]
-    if suite == "domains":  # the paper's out-of-domain claim
-        ood = columns[df["eval"].str.startswith("ood:")]
-        checks.append(("out of domain at least as good as the best individual model", "regmean", "individual", ood))
-    elif suite != "tasks":  # in `tasks` each individual model is its own task's specialist, not a competitor
-        checks.append(("at least as good as the best individual model", "regmean", "individual", columns))
-    checks.append(("RegMean++ above RegMean", "regmean_plusplus", "regmean", columns))
-    out = []
-    for claim, method, ref, cols in checks:
-        per_seed = df[columns.isin(cols)].groupby(["method", "seed"])["value"].mean().unstack("seed")
-        if method not in per_seed.index or not per_seed.index.str.startswith(ref).any():
-            continue
-        ours = per_seed.loc[method]
-        if ref == "individual":  # the best individual model by mean score, the same model at every seed
-            ref = per_seed[per_seed.index.str.startswith("individual:")].mean(axis=1).idxmax()
-        diff = 100 * (ours - per_seed.loc[ref])
-        spread = float(diff.std()) if len(diff) > 1 else 0.0
-        verdict = "yes" if diff.mean() >= 0 else "no"
-        if ref == "mtl":
-            verdict = f"gap {-diff.mean():.1f} points"
-        elif len(diff) > 1 and abs(diff.mean()) < spread:
-            verdict += " (within noise)"
-        out.append(
-            {
-                "claim": claim,
-                "method": method,
-                "value": 100 * ours.mean(),
-                "reference": ref,
-                "reference_value": 100 * per_seed.loc[ref].mean(),
-                "difference": float(diff.mean()),
-                "spread": spread,
-                "verdict": verdict,
-            }
-        )
-    return out
-
-
-def claims_markdown(rows: pd.DataFrame, suite: str) -> str:
-    metric = PRIMARY.get(suite, rows["metric"].iloc[0])
-    lines = [
-        f"The paper's claims ({metric} x 100, mean over the columns, the method minus the reference, "
-        "mean +- std of the per-seed differences):",
-        "",
-        "| claim | method | reference | difference | holds here |",
-        "|---|---|---|---|---|",
-    ]
-    for c in claims(rows, suite):
-        lines.append(
-            f"| {c['claim']} | {c['method']} {c['value']:.1f} | {c['reference']} {c['reference_value']:.1f} "
-            f"| {c['difference']:+.1f} +- {c['spread']:.1f} | {c['verdict']} |"
-        )
     return "\n".join(lines)
 
 

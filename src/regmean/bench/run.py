@@ -37,6 +37,22 @@ def packaged_minilm() -> Path:
     return Path(spec.origin).parent / "model"
 
 
+def parse_seeds(text: str) -> list[int]:
+    """`--seeds`: a count ("3": seeds 0, 1, 2), or a list and ranges of seeds ("7,8,9", "5-9", "0,4-6")."""
+    text = text.strip()
+    if text.isdigit():
+        if int(text) < 1:
+            raise RegmeanError("--seeds 0: give a count of at least 1, or seeds such as 7,8,9 or 5-9")
+        return list(range(int(text)))
+    seeds: list[int] = []
+    for part in text.split(","):
+        first, dash, last = part.strip().partition("-")
+        if not first.isdigit() or (dash and not last.isdigit()) or (dash and int(last) < int(first)):
+            raise RegmeanError(f"--seeds {text!r}: not a count, list or range of seeds (e.g. 3, 7,8,9 or 5-9)")
+        seeds += list(range(int(first), int(last) + 1)) if dash else [int(first)]
+    return sorted(set(seeds))
+
+
 def run_bench(name: str, seeds: list[int], out: Path, base: Path | None = None, **overrides) -> str:
     """Run suite `name` (or "demo", or "all") at every seed; write results, tables and plots to `out`.
 
