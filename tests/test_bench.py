@@ -262,3 +262,13 @@ def test_seeds_are_a_count_a_list_or_a_range(given, seeds):
             parse_seeds(given)
     else:
         assert parse_seeds(given) == seeds
+
+
+def test_bench_on_a_device_this_machine_lacks_is_one_line(tmp_path):
+    from test_bad_input import cli_fails
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    cli_fails(["bench", "partitions", "--device", "cuda", "--out", tmp_path / "b"], "CUDA is not available here")
+    assert not (tmp_path / "b").exists()
+    cli_fails(["bench", "partitions", "--seeds", "3-1", "--out", tmp_path / "b"], "not a count, list or range")

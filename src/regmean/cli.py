@@ -314,6 +314,9 @@ def bench(
     epochs: Annotated[int | None, typer.Option(help="Fine-tuning epochs")] = None,
     alpha: Annotated[float | None, typer.Option(help="RegMean alpha of the main row")] = None,
     keep_work: Annotated[bool, typer.Option(help="Keep statistics and merged models under OUT/work")] = False,
+    device: Annotated[
+        str, typer.Option(help="cpu, cuda, cuda:1 ...: fine-tune, measure, merge and score there")
+    ] = "cpu",
 ) -> None:
     """Reproduce the paper's experiments on packaged real data: fine-tune, measure, merge, evaluate, report."""
     from regmean.bench.run import parse_seeds, run_bench
@@ -328,6 +331,7 @@ def bench(
         epochs=epochs,
         alpha=alpha,
         keep_work=keep_work,
+        device=device,
     )
     print(report)
 

@@ -8,11 +8,13 @@ import shutil
 from dataclasses import asdict, replace
 from pathlib import Path
 
+import torch
 import transformers
 
 from regmean.bench.report import write_report
 from regmean.bench.suites import SUITES, Results, Settings
 from regmean.bench.train import Recipe
+from regmean.devices import check_device
 from regmean.errors import RegmeanError
 
 # The demo: the multi-domain setting, sized to finish in minutes on 2 CPU cores.
@@ -67,6 +69,7 @@ def run_bench(name: str, seeds: list[int], out: Path, base: Path | None = None, 
     preset.update({k: v for k, v in overrides.items() if v is not None})
     recipe = Recipe(**{k: preset.pop(k) for k in list(preset) if k in Recipe.__dataclass_fields__})
     settings = replace(Settings(base=base or packaged_minilm(), work=out / "work", recipe=recipe), **preset)
+    check_device(settings.device)
     described = _describe(settings)
     results = _finished(out / "results.json", described)
     done = {(r["suite"], r["seed"]) for r in results.rows}
@@ -108,7 +111,9 @@ def _is_packaged(base: Path) -> bool:
 
 
 def _describe(s: Settings) -> dict:
-    d = {k: v for k, v in asdict(s).items() if k not in ("log", "work", "base", "keep_work")}
+    d = {k: v for k, v in asdict(s).items() if k not in ("log", "work", "base", "keep_work", "device")}
+    if s.device != "cpu":  # recorded where it is not the CPU (so CPU results resume as before)
+        d["device"] = torch.device(s.device).type
     # the packaged model by name, not by where this checkout's venv holds it: a run resumes in another checkout
     d["base"] = PACKAGED if _is_packaged(s.base) else str(s.base)
     return json.loads(json.dumps(d, default=str))

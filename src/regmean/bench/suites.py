@@ -23,6 +23,7 @@ from regmean.io.data import Example
 from regmean.measure import measure
 from regmean.merge import MergeConfig, merge
 from regmean.merge.output import output_names
+from regmean.methods import METHODS
 from regmean.stats import save
 
 DATA_FREE: dict[str, dict] = {
@@ -47,6 +48,7 @@ class Settings:
     alphas: tuple[float, ...] = (0.0, 0.1, 0.5, 0.9, 1.0)
     methods: tuple[str, ...] = ("average", *DATA_FREE, "fisher", "ensemble", "regmean", "regmean_plusplus", "mtl")
     keep_work: bool = False  # keep each seed's statistics and merged models (else deleted once the seed is scored)
+    device: str = "cpu"  # fine-tuning, Fisher, measuring, merging and evaluation
     log: Callable[[str], None] = print
 
     def seed_dir(self, suite: str, seed: int) -> Path:
@@ -106,6 +108,7 @@ class Runner:
             self.s.recipe,
             self.seed,
             log=self.s.log,
+            device=self.s.device,
         )
 
     def owner_texts(self, data: D.TextDataset) -> list[str]:
@@ -121,12 +124,13 @@ class Runner:
             max_length=self.s.recipe.max_length,
             batch_size=32,
             progress=False,
+            device=self.s.device,
         )
         return save(stats, self.work / "stats" / tag).parent
 
     def fisher_stats(self, model: Path, data: D.TextDataset, tag: str) -> Path:
         part = data.subset(range(min(len(data), self.s.fisher_size)))
-        fisher = self.timed("fisher", measure_fisher, model, part, self.s.recipe.max_length, self.seed)
+        fisher = self.timed("fisher", measure_fisher, model, part, self.s.recipe.max_length, self.seed, self.s.device)
         return save_fisher(fisher, model, self.work / "fisher" / tag, len(part)).parent
 
     def merged(self, tag: str, method: str, models: list[Path], stats: list[Path] | None = None, **recipe) -> Path:
@@ -151,7 +155,8 @@ class Runner:
 
     def _merge(self, tag: str, step: str, config: MergeConfig) -> Path:
         out = self.work / "merged" / tag
-        self.timed(step, merge, config, out, force=True, progress=False)
+        device = self.s.device if METHODS[config.method].runs_on_device else "cpu"  # the others merge on the CPU
+        self.timed(step, merge, config, out, force=True, progress=False, device=device)
         return out
 
     def data_free(self, tag: str, models: list[Path], **recipe) -> dict[str, Path]:
@@ -167,7 +172,8 @@ class Runner:
         return out
 
     def evaluate(self, model: Path, evals: dict[str, D.TextDataset]) -> dict[str, list]:
-        return {name: self.timed("evaluate", predict, model, d, self.s.recipe.max_length) for name, d in evals.items()}
+        length, device = self.s.recipe.max_length, self.s.device
+        return {name: self.timed("evaluate", predict, model, d, length, device=device) for name, d in evals.items()}
 
 
 def _cap(data: D.TextDataset, n: int, seed: int) -> D.TextDataset:

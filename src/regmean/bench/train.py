@@ -87,17 +87,20 @@ def _new_model(base: Path, data: TextDataset):
     )
 
 
-def fine_tune(base: str | Path, tasks: list[TextDataset], recipe: Recipe, seed: int, log=print) -> list[Path]:
-    """Train one model on `tasks` (one task: a plain fine-tune; several: shared body, one head each).
+def fine_tune(
+    base: str | Path, tasks: list[TextDataset], recipe: Recipe, seed: int, log=print, device: str = "cpu"
+) -> list[Path]:
+    """Train one model on `tasks` (one task: a plain fine-tune; several: shared body, one head each), on `device`.
 
     Tasks with identical label names are concatenated into one task first (same label space, one head).
-    Returns one model folder per distinct task, cached.
+    Returns one model folder per distinct task, cached (models trained on an accelerator apart from the CPU's).
     """
     base = Path(base)
     tasks = _merge_same_label_space(tasks)
     key = hashlib.blake2b(digest_size=12)
     key.update(Checkpoint(base).fingerprint["weights"].encode())
-    key.update(json.dumps([asdict(recipe), seed, [data_hash(t) for t in tasks]]).encode())
+    accelerator = [] if torch.device(device).type == "cpu" else [torch.device(device).type]
+    key.update(json.dumps([asdict(recipe), seed, [data_hash(t) for t in tasks], *accelerator]).encode())
     out = cache_root() / "models" / key.hexdigest()
     folders = [out / f"task{k}" for k in range(len(tasks))]
     if (out / "done").exists():
@@ -105,7 +108,7 @@ def fine_tune(base: str | Path, tasks: list[TextDataset], recipe: Recipe, seed: 
 
     torch.manual_seed(seed)
     tok = tokenizer_for(base)
-    models = [_new_model(base, t) for t in tasks]
+    models = [_new_model(base, t).to(device) for t in tasks]
     prefix = models[0].base_model_prefix
     for m in models[1:]:  # one shared body
         setattr(m, prefix, getattr(models[0], prefix))
@@ -131,7 +134,7 @@ def fine_tune(base: str | Path, tasks: list[TextDataset], recipe: Recipe, seed: 
         running = 0.0
         for j in shuffle:
             k, batch = plan[j]
-            loss = models[k](**batch).loss
+            loss = models[k](**{name: t.to(device) for name, t in batch.items()}).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(list(params), 1.0)
             opt.step()
@@ -143,7 +146,7 @@ def fine_tune(base: str | Path, tasks: list[TextDataset], recipe: Recipe, seed: 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".partial-"))
     for k, m in enumerate(models):
-        m.eval().save_pretrained(tmp / f"task{k}")
+        m.eval().cpu().save_pretrained(tmp / f"task{k}")
         tok.save_pretrained(tmp / f"task{k}")
     (tmp / "done").write_text(json.dumps({"recipe": asdict(recipe), "seed": seed, "tasks": [t.name for t in tasks]}))
     if out.exists():
