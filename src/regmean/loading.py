@@ -63,15 +63,19 @@ def load_adapted(ckpt, device: str = "cpu", dtype: torch.dtype | None = None):
     return adapted.merge_and_unload().eval()
 
 
+def has_vocabulary(folder: str | Path) -> bool:
+    return any(any(Path(folder).glob(pattern)) for pattern in VOCABULARY_FILES)
+
+
 def tokenizer_folder(folders: Sequence[Path]) -> Path:
     """The last of a model's folders that holds a vocabulary: an adapter's own tokenizer (saved with its added
     tokens) before its base model's."""
-    with_vocabulary = [f for f in folders if any(any(Path(f).glob(p)) for p in VOCABULARY_FILES)]
+    with_vocabulary = [f for f in folders if has_vocabulary(f)]
     return with_vocabulary[-1] if with_vocabulary else folders[-1]
 
 
 def load_tokenizer(model_dir: str | Path):
-    if not any(any(Path(model_dir).glob(pattern)) for pattern in VOCABULARY_FILES):
+    if not has_vocabulary(model_dir):
         raise RegmeanError(
             f"{model_dir}: no tokenizer vocabulary ({', '.join(VOCABULARY_FILES)}); "
             "save the tokenizer into the folder (tokenizer.save_pretrained)"

@@ -139,7 +139,7 @@ def grown_vocabulary(
         problems.append(conflict)
     source = None
     if config.tokenizer_source is not None:
-        source = [str(m.path) for m in config.models].index(str(config.tokenizer_source))
+        source = paths.index(str(config.tokenizer_source))
     largest = max(range(len(models)), key=lambda k: (len(tokenizers[k]), -k))
     tokens = tuple(min(len(t), r) for t, r in zip(tokenizers, rows, strict=True))
     return GrownVocabulary(keys, rows, tokens, source, largest), problems
