@@ -9,7 +9,7 @@ import transformers as tf
 from conftest import build_model, save_model
 
 from regmean.bench import data as D
-from regmean.bench.evaluate import ensemble, macro_f1, predict, score
+from regmean.bench.evaluate import constant, ensemble, macro_f1, predict, score
 from regmean.bench.fisher import measure_fisher
 from regmean.errors import RegmeanError
 from regmean.fisher import FisherFile, save_fisher
@@ -134,6 +134,41 @@ def test_ensemble_and_metrics():
     assert score(ner, [torch.tensor([[0.0, 5.0, 0.0], [0.0, 0.0, 5.0]])])["entity_f1"] == 1.0
 
 
+def test_the_constant_predictor_is_the_majority_label():
+    data = D.TextDataset("t", list("abcde"), [2, 0, 2, 1, 2], ["a", "b", "c"])
+    # predicts c everywhere: accuracy 3/5; F1 of c = 2*3 / (2*3 + 2 + 0) = 0.75, a and b score 0
+    assert score(data, constant(data)) == pytest.approx({"accuracy": 0.6, "macro_f1": 0.75 / 3})
+    ner = D.TextDataset("n", [["a", "b", "c"], ["d"]], [[0, 1, 0], [0]], ["O", "B-x"], token_level=True)
+    logits = constant(ner)
+    assert [lg.argmax(-1).tolist() for lg in logits] == [[0, 0, 0], [0]]
+    assert score(ner, logits)["entity_f1"] == 0.0  # all O: no entity found
+
+
+def test_the_terminal_summary_says_what_to_look_for_and_warns_near_the_constant(tmp_path):
+    from rich.console import Console
+
+    from regmean.bench.report import write_report
+    from regmean.bench.runner import Results
+    from regmean.bench.terminal import print_summary
+
+    values = {"constant": (0.50, 0.40), "individual": (0.80, 0.45), "average": (0.60, 0.42), "regmean": (0.75, 0.44)}
+    rows = [
+        {"suite": "tasks", "seed": 0, "task": "a+b", "eval": e, "method": m, "metric": "accuracy", "value": v}
+        for m, vs in values.items()
+        for e, v in zip("ab", vs, strict=True)
+    ]
+    write_report(Results(rows, [{"suite": "tasks", "seed": 0, "step": "merge", "seconds": 1.0}], []), tmp_path, {}, [0])
+    console = Console(record=True, width=200)
+    print_summary(tmp_path, console)
+    text = console.export_text()
+    assert "constant (majority class) │ 50.0 │ 40.0 │ 45.0" in text, text
+    assert "regmean                   │ 75.0 │ 44.0 │ 59.5" in text, text
+    assert "RegMean 59.5, simple average 51.0, individual models 62.5, constant predictor 45.0." in text
+    assert "individual is 5.0 points above the constant predictor on a+b / b" in text  # 45 vs 40
+    assert "on a+b / a" not in text  # 80 vs 50: learned
+    assert str(tmp_path / "report.md") in text and "tasks.png" in text
+
+
 def test_tiny_domains_suite_end_to_end(tmp_path, monkeypatch, minilm):
     """One seed of the multi-domain suite on the real MiniLM and real tweets, shrunk to seconds."""
     from regmean.bench.run import run_bench
@@ -153,7 +188,7 @@ def test_tiny_domains_suite_end_to_end(tmp_path, monkeypatch, minilm):
     )
     for name in ("results.json", "results.csv", "report.md", "domains.png", "domains-alpha.png", "incremental.png"):
         assert (tmp_path / "run" / name).is_file(), name
-    methods = ("individual:airline", "average", "task_arithmetic", "ties", "dare", "fisher", "ensemble", "regmean")
+    methods = ("constant", "individual:airline", "average", "task_arithmetic", "ties", "dare", "fisher", "ensemble", "regmean")
     methods += ("regmean_plusplus",)
     for method in (*methods, "regmean(alpha=1)", "mtl"):
         assert f"| {method} |" in report
@@ -164,7 +199,7 @@ def test_tiny_domains_suite_end_to_end(tmp_path, monkeypatch, minilm):
 def test_an_interrupted_run_resumes_and_other_settings_are_refused(tmp_path, monkeypatch):
     """Seeds already in results.json are kept, not rerun; a folder of other settings is refused."""
     from regmean.bench import run as R
-    from regmean.bench.suites import Results
+    from regmean.bench.runner import Results
     from regmean.errors import RegmeanError
 
     calls = []
@@ -190,7 +225,12 @@ def test_an_interrupted_run_resumes_and_other_settings_are_refused(tmp_path, mon
         R.run_bench("fake", [0], out, tmp_path, train_size=10)
     # the packaged backbone is recorded by name, so results.json resumes in another checkout (another venv path)
     default = R.run_bench("fake", [0], tmp_path / "default")
-    assert json.loads((tmp_path / "default" / "results.json").read_text())["settings"]["base"] == R.PACKAGED, default
+    settings = json.loads((tmp_path / "default" / "results.json").read_text())["settings"]
+    assert settings["base"] == R.PACKAGED, default
+    # settings added later are recorded only where not their default, so that earlier results still resume
+    assert "pairs" not in settings and "device" not in settings
+    demo = R._describe(R.Settings(base=tmp_path, work=tmp_path, pairs=(("tweets", "debates"),)))
+    assert demo["pairs"] == [["tweets", "debates"]]
 
 
 def test_claims_are_paired_differences_with_t_intervals():

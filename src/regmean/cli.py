@@ -320,11 +320,13 @@ def bench(
 ) -> None:
     """Reproduce the paper's experiments on packaged real data: fine-tune, measure, merge, evaluate, report."""
     from regmean.bench.run import parse_seeds, run_bench
+    from regmean.bench.terminal import print_summary
 
-    report = run_bench(
+    out = out or Path("runs") / name
+    run_bench(
         name,
         parse_seeds(seeds),
-        out or Path("runs") / name,
+        out,
         base,
         train_size=train_size,
         test_size=test_size,
@@ -333,7 +335,7 @@ def bench(
         keep_work=keep_work,
         device=device,
     )
-    print(report)
+    print_summary(out)
 
 
 class Terminated(BaseException):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -77,3 +78,13 @@ def score(data: TextDataset, logits: list[torch.Tensor]) -> dict[str, float]:
     pred = [int(lg.argmax()) for lg in logits]
     acc = sum(p == y for p, y in zip(pred, data.labels, strict=True)) / len(pred)
     return {"accuracy": acc, "macro_f1": macro_f1(data.labels, pred, len(data.label_names))}
+
+
+def constant(data: TextDataset) -> list[torch.Tensor]:
+    """The logits of the best constant predictor of `data`: its most frequent label (tag) for every example (word)."""
+    flat = [y for labels in data.labels for y in labels] if data.token_level else list(data.labels)
+    one_hot = torch.zeros(len(data.label_names))
+    one_hot[Counter(flat).most_common(1)[0][0]] = 1.0
+    if data.token_level:
+        return [one_hot.expand(len(labels), -1) for labels in data.labels]
+    return [one_hot for _ in data.labels]

@@ -15,14 +15,25 @@ import pandas as pd  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from regmean.bench.claims import PRIMARY, claims_markdown  # noqa: E402
-from regmean.bench.suites import Results  # noqa: E402
+from regmean.bench.runner import Results  # noqa: E402
 
+CONSTANT, CONSTANT_LABEL = "constant", "constant (majority class)"
 SWEEP = re.compile(r"regmean\(alpha=([0-9.]+)\)")
 
 
 def _method_order(methods: list[str]) -> list[str]:
     def key(m: str):
-        order = ["individual", "average", "task_arithmetic", "ties", "dare", "fisher", "ensemble", "regmean"]
+        order = [
+            "constant",
+            "individual",
+            "average",
+            "task_arithmetic",
+            "ties",
+            "dare",
+            "fisher",
+            "ensemble",
+            "regmean",
+        ]
         order += ["regmean_plusplus", "mtl"]
         head = m.split(":")[0].split("(")[0]
         return (order.index(head) if head in order else len(order), "(" in m, m)
@@ -41,6 +52,12 @@ def summary_table(rows: pd.DataFrame, suite: str) -> pd.DataFrame:
     std = per_seed.groupby(level="method").std().fillna(0.0)
     out = pd.concat({"mean": mean, "std": std}, axis=1)
     return out.reindex(_method_order(list(out.index)))
+
+
+def column_labels(columns: list[str]) -> list[str]:
+    """Short names of "task / eval" columns: the eval set's name where that alone is unique."""
+    evals = [c.split(" / ")[-1] for c in columns]
+    return [e if evals.count(e) == 1 else c for c, e in zip(columns, evals, strict=True)]
 
 
 def markdown(table: pd.DataFrame, suite: str, seeds: int) -> str:
@@ -78,19 +95,27 @@ def timing_markdown(times: pd.DataFrame) -> str:
 
 def bar_chart(table: pd.DataFrame, suite: str, path: Path) -> None:
     means, stds = table["mean"], table["std"]
-    methods = [m for m in means.index if not SWEEP.match(m)]
+    methods = [m for m in means.index if not SWEEP.match(m) and m != CONSTANT]
     cols = list(means.columns)
-    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(cols) * max(1, len(methods)) / 4), 4))
+    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(cols) * max(1, len(methods)) / 4) + 2, 4))
     width = 0.8 / len(methods)
     for k, method in enumerate(methods):
         xs = [i + k * width for i in range(len(cols))]
         ax.bar(xs, means.loc[method] * 100, width, yerr=stds.loc[method] * 100, label=method, capsize=2)
-    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(cols))], cols, rotation=20, ha="right", fontsize=8)
+    if CONSTANT in means.index:  # the floor, as a dotted line across each column's bars
+        starts = [i - width / 2 for i in range(len(cols))]
+        ends = [x + 0.8 for x in starts]
+        levels = means.loc[CONSTANT] * 100
+        ax.hlines(levels, starts, ends, colors="k", linestyles=":", zorder=3, label=CONSTANT_LABEL)
+    ax.set_xticks(
+        [i + 0.4 - width / 2 for i in range(len(cols))], column_labels(cols), rotation=20, ha="right", fontsize=8
+    )
     ax.set_ylabel(f"{PRIMARY.get(suite, 'score')} x 100")
     ax.set_title(f"{suite}: RegMean vs baselines")
-    low = (means.loc[methods].min().min() * 100) if len(methods) else 0
+    shown = [*methods, *([CONSTANT] if CONSTANT in means.index else [])]
+    low = (means.loc[shown].min().min() * 100) if shown else 0
     ax.set_ylim(max(0, low - 10), None)
-    ax.legend(fontsize=7, ncol=3)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))  # beside the bars, hiding none
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -12,19 +12,22 @@ import torch
 import transformers
 
 from regmean.bench.report import write_report
-from regmean.bench.suites import SUITES, Results, Settings
+from regmean.bench.runner import TASK_PAIRS, Results, Settings
+from regmean.bench.suites import SUITES
 from regmean.bench.train import Recipe
 from regmean.devices import check_device
 from regmean.errors import RegmeanError
 
-# The demo: the multi-domain setting, sized to finish in minutes on 2 CPU cores.
+# The demo: two different tasks (tweet sentiment, movie-review snippets), one body merged, each task keeping its own
+# head; sized so that a fresh clone's `make demo` finishes in minutes on 2 CPU cores.
 DEMO = {
-    "suite": "domains",
-    "train_size": 200,
-    "test_size": 200,
-    "stats_size": 200,
-    "fisher_size": 32,
-    "alphas": (0.0, 0.9, 1.0),
+    "suite": "tasks",
+    "pairs": (("tweets", "rotten_tomatoes"),),
+    "train_size": 500,
+    "test_size": 500,
+    "stats_size": 500,
+    "alphas": (0.9,),
+    "methods": ("average", "task_arithmetic", "ties", "regmean", "regmean_plusplus"),
     "epochs": 2,
 }
 
@@ -111,9 +114,12 @@ def _is_packaged(base: Path) -> bool:
 
 
 def _describe(s: Settings) -> dict:
-    d = {k: v for k, v in asdict(s).items() if k not in ("log", "work", "base", "keep_work", "device")}
-    if s.device != "cpu":  # recorded where it is not the CPU (so CPU results resume as before)
+    d = {k: v for k, v in asdict(s).items() if k not in ("log", "work", "base", "keep_work", "device", "pairs")}
+    # recorded where not the default, so that results of earlier runs still resume
+    if s.device != "cpu":
         d["device"] = torch.device(s.device).type
+    if s.pairs != TASK_PAIRS:
+        d["pairs"] = s.pairs
     # the packaged model by name, not by where this checkout's venv holds it: a run resumes in another checkout
     d["base"] = PACKAGED if _is_packaged(s.base) else str(s.base)
     return json.loads(json.dumps(d, default=str))
