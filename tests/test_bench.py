@@ -312,3 +312,23 @@ def test_bench_on_a_device_this_machine_lacks_is_one_line(tmp_path):
     cli_fails(["bench", "partitions", "--device", "cuda", "--out", tmp_path / "b"], "CUDA is not available here")
     assert not (tmp_path / "b").exists()
     cli_fails(["bench", "partitions", "--seeds", "3-1", "--out", tmp_path / "b"], "not a count, list or range")
+
+
+def test_own_tasks_are_the_data_each_suite_trains_and_scores_its_individual_models_on(tmp_path):
+    """What the recipe search probes is what the suites run: each model's training data and its own test data."""
+    from regmean.bench.runner import Settings
+    from regmean.bench.suites import IN_DOMAINS, PARTITION_TASKS, domain_data, own_tasks
+
+    s = Settings(base=tmp_path, work=tmp_path, train_size=40, test_size=30, log=lambda _: None)
+    domains = own_tasks("domains", 0, s)
+    parts, evals = domain_data(0, s)
+    assert [t.train.texts for t in domains] == [p.texts for p in parts]
+    for task, name in zip(domains, IN_DOMAINS, strict=True):
+        assert set(task.train.domains) == {name} and task.test.texts == evals[f"in:{name}"].texts
+        assert len(task.train) == 40 and len(task.test) == 15  # in-domain tests: half the test size each
+    ner = own_tasks("ner", 0, s)
+    assert [len(t.train) for t in ner] == [40, 40] and ner[0].train.texts != ner[1].train.texts
+    assert ner[0].test.texts == ner[1].test.texts and ner[0].train.token_level
+    tasks = own_tasks("tasks", 0, s)
+    assert [t.train.label_names == t.test.label_names for t in tasks] == [True] * 4
+    assert len(own_tasks("partitions", 0, s)) == 2 * len(PARTITION_TASKS)

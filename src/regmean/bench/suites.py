@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from regmean.bench import data as D
@@ -68,21 +68,25 @@ def suite_partitions(seed: int, s: Settings, tasks=PARTITION_TASKS) -> Results:
     """One task, two non-i.i.d. partitions of the training split, heads merged, evaluated on the full test split."""
     run = Runner("partitions", seed, s)
     for task in tasks:
-        train, _, test = D.split(D.load(task), seed)
-        index, main = D.partition_noniid(train.labels, seed, size=s.train_size)
-        parts = [train.subset(ix, f"{task}/part{k}") for k, ix in enumerate(index)]
-        s.log(f"[partitions seed {seed}] {task}: main label {train.label_names[main]}, sizes {[len(p) for p in parts]}")
-        shared_label_space(run, task, parts, {"test": cap(test, s.test_size, seed)})
+        parts, test = partition_data(task, seed, s)
+        shared_label_space(run, task, parts, {"test": test})
     return run.results
+
+
+def partition_data(task: str, seed: int, s: Settings) -> tuple[list[D.TextDataset], D.TextDataset]:
+    """The partitions suite's two skewed training parts of `task` and its test set."""
+    train, _, test = D.split(D.load(task), seed)
+    index, main = D.partition_noniid(train.labels, seed, size=s.train_size)
+    parts = [train.subset(ix, f"{task}/part{k}") for k, ix in enumerate(index)]
+    s.log(f"[partitions seed {seed}] {task}: main label {train.label_names[main]}, sizes {[len(p) for p in parts]}")
+    return parts, cap(test, s.test_size, seed)
 
 
 def suite_tasks(seed: int, s: Settings) -> Results:
     """Pairs of different tasks: bodies merged, heads kept; each task scored with the merged body + its own head."""
     run = Runner("tasks", seed, s)
     for pair in s.pairs:
-        splits = [D.split(D.load(t), seed) for t in pair]
-        trains = [cap(tr, s.train_size, seed) for tr, _, _ in splits]
-        tests = [cap(te, s.test_size, seed) for _, _, te in splits]
+        trains, tests = (list(sets) for sets in zip(*(task_data(t, seed, s) for t in pair), strict=True))
         name = "+".join(pair)
         run.record_constant(name, dict(zip(pair, tests, strict=True)))
         models = [run.train([t])[0] for t in trains]
@@ -115,6 +119,12 @@ def suite_tasks(seed: int, s: Settings) -> Results:
     return run.results
 
 
+def task_data(task: str, seed: int, s: Settings) -> tuple[D.TextDataset, D.TextDataset]:
+    """The tasks suite's training set of `task` and its test set."""
+    train, _, test = D.split(D.load(task), seed)
+    return cap(train, s.train_size, seed), cap(test, s.test_size, seed)
+
+
 def _keep_dirs(out: Path, models: list[Path]) -> list[Path]:
     """The per-model folders a heads: keep merge wrote."""
     return [out / n for n in output_names(models)]
@@ -127,19 +137,7 @@ def suite_domains(seed: int, s: Settings, in_domains=IN_DOMAINS) -> Results:
     """Shared-label multi-domain sentiment: one model per tweet sub-domain, merged; in-domain and OOD scores;
     incremental merging in order of the individual models' OOD score."""
     run = Runner("domains", seed, s)
-    train, _, test = D.split(D.load("tweets"), seed)
-
-    def domain(d: D.TextDataset, name: str) -> D.TextDataset:
-        return d.subset([i for i, x in enumerate(d.domains) if x == name], f"tweets/{name}")
-
-    parts = [cap(domain(train, n), s.train_size, seed) for n in in_domains]
-    evals = {f"in:{n}": cap(domain(test, n), s.test_size // 2, seed) for n in in_domains}
-    held_out = [n for n in D.TWEET_DOMAINS if n not in in_domains] + ["other"]
-    for n in held_out:
-        evals[f"ood:{n}"] = cap(domain(test, n), s.test_size, seed)
-    rt = D.split(D.load_rotten_tomatoes(sentiment_only=True), seed)[2]
-    rt = replace(rt, labels=[0 if y == 0 else 2 for y in rt.labels], label_names=train.label_names)  # to 3 labels
-    evals["ood:rotten_tomatoes"] = cap(rt, s.test_size, seed)
+    parts, evals = domain_data(seed, s, in_domains)
     preds, models, grams = shared_label_space(run, "tweet-domains", parts, evals, names=list(in_domains))
 
     if "regmean" in s.methods:  # incremental merging, models added in order of their OOD score
@@ -179,19 +177,67 @@ def suite_domains(seed: int, s: Settings, in_domains=IN_DOMAINS) -> Results:
     return run.results
 
 
+def domain_data(seed: int, s: Settings, in_domains=IN_DOMAINS) -> tuple[list[D.TextDataset], dict[str, D.TextDataset]]:
+    """The domains suite's training tweets of each in-domain, and its evaluation sets: each in-domain's test tweets
+    (in:NAME), the held-out domains' and Rotten Tomatoes as positive/negative (ood:NAME)."""
+    train, _, test = D.split(D.load("tweets"), seed)
+
+    def domain(d: D.TextDataset, name: str) -> D.TextDataset:
+        return d.subset([i for i, x in enumerate(d.domains) if x == name], f"tweets/{name}")
+
+    parts = [cap(domain(train, n), s.train_size, seed) for n in in_domains]
+    evals = {f"in:{n}": cap(domain(test, n), s.test_size // 2, seed) for n in in_domains}
+    held_out = [n for n in D.TWEET_DOMAINS if n not in in_domains] + ["other"]
+    for n in held_out:
+        evals[f"ood:{n}"] = cap(domain(test, n), s.test_size, seed)
+    rt = D.split(D.load_rotten_tomatoes(sentiment_only=True), seed)[2]
+    rt = replace(rt, labels=[0 if y == 0 else 2 for y in rt.labels], label_names=train.label_names)  # to 3 labels
+    evals["ood:rotten_tomatoes"] = cap(rt, s.test_size, seed)
+    return parts, evals
+
+
 def suite_ner(seed: int, s: Settings) -> Results:
     """WNUT-2016 NER: two random partitions of the training split, tags merged, entity F1 on the test split."""
     run = Runner("ner", seed, s)
+    parts, test = ner_data(seed, s)
+    shared_label_space(run, "wnut", parts, {"test": test})
+    return run.results
+
+
+def ner_data(seed: int, s: Settings) -> tuple[list[D.TextDataset], D.TextDataset]:
+    """The ner suite's two random halves of WNUT-2016's training split (at most train_size each) and its test set."""
     train, _, test = D.split(D.load("wnut"), seed)
     order = list(range(len(train)))
     random.Random(seed).shuffle(order)
     half = min(len(order) // 2, s.train_size)
-    parts = [
-        train.subset(sorted(order[:half]), "wnut/part0"),
-        train.subset(sorted(order[half : 2 * half]), "wnut/part1"),
-    ]
-    shared_label_space(run, "wnut", parts, {"test": cap(test, s.test_size, seed)})
-    return run.results
+    parts = [train.subset(sorted(order[k * half : (k + 1) * half]), f"wnut/part{k}") for k in range(2)]
+    return parts, cap(test, s.test_size, seed)
+
+
+@dataclass
+class OwnTask:
+    """One individual model's training data and the evaluation data of its own task (its in-domain data)."""
+
+    suite: str
+    train: D.TextDataset
+    test: D.TextDataset
+
+
+def own_tasks(suite: str, seed: int, s: Settings) -> list[OwnTask]:
+    """Every individual model a suite fine-tunes at `seed`, with its own evaluation data: what a recipe must teach."""
+    if suite == "partitions":  # each part is scored on the task's whole test set, as in the suite
+        found = []
+        for task in PARTITION_TASKS:
+            parts, test = partition_data(task, seed, s)
+            found += [OwnTask(suite, p, test) for p in parts]
+        return found
+    if suite == "tasks":
+        return [OwnTask(suite, *task_data(t, seed, s)) for pair in s.pairs for t in pair]
+    if suite == "domains":
+        parts, evals = domain_data(seed, s)
+        return [OwnTask(suite, p, evals[f"in:{n}"]) for p, n in zip(parts, IN_DOMAINS, strict=True)]
+    parts, test = ner_data(seed, s)
+    return [OwnTask(suite, p, test) for p in parts]
 
 
 SUITES: dict[str, Callable[[int, Settings], Results]] = {
