@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import TEXTS, build_model, save_model, write_jsonl
 
@@ -188,3 +189,41 @@ def test_regmean_plusplus_is_refused_on_several_processes(tmp_path):
     result = torchrun("merge", tmp_path / "pp.yaml", tmp_path / "out")
     assert result.returncode != 0 and "runs in one process" in result.stderr + result.stdout
     assert not (tmp_path / "out").exists()
+
+
+def test_steps_are_divided_by_cost_with_rank_0s_heads_counted():
+    """Greedy, largest first, to the least loaded rank; a tensor's row blocks stay together; rank 0 starts with
+    the heads it copies. Checked against loads written out by hand."""
+    from regmean.merge.parallel import SECONDS_PER_BYTE, divide
+    from regmean.methods.base import Cost, Step
+
+    def step(name: str, megabytes: float, rows=None) -> Step:
+        return Step(outputs=(name,), cost=Cost(read_bytes=int(megabytes * 1e6), working_bytes=0), rows=rows)
+
+    steps = [step("a", 5), step("b", 4), step("c", 3), step("d", 2, (0, 1)), step("d", 2, (1, 2)), step("e", 1)]
+    # costs a 5, b 4, d 4 (two blocks), c 3, e 1: a -> 0, b -> 1, d -> 1 (4 < 5), c -> 0 (5 < 8), e -> 0 (8 = 8)
+    assert divide(steps, 2) == [[0, 2, 5], [1, 3, 4]]
+    # rank 0 reading 6 MB of heads first, loads (6, 0): a -> 1 (6, 5), b -> 1 (6, 9), d -> 0 (10, 9),
+    # c -> 1 (10, 12), e -> 0 (11, 12)
+    assert divide(steps, 2, rank0_bytes=6_000_000) == [[3, 4, 5], [0, 1, 2]]
+    assert SECONDS_PER_BYTE > 0 and divide(steps, 1) == [[0, 1, 2, 3, 4, 5]]
+
+
+def test_the_plan_counts_every_process_on_this_host(tmp_path, monkeypatch):
+    """Under torchrun with N processes on one host, the host's estimate is N times one process's, and
+    --max-memory applies to that total."""
+    from regmean import distributed
+    from regmean.errors import RegmeanError
+    from regmean.merge.plan import MergePlan, check_memory
+
+    assert distributed.local_world_size() == 1
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+
+    assert distributed.local_world_size() == 4
+    plan = MergePlan(1, 1, "", 0, 0.0, 0, working_bytes=900, prefetch_bytes=100, runtime_bytes=50, processes=4)
+    assert (plan.peak_bytes, plan.host_bytes) == (1050, 4200)
+    assert "per process, 4.2 KB for the 4 on this host" in plan.describe()
+    check_memory(plan, 4200)
+    with pytest.raises(RegmeanError, match="4.2 KB for 4 processes on this host exceeds --max-memory"):
+        check_memory(plan, 4199)

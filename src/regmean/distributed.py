@@ -28,6 +28,11 @@ def launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+def local_world_size() -> int:
+    """Processes of this job on this host (torchrun's LOCAL_WORLD_SIZE; 1 outside torchrun)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if launched() else 1
+
+
 def init_from_env(device: str) -> str:
     """Join the process group torchrun describes; returns this rank's device (cuda:LOCAL_RANK on GPUs)."""
     if not launched() or dist.is_initialized():

@@ -23,6 +23,7 @@ from regmean.io.writer import ShardedWriter
 from regmean.merge.config import MergeConfig
 from regmean.merge.inputs import open_inputs
 from regmean.merge.output import finish_folders, output_folders
+from regmean.merge.plan import head_bytes
 from regmean.merge.report import MergeReport
 from regmean.merge.staging import check_output_dir, staged_output
 from regmean.methods import METHODS
@@ -35,14 +36,15 @@ SECONDS_PER_BYTE = 1 / 1e9
 balance between the two matters)."""
 
 
-def divide(steps: list[Step], ranks: int) -> list[list[int]]:
+def divide(steps: list[Step], ranks: int, rank0_bytes: int = 0) -> list[list[int]]:
     """Each rank's step numbers, in plan order: units (the blocks of one tensor stay together) given, largest
-    first, to the least loaded rank, by estimated time (arithmetic for solved sites, bytes for plain tensors)."""
+    first, to the least loaded rank, by estimated time (arithmetic for solved sites, bytes for plain tensors).
+    Rank 0 starts loaded with `rank0_bytes` it reads besides (the heads it copies)."""
     units: dict[tuple[str, ...], list[int]] = {}
     for number, step in enumerate(steps):
         units.setdefault(step.outputs, []).append(number)
     costs = {key: sum(_seconds(steps[n]) for n in numbers) for key, numbers in units.items()}
-    loads, shares = [0.0] * ranks, [[] for _ in range(ranks)]
+    loads, shares = [rank0_bytes * SECONDS_PER_BYTE] + [0.0] * (ranks - 1), [[] for _ in range(ranks)]
     for key in sorted(units, key=lambda k: (-costs[k], units[k][0])):
         rank = min(range(ranks), key=lambda r: (loads[r], r))
         loads[rank] += costs[key]
@@ -75,7 +77,7 @@ def merge_on_ranks(
     finish_group = _collective(dist.new_group, backend="gloo", timeout=FINISH_TIMEOUT)
     inputs = open_inputs(config)
     plan, method, steps, layouts = planned(inputs, log if rank == 0 else None)
-    mine = [(n, steps[n]) for n in divide(steps, ranks)[rank]]
+    mine = [(n, steps[n]) for n in divide(steps, ranks, head_bytes(inputs))[rank]]
     if rank != 0:
         staged = _shared([None])
         writers = _writers(output_folders(inputs, staged), layouts, shard_bytes, create=False)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from regmean import distributed
 from regmean.dtypes import STORED, itemsize
 from regmean.errors import RegmeanError
 from regmean.io.writer import Layout, layout_bytes
@@ -32,6 +33,8 @@ class MergePlan:
     """The largest step's inputs as loaded, which the reader thread holds while the previous step computes."""
     runtime_bytes: int
     device: str = "cpu"
+    processes: int = 1
+    """Processes of this merge on this host (torchrun's LOCAL_WORLD_SIZE): each holds its own peak_bytes."""
 
     @property
     def on_device(self) -> bool:
@@ -46,6 +49,11 @@ class MergePlan:
         return self.runtime_bytes + self.prefetch_bytes + self.working_bytes
 
     @property
+    def host_bytes(self) -> int:
+        """Host memory of every process of the merge on this host."""
+        return self.processes * self.peak_bytes
+
+    @property
     def device_bytes(self) -> int:
         """Device memory: the largest step's working set and the next step's inputs, staged there."""
         return self.working_bytes + self.prefetch_bytes if self.on_device else 0
@@ -57,6 +65,11 @@ class MergePlan:
             f"{self.flops / 1e9:.3g} GFLOP; peak memory about {human(self.peak_bytes)} "
             f"(runtime {human(self.runtime_bytes)} + largest step {human(self.working_bytes)} "
             f"+ next step's inputs {human(self.prefetch_bytes)})"
+            + (
+                f" per process, {human(self.host_bytes)} for the {self.processes} on this host"
+                if self.processes > 1
+                else ""
+            )
             + (f"; on {self.device}: about {human(self.device_bytes)}" if self.on_device else "")
         )
 
@@ -65,20 +78,25 @@ def make_plan(
     inputs: MergeInputs, method: MergeMethod, steps: list[Step], layouts: list[Layout], device: str = "cpu"
 ) -> MergePlan:
     """Totals over the method's steps, plus the heads that every output folder copies from its own model."""
-    first = inputs.models[0]
-    heads = len(inputs.models) * sum(math.prod(first.shapes[k]) * itemsize(first.dtype(k)) for k in inputs.head_keys())
     return MergePlan(
         tensors=len({name for step in steps for name in step.outputs}),
         steps=len(steps),
         note=method.describe(steps),
-        read_bytes=heads + sum(step.cost.read_bytes + step.cost.streamed_bytes for step in steps),
+        read_bytes=head_bytes(inputs) + sum(step.cost.read_bytes + step.cost.streamed_bytes for step in steps),
         flops=sum(step.cost.flops for step in steps),
         write_bytes=sum(layout_bytes(layout) for layout in layouts),
         working_bytes=max((step.cost.working_bytes for step in steps), default=0),
         prefetch_bytes=max((step.cost.read_bytes + step.cost.unpacked_bytes for step in steps), default=0),
         runtime_bytes=current_rss(),
         device=device,
+        processes=distributed.local_world_size(),
     )
+
+
+def head_bytes(inputs: MergeInputs) -> int:
+    """What copying every model's own head reads (heads: keep), outside the method's steps."""
+    first = inputs.models[0]
+    return len(inputs.models) * sum(math.prod(first.shapes[k]) * itemsize(first.dtype(k)) for k in inputs.head_keys())
 
 
 def output_layouts(inputs: MergeInputs) -> list[Layout]:
@@ -97,15 +115,16 @@ def output_layouts(inputs: MergeInputs) -> list[Layout]:
 
 
 def check_memory(plan: MergePlan, max_memory: int | None) -> None:
-    """--max-memory applies to the host and to the compute device, each."""
+    """--max-memory applies to the host (every process of the merge on it together) and to each compute device."""
     if max_memory is not None and plan.device_bytes > max_memory:
         raise RegmeanError(
             f"estimated peak memory on {plan.device} {human(plan.device_bytes)} exceeds --max-memory "
             f"{human(max_memory)}; raise the limit or merge on a device with more memory"
         )
-    if max_memory is not None and plan.peak_bytes > max_memory:
+    if max_memory is not None and plan.host_bytes > max_memory:
+        processes = f" for {plan.processes} processes on this host" if plan.processes > 1 else ""
         raise RegmeanError(
-            f"estimated peak memory {human(plan.peak_bytes)} exceeds --max-memory {human(max_memory)} "
+            f"estimated peak memory {human(plan.host_bytes)}{processes} exceeds --max-memory {human(max_memory)} "
             f"(largest step {human(plan.working_bytes)}, next step's inputs {human(plan.prefetch_bytes)}); "
             "raise the limit or merge on a machine with more memory"
         )
