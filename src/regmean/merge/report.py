@@ -44,7 +44,7 @@ class MergeReport:
             "mean_relative_error": sum(errs) / len(errs) if errs else None,
             "max_relative_error": max(errs) if errs else None,
             "max_error_stderr": max(stderrs) if stderrs else None,
-            "sampled_layers": sum(1 for row in self.layers if any(row.error_stderr)),
+            "sampled_layers": sum(1 for row in self.layers if row.sampled),
             "max_residual": max((row.residual for row in self.layers), default=None),
         }
 

@@ -118,6 +118,8 @@ class LayerReport:
     """Per model: the standard error of relative_error as an estimate from sampled rows (0: every row checked)."""
     checked_rows: int = 0
     """Output rows the diagnostics were computed on."""
+    sampled: bool = False
+    """The diagnostics are estimates from a sample of the output rows (not every row)."""
     residual: float = 0.0
     """The site's relative residual ||A E - R|| / ||R|| on the checked rows."""
     diagnostics_seconds: float = 0.0

@@ -238,6 +238,7 @@ class RegMean(Average):
                     bias="joint" if affine else "average",
                     error_stderr=[e.stderr for e in errors],
                     checked_rows=layer.d_out if checked is None else len(checked),
+                    sampled=checked is not None,
                     residual=residual,
                     diagnostics_seconds=seconds,
                 )
