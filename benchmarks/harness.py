@@ -189,3 +189,16 @@ def build_llamas(folder: Path, layers: int, k: int, tokenizer: Path | None = Non
 
 def param_count(cfg: dict) -> int:
     return sum(math.prod(s) for s in llama_tensors(cfg).values())
+
+
+def domain_finetunes(count: int = 4, size: int = 200) -> list[Path]:
+    """MiniLM fine-tuned on `size` tweets of each of the first `count` tweet domains (2 epochs, seed 0; the bench's
+    recipe and cache, so built once): same-shaped classifiers for the merge benchmarks."""
+    from regmean.bench.run import packaged_minilm
+    from regmean.bench.runner import Settings
+    from regmean.bench.suites import domain_data
+    from regmean.bench.train import Recipe, fine_tune
+
+    base = packaged_minilm()
+    parts, _ = domain_data(0, Settings(base=base, work=WORK, train_size=size, log=lambda _: None))
+    return [fine_tune(base, [part], Recipe(epochs=2), 0)[0] for part in parts[:count]]

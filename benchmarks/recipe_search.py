@@ -91,8 +91,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, help="JSON file to add the rows to")
     args = ap.parse_args()
     transformers.utils.logging.disable_progress_bar()
-    settings = Settings(base=packaged_minilm(), work=Path("."), train_size=args.train_size, test_size=args.test_size)
-    settings.log = lambda _: None
+    settings = Settings(
+        base=packaged_minilm(), work=Path("."), train_size=args.train_size, test_size=args.test_size, log=lambda _: None
+    )
     only = [name for name in args.only.split(",") if name]
     done = json.loads(args.out.read_text()) if args.out and args.out.is_file() else []
     print("suite | model | train | epochs | lr | metric | score | constant | margin | passes | fine_tune_s")

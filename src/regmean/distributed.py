@@ -29,7 +29,8 @@ def launched() -> bool:
 
 
 def local_world_size() -> int:
-    """Processes of this job on this host (torchrun's LOCAL_WORLD_SIZE; 1 outside torchrun)."""
+    """Processes of this job on this host: torchrun's LOCAL_WORLD_SIZE (`--nproc` runs torchrun); 1 outside
+    torchrun, and under a launcher that does not set it."""
     return int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if launched() else 1
 
 

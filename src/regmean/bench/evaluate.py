@@ -81,7 +81,8 @@ def score(data: TextDataset, logits: list[torch.Tensor]) -> dict[str, float]:
 
 
 def constant(data: TextDataset) -> list[torch.Tensor]:
-    """The logits of the best constant predictor of `data`: its most frequent label (tag) for every example (word)."""
+    """The logits of the majority-class predictor of `data`: the evaluation set's own most frequent label (tag) for
+    every example (word). The best constant for accuracy and macro-F1; for entity F1 (all O) it scores 0."""
     flat = [y for labels in data.labels for y in labels] if data.token_level else list(data.labels)
     one_hot = torch.zeros(len(data.label_names))
     one_hot[Counter(flat).most_common(1)[0][0]] = 1.0

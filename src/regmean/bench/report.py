@@ -60,6 +60,13 @@ def column_labels(columns: list[str]) -> list[str]:
     return [e if evals.count(e) == 1 else c for c, e in zip(columns, evals, strict=True)]
 
 
+def cell(mean: float, std: float | None = None) -> str:
+    """A score x 100 for a table: "-" where missing, with "+- std" where given."""
+    if pd.isna(mean):
+        return "-"
+    return f"{100 * mean:.1f}" if std is None else f"{100 * mean:.1f} +- {100 * std:.1f}"
+
+
 def markdown(table: pd.DataFrame, suite: str, seeds: int) -> str:
     metric = PRIMARY.get(suite, "score")
     cols = list(table["mean"].columns)
@@ -73,7 +80,7 @@ def markdown(table: pd.DataFrame, suite: str, seeds: int) -> str:
         cells = []
         for c in cols:
             m, s = table.loc[method, ("mean", c)], table.loc[method, ("std", c)]
-            cells.append("-" if pd.isna(m) else f"{100 * m:.1f} +- {100 * s:.1f}")
+            cells.append(cell(m, s))
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -13,7 +13,7 @@ import transformers
 
 from regmean.bench.report import write_report
 from regmean.bench.runner import TASK_PAIRS, Results, Settings
-from regmean.bench.suites import SUITES
+from regmean.bench.suites import SUITES, constant_rows
 from regmean.bench.train import Recipe
 from regmean.devices import check_device
 from regmean.errors import RegmeanError
@@ -74,13 +74,16 @@ def run_bench(name: str, seeds: list[int], out: Path, base: Path | None = None, 
     settings = replace(Settings(base=base or packaged_minilm(), work=out / "work", recipe=recipe), **preset)
     check_device(settings.device)
     described = _describe(settings)
-    results = _finished(out / "results.json", described)
+    results = _finished(out / "results.json", described, settings.log if name == "demo" else None)
     done = {(r["suite"], r["seed"]) for r in results.rows}
+    scored = {(r["suite"], r["seed"]) for r in results.rows if r["method"] == "constant"}
     seeds = sorted(set(seeds) | {seed for _, seed in done})
     for suite in suites:
         for seed in seeds:
             if (suite, seed) in done:
                 settings.log(f"[{suite} seed {seed}] kept from {out / 'results.json'} (delete it to rerun)")
+                if (suite, seed) not in scored:  # kept from a run made before the constant predictor was scored
+                    results.rows += constant_rows(suite, seed, settings)
                 continue
             results.extend(SUITES[suite](seed, settings))
             if not settings.keep_work:  # merged models add up to gigabytes per seed
@@ -90,11 +93,16 @@ def run_bench(name: str, seeds: list[int], out: Path, base: Path | None = None, 
     return write_report(results, out, described, seeds)
 
 
-def _finished(path: Path, settings: dict) -> Results:
-    """The results of an earlier run into the same folder, to resume it: only with the same settings."""
+def _finished(path: Path, settings: dict, restart_with=None) -> Results:
+    """The results of an earlier run into the same folder, to resume it: only with the same settings. Those of
+    other settings are refused, or, given `restart_with` (a log: the demo, whose preset changes between versions),
+    replaced."""
     if not path.is_file():
         return Results()
     earlier = json.loads(path.read_text())
+    if earlier["settings"] != settings and restart_with is not None:
+        restart_with(f"{path.parent} holds an earlier demo of other settings: running the demo afresh")
+        return Results()
     if earlier["settings"] != settings:
         changed = sorted(
             k for k in settings.keys() | earlier["settings"].keys() if settings.get(k) != earlier["settings"].get(k)

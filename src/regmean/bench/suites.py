@@ -15,6 +15,7 @@ from pathlib import Path
 from regmean.bench import data as D
 from regmean.bench.evaluate import ensemble, score
 from regmean.bench.runner import Results, Runner, Settings, cap
+from regmean.errors import RegmeanError
 from regmean.merge.output import output_names
 
 
@@ -236,8 +237,32 @@ def own_tasks(suite: str, seed: int, s: Settings) -> list[OwnTask]:
     if suite == "domains":
         parts, evals = domain_data(seed, s)
         return [OwnTask(suite, p, evals[f"in:{n}"]) for p, n in zip(parts, IN_DOMAINS, strict=True)]
-    parts, test = ner_data(seed, s)
-    return [OwnTask(suite, p, test) for p in parts]
+    if suite == "ner":
+        parts, test = ner_data(seed, s)
+        return [OwnTask(suite, p, test) for p in parts]
+    raise RegmeanError(f"unknown suite {suite!r}: use one of {', '.join(SUITES)}")
+
+
+def evaluation_sets(suite: str, seed: int, s: Settings) -> dict[str, dict[str, D.TextDataset]]:
+    """A suite's evaluation sets at `seed`, by task (as its rows name them) and evaluation name; none for a suite
+    defined elsewhere."""
+    if suite == "partitions":
+        return {task: {"test": partition_data(task, seed, s)[1]} for task in PARTITION_TASKS}
+    if suite == "tasks":
+        return {"+".join(pair): {t: task_data(t, seed, s)[1] for t in pair} for pair in s.pairs}
+    if suite == "domains":
+        return {"tweet-domains": domain_data(seed, s)[1]}
+    if suite == "ner":
+        return {"wnut": {"test": ner_data(seed, s)[1]}}
+    return {}
+
+
+def constant_rows(suite: str, seed: int, s: Settings) -> list[dict]:
+    """The constant predictor's rows of a suite at `seed` (for seeds kept from a run made before it was scored)."""
+    run = Runner(suite, seed, s)
+    for task, evals in evaluation_sets(suite, seed, s).items():
+        run.record_constant(task, evals)
+    return run.results.rows
 
 
 SUITES: dict[str, Callable[[int, Settings], Results]] = {

@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from regmean.bench.claims import PRIMARY
-from regmean.bench.report import CONSTANT, CONSTANT_LABEL, SWEEP, column_labels, summary_table
+from regmean.bench.report import CONSTANT, CONSTANT_LABEL, SWEEP, cell, column_labels, summary_table
 
 LOOK_FOR = {
     "partitions": "two models, each trained on a skewed part of one task: RegMean should beat simple averaging "
@@ -22,8 +22,8 @@ LOOK_FOR = {
     "ner": "two taggers trained on different halves of WNUT-16: RegMean should beat simple averaging in entity F1.",
 }
 NEAR_CONSTANT = 10.0
-"""An individual model within this many points of the constant predictor on its own data has learned too little
-for the comparison to mean anything: said in the summary."""
+"""An individual model within this many points of the constant predictor on its own data (at any seed) has
+learned too little for the comparison to mean anything: said in the summary."""
 
 
 def print_summary(out: Path, console: Console | None = None) -> None:
@@ -35,7 +35,7 @@ def print_summary(out: Path, console: Console | None = None) -> None:
         console.print(_rich_table(table, suite, rows.loc[rows["suite"] == suite, "seed"].nunique()))
         console.print(f"[bold]What to look for[/]: {LOOK_FOR.get(suite, 'RegMean above simple averaging.')}")
         console.print(_found(table["mean"]["mean"], suite))
-        for warning in _near_constant(table["mean"]):
+        for warning in _near_constant(rows, suite):
             console.print(f"[yellow]warning[/]: {warning}")
     plots = ", ".join(sorted(p.name for p in out.glob("*.png")))
     console.print(f"Full report (every method, claims with 95% intervals, timings): {out / 'report.md'}")
@@ -53,47 +53,38 @@ def _rich_table(table: pd.DataFrame, suite: str, seeds: int) -> Table:
     for method in means.index:
         if SWEEP.match(method):
             continue
-        cells = [
-            "-" if pd.isna(means.loc[method, c]) else _cell(means.loc[method, c], stds.loc[method, c], seeds > 1)
-            for c in means.columns
-        ]
+        cells = [cell(means.loc[method, c], stds.loc[method, c] if seeds > 1 else None) for c in means.columns]
         name = CONSTANT_LABEL if method == CONSTANT else method
         out.add_row(name, *cells, style="bold" if method == "regmean" else ("dim" if method == CONSTANT else None))
     return out
 
 
-def _cell(mean: float, std: float, with_std: bool) -> str:
-    return f"{100 * mean:.1f} +- {100 * std:.1f}" if with_std else f"{100 * mean:.1f}"
-
-
 def _found(means: pd.Series, suite: str) -> str:
     """One line of what this run found: RegMean, simple averaging, the individual models, the constant."""
-    individual = means[[m for m in means.index if m.startswith("individual")]]
-    parts = [f"RegMean {100 * means.get('regmean', float('nan')):.1f}"]
-    parts.append(f"simple average {100 * means.get('average', float('nan')):.1f}")
+    individual = means[[m for m in means.index if m.startswith("individual")]].dropna()
+    named = [("RegMean", means.get("regmean")), ("simple average", means.get("average"))]
     if len(individual) == 1:
-        parts.append(f"individual models {100 * individual.iloc[0]:.1f}")
+        named.append(("individual models", individual.iloc[0]))
     elif len(individual):
-        parts.append(f"best individual model {100 * individual.max():.1f}")
-    if CONSTANT in means.index:
-        parts.append(f"constant predictor {100 * means[CONSTANT]:.1f}")
+        named.append(("best individual model", individual.max()))
+    named.append(("constant predictor", means.get(CONSTANT)))
+    parts = [f"{name} {100 * value:.1f}" for name, value in named if value is not None and not pd.isna(value)]
     return f"[bold]Found[/] (mean {PRIMARY.get(suite, 'score')} x 100): " + ", ".join(parts) + "."
 
 
-def _near_constant(means: pd.DataFrame) -> list[str]:
-    """Each individual model within NEAR_CONSTANT points of the constant predictor on its own evaluation data."""
-    if CONSTANT not in means.index:
-        return []
-    columns = [c for c in means.columns if c != "mean"]
+def _near_constant(rows: pd.DataFrame, suite: str) -> list[str]:
+    """Each individual model whose smallest margin over the constant predictor, seed by seed, on its own evaluation
+    data (in:NAME for a domain's model, else every set it is scored on) is under NEAR_CONSTANT points."""
+    df = rows[(rows["suite"] == suite) & (rows["metric"] == PRIMARY.get(suite, rows["metric"].iloc[0]))]
+    floor = df[df["method"] == CONSTANT].set_index(["seed", "task", "eval"])["value"]
     found = []
-    for method in (m for m in means.index if m.startswith("individual")):
-        name = method.partition(":")[2]
-        own = [c for c in columns if name and name in c.split(" / ")[-1]] or columns
-        for column in own:
-            gap = 100 * (means.loc[method, column] - means.loc[CONSTANT, column])
-            if not pd.isna(gap) and gap < NEAR_CONSTANT:
-                found.append(
-                    f"{method} is {gap:.1f} points above the constant predictor on {column}: "
-                    "it learned too little for this comparison (more data or epochs)"
-                )
+    for method, scored in df[df["method"].str.startswith("individual")].groupby("method"):
+        own = scored[scored["eval"] == f"in:{method.partition(':')[2]}"]
+        gaps = 100 * (own if len(own) else scored).set_index(["seed", "task", "eval"])["value"].sub(floor).dropna()
+        if len(gaps) and gaps.min() < NEAR_CONSTANT:
+            seed, task, eval_name = gaps.idxmin()
+            found.append(
+                f"{method} is {gaps.min():.1f} points above the constant predictor on {task} / {eval_name} "
+                f"(seed {seed}): it learned too little for this comparison (more data or epochs)"
+            )
     return found
