@@ -29,6 +29,8 @@ learned too little for the comparison to mean anything: said in the summary."""
 def print_summary(out: Path, console: Console | None = None) -> None:
     """Print each suite's table from `out`/results.json, then where the full report and plots are."""
     console = console or Console()
+    if not console.is_terminal:  # piped or logged: wide enough that no score wraps
+        console.width = max(console.width, 140)
     rows = pd.DataFrame(json.loads((out / "results.json").read_text())["rows"])
     for suite in rows["suite"].unique():
         table = summary_table(rows, suite)
@@ -83,8 +85,9 @@ def _near_constant(rows: pd.DataFrame, suite: str) -> list[str]:
         gaps = 100 * (own if len(own) else scored).set_index(["seed", "task", "eval"])["value"].sub(floor).dropna()
         if len(gaps) and gaps.min() < NEAR_CONSTANT:
             seed, task, eval_name = gaps.idxmin()
+            side = "above" if gaps.min() >= 0 else "below"
             found.append(
-                f"{method} is {gaps.min():.1f} points above the constant predictor on {task} / {eval_name} "
+                f"{method} is {abs(gaps.min()):.1f} points {side} the constant predictor on {task} / {eval_name} "
                 f"(seed {seed}): it learned too little for this comparison (more data or epochs)"
             )
     return found
