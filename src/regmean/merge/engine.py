@@ -12,15 +12,15 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from regmean import distributed
 from regmean.devices import check_device
 from regmean.errors import RegmeanError
-from regmean.io.outputs import check_free_space
+from regmean.io.outputs import check_output_path
 from regmean.io.writer import DEFAULT_SHARD_BYTES, ShardedWriter
 from regmean.merge.config import MergeConfig
 from regmean.merge.inputs import MergeInputs, open_inputs
-from regmean.merge.output import finish_folders, output_folders
+from regmean.merge.output import write_output
 from regmean.merge.parallel import merge_on_ranks
 from regmean.merge.plan import MergePlan, check_memory, check_resident, make_plan, output_layouts
 from regmean.merge.report import MergeReport
-from regmean.merge.staging import staged_output
+from regmean.merge.staging import check_output_dir
 from regmean.methods import METHODS
 from regmean.methods.base import Computed, MergeMethod, Step
 from regmean.units import parse_size
@@ -71,17 +71,17 @@ def merge(
             shard_bytes=shard_bytes,
             log=log,
         )
-    with staged_output(out_dir, force, sources, log) as staged:
-        inputs = open_inputs(config)
-        plan, method, steps, layouts = _planned(inputs, log, memory_limit, device)
-        check_free_space(staged, plan.write_bytes, "the merged model")
-        folders = output_folders(inputs, staged)
-        writers = [ShardedWriter(f, layout, shard_bytes) for f, layout in zip(folders, layouts, strict=True)]
+    check_output_dir(check_output_path(out_dir, sources), force)  # before the inputs are opened and planned
+    inputs = open_inputs(config)
+    plan, method, steps, layouts = _planned(inputs, log, memory_limit, device)
+
+    def fill(writers: list[ShardedWriter], staged: Path) -> MergeReport:
         report = merge_into(method, steps, writers, progress)
         for w in writers:
             w.finish()
-        finish_folders(inputs, folders, staged, report)
-    return report
+        return report
+
+    return write_output(out_dir, force, sources, log, inputs, plan.write_bytes, layouts, shard_bytes, fill)
 
 
 def check_device_method(method: str, device: str) -> None:

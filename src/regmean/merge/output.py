@@ -11,14 +11,42 @@ from typing import TYPE_CHECKING
 
 from regmean import __version__
 from regmean.io.metadata import describe_record
+from regmean.io.outputs import Inputs, check_free_space
+from regmean.io.writer import Layout, ShardedWriter
 from regmean.merge.files import CARD, COPIED_PATTERNS, RECIPE, REPORT, STAGING_MARK
 from regmean.merge.report import MergeReport
+from regmean.merge.staging import staged_output
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from regmean.merge.inputs import MergeInputs
 
 MAX_RECORDS = 20
 """Provenance records shown per model in the model card (all of them stay in the statistics file)."""
+
+
+def write_output(
+    out_dir: Path,
+    force: bool,
+    sources: Inputs,
+    log,
+    inputs: MergeInputs,
+    write_bytes: int,
+    layouts: list[Layout],
+    shard_bytes: int,
+    fill: Callable[[list[ShardedWriter], Path], MergeReport],
+) -> MergeReport:
+    """The merged folder(s), staged: shards laid out from `layouts`; `fill(writers, staged)` writes every tensor,
+    completes the shards and returns the report; then config, tokenizer, card, recipe and report. The folder is
+    revealed only when all of it is done."""
+    with staged_output(out_dir, force, sources, log) as staged:
+        check_free_space(staged, write_bytes, "the merged model")
+        folders = output_folders(inputs, staged)
+        writers = [ShardedWriter(f, layout, shard_bytes) for f, layout in zip(folders, layouts, strict=True)]
+        report = fill(writers, staged)
+        finish_folders(inputs, folders, staged, report)
+    return report
 
 
 def output_folders(inputs: MergeInputs, staged: Path) -> list[Path]:

@@ -18,14 +18,14 @@ import torch.distributed as dist
 
 from regmean import distributed
 from regmean.errors import RegmeanError
-from regmean.io.outputs import check_free_space, check_output_path
+from regmean.io.outputs import check_output_path
 from regmean.io.writer import ShardedWriter
 from regmean.merge.config import MergeConfig
 from regmean.merge.inputs import open_inputs
-from regmean.merge.output import finish_folders, output_folders
+from regmean.merge.output import output_folders, write_output
 from regmean.merge.plan import head_bytes
 from regmean.merge.report import MergeReport
-from regmean.merge.staging import check_output_dir, staged_output
+from regmean.merge.staging import check_output_dir
 from regmean.methods import METHODS
 from regmean.methods.base import Computed, MergeMethod, Step
 
@@ -80,23 +80,17 @@ def merge_on_ranks(
     mine = [(n, steps[n]) for n in divide(steps, ranks, head_bytes(inputs))[rank]]
     if rank != 0:
         staged = _shared([None])
-        writers = _writers(output_folders(inputs, staged), layouts, shard_bytes, create=False)
+        layouts_of = zip(output_folders(inputs, staged), layouts, strict=True)
+        writers = [ShardedWriter(folder, layout, shard_bytes, create=False) for folder, layout in layouts_of]
         results = run(method, mine, writers, heads=False)
         _gather(writers, results, finish_group)
         return None
-    with staged_output(out_dir, force, sources, log) as staged:
-        check_free_space(staged, plan.write_bytes, "the merged model")
-        folders = output_folders(inputs, staged)
-        writers = _writers(folders, layouts, shard_bytes, create=True)
-        _shared([staged])
-        results = run(method, mine, writers, heads=True)
-        report = _finish(method, writers, results, finish_group)
-        finish_folders(inputs, folders, staged, report)
-    return report
 
+    def fill(writers: list[ShardedWriter], staged: Path) -> MergeReport:
+        _shared([staged])  # the shards exist: the other ranks open them
+        return _finish(method, writers, run(method, mine, writers, heads=True), finish_group)
 
-def _writers(folders: list[Path], layouts: list, shard_bytes: int, create: bool) -> list[ShardedWriter]:
-    return [ShardedWriter(f, layout, shard_bytes, create=create) for f, layout in zip(folders, layouts, strict=True)]
+    return write_output(out_dir, force, sources, log, inputs, plan.write_bytes, layouts, shard_bytes, fill)
 
 
 def _collective(call: Callable, *args, **kwargs):
