@@ -30,7 +30,7 @@ def print_summary(out: Path, console: Console | None = None) -> None:
     """Print each suite's table from `out`/results.json, then where the full report and plots are."""
     console = console or Console()
     if not console.is_terminal:  # piped or logged: wide enough that no score wraps
-        console.width = max(console.width, 140)
+        console.width = max(console.width, 160)
     rows = pd.DataFrame(json.loads((out / "results.json").read_text())["rows"])
     for suite in rows["suite"].unique():
         table = summary_table(rows, suite)
@@ -49,7 +49,7 @@ def _rich_table(table: pd.DataFrame, suite: str, seeds: int) -> Table:
     metric = PRIMARY.get(suite, "score")
     spread = " +- std" if seeds > 1 else ""
     out = Table(title=f"{suite}: {metric} x 100{spread}, {seeds} seed(s)", title_justify="left")
-    out.add_column("method")
+    out.add_column("method", no_wrap=True)
     for label in column_labels(list(means.columns)):
         out.add_column(label, justify="right")
     for method in means.index:
