@@ -105,7 +105,7 @@ def bar_chart(table: pd.DataFrame, suite: str, path: Path) -> None:
     methods = [m for m in means.index if not SWEEP.match(m) and m != CONSTANT]
     cols = list(means.columns)
     fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(cols) * max(1, len(methods)) / 4) + 2, 4))
-    width = 0.8 / len(methods)
+    width = 0.8 / max(1, len(methods))
     for k, method in enumerate(methods):
         xs = [i + k * width for i in range(len(cols))]
         ax.bar(xs, means.loc[method] * 100, width, yerr=stds.loc[method] * 100, label=method, capsize=2)

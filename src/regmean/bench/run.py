@@ -80,16 +80,18 @@ def run_bench(name: str, seeds: list[int], out: Path, base: Path | None = None, 
     seeds = sorted(set(seeds) | {seed for _, seed in done})
     for suite in suites:
         for seed in seeds:
-            if (suite, seed) in done:
+            kept = (suite, seed) in done
+            if kept:
                 settings.log(f"[{suite} seed {seed}] kept from {out / 'results.json'} (delete it to rerun)")
-                if (suite, seed) not in scored:  # kept from a run made before the constant predictor was scored
-                    results.rows += constant_rows(suite, seed, settings)
-                continue
-            results.extend(SUITES[suite](seed, settings))
-            if not settings.keep_work:  # merged models add up to gigabytes per seed
-                shutil.rmtree(settings.seed_dir(suite, seed), ignore_errors=True)
-            # write as we go: a long run interrupted still leaves its finished seeds on disk
-            write_report(results, out, described, seeds)
+            else:
+                results.extend(SUITES[suite](seed, settings))
+            if (suite, seed) not in scored:  # every seed's, also one kept from a run made before it was scored
+                results.rows += constant_rows(suite, seed, settings)
+            if not kept:
+                if not settings.keep_work:  # merged models add up to gigabytes per seed
+                    shutil.rmtree(settings.seed_dir(suite, seed), ignore_errors=True)
+                # write as we go: a long run interrupted still leaves its finished seeds on disk
+                write_report(results, out, described, seeds)
     return write_report(results, out, described, seeds)
 
 

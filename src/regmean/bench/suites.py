@@ -30,7 +30,6 @@ def shared_label_space(
     """
     s = run.s
     names = names or [f"model{k}" for k in range(len(parts))]
-    run.record_constant(task, evals)
     models = [run.train([p])[0] for p in parts]
     preds: dict[str, dict[str, list]] = {}
     grams: list[Path] = []
@@ -89,7 +88,6 @@ def suite_tasks(seed: int, s: Settings) -> Results:
     for pair in s.pairs:
         trains, tests = (list(sets) for sets in zip(*(task_data(t, seed, s) for t in pair), strict=True))
         name = "+".join(pair)
-        run.record_constant(name, dict(zip(pair, tests, strict=True)))
         models = [run.train([t])[0] for t in trains]
         outputs: dict[str, list[Path]] = {"individual": models}
         for method, folder in run.data_free(name, models, heads="keep").items():
@@ -258,7 +256,8 @@ def evaluation_sets(suite: str, seed: int, s: Settings) -> dict[str, dict[str, D
 
 
 def constant_rows(suite: str, seed: int, s: Settings) -> list[dict]:
-    """The constant predictor's rows of a suite at `seed` (for seeds kept from a run made before it was scored)."""
+    """The constant predictor's rows of a suite at `seed` (added by `run_bench` to every seed, including those kept
+    from a run made before it was scored)."""
     run = Runner(suite, seed, s)
     for task, evals in evaluation_sets(suite, seed, s).items():
         run.record_constant(task, evals)
