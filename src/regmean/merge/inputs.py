@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -111,27 +112,7 @@ def open_inputs(config: MergeConfig) -> MergeInputs:
     embedding_keys = {f"{name}.weight" for name in embedding_modules(skeleton)[0]}
     vocab, vocab_problems = grown_vocabulary(config, models, [body(m) for m in models], embedding_keys, method)
     problems += vocab_problems
-    for entry, ckpt in zip(config.models[1:], models[1:], strict=True):
-        if ckpt.architecture != first.architecture:
-            problems.append(
-                f"{entry.path}: architecture {ckpt.architecture} differs from {first_path} ({first.architecture})"
-            )
-            continue
-        other = body(ckpt)
-        missing, extra = sorted(set(ref) - set(other)), sorted(set(other) - set(ref))
-        if missing or extra:
-            problems.append(
-                f"{entry.path}: tensors differ from {first_path} (missing {missing[:3]}, extra {extra[:3]})"
-            )
-            continue
-        bad = [k for k in ref if ref[k] != other[k] and not (vocab and k in vocab.keys)]
-        if bad:
-            note = " (different vocabularies?)" if any("embed" in k for k in bad) else ""
-            hint = "; heads of different tasks need heads: keep" if any(is_head_key(k, heads) for k in bad) else ""
-            problems.append(
-                f"{entry.path}: shape of {bad[0]} is {other[bad[0]]}, {first_path} has {ref[bad[0]]}"
-                f"{note}{hint} ({len(bad)} tensors differ)"
-            )
+    problems += _disagreements(config, models, body, vocab, heads)
     present = loaded_names(skeleton, first.keys())
     needed = [k for k in required_keys(skeleton) if k not in present]
     if needed:
@@ -154,6 +135,36 @@ def open_inputs(config: MergeConfig) -> MergeInputs:
     if problems:
         raise RegmeanError(problems)
     return inputs
+
+
+def _disagreements(
+    config: MergeConfig, models: list[Checkpoint], body: Callable, vocab: GrownVocabulary | None, heads: list[str]
+) -> list[str]:
+    """Each model against the first: same architecture, same body tensors, same shapes (added tokens aside)."""
+    first, first_path, ref = models[0], config.models[0].path, body(models[0])
+    problems = []
+    for entry, ckpt in zip(config.models[1:], models[1:], strict=True):
+        if ckpt.architecture != first.architecture:
+            problems.append(
+                f"{entry.path}: architecture {ckpt.architecture} differs from {first_path} ({first.architecture})"
+            )
+            continue
+        other = body(ckpt)
+        missing, extra = sorted(set(ref) - set(other)), sorted(set(other) - set(ref))
+        if missing or extra:
+            problems.append(
+                f"{entry.path}: tensors differ from {first_path} (missing {missing[:3]}, extra {extra[:3]})"
+            )
+            continue
+        bad = [k for k in ref if ref[k] != other[k] and not (vocab and k in vocab.keys)]
+        if bad:
+            note = " (different vocabularies?)" if any("embed" in k for k in bad) else ""
+            hint = "; heads of different tasks need heads: keep" if any(is_head_key(k, heads) for k in bad) else ""
+            problems.append(
+                f"{entry.path}: shape of {bad[0]} is {other[bad[0]]}, {first_path} has {ref[bad[0]]}"
+                f"{note}{hint} ({len(bad)} tensors differ)"
+            )
+    return problems
 
 
 def _base_problems(inputs: MergeInputs, body: dict[str, tuple[int, ...]]) -> list[str]:
