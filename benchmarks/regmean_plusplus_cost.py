@@ -12,9 +12,7 @@ passes the plan predicts.
 from __future__ import annotations
 
 import argparse
-import glob
 import json
-import os
 import sys
 import tempfile
 import time
@@ -24,7 +22,7 @@ import regmean
 from regmean.bench import data as D
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import domain_finetunes  # noqa: E402
+from harness import chosen_models  # noqa: E402
 
 
 def timed(fn, *args, **kwargs) -> tuple[object, float]:
@@ -40,12 +38,7 @@ def main() -> None:
     parser.add_argument("--examples", type=int, default=200)
     parser.add_argument("--max-length", type=int, default=64)
     args = parser.parse_args()
-    if args.models:
-        models = sorted(glob.glob(os.path.expanduser(args.models)))[: args.count]
-    else:
-        models = [str(m) for m in domain_finetunes(args.count)]
-    if len(models) < 2:
-        raise SystemExit(f"{args.models}: fewer than 2 model folders")
+    models = chosen_models(args.models, args.count)
     work = Path(tempfile.mkdtemp())
     texts = D.load("tweets").texts
     files, measured = [], 0.0
