@@ -8,6 +8,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from regmean.bench import data as D
@@ -49,7 +50,7 @@ class Settings:
     keep_work: bool = False  # keep each seed's statistics and merged models (else deleted once the seed is scored)
     device: str = "cpu"  # fine-tuning, Fisher, measuring, merging and evaluation
     pairs: tuple[tuple[str, str], ...] = TASK_PAIRS  # the tasks suite's pairs of tasks
-    log: Callable[[str], None] = print
+    log: Callable[[str], None] = partial(print, flush=True)  # a run in the background shows where it is
 
     def seed_dir(self, suite: str, seed: int) -> Path:
         """Statistics and merged models of one suite at one seed."""
