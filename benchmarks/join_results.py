@@ -21,7 +21,9 @@ def joined(files: list[Path]) -> dict:
     out = {"settings": first["settings"], "seeds": [], "rows": [], "times": [], "curves": []}
     for f, run in runs:
         if run["settings"] != first["settings"]:
-            changed = sorted(k for k in run["settings"] if run["settings"].get(k) != first["settings"].get(k))
+            changed = sorted(
+                k for k in run["settings"] | first["settings"] if run["settings"].get(k) != first["settings"].get(k)
+            )
             raise SystemExit(f"{f}: settings differ from {first_file} ({', '.join(changed)}): not one experiment")
         mine = {(r["suite"], r["seed"]) for r in run["rows"]}
         clash = sorted(mine & seen.keys())
