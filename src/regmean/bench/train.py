@@ -97,32 +97,42 @@ def fine_tune(
     """
     base = Path(base)
     tasks = _merge_same_label_space(tasks)
-    key = hashlib.blake2b(digest_size=12)
-    key.update(Checkpoint(base).fingerprint["weights"].encode())
-    accelerator = [] if torch.device(device).type == "cpu" else [torch.device(device).type]
-    key.update(json.dumps([asdict(recipe), seed, [data_hash(t) for t in tasks], *accelerator]).encode())
-    out = cache_root() / "models" / key.hexdigest()
+    out = _cache_folder(base, tasks, recipe, seed, device)
     folders = [out / f"task{k}" for k in range(len(tasks))]
     if (out / "done").exists():
         return folders
-
     torch.manual_seed(seed)
     tok = tokenizer_for(base)
     models = [_new_model(base, t).to(device) for t in tasks]
     prefix = models[0].base_model_prefix
     for m in models[1:]:  # one shared body
         setattr(m, prefix, getattr(models[0], prefix))
-    params = {id(p): p for m in models for p in m.parameters()}.values()
-    decay = [p for p in params if p.dim() > 1]
-    no_decay = [p for p in params if p.dim() <= 1]
+    _train(models, tasks, tok, recipe, torch.Generator().manual_seed(seed), log, device)
+    _save(out, models, tok, {"recipe": asdict(recipe), "seed": seed, "tasks": [t.name for t in tasks]})
+    return folders
+
+
+def _cache_folder(base: Path, tasks: list[TextDataset], recipe: Recipe, seed: int, device: str) -> Path:
+    """Where the models trained from `base` on `tasks` with `recipe` and `seed` are cached."""
+    key = hashlib.blake2b(digest_size=12)
+    key.update(Checkpoint(base).fingerprint["weights"].encode())
+    accelerator = [] if torch.device(device).type == "cpu" else [torch.device(device).type]
+    key.update(json.dumps([asdict(recipe), seed, [data_hash(t) for t in tasks], *accelerator]).encode())
+    return cache_root() / "models" / key.hexdigest()
+
+
+def _train(models: list, tasks: list[TextDataset], tok, recipe: Recipe, gen: torch.Generator, log, device: str):
+    """AdamW over the models' distinct parameters; each epoch draws every task's batches in one shuffled order."""
+    params = list({id(p): p for m in models for p in m.parameters()}.values())
     opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": recipe.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        [
+            {"params": [p for p in params if p.dim() > 1], "weight_decay": recipe.weight_decay},
+            {"params": [p for p in params if p.dim() <= 1], "weight_decay": 0.0},
+        ],
         lr=recipe.lr,
     )
-    steps_per_epoch = sum(-(-len(t) // recipe.batch_size) for t in tasks)
-    total = steps_per_epoch * recipe.epochs
+    total = sum(-(-len(t) // recipe.batch_size) for t in tasks) * recipe.epochs
     sched = tf.get_linear_schedule_with_warmup(opt, int(recipe.warmup * total), total)
-    gen = torch.Generator().manual_seed(seed)
     for m in models:
         m.train()
     for epoch in range(recipe.epochs):
@@ -130,29 +140,30 @@ def fine_tune(
         for k, t in enumerate(tasks):
             order = torch.randperm(len(t), generator=gen).tolist()
             plan += [(k, b) for b in batches(tok, t, recipe.batch_size, recipe.max_length, order)]
-        shuffle = torch.randperm(len(plan), generator=gen).tolist()
         running = 0.0
-        for j in shuffle:
+        for j in torch.randperm(len(plan), generator=gen).tolist():
             k, batch = plan[j]
             loss = models[k](**{name: t.to(device) for name, t in batch.items()}).loss
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(list(params), 1.0)
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             sched.step()
             opt.zero_grad()
             running += loss.item()
         log(f"  epoch {epoch + 1}/{recipe.epochs}: mean loss {running / max(len(plan), 1):.4f}")
 
+
+def _save(out: Path, models: list, tok, record: dict) -> None:
+    """Write the models (one folder each) and the `done` record into `out` at once: a partial folder never shows."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".partial-"))
     for k, m in enumerate(models):
         m.eval().cpu().save_pretrained(tmp / f"task{k}")
         tok.save_pretrained(tmp / f"task{k}")
-    (tmp / "done").write_text(json.dumps({"recipe": asdict(recipe), "seed": seed, "tasks": [t.name for t in tasks]}))
+    (tmp / "done").write_text(json.dumps(record))
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
-    return folders
 
 
 def _merge_same_label_space(tasks: list[TextDataset]) -> list[TextDataset]:
