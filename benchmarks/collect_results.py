@@ -7,6 +7,7 @@ python benchmarks/collect_results.py [RUNS_DIR]
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -18,13 +19,18 @@ from regmean.bench.claims import CLOSE_POINTS, claims
 SUITES = ("partitions", "tasks", "domains", "ner")
 
 
-def claims_table(found: dict[str, pd.DataFrame]) -> str:
+def recipe_label(settings: dict) -> str:
+    """'--train-size 1000, 5 epochs': the cap on training examples per model and the epochs of a suite's run."""
+    return f"--train-size {settings['train_size']}, {settings['recipe']['epochs']} epochs"
+
+
+def claims_table(found: dict[str, pd.DataFrame], recipes: dict[str, str]) -> str:
     """One row per claim, one column per suite: the method minus the reference, x 100, paired by seed, with its 95%
     t interval and the verdict from it."""
     cells: dict[str, dict[str, str]] = {}
     columns = []
     for suite, rows in found.items():
-        columns.append(f"{suite} ({rows['seed'].nunique()} seeds)")
+        columns.append(f"{suite} ({rows['seed'].nunique()} seeds, {recipes[suite]})")
         for c in claims(rows, suite):
             claim = c["claim"].replace("out of domain at least", "at least")  # one row for both individual checks
             cells.setdefault(claim, {})[columns[-1]] = f"{c['interval']}: {c['verdict']}"
@@ -45,7 +51,7 @@ def claims_table(found: dict[str, pd.DataFrame]) -> str:
 def main() -> None:
     runs = Path(sys.argv[1] if len(sys.argv) > 1 else "runs")
     docs = Path(__file__).resolve().parent.parent / "docs" / "results"
-    found = {}
+    found, recipes = {}, {}
     for suite in SUITES:
         src = runs / suite
         if not (src / "report.md").is_file():
@@ -58,9 +64,10 @@ def main() -> None:
         for file in [*files, *src.glob("incremental.csv")]:
             shutil.copy2(file, dst / file.name)
         found[suite] = pd.read_csv(src / "results.csv")
+        recipes[suite] = recipe_label(json.loads((src / "results.json").read_text())["settings"])
         print(f"{suite}: copied to {dst}")
     if found:
-        (docs / "claims.md").write_text(claims_table(found))
+        (docs / "claims.md").write_text(claims_table(found, recipes))
         print((docs / "claims.md").read_text())
 
 
