@@ -297,9 +297,10 @@ def test_untied_lm_head_and_embedding_options(tmp_path):
         assert torch.equal(from_base[key], base_sd[key])
 
 
-def test_fisher_merge_is_the_elementwise_fisher_weighted_average(tmp_path):
+@pytest.mark.parametrize("normalize", [False, True])
+def test_fisher_merge_is_the_elementwise_fisher_weighted_average(tmp_path, normalize):
     """Through the engine, with weights: sum_i w_i F_i W_i / sum_i w_i F_i per entry; a tensor some model has no
-    Fisher for is the weighted average."""
+    Fisher for is the weighted average. With `normalize`, each F_i is first divided by its L2 norm over its file."""
     from regmean.fisher import save_fisher
 
     models = make_models(tmp_path, "gpt2", "GPT2ForSequenceClassification", stats=False)
@@ -307,15 +308,21 @@ def test_fisher_merge_is_the_elementwise_fisher_weighted_average(tmp_path):
     fishers = []
     for k, (entry, sd) in enumerate(zip(models, inputs, strict=True)):
         gen = torch.Generator().manual_seed(k)
-        fisher = {n: torch.rand(t.shape, generator=gen) ** 3 for n, t in sd.items() if t.is_floating_point()}
+        # Fishers of very different scales: normalizing them changes the merge
+        fisher = {n: 10.0**k * torch.rand(t.shape, generator=gen) ** 3 for n, t in sd.items() if t.is_floating_point()}
         if k == 1:
             del fisher["transformer.wte.weight"]
         save_fisher(fisher, entry["path"], tmp_path / f"fisher{k}", examples=5)
         entry["statistics"], entry["weight"] = str(tmp_path / f"fisher{k}"), float(k + 1)
         fishers.append(fisher)
-    assert run("merge", write_config(tmp_path, method="fisher", models=models), tmp_path / "out").exit_code == 0
+    config = write_config(tmp_path, method="fisher", models=models, options={"normalize": normalize})
+    assert run("merge", config, tmp_path / "out").exit_code == 0
     merged = load_file(tmp_path / "out" / "model.safetensors")
     w = [1.0, 2.0, 3.0]
+    if normalize:  # the naive way: every entry of the model's Fisher, squared and summed
+        fishers = [
+            {n: f / sum((x.double() ** 2).sum() for x in fi.values()) ** 0.5 for n, f in fi.items()} for fi in fishers
+        ]
     for key, got in merged.items():
         if not got.is_floating_point():
             continue

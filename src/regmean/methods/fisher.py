@@ -1,4 +1,9 @@
-"""Fisher-weighted averaging: W = sum_i c_i F_i W_i / sum_i c_i F_i, elementwise (diagonal Fisher F_i)."""
+"""Fisher-weighted averaging: W = sum_i c_i F_i W_i / sum_i c_i F_i, elementwise (diagonal Fisher F_i).
+
+With `normalize`, each F_i is first divided by its L2 norm over every parameter its file covers, so that a model
+whose Fisher is larger overall (a less confident model, or one measured on harder data) does not outweigh the others
+everywhere.
+"""
 
 from __future__ import annotations
 
@@ -7,15 +12,25 @@ from dataclasses import dataclass
 import torch
 from pydantic import BaseModel, ConfigDict
 
+from regmean.errors import RegmeanError
 from regmean.fisher import FisherFile
 from regmean.methods.average import weighted_average
-from regmean.methods.base import Cost, ElementwiseMethod, StatisticsKind, TensorInputs, TensorStep
+from regmean.methods.base import Cost, ElementwiseMethod, StatisticsKind, Step, TensorInputs, TensorStep
 
 EPS = 1e-30  # only breaks 0/0: a parameter no model's Fisher touches is simply averaged
 
 
 class FisherOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    normalize: bool = False
+
+
+def fisher_norm(fisher: FisherFile) -> float:
+    """The L2 norm of one model's whole Fisher diagonal (every parameter in its file), in float64."""
+    total = sum(float(fisher.get(key).to(torch.float64).square().sum()) for key in fisher.keys)
+    if total <= 0:
+        raise RegmeanError(f"{fisher.path}: the Fisher is zero everywhere; it cannot be normalized (measure again)")
+    return total**0.5
 
 
 def fisher_average(tensors: torch.Tensor, weights: torch.Tensor, fisher: torch.Tensor) -> torch.Tensor:
@@ -34,6 +49,11 @@ class Fisher(ElementwiseMethod):
     name = "fisher"
     options = FisherOptions
     statistics = StatisticsKind(FisherFile, "regmean fisher")
+
+    def __init__(self, inputs, device: str = "cpu"):
+        super().__init__(inputs, device)
+        self.fisher_weights = self.weights
+        """The weights c_i of the Fisher terms (divided by each Fisher's norm once planned, with `normalize`)."""
 
     @classmethod
     def check(cls, inputs) -> list[str]:
@@ -57,6 +77,13 @@ class Fisher(ElementwiseMethod):
         """The Fisher diagonals are read as well; tensors and diagonals are stacked in float64."""
         return Cost(2 * readers * numel * element_bytes, 8 * (3 * readers + 2) * numel, float(3 * readers * numel))
 
+    def plan(self) -> list[Step]:
+        """With `normalize`, each model's Fisher is divided by its norm (every Fisher read once, before any step)."""
+        if self.settings.normalize:
+            norms = torch.tensor([fisher_norm(f) for f in self.inputs.stats], dtype=torch.float64)
+            self.fisher_weights = self.weights / norms
+        return super().plan()
+
     def load(self, step: TensorStep) -> FisherInputs:
         data = super().load(step)
         fisher = [f.get(step.key, step.rows) for f in self.inputs.stats]
@@ -66,4 +93,4 @@ class Fisher(ElementwiseMethod):
     def merge_tensor(self, step: TensorStep, data: FisherInputs) -> torch.Tensor:
         if data.fisher is None:
             return weighted_average(data.tensors, self.weights)
-        return fisher_average(torch.stack(list(data.tensors)), self.weights, data.fisher)
+        return fisher_average(torch.stack(list(data.tensors)), self.fisher_weights, data.fisher)
