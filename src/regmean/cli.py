@@ -16,12 +16,13 @@ import torch
 import typer
 from rich.console import Console
 
+from regmean.cli_audit import stats_audit
 from regmean.cli_show import evaluate as evaluate_command
 from regmean.cli_show import stats_show
 from regmean.errors import RegmeanError, one_line
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Dataless knowledge fusion with RegMean.")
-stats_app = typer.Typer(no_args_is_help=True, help="Inspect and combine statistics files.")
+stats_app = typer.Typer(no_args_is_help=True, help="Inspect, audit and combine statistics files.")
 app.add_typer(stats_app, name="stats")
 console = Console(stderr=True, markup=False)  # paths and texts from users are never read as markup
 
@@ -344,6 +345,7 @@ class Terminated(BaseException):
 
 app.command("evaluate")(_reports_errors(evaluate_command))
 stats_app.command("show")(_reports_errors(stats_show))
+stats_app.command("audit")(_reports_errors(stats_audit))
 
 
 def _interrupt(signum: int, frame: object) -> None:

@@ -61,7 +61,7 @@ def measure(
     if not examples:
         raise RegmeanError("no examples to measure on")
     check_device(device)
-    checkpoint, tokenizer, examples, described = _prepare(model_dir, base, allow_pickle, examples)
+    checkpoint, tokenizer, examples, described = prepare_inputs(model_dir, base, allow_pickle, examples)
     fingerprint = checkpoint.fingerprint  # reads every weight: NaN or Inf is refused before the model loads
     model = load_adapted(checkpoint, device, forward)
     modules, skipped = select_modules(model, include, exclude)
@@ -113,7 +113,7 @@ def measure(
     return Statistics(sites=collected, tokens=record["tokens"], provenance=[record], **base)
 
 
-def _prepare(model_dir, base, allow_pickle: bool, examples: Sequence[Example]) -> tuple:
+def prepare_inputs(model_dir, base, allow_pickle: bool, examples: Sequence[Example]) -> tuple:
     """The model's checkpoint (an adapter over its base), its tokenizer, the examples as it reads them (chat
     formatted), and what the provenance says of both."""
     if base is not None and not is_adapter(model_dir):
