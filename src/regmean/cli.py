@@ -9,7 +9,7 @@ import sys
 from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated, Literal, NoReturn
 
 import click
 import torch
@@ -24,7 +24,8 @@ from regmean.errors import RegmeanError, one_line
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Dataless knowledge fusion with RegMean.")
 stats_app = typer.Typer(no_args_is_help=True, help="Inspect, audit and combine statistics files.")
 app.add_typer(stats_app, name="stats")
-console = Console(stderr=True, markup=False)  # paths and texts from users are never read as markup
+console = Console(stderr=True, markup=False)
+Withhold = Literal["none", "token-sites"]  # paths and texts from users are never read as markup
 
 
 def _fail(problems: list[str], code: int = 2) -> NoReturn:
@@ -97,6 +98,14 @@ def measure(
     max_memory: Annotated[
         str | None, typer.Option(help="Most memory for the sums, e.g. 8GB; more means several passes, one file each")
     ] = None,
+    withhold: Annotated[
+        Withhold, typer.Option(help="token-sites: leave out the sites whose Grams decode into your token counts")
+    ] = "none",
+    dp_epsilon: Annotated[float | None, typer.Option(help="Release with (epsilon, delta)-DP: the whole file")] = None,
+    dp_delta: Annotated[float, typer.Option(help="The delta of --dp-epsilon")] = 1e-5,
+    dp_clip: Annotated[
+        float | None, typer.Option(help="Bound on one example's contribution (default: from the public model)")
+    ] = None,
 ) -> None:
     """Measure a model's linear-layer input statistics on local data (run by each model owner).
 
@@ -106,6 +115,7 @@ def measure(
     from regmean.io.data import load_examples
     from regmean.measure import measure as run_measure
     from regmean.measure.card import CARD, is_ours, statistics_card
+    from regmean.measure.protect import Protection
     from regmean.stats import BlockWriter
     from regmean.units import parse_size
 
@@ -139,6 +149,7 @@ def measure(
             on_block=writer.write if writer else lambda *_: None,
             allow_pickle=allow_pickle,
             base=base,
+            protection=Protection(withhold == "token-sites", dp_epsilon, dp_delta, dp_clip),
         )
         if writer is None:
             return
@@ -148,7 +159,8 @@ def measure(
     path = written[0] if len(written) == 1 else out
     console.print(
         f"wrote {path}: {len(set(stats.modules.values()))} sites for {len(stats.modules)} modules, "
-        f"{stats.examples} examples, {stats.tokens} tokens, {distributed.world_size()} process(es)"
+        f"{stats.examples} examples, {stats.tokens} tokens, {distributed.world_size()} process(es); "
+        f"protection: {stats.protection}"
     )
 
 

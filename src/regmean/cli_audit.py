@@ -32,7 +32,7 @@ def stats_audit(
         int | None, typer.Option(min=1, help="Positions attacked where the input depends on the position (32)")
     ] = None,
     show: Annotated[int, typer.Option(min=0, help="Recovered tokens to print per site")] = SHOWN_TOKENS,
-    json_out: Annotated[Path | None, typer.Option("--json", help="Write every recovered token and count as JSON")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write every recovered token and count")] = None,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1, mps ...")] = "cpu",
 ) -> None:
     """Decode the statistics into the owner's bag of words, as an outsider with the public model would."""
@@ -90,7 +90,11 @@ def _print_site(entry, tokenizer, show: int) -> None:
         print(
             f"  against the owner's data: recall {score['recall']:.3f} ({score['hits']:,} of {score['true']:,} "
             f"{what}), precision {score['precision']:.3f}, exact counts {score['exact_counts']:,}"
-            + (f"; {entry.unattacked:,} tokens past position {entry.positions - 1} not attacked" if entry.positions else "")
+            + (
+                f"; {entry.unattacked:,} tokens past position {entry.positions - 1} unattacked"
+                if entry.positions
+                else ""
+            )
         )
     if show and tokens:
         listed = ", ".join(f"{_text(tokenizer, t)!r} x{n}" for t, n in tokens.most_common(show))
@@ -105,10 +109,8 @@ def _verdict(result) -> str:
     scores = [e.score() for e in result.sites]
     if result.sites and all(s is not None for s in scores):
         best = max(s["recall"] for s in scores)
-        return (
-            f"verdict: an outsider with the public model recovers {best:.0%} of the distinct tokens of this data from "
-            "the file" + ("; protect it: regmean measure --withhold token-sites, or --dp-epsilon" if best > 0.05 else "")
-        )
+        advice = "; protect it: regmean measure --withhold token-sites, or --dp-epsilon" if best > 0.05 else ""
+        return f"verdict: an outsider with the public model recovers {best:.0%} of this data's distinct tokens{advice}"
     if result.sites:
         return "verdict: the tokens above are what an outsider with the public model reads from the file"
     return "verdict: no per-token site is in the file; the bag-of-words decode recovers nothing"
@@ -136,4 +138,3 @@ def _as_json(result, tokenizer) -> dict:
             for e in result.sites
         ],
     }
-

@@ -105,6 +105,7 @@ def stats_show(path: Annotated[Path, typer.Argument(help="Statistics folder or f
     out.print(f"dtype: {st.dtype}   examples: {st.examples}   tokens: {st.tokens}")
     out.print(f"size: {human(st.nbytes)} in {len(st.files)} file(s), Grams stored {st.gram_layout}")
     out.print(f"masking: {one_line(st.masking, 300)}")
+    out.print(f"protection: {one_line(st.protection, 300)}")
     for rec in st.provenance[:SHOWN_RECORDS]:  # bounded output, however long the provenance
         out.print(f"provenance: {describe_record(rec)}")
     if len(st.provenance) > SHOWN_RECORDS:

@@ -89,6 +89,8 @@ class Statistics:
     masking: str = "attention-mask: padding rows excluded (encoder, decoder and cross-attention inputs)"
     provenance: list[dict] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)  # module -> reason it has no statistics
+    protection: str = "none"  # in words: withheld sites, differential privacy
+    privacy: dict = field(default_factory=dict)  # {"withheld": [site, ...], "dp": DPRelease.record()}
 
     def metadata(self) -> dict[str, str]:
         return {
@@ -103,6 +105,8 @@ class Statistics:
             "masking": self.masking,
             "provenance": json.dumps(self.provenance),
             "skipped": json.dumps(self.skipped),
+            "protection": self.protection,
+            "privacy": json.dumps(self.privacy),
         }
 
 
@@ -205,6 +209,8 @@ class StatisticsFile:
         self.masking = meta.text("masking")
         self.provenance = meta.records("provenance")
         self.skipped = meta.str_map("skipped", "{}")
+        self.protection = self.meta.get("protection", "none")
+        self.privacy = meta.privacy()
         self.site_names = list(dict.fromkeys(self.modules.values()))  # forward order
         self._handles: dict[str, TensorFile] = {}
         for handle, block in opened:
@@ -301,6 +307,8 @@ class StatisticsFile:
             masking=self.masking,
             provenance=list(self.provenance),
             skipped=dict(self.skipped),
+            protection=self.protection,
+            privacy=dict(self.privacy),
         )
 
 
@@ -324,6 +332,7 @@ def combine(paths: list[str | Path]) -> Statistics:
             problems.append(f"{f.path}: measured different modules than {first.path} (check include/exclude)")
         if f.dtype != first.dtype:
             problems.append(f"{f.path}: dtype {f.dtype} differs from {first.path} ({first.dtype})")
+    problems += _privacy_problems(files)
     if problems:
         raise RegmeanError(problems)
     total = first.load()
@@ -333,4 +342,36 @@ def combine(paths: list[str | Path]) -> Statistics:
         total.examples += f.examples
         total.tokens += f.tokens
         total.provenance += f.provenance
+    if "dp" in total.privacy:  # parallel composition: each example is in one part, each part spent the budget once
+        total.privacy["dp"] = {**total.privacy["dp"], "composition": f"parallel over {len(files)} disjoint parts"}
+        total.protection += f"; {len(files)} parts on disjoint data combined (parallel composition: the same budget)"
     return total
+
+
+def _privacy_problems(files: list[StatisticsFile]) -> list[str]:
+    """Files combine only under one protection: the same sites withheld, and the same DP budget or none (their
+    data are disjoint, so the budget holds for the sum: parallel composition)."""
+    first = files[0]
+    budget = _budget(first)
+    problems = []
+    seen: dict[str, Path] = {}
+    for f in files:
+        if f is not first and _budget(f) != budget:
+            problems.append(
+                f"{f.path}: released under another privacy budget than {first.path} ({_budget(f) or 'no DP'} vs "
+                f"{budget or 'no DP'}); measure both parts with the same --dp-epsilon and --dp-delta"
+            )
+        names = {str(r.get("data")) for r in f.provenance} if budget else set()
+        again = sorted(n for n in names if n in seen)
+        if again:  # two releases of one data set spend two budgets: not what combine's parallel composition gives
+            problems.append(
+                f"{f.path}: data {again[0]!r} was released in {seen[again[0]]} too; two DP releases of the same data "
+                "add up their budgets, so combine refuses them (combine parts measured on disjoint data)"
+            )
+        seen |= dict.fromkeys(names, f.path)
+    return problems
+
+
+def _budget(f: StatisticsFile) -> tuple[float, float] | None:
+    release = f.privacy.get("dp")
+    return (release["epsilon"], release["delta"]) if release else None

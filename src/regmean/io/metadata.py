@@ -58,6 +58,22 @@ class Metadata:
             raise self._bad(key, "a JSON list of flat objects")
         return value
 
+    def privacy(self) -> dict[str, Any]:
+        """{"withheld": [site, ...], "dp": {epsilon, delta, clip, noise_multiplier, ...}}; {} when not recorded."""
+        value = self.json("privacy", "{}")
+        withheld = value.get("withheld", []) if isinstance(value, dict) else None
+        release = value.get("dp", {}) if isinstance(value, dict) else None
+        numbers = ("epsilon", "delta", "clip", "noise_multiplier")
+        if not (
+            isinstance(withheld, list)
+            and all(isinstance(w, str) for w in withheld)
+            and isinstance(release, dict)
+            and all(isinstance(v, SCALARS) for v in release.values())
+            and (not release or all(isinstance(release.get(k), int | float) for k in numbers))
+        ):
+            raise self._bad("privacy", "an object with a 'withheld' list of sites and a 'dp' record")
+        return value
+
     def fingerprint(self) -> dict[str, str]:
         value = self.str_map("fingerprint")
         missing = [k for k in ("architecture", "weights") if k not in value]

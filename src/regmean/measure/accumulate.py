@@ -51,8 +51,18 @@ class Accumulator:
     compute outputs that nobody reads.
     """
 
-    def __init__(self, model: nn.Module, sites: list[Site], dtype: torch.dtype, device: str):
+    def __init__(
+        self,
+        model: nn.Module,
+        sites: list[Site],
+        dtype: torch.dtype,
+        device: str,
+        scales: dict[str, torch.Tensor] | None = None,
+    ):
+        """`scales`: per site, a factor per example (in data order) that multiplies its rows there (DP clipping)."""
         self.sites = sites
+        self.scales = None if scales is None else {s.name: scales[s.name].to(device, dtype) for s in sites}
+        self.offset = 0  # examples of the data before the current batch
         self.dtype = dtype
         self.stats = {
             s.name: SiteStats(
@@ -81,6 +91,7 @@ class Accumulator:
         with hooks(self.handles), torch.inference_mode():
             for batch in batches:
                 self.run(batch)
+                self.offset += batch.size
                 tokens += batch.tokens
                 if advance is not None:
                     advance(batch.size)
@@ -104,6 +115,8 @@ class Accumulator:
             elif x.shape[0] != self.batch.size:
                 raise RegmeanError(f"site {site.name}: per-example input of shape {tuple(x.shape)} changed size")
             rows = rows.to(self.dtype)
+            if self.scales is not None:
+                rows = rows * self._row_scales(site, x, rows.shape[0])[:, None]
             s = self.stats[site.name]
             add_gram(s.gram, rows)
             s.sum.addmv_(rows.T, rows.new_ones(rows.shape[0]))
@@ -114,6 +127,16 @@ class Accumulator:
                     raise _Collected
 
         return hook
+
+    def _row_scales(self, site: Site, x: torch.Tensor, n: int) -> torch.Tensor:
+        """The scale of each summed row: its example's."""
+        scales = self.scales[site.name][self.offset : self.offset + self.batch.size]
+        if site.stream == "example":
+            return scales
+        per_example = x.reshape(-1, x.shape[-1]).shape[0] // self.batch.size
+        index = self.batch.rows(site.stream)
+        owner = torch.arange(n, device=scales.device) if index is None else index
+        return scales[owner // per_example]
 
     def finish(self) -> None:
         """Fill the lower blocks of every Gram from the upper ones (`add_gram` accumulates only those)."""

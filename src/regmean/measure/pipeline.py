@@ -21,6 +21,7 @@ from regmean.io.data import Example
 from regmean.loading import load_adapted, load_tokenizer, tokenizer_folder
 from regmean.measure.accumulate import Accumulator
 from regmean.measure.batching import Batch, make_batches
+from regmean.measure.protect import PrivateRelease, Protection, token_site_names, withhold_token_sites
 from regmean.measure.sites import Site, detect_sites, select_modules, site_blocks
 from regmean.memory import Peak, peak_memory
 from regmean.stats import SiteStats, Statistics
@@ -45,6 +46,7 @@ def measure(
     on_block: Callable[[Statistics, int, int], None] | None = None,
     allow_pickle: bool = False,
     base: str | Path | None = None,
+    protection: Protection | None = None,
 ) -> Statistics:
     """Measure the statistics of every (selected) linear layer's input over `examples`.
 
@@ -75,6 +77,18 @@ def measure(
     with peak_memory(device) as forward_peak:  # the site-detection pass is a whole forward pass
         sites = detect_sites(model, modules, first)
     distributed.check_same(repr([(s.name, s.modules, s.stream) for s in sites]), "the detected sites")
+    protection = protection or Protection()
+    withheld: list[str] = []
+    warning = None if protection.withhold else protection.warning(token_site_names(model, sites))
+    if warning and log is not None and distributed.rank() == 0:
+        log(warning)
+    if protection.withhold:
+        sites, withheld = withhold_token_sites(model, sites, skipped)
+        if not sites:
+            raise RegmeanError("no site left to measure once the token sites are withheld")
+    private = None
+    if protection.epsilon is not None:
+        private = PrivateRelease(model, sites, batches, protection, max_length, len(examples))
     blocks = site_blocks(sites, sums.itemsize, max_stats_bytes)
     if log is not None and distributed.rank() == 0:
         log(_announcement(blocks, len(modules), sums, device, len(examples)))
@@ -83,28 +97,33 @@ def measure(
         "modules": {m: s.name for s in sites for m in s.modules},
         "fingerprint": fingerprint,
         "dtype": stats_dtype,
-        "examples": len(examples),
+        "examples": private.counts["examples"] if private else len(examples),
         "skipped": skipped,
+        "protection": protection.describe(private and private.release, withheld),
+        "privacy": {
+            "withheld": withheld,
+            **({"dp": private.release.record(), "clipped_examples": private.clipped} if private else {}),
+        },
     }
     collected: dict[str, SiteStats] = {}
     columns = [TextColumn("measuring"), BarColumn(), MofNCompleteColumn(), TextColumn("examples")]
     with Progress(*columns, TimeRemainingColumn(), disable=not (progress and distributed.rank() == 0)) as bar:
         task = bar.add_task("measure", total=len(local) * len(blocks))
         for b, block in enumerate(blocks):
-            acc = Accumulator(model, block, sums, device)
+            acc = Accumulator(model, block, sums, device, private and private.scales)
             data = _chain(first, first_pass) if b == 0 else batches()
             tokens = acc.pass_over(data, lambda n: bar.advance(task, n))
             if b == 0:  # every pass reads the same tokens
                 record = {
-                    "examples": len(examples),
-                    "tokens": distributed.sum_int(tokens, device),
+                    "examples": base["examples"],
+                    "tokens": private.counts["input"] if private else distributed.sum_int(tokens, device),
                     "max_length": max_length,
                     "model_dtype": model_dtype,
                     "processes": distributed.world_size(),
                     **described,
                     **(provenance or {}),
                 }
-            part = _reduced(acc, device)
+            part = _reduced(acc, device, private)
             del acc
             if on_block is None:
                 collected.update(part)
@@ -152,16 +171,20 @@ def _memory_estimate(
     )
 
 
-def _reduced(acc: Accumulator, device: str) -> dict[str, SiteStats]:
+def _reduced(acc: Accumulator, device: str, private: PrivateRelease | None) -> dict[str, SiteStats]:
     """Every process's sums added up on rank 0, one site at a time (never a second copy of all Grams); only rank 0
-    keeps them, on the host (so N ranks on one machine never hold N host copies of every Gram)."""
+    keeps them, on the host (so N ranks on one machine never hold N host copies of every Gram), and adds the DP
+    noise there, once."""
     for stat in acc.stats.values():
         distributed.sum_to_rank0(stat.gram)
         distributed.sum_to_rank0(stat.sum)
         stat.count = distributed.sum_int(stat.count, device)
     if distributed.rank() != 0:
         return {}
-    return {n: SiteStats(st.gram.cpu(), st.sum.cpu(), st.count) for n, st in acc.stats.items()}
+    reduced = {n: SiteStats(st.gram.cpu(), st.sum.cpu(), st.count) for n, st in acc.stats.items()}
+    if private is not None:
+        reduced = {s.name: private.noisy(s, reduced[s.name]) for s in acc.sites}
+    return reduced
 
 
 def _chain(first: Batch, rest: Iterator[Batch]) -> Iterator[Batch]:

@@ -101,7 +101,7 @@ def audit(
     found = token_sites(model, list(stats.modules) + list(stats.skipped), vocab)
     by_site = {s.name: s for s in found if s.name in stats.site_names}
     result = Audit(Path(stats_path), stats.examples, stats.tokens, protection(stats.meta))
-    result.withheld = [s for s in found if s.name in stats.skipped and stats.modules.get(s.name) is None]
+    result.withheld = [s for s in found if s.name in stats.privacy.get("withheld", [])]
     for site in by_site.values():
         start = time.perf_counter()
         span = attacked if site.positional else 0

@@ -6,9 +6,9 @@ the file gives G. The decode solves
     min_{n >= 0}  || sum_a n_a u_a u_a^T - G ||_F^2
 
 to convergence by an active set: the gradient over all atoms picks the atoms that would lower the residual, a
-least-squares fit on the chosen ones keeps those it gives a positive count (or, in a round after one that did not
-lower the residual, scipy's exact non-negative least squares, Lawson-Hanson), until no atom outside the set can lower the
-residual: the KKT conditions of the whole problem, checked over every atom, so the answer is the optimum. The
+least-squares fit on the chosen ones keeps those it gives a positive count (or, in a round after one that did
+not lower the residual, scipy's exact non-negative least squares, Lawson-Hanson), until no atom outside the set can
+lower the residual: the KKT conditions of the whole problem, checked over every atom, so the answer is the optimum. The
 normal matrix of atoms a, b is (u_a . u_b)^2, so nothing of size d^2 per atom is ever formed.
 """
 

@@ -112,4 +112,3 @@ def _token_chunks(vocab_size: int, length: int, rows: int) -> Iterator[torch.Ten
     for start in range(0, vocab_size, rows):
         ids = torch.arange(start, min(start + rows, vocab_size))
         yield ids[:, None].expand(-1, length).contiguous()
-

@@ -1,0 +1,125 @@
+"""What `measure` does to protect the owner's data: withhold the sites whose Grams decode into the bag of words,
+and release everything else with differential privacy (`regmean.privacy.dp`)."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from regmean import distributed
+from regmean.measure.batching import Batch
+from regmean.measure.contributions import ContributionNorms
+from regmean.measure.sites import Site
+from regmean.privacy import dp
+from regmean.privacy.tokensites import token_sites
+from regmean.stats import SiteStats
+
+WITHHELD = "withheld: its input is one fixed vector per token, so its Gram decodes into the data's token counts"
+STREAM_BOUNDS = ("input", "decoder")
+"""Streams whose rows an example adds up to max_length of; every example also adds 1 to the 'examples' count."""
+
+
+@dataclass(frozen=True)
+class Protection:
+    """What the owner asked for: withholding the token sites, differential privacy, both, or neither."""
+
+    withhold: bool = False
+    epsilon: float | None = None
+    delta: float = 1e-5
+    clip: float | None = None  # None: a data-independent default from random tokens (`typical_norms`)
+
+    def warning(self, exposed: list[str]) -> str | None:
+        """One line on what the file will expose, when the owner chose no protection."""
+        if self.withhold or self.epsilon is not None or not exposed:
+            return None
+        return (
+            f"note: site {exposed[0]} takes one fixed vector per token, so its Gram decodes into your data's token "
+            "counts (see: regmean stats audit OUT --model MODEL --data DATA); protect it with --withhold token-sites "
+            "(a merge averages that layer) or --dp-epsilon"
+        )
+
+    def describe(self, release: dp.DPRelease | None, withheld: list[str]) -> str:
+        parts = []
+        if withheld:
+            parts.append(f"withheld token sites: {', '.join(withheld)}")
+        if release is not None:
+            parts.append(release.describe())
+        return "; ".join(parts) or "none"
+
+
+def token_site_names(model: nn.Module, sites: list[Site]) -> list[str]:
+    """The sites whose input is a fixed vector per token (or per token and position): their Grams decode."""
+    vocab = model.get_input_embeddings().weight.shape[0]
+    return [s.name for s in token_sites(model, [s.name for s in sites], vocab)]
+
+
+def withhold_token_sites(model: nn.Module, sites: list[Site], skipped: dict[str, str]) -> tuple[list[Site], list[str]]:
+    """The sites left once those whose input is a fixed vector per token are taken out (their modules go to
+    `skipped`, so that a merge averages them and says why), and the names of those taken out."""
+    found = set(token_site_names(model, sites))
+    for site in sites:
+        if site.name in found:
+            skipped.update(dict.fromkeys(site.modules, WITHHELD))
+    return [s for s in sites if s.name not in found], sorted(found)
+
+
+class PrivateRelease:
+    """The DP side of one measure: per-example row scales (clipping, from one pass over the data) before the sums,
+    noise once on rank 0 after the processes' sums are added up."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        sites: list[Site],
+        batches: Callable[[], Iterator[Batch]],
+        asked: Protection,
+        max_length: int,
+        examples: int,
+    ):
+        typical = typical_norms(model, sites, max_length)
+        clip = asked.clip or float(typical.norm()) / dp.GRAM_SHARE
+        self.release = dp.DPRelease(asked.epsilon, asked.delta, clip, dp.calibrate(asked.epsilon, asked.delta))
+        norms = ContributionNorms(model, sites)
+        a, b = norms.pass_over(batches())
+        scales = dp.row_scales(a, b, dp.site_bounds(typical, clip))
+        self.scales = {s.name: scales[:, i] for i, s in enumerate(sites)}
+        self.clipped = distributed.sum_int(int((scales < 1).any(1).sum()))
+        totals = {s: sum(int(r.sum()) for r in norms.rows[s]) for s in STREAM_BOUNDS if norms.rows[s]}
+        totals = {s: distributed.sum_int(n) for s, n in totals.items()} | {"examples": examples}
+        bounds = {s: (1 if s == "examples" else max_length) for s in totals}
+        self.generator = torch.Generator().manual_seed(secrets.randbits(63))
+        std = self.release.noise_std
+        self.counts = {
+            s: dp.noisy_count(n, dp.count_weight(clip, bounds[s], len(totals)), std, self.generator)
+            for s, n in totals.items()
+        }
+
+    def noisy(self, site: Site, stats: SiteStats) -> SiteStats:
+        """A site's reduced sums with the mechanism's noise, its count from its stream's noisy count."""
+        std = self.release.noise_std
+        stream = "examples" if site.stream == "example" else site.stream
+        return SiteStats(
+            dp.noisy_gram(stats.gram, std, self.generator),
+            dp.noisy_vector(stats.sum, std, self.generator),
+            site.calls * self.counts[stream],
+        )
+
+
+def typical_norms(model: nn.Module, sites: list[Site], max_length: int) -> torch.Tensor:
+    """Each site's typical contribution norm, from the public model alone: the median over 16 random token
+    sequences of min(max_length, 32) tokens (the default clipping norm is their norm over the Grams' share)."""
+    vocab = model.get_input_embeddings().weight.shape[0]
+    device = next(model.parameters()).device
+    ids = torch.randint(0, vocab, (16, min(max_length, 32)), generator=torch.Generator().manual_seed(0)).to(device)
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    inputs = {"input_ids": ids, "attention_mask": mask.long()}
+    masks = {"input": mask}
+    if getattr(model.config, "is_encoder_decoder", False):
+        inputs |= {"decoder_input_ids": ids.clone(), "decoder_attention_mask": mask.long()}
+        masks["decoder"] = mask
+    a, b = ContributionNorms(model, sites).pass_over([Batch(inputs, masks, ids.shape[0])])
+    return (a + b).sqrt().median(0).values

@@ -1,0 +1,208 @@
+"""What a statistics file reveals (the bag-of-words decode) and the two protections (withholding, DP)."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+import pytest
+import torch
+import transformers as tf
+from conftest import PAD, SEP, TEXTS, VOCAB, save_model, write_jsonl
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+import regmean
+from regmean.cli import app
+from regmean.io.data import Example
+from regmean.measure import measure
+from regmean.measure.protect import Protection
+from regmean.privacy import dp
+from regmean.privacy.audit import audit
+from regmean.privacy.decode import decode_counts
+from regmean.privacy.tokensites import token_sites, token_vectors
+from regmean.stats import StatisticsFile, combine, pack_upper, save
+
+
+def _decoder(tmp_path, seed: int = 0, hidden: int = 48):
+    """A tiny Llama wide enough that a few dozen token counts are the only non-negative fit of its first Gram."""
+    config = tf.LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=hidden,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=PAD,
+        bos_token_id=101,
+        eos_token_id=SEP,
+    )
+    torch.manual_seed(seed)
+    return save_model(tf.LlamaForCausalLM(config).eval(), tmp_path / f"decoder{seed}")
+
+
+def _perturbed(path, tmp_path):
+    """The model at `path` fine-tuned stand-in: every weight moved a little, saved beside it."""
+    model = tf.LlamaForCausalLM.from_pretrained(path).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    return save_model(model, tmp_path / "perturbed")
+
+
+def test_decode_recovers_known_counts_exactly(tmp_path):
+    model = tf.LlamaForCausalLM.from_pretrained(_decoder(tmp_path)).eval()
+    (site,) = token_sites(model, ["model.layers.0.self_attn.q_proj", "model.layers.0.mlp.down_proj"], VOCAB)
+    assert site.name == "model.layers.0.self_attn.q_proj" and not site.positional
+    # the oracle, written plainly: the layer's input for token t is RMSNorm(embedding[t]) * w
+    with torch.no_grad():
+        u = model.model.layers[0].input_layernorm(model.model.embed_tokens.weight).double()
+    gen = torch.Generator().manual_seed(3)
+    tokens = torch.randperm(VOCAB, generator=gen)[:40]
+    counts = torch.randint(1, 30, (40,), generator=gen).double()
+    gram = u[tokens].T @ (counts[:, None] * u[tokens])
+    atoms = token_vectors(model, site, VOCAB, 1)
+    assert torch.allclose(atoms.double(), u.float().double(), atol=1e-5)
+    decoded = decode_counts(atoms, gram)
+    assert decoded.converged and decoded.residual < 1e-6
+    expected = torch.zeros(VOCAB, dtype=torch.float64)
+    expected[tokens] = counts
+    assert torch.allclose(decoded.counts, expected, atol=1e-3)
+
+
+def test_audit_of_a_measured_file_recovers_the_bag_of_words(tmp_path):
+    path = _decoder(tmp_path)
+    examples = [Example(t) for t in TEXTS]
+    save(measure(path, examples, progress=False), tmp_path / "stats")
+    result = audit(tmp_path / "stats", path, examples)
+    (entry,) = result.sites
+    tokenizer = tf.AutoTokenizer.from_pretrained(path)
+    truth = Counter(i for t in TEXTS for i in tokenizer(t)["input_ids"])
+    assert entry.tokens() == truth  # every distinct token, every count
+    assert entry.score()["recall"] == entry.score()["precision"] == 1.0
+
+
+def test_withheld_token_sites_leave_nothing_to_decode_and_merge_as_averages(tmp_path):
+    paths = [_decoder(tmp_path)]
+    paths.append(_perturbed(paths[0], tmp_path))
+    state, perturbed = (load_file(p / "model.safetensors") for p in paths)
+    examples = [Example(t) for t in TEXTS]
+    for i, p in enumerate(paths):
+        stats = measure(p, examples, progress=False, protection=Protection(withhold=True))
+        save(stats, tmp_path / f"s{i}")
+    opened = StatisticsFile(tmp_path / "s0")
+    assert "model.layers.0.self_attn.q_proj" not in opened.site_names
+    assert opened.privacy["withheld"] == ["model.layers.0.self_attn.q_proj"]
+    assert "withheld token sites" in opened.protection
+    result = audit(tmp_path / "s0", paths[0], examples)
+    assert result.sites == [] and [s.name for s in result.withheld] == ["model.layers.0.self_attn.q_proj"]
+    models = [{"path": str(p), "statistics": str(tmp_path / f"s{i}")} for i, p in enumerate(paths)]
+    report = regmean.merge(regmean.MergeConfig(models=models), tmp_path / "merged", progress=False)
+    assert "model.layers.0.self_attn.q_proj" in report.averaged_linears
+    merged = load_file(tmp_path / "merged" / "model.safetensors")
+    key = "model.layers.0.self_attn.q_proj.weight"
+    assert torch.allclose(merged[key], (state[key] + perturbed[key]) / 2, atol=1e-6)
+
+
+def _analytic_delta(sigma: float, epsilon: float) -> float:
+    """The exact delta of the Gaussian mechanism with sensitivity 1 and noise std sigma (Balle and Wang, 2018)."""
+    phi = lambda x: 0.5 * (1 + math.erf(x / math.sqrt(2)))  # noqa: E731
+    return phi(1 / (2 * sigma) - epsilon * sigma) - math.exp(epsilon) * phi(-1 / (2 * sigma) - epsilon * sigma)
+
+
+@pytest.mark.parametrize("epsilon", [0.5, 1.0, 4.0, 16.0])
+def test_noise_multiplier_is_the_tight_gaussian_calibration(epsilon):
+    delta = 1e-5
+    sigma = dp.calibrate(epsilon, delta)
+    assert _analytic_delta(sigma, epsilon) <= delta * 1.001  # private at the stated budget
+    assert _analytic_delta(sigma * 0.98, epsilon) > delta  # and not much noisier than it must be
+    if epsilon < 1:  # the classical bound (Dwork and Roth, Theorem A.1) holds there and is looser
+        assert sigma <= math.sqrt(2 * math.log(1.25 / delta)) / epsilon
+
+
+def test_bad_budgets_are_refused():
+    with pytest.raises(regmean.RegmeanError, match="--dp-epsilon"):
+        dp.calibrate(0.0, 1e-5)
+    with pytest.raises(regmean.RegmeanError, match="--dp-delta"):
+        dp.calibrate(1.0, 1.5)
+
+
+def _released(stats) -> torch.Tensor:
+    """Every number of the file the mechanism releases, except counts: packed Grams and sums, site by site."""
+    return torch.cat([torch.cat([pack_upper(s.gram), s.sum]) for _, s in sorted(stats.sites.items())]).double()
+
+
+def test_clipping_bounds_what_one_huge_example_adds(tmp_path, monkeypatch):
+    path = _decoder(tmp_path)
+    monkeypatch.setattr(dp, "calibrate", lambda epsilon, delta: 0.0)  # no noise: the clipped sums themselves
+    clip = 5.0
+    asked = Protection(epsilon=1.0, clip=clip)
+    base = [Example(t) for t in TEXTS]
+    loud = Example(" ".join(["zebra"] * 60))  # 60 equal rows at every site: a Gram of 3,600 u u^T
+    without = measure(path, base, progress=False, protection=asked, stats_dtype="float64")
+    with_it = measure(path, [*base, loud], progress=False, protection=asked, stats_dtype="float64")
+    moved = float((_released(with_it) - _released(without)).norm())
+    assert 0.01 * clip < moved <= dp.GRAM_SHARE * clip * (1 + 1e-6)
+    assert without.privacy["dp"]["clip"] == clip and with_it.privacy["clipped_examples"] >= 1
+    plain = [measure(path, b, progress=False, stats_dtype="float64") for b in (base, [*base, loud])]
+    assert float((_released(plain[1]) - _released(plain[0])).norm()) > 100 * clip  # unclipped, it moves far
+
+
+def test_noise_has_the_recorded_scale_and_dp_files_merge(tmp_path):
+    paths = [_decoder(tmp_path)]
+    paths.append(_perturbed(paths[0], tmp_path))
+    examples = [Example(t) for t in TEXTS]
+    asked = Protection(epsilon=1.0, delta=1e-5)
+    noisy = measure(paths[0], examples, progress=False, protection=asked, stats_dtype="float64")
+    release = noisy.privacy["dp"]
+    assert release["noise_std"] == pytest.approx(dp.calibrate(1.0, 1e-5) * release["clip"])
+    # the sums carry noise of that std: their deviation from the noiseless clipped sums, over every coordinate
+    quiet = Protection(epsilon=1e6, delta=1e-5, clip=release["clip"])
+    exact = measure(paths[0], examples, progress=False, protection=quiet, stats_dtype="float64")
+    deviation = torch.cat([noisy.sites[n].sum - exact.sites[n].sum for n in noisy.sites])
+    assert float(deviation.std()) == pytest.approx(release["noise_std"], rel=0.15)
+    for name, site in noisy.sites.items():  # projected onto the PSD cone: no negative eigenvalue
+        assert float(torch.linalg.eigvalsh(site.gram).min()) >= -1e-8 * float(site.gram.abs().max()), name
+    for i, p in enumerate(paths):
+        save(measure(p, examples, progress=False, protection=asked), tmp_path / f"s{i}")
+    models = [{"path": str(p), "statistics": str(tmp_path / f"s{i}")} for i, p in enumerate(paths)]
+    regmean.merge(regmean.MergeConfig(models=models), tmp_path / "merged", progress=False)
+    merged = load_file(tmp_path / "merged" / "model.safetensors")
+    assert all(bool(torch.isfinite(t).all()) for t in merged.values())
+
+
+def test_combine_keeps_the_budget_of_disjoint_parts_and_refuses_mixed_ones(tmp_path):
+    path = _decoder(tmp_path)
+    first, second = write_jsonl(tmp_path / "a.jsonl", TEXTS[:5], ["x"] * 5), tmp_path / "b.jsonl"
+    write_jsonl(second, TEXTS[5:], ["x"] * 5)
+    runner = CliRunner()
+    common = ["measure", str(path), "--dp-epsilon", "2"]
+    for name, data in (("a", first), ("b", second)):
+        result = runner.invoke(app, [*common, "--data", str(data), "--out", str(tmp_path / name)])
+        assert result.exit_code == 0, result.output
+    total = combine([tmp_path / "a", tmp_path / "b"])
+    assert total.privacy["dp"]["epsilon"] == 2 and "parallel composition" in total.protection
+    result = runner.invoke(app, ["measure", str(path), "--data", str(second), "--out", str(tmp_path / "plain")])
+    assert result.exit_code == 0, result.output
+    with pytest.raises(regmean.RegmeanError, match="another privacy budget"):
+        combine([tmp_path / "a", tmp_path / "plain"])
+    result = runner.invoke(app, [*common, "--data", str(first), "--out", str(tmp_path / "again")])
+    with pytest.raises(regmean.RegmeanError, match="add up their budgets"):
+        combine([tmp_path / "a", tmp_path / "again"])
+
+
+def test_cli_audit_reports_recall_and_measure_warns(tmp_path):
+    path = _decoder(tmp_path)
+    data = write_jsonl(tmp_path / "d.jsonl")
+    runner = CliRunner()
+    result = runner.invoke(app, ["measure", str(path), "--data", str(data), "--out", str(tmp_path / "s")])
+    assert result.exit_code == 0 and "decodes into your data's token counts" in result.output
+    out = tmp_path / "audit.json"
+    args = ["stats", "audit", str(tmp_path / "s"), "--model", str(path), "--data", str(data), "--json", str(out)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "recall 1.000" in result.output and "precision 1.000" in result.output
+    assert out.is_file()
+    result = runner.invoke(app, args)  # never written over
+    assert result.exit_code == 2 and "exists" in result.output
