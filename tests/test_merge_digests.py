@@ -3,9 +3,12 @@
 The digests in data/merge_digests.json were recorded before the merge engine was restructured, so any change in
 what a merge computes (not only a wrong answer: a reordered sum, a different dtype) shows here. RegMean's were
 recorded again when its solve moved to float64 products in deviation form (closer to the exact optimum); every
-other method's digests were the same before and after that change. They depend on
-the machine's arithmetic (torch version, CPU kernels, thread count); on another machine the test is skipped with
-that reason, and `REGMEAN_RECORD_DIGESTS=1` records that machine's own.
+other method's digests were the same before and after that change. They depend on the machine's arithmetic
+(torch and transformers versions, CPU kernels, thread count); on another machine the test is skipped with that
+reason, and `REGMEAN_RECORD_DIGESTS=1` records that machine's own. (A fresh install of 2026-12-02, transformers
+5.24.0, no longer reproduced RegMean's digests, with or without that day's changes, while every other method's
+held: the Grams' forward passes round differently. RegMean's were recorded again; the version is now part of the
+environment.)
 """
 
 from __future__ import annotations
@@ -57,6 +60,7 @@ UNTIED = {
 def environment() -> dict:
     return {
         "torch": torch.__version__,
+        "transformers": tf.__version__,  # its forward passes make the Grams: a new release may round differently
         "cpu": torch.backends.cpu.get_cpu_capability(),
         "threads": torch.get_num_threads(),
     }

@@ -100,6 +100,7 @@ def test_withheld_token_sites_leave_nothing_to_decode_and_merge_as_averages(tmp_
     models = [{"path": str(p), "statistics": str(tmp_path / f"s{i}")} for i, p in enumerate(paths)]
     report = regmean.merge(regmean.MergeConfig(models=models), tmp_path / "merged", progress=False)
     assert "model.layers.0.self_attn.q_proj" in report.averaged_linears
+    assert any("withheld by the owners" in note and "q_proj" in note for note in report.notes)
     merged = load_file(tmp_path / "merged" / "model.safetensors")
     key = "model.layers.0.self_attn.q_proj.weight"
     assert torch.allclose(merged[key], (state[key] + perturbed[key]) / 2, atol=1e-6)
@@ -124,6 +125,8 @@ def test_noise_multiplier_is_the_tight_gaussian_calibration(epsilon):
 def test_bad_budgets_are_refused():
     with pytest.raises(regmean.RegmeanError, match="--dp-epsilon"):
         dp.calibrate(0.0, 1e-5)
+    with pytest.raises(regmean.RegmeanError, match="protects nothing"):
+        dp.calibrate(1e6, 1e-5)
     with pytest.raises(regmean.RegmeanError, match="--dp-delta"):
         dp.calibrate(1.0, 1.5)
 
@@ -149,7 +152,7 @@ def test_clipping_bounds_what_one_huge_example_adds(tmp_path, monkeypatch):
     assert float((_released(plain[1]) - _released(plain[0])).norm()) > 100 * clip  # unclipped, it moves far
 
 
-def test_noise_has_the_recorded_scale_and_dp_files_merge(tmp_path):
+def test_noise_has_the_recorded_scale_and_dp_files_merge(tmp_path, monkeypatch):
     paths = [_decoder(tmp_path)]
     paths.append(_perturbed(paths[0], tmp_path))
     examples = [Example(t) for t in TEXTS]
@@ -158,8 +161,11 @@ def test_noise_has_the_recorded_scale_and_dp_files_merge(tmp_path):
     release = noisy.privacy["dp"]
     assert release["noise_std"] == pytest.approx(dp.calibrate(1.0, 1e-5) * release["clip"])
     # the sums carry noise of that std: their deviation from the noiseless clipped sums, over every coordinate
-    quiet = Protection(epsilon=1e6, delta=1e-5, clip=release["clip"])
+    calibrate = dp.calibrate
+    monkeypatch.setattr(dp, "calibrate", lambda epsilon, delta: 0.0)  # the same clipping, no noise
+    quiet = Protection(epsilon=1.0, delta=1e-5, clip=release["clip"])
     exact = measure(paths[0], examples, progress=False, protection=quiet, stats_dtype="float64")
+    monkeypatch.setattr(dp, "calibrate", calibrate)
     deviation = torch.cat([noisy.sites[n].sum - exact.sites[n].sum for n in noisy.sites])
     assert float(deviation.std()) == pytest.approx(release["noise_std"], rel=0.15)
     for name, site in noisy.sites.items():  # projected onto the PSD cone: no negative eigenvalue

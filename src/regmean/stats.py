@@ -36,6 +36,8 @@ from regmean.io.untrusted import all_finite
 FORMAT = "regmean.gram"
 FORMAT_VERSION = 2
 FILE_NAME = "statistics.safetensors"
+WITHHELD = "withheld: its input is one fixed vector per token, so its Gram decodes into the data's token counts"
+"""The reason `skipped` gives for the modules of a site `measure --withhold token-sites` left out."""
 PACK_ROWS = 256
 """Rows of a Gram packed or unpacked at a time (bounded temporaries whatever the width)."""
 

@@ -145,8 +145,8 @@ class AdaptedCheckpoint:
         a, b = self.file.get(pair.a).float(), self.file.get(pair.b).float()
         check_finite(a, f"{self.file.path}: tensor {pair.a}")
         check_finite(b, f"{self.file.path}: tensor {pair.b}")
-        delta = a[:, start:stop].T @ b.T if pair.transposed else b[start:stop] @ a
-        return (base.float() + pair.scale * delta).to(base.dtype)
+        left, right = (a[:, start:stop].T, b.T) if pair.transposed else (b[start:stop], a)
+        return (base.float() + pair.scale * _low_rank_product(left, right)).to(base.dtype)
 
     @cached_property
     def fingerprint(self) -> dict[str, str]:
@@ -236,6 +236,16 @@ class AdaptedCheckpoint:
                 f"{self.file.path}: LoRA tensors {list(a)} and {list(b)} do not fit {weight} of shape "
                 f"{list(shape)}; give the base model the adapter was trained on"
             )
+
+
+def _low_rank_product(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """left @ right ([rows, r] @ [r, cols]) as r outer products added in order: every entry is summed the same way
+    whatever the rows asked for, so a block of rows equals those rows of the whole tensor bit for bit (a matmul's
+    kernel may block the sum differently for another row count)."""
+    out = left.new_zeros(left.shape[0], right.shape[1])
+    for k in range(left.shape[1]):
+        out.addr_(left[:, k], right[k])
+    return out
 
 
 def _check_config(path: Path, config: dict) -> None:

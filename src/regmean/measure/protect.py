@@ -16,9 +16,8 @@ from regmean.measure.contributions import ContributionNorms
 from regmean.measure.sites import Site
 from regmean.privacy import dp
 from regmean.privacy.tokensites import token_sites
-from regmean.stats import SiteStats
+from regmean.stats import WITHHELD, SiteStats
 
-WITHHELD = "withheld: its input is one fixed vector per token, so its Gram decodes into the data's token counts"
 STREAM_BOUNDS = ("input", "decoder")
 """Streams whose rows an example adds up to max_length of; every example also adds 1 to the 'examples' count."""
 

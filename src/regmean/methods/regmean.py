@@ -25,7 +25,7 @@ from regmean.methods.least_squares import (
     reconstruction_error,
     regmean_solve,
 )
-from regmean.stats import SiteStats, StatisticsFile
+from regmean.stats import WITHHELD, SiteStats, StatisticsFile
 
 
 class RegMeanOptions(BaseModel):
@@ -170,7 +170,16 @@ class RegMean(Average):
         return sum(st.gram_nbytes(name) for st, name in zip(self.inputs.stats, sites, strict=True))
 
     def describe(self, steps: list[Step]) -> str:
-        return f"{sum(len(s.layers) for s in steps if isinstance(s, SiteStep))} RegMean layers"
+        withheld = self._withheld()
+        solved = f"{sum(len(s.layers) for s in steps if isinstance(s, SiteStep))} RegMean layers"
+        return solved + (f", {len(withheld)} averaged: their owners withheld the statistics" if withheld else "")
+
+    def _withheld(self) -> list[str]:
+        """Linear layers whose statistics some owner withheld (`measure --withhold token-sites`): averaged."""
+        stats = self.inputs.stats
+        return sorted(
+            {m for st in stats for m, why in st.skipped.items() if why == WITHHELD and m in self.inputs.linears}
+        )
 
     def load(self, step: Step):
         if not isinstance(step, SiteStep):
@@ -248,6 +257,15 @@ class RegMean(Average):
         measured = {la.module for group in site_groups(self.inputs).values() for la in group}
         report.averaged_linears = averaged_linears(self.inputs, measured)
         report.notes.append(f"statistics masking: {one_line(self.inputs.stats[0].masking, 300)}")
+        withheld = self._withheld()
+        if withheld:
+            report.notes.append(
+                f"averaged, their statistics withheld by the owners (token sites: they decode into the data's "
+                f"token counts): {', '.join(withheld)}"
+            )
+        for k, st in enumerate(self.inputs.stats):
+            if st.protection != "none":
+                report.notes.append(f"statistics of model {k}: {one_line(st.protection, 300)}")
 
 
 def _stacked_weights(params: list[dict], group: list[LinearLayer], affine: bool, d_in: int) -> torch.Tensor:

@@ -55,23 +55,29 @@ class DPRelease:
 
 
 ACCOUNTANT = "dp-accounting PLD (Gaussian mechanism, add-or-remove neighbours)"
+PLD_INTERVAL = 1e-3
+"""The accountant's discretisation of the privacy loss (its estimate stays pessimistic: coarser is only safer and
+faster; 1e-3 gives the default 1e-4's noise multiplier to 6 digits, 15 times faster)."""
+MAX_EPSILON = 100.0
 
 
 def calibrate(epsilon: float, delta: float) -> float:
     """The smallest noise multiplier (std / L2 sensitivity) for which one Gaussian mechanism is (epsilon, delta)-DP,
     from dp-accounting's privacy-loss-distribution accountant."""
-    if not (math.isfinite(epsilon) and epsilon > 0):
-        raise RegmeanError(f"--dp-epsilon must be a positive number, not {epsilon}")
+    if not (math.isfinite(epsilon) and 0 < epsilon <= MAX_EPSILON):
+        raise RegmeanError(
+            f"--dp-epsilon must be a positive number up to {MAX_EPSILON:g} (a larger budget protects nothing), "
+            f"not {epsilon}"
+        )
     if not (0 < delta < 1):
         raise RegmeanError(f"--dp-delta must lie between 0 and 1 (e.g. 1e-5), not {delta}")
     import dp_accounting
     from dp_accounting.pld import pld_privacy_accountant
 
-    return float(
-        dp_accounting.calibrate_dp_mechanism(
-            pld_privacy_accountant.PLDAccountant, dp_accounting.GaussianDpEvent, epsilon, delta
-        )
-    )
+    def accountant():
+        return pld_privacy_accountant.PLDAccountant(value_discretization_interval=PLD_INTERVAL)
+
+    return float(dp_accounting.calibrate_dp_mechanism(accountant, dp_accounting.GaussianDpEvent, epsilon, delta))
 
 
 def site_bounds(typical: torch.Tensor, clip: float) -> torch.Tensor:

@@ -38,26 +38,30 @@ class _Captured(Exception):
 
 
 def site_inputs(model: nn.Module, sites: list[str], input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Each site's input, [B, T, d], on a forward pass over `input_ids` (all positions real, no padding)."""
+    """Each site's input on a forward pass over `input_ids` (all positions real, no padding): [B, T, d] where it has
+    one row per token. Of an encoder-decoder, only the encoder runs: sites it does not reach are left out."""
     named = dict(model.named_modules())
     seen: dict[str, torch.Tensor] = {}
 
     def hook(name: str):
         def capture(_mod, args):
             if name not in seen:
-                seen[name] = args[0].detach().float().reshape(*input_ids.shape, -1)
+                seen[name] = args[0].detach().float()
             if len(seen) == len(sites):
                 raise _Captured
 
         return capture
 
     handles = [named[s].register_forward_pre_hook(hook(s)) for s in sites]
-    inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
-    if getattr(model.config, "is_encoder_decoder", False):
-        inputs["decoder_input_ids"] = input_ids[:, :1].clone()
+    mask = torch.ones_like(input_ids)
     try:
         with torch.inference_mode():
-            forward(model, Batch(inputs, {"input": inputs["attention_mask"].bool()}, input_ids.shape[0]))
+            if getattr(model.config, "is_encoder_decoder", False):  # the encoder's sites only: its input is the data
+                model.get_encoder()(input_ids=input_ids, attention_mask=mask)
+            else:
+                forward(
+                    model, Batch({"input_ids": input_ids, "attention_mask": mask}, {"input": mask.bool()}, len(mask))
+                )
     except _Captured:
         pass
     finally:
@@ -82,7 +86,9 @@ def token_sites(model: nn.Module, sites: list[str], vocab_size: int, seed: int =
     x, y, z = (site_inputs(model, sites, t.to(device)) for t in (a, b, shifted))
     found = []
     for name in sites:
-        if x[name].shape[:2] != a.shape:  # an input that is not one row per token (a pooled head, say)
+        if (
+            name not in x or x[name].dim() != 3 or x[name].shape[:2] != a.shape
+        ):  # not one row per token (a pooled head, say)
             continue
         if not _same(x[name][:, ::2], y[name][:, ::2]):
             continue
