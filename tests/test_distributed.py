@@ -227,3 +227,30 @@ def test_the_plan_counts_every_process_on_this_host(tmp_path, monkeypatch):
     check_memory(plan, 4200)
     with pytest.raises(RegmeanError, match="4.2 KB for 4 processes on this host exceeds --max-memory"):
         check_memory(plan, 4199)
+
+
+def test_dp_noise_is_added_once_after_the_reduction(tmp_path, monkeypatch):
+    """Two ranks' DP file: each example clipped on its own rank as one process clips it, and the noise of the
+    recorded std added once on rank 0 (per-rank noise would be sqrt(2) times larger)."""
+    from regmean.measure.protect import Protection
+    from regmean.privacy import dp
+
+    model = save_model(build_model("llama", "LlamaForCausalLM", 1), tmp_path / "m")
+    texts = TEXTS + ["one more example makes eleven"]
+    data = write_jsonl(tmp_path / "d.jsonl", texts, ["x"] * len(texts))
+    result = torchrun("measure", model, "--data", data, "--out", tmp_path / "s", *COMMON, "--dp-epsilon", "1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    noisy = StatisticsFile(tmp_path / "s")
+    release = noisy.privacy["dp"]
+    monkeypatch.setattr(dp, "calibrate", lambda epsilon, delta: 0.0)  # the same clipping, no noise
+    asked = Protection(epsilon=1.0, clip=release["clip"])
+    exact = measure(
+        model,
+        [Example(t) for t in texts],
+        stats_dtype="float64",
+        model_dtype="float64",
+        progress=False,
+        protection=asked,
+    )
+    deviation = torch.cat([noisy.site(n).sum - exact.sites[n].sum for n in exact.sites])
+    assert float(deviation.std()) == pytest.approx(release["noise_std"], rel=0.15)

@@ -88,7 +88,7 @@ def measure(
             raise RegmeanError("no site left to measure once the token sites are withheld")
     private = None
     if protection.epsilon is not None:
-        private = PrivateRelease(model, sites, batches, protection, max_length, len(examples))
+        private = PrivateRelease(model, sites, batches, protection, max_length, len(examples), device)
     blocks = site_blocks(sites, sums.itemsize, max_stats_bytes)
     if log is not None and distributed.rank() == 0:
         log(_announcement(blocks, len(modules), sums, device, len(examples)))

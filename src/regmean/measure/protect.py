@@ -78,6 +78,7 @@ class PrivateRelease:
         asked: Protection,
         max_length: int,
         examples: int,
+        device: str = "cpu",
     ):
         typical = typical_norms(model, sites, max_length)
         clip = asked.clip or float(typical.norm()) / dp.GRAM_SHARE
@@ -86,9 +87,9 @@ class PrivateRelease:
         a, b = norms.pass_over(batches())
         scales = dp.row_scales(a, b, dp.site_bounds(typical, clip))
         self.scales = {s.name: scales[:, i] for i, s in enumerate(sites)}
-        self.clipped = distributed.sum_int(int((scales < 1).any(1).sum()))
+        self.clipped = distributed.sum_int(int((scales < 1).any(1).sum()), device)
         totals = {s: sum(int(r.sum()) for r in norms.rows[s]) for s in STREAM_BOUNDS if norms.rows[s]}
-        totals = {s: distributed.sum_int(n) for s, n in totals.items()} | {"examples": examples}
+        totals = {s: distributed.sum_int(n, device) for s, n in totals.items()} | {"examples": examples}
         bounds = {s: (1 if s == "examples" else max_length) for s in totals}
         self.generator = torch.Generator().manual_seed(secrets.randbits(63))
         std = self.release.noise_std

@@ -7,23 +7,24 @@ the file gives G. The decode solves
 
 to convergence by an active set: the gradient over all atoms picks the atoms that would lower the residual, a
 least-squares fit on the chosen ones keeps those it gives a positive count (or, in a round after one that did
-not lower the residual, scipy's exact non-negative least squares, Lawson-Hanson), until no atom outside the set can
-lower the residual: the KKT conditions of the whole problem, checked over every atom, so the answer is the optimum. The
+not lower the residual, an accelerated projected-gradient solve of the non-negative problem on the chosen atoms,
+warm-started, then refitted exactly on the atoms it keeps), until no atom outside the set can lower the residual
+and every atom in it fits exactly: the KKT conditions of the whole problem, so the answer is the optimum. The
 normal matrix of atoms a, b is (u_a . u_b)^2, so nothing of size d^2 per atom is ever formed.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import numpy as np
-import scipy.linalg
-import scipy.optimize
 import torch
 
 GRADIENT_CHUNK = 32768
 """Atoms whose gradient is computed at a time (a [chunk, d] product)."""
+PROJECTED_ITERATIONS = 500
+"""Projected-gradient iterations of a round whose quick fit stalled (each a product with the chosen atoms' M)."""
 
 
 @dataclass
@@ -62,9 +63,11 @@ def decode_counts(
         if violation <= tolerance:
             break
         entering = torch.topk(slope, k=min(int((slope > tolerance).sum()), max(256, len(active)))).indices
-        exact = left >= previous * (1 - 1e-3)  # the quick fit stalls (it could drop and take back atoms forever)
+        stalled = left >= previous * (1 - 1e-3)  # the quick fit could drop and take back atoms forever
+        start = torch.cat([counts, torch.zeros(len(entering), dtype=torch.float64)])
         active = torch.cat([active, entering])
-        counts = (_nnls if exact else _positive_fit)(atoms[active].double(), target)
+        chosen = atoms[active].double()
+        counts = _projected_fit(chosen, target, start) if stalled else _positive_fit(chosen, target)
         active, counts = active[counts > 0], counts[counts > 0]
         previous, left = left, _residual(atoms[active].double(), counts, target) / scale
         if log is not None:
@@ -88,27 +91,25 @@ def _quadratic_forms(atoms: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _normal_system(chosen: torch.Tensor, target: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """The chosen atoms' least-squares problem as L, b: M_ab = (u_a . u_b)^2 = L L^T and b_a = u_a^T G u_a (the
-    smallest ridge that factors M when atoms are dependent in Gram space)."""
-    normal = (chosen @ chosen.T).pow(2).numpy()
-    rhs = ((chosen @ target) * chosen).sum(1).numpy()
-    jitter = 0.0
-    while True:
-        try:
-            return np.linalg.cholesky(normal + jitter * np.eye(len(normal))), rhs
-        except np.linalg.LinAlgError:
-            jitter = max(jitter * 10, 1e-12 * float(np.trace(normal)) / len(normal))
+def _normal_system(chosen: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The chosen atoms' least-squares problem as M, b: M_ab = (u_a . u_b)^2 and b_a = u_a^T G u_a."""
+    return (chosen @ chosen.T).pow(2), ((chosen @ target) * chosen).sum(1)
 
 
 def _positive_fit(chosen: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Least-squares counts of the chosen atoms, refitted without those it makes <= 0 until all are positive
-    (zero for the atoms left out)."""
+    (zero for the atoms left out); the smallest ridge that factors M where atoms are dependent in Gram space."""
     counts = torch.zeros(chosen.shape[0], dtype=torch.float64)
     keep = torch.ones(chosen.shape[0], dtype=torch.bool)
     while keep.any():
-        lower, rhs = _normal_system(chosen[keep], target)
-        fit = torch.from_numpy(scipy.linalg.cho_solve((lower, True), rhs))
+        normal, rhs = _normal_system(chosen[keep], target)
+        jitter = 0.0
+        while True:
+            factor, info = torch.linalg.cholesky_ex(normal + jitter * torch.eye(len(rhs), dtype=normal.dtype))
+            if int(info) == 0:
+                break
+            jitter = max(jitter * 10, 1e-12 * float(normal.diagonal().mean()))
+        fit = torch.cholesky_solve(rhs[:, None], factor).squeeze(1)
         if bool((fit > 0).all()):
             counts[keep] = fit
             break
@@ -116,10 +117,17 @@ def _positive_fit(chosen: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return counts
 
 
-def _nnls(chosen: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """argmin_{n >= 0} ||sum_a n_a u_a u_a^T - G||_F for the chosen atoms, exactly (scipy's Lawson-Hanson):
-    ||L^T n - L^-1 b||^2 equals the objective up to a constant, a square system of the atoms' count."""
-    lower, rhs = _normal_system(chosen, target)
-    y = scipy.linalg.solve_triangular(lower, rhs, lower=True)
-    counts, _ = scipy.optimize.nnls(lower.T, y, maxiter=50 * len(rhs))
-    return torch.from_numpy(counts)
+def _projected_fit(chosen: torch.Tensor, target: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+    """Non-negative counts of the chosen atoms by accelerated projected gradient on their normal system (FISTA,
+    step 1 / the largest eigenvalue of M), warm-started from `start`, then refitted exactly on the atoms it keeps."""
+    normal, rhs = _normal_system(chosen, target)
+    step = 1.0 / float(torch.linalg.eigvalsh(normal)[-1])
+    x, y, t = start.clone(), start.clone(), 1.0
+    for _ in range(PROJECTED_ITERATIONS):
+        nxt = (y - step * (normal @ y - rhs)).clamp_min(0)
+        t_next = (1 + math.sqrt(1 + 4 * t * t)) / 2
+        y, x, t = nxt + ((t - 1) / t_next) * (nxt - x), nxt, t_next
+    counts = torch.zeros_like(x)
+    keep = x > 0
+    counts[keep] = _positive_fit(chosen[keep], target)
+    return counts
