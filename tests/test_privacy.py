@@ -131,25 +131,38 @@ def test_bad_budgets_are_refused():
         dp.calibrate(1.0, 1.5)
 
 
-def _released(stats) -> torch.Tensor:
-    """Every number of the file the mechanism releases, except counts: packed Grams and sums, site by site."""
-    return torch.cat([torch.cat([pack_upper(s.gram), s.sum]) for _, s in sorted(stats.sites.items())]).double()
+def _site_moves(a, b) -> dict[str, float]:
+    """How far each site's released numbers (packed Gram and sum; counts aside) moved from `a` to `b`."""
+    return {
+        n: float(torch.cat([pack_upper(b.sites[n].gram - s.gram), b.sites[n].sum - s.sum]).double().norm())
+        for n, s in a.sites.items()
+    }
 
 
 def test_clipping_bounds_what_one_huge_example_adds(tmp_path, monkeypatch):
     path = _decoder(tmp_path)
     monkeypatch.setattr(dp, "calibrate", lambda epsilon, delta: 0.0)  # no noise: the clipped sums themselves
-    clip = 5.0
-    asked = Protection(epsilon=1.0, clip=clip)
+    asked = Protection(epsilon=1.0, clip=0.05)
     base = [Example(t) for t in TEXTS]
     loud = Example(" ".join(["zebra"] * 60))  # 60 equal rows at every site: a Gram of 3,600 u u^T
     without = measure(path, base, progress=False, protection=asked, stats_dtype="float64")
     with_it = measure(path, [*base, loud], progress=False, protection=asked, stats_dtype="float64")
-    moved = float((_released(with_it) - _released(without)).norm())
-    assert 0.01 * clip < moved <= dp.GRAM_SHARE * clip * (1 + 1e-6)
-    assert without.privacy["dp"]["clip"] == clip and with_it.privacy["clipped_examples"] >= 1
+    bounds = with_it.privacy["site_bounds"]
+    assert bounds == without.privacy["site_bounds"] and set(bounds) == set(with_it.sites)  # from the model alone
+    moved = _site_moves(without, with_it)
+    assert all(moved[n] <= bounds[n] * (1 + 1e-6) for n in moved)  # at every site, at most its bound
+    assert all(moved[n] >= 0.5 * bounds[n] for n in moved)  # and the huge example does reach it
+    assert with_it.privacy["clipped_examples"] >= 1 and with_it.privacy["dp"]["clip"] == 0.05
     plain = [measure(path, b, progress=False, stats_dtype="float64") for b in (base, [*base, loud])]
-    assert float((_released(plain[1]) - _released(plain[0])).norm()) > 100 * clip  # unclipped, it moves far
+    unclipped = _site_moves(*plain)
+    assert all(unclipped[n] > 100 * bounds[n] for n in moved)  # unclipped, it moves far
+
+
+def noise_in_bounds(noisy, exact) -> torch.Tensor:
+    """The noise on every site's sum, in multiples of the std the file records for that site."""
+    release, bounds = noisy.privacy["dp"], noisy.privacy["site_bounds"]
+    parts = [(noisy.site(n) if hasattr(noisy, "site") else noisy.sites[n]).sum - exact.sites[n].sum for n in bounds]
+    return torch.cat([p / (release["relative_noise"] * bounds[n]) for p, n in zip(parts, bounds, strict=True)])
 
 
 def test_noise_has_the_recorded_scale_and_dp_files_merge(tmp_path, monkeypatch):
@@ -159,15 +172,15 @@ def test_noise_has_the_recorded_scale_and_dp_files_merge(tmp_path, monkeypatch):
     asked = Protection(epsilon=1.0, delta=1e-5)
     noisy = measure(paths[0], examples, progress=False, protection=asked, stats_dtype="float64")
     release = noisy.privacy["dp"]
-    assert release["noise_std"] == pytest.approx(dp.calibrate(1.0, 1e-5) * release["clip"])
-    # the sums carry noise of that std: their deviation from the noiseless clipped sums, over every coordinate
+    assert release["noise_multiplier"] == pytest.approx(dp.calibrate(1.0, 1e-5))
+    assert release["relative_noise"] == pytest.approx(
+        release["noise_multiplier"] * math.sqrt(release["sites"]) / dp.GRAM_SHARE, rel=1e-3
+    )
     calibrate = dp.calibrate
     monkeypatch.setattr(dp, "calibrate", lambda epsilon, delta: 0.0)  # the same clipping, no noise
-    quiet = Protection(epsilon=1.0, delta=1e-5, clip=release["clip"])
-    exact = measure(paths[0], examples, progress=False, protection=quiet, stats_dtype="float64")
+    exact = measure(paths[0], examples, progress=False, protection=asked, stats_dtype="float64")
     monkeypatch.setattr(dp, "calibrate", calibrate)
-    deviation = torch.cat([noisy.sites[n].sum - exact.sites[n].sum for n in noisy.sites])
-    assert float(deviation.std()) == pytest.approx(release["noise_std"], rel=0.15)
+    assert float(noise_in_bounds(noisy, exact).std()) == pytest.approx(1.0, rel=0.15)
     for name, site in noisy.sites.items():  # projected onto the PSD cone: no negative eigenvalue
         assert float(torch.linalg.eigvalsh(site.gram).min()) >= -1e-8 * float(site.gram.abs().max()), name
     for i, p in enumerate(paths):

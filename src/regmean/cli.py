@@ -104,7 +104,8 @@ def measure(
     dp_epsilon: Annotated[float | None, typer.Option(help="Release with (epsilon, delta)-DP: the whole file")] = None,
     dp_delta: Annotated[float, typer.Option(help="The delta of --dp-epsilon")] = 1e-5,
     dp_clip: Annotated[
-        float | None, typer.Option(help="Bound on one example's contribution (default: from the public model)")
+        float | None,
+        typer.Option(help="Per-example bound at each site, x its typical contribution on random tokens (1)"),
     ] = None,
 ) -> None:
     """Measure a model's linear-layer input statistics on local data (run by each model owner).

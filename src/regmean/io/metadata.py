@@ -59,19 +59,23 @@ class Metadata:
         return value
 
     def privacy(self) -> dict[str, Any]:
-        """{"withheld": [site, ...], "dp": {epsilon, delta, clip, noise_multiplier, ...}}; {} when not recorded."""
+        """{"withheld": [site, ...], "dp": {epsilon, delta, clip, noise_multiplier, ...}, "site_bounds": {site: c}};
+        {} when not recorded."""
         value = self.json("privacy", "{}")
         withheld = value.get("withheld", []) if isinstance(value, dict) else None
         release = value.get("dp", {}) if isinstance(value, dict) else None
         numbers = ("epsilon", "delta", "clip", "noise_multiplier")
+        bounds = value.get("site_bounds", {}) if isinstance(value, dict) else None
         if not (
-            isinstance(withheld, list)
+            isinstance(bounds, dict)
+            and all(isinstance(v, int | float) for v in bounds.values())
+            and isinstance(withheld, list)
             and all(isinstance(w, str) for w in withheld)
             and isinstance(release, dict)
             and all(isinstance(v, SCALARS) for v in release.values())
             and (not release or all(isinstance(release.get(k), int | float) for k in numbers))
         ):
-            raise self._bad("privacy", "an object with a 'withheld' list of sites and a 'dp' record")
+            raise self._bad("privacy", "an object with a 'withheld' list, a 'dp' record and numeric 'site_bounds'")
         return value
 
     def fingerprint(self) -> dict[str, str]:

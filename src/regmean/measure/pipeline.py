@@ -102,7 +102,7 @@ def measure(
         "protection": protection.describe(private and private.release, withheld),
         "privacy": {
             "withheld": withheld,
-            **({"dp": private.release.record(), "clipped_examples": private.clipped} if private else {}),
+            **(private.record() if private else {}),
         },
     }
     collected: dict[str, SiteStats] = {}

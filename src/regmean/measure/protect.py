@@ -29,7 +29,7 @@ class Protection:
     withhold: bool = False
     epsilon: float | None = None
     delta: float = 1e-5
-    clip: float | None = None  # None: a data-independent default from random tokens (`typical_norms`)
+    clip: float | None = None  # each site's bound, in multiples of its typical contribution (`typical_norms`); 1
 
     def warning(self, exposed: list[str]) -> str | None:
         """One line on what the file will expose, when the owner chose no protection."""
@@ -80,27 +80,31 @@ class PrivateRelease:
         examples: int,
         device: str = "cpu",
     ):
-        typical = typical_norms(model, sites, max_length)
-        clip = asked.clip or float(typical.norm()) / dp.GRAM_SHARE
-        self.release = dp.DPRelease(asked.epsilon, asked.delta, clip, dp.calibrate(asked.epsilon, asked.delta))
         norms = ContributionNorms(model, sites)
         a, b = norms.pass_over(batches())
-        scales = dp.row_scales(a, b, dp.site_bounds(typical, clip))
-        self.scales = {s.name: scales[:, i] for i, s in enumerate(sites)}
-        self.clipped = distributed.sum_int(int((scales < 1).any(1).sum()), device)
         totals = {s: sum(int(r.sum()) for r in norms.rows[s]) for s in STREAM_BOUNDS if norms.rows[s]}
         totals = {s: distributed.sum_int(n, device) for s, n in totals.items()} | {"examples": examples}
-        bounds = {s: (1 if s == "examples" else max_length) for s in totals}
+        sigma = dp.calibrate(asked.epsilon, asked.delta)
+        clip = asked.clip or 1.0
+        self.release = dp.DPRelease(asked.epsilon, asked.delta, clip, sigma, len(sites), len(totals), max_length)
+        bounds = clip * typical_norms(model, sites, max_length)
+        self.bounds = {s.name: float(c) for s, c in zip(sites, bounds, strict=True)}
+        scales = dp.row_scales(a, b, bounds)
+        self.scales = {s.name: scales[:, i] for i, s in enumerate(sites)}
+        self.clipped = distributed.sum_int(int((scales < 1).any(1).sum()), device)
         self.generator = torch.Generator().manual_seed(secrets.randbits(63))
-        std = self.release.noise_std
         self.counts = {
-            s: dp.noisy_count(n, dp.count_weight(clip, bounds[s], len(totals)), std, self.generator)
+            s: dp.noisy_count(n, self.release.count_noise(1 if s == "examples" else max_length), self.generator)
             for s, n in totals.items()
         }
 
+    def record(self) -> dict:
+        """What the file says of the release: the budget and mechanism, each site's bound, the clipped examples."""
+        return {"dp": self.release.record(), "site_bounds": self.bounds, "clipped_examples": self.clipped}
+
     def noisy(self, site: Site, stats: SiteStats) -> SiteStats:
         """A site's reduced sums with the mechanism's noise, its count from its stream's noisy count."""
-        std = self.release.noise_std
+        std = self.release.relative_noise * self.bounds[site.name]
         stream = "examples" if site.stream == "example" else site.stream
         return SiteStats(
             dp.noisy_gram(stats.gram, std, self.generator),
@@ -111,7 +115,7 @@ class PrivateRelease:
 
 def typical_norms(model: nn.Module, sites: list[Site], max_length: int) -> torch.Tensor:
     """Each site's typical contribution norm, from the public model alone: the median over 16 random token
-    sequences of min(max_length, 32) tokens (the default clipping norm is their norm over the Grams' share)."""
+    sequences of min(max_length, 32) tokens."""
     vocab = model.get_input_embeddings().weight.shape[0]
     device = next(model.parameters()).device
     ids = torch.randint(0, vocab, (16, min(max_length, 32)), generator=torch.Generator().manual_seed(0)).to(device)

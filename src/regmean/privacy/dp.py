@@ -1,21 +1,21 @@
 """Differentially private statistics: one Gaussian mechanism over everything a statistics file releases.
 
-The released vector is, for every site, the Gram's upper triangle (as stored) and the sum of the inputs, plus one
-row count per stream (tokens, decoder tokens, examples; each site's count is its calls per token times its
-stream's). Each example's contribution to that vector is clipped to L2 norm `clip`:
+The released vector holds, for every one of the S sites, the Gram's upper triangle (as stored) and the sum of the
+inputs, and one row count per stream (tokens, decoder tokens, examples; each site's count is its calls per token
+times its stream's). Each block is weighted so that one example moves the whole vector by at most 1 (L2):
 
-- at each site s its rows are scaled by a factor g_s <= 1 so that its Gram and sum there have norm at most c_s
-  (the Gram scales by g_s^2, the sum by g_s), the site bounds c_s splitting sqrt(3)/2 clip (sum of c_s^2 =
-  3/4 clip^2) in proportion to what the public model puts at each site: sites differ in scale by orders of
-  magnitude, and one bound for all would drown the small ones in the large ones' noise;
-- its counts enter as m * clip / (2 L sqrt(S)) for S streams and L the most rows one example can add to a stream
-  (max_length tokens; 1 example), so that they have norm at most clip / 2.
+- site s: the example's rows there are scaled by a factor g <= 1 so that its Gram and sum at s have norm at most
+  c_s (the Gram scales by g^2, the sum by g), and the block is weighted by sqrt(3/4) / (sqrt(S) c_s). The bound
+  c_s is `clip` times the site's typical contribution, measured on random tokens with the public model: sites
+  differ in scale by orders of magnitude, and every site keeps the same noise relative to its own bound;
+- the counts are weighted by 1 / (2 L sqrt(streams)), L the most rows one example adds to the stream (max_length
+  tokens; 1 example), so that they move the vector by at most 1/2.
 
-Adding or removing one example then moves the vector by at most `clip` in L2 norm, and Gaussian noise of standard
-deviation `noise_multiplier * clip` on every released number (an upper triangle of i.i.d. noise: a symmetric noise
-matrix, the "Analyze Gauss" construction) makes the whole file (epsilon, delta)-DP, the multiplier calibrated by
-Google's dp-accounting (privacy loss distributions, add-or-remove neighbours). Noisy Grams are then projected onto
-the positive semidefinite cone (eigenvalues floored at 0): post-processing, which costs no privacy.
+Gaussian noise of std sigma on every weighted number (an upper triangle of i.i.d. noise: a symmetric noise
+matrix, the "Analyze Gauss" construction) makes the file (epsilon, delta)-DP, sigma calibrated by Google's
+dp-accounting (privacy loss distributions, add-or-remove neighbours). Divided back by the weights, that is noise of
+std sigma sqrt(S) c_s / sqrt(3/4) on site s and 2 sigma L sqrt(streams) rows on a count. Noisy Grams are then
+projected onto the positive semidefinite cone (eigenvalues floored at 0): post-processing, which costs no privacy.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import torch
 from regmean.errors import RegmeanError
 
 GRAM_SHARE = math.sqrt(3) / 2
-"""The part of the clipping norm left to the Grams and sums; the counts take the rest (clip / 2)."""
+"""The part of the unit bound left to the Grams and sums; the counts take the rest (1/2)."""
 
 
 @dataclass(frozen=True)
@@ -37,21 +37,32 @@ class DPRelease:
 
     epsilon: float
     delta: float
-    clip: float  # bound on one example's contribution (L2, over every released number)
-    noise_multiplier: float  # noise standard deviation / clip
+    clip: float  # each site's bound on one example's contribution, in multiples of its typical contribution
+    noise_multiplier: float  # sigma: noise std of the weighted vector, whose sensitivity is 1
+    sites: int
+    streams: int
+    max_length: int
 
     @property
-    def noise_std(self) -> float:
-        return self.noise_multiplier * self.clip
+    def relative_noise(self) -> float:
+        """Noise std on a site's Gram entries and sums, in multiples of the site's bound c_s."""
+        return self.noise_multiplier * math.sqrt(self.sites) / GRAM_SHARE
+
+    def count_noise(self, bound: int) -> float:
+        """Noise std, in rows, of a stream's count whose examples add at most `bound` rows each."""
+        return 2 * self.noise_multiplier * bound * math.sqrt(self.streams)
 
     def describe(self) -> str:
         return (
             f"differential privacy: ({self.epsilon:g}, {self.delta:g})-DP for the whole file (add or remove one "
-            f"example); contributions clipped to {self.clip:.4g}, Gaussian noise of std {self.noise_std:.4g}"
+            f"example); each example clipped at every site to {self.clip:g} x the public model's typical "
+            f"contribution there, Gaussian noise of {self.relative_noise:.3g} x that bound on every Gram entry and "
+            f"sum of the {self.sites} sites, of {self.count_noise(self.max_length):.0f} tokens on token counts"
         )
 
     def record(self) -> dict:
-        return {**asdict(self), "noise_std": self.noise_std, "accountant": ACCOUNTANT, "psd_projection": True}
+        extra = {"relative_noise": self.relative_noise, "token_count_noise": self.count_noise(self.max_length)}
+        return {**asdict(self), **extra, "accountant": ACCOUNTANT, "psd_projection": True}
 
 
 ACCOUNTANT = "dp-accounting PLD (Gaussian mechanism, add-or-remove neighbours)"
@@ -80,13 +91,6 @@ def calibrate(epsilon: float, delta: float) -> float:
     return float(dp_accounting.calibrate_dp_mechanism(accountant, dp_accounting.GaussianDpEvent, epsilon, delta))
 
 
-def site_bounds(typical: torch.Tensor, clip: float) -> torch.Tensor:
-    """Per-site bounds c_s in proportion to `typical` (each site's typical contribution norm, from the public model),
-    with sum of c_s^2 = (sqrt(3)/2 clip)^2."""
-    shares = typical.double().clamp_min(1e-30)
-    return shares * (GRAM_SHARE * clip / float(shares.norm()))
-
-
 def row_scales(gram_norms: torch.Tensor, sum_norms: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
     """The factor g <= 1 per example and site with g^4 a + g^2 b <= c^2, for a = the squared norm of its Gram's upper
     triangle there, b = that of its sum and c = the site's bound (the largest such g: a root of a quadratic in g^2);
@@ -95,12 +99,6 @@ def row_scales(gram_norms: torch.Tensor, sum_norms: torch.Tensor, bounds: torch.
     budget = bounds.double().pow(2).expand_as(a)
     g2 = torch.where(a > 0, (-b + torch.sqrt(b * b + 4 * a * budget)) / (2 * a.clamp_min(1e-300)), budget / b)
     return g2.clamp(max=1.0).sqrt()
-
-
-def count_weight(clip: float, bound: int, streams: int) -> float:
-    """What one row of a stream weighs in the released vector: clip / (2 L sqrt(S)), so that one example's counts
-    (at most L rows in each of S streams) have norm at most clip / 2."""
-    return clip / (2 * bound * math.sqrt(streams))
 
 
 def noisy_gram(gram: torch.Tensor, std: float, gen: torch.Generator) -> torch.Tensor:
@@ -116,7 +114,6 @@ def noisy_vector(values: torch.Tensor, std: float, gen: torch.Generator) -> torc
     return (values.double() + torch.randn(values.shape, generator=gen, dtype=torch.float64) * std).to(values.dtype)
 
 
-def noisy_count(total: int, weight: float, std: float, gen: torch.Generator) -> int:
-    """A stream's row count released through the same mechanism (weight * total + noise, divided back), at least 1."""
-    released = weight * total + float(torch.randn((), generator=gen, dtype=torch.float64)) * std
-    return max(1, round(released / weight))
+def noisy_count(total: int, std: float, gen: torch.Generator) -> int:
+    """A stream's row count with the mechanism's noise (std in rows), rounded, at least 1."""
+    return max(1, round(total + float(torch.randn((), generator=gen, dtype=torch.float64)) * std))
