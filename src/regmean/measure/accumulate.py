@@ -39,7 +39,7 @@ def add_gram(gram: torch.Tensor, rows: torch.Tensor) -> None:
             gram[edges[i] : edges[i + 1], edges[j] : edges[j + 1]].addmm_(a.T, rows[:, edges[j] : edges[j + 1]])
 
 
-class _Collected(Exception):
+class Collected(Exception):
     """Raised by the hook of the last site called in a forward pass: nothing after it is needed."""
 
 
@@ -81,7 +81,7 @@ class Accumulator:
         """One forward pass over `batch`, summing every site's inputs."""
         self.batch = batch
         self.calls_left = self.last.calls
-        with suppress(_Collected):
+        with suppress(Collected):
             forward(self.model, batch)
 
     def pass_over(self, batches: Iterable[Batch], advance: Callable[[int], None] | None = None) -> int:
@@ -124,7 +124,7 @@ class Accumulator:
             if site is self.last:
                 self.calls_left -= 1
                 if self.calls_left == 0:
-                    raise _Collected
+                    raise Collected
 
         return hook
 

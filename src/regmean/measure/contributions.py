@@ -5,10 +5,12 @@ per stream (what `regmean.privacy.dp` clips)."""
 from __future__ import annotations
 
 from collections.abc import Iterable
+from contextlib import suppress
 
 import torch
 from torch import nn
 
+from regmean.measure.accumulate import Collected
 from regmean.measure.batching import Batch, forward
 from regmean.measure.sites import Site, hooks
 
@@ -26,6 +28,7 @@ class ContributionNorms:
         self.rows: dict[str, list[torch.Tensor]] = {"input": [], "decoder": []}
         self._batch: Batch | None = None
         self._norms: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._last, self._calls_left = max(sites, key=lambda s: s.last_call), 0
         named = dict(model.named_modules())
         self.handles = [named[s.name].register_forward_pre_hook(self._hook(s)) for s in sites]
 
@@ -33,8 +36,9 @@ class ContributionNorms:
         """Squared norms (a, b), [examples, sites] in data order and the order of `sites`."""
         with hooks(self.handles), torch.inference_mode():
             for batch in batches:
-                self._batch, self._norms = batch, {}
-                forward(self.model, batch)
+                self._batch, self._norms, self._calls_left = batch, {}, self._last.calls
+                with suppress(Collected):  # stopped after the last site: the rest (an LM head, say) is not needed
+                    forward(self.model, batch)
                 self.grams.append(torch.stack([self._norms[s.name][0] for s in self.sites], 1).pow(2).cpu())
                 self.sums.append(torch.stack([self._norms[s.name][1] for s in self.sites], 1).pow(2).cpu())
                 for stream in self.rows:
@@ -55,5 +59,9 @@ class ContributionNorms:
             total = x.sum(1).pow(2).sum(1).sqrt()
             before = self._norms.get(site.name, (0.0, 0.0))
             self._norms[site.name] = (before[0] + gram, before[1] + total)
+            if site is self._last:
+                self._calls_left -= 1
+                if self._calls_left == 0:
+                    raise Collected
 
         return hook

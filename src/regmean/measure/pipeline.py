@@ -78,17 +78,9 @@ def measure(
         sites = detect_sites(model, modules, first)
     distributed.check_same(repr([(s.name, s.modules, s.stream) for s in sites]), "the detected sites")
     protection = protection or Protection()
-    withheld: list[str] = []
-    warning = None if protection.withhold else protection.warning(token_site_names(model, sites))
-    if warning and log is not None and distributed.rank() == 0:
-        log(warning)
-    if protection.withhold:
-        sites, withheld = withhold_token_sites(model, sites, skipped)
-        if not sites:
-            raise RegmeanError("no site left to measure once the token sites are withheld")
-    private = None
-    if protection.epsilon is not None:
-        private = PrivateRelease(model, sites, batches, protection, max_length, len(examples), device)
+    sites, withheld, private = _protected(
+        model, sites, skipped, protection, batches, (max_length, len(examples)), device, log
+    )
     blocks = site_blocks(sites, sums.itemsize, max_stats_bytes)
     if log is not None and distributed.rank() == 0:
         log(_announcement(blocks, len(modules), sums, device, len(examples)))
@@ -130,6 +122,33 @@ def measure(
             else:
                 on_block(Statistics(sites=part, tokens=record["tokens"], provenance=[record], **base), b, len(blocks))
     return Statistics(sites=collected, tokens=record["tokens"], provenance=[record], **base)
+
+
+def _protected(
+    model,
+    sites: list[Site],
+    skipped: dict[str, str],
+    protection: Protection,
+    batches,
+    sizes: tuple[int, int],
+    device: str,
+    log,
+) -> tuple[list[Site], list[str], PrivateRelease | None]:
+    """The sites to measure once the token sites are withheld (if asked; else one line says what they expose),
+    the names of those withheld, and the DP release (if asked: its clipping pass runs now); `sizes`: (max_length,
+    the count of examples over all processes)."""
+    withheld: list[str] = []
+    if protection.withhold:
+        sites, withheld = withhold_token_sites(model, sites, skipped)
+        if not sites:
+            raise RegmeanError("no site left to measure once the token sites are withheld")
+    else:
+        warning = protection.warning(token_site_names(model, sites))
+        if warning and log is not None and distributed.rank() == 0:
+            log(warning)
+    if protection.epsilon is None:
+        return sites, withheld, None
+    return sites, withheld, PrivateRelease(model, sites, batches, protection, *sizes, device)
 
 
 def prepare_inputs(model_dir, base, allow_pickle: bool, examples: Sequence[Example]) -> tuple:
