@@ -27,8 +27,8 @@ from harness import DOCS, write_doc  # noqa: E402
 
 from regmean.bench.evaluate import score  # noqa: E402
 from regmean.bench.run import packaged_minilm  # noqa: E402
-from regmean.bench.runner import Runner, Settings  # noqa: E402
-from regmean.bench.suites import TASK_PAIRS, _keep_dirs, domain_data, task_data  # noqa: E402
+from regmean.bench.runner import TASK_PAIRS, Runner, Settings  # noqa: E402
+from regmean.bench.suites import _keep_dirs, domain_data, task_data  # noqa: E402
 from regmean.io.data import Example  # noqa: E402
 from regmean.measure import measure  # noqa: E402
 from regmean.measure.protect import Protection  # noqa: E402

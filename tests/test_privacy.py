@@ -225,3 +225,19 @@ def test_cli_audit_reports_recall_and_measure_warns(tmp_path):
     assert out.is_file()
     result = runner.invoke(app, args)  # never written over
     assert result.exit_code == 2 and "exists" in result.output
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--dp-epsilon", "0"], "--dp-epsilon must be a positive number"),
+        (["--dp-epsilon", "1", "--dp-delta", "2"], "--dp-delta must lie between 0 and 1"),
+        (["--dp-epsilon", "1", "--dp-clip", "-3"], "--dp-clip must be a positive number"),
+        (["--dp-clip", "2"], "give --dp-epsilon"),
+    ],
+)
+def test_bad_privacy_flags_are_refused_before_any_work(tmp_path, flags, message):
+    args = ["measure", str(tmp_path / "missing-model"), "--data", str(tmp_path / "missing.jsonl")]
+    result = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "s"), *flags])
+    assert result.exit_code == 2 and message in result.output
+    assert not (tmp_path / "s").exists()

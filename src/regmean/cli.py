@@ -124,6 +124,7 @@ def measure(
         _relaunch_with_torchrun(nproc)
     if max_memory is not None and out.suffix == ".safetensors" and not out.is_dir():
         raise RegmeanError(f"{out}: --max-memory may write several blocks; give a folder as --out")
+    protection = Protection(withhold == "token-sites", dp_epsilon, dp_delta, dp_clip)  # a bad budget: refused now
     device = distributed.init_from_env(device)
     sources = [("model", model_dir), ("data file", data), *([("base model", base)] if base else [])]
     # rank 0 writes: each finished block leaves memory for disk, all are shown together at the end
@@ -150,7 +151,7 @@ def measure(
             on_block=writer.write if writer else lambda *_: None,
             allow_pickle=allow_pickle,
             base=base,
-            protection=Protection(withhold == "token-sites", dp_epsilon, dp_delta, dp_clip),
+            protection=protection,
         )
         if writer is None:
             return

@@ -3,6 +3,7 @@ and release everything else with differential privacy (`regmean.privacy.dp`)."""
 
 from __future__ import annotations
 
+import math
 import secrets
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -11,6 +12,7 @@ import torch
 from torch import nn
 
 from regmean import distributed
+from regmean.errors import RegmeanError
 from regmean.measure.batching import Batch
 from regmean.measure.contributions import ContributionNorms
 from regmean.measure.sites import Site
@@ -30,6 +32,18 @@ class Protection:
     epsilon: float | None = None
     delta: float = 1e-5
     clip: float | None = None  # each site's bound, in multiples of its typical contribution (`typical_norms`); 1
+
+    def __post_init__(self) -> None:
+        """Refuse a budget that cannot be met before any work (the accountant runs later, once)."""
+        if self.epsilon is None:
+            if self.clip is not None:
+                raise RegmeanError("--dp-clip bounds a DP release: give --dp-epsilon (and --dp-delta) with it")
+            return
+        dp.check_budget(self.epsilon, self.delta)
+        if self.clip is not None and not (math.isfinite(self.clip) and self.clip > 0):
+            raise RegmeanError(
+                f"--dp-clip must be a positive number (1: each site's typical contribution), not {self.clip}"
+            )
 
     def warning(self, exposed: list[str]) -> str | None:
         """One line on what the file will expose, when the owner chose no protection."""

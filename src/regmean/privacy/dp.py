@@ -75,13 +75,7 @@ MAX_EPSILON = 100.0
 def calibrate(epsilon: float, delta: float) -> float:
     """The smallest noise multiplier (std / L2 sensitivity) for which one Gaussian mechanism is (epsilon, delta)-DP,
     from dp-accounting's privacy-loss-distribution accountant."""
-    if not (math.isfinite(epsilon) and 0 < epsilon <= MAX_EPSILON):
-        raise RegmeanError(
-            f"--dp-epsilon must be a positive number up to {MAX_EPSILON:g} (a larger budget protects nothing), "
-            f"not {epsilon}"
-        )
-    if not (0 < delta < 1):
-        raise RegmeanError(f"--dp-delta must lie between 0 and 1 (e.g. 1e-5), not {delta}")
+    check_budget(epsilon, delta)
     import dp_accounting
     from dp_accounting.pld import pld_privacy_accountant
 
@@ -89,6 +83,16 @@ def calibrate(epsilon: float, delta: float) -> float:
         return pld_privacy_accountant.PLDAccountant(value_discretization_interval=PLD_INTERVAL)
 
     return float(dp_accounting.calibrate_dp_mechanism(accountant, dp_accounting.GaussianDpEvent, epsilon, delta))
+
+
+def check_budget(epsilon: float, delta: float) -> None:
+    if not (math.isfinite(epsilon) and 0 < epsilon <= MAX_EPSILON):
+        raise RegmeanError(
+            f"--dp-epsilon must be a positive number up to {MAX_EPSILON:g} (a larger budget protects nothing), "
+            f"not {epsilon}"
+        )
+    if not (0 < delta < 1):
+        raise RegmeanError(f"--dp-delta must lie between 0 and 1 (e.g. 1e-5), not {delta}")
 
 
 def row_scales(gram_norms: torch.Tensor, sum_norms: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
