@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 import torch
 import transformers as tf
-from conftest import PAD, SEP, TEXTS, VOCAB, save_model, write_jsonl
+from conftest import TEXTS, VOCAB, _config, save_model, write_jsonl
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -24,20 +24,11 @@ from regmean.privacy.tokensites import token_sites, token_vectors
 from regmean.stats import StatisticsFile, combine, pack_upper, save
 
 
-def _decoder(tmp_path, seed: int = 0, hidden: int = 48):
-    """A tiny Llama wide enough that a few dozen token counts are the only non-negative fit of its first Gram."""
-    config = tf.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=hidden,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        pad_token_id=PAD,
-        bos_token_id=101,
-        eos_token_id=SEP,
-    )
+def _decoder(tmp_path, seed: int = 0):
+    """The tiny test Llama, 48 wide: wide enough that a few dozen token counts are the only non-negative fit of its
+    first Gram (2,080 equations)."""
+    config = _config("llama")
+    config.hidden_size, config.intermediate_size = 48, 64
     torch.manual_seed(seed)
     return save_model(tf.LlamaForCausalLM(config).eval(), tmp_path / f"decoder{seed}")
 
