@@ -59,12 +59,13 @@ def tweets(n: int, control: bool = False) -> Path:
     return out
 
 
-def control_recall(model: Path, recovered: list[dict], n: int) -> float:
-    """Recall of the recovered tokens against the distinct tokens of N tweets that are not in the file."""
+def token_recall(model: Path, recovered: list[dict], n: int, control: bool) -> float:
+    """Recall of the recovered distinct tokens (positions ignored) against the distinct tokens of the owner's N
+    tweets, or of N tweets that are not in the file (control)."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model)
-    texts = [json.loads(line)["text"] for line in tweets(n, control=True).read_text().splitlines()]
+    texts = [json.loads(line)["text"] for line in tweets(n, control).read_text().splitlines()]
     truth = {i for t in texts for i in tokenizer(t, truncation=True, max_length=128)["input_ids"]}
     return len(truth & {r["token"] for r in recovered}) / len(truth)
 
@@ -89,7 +90,8 @@ def run_one(model: Path, n: int, setting: str, work: Path) -> dict:
         "true": best["true"] if best else None,
         "recovered": best["recovered"] if best else 0,
         "recall": best["recall"] if best else 0.0,
-        "control_recall": control_recall(model, found["sites"][0]["recovered"], n) if scores else 0.0,
+        "token_recall": token_recall(model, found["sites"][0]["recovered"], n, False) if scores else 0.0,
+        "control_recall": token_recall(model, found["sites"][0]["recovered"], n, True) if scores else 0.0,
         "precision": best["precision"] if best else None,
         "exact_counts": best["exact_counts"] if best else 0,
         "audit_seconds": round(seconds, 1),
@@ -115,14 +117,15 @@ def main() -> None:
             rows.append(row)
             out.write_text(json.dumps(rows, indent=1) + "\n")
     columns = ("examples", "setting", "sites decoded", "withheld", "true distinct", "recovered", "recall")
-    columns += ("control recall", "precision", "exact counts", "audit s")
+    columns += ("precision", "exact counts", "token recall", "control token recall", "audit s")
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for r in sorted(rows, key=lambda r: (r["examples"], list(SETTINGS).index(r["setting"]))):
         precision = "-" if r["precision"] is None else f"{r['precision']:.3f}"
+        token = f"{r['token_recall']:.3f}" if "token_recall" in r else "-"  # rows of before it was recorded
         lines.append(
             f"| {r['examples']} | {r['setting']} | {r['sites_decoded']} | {r['withheld']} | {r['true'] or '-'} | "
-            f"{r['recovered']} | {r['recall']:.3f} | {r['control_recall']:.3f} | {precision} | {r['exact_counts']} | "
-            f"{r['audit_seconds']} |"
+            f"{r['recovered']} | {r['recall']:.3f} | {precision} | {r['exact_counts']} | {token} | "
+            f"{r['control_recall']:.3f} | {r['audit_seconds']} |"
         )
     title = f"# Bag-of-words audit of {args.model} statistics (tweets, max length 128)\n\n"
     write_doc(f"privacy-{args.model}", title + "\n".join(lines) + "\n", rows)
