@@ -18,6 +18,7 @@ import torch
 
 from regmean.errors import RegmeanError
 from regmean.io.data import Example
+from regmean.loading import load_adapted
 from regmean.measure.batching import make_batches
 from regmean.measure.pipeline import prepare_inputs
 from regmean.privacy.decode import Decoded, decode_counts
@@ -92,8 +93,6 @@ def audit(
     checkpoint, tokenizer, examples, _ = prepare_inputs(model_dir, base, False, examples or [])
     if checkpoint.fingerprint != stats.fingerprint:
         raise RegmeanError(f"{stats.path}: statistics of another model than {model_dir}; give the model they measured")
-    from regmean.loading import load_adapted
-
     model = load_adapted(checkpoint, device, torch.float32)
     vocab = model.get_input_embeddings().weight.shape[0]
     max_length = int(stats.provenance[0].get("max_length", 128)) if stats.provenance else 128
