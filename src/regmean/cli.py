@@ -24,8 +24,8 @@ from regmean.errors import RegmeanError, one_line
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Dataless knowledge fusion with RegMean.")
 stats_app = typer.Typer(no_args_is_help=True, help="Inspect, audit and combine statistics files.")
 app.add_typer(stats_app, name="stats")
-console = Console(stderr=True, markup=False)
-Withhold = Literal["none", "token-sites"]  # paths and texts from users are never read as markup
+console = Console(stderr=True, markup=False)  # paths and texts from users are never read as markup
+Withhold = Literal["none", "token-sites"]  # what `measure --withhold` may leave out
 
 
 def _fail(problems: list[str], code: int = 2) -> NoReturn:

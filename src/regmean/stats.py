@@ -211,7 +211,7 @@ class StatisticsFile:
         self.masking = meta.text("masking")
         self.provenance = meta.records("provenance")
         self.skipped = meta.str_map("skipped", "{}")
-        self.protection = self.meta.get("protection", "none")
+        self.protection = meta.text("protection", "none")
         self.privacy = meta.privacy()
         self.site_names = list(dict.fromkeys(self.modules.values()))  # forward order
         self._handles: dict[str, TensorFile] = {}
