@@ -99,7 +99,7 @@ def audit(
     attacked = min(max_length, positions or DEFAULT_POSITIONS)
     found = token_sites(model, list(stats.modules) + list(stats.skipped), vocab)
     by_site = {s.name: s for s in found if s.name in stats.site_names}
-    result = Audit(Path(stats_path), stats.examples, stats.tokens, protection(stats.meta))
+    result = Audit(Path(stats_path), stats.examples, stats.tokens, stats.protection)
     result.withheld = [s for s in found if s.name in stats.privacy.get("withheld", [])]
     for site in by_site.values():
         start = time.perf_counter()
@@ -114,11 +114,6 @@ def audit(
         for entry in result.sites:
             entry.truth, entry.unattacked = _truth(examples, tokenizer, model, max_length, entry.positions, device)
     return result
-
-
-def protection(meta: dict[str, str]) -> str:
-    """What protection a statistics file carries, in words (from its metadata)."""
-    return meta.get("protection", "none")
 
 
 def _atom(index: int, positions: int) -> Atom:
