@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import hashlib
 import math
-import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -16,7 +17,7 @@ from regmean.dtypes import STORED
 from regmean.errors import RegmeanError
 from regmean.io.checkpoint import ADAPTER_CONFIG, Checkpoint
 from regmean.io.tensorfile import TensorFile
-from regmean.io.untrusted import check_finite, read_json_object
+from regmean.io.untrusted import UserPattern, check_finite, compile_pattern, read_json_object
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 SAVED_PREFIX = "base_model.model."
@@ -33,6 +34,10 @@ VARIANTS = (
     ("monteclora_config", "MonteCLoRA"),
 )
 """Adapter options that change what the adapted layers compute: W + s B A would not be the adapted weight."""
+FLOAT_TENSORS = ("F16", "BF16", "F32", "F64")
+"""The dtypes of LoRA tensors peft saves (an integer or boolean tensor read as numbers would be garbage)."""
+DEFAULT_R, DEFAULT_ALPHA = 8, 8
+"""peft's LoraConfig defaults for `r` and `lora_alpha`."""
 LORA_PARTS = {
     "lora_A.weight": "A",
     "lora_B.weight": "B",
@@ -89,6 +94,8 @@ class AdaptedCheckpoint:
         self.path = Path(path)
         self.adapter_config = read_json_object(self.path / ADAPTER_CONFIG, "a PEFT adapter config")
         _check_config(self.path, self.adapter_config)
+        self.rank_pattern = _patterns(self.path, self.adapter_config, "rank_pattern")
+        self.alpha_pattern = _patterns(self.path, self.adapter_config, "alpha_pattern")
         folder = base_folder(self.path, self.adapter_config, base)
         bases = {} if bases is None else bases
         if folder.resolve() not in bases:
@@ -186,16 +193,19 @@ class AdaptedCheckpoint:
         for module, parts in modules.items():
             if "A" not in parts or "B" not in parts:
                 raise RegmeanError(f"{self.file.path}: module {module} lacks its lora_A or lora_B tensor")
+            self._check_dtypes(parts.values())
             weight = self._base_key(module + ".weight", parts["A"])
             pair = LoraPair(parts["A"], parts["B"], 0.0, self._transposed(parts))
             self._check_shapes(weight, pair, parts.get("bias"))
-            pair.scale = self._scale(module, parts["A"])
+            pair.scale = self._scale(module, pair)
+            self._check_magnitude(module, weight, pair, parts.get("bias"))
             pairs[weight] = pair
             if "bias" in parts:
                 bias = self._base_key(module + ".bias", parts["bias"])
                 pairs[bias] = LoraPair(pair.a, pair.b, pair.scale, pair.transposed, bias=parts["bias"])
         for key, source in replaced.items():
-            if self.file.shape(source) != self.base.shape(key) or not self.file.dtype(source).startswith(("F", "BF")):
+            self._check_replaced_dtype(key, source)
+            if self.file.shape(source) != self.base.shape(key):
                 raise RegmeanError(
                     f"{self.file.path}: {source} is {list(self.file.shape(source))}, the base's {key} is "
                     f"{list(self.base.shape(key))}; give the base model the adapter was trained on"
@@ -210,17 +220,59 @@ class AdaptedCheckpoint:
             )
         return name
 
-    def _scale(self, module: str, a_key: str) -> float:
-        rank = self.file.shape(a_key)[0]
+    def _scale(self, module: str, pair: LoraPair) -> float:
+        """s = alpha / r (alpha / sqrt(r) with rsLoRA), with r and alpha as peft gives them to `module` (the first
+        rank_pattern / alpha_pattern key that matches it, else `r` / `lora_alpha`): r must be the tensors' rank."""
         config = self.adapter_config
-        alpha = config.get("lora_alpha", 8)
-        for pattern, value in (config.get("alpha_pattern") or {}).items():
-            if re.match(rf"(.*\.)?({pattern})$", module):  # peft's rule: the pattern ends the module name
-                alpha = value
-                break
-        if not isinstance(alpha, int | float) or isinstance(alpha, bool) or not math.isfinite(alpha):
-            raise RegmeanError(f"{self.path / ADAPTER_CONFIG}: lora_alpha {alpha!r} for {module} is not a number")
-        return alpha / rank**0.5 if config.get("use_rslora") else alpha / rank
+        r, r_from = _setting(self.rank_pattern, module, config.get("r", DEFAULT_R), "r")
+        alpha, _ = _setting(self.alpha_pattern, module, config.get("lora_alpha", DEFAULT_ALPHA), "lora_alpha")
+        rank = self.file.shape(pair.a)[0]
+        if r != rank:
+            raise RegmeanError(
+                f"{self.path / ADAPTER_CONFIG}: {r_from} gives {module} rank {r!r:.40}, but its tensors {pair.a} and "
+                f"{pair.b} in {self.file.path} have rank {rank} (peft cannot load this adapter); fix the config "
+                "or save the adapter again"
+            )
+        return float(alpha) / (math.sqrt(r) if config.get("use_rslora") else r)
+
+    def _check_magnitude(self, module: str, weight: str, pair: LoraPair, bias: str | None) -> None:
+        """Refuse, before any work, an update s B A that would overflow: every entry of it is at most
+        |s| sum_k max|B[:, k]| max|A[k, :]| (of s times a trained bias, |s| max|bias|), which must not pass the
+        largest float32 value (the update is computed in float32) nor the largest value of the base's dtype."""
+        a, b = self._finite(pair.a), self._finite(pair.b)
+        bound = abs(pair.scale) * float((b.abs().amax(0) * a.abs().amax(1)).sum())
+        if bias is not None:
+            bound = max(bound, abs(pair.scale) * float(self._finite(bias).abs().max()))
+        dtype = STORED[self.base.dtype(weight)]
+        dtype = dtype if dtype.is_floating_point and dtype.itemsize < 4 else torch.float32
+        if not bound <= torch.finfo(dtype).max:
+            kind = "sqrt(r)" if self.adapter_config.get("use_rslora") else "r"
+            raise RegmeanError(
+                f"{self.path / ADAPTER_CONFIG}: the scale lora_alpha / {kind} = {pair.scale:.3g} of {module} times its "
+                f"LoRA tensors in {self.file.path} can reach {bound:.3g}, above {torch.finfo(dtype).max:.3g} (the "
+                f"largest {str(dtype).removeprefix('torch.')}): the merged weight would overflow; fix lora_alpha"
+            )
+
+    def _finite(self, key: str) -> torch.Tensor:
+        return check_finite(self.file.get(key).double(), f"{self.file.path}: tensor {key}")
+
+    def _check_dtypes(self, keys: Iterable[str]) -> None:
+        """LoRA tensors are floating point (an I32 or BOOL tensor would be merged as numbers)."""
+        for key in keys:
+            if self.file.dtype(key) not in FLOAT_TENSORS:
+                raise RegmeanError(
+                    f"{self.file.path}: tensor {key} is {self.file.dtype(key)}; LoRA tensors must be floating point "
+                    f"({', '.join(FLOAT_TENSORS)}): save the adapter again"
+                )
+
+    def _check_replaced_dtype(self, key: str, source: str) -> None:
+        """A saved tensor replacing a base tensor is of the base's dtype, or floating point over a floating one."""
+        stored, base = self.file.dtype(source), self.base.dtype(key)
+        if stored != base and not (stored in FLOAT_TENSORS and STORED[base].is_floating_point):
+            raise RegmeanError(
+                f"{self.file.path}: tensor {source} is {stored}, but the base's {key} it replaces is {base}; a saved "
+                f"tensor must be of the base's dtype or floating point ({', '.join(FLOAT_TENSORS)}): save it again"
+            )
 
     def _transposed(self, parts: dict[str, str]) -> bool:
         """Embeddings (lora_embedding_*) and Conv1D layers (fan_in_fan_out) store the weight as [in, out]."""
@@ -259,16 +311,44 @@ def _check_config(path: Path, config: dict) -> None:
             f"{path / ADAPTER_CONFIG}: {used[0]} adapters are not supported (the update is not W + B A); "
             "merge the adapter into its model first (peft's merge_and_unload) and give that folder"
         )
-    patterns = config.get("alpha_pattern") or {}
-    if not isinstance(patterns, dict):
-        raise RegmeanError(f"{path / ADAPTER_CONFIG}: alpha_pattern must map module patterns to numbers")
-    for pattern in patterns:
-        try:
-            re.compile(pattern)
-        except re.error as exc:
-            raise RegmeanError(
-                f"{path / ADAPTER_CONFIG}: alpha_pattern {pattern!r} is not a regular expression"
-            ) from exc
+    _check_setting(path, "r", config.get("r", DEFAULT_R), rank=True)
+    _check_setting(path, "lora_alpha", config.get("lora_alpha", DEFAULT_ALPHA), rank=False)
     for flag in ("use_rslora", "fan_in_fan_out"):
         if not isinstance(config.get(flag, False), bool):
             raise RegmeanError(f"{path / ADAPTER_CONFIG}: {flag} must be true or false, not {config[flag]!r:.40}")
+
+
+def _check_setting(path: Path, name: str, value: Any, rank: bool) -> None:
+    """An `r` (a whole number, at least 1) or a `lora_alpha` (a finite number), as peft needs them."""
+    number = value if isinstance(value, int | float) and not isinstance(value, bool) else None
+    try:
+        finite = number is not None and math.isfinite(float(number))
+    except OverflowError:  # an integer beyond float range
+        finite = False
+    if not finite or (rank and (not isinstance(number, int) or number < 1)):
+        need = "a whole number of at least 1" if rank else "a finite number"
+        raise RegmeanError(f"{path / ADAPTER_CONFIG}: {name} is {value!r:.40}; it must be {need}")
+
+
+def _patterns(path: Path, config: dict, field: str) -> list[tuple[str, UserPattern, Any]]:
+    """peft's per-module overrides (`rank_pattern`, `alpha_pattern`) in their order: each key named, the key as peft
+    matches it (it ends the module name, after a dot or from the start), and its value, checked as `r` or
+    `lora_alpha` is. The keys are untrusted regular expressions: matching them is bounded in time."""
+    given = config.get(field) or {}
+    if not isinstance(given, dict):
+        raise RegmeanError(f"{path / ADAPTER_CONFIG}: {field} must map module patterns to numbers")
+    out = []
+    for key, value in given.items():
+        _check_setting(path, f"{field} {key!r:.80}", value, rank=field == "rank_pattern")
+        pattern = compile_pattern(rf"(.*\.)?({key})$", f"{path / ADAPTER_CONFIG}: {field}", shown=key)
+        out.append((f"{field} {key!r:.80}", pattern, value))
+    return out
+
+
+def _setting(patterns: list[tuple[str, UserPattern, Any]], module: str, default: Any, name: str) -> tuple[Any, str]:
+    """A module's r or alpha as peft resolves it: the value of the first pattern matching it, else the default; and
+    where it came from (for messages)."""
+    for named, pattern, value in patterns:
+        if pattern.match(module):
+            return value, named
+    return default, name

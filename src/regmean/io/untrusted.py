@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import json
 import re
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import regex
 import torch
 
 from regmean.errors import RegmeanError, one_line
@@ -64,11 +67,77 @@ def read_model_config(folder: Path) -> dict[str, Any]:
     return read_json_object(config_file, "a model config")
 
 
-def compile_pattern(pattern: str, where: str) -> re.Pattern:
+PATTERN_SECONDS = 0.25
+"""Longest one match of a user's pattern against one name may take: real patterns take microseconds on names, and
+the margin keeps a busy machine's pauses (the limit is wall-clock time) from refusing them."""
+PATTERN_BUDGET = 5.0
+"""Longest all matches of one pattern together may take."""
+PATTERN_SIZE = 100_000
+"""Largest pattern length times the product of its repeat counts (`{n}`, `{m,n}`): the regex engine expands counted
+repeats when it compiles, so `(a{1000}){1000}` would take gigabytes before any match."""
+REPEAT_COUNT = re.compile(r"\{\s*(\d*)\s*(?:,\s*(\d*)\s*)?\}")
+
+
+class UserPattern:
+    """A user's regular expression (Python `re` syntax) whose match, search and fullmatch are bounded in time: each
+    call stops after PATTERN_SECONDS, all calls together after PATTERN_BUDGET, with a one-line RegmeanError."""
+
+    def __init__(self, compiled: regex.Pattern, shown: str, where: str):
+        self.compiled, self.pattern, self.where = compiled, shown, where
+        self.spent = 0.0
+
+    def match(self, name: str) -> regex.Match | None:
+        return self._run(self.compiled.match, name)
+
+    def search(self, name: str) -> regex.Match | None:
+        return self._run(self.compiled.search, name)
+
+    def fullmatch(self, name: str) -> regex.Match | None:
+        return self._run(self.compiled.fullmatch, name)
+
+    def _run(self, method: Callable[..., regex.Match | None], name: str) -> regex.Match | None:
+        limit = min(PATTERN_SECONDS, PATTERN_BUDGET - self.spent)
+        start = time.perf_counter()
+        try:
+            if limit <= 0:
+                raise TimeoutError
+            return method(name, timeout=limit)
+        except TimeoutError:
+            raise RegmeanError(
+                f"{self.where}: pattern {self.pattern!r} takes too long to match names (over {PATTERN_SECONDS} s for "
+                f"one name or {PATTERN_BUDGET} s in all: it backtracks); simplify it"
+            ) from None
+        finally:
+            self.spent += time.perf_counter() - start
+
+
+def pattern_size(pattern: str) -> int:
+    """An upper bound on what compiling `pattern` expands to: its length times every repeat count in it (+1 each),
+    nested or not; counted textually, so no construct can hide a repeat from it."""
+    size = max(len(pattern), 1)
+    for found in REPEAT_COUNT.finditer(pattern):
+        counts = [int(g) if len(g) < 10 else 10**10 for g in found.groups() if g]
+        size *= max(counts, default=0) + 1
+        if size > PATTERN_SIZE:
+            break
+    return size
+
+
+def compile_pattern(pattern: str, where: str, shown: str | None = None) -> UserPattern:
+    """A user's regular expression, bounded in what it may cost (`shown` is what messages quote: the user's own text
+    when `pattern` wraps it)."""
+    shown = pattern if shown is None else shown
+    if not isinstance(pattern, str):
+        raise RegmeanError(f"{where}: {shown!r:.80} is not a regular expression (a string)")
+    if pattern_size(pattern) > PATTERN_SIZE:
+        raise RegmeanError(
+            f"{where}: pattern {shown!r:.200} is too large (its length times its repeat counts exceeds "
+            f"{PATTERN_SIZE:,}); simplify it"
+        )
     try:
-        return re.compile(pattern)
-    except (re.error, RecursionError, OverflowError) as exc:
-        raise RegmeanError(f"{where}: invalid regular expression {pattern!r} ({exc})") from None
+        return UserPattern(regex.compile(pattern), shown, where)
+    except (regex.error, re.error, RecursionError, OverflowError, ValueError) as exc:
+        raise RegmeanError(f"{where}: invalid regular expression {shown!r} ({exc})") from None
 
 
 def all_finite(tensor: torch.Tensor) -> bool:
