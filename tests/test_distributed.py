@@ -126,15 +126,20 @@ def files_of(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in found}
 
 
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
+"""Byte-identical at the same torch thread count (as the README says): torchrun gives each rank one thread."""
+
+
 def test_merge_on_two_processes_writes_the_same_bytes_as_one(tmp_path):
     recipe = merge_inputs(tmp_path)
     one = subprocess.run(
         [sys.executable, "-m", "regmean", "merge", str(recipe), str(tmp_path / "one"), "--shard-size", "8KB"],
         capture_output=True,
         text=True,
+        env=ONE_THREAD,
     )
     assert one.returncode == 0, one.stderr[-3000:]
-    two = torchrun("merge", recipe, tmp_path / "two", "--shard-size", "8KB")
+    two = torchrun("merge", recipe, tmp_path / "two", "--shard-size", "8KB", env=ONE_THREAD)
     assert two.returncode == 0, two.stderr[-3000:]
     reference = files_of(tmp_path / "one")
     assert len(reference) > 3 and files_of(tmp_path / "two") == reference  # several shards, byte for byte
@@ -151,12 +156,11 @@ def test_merge_with_nproc_and_heads_keep(tmp_path):
     recipe = merge_inputs(tmp_path, "bert", "BertForTokenClassification", num_labels=5)
     text = recipe.read_text() + "heads: keep\n"
     recipe.write_text(text)
-    one = subprocess.run(
-        [sys.executable, "-m", "regmean", "merge", str(recipe), str(tmp_path / "one")], capture_output=True, text=True
-    )
+    cmd = [sys.executable, "-m", "regmean", "merge", str(recipe), str(tmp_path / "one")]
+    one = subprocess.run(cmd, capture_output=True, text=True, env=ONE_THREAD)
     assert one.returncode == 0, one.stderr[-3000:]
     cmd = [sys.executable, "-m", "regmean", "merge", str(recipe), str(tmp_path / "two"), "--nproc", "2"]
-    two = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    two = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=ONE_THREAD)
     assert two.returncode == 0, two.stderr[-3000:]
     reference = files_of(tmp_path / "one")
     assert len(reference) == 3 and files_of(tmp_path / "two") == reference  # one folder per model, same bytes

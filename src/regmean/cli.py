@@ -20,6 +20,7 @@ from regmean.cli_audit import stats_audit
 from regmean.cli_show import evaluate as evaluate_command
 from regmean.cli_show import stats_show
 from regmean.errors import RegmeanError, one_line
+from regmean.launch import relaunch_with_torchrun
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Dataless knowledge fusion with RegMean.")
 stats_app = typer.Typer(no_args_is_help=True, help="Inspect, audit and combine statistics files.")
@@ -121,7 +122,7 @@ def measure(
     from regmean.units import parse_size
 
     if nproc > 1 and not distributed.launched():
-        _relaunch_with_torchrun(nproc)
+        relaunch_with_torchrun(nproc, data=data)
     if max_memory is not None and out.suffix == ".safetensors" and not out.is_dir():
         raise RegmeanError(f"{out}: --max-memory may write several blocks; give a folder as --out")
     protection = Protection(withhold == "token-sites", dp_epsilon, dp_delta, dp_clip)  # a bad budget: refused now
@@ -196,7 +197,7 @@ def fisher(
     from regmean.io.staged import StagedFiles
 
     if nproc > 1 and not distributed.launched():
-        _relaunch_with_torchrun(nproc)
+        relaunch_with_torchrun(nproc, data=data)
     device = distributed.init_from_env(device)
     sources = [("model", model_dir), ("data file", data)]
     writing = _on_rank0(
@@ -233,28 +234,6 @@ def _on_rank0(make_writer: Callable):
     return make_writer() if distributed.rank() == 0 else nullcontext()
 
 
-def _relaunch_with_torchrun(nproc: int) -> None:
-    """Run this same command as `torchrun --standalone --nproc_per_node N -m regmean ...` and exit with its code."""
-    import subprocess
-
-    args = sys.argv[1:]
-    for i, a in enumerate(args):  # drop --nproc N / --nproc=N
-        if a == "--nproc":
-            del args[i : i + 2]
-            break
-        if a.startswith("--nproc="):
-            del args[i]
-            break
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "regmean"]
-    code = subprocess.call(cmd + args)
-    if code != 0:
-        command = next((a for a in args if a in ("measure", "fisher", "merge")), "the command")
-        print(
-            f"error: {command} failed in one of its {nproc} processes (exit {code}); nothing written", file=sys.stderr
-        )
-    raise typer.Exit(code)
-
-
 @app.command()
 @_reports_errors
 def merge(
@@ -277,7 +256,7 @@ def merge(
     from regmean.merge import merge as run_merge
 
     if nproc > 1 and not distributed.launched():
-        _relaunch_with_torchrun(nproc)
+        relaunch_with_torchrun(nproc, recipe=config)
 
     result = run_merge(
         config,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import atexit
 import os
 import signal
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import TypeVar
 
@@ -21,6 +21,9 @@ from regmean.devices import check_device
 from regmean.errors import RegmeanError
 
 T = TypeVar("T")
+PEER_FAILED = "another process of the run failed or was stopped"
+"""How a rank says that a collective broke because a peer died or failed: the peer's own error is the cause (the
+`--nproc` launcher reports that one instead)."""
 
 
 def launched() -> bool:
@@ -44,10 +47,30 @@ def init_from_env(device: str) -> str:
         check_device(device)
         torch.cuda.set_device(device)
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    timeout = timedelta(seconds=int(os.environ.get("REGMEAN_DIST_TIMEOUT", "1800")))
-    dist.init_process_group(backend="nccl" if cuda else "gloo", timeout=timeout)
+    dist.init_process_group(backend="nccl" if cuda else "gloo", timeout=timeout())
     atexit.register(_leave)
     return device
+
+
+def timeout() -> timedelta:
+    """How long a rank waits for its peers: REGMEAN_DIST_TIMEOUT seconds (default 1800)."""
+    text = os.environ.get("REGMEAN_DIST_TIMEOUT", "1800")
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = float("nan")
+    if not 0 < seconds < 1e9:  # (NaN fails too)
+        shown = repr(text)[:40]
+        raise RegmeanError(f"REGMEAN_DIST_TIMEOUT={shown}: give the seconds a process waits for the others, e.g. 1800")
+    return timedelta(seconds=seconds)
+
+
+def collective(call: Callable[..., T], *args, **kwargs) -> T:
+    """A collective call; a peer that died or failed shows here as a broken connection: said as such."""
+    try:
+        return call(*args, **kwargs)
+    except RuntimeError as exc:  # (torch's DistBackendError is one)
+        raise RegmeanError(f"{PEER_FAILED} (see its error); nothing was written ({exc})") from exc
 
 
 def _leave() -> None:
@@ -85,7 +108,7 @@ def shard(items: Sequence[T]) -> list[T]:
 def sum_to_rank0(tensor: torch.Tensor) -> torch.Tensor:
     """Sum a tensor over ranks into rank 0's copy (in place); other ranks' copies are left unspecified."""
     if active():
-        dist.reduce(tensor, dst=0, op=dist.ReduceOp.SUM)
+        collective(dist.reduce, tensor, dst=0, op=dist.ReduceOp.SUM)
     return tensor
 
 
@@ -94,7 +117,7 @@ def sum_int(value: int, device: str | torch.device = "cpu") -> int:
     if not active():
         return value
     t = torch.tensor([value], dtype=torch.int64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    collective(dist.all_reduce, t, op=dist.ReduceOp.SUM)
     return int(t.item())
 
 
@@ -103,6 +126,6 @@ def check_same(value: str, what: str) -> None:
     if not active():
         return
     values: list[str | None] = [None] * world_size()
-    dist.all_gather_object(values, value)
+    collective(dist.all_gather_object, values, value)
     if len(set(values)) > 1:
         raise RegmeanError(f"processes disagree on {what}; every rank must load the same model")

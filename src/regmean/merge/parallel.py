@@ -74,7 +74,7 @@ def merge_on_ranks(
     rank, ranks = distributed.rank(), distributed.world_size()
     check_output_dir(check_output_path(out_dir, sources), force)  # on every rank: all fail alike, before any work
     # the last exchange waits for the slowest rank, however long its share takes
-    finish_group = _collective(dist.new_group, backend="gloo", timeout=FINISH_TIMEOUT)
+    finish_group = distributed.collective(dist.new_group, backend="gloo", timeout=FINISH_TIMEOUT)
     inputs = open_inputs(config)
     plan, method, steps, layouts = planned(inputs, log if rank == 0 else None)
     mine = [(n, steps[n]) for n in divide(steps, ranks, head_bytes(inputs))[rank]]
@@ -93,19 +93,9 @@ def merge_on_ranks(
     return write_output(out_dir, force, sources, log, inputs, plan.write_bytes, layouts, shard_bytes, fill)
 
 
-def _collective(call: Callable, *args, **kwargs):
-    """A collective call; a peer that died or failed shows here as a broken connection: said as such."""
-    try:
-        return call(*args, **kwargs)
-    except RuntimeError as exc:  # (torch's DistBackendError is one)
-        raise RegmeanError(
-            f"another process of the merge failed or was stopped (see its error); nothing was written ({exc})"
-        ) from exc
-
-
 def _shared(value: list) -> Path:
     """Rank 0's staging folder, known to every rank once rank 0 has created the shards in it."""
-    _collective(dist.broadcast_object_list, value, src=0)
+    distributed.collective(dist.broadcast_object_list, value, src=0)
     return Path(value[0])
 
 
@@ -115,7 +105,7 @@ def _gather(writers: list[ShardedWriter], results: dict[int, Computed], group) -
         w.close()
     sent = ([w.written() for w in writers], results)
     gathered: list = [None] * distributed.world_size() if distributed.rank() == 0 else []
-    _collective(dist.gather_object, sent, gathered if distributed.rank() == 0 else None, dst=0, group=group)
+    distributed.collective(dist.gather_object, sent, gathered if distributed.rank() == 0 else None, dst=0, group=group)
     return gathered
 
 
