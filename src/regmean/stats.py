@@ -32,6 +32,7 @@ from regmean.io.outputs import Inputs
 from regmean.io.staged import StagedFiles, target_file, write_atomic
 from regmean.io.tensorfile import TensorFile
 from regmean.io.untrusted import all_finite
+from regmean.stats_checks import check_count, check_gram, count_bound, expected_count
 
 FORMAT = "regmean.gram"
 FORMAT_VERSION = 2
@@ -93,6 +94,7 @@ class Statistics:
     skipped: dict[str, str] = field(default_factory=dict)  # module -> reason it has no statistics
     protection: str = "none"  # in words: withheld sites, differential privacy
     privacy: dict = field(default_factory=dict)  # {"withheld": [site, ...], "dp": DPRelease.record()}
+    site_streams: dict[str, tuple[str, int]] = field(default_factory=dict)  # site -> (stream, calls per pass)
 
     def metadata(self) -> dict[str, str]:
         return {
@@ -109,6 +111,7 @@ class Statistics:
             "skipped": json.dumps(self.skipped),
             "protection": self.protection,
             "privacy": json.dumps(self.privacy),
+            "site_streams": json.dumps(self.site_streams),
         }
 
 
@@ -213,6 +216,7 @@ class StatisticsFile:
         self.skipped = meta.str_map("skipped", "{}")
         self.protection = meta.text("protection", "none")
         self.privacy = meta.privacy()
+        self.site_streams = meta.site_streams()
         self.site_names = list(dict.fromkeys(self.modules.values()))  # forward order
         self._handles: dict[str, TensorFile] = {}
         for handle, block in opened:
@@ -233,6 +237,11 @@ class StatisticsFile:
         dtype = STORED_NAMES[FLOATS[self.dtype]]
         gram = (f"{name}::gram_upper", (d * (d + 1) // 2,)) if self._packed(name) else (f"{name}::gram", (d, d))
         expected = {f"{name}::sum": (dtype, (d,)), gram[0]: (dtype, gram[1]), f"{name}::count": ("I64", (1,))}
+        if f"{name}::gram" in handle and f"{name}::gram_upper" in handle:
+            raise RegmeanError(
+                f"{handle.path}: site {name} holds its Gram twice ({name}::gram and {name}::gram_upper); one "
+                "measure writes one: measure again"
+            )
         for key, (want_dtype, want_shape) in expected.items():
             if key not in handle or handle.dtype(key) != want_dtype or handle.shape(key) != want_shape:
                 found = (handle.dtype(key), handle.shape(key)) if key in handle else "nothing"
@@ -262,25 +271,29 @@ class StatisticsFile:
             raise RegmeanError(f"{self.path}: no statistics for site {name}")
         return self._handles[name]
 
-    def site(self, name: str, check_finite: bool = True) -> SiteStats:
+    def site(self, name: str, check: bool = True) -> SiteStats:
+        """The site's sums; `check`: refused unless finite and satisfying what sums of outer products satisfy."""
         handle = self._handle(name)
         total, count = handle.get(f"{name}::sum"), self.count(name)
         if self._packed(name):
             gram = unpack_upper(handle.get(f"{name}::gram_upper"), total.shape[0])
         else:
             gram = handle.get(f"{name}::gram")
-        if check_finite and not (all_finite(gram) and all_finite(total)):
+        if check and not (all_finite(gram) and all_finite(total)):
             raise RegmeanError(
                 f"{self.path}: site {name} has NaN or Inf values; measure again (try --stats-dtype float64)"
             )
+        if check:
+            check_gram(handle.path, name, gram, total, count, noisy="dp" in self.privacy)
         return SiteStats(gram, total, count)
 
     def count(self, name: str) -> int:
-        """The site's row count (reads 8 bytes, no Gram)."""
+        """The site's row count (reads 8 bytes, no Gram), checked against the rows its provenance records."""
         handle = self._handle(name)
         count = int(handle.get(f"{name}::count")[0])
-        if count < 0:
-            raise RegmeanError(f"{handle.path}: site {name} has a negative row count ({count}); measure again")
+        stream = self.site_streams.get(name)
+        expected = expected_count(self.provenance, *stream) if stream else None
+        check_count(handle.path, name, count, expected, count_bound(self.provenance))
         return count
 
     def content_digest(self) -> str:
@@ -298,9 +311,9 @@ class StatisticsFile:
         d = self._handle(name).shape(f"{name}::sum")[0]
         return (d, d)
 
-    def load(self) -> Statistics:
+    def load(self, check: bool = True) -> Statistics:
         return Statistics(
-            sites={n: self.site(n, check_finite=False) for n in self.site_names},
+            sites={n: self.site(n, check) for n in self.site_names},
             modules=dict(self.modules),
             fingerprint=dict(self.fingerprint),
             dtype=self.dtype,
@@ -311,6 +324,7 @@ class StatisticsFile:
             skipped=dict(self.skipped),
             protection=self.protection,
             privacy=dict(self.privacy),
+            site_streams=dict(self.site_streams),
         )
 
 
@@ -340,7 +354,7 @@ def combine(paths: list[str | Path]) -> Statistics:
     total = first.load()
     for f in files[1:]:
         for name in total.sites:
-            total.sites[name] = total.sites[name] + f.site(name, check_finite=False)
+            total.sites[name] = total.sites[name] + f.site(name)
         total.examples += f.examples
         total.tokens += f.tokens
         total.provenance += f.provenance

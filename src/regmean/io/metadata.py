@@ -78,6 +78,16 @@ class Metadata:
             raise self._bad("privacy", "an object with a 'withheld' list, a 'dp' record and numeric 'site_bounds'")
         return value
 
+    def site_streams(self) -> dict[str, tuple[str, int]]:
+        """{site: (stream, calls per forward pass)}: which rows a site's count counts; {} when not recorded."""
+        value = self.json("site_streams", "{}")
+        if not isinstance(value, dict) or not all(
+            isinstance(v, list) and len(v) == 2 and isinstance(v[0], str) and type(v[1]) is int and v[1] >= 1
+            for v in value.values()
+        ):
+            raise self._bad("site_streams", "a JSON object of [stream, calls] pairs")
+        return {site: (stream, calls) for site, (stream, calls) in value.items()}
+
     def fingerprint(self) -> dict[str, str]:
         value = self.str_map("fingerprint")
         missing = [k for k in ("architecture", "weights") if k not in value]

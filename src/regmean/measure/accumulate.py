@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Iterable
 from contextlib import suppress
 
@@ -84,19 +85,19 @@ class Accumulator:
         with suppress(Collected):
             forward(self.model, batch)
 
-    def pass_over(self, batches: Iterable[Batch], advance: Callable[[int], None] | None = None) -> int:
-        """One pass over the data, then the hooks removed and the Grams completed; returns the count of unpadded
-        input tokens (`advance` is told each batch's size)."""
-        tokens = 0
+    def pass_over(self, batches: Iterable[Batch], advance: Callable[[int], None] | None = None) -> dict[str, int]:
+        """One pass over the data, then the hooks removed and the Grams completed; returns the real rows of every
+        stream (`Batch.stream_rows`; `advance` is told each batch's size)."""
+        rows: Counter[str] = Counter()
         with hooks(self.handles), torch.inference_mode():
             for batch in batches:
                 self.run(batch)
                 self.offset += batch.size
-                tokens += batch.tokens
+                rows.update(batch.stream_rows())
                 if advance is not None:
                     advance(batch.size)
         self.finish()
-        return tokens
+        return dict(rows)
 
     def _hook(self, site: Site):
         def hook(_mod, args):

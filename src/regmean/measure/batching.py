@@ -26,6 +26,10 @@ class Batch:
         """Unpadded input tokens."""
         return int(self.masks["input"].sum())
 
+    def stream_rows(self) -> dict[str, int]:
+        """Real (unpadded) rows of every stream: tokens of the input and decoder, and the examples."""
+        return {stream: int(mask.sum()) for stream, mask in self.masks.items()} | {"example": self.size}
+
     def rows(self, stream: str) -> torch.Tensor | None:
         """Indices of the stream's real (unpadded) rows, computed once per batch; None when nothing is padding."""
         if stream not in self._rows:

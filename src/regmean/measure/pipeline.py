@@ -91,6 +91,7 @@ def measure(
         "dtype": stats_dtype,
         "examples": private.counts["examples"] if private else len(examples),
         "skipped": skipped,
+        "site_streams": {s.name: (s.stream, s.calls) for s in sites},
         "protection": protection.describe(private and private.release, withheld),
         "privacy": {
             "withheld": withheld,
@@ -104,11 +105,11 @@ def measure(
         for b, block in enumerate(blocks):
             acc = Accumulator(model, block, sums, device, private and private.scales)
             data = _chain(first, first_pass) if b == 0 else batches()
-            tokens = acc.pass_over(data, lambda n: bar.advance(task, n))
+            rows = acc.pass_over(data, lambda n: bar.advance(task, n))
             if b == 0:  # every pass reads the same tokens
                 record = {
                     "examples": base["examples"],
-                    "tokens": private.counts["input"] if private else distributed.sum_int(tokens, device),
+                    **_stream_totals(rows, private, device),
                     "max_length": max_length,
                     "model_dtype": model_dtype,
                     "processes": distributed.world_size(),
@@ -204,6 +205,15 @@ def _reduced(acc: Accumulator, device: str, private: PrivateRelease | None) -> d
     if private is not None:
         reduced = {s.name: private.noisy(s, reduced[s.name]) for s in acc.sites}
     return reduced
+
+
+def _stream_totals(rows: dict[str, int], private: PrivateRelease | None, device: str) -> dict[str, int]:
+    """The provenance's rows of every stream (`stats_checks.STREAM_TOTALS`: tokens, decoder tokens), over all
+    processes; under DP the noisy counts the sites' counts are made of."""
+    totals = {"tokens": "input"} | ({"decoder_tokens": "decoder"} if "decoder" in rows else {})
+    if private is not None:
+        return {key: private.counts[stream] for key, stream in totals.items()}
+    return {key: distributed.sum_int(rows[stream], device) for key, stream in totals.items()}
 
 
 def _chain(first: Batch, rest: Iterator[Batch]) -> Iterator[Batch]:

@@ -196,6 +196,18 @@ class RegMean(Average):
         ]
         return SiteInputs(stats, params)
 
+    def _indefinite(self, step: SiteStep, grams: list[torch.Tensor]) -> RegmeanError | None:
+        """When a solve fails: the first statistics file whose Gram is not positive semidefinite (no sum of outer
+        products is), named, or None."""
+        for st, name, gram in zip(self.inputs.stats, step.sites, grams, strict=True):
+            eigenvalues = torch.linalg.eigvalsh(gram.double())
+            if float(eigenvalues[0]) < -1e-6 * float(eigenvalues.abs().max()):
+                return RegmeanError(
+                    f"{st.path}: site {name}: its Gram is not positive semidefinite (eigenvalue "
+                    f"{float(eigenvalues[0]):.3g}); not the statistics of any data: measure again"
+                )
+        return None
+
     def compute(self, step: Step, data) -> Computed:
         if not isinstance(step, SiteStep):
             return super().compute(step, data)
@@ -225,7 +237,9 @@ class RegMean(Average):
         try:
             solution = regmean_solve(stacked, grams, scale, self.weights, self.settings.alpha)
         except FloatingPointError as exc:
-            raise RegmeanError(f"site {step.sites[0]}: {exc}; check the statistics and the models' weights") from None
+            raise self._indefinite(step, grams) or RegmeanError(
+                f"site {step.sites[0]}: {exc}; check the statistics and the models' weights"
+            ) from None
         started = time.perf_counter()
         residual = solution.residual(_stacked_rows(group, rows))
         diagnostics = _errors(solution.merged, stacked, grams, group, rows)

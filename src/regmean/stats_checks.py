@@ -1,0 +1,99 @@
+"""What the numbers of a statistics file must satisfy, checked before any of them is solved.
+
+A site's Gram is a sum of outer products x x^T, its sum a sum of x, its count the number of rows x: so the Gram's
+diagonal is non-negative, every 2 x 2 principal minor is (Cauchy-Schwarz: G_ij^2 <= G_ii G_jj), each sum entry
+obeys (sum x_j)^2 <= count * G_jj, and the count is the site's calls per forward pass times the rows of its stream
+(tokens of the input or decoder, or examples) that the provenance records. A file that breaks one was corrupted or
+forged; merging it would give garbage with exit 0.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from regmean.errors import RegmeanError
+
+STREAM_TOTALS = {"input": "tokens", "decoder": "decoder_tokens", "example": "examples"}
+"""The provenance key that counts each stream's rows."""
+RELATIVE_SLACK = 1e-3
+"""Rounding a float32 accumulation may bring to an identity that holds with equality (proportional columns)."""
+MAX_CALLS = 256
+"""For files that do not record their sites' streams: the most calls per forward pass a count may stand for."""
+
+
+def expected_count(provenance: list[dict], stream: str, calls: int) -> int | None:
+    """The row count a site of `stream` called `calls` times per forward pass must have, from the provenance of
+    every part of the file; None when a part does not record its stream's total."""
+    key = STREAM_TOTALS.get(stream)
+    totals = [record.get(key) for record in provenance] if key else [None]
+    if not totals or not all(isinstance(t, int) and not isinstance(t, bool) for t in totals):
+        return None
+    return calls * sum(totals)
+
+
+def count_bound(provenance: list[dict]) -> int | None:
+    """An upper bound on any site's count for files that do not record their sites' streams: examples x maximum
+    length x `MAX_CALLS`, summed over the parts; None when a part records neither."""
+    bound = 0
+    for record in provenance:
+        examples, length = record.get("examples"), record.get("max_length")
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (examples, length)):
+            return None
+        bound += examples * max(length, 1) * MAX_CALLS
+    return bound
+
+
+def check_count(path: Path, name: str, count: int, expected: int | None, bound: int | None) -> None:
+    if count < 0:
+        raise RegmeanError(f"{path}: site {name} has a negative row count ({count}); measure again")
+    if expected is not None and count != expected:
+        raise RegmeanError(
+            f"{path}: site {name} counts {count} rows, but the file's provenance gives {expected} for it; the file "
+            "was altered: measure again"
+        )
+    if expected is None and bound is not None and count > bound:
+        raise RegmeanError(
+            f"{path}: site {name} counts {count} rows, more than its examples x max length allow ({bound}); the "
+            "file was altered: measure again"
+        )
+
+
+def check_gram(path: Path, name: str, gram: torch.Tensor, total: torch.Tensor, count: int, noisy: bool) -> None:
+    """The identities every sum of outer products satisfies; `noisy` (a DP release: the sums carry independent
+    noise, the Gram was projected onto the PSD cone) skips the sum's bound."""
+    diagonal = gram.diagonal().double()
+    scale = float(diagonal.abs().max()) if diagonal.numel() else 0.0
+    floor = -RELATIVE_SLACK * scale - 1e-30
+    if float(diagonal.min()) < floor:
+        worst = int(diagonal.argmin())
+        raise RegmeanError(
+            f"{path}: site {name} has a negative sum of squares (Gram diagonal entry {worst} is "
+            f"{float(diagonal[worst]):.3g}); not the statistics of any data: measure again"
+        )
+    diagonal = diagonal.clamp_min(0)
+    _check_minors(path, name, gram, diagonal, scale)
+    if not noisy:
+        excess = total.double() ** 2 - max(count, 0) * diagonal * (1 + RELATIVE_SLACK)
+        if excess.numel() and float(excess.max()) > RELATIVE_SLACK * scale * max(count, 1):
+            worst = int(excess.argmax())
+            raise RegmeanError(
+                f"{path}: site {name}: its sum's entry {worst} is larger than {count} rows with that Gram allow; "
+                "the sum, the Gram or the count was altered: measure again"
+            )
+
+
+def _check_minors(path: Path, name: str, gram: torch.Tensor, diagonal: torch.Tensor, scale: float) -> None:
+    """|G_ij| <= sqrt(G_ii G_jj) for every pair, a block of rows at a time (bounded temporaries)."""
+    root = diagonal.sqrt()
+    for start in range(0, gram.shape[0], 256):
+        rows = gram[start : start + 256].double()
+        limit = root[start : start + 256, None] * root[None, :] * (1 + RELATIVE_SLACK) + RELATIVE_SLACK * scale
+        bad = (rows.abs() > limit).nonzero()
+        if len(bad):
+            i, j = int(bad[0, 0]) + start, int(bad[0, 1])
+            raise RegmeanError(
+                f"{path}: site {name}: Gram entry ({i}, {j}) exceeds what its diagonal allows (|G_ij| <= "
+                "sqrt(G_ii G_jj)); not the statistics of any data: measure again"
+            )

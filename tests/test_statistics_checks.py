@@ -1,0 +1,168 @@
+"""A statistics file's numbers are checked against what sums of outer products satisfy before any is solved: forged
+or corrupted files are refused in one line naming the file (exit 2, nothing written), real ones always pass."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TARGETS, TEXTS, build_model, save_model
+from safetensors import safe_open
+from safetensors.torch import save_file
+from test_bad_input import merge_fails
+from test_merge import make_models
+from transformers import AutoTokenizer
+
+from regmean.errors import RegmeanError
+from regmean.io.data import Example
+from regmean.measure import measure
+from regmean.stats import StatisticsFile, combine, pack_upper, save, unpack_upper
+
+SITE = "bert.encoder.layer.1.attention.self.query"
+
+
+@pytest.fixture
+def trio(tmp_path):
+    return tmp_path, make_models(tmp_path / "in", "bert", "BertForSequenceClassification")
+
+
+def forge(folder: str | Path, change=None, meta_change=None) -> Path:
+    """Rewrite a statistics file with `change(tensors)` and `meta_change(metadata)` applied."""
+    path = Path(folder) / "statistics.safetensors"
+    with safe_open(str(path), "pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    if change:
+        change(tensors)
+    if meta_change:
+        meta_change(meta)
+    save_file(tensors, path, metadata=meta)
+    return path
+
+
+def edit_gram(tensors: dict, edit) -> None:
+    """Apply `edit` to SITE's whole Gram and store it back packed."""
+    packed = tensors[f"{SITE}::gram_upper"]
+    d = tensors[f"{SITE}::sum"].shape[0]
+    gram = unpack_upper(packed, d)
+    edit(gram)
+    tensors[f"{SITE}::gram_upper"] = pack_upper(gram)
+
+
+def set_count(value: int):
+    return lambda t: t.__setitem__(f"{SITE}::count", torch.tensor([value], dtype=torch.int64))
+
+
+def both_layouts(tensors: dict) -> None:
+    d = tensors[f"{SITE}::sum"].shape[0]
+    tensors[f"{SITE}::gram"] = unpack_upper(tensors[f"{SITE}::gram_upper"], d) * 2  # disagrees
+
+
+def negative_diagonal(tensors: dict) -> None:
+    edit_gram(tensors, lambda g: g.__setitem__((3, 3), -1.0))
+
+
+def off_diagonal_too_large(tensors: dict) -> None:
+    def edit(g):
+        big = 2 * float((g[0, 0] * g[1, 1]).sqrt()) + 1.0
+        g[0, 1] = g[1, 0] = big
+
+    edit_gram(tensors, edit)
+
+
+def sum_too_large(tensors: dict) -> None:
+    total = tensors[f"{SITE}::sum"]
+    count = int(tensors[f"{SITE}::count"][0])
+    gram_diag = unpack_upper(tensors[f"{SITE}::gram_upper"], total.shape[0]).diagonal()
+    total[2] = 2 * float((count * gram_diag[2]).sqrt()) + 1.0
+
+
+CASES = {
+    "two layouts": (both_layouts, "holds its Gram twice"),
+    "negative diagonal": (negative_diagonal, "negative sum of squares"),
+    "off-diagonal": (off_diagonal_too_large, "exceeds what its diagonal allows"),
+    "sum": (sum_too_large, "larger than"),
+    "count 2^62": (set_count(2**62), "provenance gives"),
+    "count off by one": (None, "provenance gives"),
+    "negative count": (set_count(-5), "negative row count"),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_forged_statistics_are_refused_before_any_solve(trio, case):
+    tmp_path, models = trio
+    change, says = CASES[case]
+    if change is None:
+        count = StatisticsFile(models[1]["statistics"]).count(SITE)
+        change = set_count(count + 1)
+    path = forge(models[1]["statistics"], change)
+    with pytest.raises(RegmeanError, match=f"{path}.*{says}"):
+        StatisticsFile(path).site(SITE)
+    merge_fails(tmp_path, {"method": "regmean", "models": models}, str(path), says)
+    if case != "two layouts":  # combine reads every site too
+        other = save(measure(models[1]["path"], [Example(TEXTS[-1])], progress=False), tmp_path / "other")
+        with pytest.raises(RegmeanError, match=says):
+            combine([other, path])
+
+
+def test_files_that_do_not_record_streams_are_bounded_by_their_provenance(trio):
+    """Older files (no site_streams): a count above examples x max length x 256 calls is refused, a plausible one
+    is not."""
+    tmp_path, models = trio
+
+    def drop_streams(meta):
+        del meta["site_streams"]
+
+    path = forge(models[0]["statistics"], meta_change=drop_streams)
+    StatisticsFile(path).site(SITE)  # the true count passes
+    forge(path.parent, set_count(2**62))
+    with pytest.raises(RegmeanError, match="examples x max length"):
+        StatisticsFile(path).site(SITE)
+
+
+def test_an_indefinite_gram_that_breaks_the_solve_is_named(trio):
+    """2 x 2 minors hold (|G_ij| = 0.9 sqrt(G_ii G_jj)) but the Gram is far from PSD: the solve fails even with
+    its largest ridge, and the file is named."""
+    tmp_path, models = trio
+
+    def indefinite(g):
+        d = g.shape[0]
+        scale = 1e3 * float(g.diagonal().mean())
+        g.copy_(scale * (1.9 * torch.eye(d) - 0.9 * torch.ones(d, d)))
+
+    path = forge(models[2]["statistics"], lambda t: edit_gram(t, indefinite))
+    StatisticsFile(path).site(SITE)  # passes the cheap identities
+    merge_fails(tmp_path, {"method": "regmean", "models": models}, str(path), "not positive semidefinite")
+
+
+def test_counts_are_calls_times_stream_rows_counted_plainly(tmp_path):
+    """The recorded counts are what a plain count of the tokenizer's output gives: encoder sites count input
+    tokens, decoder sites decoder tokens, per-example sites examples; so the exact check passes real files."""
+    path = save_model(build_model("t5", "T5ForConditionalGeneration", 1), tmp_path / "t5")
+    examples = [Example(t, None, y) for t, y in zip(TEXTS[:5], TARGETS[:5], strict=True)]
+    stats = save(measure(path, examples, batch_size=2, max_length=16, progress=False), tmp_path / "s")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokens = sum(len(tokenizer(t, truncation=True, max_length=16)["input_ids"]) for t in TEXTS[:5])
+    targets = sum(len(tokenizer(text_target=y, truncation=True, max_length=16)["input_ids"]) for y in TARGETS[:5])
+    f = StatisticsFile(stats)
+    assert f.provenance[0]["tokens"] == tokens and f.provenance[0]["decoder_tokens"] == targets
+    streams = {stream for stream, _ in f.site_streams.values()}
+    assert {"input", "decoder"} <= streams
+    for name, (stream, calls) in f.site_streams.items():
+        rows = {"input": tokens, "decoder": targets, "example": 5}[stream]
+        assert f.count(name) == calls * rows, name
+        f.site(name)
+    meta = json.loads(f.meta["site_streams"])
+    assert set(meta) == set(f.site_names)
+
+
+def test_combined_files_keep_exact_counts(tmp_path):
+    path = save_model(build_model("bert", "BertForSequenceClassification", 1), tmp_path / "m")
+    parts = [
+        save(measure(path, [Example(t) for t in texts], progress=False), tmp_path / f"p{i}")
+        for i, texts in enumerate((TEXTS[:3], TEXTS[3:7]))
+    ]
+    f = StatisticsFile(save(combine(parts), tmp_path / "all"))
+    assert f.count(SITE) == sum(StatisticsFile(p).count(SITE) for p in parts)
+    assert f.count(SITE) == sum(r["tokens"] for r in f.provenance)
+    for name in f.site_names:
+        f.site(name)
