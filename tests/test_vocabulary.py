@@ -96,6 +96,30 @@ def test_a_shared_id_naming_two_tokens_is_refused(tmp_path):
     merge_fails(tmp_path, recipe, f"token id {VOCAB} is '<tool>'", "'<x>'")
 
 
+@pytest.mark.parametrize("method", ["average", "regmean"])
+def test_same_size_vocabularies_that_number_tokens_differently_are_refused(tmp_path, method):
+    """The embeddings agree in size, so no shape tells: the tokenizers are compared id by id."""
+    paths = [grown_model(tmp_path / "in", 0, ["<x1>"]), grown_model(tmp_path / "in", 1, ["<y1>"])]
+    models = [{"path": str(p)} for p in paths]
+    if method == "regmean":
+        for m, p in zip(models, paths, strict=True):
+            m["statistics"] = str(measured(tmp_path / "in", p))
+    recipe = {"method": method, "models": models}
+    merge_fails(tmp_path, recipe, f"token id {VOCAB} is '<y1>'", "it is '<x1>'", "cannot be merged")
+
+
+def test_same_vocabularies_in_different_files_merge(tmp_path):
+    """Byte-different tokenizer files (another model_max_length) with the same tokens at the same ids merge."""
+    paths = [grown_model(tmp_path, k, ["<tool>"]) for k in range(2)]
+    tok = tf.AutoTokenizer.from_pretrained(paths[1])
+    tok.model_max_length = 77
+    tok.save_pretrained(paths[1])
+    assert (paths[0] / "tokenizer_config.json").read_bytes() != (paths[1] / "tokenizer_config.json").read_bytes()
+    config = write_config(tmp_path, method="average", models=[{"path": str(p)} for p in paths])
+    result = run("merge", config, tmp_path / "o")
+    assert result.exit_code == 0, result.output
+
+
 def test_methods_that_cannot_merge_grown_vocabularies_say_so(tmp_path):
     paths = [grown_model(tmp_path / "in", k, added) for k, added in enumerate(ADDED[:2])]
     base = grown_model(tmp_path / "in", 5, [])

@@ -6,8 +6,10 @@ tokenizers share must name the same token in each."""
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -76,6 +78,41 @@ def token_conflict(vocabularies: Sequence[dict[str, int]], names: Sequence[str])
     return None
 
 
+TOKENIZER_FILES = ("tokenizer_config.json", "added_tokens.json", "special_tokens_map.json")
+"""Besides the vocabulary files: where added tokens are written."""
+
+
+def same_size_conflicts(models: Sequence, names: Sequence[str]) -> list[str]:
+    """Models whose vocabularies are of one size may still number tokens differently (`<x1>` and `<y1>` at one
+    id): unless their tokenizer files are byte for byte the same, their vocabularies are compared id by id."""
+    from regmean.loading import has_vocabulary, load_tokenizer, tokenizer_folder
+
+    folders = [(tokenizer_folder(m.folders), name) for m, name in zip(models, names, strict=True)]
+    folders = [(folder, name) for folder, name in folders if has_vocabulary(folder)]
+    if len({_tokenizer_digest(folder) for folder, _ in folders}) <= 1:
+        return []
+    try:
+        vocabularies = [load_tokenizer(folder).get_vocab() for folder, _ in folders]
+    except RegmeanError as exc:
+        return [f"{p} (each model's tokenizer is checked against the others')" for p in exc.problems]
+    conflict = token_conflict(vocabularies, [name for _, name in folders])
+    return [conflict] if conflict else []
+
+
+def _tokenizer_digest(folder: Path) -> str:
+    """A hash of the files a tokenizer is read from."""
+    from regmean.loading import VOCABULARY_FILES
+
+    digest = hashlib.blake2b(digest_size=16)
+    files = sorted({p for pattern in (*VOCABULARY_FILES, *TOKENIZER_FILES) for p in folder.glob(pattern)})
+    for path in files:
+        digest.update(path.name.encode() + b"\0")
+        with path.open("rb") as stream:
+            for chunk in iter(lambda: stream.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
 def merge_added_rows(
     tensors: Sequence[torch.Tensor],
     owners: Sequence[int],
@@ -117,7 +154,7 @@ def grown_vocabulary(
 
     found = vocabulary_keys(bodies, embedding_keys)
     if found is None:
-        return None, []
+        return None, same_size_conflicts(models, [str(m.path) for m in config.models])
     keys, rows = found
     paths = [str(m.path) for m in config.models]
     sizes = ", ".join(f"{r}" for r in rows)
