@@ -21,6 +21,7 @@ from test_merge import run, write_config
 from regmean.errors import RegmeanError
 from regmean.io.adapter import AdaptedCheckpoint
 from regmean.io.untrusted import PATTERN_BUDGET, PATTERN_SECONDS, compile_pattern
+from regmean.stats import StatisticsFile
 
 CLS = "BertForSequenceClassification"
 BACKTRACKS = r"(\w|[a-z]|\.)*\d\D\d"
@@ -185,6 +186,22 @@ def test_the_issue_pattern_no_longer_hangs(inputs):
     edit(inputs / "adapter0", {"alpha_pattern": {ISSUE_PATTERN: 1000}})
     ckpt = AdaptedCheckpoint(inputs / "adapter0", inputs / "base")
     assert {pair.scale for pair in ckpt.pairs.values()} == {8 / 2, 8 / 4}
+
+
+def test_measure_of_an_adapter_with_the_issue_pattern_finishes(inputs):
+    """measure builds the adapted model from the adapter's own (bounded) matching, never peft's `re`: the pattern
+    that would hang peft applies to nothing, and the statistics equal those of the same adapter without it."""
+    data = write_jsonl(inputs.parent / "d.jsonl")
+    plain = inputs.parent / "plain"
+    base = ["--data", data, "--base", inputs / "base", "--max-length", 16]
+    assert cli_within(["measure", inputs / "adapter0", *base, "--out", plain], 120).returncode == 0
+    edit(inputs / "adapter0", {"alpha_pattern": {ISSUE_PATTERN: 1000, **OPTIONS["alpha_pattern"]}})
+    hostile = inputs.parent / "hostile"
+    result = cli_within(["measure", inputs / "adapter0", *base, "--out", hostile], 120)
+    assert result.returncode == 0, result.stderr
+    a, b = StatisticsFile(plain), StatisticsFile(hostile)
+    for name in a.site_names:
+        assert torch.equal(a.site(name).gram, b.site(name).gram), name
 
 
 def test_pattern_bounds_are_one_line():

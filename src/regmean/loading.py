@@ -46,21 +46,27 @@ def load_model(model_dir: str | Path, device: str = "cpu", dtype: torch.dtype | 
 
 
 def load_adapted(ckpt, device: str = "cpu", dtype: torch.dtype | None = None):
-    """The model a Checkpoint or AdaptedCheckpoint holds, in eval mode: a LoRA adapter is loaded by peft over its
-    base and merged into the base's weights in memory (the same function as base + adapter, one weight per layer)."""
+    """The model a Checkpoint or AdaptedCheckpoint holds, in eval mode: for a LoRA adapter, the base model with the
+    adapted weights (W + scale B A, and the modules it saves) as the adapter's checkpoint computes them for a merge,
+    so that measure and merge see one function. peft is not involved: its module matching runs the adapter's
+    patterns through an unbounded regular-expression engine."""
     from regmean.io.adapter import AdaptedCheckpoint
 
     if not isinstance(ckpt, AdaptedCheckpoint):
         return load_model(ckpt.path, device, dtype)
-    import peft
-
     model = load_model(ckpt.base.path, device, dtype)
-    try:
-        with quiet_transformers():
-            adapted = peft.PeftModel.from_pretrained(model, str(ckpt.path), is_trainable=False)
-    except Exception as exc:  # peft raises many types for adapters it cannot load
-        raise RegmeanError(f"{ckpt.path}: cannot load the adapter ({one_line(str(exc), 300)})") from exc
-    return adapted.merge_and_unload().eval()
+    tensors = dict(model.named_parameters(remove_duplicate=False)) | dict(model.named_buffers(remove_duplicate=False))
+    adapted = [*ckpt.pairs, *ckpt.replaced]
+    unknown = [key for key in adapted if key not in tensors]
+    if unknown:
+        raise RegmeanError(
+            f"{ckpt.path}: adapts {unknown[0]}, which the loaded {type(model).__name__} names otherwise; merge the "
+            "adapter into its model first (peft's merge_and_unload) and give that folder"
+        )
+    with torch.no_grad():
+        for key in adapted:
+            tensors[key].copy_(ckpt.get(key).to(device=tensors[key].device, dtype=tensors[key].dtype))
+    return model
 
 
 def has_vocabulary(folder: str | Path) -> bool:
