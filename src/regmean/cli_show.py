@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -41,6 +42,8 @@ def evaluate(
 
     check_device(device)
     inputs = [("data file", data)] + [("model", m) for m in models]
+    if json_out is not None and csv_out is not None and os.path.realpath(json_out) == os.path.realpath(csv_out):
+        raise RegmeanError(f"{json_out}: given as both --json and --csv; give each its own file")
     for out in (json_out, csv_out):
         if out is not None:
             check_output_path(out, inputs)
@@ -68,10 +71,8 @@ def evaluate(
     Console(markup=False).print(table)
     rows = [{"model": s.model, "kind": s.kind, **s.metrics} for s in scores]
     if json_out is not None:
-        finite = [
-            {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in r.items()} for r in rows
-        ]
-        json_out.write_text(json.dumps(finite, indent=2) + "\n")  # inf (a broken model) as null: standard JSON
+        finite = [{k: _json_number(v) for k, v in r.items()} for r in rows]
+        json_out.write_text(json.dumps(finite, indent=2) + "\n")
     if csv_out is not None:
         import pandas as pd
 

@@ -23,7 +23,7 @@ from regmean.bench.data import TextDataset
 from regmean.bench.evaluate import per_label_f1, predict, score
 from regmean.errors import RegmeanError
 from regmean.io.chat import render_chat
-from regmean.io.data import Example, load_examples, read_table
+from regmean.io.data import Example, load_examples, read_table, text_cell
 
 KINDS = {
     "ForSequenceClassification": "sequence",
@@ -51,9 +51,16 @@ def model_kind(path: Path) -> str:
 
 
 def label_names(path: Path) -> list[str]:
-    """The model's label names in its own id order."""
+    """The model's label names in its own id order; refused when two ids share a name (scoring matches by name)."""
     id2label = load_config(path).id2label or {}
-    return [str(id2label[k]) for k in sorted(id2label, key=int)]
+    names = [str(id2label[k]) for k in sorted(id2label, key=int)]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise RegmeanError(
+            f"{path / 'config.json'}: id2label names {twice[0]!r} for {names.count(twice[0])} ids; evaluate matches "
+            "labels by name: give each id its own name"
+        )
+    return names
 
 
 def read_labelled(path: Path, kind: str, text_field: str, label_field: str) -> TextDataset:
@@ -66,6 +73,12 @@ def read_labelled(path: Path, kind: str, text_field: str, label_field: str) -> T
     if table.empty:
         raise RegmeanError(f"{path}: no rows with both {text_field!r} and {label_field!r}")
     texts, labels = table[text_field].tolist(), table[label_field].tolist()
+    if kind != "token":  # read as measure reads texts; rows numbered as in the file
+        rows = [int(i) + 1 for i in table.index]
+        texts = [text_cell(t, path, text_field, row) or "" for t, row in zip(texts, rows, strict=True)]
+        for y, row in zip(labels, rows, strict=True):
+            if not isinstance(y, str | int) or isinstance(y, bool):
+                raise RegmeanError(f"{path}: row {row}: {label_field!r} is a {type(y).__name__}; write a label name")
     if kind == "token":
         for i, (words, tags) in enumerate(zip(texts, labels, strict=True)):
             if not _string_list(words) or not _string_list(tags) or len(words) != len(tags):
@@ -117,10 +130,11 @@ def classification_scores(
 def perplexity(model_dir: Path, kind: str, examples: list[Example], **options) -> float:
     """exp of the mean negative log-likelihood per predicted token over the data (padding masked); seq2seq models
     score the targets given the texts; conversations are formatted by each model's own chat template."""
-    from regmean.loading import check_positions, load_model, load_tokenizer
+    from regmean.loading import check_positions, check_vocabulary_fits, load_model, load_tokenizer
 
     device, batch_size, max_length = options["device"], options["batch_size"], options["max_length"]
     model, tok = load_model(model_dir, device=device), load_tokenizer(model_dir)  # (pad token set, right padding)
+    check_vocabulary_fits(model, tok, model_dir)
     examples, _ = render_chat(examples, tok, model_dir)
     texts, targets = [e.text for e in examples], [e.target for e in examples]
     special = not (examples and examples[0].templated)  # a chat template writes its own special tokens
@@ -151,6 +165,9 @@ def _encoded(
 ) -> dict[str, torch.Tensor]:
     """Token ids and attention mask only (a tokenizer's token_type_ids would be added to a GPT-2's embeddings);
     `target`: encoded as targets (tokenizers with a target vocabulary use it)."""
+    from regmean.loading import bounded_text
+
+    texts = [bounded_text(tok, t, max_length) for t in texts]
     kwargs = {"text_target": texts} if target else {"text": texts}
     enc = tok(
         **kwargs, padding=True, truncation=True, max_length=max_length, return_tensors="pt", add_special_tokens=special

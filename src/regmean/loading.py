@@ -108,5 +108,39 @@ def check_positions(config: transformers.PretrainedConfig, tokens: int) -> None:
     if limits and tokens > min(limits):
         raise RegmeanError(
             f"inputs of {tokens} tokens exceed the {min(limits)} positions the model's config.json declares; "
-            f"use a max length of {min(limits)} or less (measure: --max-length; a merge recipe's data: max_length)"
+            f"use a max length of {min(limits)} or less (measure and evaluate: --max-length; a merge recipe's data: "
+            "max_length)"
         )
+
+
+def check_vocabulary_fits(model: torch.nn.Module, tokenizer, where: str | Path) -> None:
+    """Refuse a tokenizer that can give ids past the model's embedding rows (tokens added but the embeddings not
+    resized), before any work: the forward pass would fail on the first such token with an index error."""
+    embedding = model.get_input_embeddings()
+    rows = getattr(embedding, "num_embeddings", None) or embedding.weight.shape[0]
+    ids = max(tokenizer.get_vocab().values(), default=-1) + 1
+    if ids > rows:
+        raise RegmeanError(
+            f"{where}: the tokenizer has ids up to {ids - 1}, the model's embedding {rows} rows; resize the "
+            "embeddings to the tokenizer (model.resize_token_embeddings(len(tokenizer))) and save both again"
+        )
+
+
+CHARS_PER_TOKEN = 16
+"""A first guess of characters per token for `bounded_text`'s prefix (grown 4-fold while it gives too few)."""
+TOKEN_MARGIN = 16
+"""Tokens past `max_length` a prefix must give: a cut changes only the tokens of the word it falls in."""
+
+
+def bounded_text(tokenizer, text: str, max_length: int) -> str:
+    """The shortest prefix of `text` (suffix, for a tokenizer that truncates on the left) that tokenises to more
+    than `max_length` + `TOKEN_MARGIN` tokens, or all of it: truncated to `max_length`, it gives the same tokens as
+    the whole text, while a 50 MB line is never tokenised whole."""
+    limit = max(max_length, 1) * CHARS_PER_TOKEN
+    left = getattr(tokenizer, "truncation_side", "right") == "left"
+    while limit < len(text):
+        part = text[-limit:] if left else text[:limit]
+        if len(tokenizer(part, add_special_tokens=False)["input_ids"]) > max_length + TOKEN_MARGIN:
+            return part
+        limit *= 4
+    return text

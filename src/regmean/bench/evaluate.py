@@ -11,7 +11,7 @@ from seqeval.metrics import f1_score as entity_f1
 
 from regmean.bench.data import TextDataset
 from regmean.bench.train import IGNORE, batches, tokenizer_for
-from regmean.loading import load_model
+from regmean.loading import check_positions, check_vocabulary_fits, load_model
 
 
 def load_classifier(path: str | Path, token_level: bool):
@@ -28,11 +28,13 @@ def predict(
     level. Examples are batched in order of length (less padding), the logits returned in the data's order."""
     model = load_classifier(path, data.token_level).to(device)
     tok = tokenizer_for(Path(path))
+    check_vocabulary_fits(model, tok, path)
     order = sorted(range(len(data)), key=lambda i: len(" ".join(data.texts[i]) if data.token_level else data.texts[i]))
     out: list[torch.Tensor] = [torch.empty(0)] * len(data)
     rows = iter(order)
     for batch in batches(tok, data, batch_size, max_length, order):
         labels = batch.pop("labels")
+        check_positions(model.config, batch["input_ids"].shape[-1])
         logits = model(**{k: v.to(device) for k, v in batch.items()}).logits.float().cpu()
         for row, lab in zip(logits, labels, strict=True):
             out[next(rows)] = row[lab != IGNORE] if data.token_level else row

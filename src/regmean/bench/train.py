@@ -20,6 +20,7 @@ import transformers as tf
 
 from regmean.bench.data import TextDataset
 from regmean.io.checkpoint import Checkpoint
+from regmean.loading import bounded_text
 
 IGNORE = -100
 
@@ -57,6 +58,7 @@ def batches(tok, data: TextDataset, batch_size: int, max_length: int, order=None
         idx = order[start : start + batch_size]
         texts = [data.texts[i] for i in idx]
         if not data.token_level:
+            texts = [bounded_text(tok, t, max_length) for t in texts]
             enc = tok(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
             enc["labels"] = torch.tensor([data.labels[i] for i in idx])
             yield dict(enc)

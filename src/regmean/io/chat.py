@@ -42,7 +42,7 @@ def render_chat(examples: Sequence, tokenizer, tokenizer_dir: str | Path) -> tup
             )
         return list(examples), PLAIN
     rendered = []
-    for e in examples:
+    for number, e in enumerate(examples, start=1):
         turns = [{"role": role, "content": content} for role, content in e.messages]
         try:
             text = tokenizer.apply_chat_template(turns, tokenize=False)
@@ -50,5 +50,10 @@ def render_chat(examples: Sequence, tokenizer, tokenizer_dir: str | Path) -> tup
             raise RegmeanError(
                 f"{tokenizer_dir}: the chat template cannot format a conversation ({one_line(str(exc), 200)})"
             ) from exc
+        if not isinstance(text, str) or not text.strip():
+            raise RegmeanError(
+                f"{tokenizer_dir}: the chat template rendered conversation {number} of the data empty; fix the "
+                "template (tokenizer_config.json 'chat_template') or the conversation"
+            )
         rendered.append(replace(e, text=text, templated=True))
     return rendered, CHAT_TEMPLATE

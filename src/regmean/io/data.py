@@ -64,6 +64,16 @@ def read_table(path: str | Path) -> pd.DataFrame:
     )
 
 
+def text_cell(value, path: str | Path, field: str, number: int) -> str | None:
+    """A text cell as measure and evaluate read it: a string (None when empty or missing); a number, list or
+    object is refused."""
+    if isinstance(value, str):
+        return value or None
+    if value is None or (isinstance(value, float) and math.isnan(value)):  # missing
+        return None
+    raise RegmeanError(f"{path}: row {number}: {field!r} is a {type(value).__name__}, not text; write it as a string")
+
+
 def load_examples(
     path: str | Path,
     text_field: str = "text",
@@ -94,16 +104,7 @@ def load_examples(
             raise RegmeanError(f"{path}: no column {field!r}; columns are {', '.join(map(str, table.columns))}")
 
     def cell(row, field, number):
-        if field is None:
-            return None
-        value = row[field]
-        if isinstance(value, str):
-            return value or None
-        if value is None or (isinstance(value, float) and math.isnan(value)):  # missing
-            return None
-        raise RegmeanError(
-            f"{path}: row {number}: {field!r} is a {type(value).__name__}, not text; write it as a string"
-        )
+        return None if field is None else text_cell(row[field], path, field, number)
 
     def example(row, number) -> Example | None:
         if messages_field:

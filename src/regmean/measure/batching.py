@@ -11,7 +11,7 @@ from torch import nn
 
 from regmean.errors import RegmeanError, one_line
 from regmean.io.data import Example
-from regmean.loading import check_positions
+from regmean.loading import bounded_text, check_positions
 
 
 @dataclass
@@ -45,9 +45,11 @@ def make_batches(
     seq2seq_lm = encdec and hasattr(model, "prepare_decoder_input_ids_from_labels")  # feeds targets to its decoder
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
-        pairs = [e.text_pair for e in chunk] if chunk[0].text_pair is not None else None
+        pairs = None
+        if chunk[0].text_pair is not None:
+            pairs = [bounded_text(tokenizer, e.text_pair, max_length) for e in chunk]
         enc = tokenizer(
-            [e.text for e in chunk],
+            [bounded_text(tokenizer, e.text, max_length) for e in chunk],
             pairs,
             padding=True,
             truncation=True,
@@ -69,7 +71,7 @@ def make_batches(
                         "(measure: --target-field; a merge recipe's data: target_field)"
                     )
                 tgt = tokenizer(
-                    text_target=[e.target for e in chunk],
+                    text_target=[bounded_text(tokenizer, e.target, max_length) for e in chunk],
                     padding=True,
                     truncation=True,
                     max_length=max_length,

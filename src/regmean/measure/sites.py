@@ -19,6 +19,7 @@ from regmean.architecture import linear_layers
 from regmean.errors import RegmeanError
 from regmean.io.untrusted import compile_pattern
 from regmean.measure.batching import Batch, forward
+from regmean.units import human
 
 
 @dataclass
@@ -112,9 +113,16 @@ def detect_sites(model: nn.Module, modules: list[str], batch: Batch) -> list[Sit
 
 
 def site_blocks(sites: list[Site], width: int, max_bytes: int | None) -> list[list[Site]]:
-    """Consecutive sites grouped so that each group's sums fit in `max_bytes` (a site larger than that alone)."""
+    """Consecutive sites grouped so that each group's sums fit in `max_bytes`; refused when one site's alone do not
+    (no plan could keep the limit)."""
     if max_bytes is None:
         return [sites]
+    largest = max(sites, key=lambda site: site.d)
+    if largest.d * (largest.d + 1) * width > max_bytes:
+        need = human(largest.d * (largest.d + 1) * width)
+        raise RegmeanError(
+            f"--max-memory {human(max_bytes)}: the sums of site {largest.name} alone take {need}; give at least {need}"
+        )
     blocks: list[list[Site]] = [[]]
     used = 0
     for site in sites:

@@ -1,0 +1,136 @@
+"""Issue 25's classes on evaluate, data, tokenizers, chat templates and memory plans: each mistake is one line
+naming the file and the fix (exit 2, nothing written), and what bounds work is checked against a plain computation."""
+
+import json
+
+import pytest
+import torch
+import transformers as tf
+from conftest import MINILM, TEXTS, build_model, save_model, write_jsonl
+from test_bad_input import cli_fails
+from test_evaluate import classifier
+
+from regmean.loading import bounded_text
+
+GOLD = ["negative", "neutral", "positive"]
+
+
+def labelled(path, rows: list[dict]):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def plain_rows(n: int = 6) -> list[dict]:
+    return [{"text": TEXTS[i], "label": GOLD[i % 3]} for i in range(n)]
+
+
+@pytest.mark.parametrize("bad", [{"a": 1}, 7, 2.5, ["x"]])
+def test_evaluate_reads_texts_as_measure_does(tmp_path, bad):
+    model = classifier(tmp_path / "m", 1)
+    rows = plain_rows()
+    rows[3]["text"] = bad
+    data = labelled(tmp_path / "d.jsonl", rows)
+    cli_fails(["evaluate", model, "--data", data], f"{data}: row 4: 'text' is a", "not text")
+
+
+def test_evaluate_refuses_labels_that_are_not_names(tmp_path):
+    model = classifier(tmp_path / "m", 1)
+    rows = plain_rows()
+    rows[2]["label"] = {"name": "positive"}
+    data = labelled(tmp_path / "d.jsonl", rows)
+    cli_fails(["evaluate", model, "--data", data], f"{data}: row 3: 'label' is a dict")
+
+
+def test_evaluate_refuses_one_file_for_json_and_csv(tmp_path):
+    model = classifier(tmp_path / "m", 1)
+    data = labelled(tmp_path / "d.jsonl", plain_rows())
+    out = tmp_path / "scores.txt"
+    cli_fails(["evaluate", model, "--data", data, "--json", out, "--csv", tmp_path / "." / "scores.txt"], "both")
+    assert not out.exists()
+
+
+def test_evaluate_refuses_two_ids_of_one_name(tmp_path):
+    model = classifier(tmp_path / "m", 1, order=["negative", "negative", "positive"])
+    data = labelled(tmp_path / "d.jsonl", [{"text": t, "label": "negative"} for t in TEXTS[:4]])
+    cli_fails(["evaluate", model, "--data", data], f"{model / 'config.json'}: id2label names 'negative' for 2 ids")
+
+
+def test_evaluate_past_the_positions_is_one_line(tmp_path):
+    model = classifier(tmp_path / "m", 1)  # 64 positions
+    long = " ".join(TEXTS) * 3
+    data = labelled(tmp_path / "d.jsonl", [{"text": long, "label": g} for g in GOLD])
+    cli_fails(["evaluate", model, "--data", data, "--max-length", 512], "exceed the 64 positions", "--max-length")
+
+
+def short_embedding_model(tmp_path):
+    """A tiny BERT whose tokenizer got two added tokens while its embedding was not resized."""
+    model = build_model("bert", "BertForSequenceClassification", 1)
+    path = save_model(model, tmp_path / "m")
+    tok = tf.AutoTokenizer.from_pretrained(path)
+    tok.add_tokens(["<new1>", "<new2>"])
+    tok.save_pretrained(path)
+    return path, len(tok)
+
+
+def test_an_embedding_smaller_than_its_tokenizer_is_refused_before_work(tmp_path):
+    path, size = short_embedding_model(tmp_path)
+    data = write_jsonl(tmp_path / "d.jsonl")
+    rows = tf.AutoConfig.from_pretrained(path).vocab_size
+    says = f"ids up to {size - 1}, the model's embedding {rows} rows"
+    cli_fails(["measure", path, "--data", data, "--out", tmp_path / "s"], says, "resize_token_embeddings")
+    assert not (tmp_path / "s").exists()
+    rows = [{"text": t, "label": "LABEL_0"} for t in TEXTS[:3]]
+    cli_fails(["evaluate", path, "--data", labelled(tmp_path / "l.jsonl", rows)], says)
+
+
+def test_max_memory_below_one_site_is_refused(tmp_path):
+    path = save_model(build_model("bert", "BertForSequenceClassification", 1), tmp_path / "m")
+    data = write_jsonl(tmp_path / "d.jsonl")
+    out = tmp_path / "s"
+    cli_fails(["measure", path, "--data", data, "--out", out, "--max-memory", "1KB"], "--max-memory 1.0 KB", "alone")
+    assert not out.exists()
+
+
+def test_a_template_that_renders_empty_is_named(tmp_path):
+    model = build_model("llama", "LlamaForCausalLM", 1)
+    path = save_model(model, tmp_path / "m")
+    tok = tf.AutoTokenizer.from_pretrained(path)
+    tok.chat_template = "{% for m in messages %}{% endfor %}"
+    tok.save_pretrained(path)
+    data = tmp_path / "chat.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    out = tmp_path / "s"
+    cli_fails(["measure", path, "--data", data, "--messages-field", "messages", "--out", out], "rendered", "empty")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("tokenizer", ["minilm", "gpt2-bytes"])
+def test_a_bounded_text_tokenises_like_the_whole_text(tokenizer):
+    """Truncated to max_length, the prefix bounded_text keeps gives exactly the whole text's tokens (checked on
+    texts of many lengths and word shapes), and a 10 MB line is cut to a few kilobytes."""
+    tok = tf.AutoTokenizer.from_pretrained(MINILM)
+    if tokenizer == "gpt2-bytes":
+        tok = tf.PreTrainedTokenizerFast(tokenizer_object=_byte_bpe(), pad_token="<pad>")
+    gen = torch.Generator().manual_seed(0)
+    words = [*" ".join(TEXTS).split(), "supercalifragilistic" * 20, "!!!", "ünïcödé", "\n\n"]
+    for trial in range(40):
+        count = int(torch.randint(1, 3000, (1,), generator=gen))
+        picks = torch.randint(0, len(words), (count,), generator=gen)
+        text = " ".join(words[i] for i in picks)
+        for max_length in (8, 32, 128):
+            whole = tok(text, truncation=True, max_length=max_length)["input_ids"]
+            bounded = tok(bounded_text(tok, text, max_length), truncation=True, max_length=max_length)["input_ids"]
+            assert bounded == whole, (trial, max_length)
+    huge = "word " * 2_000_000
+    assert len(bounded_text(tok, huge, 32)) <= 32 * 16 * 4
+
+
+def _byte_bpe():
+    """A small byte-level BPE tokenizer trained here (no download): GPT-2's kind of pre-tokenisation."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>"])
+    bpe.train_from_iterator(TEXTS * 10, trainer)
+    return bpe
