@@ -214,3 +214,84 @@ def test_statistics_mutations(model, tmp_path):
             except RegmeanError:
                 pass
     assert 0 < accepted < CASES
+
+
+@pytest.fixture(scope="module")
+def adapter(tmp_path_factory) -> tuple[Path, Path]:
+    """A tiny BERT base and a peft LoRA adapter over it (rank and alpha patterns, a saved module)."""
+    from test_hostile_adapters import CLS, OPTIONS, make_adapter
+
+    root = tmp_path_factory.mktemp("fuzz-adapter")
+    return save_model(build_model("bert", CLS), root / "base"), make_adapter(OPTIONS, 3, root / "adapter")
+
+
+def peft_weights(base: Path, folder: Path) -> dict[str, torch.Tensor] | None:
+    """The adapted weights as peft computes them (merge_and_unload), or None if peft cannot load the adapter."""
+    import peft
+
+    from regmean.loading import load_model
+
+    try:
+        merged = peft.PeftModel.from_pretrained(load_model(base), str(folder)).merge_and_unload()
+    except Exception:
+        return None
+    return dict(merged.state_dict())
+
+
+def test_adapter_mutations(adapter, tmp_path):
+    """Mutated adapter_config.json values and adapter weights headers through AdaptedCheckpoint: a refusal is a
+    RegmeanError; an accepted adapter gives every weight finite, of the base's shape, and where peft loads the same
+    adapter, what peft's merge_and_unload computes (peft is the oracle)."""
+    from regmean.io.adapter import AdaptedCheckpoint
+
+    base, valid = adapter
+    rng = random.Random(3)
+    config = json.loads((valid / "adapter_config.json").read_text())
+    weights = (valid / "adapter_model.safetensors").read_bytes()
+    accepted = compared = 0
+    for case in range(CASES // 3):
+        folder = tmp_path / str(case)
+        folder.mkdir()
+        mutated = mutate_value(rng, json.loads(json.dumps(config))) if case % 2 == 0 else config
+        (folder / "adapter_config.json").write_text(json.dumps(mutated))
+        (folder / "adapter_model.safetensors").write_bytes(mutate(rng, weights) if case % 2 else weights)
+        with deadline(10, f"case {case}"):
+            try:
+                ckpt = AdaptedCheckpoint(folder, base)
+                got = {k: ckpt.get(k) for k in ckpt.keys()}
+            except RegmeanError:
+                continue
+        accepted += 1
+        assert all(bool(torch.isfinite(t).all()) for t in got.values() if t.is_floating_point()), case
+        truth = peft_weights(base, folder)
+        if truth is not None:
+            for key in ckpt.pairs:
+                torch.testing.assert_close(got[key], truth[key], rtol=1e-5, atol=1e-6, msg=f"case {case}: {key}")
+            compared += 1
+    assert 0 < compared <= accepted < CASES // 3
+
+
+def test_tokenizer_mutations(model, tmp_path):
+    """Mutated tokenizer.json and tokenizer_config.json values: load_tokenizer gives a RegmeanError or a tokenizer
+    whose ids for a sentence lie in its vocabulary; nothing else escapes (a Rust panic included), nothing hangs."""
+    from regmean.loading import load_tokenizer
+
+    rng = random.Random(4)
+    files = {name: json.loads((model / name).read_text()) for name in ("tokenizer.json", "tokenizer_config.json")}
+    accepted = 0
+    for case in range(CASES // 3):
+        folder = tmp_path / str(case)
+        folder.mkdir()
+        target = rng.choice(list(files))
+        for name, content in files.items():
+            changed = mutate_value(rng, json.loads(json.dumps(content))) if name == target else content
+            (folder / name).write_text(json.dumps(changed))
+        with deadline(10, f"case {case}"):
+            try:
+                tok = load_tokenizer(folder)
+                ids = tok(TEXTS[0])["input_ids"]
+            except RegmeanError:
+                continue
+        accepted += 1
+        assert all(0 <= i <= max(tok.get_vocab().values()) for i in ids), case
+    assert 0 < accepted < CASES // 3
