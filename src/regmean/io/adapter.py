@@ -17,7 +17,7 @@ from regmean.dtypes import STORED
 from regmean.errors import RegmeanError
 from regmean.io.checkpoint import ADAPTER_CONFIG, Checkpoint
 from regmean.io.tensorfile import TensorFile
-from regmean.io.untrusted import UserPattern, check_finite, compile_pattern, read_json_object
+from regmean.io.untrusted import UserPattern, check_finite, compile_pattern, read_json_object, resolve_user_path
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 SAVED_PREFIX = "base_model.model."
@@ -98,9 +98,10 @@ class AdaptedCheckpoint:
         self.alpha_pattern = _patterns(self.path, self.adapter_config, "alpha_pattern")
         folder = base_folder(self.path, self.adapter_config, base)
         bases = {} if bases is None else bases
-        if folder.resolve() not in bases:
-            bases[folder.resolve()] = Checkpoint(folder, allow_pickle)
-        self.base = bases[folder.resolve()]
+        real = resolve_user_path(folder, "base model")
+        if real not in bases:
+            bases[real] = Checkpoint(folder, allow_pickle)
+        self.base = bases[real]
         self.config, self.key_to_file = self.base.config, self.base.key_to_file
         weights = self.path / ADAPTER_WEIGHTS
         if not weights.is_file():

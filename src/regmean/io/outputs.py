@@ -8,11 +8,13 @@ import fcntl
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from regmean.errors import RegmeanError
+from regmean.io.untrusted import resolve_user_path
+from regmean.units import human
 
 Inputs = Iterable[tuple[str, Path]]
 """(what it is, path) of every input of a command: 'model', 'statistics', 'data file', 'recipe', ..."""
@@ -27,14 +29,14 @@ def check_output_path(out: Path, inputs: Inputs) -> Path:
     nothing."""
     if out.is_symlink():
         raise RegmeanError(f"{out}: is a symbolic link (to {os.readlink(out)}); give the real output path")
-    real = out.resolve()
+    real = resolve_user_path(out, "output")
     blocking = next((p for p in (real, *real.parents) if p.exists() and not p.is_dir()), None)
     if blocking is not None and blocking != real:
         raise RegmeanError(f"{out}: cannot be created, {blocking} is a file")
     out_chain = _identities(real)  # the output (if it exists) and every existing folder above it
     out_id = out_chain[0] if real.exists() else None
     for what, path in inputs:
-        chain = _identities(Path(path).resolve()) if Path(path).exists() else []
+        chain = _identities(resolve_user_path(path, what)) if Path(path).exists() else []
         if not chain:
             continue  # a missing input is reported by the command that reads it
         if out_id == chain[0]:
@@ -69,7 +71,7 @@ def _refuse_protected(out: Path, out_id: tuple[int, int] | None, out_chain: list
     protected = {
         cwd[0]: "the current folder",
         _identities(Path.home())[0]: "a home folder",
-        _identities(Path(out.resolve().anchor))[0]: "the root folder",
+        _identities(Path(resolve_user_path(out, "output").anchor))[0]: "the root folder",
     }
     if out_id in protected:
         raise RegmeanError(f"{out}: is {protected[out_id]}; refusing to write an output there (name a new folder)")
@@ -88,13 +90,62 @@ def probe_writable(folder: Path) -> None:
         raise RegmeanError(f"{folder}: cannot write here ({exc.strerror})") from None
 
 
-def check_free_space(folder: Path, needed: int, what: str) -> None:
-    """Refuse before the work when the file system holding `folder` has less room than `needed` bytes."""
-    from regmean.units import human
-
-    free = shutil.disk_usage(folder).free
+def check_free_space(folder: Path, needed: int, what: str, name: Path | None = None) -> None:
+    """Refuse before the work when the file system holding `folder` has less room than `needed` bytes (the message
+    names `name`, default the folder)."""
+    free = free_bytes(folder)
     if needed > free:
-        raise RegmeanError(f"{folder}: {what} needs {human(needed)}, the disk has {human(free)} free; free some space")
+        raise RegmeanError(
+            f"{name or folder}: {what} needs {human(needed)}, the disk has {human(free)} free; free space or choose "
+            "another output"
+        )
+
+
+NO_ROOM = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded"}
+NO_ROOM_WORDS = {"No space left on device": errno.ENOSPC, "Disk quota exceeded": errno.EDQUOT}
+"""safetensors' SafetensorError is no OSError: the operating system's words in its message say which it was."""
+
+
+def no_room(exc: BaseException) -> str | None:
+    """'the disk is full' (or its quota) when `exc` is a write that ran out of room; None for any other failure."""
+    if isinstance(exc, OSError):
+        return NO_ROOM.get(exc.errno)
+    if type(exc).__name__ == "SafetensorError":
+        return next((NO_ROOM[code] for words, code in NO_ROOM_WORDS.items() if words in str(exc)), None)
+    return None
+
+
+def free_bytes(folder: Path) -> int:
+    """Free bytes on the file system holding `folder` (its nearest existing parent)."""
+    existing = next((p for p in (folder, *folder.parents) if p.is_dir()), Path(folder.anchor or "."))
+    return shutil.disk_usage(existing).free
+
+
+def room_error(path: Path, needed: int, reason: str = "the disk is full") -> RegmeanError:
+    """`path` could not be written for lack of room: what it needed and what is free (once the run's own files
+    are removed, so call it after cleaning up)."""
+    free = f"{human(free_bytes(path.parent))} free"
+    return RegmeanError(
+        f"{path}: {reason} ({f'{human(needed)} needed, ' if needed else ''}{free}); free space or choose another output"
+    )
+
+
+@contextmanager
+def room_for(path: Path, size: int, needed: int, cleanup: Callable[[], None]) -> Iterator[None]:
+    """The block writes `path` (`size` bytes, of `needed` for the whole output): refused first when its disk has
+    less than `size` free; a write that finds the disk full (or over quota) is one line naming `path`, said after
+    `cleanup` removed what the run wrote."""
+    if size > free_bytes(path.parent):
+        cleanup()
+        raise room_error(path, needed)
+    try:
+        yield
+    except Exception as exc:
+        reason = no_room(exc)
+        if reason is None:
+            raise
+        cleanup()
+        raise room_error(path, needed, reason) from None
 
 
 @contextmanager
@@ -103,7 +154,7 @@ def output_lock(out: Path) -> Iterator[None]:
     one output takes the same lock) for the block; a second writer is refused.
 
     flock locks die with their process, so a killed run never leaves a stale lock behind."""
-    out = out.resolve()
+    out = resolve_user_path(out, "output")
     lock = out.parent / f".{out.name}.regmean-lock"
     for _ in range(10):  # another process may unlink the lock file between our open and our flock: retry
         try:

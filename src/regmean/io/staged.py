@@ -4,10 +4,11 @@ file that looks complete, and --force replaces only files of the same format tha
 from __future__ import annotations
 
 import glob
+import json
 import os
 import sys
 import tempfile
-from contextlib import ExitStack
+from contextlib import AbstractContextManager, ExitStack
 from pathlib import Path
 
 import torch
@@ -15,7 +16,16 @@ from safetensors.torch import save_file
 
 from regmean.errors import RegmeanError
 from regmean.io.metadata import Metadata
-from regmean.io.outputs import Inputs, check_output_path, new_folders, output_lock, probe_writable, remove_if_empty
+from regmean.io.outputs import (
+    Inputs,
+    check_free_space,
+    check_output_path,
+    new_folders,
+    output_lock,
+    probe_writable,
+    remove_if_empty,
+    room_for,
+)
 from regmean.io.tensorfile import TensorFile
 
 
@@ -31,6 +41,13 @@ def write_atomic(tensors: dict[str, torch.Tensor], metadata: dict[str, str], tar
         if os.path.exists(tmp):
             os.unlink(tmp)
     return target
+
+
+def file_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> int:
+    """About what a safetensors file of `tensors` takes: their bytes and a header (a little over, never under)."""
+    data = sum(t.numel() * t.element_size() for t in tensors.values())
+    names = sum(len(name.encode()) + 96 + 24 * t.dim() for name, t in tensors.items())
+    return data + names + len(json.dumps(metadata).encode()) + 64
 
 
 def target_file(out: Path, file_name: str) -> Path:
@@ -54,6 +71,7 @@ class StagedFiles:
         self.file_name, self.block_glob = file_name, blocks
         self.staged: list[tuple[Path, Path]] = []
         self.staged_texts: list[tuple[Path, Path]] = []
+        self.needed = 0
         self._stack = ExitStack()
 
     def __enter__(self) -> StagedFiles:
@@ -116,11 +134,24 @@ class StagedFiles:
         except RegmeanError:
             return False
 
+    def reserve(self, needed: int, what: str = "the statistics file") -> None:
+        """Refuse before the work when the output's disk has less room than the `needed` bytes the files will take
+        (a disk that fills up later is said with this total)."""
+        self.needed = needed
+        check_free_space(self.target.parent, needed, what, self.target)
+
+    def _room(self, final: Path, size: int) -> AbstractContextManager[None]:
+        """Writing `size` bytes for `final`: a full disk is one line, and every staged file is removed first."""
+        done = sum(hidden.stat().st_size for hidden, _ in self.staged + self.staged_texts if hidden.exists())
+        return room_for(final, size, max(self.needed, done + size), self.discard)
+
     def stage(self, tensors: dict[str, torch.Tensor], metadata: dict[str, str], final: Path | None = None) -> None:
         """Write one file under a hidden name; it becomes `final` (default: the target) at `commit`."""
         final = final or self.target
         hidden = final.with_name(self.PREFIX + final.name)
-        self.staged.append((write_atomic(tensors, metadata, hidden), final))
+        with self._room(final, file_bytes(tensors, metadata)):
+            written = write_atomic(tensors, metadata, hidden)
+        self.staged.append((written, final))
 
     def stage_text(self, name: str, text: str, ours) -> bool:
         """Stage a text file `name` beside the output folder's files (revealed at `commit`), unless a file of that
@@ -133,8 +164,9 @@ class StagedFiles:
                 self.log(f"{final}: not written by regmean; left as it is")
             return False
         hidden = final.with_name(self.PREFIX + name)
-        hidden.write_text(text)
-        self.staged_texts.append((hidden, final))
+        self.staged_texts.append((hidden, final))  # (removed with the others if the disk is full)
+        with self._room(final, len(text.encode())):
+            hidden.write_text(text)
         return True
 
     def commit(self) -> list[Path]:

@@ -3,6 +3,7 @@ value of the expected type or raises a one-line `RegmeanError` naming where the 
 
 from __future__ import annotations
 
+import errno
 import json
 import re
 import time
@@ -154,3 +155,16 @@ def check_finite(tensor: torch.Tensor, where: str) -> torch.Tensor:
     if tensor.is_floating_point() and not all_finite(tensor):
         raise RegmeanError(f"{where}: has NaN or Inf values")
     return tensor
+
+
+def resolve_user_path(path: str | Path, what: str) -> Path:
+    """A path the user gave, made absolute with its symbolic links followed (it need not exist): a symbolic link
+    loop on the way (pathlib's RuntimeError, or OSError ELOOP from Python 3.13) is one line, not a traceback."""
+    try:
+        return Path(path).resolve()
+    except RuntimeError:
+        pass
+    except OSError as exc:
+        if exc.errno != errno.ELOOP:
+            raise RegmeanError(f"{path}: cannot follow the path of the {what} ({exc.strerror})") from None
+    raise RegmeanError(f"{path}: a symbolic link loop (the {what}); give a real folder")

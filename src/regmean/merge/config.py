@@ -21,7 +21,7 @@ from pydantic import (
 
 from regmean.dtypes import FLOATS
 from regmean.errors import RegmeanError, one_line
-from regmean.io.untrusted import compile_pattern
+from regmean.io.untrusted import compile_pattern, resolve_user_path
 from regmean.methods import METHODS
 
 
@@ -196,6 +196,9 @@ class MergeConfig(BaseModel):
                 m.data.file = fix(m.data.file) or m.data.file
         data.base_model = fix(data.base_model) or data.base_model
         data.tokenizer_source = fix(data.tokenizer_source) or data.tokenizer_source
+        for what, path in data.input_paths() + [("tokenizer source", data.tokenizer_source)]:
+            if path is not None:  # a symbolic link loop is refused now, not when a path is resolved mid-merge
+                resolve_user_path(path, what)
         return data
 
     def to_yaml(self) -> str:

@@ -11,7 +11,16 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from regmean.errors import RegmeanError
-from regmean.io.outputs import Inputs, check_output_path, listing, new_folders, output_lock, remove_if_empty
+from regmean.io.outputs import (
+    Inputs,
+    check_output_path,
+    listing,
+    new_folders,
+    no_room,
+    output_lock,
+    remove_if_empty,
+    room_error,
+)
 from regmean.io.untrusted import parse_json
 from regmean.merge.files import CARD, COPIED_PATTERNS, RECIPE, REPORT, STAGING_MARK, WEIGHT_PATTERNS
 
@@ -111,9 +120,21 @@ def _staging(out_dir: Path) -> Iterator[Path]:
         raise RegmeanError(f"{out_dir.parent}: cannot write here ({exc.strerror})") from None
     try:
         yield tmp
+    except Exception as exc:
+        reason = no_room(exc)
+        if reason is None:
+            raise
+        needed = _planned_bytes(tmp)  # the shards are laid out at their full size when the writing starts
+        shutil.rmtree(tmp)
+        raise room_error(out_dir, needed, reason) from None
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+def _planned_bytes(folder: Path) -> int:
+    """The apparent size of the files under `folder`: sparse shards count at the size they were laid out with."""
+    return sum(p.lstat().st_size for p in folder.rglob("*") if p.is_file() and not p.is_symlink())
 
 
 def _recover(out_dir: Path, log) -> None:
