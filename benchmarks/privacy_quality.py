@@ -1,13 +1,13 @@
-"""What each protection of the statistics costs in merge quality, on the domains and tasks suites.
+"""What each protection of the statistics costs in merge quality, on the bench suites.
 
-At one seed, takes the models `regmean bench domains` / `regmean bench tasks` fine-tune (from the model cache when
-that seed has run: nothing is trained again), measures each model's statistics exactly as the bench does (its
-owner's 1,000 training texts, max length 64), once per protection (none, --withhold token-sites, DP at epsilon 1,
-4 and 16 with delta 1e-5), merges each with RegMean (alpha 0.9, as the bench's main row), and scores every merge
-and the simple average (macro-F1 x 100 for domains, accuracy x 100 for tasks, each suite's own metric). Rows go to
-docs/benchmarks/privacy-quality.json (a rerun skips the seeds and suites it has); the table is rewritten from all.
+At one seed, takes the models `regmean bench SUITE` fine-tunes (from the model cache when that seed has run:
+nothing is trained again), measures each model's statistics exactly as the bench does (its owner's 1,000 training
+texts, max length 64), once per protection (none, --withhold token-sites, DP at epsilon 1, 4 and 16 with delta
+1e-5), merges each with RegMean (alpha 0.9, as the bench's main row), and scores every merge and the simple average
+(each suite's own metric x 100: macro-F1 for domains, accuracy for tasks and partitions, entity F1 for ner). Rows
+go to docs/benchmarks/privacy-quality.json (a rerun skips the seeds and suites it has); the table is rewritten.
 
-    python benchmarks/privacy_quality.py --seed 0 [--suites domains,tasks]
+    python benchmarks/privacy_quality.py --seed 0 [--suites domains,tasks,partitions,ner]
 """
 
 from __future__ import annotations
@@ -25,10 +25,18 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import DOCS, write_doc  # noqa: E402
 
+from regmean.bench.claims import PRIMARY  # noqa: E402
 from regmean.bench.evaluate import score  # noqa: E402
 from regmean.bench.run import packaged_minilm  # noqa: E402
 from regmean.bench.runner import TASK_PAIRS, Runner, Settings  # noqa: E402
-from regmean.bench.suites import _keep_dirs, domain_data, task_data  # noqa: E402
+from regmean.bench.suites import (  # noqa: E402
+    PARTITION_TASKS,
+    _keep_dirs,
+    domain_data,
+    ner_data,
+    partition_data,
+    task_data,
+)
 from regmean.io.data import Example  # noqa: E402
 from regmean.measure import measure  # noqa: E402
 from regmean.measure.protect import Protection  # noqa: E402
@@ -41,7 +49,7 @@ PROTECTIONS = {
     "dp4": Protection(epsilon=4.0),
     "dp1": Protection(epsilon=1.0),
 }
-METRIC = {"domains": "macro_f1", "tasks": "accuracy"}
+METRIC = PRIMARY  # each suite's own metric: macro-F1 (domains), accuracy (tasks, partitions), entity F1 (ner)
 OUT = DOCS / "privacy-quality.json"
 
 
@@ -59,11 +67,21 @@ def groups(suite: str, seed: int, s: Settings) -> list[tuple[str, list, dict, st
     if suite == "domains":
         parts, evals = domain_data(seed, s)
         return [("tweet-domains", parts, [evals], "merge")]
+    if suite == "partitions":
+        return [(task, *_one_test(partition_data(task, seed, s))) for task in PARTITION_TASKS]
+    if suite == "ner":
+        return [("wnut", *_one_test(ner_data(seed, s)))]
     out = []
     for pair in TASK_PAIRS:
         trains, tests = zip(*(task_data(t, seed, s) for t in pair), strict=True)
         out.append(("+".join(pair), list(trains), [{t: test} for t, test in zip(pair, tests, strict=True)], "keep"))
     return out
+
+
+def _one_test(data: tuple[list, object]) -> tuple[list, list[dict], str]:
+    """Training parts merged into one model, scored on one test set."""
+    parts, test = data
+    return parts, [{"test": test}], "merge"
 
 
 def run_suite(suite: str, seed: int, work: Path, **sizes) -> list[dict]:
@@ -125,17 +143,19 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("runs/privacy_quality"))
     parser.add_argument("--train-size", type=int, default=1000, help="(smaller only to try the script)")
     parser.add_argument("--test-size", type=int, default=1000)
+    parser.add_argument("--out", type=Path, default=OUT, help="rows file (another one to try the script)")
     args = parser.parse_args()
-    rows = json.loads(OUT.read_text()) if OUT.is_file() else []
+    rows = json.loads(args.out.read_text()) if args.out.is_file() else []
     for suite in args.suites.split(","):
         if any(r["suite"] == suite and r["seed"] == args.seed for r in rows):
             continue
         rows += run_suite(suite, args.seed, args.work, train_size=args.train_size, test_size=args.test_size)
-        OUT.parent.mkdir(parents=True, exist_ok=True)
-        OUT.write_text(json.dumps(rows, indent=1) + "\n")
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(rows, indent=1) + "\n")
     text = "# Merge quality under each protection of the statistics\n\n" + table(rows) + "\n"
     print(text)
-    write_doc("privacy-quality", text, rows)
+    if args.out == OUT:
+        write_doc("privacy-quality", text, rows)
 
 
 if __name__ == "__main__":

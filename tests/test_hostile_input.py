@@ -456,7 +456,7 @@ def test_more_parser_corners_are_one_line(trio):
 def test_blocks_of_different_measures_are_refused(tmp_path):
     path = save_model(build_model("bert", "BertForSequenceClassification", 1), tmp_path / "m")
     data = write_jsonl(tmp_path / "d.jsonl")
-    args = ["measure", str(path), "--data", str(data), "--max-memory", "1KB"]
+    args = ["measure", str(path), "--data", str(data), "--max-memory", "3KB"]
     assert runner.invoke(app, [*args, "--out", str(tmp_path / "a")]).exit_code == 0
     assert runner.invoke(app, [*args, "--out", str(tmp_path / "b"), "--max-examples", "4"]).exit_code == 0
     blocks = sorted((tmp_path / "a").iterdir())

@@ -193,11 +193,11 @@ def test_measuring_in_blocks_equals_one_pass_and_merges(tmp_path):
     runner = CliRunner()
     common = ["measure", str(path), "--data", str(data), "--stats-dtype", "float64", "--model-dtype", "float64"]
     assert runner.invoke(app, [*common, "--out", str(tmp_path / "one")]).exit_code == 0
-    result = runner.invoke(app, [*common, "--out", str(tmp_path / "blocks"), "--max-memory", "2KB"])
+    result = runner.invoke(app, [*common, "--out", str(tmp_path / "blocks"), "--max-memory", "5KB"])
     assert result.exit_code == 0, result.output
     one, blocks = StatisticsFile(tmp_path / "one"), StatisticsFile(tmp_path / "blocks")
     files = sorted((tmp_path / "blocks").glob("statistics-*-of-*.safetensors"))
-    assert len(files) == len(one.site_names) > 1  # 16-wide float64 sums: one site per 2KB block
+    assert 1 < len(files) < len(one.site_names)  # float64 sums of 16 and 24 wide sites: one or two per 5KB block
     assert (blocks.examples, blocks.tokens, blocks.modules) == (one.examples, one.tokens, one.modules)
     for site in one.site_names:
         a, b = one.site(site), blocks.site(site)

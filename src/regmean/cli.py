@@ -153,6 +153,7 @@ def measure(
             allow_pickle=allow_pickle,
             base=base,
             protection=protection,
+            on_plan=writer.reserve if writer else None,
         )
         if writer is None:
             return

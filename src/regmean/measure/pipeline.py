@@ -47,6 +47,7 @@ def measure(
     allow_pickle: bool = False,
     base: str | Path | None = None,
     protection: Protection | None = None,
+    on_plan: Callable[[int], None] | None = None,
 ) -> Statistics:
     """Measure the statistics of every (selected) linear layer's input over `examples`.
 
@@ -83,6 +84,8 @@ def measure(
         model, sites, skipped, protection, batches, (max_length, len(examples)), device, log
     )
     blocks = site_blocks(sites, sums.itemsize, max_stats_bytes)
+    if on_plan is not None:  # e.g. refuse an output disk too small for the files, before the passes
+        on_plan(statistics_bytes(sites, sums.itemsize))
     if log is not None and distributed.rank() == 0:
         log(_announcement(blocks, len(modules), sums, device, len(examples)))
         log(_memory_estimate(model, blocks, sums, first, forward_peak, max_length))
@@ -124,6 +127,12 @@ def measure(
             else:
                 on_block(Statistics(sites=part, tokens=record["tokens"], provenance=[record], **base), b, len(blocks))
     return Statistics(sites=collected, tokens=record["tokens"], provenance=[record], **base)
+
+
+def statistics_bytes(sites: list[Site], itemsize: int) -> int:
+    """What the statistics files take on disk: per site the packed Gram d(d+1)/2 and the sum d (`itemsize` bytes
+    each), an int64 count, the header's entries for the three; and room for the metadata."""
+    return sum((s.d * (s.d + 1) // 2 + s.d) * itemsize + 8 + 3 * (len(s.name) + 120) for s in sites) + 2**16
 
 
 def _protected(

@@ -22,6 +22,7 @@ from regmean.architecture import (
 from regmean.errors import RegmeanError
 from regmean.io.adapter import open_model
 from regmean.io.checkpoint import Checkpoint
+from regmean.io.untrusted import resolve_user_path
 from regmean.merge.config import MergeConfig
 from regmean.methods import METHODS
 from regmean.methods.base import StatisticsSource
@@ -89,7 +90,8 @@ def open_inputs(config: MergeConfig) -> MergeInputs:
     stats = [attempt(kind.reader, m.statistics) for m in config.models] if kind else None
     base = None
     if config.base_model:
-        base = bases.get(config.base_model.resolve()) or attempt(Checkpoint, config.base_model, config.allow_pickle)
+        known = bases.get(resolve_user_path(config.base_model, "base model"))
+        base = known or attempt(Checkpoint, config.base_model, config.allow_pickle)
     if problems:
         raise RegmeanError(problems)
 

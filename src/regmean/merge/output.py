@@ -41,7 +41,7 @@ def write_output(
     completes the shards and returns the report; then config, tokenizer, card, recipe and report. The folder is
     revealed only when all of it is done."""
     with staged_output(out_dir, force, sources, log) as staged:
-        check_free_space(staged, write_bytes, "the merged model")
+        check_free_space(staged, write_bytes, "the merged model", out_dir)
         folders = output_folders(inputs, staged)
         writers = [ShardedWriter(f, layout, shard_bytes) for f, layout in zip(folders, layouts, strict=True)]
         report = fill(writers, staged)
