@@ -7,9 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import TARGETS, TEXTS, build_model, save_model
-from safetensors import safe_open
-from safetensors.torch import save_file
 from test_bad_input import merge_fails
+from test_hostile_input import rewrite
 from test_merge import make_models
 from transformers import AutoTokenizer
 
@@ -29,13 +28,7 @@ def trio(tmp_path):
 def forge(folder: str | Path, change=None, meta_change=None) -> Path:
     """Rewrite a statistics file with `change(tensors)` and `meta_change(metadata)` applied."""
     path = Path(folder) / "statistics.safetensors"
-    with safe_open(str(path), "pt") as f:
-        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
-    if change:
-        change(tensors)
-    if meta_change:
-        meta_change(meta)
-    save_file(tensors, path, metadata=meta)
+    rewrite(path, metadata_change=meta_change, tensor_change=change)
     return path
 
 
