@@ -1,5 +1,6 @@
 """End-to-end merges through the CLI for every family, checked against the normal equations and the definitions."""
 
+import json
 import re
 from pathlib import Path
 
@@ -100,6 +101,12 @@ def test_regmean_merge_every_family(tmp_path, family, cls):
         assert normal_equation_residual(layout(merged[key]).double(), weights, grams, scale) < 1e-4, module
         checked += 1
     assert checked == len(stats[0].modules) > 0
+    # nothing silent: every other matrix is listed as averaged, with its reason
+    report = json.loads((out / "merge_report.json").read_text())
+    solved = {f"{row['module']}.weight" for row in report["layers"]}
+    matrices = {key for key, t in merged.items() if t.dim() >= 2}
+    assert solved | set(report["averaged"]) == matrices and not solved & set(report["averaged"])
+    assert all(report["averaged"].values())
     # every other float tensor is the simple average
     lin = {f"{m}.weight" for m in stats[0].modules}
     for key, t in merged.items():

@@ -90,7 +90,9 @@ def test_withheld_token_sites_leave_nothing_to_decode_and_merge_as_averages(tmp_
     assert result.sites == [] and [s.name for s in result.withheld] == ["model.layers.0.self_attn.q_proj"]
     models = [{"path": str(p), "statistics": str(tmp_path / f"s{i}")} for i, p in enumerate(paths)]
     report = regmean.merge(regmean.MergeConfig(models=models), tmp_path / "merged", progress=False)
-    assert "model.layers.0.self_attn.q_proj" in report.averaged_linears
+    for projection in ("q_proj", "k_proj", "v_proj"):
+        why = report.averaged[f"model.layers.0.self_attn.{projection}.weight"]
+        assert why == "linear layer whose statistics the owners withheld (a token site)"
     assert any("withheld by the owners" in note and "q_proj" in note for note in report.notes)
     merged = load_file(tmp_path / "merged" / "model.safetensors")
     key = "model.layers.0.self_attn.q_proj.weight"

@@ -278,6 +278,8 @@ def merge(
             f"; {s['regmean_layers']} RegMean layers, {s['ridge_layers']} with ridge, "
             f"mean relative error {s['mean_relative_error']:.3g}"
         )
+    if result.averaged:
+        detail += f"; {len(result.averaged)} matrices averaged (why: merge_report.json)"
     console.print(f"wrote {out_dir} ({result.method}{detail})")
 
 

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shutil
+from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -161,7 +162,9 @@ def model_card(inputs: MergeInputs, report: MergeReport, own_head: int | None = 
                 else ""
             ),
             f"- relative residual of the solved systems: at most {s['max_residual']:.2g}",
-            f"- linear layers averaged for lack of statistics: {len(report.averaged_linears)}",
+            f"- matrices averaged instead: {len(report.averaged)}" + "".join(
+                f"\n  - {n} {reason}" for reason, n in Counter(report.averaged.values()).most_common()
+            ),
         ]
         lines += [f"- {note}" for note in report.notes]
     if inputs.stats:

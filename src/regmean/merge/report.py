@@ -12,8 +12,8 @@ class MergeReport:
     method: str
     layers: list[LayerReport] = field(default_factory=list)
     """Per linear layer solved from statistics: module, site, ridge, relative reconstruction error per model."""
-    averaged_linears: list[str] = field(default_factory=list)
-    """Linear layers without statistics, merged by the method's plain rule."""
+    averaged: dict[str, str] = field(default_factory=dict)
+    """Data-aware methods: every matrix (ndim >= 2) of the body they did not solve, with why it was averaged."""
     base_missing: list[str] = field(default_factory=list)
     """Methods on task vectors: tensors the base model lacks (averaged)."""
     notes: list[str] = field(default_factory=list)
@@ -53,7 +53,7 @@ class MergeReport:
             "method": self.method,
             "summary": self.summary(),
             "layers": [row.to_dict() for row in self.layers],
-            "averaged_linears": self.averaged_linears,
+            "averaged": self.averaged,
             "base_missing": self.base_missing,
             "notes": self.notes,
             "data": self.data,

@@ -17,6 +17,7 @@ from regmean.dtypes import itemsize
 from regmean.errors import RegmeanError, one_line
 from regmean.methods.average import Average
 from regmean.methods.base import Computed, Cost, LayerReport, StatisticsKind, Step
+from regmean.methods.coverage import averaged_matrices, summarize
 from regmean.methods.least_squares import (
     MIN_SAMPLED_ROWS,
     SAMPLED_FRACTION,
@@ -73,12 +74,6 @@ def site_groups(inputs) -> dict[tuple[str, ...], list[LinearLayer]]:
         if name in inputs.stats[0].modules and solvable(inputs, name):
             groups[tuple(st.modules[name] for st in inputs.stats)].append(layer)
     return groups
-
-
-def averaged_linears(inputs, solved: set[str]) -> list[str]:
-    """Linear modules of the body that were not solved (merged by the plain rule)."""
-    body = set(inputs.body_keys())
-    return sorted(n for n, la in inputs.linears.items() if n not in solved and la.weight_key in body)
 
 
 def absent_weights(entry, ckpt, layers: list[LinearLayer]) -> str | None:
@@ -170,9 +165,9 @@ class RegMean(Average):
         return sum(st.gram_nbytes(name) for st, name in zip(self.inputs.stats, sites, strict=True))
 
     def describe(self, steps: list[Step]) -> str:
-        withheld = self._withheld()
-        solved = f"{sum(len(s.layers) for s in steps if isinstance(s, SiteStep))} RegMean layers"
-        return solved + (f", {len(withheld)} averaged: their owners withheld the statistics" if withheld else "")
+        solved = {layer.module for s in steps if isinstance(s, SiteStep) for layer in s.layers}
+        averaged = summarize(averaged_matrices(self.inputs, solved))
+        return f"{len(solved)} RegMean layers" + (f"; {averaged}" if averaged else "")
 
     def _withheld(self) -> list[str]:
         """Linear layers whose statistics some owner withheld (`measure --withhold token-sites`): averaged."""
@@ -269,7 +264,7 @@ class RegMean(Average):
 
     def finish(self, report) -> None:
         measured = {la.module for group in site_groups(self.inputs).values() for la in group}
-        report.averaged_linears = averaged_linears(self.inputs, measured)
+        report.averaged = averaged_matrices(self.inputs, measured)
         report.notes.append(f"statistics masking: {one_line(self.inputs.stats[0].masking, 300)}")
         withheld = self._withheld()
         if withheld:

@@ -29,13 +29,13 @@ from regmean.measure.accumulate import Accumulator
 from regmean.measure.batching import Batch, make_batches
 from regmean.measure.sites import detect_sites, select_modules
 from regmean.methods.base import Computed, Cost, Step
+from regmean.methods.coverage import averaged_matrices, summarize
 from regmean.methods.regmean import (
     RegMean,
     RegMeanOptions,
     SiteInputs,
     SiteStep,
     absent_weights,
-    averaged_linears,
     solvable,
 )
 from regmean.methods.stages import Stage, forward_stages
@@ -200,10 +200,12 @@ class RegMeanPlusPlus(RegMean):
         stages = [s for s in steps if isinstance(s, StageStep)]
         layers = sum(len(solve.layers) for s in stages for solve in s.solves)
         k, tokens = len(self.inputs.models), sum(d.record["tokens"] for d in self.data)
+        solved = {layer.module for s in stages for solve in s.solves for layer in solve.layers}
+        averaged = summarize(averaged_matrices(self.inputs, solved))
         return (
             f"RegMean++: {layers} layers in {len(stages)} stages; {k * len(stages)} forward passes, each stopped after "
             f"its stage, over {tokens:,} tokens of the models' data (the work of about {self.full_passes:.1f} full "
-            "passes over each model's data)"
+            "passes over each model's data)" + (f"; {averaged}" if averaged else "")
         )
 
     def load(self, step: Step) -> object:
@@ -251,7 +253,7 @@ class RegMeanPlusPlus(RegMean):
 
     def finish(self, report: MergeReport) -> None:
         solved = {layer.module for step in self.stage_steps for solve in step.solves for layer in solve.layers}
-        report.averaged_linears = averaged_linears(self.inputs, solved)
+        report.averaged = averaged_matrices(self.inputs, solved)
         k, stages = len(self.inputs.models), len(self.stage_steps)
         report.notes.append(
             f"RegMean++: Grams measured during the merge through the merged prefix, {stages} stages in forward "

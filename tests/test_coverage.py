@@ -1,0 +1,71 @@
+"""Nothing silent: in a mixture-of-experts model whose experts are 3-D parameters (GPT-OSS), every matrix RegMean
+does not solve is listed as averaged with its reason, in the console, merge_report.json and the card."""
+
+import json
+from pathlib import Path
+
+import torch
+import transformers as tf
+import yaml
+from conftest import PAD, SEP, VOCAB, save_model, write_jsonl
+from safetensors.torch import load_file
+from test_merge import run
+
+from regmean.io.data import load_examples
+from regmean.measure import measure
+from regmean.stats import save
+
+
+def tiny_gpt_oss(path: Path, seed: int) -> Path:
+    config = tf.GptOssConfig(
+        vocab_size=VOCAB,
+        hidden_size=16,
+        intermediate_size=24,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=4,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        max_position_embeddings=64,
+        layer_types=["full_attention", "full_attention"],
+        pad_token_id=PAD,
+        eos_token_id=SEP,
+    )
+    torch.manual_seed(1234)
+    model = tf.GptOssForCausalLM(config).eval()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    return save_model(model, path)
+
+
+def test_experts_and_routers_are_listed_as_averaged_with_their_reason(tmp_path):
+    examples = load_examples(write_jsonl(tmp_path / "d.jsonl"))
+    models = []
+    for k in range(2):
+        path = tiny_gpt_oss(tmp_path / f"m{k}", k + 1)
+        save(measure(path, examples, progress=False), tmp_path / f"s{k}")
+        models.append({"path": str(path), "statistics": str(tmp_path / f"s{k}")})
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"method": "regmean", "models": models}))
+    result = run("merge", recipe, tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "out" / "merge_report.json").read_text())
+    merged = load_file(tmp_path / "out" / "model.safetensors")
+    solved = {f"{row['module']}.weight" for row in report["layers"]}
+    averaged = report["averaged"]
+    assert solved | set(averaged) == {key for key, t in merged.items() if t.dim() >= 2}
+    not_linear = "not a linear layer the method measures"
+    assert averaged["model.layers.1.mlp.experts.gate_up_proj"] == f"{not_linear} (GptOssExperts)"
+    assert averaged["model.layers.0.mlp.router.weight"] == f"{not_linear} (GptOssTopKRouter)"
+    assert averaged["lm_head.weight"] == "LM head (lm_head: average)"
+    output = " ".join(result.output.split())
+    assert "matrices averaged: 8 not a linear layer the method measures (GptOssExperts)" in output
+    assert f"{len(averaged)} matrices averaged (why: merge_report.json)" in output
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert f"matrices averaged instead: {len(averaged)}" in card and "(GptOssTopKRouter)" in card
+    inputs = [load_file(Path(m["path"]) / "model.safetensors") for m in models]
+    for key in averaged:  # what the report says is what was done
+        torch.testing.assert_close(merged[key], (inputs[0][key] + inputs[1][key]) / 2, msg=key)
