@@ -9,11 +9,11 @@ import transformers as tf
 import yaml
 from conftest import PAD, SEP, VOCAB, save_model, write_jsonl
 from safetensors.torch import load_file
-from test_merge import run
+from test_merge import normal_equation_residual, run, shrink
 
 from regmean.io.data import load_examples
 from regmean.measure import measure
-from regmean.stats import save
+from regmean.stats import StatisticsFile, save
 
 
 def tiny_gpt_oss(path: Path, seed: int) -> Path:
@@ -69,3 +69,55 @@ def test_experts_and_routers_are_listed_as_averaged_with_their_reason(tmp_path):
     inputs = [load_file(Path(m["path"]) / "model.safetensors") for m in models]
     for key in averaged:  # what the report says is what was done
         torch.testing.assert_close(merged[key], (inputs[0][key] + inputs[1][key]) / 2, msg=key)
+
+
+def tiny_neox(path: Path, seed: int) -> Path:
+    config = tf.GPTNeoXConfig(
+        vocab_size=VOCAB,
+        hidden_size=16,
+        intermediate_size=24,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+        pad_token_id=PAD,
+        eos_token_id=SEP,
+    )
+    torch.manual_seed(1234)
+    model = tf.GPTNeoXForCausalLM(config).eval()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    return save_model(model, path)
+
+
+def test_a_checkpoint_key_renamed_on_loading_merges(tmp_path):
+    """GPT-NeoX's checkpoint stores the parameter lm_head.weight as embed_out.weight: it is averaged (named as an
+    LM head) or solved by RegMean (lm_head: regmean, its normal equations hold), and the output loads whole."""
+    examples = load_examples(write_jsonl(tmp_path / "d.jsonl"))
+    models = []
+    for k in range(2):
+        path = tiny_neox(tmp_path / f"m{k}", k + 1)
+        save(measure(path, examples, progress=False), tmp_path / f"s{k}")
+        models.append({"path": str(path), "statistics": str(tmp_path / f"s{k}")})
+    for lm_head in ("average", "regmean"):
+        recipe = tmp_path / f"{lm_head}.yaml"
+        recipe.write_text(yaml.safe_dump({"method": "regmean", "models": models, "lm_head": lm_head}))
+        out = tmp_path / lm_head
+        result = run("merge", recipe, out)
+        assert result.exit_code == 0, result.output
+        _, info = tf.GPTNeoXForCausalLM.from_pretrained(out, output_loading_info=True)
+        assert not info["missing_keys"] and not info["unexpected_keys"]
+        report = json.loads((out / "merge_report.json").read_text())
+        solved = {row["module"] for row in report["layers"]}
+        if lm_head == "average":
+            assert report["averaged"]["embed_out.weight"] == "LM head (lm_head: average)"
+            assert "lm_head" not in solved
+        else:
+            assert "embed_out.weight" not in report["averaged"] and "lm_head" in solved
+            merged = load_file(out / "model.safetensors")["embed_out.weight"].double()
+            sites = [st.site(st.modules["lm_head"]) for st in map(StatisticsFile, (m["statistics"] for m in models))]
+            weights = [load_file(Path(m["path"]) / "model.safetensors")["embed_out.weight"].double() for m in models]
+            grams = [shrink(s.gram.double(), 0.9) for s in sites]
+            assert normal_equation_residual(merged, weights, grams, [1 / s.count for s in sites]) < 1e-4

@@ -159,6 +159,12 @@ def loaded_names(model: nn.Module, keys: list[str]) -> set[str]:
     """The names transformers gives checkpoint `keys` when it loads them into `model`: each key with and without the
     base-model prefix, after transformers' own simple renamings (e.g. legacy LayerNorm.gamma -> LayerNorm.weight).
     Keys that a many-to-many conversion would produce are not predicted (absent ones are then not reported)."""
+    return set(checkpoint_keys(model, keys))
+
+
+def checkpoint_keys(model: nn.Module, keys: list[str]) -> dict[str, str]:
+    """Every name `loaded_names` predicts for checkpoint `keys`, mapped to the key it is loaded from (e.g. GPT-NeoX's
+    parameter lm_head.weight -> its checkpoint's embed_out.weight)."""
     rules = []
     try:  # transformers' conversion tables; if their API moves, only exact names count
         from transformers.conversion_mapping import get_model_conversion_mapping
@@ -170,9 +176,13 @@ def loaded_names(model: nn.Module, keys: list[str]) -> set[str]:
     except Exception:  # noqa: S110 (best effort: exact names are still checked)
         pass
     prefix = getattr(model, "base_model_prefix", "")
-    names = set()
+    names: dict[str, str] = {}
     for key in keys:
+        renamed = key
         for pattern, target in rules:
-            key = pattern.sub(target, key)
-        names |= {key, f"{prefix}.{key}", key.removeprefix(f"{prefix}.")}
+            renamed = pattern.sub(target, renamed)
+        for name in (renamed, f"{prefix}.{renamed}", renamed.removeprefix(f"{prefix}.")):
+            names.setdefault(name, key)
+    for key in keys:  # a key that is itself a parameter's name stays that parameter's
+        names[key] = key
     return names

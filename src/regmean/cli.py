@@ -271,6 +271,8 @@ def merge(
     )
     if dry_run or result is None:  # (a rank other than 0 reports nothing)
         return
+    from regmean.methods.coverage import matrices
+
     s = result.summary()
     detail = ""
     if s["regmean_layers"]:
@@ -279,7 +281,7 @@ def merge(
             f"mean relative error {s['mean_relative_error']:.3g}"
         )
     if result.averaged:
-        detail += f"; {len(result.averaged)} matrices averaged (why: merge_report.json)"
+        detail += f"; {matrices(len(result.averaged))} averaged (why: merge_report.json)"
     console.print(f"wrote {out_dir} ({result.method}{detail})")
 
 

@@ -5,17 +5,17 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 from torch import nn
 
 from regmean.architecture import (
     LinearLayer,
+    checkpoint_keys,
     embedding_modules,
     head_modules,
     is_head_key,
     linear_layers,
-    loaded_names,
     meta_model,
     required_keys,
 )
@@ -43,6 +43,13 @@ class MergeInputs:
     lm_head: str | None  # output embedding module
     vocab: GrownVocabulary | None = None
     """Where the models' vocabularies differ by added tokens: which tensors, and their rows."""
+    parameter_names: dict[str, str] = field(default_factory=dict)
+    """Checkpoint key -> the parameter it loads into, where transformers renames it (GPT-NeoX: embed_out.weight ->
+    lm_head.weight); the linear layers' keys are checkpoint keys already."""
+
+    def module_of(self, key: str) -> str:
+        """The module of the skeleton a checkpoint key belongs to."""
+        return self.parameter_names.get(key, key).rsplit(".", 1)[0]
 
     def body_keys(self) -> list[str]:
         """Tensors merged into the body: every key, less the heads when each model keeps its own."""
@@ -70,6 +77,12 @@ def _base_key(base: Checkpoint, key: str, skeleton: nn.Module) -> str | None:
     if prefix and key.startswith(prefix + ".") and key[len(prefix) + 1 :] in base:
         return key[len(prefix) + 1 :]
     return None
+
+
+def _in_checkpoint(layer: LinearLayer, names: dict[str, str]) -> LinearLayer:
+    """The layer with its weight and bias keys as the checkpoint names them."""
+    bias = names.get(layer.bias_key, layer.bias_key) if layer.bias_key else None
+    return replace(layer, weight_key=names.get(layer.weight_key, layer.weight_key), bias_key=bias)
 
 
 def open_inputs(config: MergeConfig) -> MergeInputs:
@@ -115,8 +128,8 @@ def open_inputs(config: MergeConfig) -> MergeInputs:
     vocab, vocab_problems = grown_vocabulary(config, models, [body(m) for m in models], embedding_keys, method)
     problems += vocab_problems
     problems += _disagreements(config, models, body, vocab, heads)
-    present = loaded_names(skeleton, first.keys())
-    needed = [k for k in required_keys(skeleton) if k not in present]
+    names = checkpoint_keys(skeleton, first.keys())
+    needed = [k for k in required_keys(skeleton) if k not in names]
     if needed:
         problems.append(
             f"{first_path}: lacks {len(needed)} tensors its architecture {first.architecture} needs, e.g. {needed[0]} "
@@ -124,9 +137,10 @@ def open_inputs(config: MergeConfig) -> MergeInputs:
         )
     if problems:  # the models disagree: nothing below can be checked meaningfully
         raise RegmeanError(problems)
-    linears = linear_layers(skeleton)
+    linears = {m: _in_checkpoint(layer, names) for m, layer in linear_layers(skeleton).items()}
     embeddings, lm_head = embedding_modules(skeleton)
-    inputs = MergeInputs(config, models, stats, base, skeleton, linears, heads, embeddings, lm_head, vocab)
+    parameters = {names[n]: n for n in skeleton.state_dict() if n in names and names[n] != n}
+    inputs = MergeInputs(config, models, stats, base, skeleton, linears, heads, embeddings, lm_head, vocab, parameters)
     problems = _base_problems(inputs, ref) if base is not None else []
     try:  # the method's own header checks, reported with the base model's
         problems += method.check(inputs)

@@ -13,9 +13,9 @@ def averaged_matrices(inputs, solved: set[str]) -> dict[str, str]:
     why it was averaged."""
     shapes = inputs.models[0].shapes
     return {
-        key: _reason(inputs, key.rsplit(".", 1)[0])
+        key: _reason(inputs, inputs.module_of(key))
         for key in inputs.body_keys()
-        if len(shapes[key]) >= 2 and key.rsplit(".", 1)[0] not in solved
+        if len(shapes[key]) >= 2 and inputs.module_of(key) not in solved
     }
 
 
@@ -47,4 +47,8 @@ def summarize(averaged: dict[str, str], limit: int = 4) -> str:
     example = {reason: key for key, reason in reversed(averaged.items())}
     parts = [f"{n} {reason} (e.g. {example[reason]})" for reason, n in counts.most_common(limit)]
     more = len(counts) - limit
-    return f"{len(averaged)} matrices averaged: " + "; ".join(parts) + (f"; {more} more" if more > 0 else "")
+    return f"{matrices(len(averaged))} averaged: " + "; ".join(parts) + (f"; {more} more" if more > 0 else "")
+
+
+def matrices(count: int) -> str:
+    return f"{count} matrix" if count == 1 else f"{count} matrices"
