@@ -1,9 +1,11 @@
-"""Nothing silent: in a mixture-of-experts model whose experts are 3-D parameters (GPT-OSS), every matrix RegMean
-does not solve is listed as averaged with its reason, in the console, merge_report.json and the card."""
+"""Architectures beyond the common families: every matrix RegMean does not solve is listed as averaged with its
+reason (console, merge_report.json, card), e.g. GPT-OSS's 3-D experts; checkpoint keys that transformers renames on
+loading (GPT-NeoX); inputs that follow no token (DeBERTa's relative-position projections) measured and solved."""
 
 import json
 from pathlib import Path
 
+import pytest
 import torch
 import transformers as tf
 import yaml
@@ -121,3 +123,83 @@ def test_a_checkpoint_key_renamed_on_loading_merges(tmp_path):
             weights = [load_file(Path(m["path"]) / "model.safetensors")["embed_out.weight"].double() for m in models]
             grams = [shrink(s.gram.double(), 0.9) for s in sites]
             assert normal_equation_residual(merged, weights, grams, [1 / s.count for s in sites]) < 1e-4
+
+
+def tiny_deberta(path: Path, seed: int, v3: bool) -> Path:
+    """DeBERTa-v2 (relative positions, own position projections) or -v3 (shared query/key projections read both the
+    tokens and the relative-position embeddings)."""
+    v3_options = {"share_att_key": True, "position_buckets": 8, "norm_rel_ebd": "layer_norm"} if v3 else {}
+    config = tf.DebertaV2Config(
+        vocab_size=VOCAB,
+        hidden_size=16,
+        intermediate_size=24,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=64,
+        max_relative_positions=16,
+        relative_attention=True,
+        pos_att_type=["p2c", "c2p"],
+        pad_token_id=PAD,
+        **v3_options,
+    )
+    torch.manual_seed(1234)
+    model = tf.DebertaV2ForSequenceClassification(config).eval()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    return save_model(model, path)
+
+
+@pytest.mark.parametrize("v3", [False, True], ids=["deberta-v2", "deberta-v3"])
+def test_deberta_position_projections_are_measured_and_solved(tmp_path, v3):
+    """Inputs that follow no token (the relative-position embeddings) are measured whole, every call: v2's
+    pos_key_proj Gram is batches x R^T R of the model's own relative embeddings R; every linear layer is solved
+    (normal equations), only embedding tables are averaged, and the output loads whole."""
+    examples = load_examples(write_jsonl(tmp_path / "d.jsonl"))
+    models = []
+    for k in range(2):
+        path = tiny_deberta(tmp_path / f"m{k}", k + 1, v3)
+        save(measure(path, examples, batch_size=4, progress=False), tmp_path / f"s{k}")
+        models.append({"path": str(path), "statistics": str(tmp_path / f"s{k}")})
+    stats = [StatisticsFile(m["statistics"]) for m in models]
+    if not v3:
+        model = tf.DebertaV2ForSequenceClassification.from_pretrained(models[0]["path"]).eval()
+        with torch.no_grad():
+            rel = model.deberta.encoder.get_rel_embedding().double()
+        site = stats[0].site(stats[0].modules["deberta.encoder.layer.0.attention.self.pos_key_proj"])
+        batches = -(-len(examples) // 4)
+        torch.testing.assert_close(site.gram.double(), batches * rel.T @ rel, rtol=1e-5, atol=1e-6)
+        assert site.count == batches * rel.shape[0]
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"method": "regmean", "models": models}))
+    result = run("merge", recipe, tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    _, info = tf.DebertaV2ForSequenceClassification.from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    report = json.loads((tmp_path / "out" / "merge_report.json").read_text())
+    assert all("Embedding" in why or why.startswith("embedding") for why in report["averaged"].values())
+    merged = load_file(tmp_path / "out" / "model.safetensors")
+    projection = "query_proj" if v3 else "pos_key_proj"
+    for layer in range(2):
+        module = f"deberta.encoder.layer.{layer}.attention.self.{projection}"
+        sites = [st.site(st.modules[module]) for st in stats]
+        weights = [load_file(Path(m["path"]) / "model.safetensors")[f"{module}.weight"].double() for m in models]
+        grams = [shrink(s.gram.double(), 0.9) for s in sites]
+        residual = normal_equation_residual(
+            merged[f"{module}.weight"].double(), weights, grams, [1 / s.count for s in sites]
+        )
+        assert residual < 1e-4, module
+
+
+def test_rows_that_follow_no_example_are_left_out_of_a_dp_release(tmp_path):
+    from regmean.measure.protect import NO_EXAMPLE_BOUND, Protection
+
+    path = tiny_deberta(tmp_path / "m", 1, v3=True)
+    examples = load_examples(write_jsonl(tmp_path / "d.jsonl"))
+    stats = measure(path, examples, batch_size=4, progress=False, protection=Protection(epsilon=4.0))
+    left_out = {m for m, why in stats.skipped.items() if why == NO_EXAMPLE_BOUND}
+    assert {
+        f"deberta.encoder.layer.{i}.attention.self.{p}" for i in (0, 1) for p in ("query_proj", "key_proj")
+    } == left_out
+    assert all(stream in ("input", "example") for stream, _ in stats.site_streams.values())

@@ -103,17 +103,18 @@ class Accumulator:
         def hook(_mod, args):
             x = args[0]
             rows = x.reshape(-1, x.shape[-1])
-            if site.stream != "example":
-                mask = self.batch.masks[site.stream]
-                if mask.numel() != rows.shape[0]:
+            if site.stream in ("input", "decoder", "mixed"):
+                stream = "input" if site.stream == "mixed" else site.stream
+                mask = self.batch.masks[stream]
+                if tuple(x.shape[:-1]) == tuple(mask.shape):
+                    index = self.batch.rows(stream)
+                    rows = rows if index is None else rows.index_select(0, index)
+                elif site.stream != "mixed":
                     raise RegmeanError(
-                        f"site {site.name}: input of shape {tuple(x.shape)} does not match the {site.stream} "
+                        f"site {site.name}: input of shape {tuple(x.shape)} does not match the {stream} "
                         f"mask of shape {tuple(mask.shape)}; exclude this module"
                     )
-                index = self.batch.rows(site.stream)
-                if index is not None:
-                    rows = rows.index_select(0, index)
-            elif x.shape[0] != self.batch.size:
+            elif site.stream == "example" and x.shape[0] != self.batch.size:
                 raise RegmeanError(f"site {site.name}: per-example input of shape {tuple(x.shape)} changed size")
             rows = rows.to(self.dtype)
             if self.scales is not None:

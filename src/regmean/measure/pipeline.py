@@ -21,7 +21,7 @@ from regmean.io.data import Example
 from regmean.loading import check_vocabulary_fits, load_adapted, load_tokenizer, tokenizer_folder
 from regmean.measure.accumulate import Accumulator
 from regmean.measure.batching import Batch, make_batches
-from regmean.measure.protect import PrivateRelease, Protection, token_site_names, withhold_token_sites
+from regmean.measure.protect import NO_EXAMPLE_BOUND, PrivateRelease, Protection, token_site_names, withhold_token_sites
 from regmean.measure.sites import Site, detect_sites, select_modules, site_blocks
 from regmean.memory import Peak, peak_memory
 from regmean.stats import SiteStats, Statistics
@@ -159,6 +159,10 @@ def _protected(
             log(warning)
     if protection.epsilon is None:
         return sites, withheld, None
+    unbounded = [s for s in sites if s.stream in ("fixed", "mixed")]
+    for site in unbounded:  # rows that follow no example: no per-example bound to clip to
+        skipped.update(dict.fromkeys(site.modules, NO_EXAMPLE_BOUND))
+    sites = [s for s in sites if s not in unbounded]
     return sites, withheld, PrivateRelease(model, sites, batches, protection, *sizes, device)
 
 

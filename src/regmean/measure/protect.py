@@ -80,6 +80,10 @@ def withhold_token_sites(model: nn.Module, sites: list[Site], skipped: dict[str,
     return [s for s in sites if s.name not in found], sorted(found)
 
 
+NO_EXAMPLE_BOUND = "left out under DP: its input rows follow no example (no per-example bound to clip them to)"
+"""The reason `skipped` gives for the modules of a fixed- or mixed-stream site in a DP release."""
+
+
 class PrivateRelease:
     """The DP side of one measure: per-example row scales (clipping, from one pass over the data) before the sums,
     noise once on rank 0 after the processes' sums are added up."""

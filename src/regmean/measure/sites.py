@@ -26,7 +26,10 @@ from regmean.units import human
 class Site:
     name: str
     modules: list[str]
-    stream: str  # "input" (input_ids; the encoder's for enc-dec) | "decoder" | "example" (one row per example)
+    stream: str
+    """input (input_ids; the encoder's for enc-dec) | decoder | example (one row per example) | fixed (rows that
+    follow no example or token, e.g. DeBERTa's relative-position embeddings: every row counts) | mixed (some calls
+    read tokens, others fixed rows: DeBERTa-v3's shared query/key projections)."""
     d: int
     calls: int = 1  # calls of the hooked module per forward pass
     last_call: int = 0  # position of its last call among all measured modules' calls in a forward pass
@@ -71,10 +74,13 @@ def detect_sites(model: nn.Module, modules: list[str], batch: Batch) -> list[Sit
     events: list[str] = []
     named = dict(model.named_modules())
 
+    inputs: dict[int, torch.Tensor] = {}
+
     def pre_hook(name):
         def hook(_mod, args):
             x = args[0]
             alive.append(x)
+            inputs[id(x)] = x
             calls[name].append(id(x))
             events.append(name)
             if name not in first_input:
@@ -108,6 +114,9 @@ def detect_sites(model: nn.Module, modules: list[str], batch: Batch) -> list[Sit
             stream = "input"
         else:
             stream = "decoder"
+        if stream != "example":
+            follows = {tuple(inputs[i].shape[:-1]) == tuple(batch.masks[stream].shape) for i in key}
+            stream = stream if follows == {True} else "fixed" if follows == {False} else "mixed"
         sites.append(Site(members[0], members, stream, x.shape[-1], len(key), last_call[members[0]]))
     return sites
 
