@@ -203,3 +203,66 @@ def test_rows_that_follow_no_example_are_left_out_of_a_dp_release(tmp_path):
         f"deberta.encoder.layer.{i}.attention.self.{p}" for i in (0, 1) for p in ("query_proj", "key_proj")
     } == left_out
     assert all(stream in ("input", "example") for stream, _ in stats.site_streams.values())
+
+
+MOE_COMMON = {
+    "vocab_size": VOCAB,
+    "hidden_size": 16,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "max_position_embeddings": 64,
+    "pad_token_id": PAD,
+    "eos_token_id": SEP,
+}
+MOE = {
+    "MixtralForCausalLM": ("MixtralConfig", {"intermediate_size": 24, "num_local_experts": 4}),
+    "Qwen2MoeForCausalLM": (
+        "Qwen2MoeConfig",
+        {"intermediate_size": 24, "moe_intermediate_size": 8, "shared_expert_intermediate_size": 12, "num_experts": 4},
+    ),
+    "Qwen3MoeForCausalLM": ("Qwen3MoeConfig", {"moe_intermediate_size": 8, "num_experts": 4, "head_dim": 4}),
+    "OlmoeForCausalLM": ("OlmoeConfig", {"intermediate_size": 8, "num_experts": 4}),
+    "DeepseekV3ForCausalLM": (
+        "DeepseekV3Config",
+        {
+            **{"intermediate_size": 24, "moe_intermediate_size": 8, "n_routed_experts": 4, "n_shared_experts": 1},
+            **{"n_group": 1, "topk_group": 1, "first_k_dense_replace": 1, "q_lora_rank": 8, "kv_lora_rank": 8},
+            **{"qk_rope_head_dim": 4, "qk_nope_head_dim": 4, "v_head_dim": 4},
+        },
+    ),
+}
+
+
+@pytest.mark.parametrize("cls", MOE)
+def test_moe_checkpoints_as_save_pretrained_writes_them_merge_and_list_their_experts(tmp_path, cls):
+    """One key per expert on disk, fused 3-D parameters once loaded: accepted (transformers' own fusion rules), every
+    dense linear layer solved, experts and routers averaged and listed, written back in the checkpoint's layout."""
+    config_class, options = MOE[cls]
+    config = getattr(tf, config_class)(**MOE_COMMON, **options, num_experts_per_tok=2)
+    examples = load_examples(write_jsonl(tmp_path / "d.jsonl"))
+    models = []
+    for k in range(2):
+        torch.manual_seed(1234)
+        model = getattr(tf, cls)(config).eval()
+        gen = torch.Generator().manual_seed(k + 1)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.05 * torch.randn(p.shape, generator=gen))
+        path = save_model(model, tmp_path / f"m{k}")
+        save(measure(path, examples, batch_size=4, progress=False), tmp_path / f"s{k}")
+        models.append({"path": str(path), "statistics": str(tmp_path / f"s{k}")})
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"method": "regmean", "models": models}))
+    result = run("merge", recipe, tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    _, info = getattr(tf, cls).from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    merged = load_file(tmp_path / "out" / "model.safetensors")
+    assert merged.keys() == load_file(Path(models[0]["path"]) / "model.safetensors").keys()
+    report = json.loads((tmp_path / "out" / "merge_report.json").read_text())
+    solved = {f"{row['module']}.weight" for row in report["layers"]}
+    assert solved | set(report["averaged"]) == {key for key, t in merged.items() if t.dim() >= 2}
+    reasons = set(report["averaged"].values())
+    assert any("Experts)" in why for why in reasons), reasons
+    assert not any(why.startswith("linear layer") for why in reasons), reasons

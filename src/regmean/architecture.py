@@ -155,34 +155,47 @@ def required_keys(model: nn.Module) -> list[str]:
     return [k for k in model.state_dict() if k not in tied and not any(p.search(k) for p in optional)]
 
 
-def loaded_names(model: nn.Module, keys: list[str]) -> set[str]:
-    """The names transformers gives checkpoint `keys` when it loads them into `model`: each key with and without the
-    base-model prefix, after transformers' own simple renamings (e.g. legacy LayerNorm.gamma -> LayerNorm.weight).
-    Keys that a many-to-many conversion would produce are not predicted (absent ones are then not reported)."""
-    return set(checkpoint_keys(model, keys))
+def parameter_names(model: nn.Module, keys: list[str]) -> dict[str, str]:
+    """Checkpoint key -> the parameter or buffer of `model` that transformers loads it into: after its one-to-one
+    renamings (legacy LayerNorm.gamma -> .weight; GPT-NeoX's embed_out -> lm_head) and its many-to-one fusions
+    (Mixtral's per-expert w1/w3 -> experts.gate_up_proj), with or without the base-model prefix. Keys it would not
+    place are left out."""
+    renamings, fusions = _conversion_rules(model)
+    state = set(model.state_dict())
+    prefix = getattr(model, "base_model_prefix", "")
+    out: dict[str, str] = {}
+    for key in keys:
+        name = key
+        for pattern, target in renamings:
+            name = pattern.sub(target, name)
+        for pattern, target in fusions:
+            found = pattern.search(name)
+            if found:
+                name = name[: found.start()] + target + name[found.end() :]
+                break
+        for candidate in (key, name, f"{prefix}.{name}", name.removeprefix(f"{prefix}.")):
+            if candidate in state:
+                out[key] = candidate
+                break
+    return out
 
 
-def checkpoint_keys(model: nn.Module, keys: list[str]) -> dict[str, str]:
-    """Every name `loaded_names` predicts for checkpoint `keys`, mapped to the key it is loaded from (e.g. GPT-NeoX's
-    parameter lm_head.weight -> its checkpoint's embed_out.weight)."""
-    rules = []
-    try:  # transformers' conversion tables; if their API moves, only exact names count
+def _conversion_rules(model: nn.Module) -> tuple[list[tuple[re.Pattern, str]], list[tuple[re.Pattern, str]]]:
+    """transformers' conversion tables for the class: (renamings, fusions), each as (source regex, target); both
+    empty if their API moves (only exact names then count)."""
+    renamings, fusions = [], []
+    try:
         from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import WeightRenaming
+        from transformers.core_model_loading import WeightConverter, WeightRenaming
 
         for rule in get_model_conversion_mapping(model):
-            if type(rule) is WeightRenaming and len(rule.target_patterns) == 1:
-                rules += [(re.compile(source), rule.target_patterns[0]) for source in rule.source_patterns]
-    except Exception:  # noqa: S110 (best effort: exact names are still checked)
+            if len(rule.target_patterns) != 1:
+                continue
+            rules = [(re.compile(src.replace("*", ".*")), rule.target_patterns[0]) for src in rule.source_patterns]
+            if type(rule) is WeightRenaming:
+                renamings += rules
+            elif type(rule) is WeightConverter:
+                fusions += rules
+    except Exception:  # noqa: S110 (best effort: exact names are still matched)
         pass
-    prefix = getattr(model, "base_model_prefix", "")
-    names: dict[str, str] = {}
-    for key in keys:
-        renamed = key
-        for pattern, target in rules:
-            renamed = pattern.sub(target, renamed)
-        for name in (renamed, f"{prefix}.{renamed}", renamed.removeprefix(f"{prefix}.")):
-            names.setdefault(name, key)
-    for key in keys:  # a key that is itself a parameter's name stays that parameter's
-        names[key] = key
-    return names
+    return renamings, fusions

@@ -11,12 +11,12 @@ from torch import nn
 
 from regmean.architecture import (
     LinearLayer,
-    checkpoint_keys,
     embedding_modules,
     head_modules,
     is_head_key,
     linear_layers,
     meta_model,
+    parameter_names,
     required_keys,
 )
 from regmean.errors import RegmeanError
@@ -44,7 +44,7 @@ class MergeInputs:
     vocab: GrownVocabulary | None = None
     """Where the models' vocabularies differ by added tokens: which tensors, and their rows."""
     parameter_names: dict[str, str] = field(default_factory=dict)
-    """Checkpoint key -> the parameter it loads into, where transformers renames it (GPT-NeoX: embed_out.weight ->
+    """Checkpoint key -> the parameter it loads into (`architecture.parameter_names`: GPT-NeoX's embed_out.weight ->
     lm_head.weight); the linear layers' keys are checkpoint keys already."""
 
     def module_of(self, key: str) -> str:
@@ -79,10 +79,16 @@ def _base_key(base: Checkpoint, key: str, skeleton: nn.Module) -> str | None:
     return None
 
 
-def _in_checkpoint(layer: LinearLayer, names: dict[str, str]) -> LinearLayer:
-    """The layer with its weight and bias keys as the checkpoint names them."""
-    bias = names.get(layer.bias_key, layer.bias_key) if layer.bias_key else None
-    return replace(layer, weight_key=names.get(layer.weight_key, layer.weight_key), bias_key=bias)
+def _in_checkpoint(layer: LinearLayer, parameters: dict[str, str]) -> LinearLayer:
+    """The layer with its weight and bias keys as the checkpoint names them (where one key loads into each)."""
+    keys: dict[str, list[str]] = {}
+    for key, name in parameters.items():
+        keys.setdefault(name, []).append(key)
+
+    def key_of(name: str) -> str:
+        return keys[name][0] if len(keys.get(name, [])) == 1 else name
+
+    return replace(layer, weight_key=key_of(layer.weight_key), bias_key=layer.bias_key and key_of(layer.bias_key))
 
 
 def open_inputs(config: MergeConfig) -> MergeInputs:
@@ -128,8 +134,8 @@ def open_inputs(config: MergeConfig) -> MergeInputs:
     vocab, vocab_problems = grown_vocabulary(config, models, [body(m) for m in models], embedding_keys, method)
     problems += vocab_problems
     problems += _disagreements(config, models, body, vocab, heads)
-    names = checkpoint_keys(skeleton, first.keys())
-    needed = [k for k in required_keys(skeleton) if k not in names]
+    parameters = parameter_names(skeleton, first.keys())
+    needed = [k for k in required_keys(skeleton) if k not in set(parameters.values())]
     if needed:
         problems.append(
             f"{first_path}: lacks {len(needed)} tensors its architecture {first.architecture} needs, e.g. {needed[0]} "
@@ -137,9 +143,8 @@ def open_inputs(config: MergeConfig) -> MergeInputs:
         )
     if problems:  # the models disagree: nothing below can be checked meaningfully
         raise RegmeanError(problems)
-    linears = {m: _in_checkpoint(layer, names) for m, layer in linear_layers(skeleton).items()}
+    linears = {m: _in_checkpoint(layer, parameters) for m, layer in linear_layers(skeleton).items()}
     embeddings, lm_head = embedding_modules(skeleton)
-    parameters = {names[n]: n for n in skeleton.state_dict() if n in names and names[n] != n}
     inputs = MergeInputs(config, models, stats, base, skeleton, linears, heads, embeddings, lm_head, vocab, parameters)
     problems = _base_problems(inputs, ref) if base is not None else []
     try:  # the method's own header checks, reported with the base model's

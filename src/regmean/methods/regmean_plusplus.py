@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Literal
 import torch
 from torch import nn
 
-from regmean.architecture import loaded_names
+from regmean.architecture import parameter_names
 from regmean.dtypes import FLOATS, itemsize
 from regmean.errors import RegmeanError
 from regmean.io.chat import render_chat
@@ -153,15 +153,13 @@ class RegMeanPlusPlus(RegMean):
     def _working_names(self) -> dict[str, str]:
         """Checkpoint key -> the working model's name for it (the same, or as transformers renames it on loading:
         legacy LayerNorm.gamma, a missing base-model prefix). A key the class does not use has none."""
-        names = {}
-        for key in self.inputs.models[0].keys():
-            if key in self.params:
-                names[key] = key
-            else:
-                matches = loaded_names(self.model, [key]) & self.params.keys()
-                if len(matches) == 1:
-                    names[key] = matches.pop()
-        return names
+        first = self.inputs.models[0]
+        names = parameter_names(self.model, first.keys())
+        return {  # one-to-one only: a key fused with others on loading is not one parameter
+            key: name
+            for key, name in names.items()
+            if name in self.params and self.params[name].shape == first.shape(key)
+        }
 
     def _gram_bytes(self) -> int:
         return FLOATS[self.settings.stats_dtype].itemsize
