@@ -9,7 +9,7 @@ from collections import namedtuple
 from pathlib import Path
 
 import pytest
-from conftest import TEXTS, write_jsonl
+from conftest import TEXTS, build_model, save_model, write_jsonl
 from safetensors import SafetensorError
 from test_bad_input import cli_fails
 from test_hostile_adapters import OPTIONS, make_adapter
@@ -203,3 +203,15 @@ def test_a_symlink_loop_above_the_output_is_one_line(trio, tmp_path, loops):
         cli_fails(["stats", "combine", models[0]["statistics"], "--out", out], says)
     nothing_left(tmp_path, "merge.yaml", "d.jsonl", "loop", "a", "b")
     assert resolve_user_path(tmp_path / "new" / "x", "output") == tmp_path.resolve() / "new" / "x"
+
+
+def test_a_full_disk_anywhere_else_is_still_named_as_such(tmp_path, monkeypatch):
+    """The last resort for operating-system errors (e.g. a rank of --nproc writing its part) says the disk is full."""
+
+    def full(*_args, **_kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "part"))
+
+    monkeypatch.setattr("regmean.evaluate.evaluate", full)
+    model = save_model(build_model("bert", "BertForSequenceClassification", 1), tmp_path / "m")
+    data = write_jsonl(tmp_path / "d.jsonl")
+    cli_fails(["evaluate", model, "--data", data], f"{tmp_path / 'part'}: the disk is full; free space or choose")

@@ -20,6 +20,7 @@ from regmean.cli_audit import stats_audit
 from regmean.cli_show import evaluate as evaluate_command
 from regmean.cli_show import stats_show
 from regmean.errors import RegmeanError, one_line
+from regmean.io.outputs import no_room
 from regmean.launch import relaunch_with_torchrun
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Dataless knowledge fusion with RegMean.")
@@ -49,7 +50,9 @@ def _reports_errors(command: Callable) -> Callable:
         except RegmeanError as exc:
             _fail(exc.problems)
         except OSError as exc:
-            _fail([f"{exc.filename or 'a file'}: {exc.strerror or exc}; nothing was written"])
+            full = no_room(exc)
+            why = f"{full}; free space or choose another output" if full else exc.strerror or exc
+            _fail([f"{exc.filename or 'a file'}: {why}; nothing was written"])
         except (MemoryError, torch.OutOfMemoryError):
             _fail(["out of memory; nothing was written (lower --batch-size, or see the plan with --dry-run)"])
         except KeyboardInterrupt:
