@@ -122,6 +122,9 @@ def test_bad_budgets_are_refused():
         dp.calibrate(1e6, 1e-5)
     with pytest.raises(regmean.RegmeanError, match="--dp-delta"):
         dp.calibrate(1.0, 1.5)
+    dp.check_delta_for(0.009, 100)  # below 1/n
+    with pytest.raises(regmean.RegmeanError, match="not below 1/100"):
+        dp.check_delta_for(0.01, 100)
 
 
 def _site_moves(a, b) -> dict[str, float]:
@@ -224,7 +227,9 @@ def test_cli_audit_reports_recall_and_measure_warns(tmp_path):
     ("flags", "message"),
     [
         (["--dp-epsilon", "0"], "--dp-epsilon must be a positive number"),
-        (["--dp-epsilon", "1", "--dp-delta", "2"], "--dp-delta must lie between 0 and 1"),
+        (["--dp-epsilon", "1", "--dp-delta", "2"], "--dp-delta must be a positive number up to 0.01"),
+        (["--dp-epsilon", "1", "--dp-delta", "0.999"], "--dp-delta must be a positive number up to 0.01"),
+        (["--dp-delta", "0.5"], "give --dp-epsilon with it"),
         (["--dp-epsilon", "1", "--dp-clip", "-3"], "--dp-clip must be a positive number"),
         (["--dp-clip", "2"], "give --dp-epsilon"),
     ],

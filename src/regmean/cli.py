@@ -106,7 +106,7 @@ def measure(
         Withhold, typer.Option(help="token-sites: leave out the sites whose Grams decode into your token counts")
     ] = "none",
     dp_epsilon: Annotated[float | None, typer.Option(help="Release with (epsilon, delta)-DP: the whole file")] = None,
-    dp_delta: Annotated[float, typer.Option(help="The delta of --dp-epsilon")] = 1e-5,
+    dp_delta: Annotated[float | None, typer.Option(help="The delta of --dp-epsilon  [default: 1e-5]")] = None,
     dp_clip: Annotated[
         float | None,
         typer.Option(help="Per-example bound at each site, x its typical contribution on random tokens (1)"),
@@ -128,7 +128,10 @@ def measure(
         relaunch_with_torchrun(nproc, data=data)
     if max_memory is not None and out.suffix == ".safetensors" and not out.is_dir():
         raise RegmeanError(f"{out}: --max-memory may write several blocks; give a folder as --out")
-    protection = Protection(withhold == "token-sites", dp_epsilon, dp_delta, dp_clip)  # a bad budget: refused now
+    if dp_delta is not None and dp_epsilon is None:
+        raise RegmeanError("--dp-delta is the delta of a DP release: give --dp-epsilon with it")
+    delta = 1e-5 if dp_delta is None else dp_delta
+    protection = Protection(withhold == "token-sites", dp_epsilon, delta, dp_clip)  # a bad budget: refused now
     device = distributed.init_from_env(device)
     sources = [("model", model_dir), ("data file", data), *([("base model", base)] if base else [])]
     # rank 0 writes: each finished block leaves memory for disk, all are shown together at the end

@@ -98,6 +98,7 @@ class PrivateRelease:
         examples: int,
         device: str = "cpu",
     ):
+        dp.check_delta_for(asked.delta, examples)
         norms = ContributionNorms(model, sites)
         a, b = norms.pass_over(batches())
         totals = {s: sum(int(r.sum()) for r in norms.rows[s]) for s in STREAM_BOUNDS if norms.rows[s]}

@@ -70,6 +70,7 @@ PLD_INTERVAL = 1e-3
 """The accountant's discretisation of the privacy loss (its estimate stays pessimistic: coarser is only safer and
 faster; 1e-3 gives the default 1e-4's noise multiplier to 6 digits, 15 times faster)."""
 MAX_EPSILON = 100.0
+MAX_DELTA = 0.01
 
 
 def calibrate(epsilon: float, delta: float) -> float:
@@ -91,8 +92,21 @@ def check_budget(epsilon: float, delta: float) -> None:
             f"--dp-epsilon must be a positive number up to {MAX_EPSILON:g} (a larger budget protects nothing), "
             f"not {epsilon}"
         )
-    if not (0 < delta < 1):
-        raise RegmeanError(f"--dp-delta must lie between 0 and 1 (e.g. 1e-5), not {delta}")
+    if not (0 < delta <= MAX_DELTA):
+        raise RegmeanError(
+            f"--dp-delta must be a positive number up to {MAX_DELTA:g} (a larger one may release whole examples; "
+            f"e.g. 1e-5), not {delta}"
+        )
+
+
+def check_delta_for(delta: float, examples: int) -> None:
+    """delta below 1/n: a mechanism that publishes each of n examples with probability delta is (0, delta)-DP, so a
+    delta of 1/n or more guarantees nothing."""
+    if delta * examples >= 1:
+        raise RegmeanError(
+            f"--dp-delta {delta:g} is not below 1/{examples} (the data's examples): it would allow releasing one "
+            f"example outright; give --dp-delta below {1 / examples:.1g} (1e-5 or less is usual)"
+        )
 
 
 def row_scales(gram_norms: torch.Tensor, sum_norms: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
