@@ -134,3 +134,49 @@ def _byte_bpe():
     trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>"])
     bpe.train_from_iterator(TEXTS * 10, trainer)
     return bpe
+
+
+def test_evaluate_refuses_rows_without_a_label(tmp_path):
+    model = classifier(tmp_path / "m", 1)
+    rows = plain_rows()
+    rows[4]["label"] = None
+    del rows[1]["label"]
+    data = labelled(tmp_path / "d.jsonl", rows)
+    cli_fails(["evaluate", model, "--data", data], f"{data}: row 2 has a text but no 'label'")
+
+
+def test_evaluate_refuses_id2label_ids_that_are_not_the_head_outputs(tmp_path):
+    model = classifier(tmp_path / "m", 1)
+    config = json.loads((model / "config.json").read_text())
+    config["id2label"] = {"0": "negative", "1": "neutral", "7": "positive"}
+    (model / "config.json").write_text(json.dumps(config))
+    data = labelled(tmp_path / "d.jsonl", plain_rows())
+    cli_fails(["evaluate", model, "--data", data], "id2label ids [0, 1, 7] are not 0 to 2")
+
+
+def test_evaluate_refuses_a_model_with_nan_logits(tmp_path):
+    model = build_model("bert", "BertForSequenceClassification", 1)
+    model.config.id2label = dict(enumerate(GOLD))
+    model.config.label2id = {n: i for i, n in enumerate(GOLD)}
+    with torch.no_grad():
+        model.classifier.bias.fill_(float("nan"))
+    path = tmp_path / "m"
+    model.save_pretrained(path, safe_serialization=True)
+    tf.AutoTokenizer.from_pretrained(MINILM).save_pretrained(path)
+    data = labelled(tmp_path / "d.jsonl", plain_rows())
+    cli_fails(["evaluate", path, "--data", data], "NaN or Inf logits on 6 of 6 examples")
+
+
+@pytest.mark.parametrize("command", ["measure", "evaluate"])
+def test_a_max_length_the_special_tokens_fill_is_refused(tmp_path, command):
+    model = classifier(tmp_path / "m", 1)
+    data = labelled(tmp_path / "d.jsonl", plain_rows())
+    args = ["--data", data, "--max-length", 2] + (["--out", tmp_path / "s"] if command == "measure" else [])
+    cli_fails([command, model, *args], "--max-length 2 leaves no room for text after the tokenizer's 2 special")
+    assert not (tmp_path / "s").exists()
+
+
+def test_evaluate_checks_the_score_files_folder_before_the_work(tmp_path):
+    model = classifier(tmp_path / "m", 1)
+    data = labelled(tmp_path / "d.jsonl", plain_rows())
+    cli_fails(["evaluate", model, "--data", data, "--json", tmp_path / "no" / "s.json"], "does not exist")

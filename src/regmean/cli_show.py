@@ -49,6 +49,8 @@ def evaluate(
             check_output_path(out, inputs)
             if out.exists():
                 raise RegmeanError(f"{out}: exists; choose another file (scores are never written over a file)")
+            if not out.parent.is_dir():
+                raise RegmeanError(f"{out}: the folder {out.parent} does not exist; create it or choose another file")
     scores = run_evaluate(
         models,
         data,

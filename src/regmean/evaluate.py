@@ -53,6 +53,12 @@ def model_kind(path: Path) -> str:
 def label_names(path: Path) -> list[str]:
     """The model's label names in its own id order; refused when two ids share a name (scoring matches by name)."""
     id2label = load_config(path).id2label or {}
+    ids = sorted(int(k) for k in id2label)
+    if ids != list(range(len(ids))):
+        raise RegmeanError(
+            f"{path / 'config.json'}: id2label ids {ids[:8]} are not 0 to {len(ids) - 1}, one per output of the head; "
+            "fix id2label"
+        )
     names = [str(id2label[k]) for k in sorted(id2label, key=int)]
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
@@ -69,6 +75,10 @@ def read_labelled(path: Path, kind: str, text_field: str, label_field: str) -> T
     for f in (text_field, label_field):
         if f not in table.columns:
             raise RegmeanError(f"{path}: no column {f!r}; columns are {', '.join(map(str, table.columns))}")
+    missing = table[label_field].isna() & table[text_field].notna()
+    if bool(missing.any()):
+        row = int(missing.to_numpy().nonzero()[0][0]) + 1
+        raise RegmeanError(f"{path}: row {row} has a text but no {label_field!r}; label it or remove it")
     table = table.dropna(subset=[text_field, label_field])
     if table.empty:
         raise RegmeanError(f"{path}: no rows with both {text_field!r} and {label_field!r}")
@@ -119,6 +129,11 @@ def classification_scores(
     own = label_names(model)
     order = torch.tensor([own.index(n) for n in names])
     logits = [lg[..., order] for lg in predict(model, data, **options)]
+    broken = sum(not bool(torch.isfinite(lg).all()) for lg in logits)
+    if broken:
+        raise RegmeanError(
+            f"{model}: gives NaN or Inf logits on {broken} of {len(logits)} examples; its weights are broken"
+        )
     named = TextDataset(data.name, data.texts, data.labels, names, token_level=data.token_level)
     metrics = score(named, logits)
     if per_label and not data.token_level:
@@ -130,11 +145,12 @@ def classification_scores(
 def perplexity(model_dir: Path, kind: str, examples: list[Example], **options) -> float:
     """exp of the mean negative log-likelihood per predicted token over the data (padding masked); seq2seq models
     score the targets given the texts; conversations are formatted by each model's own chat template."""
-    from regmean.loading import check_positions, check_vocabulary_fits, load_model, load_tokenizer
+    from regmean.loading import check_positions, check_room_for_text, check_vocabulary_fits, load_model, load_tokenizer
 
     device, batch_size, max_length = options["device"], options["batch_size"], options["max_length"]
     model, tok = load_model(model_dir, device=device), load_tokenizer(model_dir)  # (pad token set, right padding)
     check_vocabulary_fits(model, tok, model_dir)
+    check_room_for_text(tok, max_length, model_dir)
     examples, _ = render_chat(examples, tok, model_dir)
     texts, targets = [e.text for e in examples], [e.target for e in examples]
     special = not (examples and examples[0].templated)  # a chat template writes its own special tokens

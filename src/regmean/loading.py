@@ -126,6 +126,16 @@ def check_vocabulary_fits(model: torch.nn.Module, tokenizer, where: str | Path) 
         )
 
 
+def check_room_for_text(tokenizer, max_length: int, where: str | Path) -> None:
+    """Refuse a max length the tokenizer's own special tokens fill: it would then not truncate at all."""
+    specials = tokenizer.num_special_tokens_to_add(pair=False)
+    if max_length <= specials:
+        raise RegmeanError(
+            f"{where}: --max-length {max_length} leaves no room for text after the tokenizer's {specials} special "
+            f"tokens; give at least {specials + 1}"
+        )
+
+
 CHARS_PER_TOKEN = 16
 """A first guess of characters per token for `bounded_text`'s prefix (grown 4-fold while it gives too few)."""
 TOKEN_MARGIN = 16

@@ -11,7 +11,7 @@ from seqeval.metrics import f1_score as entity_f1
 
 from regmean.bench.data import TextDataset
 from regmean.bench.train import IGNORE, batches, tokenizer_for
-from regmean.loading import check_positions, check_vocabulary_fits, load_model
+from regmean.loading import check_positions, check_room_for_text, check_vocabulary_fits, load_model
 
 
 def load_classifier(path: str | Path, token_level: bool):
@@ -29,6 +29,7 @@ def predict(
     model = load_classifier(path, data.token_level).to(device)
     tok = tokenizer_for(Path(path))
     check_vocabulary_fits(model, tok, path)
+    check_room_for_text(tok, max_length, path)
     order = sorted(range(len(data)), key=lambda i: len(" ".join(data.texts[i]) if data.token_level else data.texts[i]))
     out: list[torch.Tensor] = [torch.empty(0)] * len(data)
     rows = iter(order)

@@ -18,7 +18,7 @@ from regmean.errors import RegmeanError
 from regmean.io.adapter import is_adapter, open_model
 from regmean.io.chat import render_chat
 from regmean.io.data import Example
-from regmean.loading import check_vocabulary_fits, load_adapted, load_tokenizer, tokenizer_folder
+from regmean.loading import check_room_for_text, check_vocabulary_fits, load_adapted, load_tokenizer, tokenizer_folder
 from regmean.measure.accumulate import Accumulator
 from regmean.measure.batching import Batch, make_batches
 from regmean.measure.protect import NO_EXAMPLE_BOUND, PrivateRelease, Protection, token_site_names, withhold_token_sites
@@ -68,6 +68,7 @@ def measure(
     fingerprint = checkpoint.fingerprint  # reads every weight: NaN or Inf is refused before the model loads
     model = load_adapted(checkpoint, device, forward)
     check_vocabulary_fits(model, tokenizer, tokenizer_folder(checkpoint.folders))
+    check_room_for_text(tokenizer, max_length, tokenizer_folder(checkpoint.folders))
     modules, skipped = select_modules(model, include, exclude)
     local = distributed.shard(examples)
 
