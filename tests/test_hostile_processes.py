@@ -93,7 +93,7 @@ def test_mistakes_every_rank_would_make_are_refused_before_the_ranks_start(tmp_p
     model = recipe.parent / "ft0"
     (tmp_path / "bad.jsonl").write_text('{"text": "a"}\n{not json\n')
     result = regmean("measure", model, "--data", tmp_path / "bad.jsonl", "--out", tmp_path / "s")
-    assert_one_line(result, 2, "bad.jsonl: cannot read as jsonl")
+    assert_one_line(result, 2, "bad.jsonl: line 2 is not JSON")
     env = {**os.environ, "REGMEAN_DIST_TIMEOUT": "abc"}
     result = regmean("measure", model, "--data", recipe.parent / "d.jsonl", "--out", tmp_path / "s", env=env)
     line = assert_one_line(result, 2, "REGMEAN_DIST_TIMEOUT")

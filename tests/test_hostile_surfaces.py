@@ -2,6 +2,7 @@
 naming the file and the fix (exit 2, nothing written), and what bounds work is checked against a plain computation."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -180,3 +181,26 @@ def test_evaluate_checks_the_score_files_folder_before_the_work(tmp_path):
     model = classifier(tmp_path / "m", 1)
     data = labelled(tmp_path / "d.jsonl", plain_rows())
     cli_fails(["evaluate", model, "--data", data, "--json", tmp_path / "no" / "s.json"], "does not exist")
+
+
+def test_data_files_name_the_line_and_bound_it(tmp_path, monkeypatch):
+    from regmean.errors import RegmeanError
+    from regmean.io import data as data_module
+    from regmean.io.data import load_examples
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "a"}\n\n{"text": "b"}\n{"text": oops}\n')
+    with pytest.raises(RegmeanError, match="bad.jsonl: line 4 is not JSON"):
+        load_examples(bad)
+    monkeypatch.setattr(data_module, "MAX_LINE", 100)
+    long = tmp_path / "long.jsonl"
+    long.write_text(json.dumps({"text": "short"}) + "\n" + json.dumps({"text": "x" * 500}) + "\n")
+    with pytest.raises(RegmeanError, match="long.jsonl: line 2 is longer than 100 characters"):
+        load_examples(long)
+    fifo = tmp_path / "fifo.jsonl"
+    os.mkfifo(fifo)
+    loop = tmp_path / "loop.jsonl"
+    loop.symlink_to(loop)
+    for path in (fifo, loop, tmp_path):
+        with pytest.raises(RegmeanError, match="not a regular file"):
+            load_examples(path)

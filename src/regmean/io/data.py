@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import bz2
 import gzip
+import itertools
 import json
 import lzma
 import math
@@ -34,7 +35,9 @@ def read_table(path: str | Path) -> pd.DataFrame:
     """The file's rows; texts stay as written (no number, date or "NA" parsing)."""
     path = Path(path)
     if not path.is_file():
-        raise RegmeanError(f"{path}: data file not found")
+        exists = path.exists() or path.is_symlink()
+        why = "not a regular file (a folder, a pipe or a link that leads nowhere)" if exists else "data file not found"
+        raise RegmeanError(f"{path}: {why}; give a data file")
     suffixes = [s.lower() for s in path.suffixes]
     compressed = suffixes.pop() if suffixes and suffixes[-1] in COMPRESSION else ""
     opener, opener_name = COMPRESSION.get(compressed, open), compressed and f" compressed with {compressed[1:]}"
@@ -42,7 +45,7 @@ def read_table(path: str | Path) -> pd.DataFrame:
     try:
         if kind in (".jsonl", ".ndjson", ".json"):
             with opener(path, "rt", encoding="utf-8") as f:
-                rows = json.load(f) if kind == ".json" else [json.loads(line) for line in f if line.strip()]
+                rows = json.load(f) if kind == ".json" else _json_lines(f, path)
             if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
                 raise RegmeanError(f"{path}: expected a list of objects, one per example")
             return pd.DataFrame(rows, dtype=object)
@@ -72,6 +75,26 @@ def text_cell(value, path: str | Path, field: str, number: int) -> str | None:
     if value is None or (isinstance(value, float) and math.isnan(value)):  # missing
         return None
     raise RegmeanError(f"{path}: row {number}: {field!r} is a {type(value).__name__}, not text; write it as a string")
+
+
+MAX_LINE = 64 * 1024**2
+"""Characters one JSONL line (one example) may hold: longer ones are refused before they are read whole."""
+
+
+def _json_lines(stream, path: Path) -> list:
+    """Each non-blank line of a JSONL stream parsed, a failure naming its line; no line read past `MAX_LINE`."""
+    rows = []
+    for number in itertools.count(1):
+        line = stream.readline(MAX_LINE + 1)
+        if not line:
+            return rows
+        if len(line) > MAX_LINE and not line.endswith("\n"):
+            raise RegmeanError(f"{path}: line {number} is longer than {MAX_LINE:,} characters; split or shorten it")
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise RegmeanError(f"{path}: line {number} is not JSON ({exc.msg}, column {exc.colno})") from None
 
 
 def load_examples(
