@@ -159,3 +159,24 @@ def test_combined_files_keep_exact_counts(tmp_path):
     assert f.count(SITE) == sum(r["tokens"] for r in f.provenance)
     for name in f.site_names:
         f.site(name)
+
+
+@pytest.mark.parametrize(
+    ("field", "edit", "says"),
+    [
+        ("site_streams", lambda v: {**v, SITE: ["bogus", 1]}, "no known kind"),
+        ("site_streams", lambda v: {**v, "nowhere": ["input", 1]}, "has no statistics for"),
+        ("privacy", lambda v: {**v, "withheld": [SITE]}, "said to be withheld"),
+        ("provenance", lambda v: [{**v[0], "max_length": 2**55}], "max length outside"),
+    ],
+)
+def test_a_header_that_contradicts_itself_is_refused(tmp_path, field, edit, says):
+    path = save_model(build_model("bert", "BertForSequenceClassification", 1), tmp_path / "m")
+    save(measure(path, [Example(t) for t in TEXTS[:3]], progress=False), tmp_path / "s")
+
+    def change(meta):
+        meta[field] = json.dumps(edit(json.loads(meta[field])))
+
+    forged = forge(tmp_path / "s", meta_change=change)
+    with pytest.raises(RegmeanError, match=f"{forged}: .*{says}"):
+        StatisticsFile(forged)

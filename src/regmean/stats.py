@@ -32,7 +32,7 @@ from regmean.io.outputs import Inputs
 from regmean.io.staged import StagedFiles, target_file, write_atomic
 from regmean.io.tensorfile import TensorFile
 from regmean.io.untrusted import all_finite
-from regmean.stats_checks import check_count, check_gram, count_bound, expected_count
+from regmean.stats_checks import check_count, check_gram, check_header, count_bound, expected_count
 
 FORMAT = "regmean.gram"
 FORMAT_VERSION = 2
@@ -218,6 +218,7 @@ class StatisticsFile:
         self.privacy = meta.privacy()
         self.site_streams = meta.site_streams()
         self.site_names = list(dict.fromkeys(self.modules.values()))  # forward order
+        check_header(self.path, self.site_names, self.site_streams, self.privacy, self.provenance)
         self._handles: dict[str, TensorFile] = {}
         for handle, block in opened:
             if block.meta != self.meta:  # every block of one measure carries the same metadata

@@ -23,6 +23,29 @@ MAX_CALLS = 256
 """For files that do not record their sites' streams: the most calls per forward pass a count may stand for."""
 
 
+STREAMS = ("input", "decoder", "example", "fixed", "mixed")
+MAX_LENGTH = 2**24
+"""The longest max length a provenance may record (16M tokens per example)."""
+
+
+def check_header(path: Path, sites: list[str], streams: dict[str, tuple[str, int]], privacy: dict, records) -> None:
+    """What the header says must agree with itself: recorded streams are known kinds for sites of the file, a
+    withheld site is absent, and each provenance's max length is one a measure could have used."""
+    unknown = sorted(set(streams) - set(sites))
+    bogus = sorted(name for name, (stream, _) in streams.items() if stream not in STREAMS)
+    present = sorted(set(privacy.get("withheld", [])) & set(sites))
+    lengths = [r.get("max_length") for r in records if isinstance(r.get("max_length"), int)]
+    problems = [
+        (unknown, f"site_streams names {unknown[:1]} that the file has no statistics for"),
+        (bogus, f"site {bogus[:1]} has a stream of no known kind (not one of {', '.join(STREAMS)})"),
+        (present, f"site {present[:1]} is said to be withheld but its statistics are in the file"),
+        ([n for n in lengths if not 0 < n <= MAX_LENGTH], f"a provenance max length outside 1 to {MAX_LENGTH}"),
+    ]
+    for found, what in problems:
+        if found:
+            raise RegmeanError(f"{path}: {what}; the file was altered: measure again")
+
+
 def expected_count(provenance: list[dict], stream: str, calls: int) -> int | None:
     """The row count a site of `stream` called `calls` times per forward pass must have, from the provenance of
     every part of the file; None when a part does not record its stream's total."""
