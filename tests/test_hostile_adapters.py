@@ -112,12 +112,28 @@ def cast(part: str, dtype: torch.dtype):
         ({"alpha_pattern": {"a{99999}": 2}}, None, "alpha_pattern: pattern 'a{99999}' is too large"),
         (None, lambda w: w[first(w, "lora_B")].fill_(3e38), "the merged weight would overflow"),
         (None, lambda w: w[first(w, "lora_A")].fill_(float("nan")), "has NaN or Inf values"),
+        ({"target_modules": ["query", "value"]}, None, "key, which target_modules leaves out"),
+        ({"target_modules": r".*\.(query|value)"}, None, "key, which target_modules leaves out"),
+        ({"exclude_modules": ["key"]}, None, "key, which exclude_modules excludes"),
+        ({"layers_to_transform": [0]}, None, "layers_to_transform is not supported"),
+        (None, lambda w: [w.pop(k) for k in list(w) if "classifier" in k], "modules_to_save names classifier"),
     ],
 )
 def test_adapters_peft_could_not_load_are_refused_before_any_work(inputs, config, tensors, says):
     edit(inputs / "adapter0", config, tensors)
     errors = merge_fails(inputs.parent, recipe(inputs), says)
     assert str(inputs / "adapter0") in errors[0]
+
+
+def test_fan_in_fan_out_follows_the_module_type_as_peft_does(inputs):
+    """peft ignores fan_in_fan_out on nn.Linear (and forces it on Conv1D): so does the merge, equal to peft."""
+    edit(inputs / "adapter0", {"fan_in_fan_out": True})
+    ckpt = AdaptedCheckpoint(inputs / "adapter0", inputs / "base")
+    assert not any(pair.transposed for pair in ckpt.pairs.values())
+    module = "bert.encoder.layer.0.attention.self.query"
+    base = load_file(inputs / "base" / "model.safetensors")[f"{module}.weight"]
+    expected = base.double() + naive_delta(inputs / "adapter0", module)
+    torch.testing.assert_close(ckpt.get(f"{module}.weight").double(), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_non_finite_alpha_in_the_json_is_refused(inputs):

@@ -15,6 +15,7 @@ import torch
 
 from regmean.dtypes import STORED
 from regmean.errors import RegmeanError
+from regmean.io.adapter_targets import check_targets, conv1d_modules
 from regmean.io.checkpoint import ADAPTER_CONFIG, Checkpoint
 from regmean.io.tensorfile import TensorFile
 from regmean.io.untrusted import UserPattern, check_finite, compile_pattern, read_json_object, resolve_user_path
@@ -196,7 +197,7 @@ class AdaptedCheckpoint:
                 raise RegmeanError(f"{self.file.path}: module {module} lacks its lora_A or lora_B tensor")
             self._check_dtypes(parts.values())
             weight = self._base_key(module + ".weight", parts["A"])
-            pair = LoraPair(parts["A"], parts["B"], 0.0, self._transposed(parts))
+            pair = LoraPair(parts["A"], parts["B"], 0.0, self._transposed(module, parts))
             self._check_shapes(weight, pair, parts.get("bias"))
             pair.scale = self._scale(module, pair)
             self._check_magnitude(module, weight, pair, parts.get("bias"))
@@ -211,6 +212,9 @@ class AdaptedCheckpoint:
                     f"{self.file.path}: {source} is {list(self.file.shape(source))}, the base's {key} is "
                     f"{list(self.base.shape(key))}; give the base model the adapter was trained on"
                 )
+        saved = [key.rsplit(".", 1)[0] for key in replaced]
+        base = {key.rsplit(".", 1)[0] for key in self.base.keys()}
+        check_targets(self.path / ADAPTER_CONFIG, self.adapter_config, list(modules), saved, base)
         return pairs, replaced
 
     def _base_key(self, name: str, source: str) -> str:
@@ -275,9 +279,14 @@ class AdaptedCheckpoint:
                 f"tensor must be of the base's dtype or floating point ({', '.join(FLOAT_TENSORS)}): save it again"
             )
 
-    def _transposed(self, parts: dict[str, str]) -> bool:
-        """Embeddings (lora_embedding_*) and Conv1D layers (fan_in_fan_out) store the weight as [in, out]."""
-        return parts["A"].endswith("lora_embedding_A") or bool(self.adapter_config.get("fan_in_fan_out"))
+    def _transposed(self, module: str, parts: dict[str, str]) -> bool:
+        """Embeddings (lora_embedding_*) and Conv1D layers store the weight as [in, out] (peft decides by the
+        module's type, whatever fan_in_fan_out says)."""
+        return parts["A"].endswith("lora_embedding_A") or module in self._conv1d
+
+    @cached_property
+    def _conv1d(self) -> set[str]:
+        return conv1d_modules(self.base.path)
 
     def _check_shapes(self, weight: str, pair: LoraPair, bias: str | None) -> None:
         a, b, shape = self.file.shape(pair.a), self.file.shape(pair.b), self.base.shape(weight)
