@@ -120,6 +120,17 @@ def test_same_vocabularies_in_different_files_merge(tmp_path):
     assert result.exit_code == 0, result.output
 
 
+def test_same_vocabularies_that_split_text_otherwise_are_refused(tmp_path):
+    """One vocabulary, but one tokenizer keeps case: the same text gives other ids, so no id means one thing."""
+    paths = [grown_model(tmp_path / "in", k, ["<tool>"]) for k in range(2)]
+    cased = tf.AutoTokenizer.from_pretrained(MINILM, do_lower_case=False)
+    cased.add_tokens(["<tool>"])
+    cased.save_pretrained(paths[1])
+    assert cased("Great Movie")["input_ids"] != tf.AutoTokenizer.from_pretrained(paths[0])("Great Movie")["input_ids"]
+    recipe = {"method": "average", "models": [{"path": str(p)} for p in paths]}
+    merge_fails(tmp_path, recipe, "splits text otherwise", "cannot be merged")
+
+
 def test_methods_that_cannot_merge_grown_vocabularies_say_so(tmp_path):
     paths = [grown_model(tmp_path / "in", k, added) for k, added in enumerate(ADDED[:2])]
     base = grown_model(tmp_path / "in", 5, [])

@@ -92,11 +92,25 @@ def same_size_conflicts(models: Sequence, names: Sequence[str]) -> list[str]:
     if len({_tokenizer_digest(folder) for folder, _ in folders}) <= 1:
         return []
     try:
-        vocabularies = [load_tokenizer(folder).get_vocab() for folder, _ in folders]
+        tokenizers = [load_tokenizer(folder) for folder, _ in folders]
     except RegmeanError as exc:
         return [f"{p} (each model's tokenizer is checked against the others')" for p in exc.problems]
-    conflict = token_conflict(vocabularies, [name for _, name in folders])
-    return [conflict] if conflict else []
+    names = [name for _, name in folders]
+    conflict = token_conflict([t.get_vocab() for t in tokenizers], names)
+    if conflict:
+        return [conflict]
+    encoded = [t(PROBE, add_special_tokens=False)["input_ids"] for t in tokenizers]
+    other = next((k for k, ids in enumerate(encoded) if ids != encoded[0]), None)
+    if other is not None:
+        return [
+            f"{names[other]}: its tokenizer splits text otherwise than {names[0]}'s (same tokens, other "
+            "normalisation or pre-tokenisation: e.g. cased against uncased); these models cannot be merged"
+        ]
+    return []
+
+
+PROBE = "Héllo WORLD, it's 2026! naïve Straße   tabs\tand\nlines 123.45 emoji 🙂 <tag> ÄÖÜ"
+"""A text that tells apart tokenizers of one vocabulary: case, accents, digits, whitespace, symbols."""
 
 
 def _tokenizer_digest(folder: Path) -> str:
