@@ -204,3 +204,27 @@ def test_data_files_name_the_line_and_bound_it(tmp_path, monkeypatch):
     for path in (fifo, loop, tmp_path):
         with pytest.raises(RegmeanError, match="not a regular file"):
             load_examples(path)
+
+
+def test_a_template_that_never_ends_is_stopped(tmp_path, monkeypatch):
+    monkeypatch.setattr("regmean.io.chat.TEMPLATE_SECONDS", 1)
+    model = build_model("llama", "LlamaForCausalLM", 1)
+    path = save_model(model, tmp_path / "m")
+    tok = tf.AutoTokenizer.from_pretrained(path)
+    tok.chat_template = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}x"
+    tok.save_pretrained(path)
+    data = tmp_path / "chat.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    args = ["--data", data, "--messages-field", "messages"]
+    cli_fails(["measure", path, *args, "--out", tmp_path / "s"], "the chat template took over 1 s")
+    cli_fails(["evaluate", path, *args], "the chat template took over 1 s")
+    assert not (tmp_path / "s").exists()
+
+
+def test_heads_keep_without_a_head_is_refused(tmp_path):
+    from test_bad_input import merge_fails
+    from test_merge import make_models
+
+    models = make_models(tmp_path / "in", "bert", "BertForSequenceClassification", stats=False)
+    recipe = {"method": "average", "models": models, "heads": "keep", "head_modules": ["nothing_named_so"]}
+    merge_fails(tmp_path, recipe, "names no head module")

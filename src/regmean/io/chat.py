@@ -3,7 +3,10 @@ text a model sees by its tokenizer's chat template."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import signal
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -12,6 +15,32 @@ from regmean.errors import RegmeanError, one_line
 Turns = tuple[tuple[str, str], ...]
 CHAT_TEMPLATE = "chat template"
 PLAIN = "plain concatenation (prompt, newline, response: the tokenizer has no chat template)"
+
+
+TEMPLATE_SECONDS = 10
+"""The longest one conversation's rendering may take (a template is code from the model's folder)."""
+MAX_RENDERED = 16 * 1024**2
+"""The most characters a rendered conversation may have."""
+
+
+@contextmanager
+def time_limit(seconds: int, message: str) -> Iterator[None]:
+    """Raise RegmeanError(`message` + a fix) if the block runs longer than `seconds` (in the main thread, where
+    signals arrive; elsewhere the block runs unbounded)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expired(*_):
+        raise RegmeanError(f"{message}; fix or replace the template (tokenizer_config.json 'chat_template')")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def read_turns(value, where: str) -> Turns:
@@ -45,11 +74,19 @@ def render_chat(examples: Sequence, tokenizer, tokenizer_dir: str | Path) -> tup
     for number, e in enumerate(examples, start=1):
         turns = [{"role": role, "content": content} for role, content in e.messages]
         try:
-            text = tokenizer.apply_chat_template(turns, tokenize=False)
+            with time_limit(TEMPLATE_SECONDS, f"{tokenizer_dir}: the chat template took over {TEMPLATE_SECONDS} s"):
+                text = tokenizer.apply_chat_template(turns, tokenize=False)
+        except RegmeanError:
+            raise
         except Exception as exc:  # jinja2 raises its own types, and templates raise on roles they do not accept
             raise RegmeanError(
                 f"{tokenizer_dir}: the chat template cannot format a conversation ({one_line(str(exc), 200)})"
             ) from exc
+        if isinstance(text, str) and len(text) > MAX_RENDERED:
+            raise RegmeanError(
+                f"{tokenizer_dir}: the chat template rendered conversation {number} into {len(text):,} characters "
+                f"(at most {MAX_RENDERED:,}); fix the template"
+            )
         if not isinstance(text, str) or not text.strip():
             raise RegmeanError(
                 f"{tokenizer_dir}: the chat template rendered conversation {number} of the data empty; fix the "

@@ -120,6 +120,11 @@ def open_inputs(config: MergeConfig) -> MergeInputs:
         raise RegmeanError(problems)
     heads = head_modules(skeleton, config.head_modules)
     ignore_heads = config.heads == "keep"
+    if ignore_heads and not heads:
+        problems.append(
+            f"heads: keep, but {'head_modules ' + str(config.head_modules) if config.head_modules else 'the model'} "
+            "names no head module: every output would be the same merged model; name the heads or use heads: merge"
+        )
     if ignore_heads and all(is_head_key(k, heads) for k in first.keys()):
         problems.append(
             f"head_modules {config.head_modules or heads} cover every tensor of {first_path}: nothing would be "
