@@ -98,7 +98,7 @@ def test_forged_statistics_are_refused_before_any_solve(trio, case):
 
 
 def test_files_that_do_not_record_streams_are_bounded_by_their_provenance(trio):
-    """Older files (no site_streams): a count above examples x max length x 256 calls is refused, a plausible one
+    """Older files (no site_streams): a count above examples x max length x 64 calls is refused, a plausible one
     is not."""
     tmp_path, models = trio
 

@@ -19,7 +19,7 @@ STREAM_TOTALS = {"input": "tokens", "decoder": "decoder_tokens", "example": "exa
 """The provenance key that counts each stream's rows."""
 RELATIVE_SLACK = 1e-3
 """Rounding a float32 accumulation may bring to an identity that holds with equality (proportional columns)."""
-MAX_CALLS = 256
+MAX_CALLS = 64
 """For files that do not record their sites' streams: the most calls per forward pass a count may stand for."""
 
 

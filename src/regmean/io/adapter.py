@@ -85,6 +85,11 @@ def base_folder(adapter: Path, config: dict, given: str | Path | None) -> Path:
     )
 
 
+MAX_UPDATE = 1e4
+"""The largest entry an update s B A may reach: trained weights are orders of magnitude smaller, and activations
+through such a weight overflow half precision (a bound on every entry: a sane adapter never comes near it)."""
+
+
 class AdaptedCheckpoint:
     """Base weights plus a LoRA adapter, with a Checkpoint's read interface (names, shapes and dtypes are the
     base's; `modules_to_save` and trained biases replace the base's tensors)."""
@@ -200,7 +205,7 @@ class AdaptedCheckpoint:
             pair = LoraPair(parts["A"], parts["B"], 0.0, self._transposed(module, parts))
             self._check_shapes(weight, pair, parts.get("bias"))
             pair.scale = self._scale(module, pair)
-            self._check_magnitude(module, weight, pair, parts.get("bias"))
+            self._check_magnitude(module, pair, parts.get("bias"))
             pairs[weight] = pair
             if "bias" in parts:
                 bias = self._base_key(module + ".bias", parts["bias"])
@@ -240,22 +245,20 @@ class AdaptedCheckpoint:
             )
         return float(alpha) / (math.sqrt(r) if config.get("use_rslora") else r)
 
-    def _check_magnitude(self, module: str, weight: str, pair: LoraPair, bias: str | None) -> None:
-        """Refuse, before any work, an update s B A that would overflow: every entry of it is at most
-        |s| sum_k max|B[:, k]| max|A[k, :]| (of s times a trained bias, |s| max|bias|), which must not pass the
-        largest float32 value (the update is computed in float32) nor the largest value of the base's dtype."""
+    def _check_magnitude(self, module: str, pair: LoraPair, bias: str | None) -> None:
+        """Refuse, before any work, an update s B A whose entries could pass `MAX_UPDATE` (so never overflow any
+        float dtype): every entry is at most |s| sum_k max|B[:, k]| max|A[k, :]| (of s times a trained bias,
+        |s| max|bias|)."""
         a, b = self._finite(pair.a), self._finite(pair.b)
         bound = abs(pair.scale) * float((b.abs().amax(0) * a.abs().amax(1)).sum())
         if bias is not None:
             bound = max(bound, abs(pair.scale) * float(self._finite(bias).abs().max()))
-        dtype = STORED[self.base.dtype(weight)]
-        dtype = dtype if dtype.is_floating_point and dtype.itemsize < 4 else torch.float32
-        if not bound <= torch.finfo(dtype).max:
+        if not bound <= MAX_UPDATE:
             kind = "sqrt(r)" if self.adapter_config.get("use_rslora") else "r"
             raise RegmeanError(
                 f"{self.path / ADAPTER_CONFIG}: the scale lora_alpha / {kind} = {pair.scale:.3g} of {module} times its "
-                f"LoRA tensors in {self.file.path} can reach {bound:.3g}, above {torch.finfo(dtype).max:.3g} (the "
-                f"largest {str(dtype).removeprefix('torch.')}): the merged weight would overflow; fix lora_alpha"
+                f"LoRA tensors in {self.file.path} can reach {bound:.3g}, above {MAX_UPDATE:g}: far beyond any "
+                "trained weight (activations through it would overflow); fix lora_alpha"
             )
 
     def _finite(self, key: str) -> torch.Tensor:
