@@ -18,6 +18,17 @@ from regmean.measure import measure
 from regmean.stats import StatisticsFile, save
 
 
+def fine_tuned(cls, config, seed: int, path: Path) -> Path:
+    """One base (seed 1234) perturbed by `seed`, as a fine-tune of it, saved with a tokenizer."""
+    torch.manual_seed(1234)
+    model = cls(config).eval()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    return save_model(model, path)
+
+
 def tiny_gpt_oss(path: Path, seed: int) -> Path:
     config = tf.GptOssConfig(
         vocab_size=VOCAB,
@@ -34,13 +45,7 @@ def tiny_gpt_oss(path: Path, seed: int) -> Path:
         pad_token_id=PAD,
         eos_token_id=SEP,
     )
-    torch.manual_seed(1234)
-    model = tf.GptOssForCausalLM(config).eval()
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=gen))
-    return save_model(model, path)
+    return fine_tuned(tf.GptOssForCausalLM, config, seed, path)
 
 
 def test_experts_and_routers_are_listed_as_averaged_with_their_reason(tmp_path):
@@ -85,13 +90,7 @@ def tiny_neox(path: Path, seed: int) -> Path:
         pad_token_id=PAD,
         eos_token_id=SEP,
     )
-    torch.manual_seed(1234)
-    model = tf.GPTNeoXForCausalLM(config).eval()
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=gen))
-    return save_model(model, path)
+    return fine_tuned(tf.GPTNeoXForCausalLM, config, seed, path)
 
 
 def test_a_checkpoint_key_renamed_on_loading_merges(tmp_path):
@@ -142,13 +141,7 @@ def tiny_deberta(path: Path, seed: int, v3: bool) -> Path:
         pad_token_id=PAD,
         **v3_options,
     )
-    torch.manual_seed(1234)
-    model = tf.DebertaV2ForSequenceClassification(config).eval()
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=gen))
-    return save_model(model, path)
+    return fine_tuned(tf.DebertaV2ForSequenceClassification, config, seed, path)
 
 
 @pytest.mark.parametrize("v3", [False, True], ids=["deberta-v2", "deberta-v3"])
@@ -243,13 +236,7 @@ def test_moe_checkpoints_as_save_pretrained_writes_them_merge_and_list_their_exp
     examples = load_examples(write_jsonl(tmp_path / "d.jsonl"))
     models = []
     for k in range(2):
-        torch.manual_seed(1234)
-        model = getattr(tf, cls)(config).eval()
-        gen = torch.Generator().manual_seed(k + 1)
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(0.05 * torch.randn(p.shape, generator=gen))
-        path = save_model(model, tmp_path / f"m{k}")
+        path = fine_tuned(getattr(tf, cls), config, k + 1, tmp_path / f"m{k}")
         save(measure(path, examples, batch_size=4, progress=False), tmp_path / f"s{k}")
         models.append({"path": str(path), "statistics": str(tmp_path / f"s{k}")})
     recipe = tmp_path / "r.yaml"
