@@ -239,6 +239,8 @@ def test_moe_checkpoints_as_save_pretrained_writes_them_merge_and_list_their_exp
         path = fine_tuned(getattr(tf, cls), config, k + 1, tmp_path / f"m{k}")
         save(measure(path, examples, batch_size=4, progress=False), tmp_path / f"s{k}")
         models.append({"path": str(path), "statistics": str(tmp_path / f"s{k}")})
+    streams = StatisticsFile(models[0]["statistics"]).site_streams.values()
+    assert {stream for stream, _ in streams} == {"input"}  # shared experts read flattened tokens: masked as tokens
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump({"method": "regmean", "models": models}))
     result = run("merge", recipe, tmp_path / "out")

@@ -11,7 +11,7 @@ from torch import nn
 
 from regmean.errors import RegmeanError
 from regmean.measure.batching import Batch, forward
-from regmean.measure.sites import Site, hooks
+from regmean.measure.sites import Site, follows_mask, hooks
 from regmean.stats import SiteStats
 
 GRAM_BLOCK = 512
@@ -106,7 +106,7 @@ class Accumulator:
             if site.stream in ("input", "decoder", "mixed"):
                 stream = "input" if site.stream == "mixed" else site.stream
                 mask = self.batch.masks[stream]
-                if tuple(x.shape[:-1]) == tuple(mask.shape):
+                if follows_mask(x, mask):
                     index = self.batch.rows(stream)
                     rows = rows if index is None else rows.index_select(0, index)
                 elif site.stream != "mixed":

@@ -115,10 +115,17 @@ def detect_sites(model: nn.Module, modules: list[str], batch: Batch) -> list[Sit
         else:
             stream = "decoder"
         if stream != "example":
-            follows = {tuple(inputs[i].shape[:-1]) == tuple(batch.masks[stream].shape) for i in key}
+            follows = {follows_mask(inputs[i], batch.masks[stream]) for i in key}
             stream = stream if follows == {True} else "fixed" if follows == {False} else "mixed"
         sites.append(Site(members[0], members, stream, x.shape[-1], len(key), last_call[members[0]]))
     return sites
+
+
+def follows_mask(x: torch.Tensor, mask: torch.Tensor) -> bool:
+    """Whether an input's rows are the tokens of a stream, in the mask's order: shaped like it but for dimensions of
+    one ([B, T, d]; DeepSeek's [B, 1, T, d]), or flattened ([B T, d], as MoE blocks pass tokens to shared experts)."""
+    lead, want = [n for n in x.shape[:-1] if n != 1], [n for n in mask.shape if n != 1]
+    return lead == want or (x.dim() == 2 and x.shape[0] == mask.numel())
 
 
 def site_blocks(sites: list[Site], width: int, max_bytes: int | None) -> list[list[Site]]:
