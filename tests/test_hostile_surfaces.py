@@ -228,3 +228,15 @@ def test_heads_keep_without_a_head_is_refused(tmp_path):
     models = make_models(tmp_path / "in", "bert", "BertForSequenceClassification", stats=False)
     recipe = {"method": "average", "models": models, "heads": "keep", "head_modules": ["nothing_named_so"]}
     merge_fails(tmp_path, recipe, "names no head module")
+
+
+def test_a_merge_whose_tokenizer_passes_the_embedding_is_refused(tmp_path):
+    from test_bad_input import merge_fails
+    from test_merge import make_models
+
+    models = make_models(tmp_path / "in", "bert", "BertForSequenceClassification", stats=False)
+    for m in models:
+        tok = tf.AutoTokenizer.from_pretrained(m["path"])
+        tok.add_tokens(["<new1>", "<new2>"])  # the embeddings are not resized
+        tok.save_pretrained(m["path"])
+    merge_fails(tmp_path, {"method": "average", "models": models}, "the tokenizer has ids up to", "resize")

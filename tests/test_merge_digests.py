@@ -5,10 +5,9 @@ what a merge computes (not only a wrong answer: a reordered sum, a different dty
 recorded again when its solve moved to float64 products in deviation form (closer to the exact optimum); every
 other method's digests were the same before and after that change. They depend on the machine's arithmetic
 (torch and transformers versions, CPU kernels, thread count); on another machine the test is skipped with that
-reason, and `REGMEAN_RECORD_DIGESTS=1` records that machine's own. (A fresh install of 2026-12-02, transformers
-5.24.0, no longer reproduced RegMean's digests, with or without that day's changes, while every other method's
-held: the Grams' forward passes round differently. RegMean's were recorded again; the version is now part of the
-environment.)
+reason, and `REGMEAN_RECORD_DIGESTS=1` records that machine's own. (Twice a fresh install of the same versions did
+not reproduce RegMean's digests while every other method's held: the Grams' forward passes rounded differently. The
+Grams are now seeded synthetic sums over the measured sites, and RegMean's digests were recorded again.)
 """
 
 from __future__ import annotations
@@ -97,13 +96,26 @@ def build(case: str, family: str, cls: str, seed: int):
     return model
 
 
+def synthetic(stats, k: int):
+    """The measured statistics' structure (sites, counts) with seeded synthetic sums: x x^T of random rows in
+    float64, so the digests depend on the merge's arithmetic, not on how a transformers install rounds a forward
+    pass (two fresh installs of the same versions gave different Grams)."""
+    gen = torch.Generator().manual_seed(200 + k)
+    for name in sorted(stats.sites):
+        site = stats.sites[name]
+        rows = torch.randn(site.count, site.sum.shape[0], generator=gen, dtype=torch.float64)
+        site.gram = (rows.T @ rows).to(site.gram.dtype)
+        site.sum = rows.sum(0).to(site.sum.dtype)
+    return stats
+
+
 def prepare(root: Path, case: str, family: str, cls: str) -> dict:
     """K fine-tunes with Gram and (synthetic, seeded) Fisher statistics, and their base model."""
     models = []
     for k in range(K):
         model = build(case, family, cls, seed=k + 1)
         path = save_model(model, root / f"ft{k}")
-        save(measure(path, EXAMPLES[k * 3 : k * 3 + 4], batch_size=2, progress=False), root / f"gram{k}")
+        save(synthetic(measure(path, EXAMPLES[k * 3 : k * 3 + 4], batch_size=2, progress=False), k), root / f"gram{k}")
         gen = torch.Generator().manual_seed(100 + k)
         with safe_open(path / "model.safetensors", "pt") as f:
             named = [(n, f.get_slice(n).get_shape()) for n in sorted(f.keys()) if f.get_slice(n).get_dtype() != "I64"]

@@ -113,6 +113,27 @@ PROBE = "Héllo WORLD, it's 2026! naïve Straße   tabs\tand\nlines 123.45 emoji
 """A text that tells apart tokenizers of one vocabulary: case, accents, digits, whitespace, symbols."""
 
 
+def _past_embedding(model, body: dict[str, tuple[int, ...]], embedding_keys: set[str]) -> list[str]:
+    """The output takes this model's tokenizer: refused when it gives ids past the embedding's rows (tokens added,
+    the embeddings not resized), which the merged model could not read."""
+    from regmean.loading import has_vocabulary, load_tokenizer, tokenizer_folder
+
+    rows = [body[k][0] for k in embedding_keys if k in body]
+    folder = tokenizer_folder(model.folders)
+    if not rows or not has_vocabulary(folder):
+        return []
+    try:
+        ids = max(load_tokenizer(folder).get_vocab().values(), default=-1) + 1
+    except RegmeanError as exc:
+        return exc.problems
+    if ids <= min(rows):
+        return []
+    return [
+        f"{folder}: the tokenizer has ids up to {ids - 1}, the model's embedding {min(rows)} rows; resize the "
+        "embeddings to the tokenizer (model.resize_token_embeddings(len(tokenizer))) and save both again"
+    ]
+
+
 def _tokenizer_digest(folder: Path) -> str:
     """A hash of the files a tokenizer is read from."""
     from regmean.loading import VOCABULARY_FILES
@@ -168,7 +189,8 @@ def grown_vocabulary(
 
     found = vocabulary_keys(bodies, embedding_keys)
     if found is None:
-        return None, same_size_conflicts(models, [str(m.path) for m in config.models])
+        names = [str(m.path) for m in config.models]
+        return None, same_size_conflicts(models, names) + _past_embedding(models[0], bodies[0], embedding_keys)
     keys, rows = found
     paths = [str(m.path) for m in config.models]
     sizes = ", ".join(f"{r}" for r in rows)
