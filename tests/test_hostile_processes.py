@@ -15,6 +15,8 @@ from test_distributed import merge_inputs
 from regmean.errors import RegmeanError
 from regmean.launch import RankLogs, report, without_nproc
 
+pytestmark = pytest.mark.slow  # several processes per test: the slow tier (make test-slow, run by CI)
+
 NOISE = ("Traceback", "ChildFailedError", "exitcode", "*****", "OMP_NUM_THREADS", "torch/distributed")
 SLOW_RANKS = """
 import os
