@@ -165,6 +165,7 @@ def cli_within(args: list, seconds: float) -> subprocess.CompletedProcess:
     return result
 
 
+@pytest.mark.slow  # a child process with a time limit each
 @pytest.mark.parametrize("field", ["alpha_pattern", "rank_pattern"])
 def test_a_backtracking_adapter_pattern_is_refused_in_seconds(inputs, field):
     edit(inputs / "adapter0", {field: {BACKTRACKS: 4}})
@@ -178,6 +179,7 @@ def test_a_backtracking_adapter_pattern_is_refused_in_seconds(inputs, field):
     assert not (inputs.parent / "out").exists()
 
 
+@pytest.mark.slow  # a child process with a time limit each
 @pytest.mark.parametrize("flag", ["--include", "--exclude"])
 def test_a_backtracking_measure_pattern_is_refused_in_seconds(inputs, flag):
     data = write_jsonl(inputs.parent / "d.jsonl")
@@ -194,6 +196,7 @@ def test_a_backtracking_head_modules_pattern_is_refused(inputs):
     merge_fails(inputs.parent, given, f"head_modules: pattern {BACKTRACKS!r} takes too long")
 
 
+@pytest.mark.slow  # a child process with a time limit each
 def test_the_issue_pattern_no_longer_hangs(inputs):
     """`(\\w+\\.?)+x` matches no module name: measure finds nothing to measure, the merge applies no alpha_pattern."""
     data = write_jsonl(inputs.parent / "d.jsonl")
@@ -205,6 +208,7 @@ def test_the_issue_pattern_no_longer_hangs(inputs):
     assert {pair.scale for pair in ckpt.pairs.values()} == {8 / 2, 8 / 4}
 
 
+@pytest.mark.slow  # a child process with a time limit each
 def test_measure_of_an_adapter_with_the_issue_pattern_finishes(inputs):
     """measure builds the adapted model from the adapter's own (bounded) matching, never peft's `re`: the pattern
     that would hang peft applies to nothing, and the statistics equal those of the same adapter without it."""
