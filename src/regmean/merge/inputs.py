@@ -91,6 +91,22 @@ def _in_checkpoint(layer: LinearLayer, parameters: dict[str, str]) -> LinearLaye
     return replace(layer, weight_key=key_of(layer.weight_key), bias_key=layer.bias_key and key_of(layer.bias_key))
 
 
+def _kept_head_problems(config: MergeConfig, heads: list[str], first: Checkpoint, first_path) -> list[str]:
+    """heads: keep needs heads to keep, and a body left to merge."""
+    if not heads:
+        named = f"head_modules {config.head_modules}" if config.head_modules else "the model"
+        return [
+            f"heads: keep, but {named} names no head module: every output would be the same merged model; name "
+            "the heads or use heads: merge"
+        ]
+    if all(is_head_key(k, heads) for k in first.keys()):
+        return [
+            f"head_modules {config.head_modules or heads} cover every tensor of {first_path}: nothing would be "
+            "merged; name only the task heads"
+        ]
+    return []
+
+
 def open_inputs(config: MergeConfig) -> MergeInputs:
     """Every input opened (headers only) and checked, with the method's own checks; all problems in one error."""
     problems: list[str] = []
@@ -120,16 +136,7 @@ def open_inputs(config: MergeConfig) -> MergeInputs:
         raise RegmeanError(problems)
     heads = head_modules(skeleton, config.head_modules)
     ignore_heads = config.heads == "keep"
-    if ignore_heads and not heads:
-        problems.append(
-            f"heads: keep, but {'head_modules ' + str(config.head_modules) if config.head_modules else 'the model'} "
-            "names no head module: every output would be the same merged model; name the heads or use heads: merge"
-        )
-    if ignore_heads and all(is_head_key(k, heads) for k in first.keys()):
-        problems.append(
-            f"head_modules {config.head_modules or heads} cover every tensor of {first_path}: nothing would be "
-            "merged; name only the task heads"
-        )
+    problems += _kept_head_problems(config, heads, first, first_path) if ignore_heads else []
 
     def body(ckpt: Checkpoint) -> dict[str, tuple[int, ...]]:
         return {k: s for k, s in ckpt.shapes.items() if not (ignore_heads and is_head_key(k, heads))}
