@@ -240,3 +240,22 @@ def test_a_merge_whose_tokenizer_passes_the_embedding_is_refused(tmp_path):
         tok.add_tokens(["<new1>", "<new2>"])  # the embeddings are not resized
         tok.save_pretrained(m["path"])
     merge_fails(tmp_path, {"method": "average", "models": models}, "the tokenizer has ids up to", "resize")
+
+
+def test_the_card_names_the_tokenizer_and_the_models_without_one(tmp_path):
+    from pathlib import Path
+
+    from test_merge import make_models, run, write_config
+
+    from regmean.loading import VOCABULARY_FILES
+
+    models = make_models(tmp_path / "in", "bert", "BertForSequenceClassification", stats=False)
+    for k in (0, 2):
+        for pattern in VOCABULARY_FILES:
+            for file in Path(models[k]["path"]).glob(pattern):
+                file.unlink()
+    result = run("merge", write_config(tmp_path, method="average", models=models), tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    card = " ".join((tmp_path / "out" / "README.md").read_text().split())
+    assert f"config from `{models[0]['path']}`, which has no tokenizer files: this folder has none" in card
+    assert f"their vocabulary unchecked: `{models[0]['path']}`, `{models[2]['path']}`" in card

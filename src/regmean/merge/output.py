@@ -108,6 +108,24 @@ def _vocabulary_line(inputs: MergeInputs) -> str:
     )
 
 
+def _tokenizer_line(inputs: MergeInputs, own_head: int | None) -> str:
+    """Whose tokenizer and config the folder has, and which models had no tokenizer files (their vocabulary could
+    not be checked against the others')."""
+    from regmean.loading import has_vocabulary, tokenizer_folder
+
+    paths = [entry.path for entry in inputs.config.models]
+    source = inputs.vocab.tokenizer_model if inputs.vocab else own_head or 0
+    without = [
+        str(p) for p, m in zip(paths, inputs.models, strict=True) if not has_vocabulary(tokenizer_folder(m.folders))
+    ]
+    line = f"- tokenizer and config: from `{paths[source]}`"
+    if str(paths[source]) in without:
+        line = f"- config from `{paths[source]}`, which has no tokenizer files: this folder has none (copy one in)"
+    if without:
+        line += f"; without tokenizer files, their vocabulary unchecked: {', '.join(f'`{p}`' for p in without)}"
+    return line
+
+
 def model_card(inputs: MergeInputs, report: MergeReport, own_head: int | None = None) -> str:
     config = inputs.config
     lines = [
@@ -144,6 +162,7 @@ def model_card(inputs: MergeInputs, report: MergeReport, own_head: int | None = 
     lines.append(f"- embeddings: `{config.embeddings}`; LM head: `{config.lm_head}`")
     if inputs.vocab is not None:
         lines.append(_vocabulary_line(inputs))
+    lines.append(_tokenizer_line(inputs, own_head))
     if config.base_model:
         lines.append(f"- base model: `{config.base_model}`")
     s = report.summary()
@@ -162,9 +181,8 @@ def model_card(inputs: MergeInputs, report: MergeReport, own_head: int | None = 
                 else ""
             ),
             f"- relative residual of the solved systems: at most {s['max_residual']:.2g}",
-            f"- matrices averaged instead: {len(report.averaged)}" + "".join(
-                f"\n  - {n} {reason}" for reason, n in Counter(report.averaged.values()).most_common()
-            ),
+            f"- matrices averaged instead: {len(report.averaged)}"
+            + "".join(f"\n  - {n} {reason}" for reason, n in Counter(report.averaged.values()).most_common()),
         ]
         lines += [f"- {note}" for note in report.notes]
     if inputs.stats:
