@@ -92,14 +92,19 @@ def test_max_memory_below_one_site_is_refused(tmp_path):
     assert not out.exists()
 
 
-def test_a_template_that_renders_empty_is_named(tmp_path):
-    model = build_model("llama", "LlamaForCausalLM", 1)
-    path = save_model(model, tmp_path / "m")
+def chat_model(tmp_path, template: str):
+    """A tiny Llama whose tokenizer has `template`, and a one-conversation data file."""
+    path = save_model(build_model("llama", "LlamaForCausalLM", 1), tmp_path / "m")
     tok = tf.AutoTokenizer.from_pretrained(path)
-    tok.chat_template = "{% for m in messages %}{% endfor %}"
+    tok.chat_template = template
     tok.save_pretrained(path)
     data = tmp_path / "chat.jsonl"
     data.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    return path, data
+
+
+def test_a_template_that_renders_empty_is_named(tmp_path):
+    path, data = chat_model(tmp_path, "{% for m in messages %}{% endfor %}")
     out = tmp_path / "s"
     cli_fails(["measure", path, "--data", data, "--messages-field", "messages", "--out", out], "rendered", "empty")
     assert not out.exists()
@@ -208,13 +213,9 @@ def test_data_files_name_the_line_and_bound_it(tmp_path, monkeypatch):
 
 def test_a_template_that_never_ends_is_stopped(tmp_path, monkeypatch):
     monkeypatch.setattr("regmean.io.chat.TEMPLATE_SECONDS", 1)
-    model = build_model("llama", "LlamaForCausalLM", 1)
-    path = save_model(model, tmp_path / "m")
-    tok = tf.AutoTokenizer.from_pretrained(path)
-    tok.chat_template = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}x"
-    tok.save_pretrained(path)
-    data = tmp_path / "chat.jsonl"
-    data.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    path, data = chat_model(
+        tmp_path, "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}x"
+    )
     args = ["--data", data, "--messages-field", "messages"]
     cli_fails(["measure", path, *args, "--out", tmp_path / "s"], "the chat template took over 1 s")
     cli_fails(["evaluate", path, *args], "the chat template took over 1 s")
