@@ -169,7 +169,8 @@ def test_heads_keep_gives_each_model_the_merged_body_and_its_own_head(tmp_path):
                 assert torch.equal(merged[k][key], merged[0][key]), key
     # options left out are recorded resolved: the card and the recipe say which alpha was used
     recipe = yaml.safe_load((outs[0] / "merge_config.yaml").read_text())
-    assert recipe["options"] == {"alpha": 0.9, "gram_weighting": "mean", "bias": "average", "diagnostics": "sampled"}
+    resolved = {"alpha": 0.9, "gram_weighting": "mean", "bias": "average", "diagnostics": "sampled"}
+    assert recipe["options"] == resolved | {"verify_grams": True}
     card = (outs[0] / "README.md").read_text()
     assert "- alpha: `0.9`" in card
     assert "- model 2: examples=4, tokens=" in card  # each model's statistics provenance

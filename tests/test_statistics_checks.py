@@ -9,12 +9,13 @@ import torch
 from conftest import TARGETS, TEXTS, build_model, save_model
 from test_bad_input import merge_fails
 from test_hostile_input import rewrite
-from test_merge import make_models
+from test_merge import make_models, run, write_config
 from transformers import AutoTokenizer
 
 from regmean.errors import RegmeanError
 from regmean.io.data import Example
 from regmean.measure import measure
+from regmean.methods.least_squares import is_semidefinite
 from regmean.stats import StatisticsFile, combine, pack_upper, save, unpack_upper
 
 SITE = "bert.encoder.layer.1.attention.self.query"
@@ -125,6 +126,44 @@ def test_an_indefinite_gram_that_breaks_the_solve_is_named(trio):
     path = forge(models[2]["statistics"], lambda t: edit_gram(t, indefinite))
     StatisticsFile(path).site(SITE)  # passes the cheap identities
     merge_fails(tmp_path, {"method": "regmean", "models": models}, str(path), "not positive semidefinite")
+
+
+def indefinite_block(g: torch.Tensor) -> None:
+    """Three entries at 0.9 sqrt(G_ii G_jj): every 2 x 2 minor holds, the 3 x 3 block's correlations
+    [[1, .9, .9], [.9, 1, -.9], [.9, -.9, 1]] have the eigenvalue -0.8."""
+    root = g.diagonal().sqrt()
+    for i, j, sign in ((0, 1, 1), (0, 2, 1), (1, 2, -1)):
+        g[i, j] = g[j, i] = sign * 0.9 * root[i] * root[j]
+
+
+def test_an_indefinite_gram_that_a_solve_would_accept_is_refused_before_use(trio):
+    """Sweep finding F1: at alpha 0.9 the summed system stays positive definite, so only the Cholesky proof of
+    each Gram catches it; with verify_grams off (the option's stated trade) the same files merge."""
+    tmp_path, models = trio
+    path = forge(models[1]["statistics"], lambda t: edit_gram(t, indefinite_block))
+    StatisticsFile(path).site(SITE)  # passes the cheap identities
+    merge_fails(tmp_path, {"method": "regmean", "models": models}, str(path), SITE, "not positive semidefinite")
+    config = write_config(tmp_path, method="regmean", models=models, options={"verify_grams": False})
+    assert run("merge", str(config), str(tmp_path / "unverified")).exit_code == 0
+
+
+def test_the_semidefinite_proof_against_eigenvalues():
+    """Oracle: eigvalsh. Float32-rounded Grams of rank-deficient data, with wildly different feature scales, pass;
+    one eigenvalue of -1e-2 (in units of the diagonal) fails; the matrix is restored bit for bit either way."""
+    generator = torch.Generator().manual_seed(0)
+    for d, n in ((8, 3), (64, 40), (300, 1000)):
+        x = torch.randn(n, d, generator=generator, dtype=torch.float64) * torch.logspace(-3, 4, d, dtype=torch.float64)
+        gram = (x.T @ x).float().double()  # stored in float32, as measure does by default
+        before = gram.clone()
+        assert is_semidefinite(gram) and torch.equal(gram, before)
+        root = gram.diagonal().sqrt()
+        correlation = gram / root[:, None] / root[None, :]
+        values, vectors = torch.linalg.eigh(correlation)
+        values[0] = -1e-2
+        forged = (vectors * values) @ vectors.T * root[:, None] * root[None, :]
+        assert float(torch.linalg.eigvalsh(forged)[0]) < 0
+        kept = forged.clone()
+        assert not is_semidefinite(forged) and torch.equal(forged, kept)
 
 
 def test_counts_are_calls_times_stream_rows_counted_plainly(tmp_path):

@@ -29,6 +29,9 @@ from regmean.io.untrusted import all_finite
 from regmean.methods.average import weighted_average
 
 RIDGE_LADDER = (0.0, 1e-10, 1e-8, 1e-6, 1e-4, 1e-2, 1.0)
+PSD_SLACK_PER_WIDTH = 64 * 2.0**-24
+"""How far below zero an eigenvalue of a Gram scaled to unit diagonal may lie and still be rounding, per unit of
+its width: float32 sums of d-wide products are off by about d float32 epsilons (in units of the diagonal)."""
 SAMPLED_FRACTION = 0.01
 """Share of a layer's output rows its diagnostics are estimated on (at least MIN_SAMPLED_ROWS)."""
 MIN_SAMPLED_ROWS = 16
@@ -64,6 +67,32 @@ def solve_spd(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, float]:
     raise FloatingPointError("Gram matrix is not positive definite even with a ridge of its mean diagonal")
 
 
+class IndefiniteGram(FloatingPointError):
+    """Model `index`'s Gram is not positive semidefinite beyond rounding: no data has it as its sum of outer
+    products."""
+
+    def __init__(self, index: int):
+        super().__init__(f"the Gram of model {index} is not positive semidefinite")
+        self.index = index
+
+
+def is_semidefinite(gram: torch.Tensor) -> bool:
+    """Whether a symmetric float64 `gram` is positive semidefinite up to rounding: one Cholesky factorisation of
+    it scaled to near-unit diagonal (by powers of two: exact barring underflow, and undone), PSD_SLACK_PER_WIDTH x
+    width added to the diagonal. Works in place and restores `gram`; reads its lower triangle."""
+    diagonal = gram.diagonal().clone()
+    if bool((diagonal < 0).any()):
+        return False
+    exponent = torch.frexp(diagonal.clamp_min(torch.finfo(torch.float64).tiny))[1]
+    scale = torch.ldexp(torch.ones_like(diagonal), -torch.div(exponent, 2, rounding_mode="floor"))
+    gram.mul_(scale[:, None]).mul_(scale[None, :])
+    gram.diagonal().add_(PSD_SLACK_PER_WIDTH * gram.shape[0])
+    info = torch.linalg.cholesky_ex(gram).info
+    gram.div_(scale[:, None]).div_(scale[None, :])
+    gram.diagonal().copy_(diagonal)
+    return int(info) == 0
+
+
 @dataclass(frozen=True)
 class Solution:
     merged: torch.Tensor
@@ -94,19 +123,23 @@ def regmean_solve(
     gram_scale: torch.Tensor,
     avg_weights: torch.Tensor,
     alpha: float,
+    verify: bool = False,
 ) -> Solution:
     """Merge K weight matrices (each [d_out, d_in], nn.Linear layout) with their Grams (each [d_in, d_in]).
 
     gram_scale [K] multiplies each Gram (model weight, divided by the row count for `mean` weighting);
     avg_weights [K] defines the weighted average the solve starts from. One model at a time: memory holds the
     inputs plus three d_in x d_in float64 matrices (one Gram being added, the system, its factor) and the
-    weight-sized ones the plan counts.
+    weight-sized ones the plan counts. With `verify`, each Gram is first proven positive semidefinite
+    (`is_semidefinite`, one factorisation each): IndefiniteGram names the first that is not.
     """
     average = weighted_average([w.to(torch.float64) for w in weights], avg_weights)
     delta = torch.empty_like(average)
     a = rhs = None
-    for gram, weight, scale in zip(grams, weights, gram_scale.tolist(), strict=True):
+    for index, (gram, weight, scale) in enumerate(zip(grams, weights, gram_scale.tolist(), strict=True)):
         g = gram.to(torch.float64, copy=True)  # becomes scale * G~, in two passes over it
+        if verify and not is_semidefinite(g):
+            raise IndefiniteGram(index)
         diag = torch.diagonal(g).clone().mul_(scale)
         torch.diagonal(g.mul_(alpha * scale)).copy_(diag)
         torch.sub(weight, average, out=delta)

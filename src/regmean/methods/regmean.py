@@ -21,6 +21,7 @@ from regmean.methods.coverage import averaged_matrices, summarize
 from regmean.methods.least_squares import (
     MIN_SAMPLED_ROWS,
     SAMPLED_FRACTION,
+    IndefiniteGram,
     affine_gram,
     check_rows,
     reconstruction_error,
@@ -40,6 +41,10 @@ class RegMeanOptions(BaseModel):
     diagnostics: Literal["sampled", "exact"] = "sampled"
     """sampled: reconstruction errors and residuals estimated on a seeded 1% of each layer's output rows (with
     their standard errors); exact: on every row (as much arithmetic again as the merge's products)."""
+    verify_grams: bool = True
+    """Prove each model's Gram positive semidefinite (one Cholesky factorisation per model and site) before it is
+    used: a Gram that is not is no data's statistics, and the merge stops naming its file. false: only the cheap
+    identities checked on reading (diagonal, 2 x 2 minors, counts)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -144,14 +149,17 @@ class RegMean(Average):
         outputs = [la.weight_key for la in layers] + [la.bias_key for la in layers if joint and la.bias_key]
         # K Grams unpacked; one float64 Gram being added, the system and its factor; K float64 weights, their
         # average, one deviation, the right-hand side, the solution, the solve's copy of it and the merged weights.
-        # Products G_i D_i^T, the factorisation, the solves; the diagnostics (K errors and the residual) on the
-        # checked rows.
+        # Products G_i D_i^T, the factorisation (and K more proving the Grams semidefinite), the solves; the
+        # diagnostics (K errors and the residual) on the checked rows.
         checked = d_out if self.settings.diagnostics == "exact" else max(MIN_SAMPLED_ROWS, SAMPLED_FRACTION * d_out)
         stored = self._stored_gram_bytes(sites)
         cost = Cost(
             stored + k * weight_bytes,
             gram_bytes * k * d * d + 8 * 3 * d * d + 8 * (k + 6) * d_out * d,
-            2.0 * k * d * d * d_out + d**3 / 3 + 2.0 * d * d * d_out + 2.0 * (2 * k + 1) * d * d * min(checked, d_out),
+            2.0 * k * d * d * d_out
+            + (1 + k * self.settings.verify_grams) * d**3 / 3
+            + 2.0 * d * d * d_out
+            + 2.0 * (2 * k + 1) * d * d * min(checked, d_out),
             unpacked_bytes=max(0, gram_bytes * k * (d - 1) * (d - 1) - stored),
         )
         return SiteStep(outputs=tuple(outputs), cost=cost, sites=sites, layers=tuple(layers))
@@ -191,12 +199,14 @@ class RegMean(Average):
         ]
         return SiteInputs(stats, params)
 
-    def _indefinite(self, step: SiteStep, grams: list[torch.Tensor]) -> RegmeanError | None:
-        """When a solve fails: the first statistics file whose Gram is not positive semidefinite (no sum of outer
-        products is), named, or None."""
-        for st, name, gram in zip(self.inputs.stats, step.sites, grams, strict=True):
+    def _indefinite(self, step: SiteStep, grams: list[torch.Tensor], index: int | None) -> RegmeanError | None:
+        """When a solve fails: the statistics file whose Gram is not positive semidefinite (no sum of outer
+        products is): model `index`'s, or the first whose eigenvalues say so; named, or None."""
+        for k, (st, name, gram) in enumerate(zip(self.inputs.stats, step.sites, grams, strict=True)):
+            if index is not None and k != index:
+                continue
             eigenvalues = torch.linalg.eigvalsh(gram.double())
-            if float(eigenvalues[0]) < -1e-6 * float(eigenvalues.abs().max()):
+            if index is not None or float(eigenvalues[0]) < -1e-6 * float(eigenvalues.abs().max()):
                 return RegmeanError(
                     f"{st.path}: site {name}: its Gram is not positive semidefinite (eigenvalue "
                     f"{float(eigenvalues[0]):.3g}); not the statistics of any data: measure again"
@@ -230,9 +240,12 @@ class RegMean(Average):
         exact = self.settings.diagnostics == "exact"
         rows = [check_rows(layer.d_out, layer.module, exact) for layer in group]
         try:
-            solution = regmean_solve(stacked, grams, scale, self.weights, self.settings.alpha)
+            solution = regmean_solve(
+                stacked, grams, scale, self.weights, self.settings.alpha, verify=self.settings.verify_grams
+            )
         except FloatingPointError as exc:
-            raise self._indefinite(step, grams) or RegmeanError(
+            index = exc.index if isinstance(exc, IndefiniteGram) else None
+            raise self._indefinite(step, grams, index) or RegmeanError(
                 f"site {step.sites[0]}: {exc}; check the statistics and the models' weights"
             ) from None
         started = time.perf_counter()

@@ -53,6 +53,8 @@ ACTIVATION_COPIES = 16
 class RegMeanPlusPlusOptions(RegMeanOptions):
     stats_dtype: Literal["float32", "float64"] = "float32"
     """Precision of the Gram sums (the forward pass runs in float32)."""
+    verify_grams: bool = False
+    """The Grams are measured here, from the data, not read from anyone's file: nothing to prove."""
 
 
 @dataclass(frozen=True, kw_only=True)
