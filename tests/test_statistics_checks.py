@@ -166,6 +166,67 @@ def test_the_semidefinite_proof_against_eigenvalues():
         assert not is_semidefinite(forged) and torch.equal(forged, kept)
 
 
+OUTPUT = "bert.encoder.layer.1.attention.output.dense"
+KEY = "bert.encoder.layer.1.attention.self.key"
+
+
+def swap_sites(meta: dict) -> None:
+    """The attention's q/k/v said to read the output projection's input and the other way round (same width)."""
+    modules = json.loads(meta["modules"])
+    for module, site in modules.items():
+        modules[module] = {SITE: OUTPUT, OUTPUT: SITE}.get(site, site)
+    meta["modules"] = json.dumps(modules)
+
+
+def key_apart(tensors: dict) -> None:
+    """A site of its own for the key projection: the query site's statistics copied under its name."""
+    for part in ("gram_upper", "sum", "count"):
+        tensors[f"{KEY}::{part}"] = tensors[f"{SITE}::{part}"].clone()
+
+
+def key_apart_meta(meta: dict) -> None:
+    modules = json.loads(meta["modules"])
+    modules[KEY] = KEY
+    meta["modules"] = json.dumps(modules)
+    streams = json.loads(meta["site_streams"])
+    streams[KEY] = streams[SITE]
+    meta["site_streams"] = json.dumps(streams)
+
+
+def twice_the_calls(tensors: dict) -> None:
+    tensors[f"{SITE}::count"] = tensors[f"{SITE}::count"] * 2
+
+
+def twice_the_calls_meta(meta: dict) -> None:
+    streams = json.loads(meta["site_streams"])
+    streams[SITE][1] *= 2
+    meta["site_streams"] = json.dumps(streams)
+
+
+def test_a_swapped_module_map_is_refused(trio):
+    """Sweep finding F3: each site is named after the first module that reads it, so a swapped map names sites
+    after modules that do not read them."""
+    tmp_path, models = trio
+    path = forge(models[1]["statistics"], meta_change=swap_sites)
+    merge_fails(tmp_path, {"method": "regmean", "models": models}, str(path), "is read first by module")
+
+
+@pytest.mark.parametrize(
+    ("tensors", "meta", "says"),
+    [(key_apart, key_apart_meta, f"module {KEY} reads site {KEY}"), (twice_the_calls, twice_the_calls_meta, "calls")],
+    ids=["regrouped", "calls"],
+)
+def test_a_header_forged_consistently_within_its_file_differs_from_the_others(trio, tensors, meta, says):
+    """Sweep finding F2: a file whose site map or calls per pass (and counts to match) were edited consistently
+    passes every check of its own, but one architecture has one structure: the other files' says otherwise."""
+    tmp_path, models = trio
+    path = forge(models[2]["statistics"], tensors, meta)
+    StatisticsFile(path).site(SITE)  # consistent within itself
+    merge_fails(tmp_path, {"method": "regmean", "models": models}, str(path), says)
+    with pytest.raises(RegmeanError, match=says):
+        combine([models[0]["statistics"], path])
+
+
 def test_counts_are_calls_times_stream_rows_counted_plainly(tmp_path):
     """The recorded counts are what a plain count of the tokenizer's output gives: encoder sites count input
     tokens, decoder sites decoder tokens, per-example sites examples; so the exact check passes real files."""

@@ -32,7 +32,14 @@ from regmean.io.outputs import Inputs
 from regmean.io.staged import StagedFiles, target_file, write_atomic
 from regmean.io.tensorfile import TensorFile
 from regmean.io.untrusted import all_finite
-from regmean.stats_checks import check_count, check_gram, check_header, count_bound, expected_count
+from regmean.stats_checks import (
+    check_count,
+    check_gram,
+    check_header,
+    count_bound,
+    expected_count,
+    structure_problems,
+)
 
 FORMAT = "regmean.gram"
 FORMAT_VERSION = 2
@@ -218,7 +225,7 @@ class StatisticsFile:
         self.privacy = meta.privacy()
         self.site_streams = meta.site_streams()
         self.site_names = list(dict.fromkeys(self.modules.values()))  # forward order
-        check_header(self.path, self.site_names, self.site_streams, self.privacy, self.provenance)
+        check_header(self.path, self.modules, self.site_streams, self.privacy, self.provenance)
         self._handles: dict[str, TensorFile] = {}
         for handle, block in opened:
             if block.meta != self.meta:  # every block of one measure carries the same metadata
@@ -345,11 +352,11 @@ def combine(paths: list[str | Path]) -> Statistics:
     for f in files[1:]:
         if f.fingerprint != first.fingerprint:
             problems.append(f"{f.path}: measured on a different model than {first.path}; cannot combine")
-        if f.modules != first.modules:
+        if set(f.modules) != set(first.modules):
             problems.append(f"{f.path}: measured different modules than {first.path} (check include/exclude)")
         if f.dtype != first.dtype:
             problems.append(f"{f.path}: dtype {f.dtype} differs from {first.path} ({first.dtype})")
-    problems += _privacy_problems(files)
+    problems += structure_problems(files) + _privacy_problems(files)
     if problems:
         raise RegmeanError(problems)
     total = first.load()

@@ -28,14 +28,22 @@ MAX_LENGTH = 2**24
 """The longest max length a provenance may record (16M tokens per example)."""
 
 
-def check_header(path: Path, sites: list[str], streams: dict[str, tuple[str, int]], privacy: dict, records) -> None:
-    """What the header says must agree with itself: recorded streams are known kinds for sites of the file, a
-    withheld site is absent, and each provenance's max length is one a measure could have used."""
+def check_header(path: Path, modules: dict[str, str], streams: dict[str, tuple[str, int]], privacy: dict, records):
+    """What the header says must agree with itself: each site is named after the first module that reads it (as
+    measure names them), recorded streams are known kinds for sites of the file, a withheld site is absent, and
+    each provenance's max length is one a measure could have used."""
+    sites = list(dict.fromkeys(modules.values()))
+    first_reader = {}
+    for module, site in modules.items():
+        first_reader.setdefault(site, module)
+    misnamed = [site for site in sites if first_reader[site] != site]
     unknown = sorted(set(streams) - set(sites))
     bogus = sorted(name for name, (stream, _) in streams.items() if stream not in STREAMS)
     present = sorted(set(privacy.get("withheld", [])) & set(sites))
     lengths = [r.get("max_length") for r in records if isinstance(r.get("max_length"), int)]
+    renamed = f"site {misnamed[0]} is read first by module {first_reader[misnamed[0]]}" if misnamed else ""
     problems = [
+        (misnamed, f"{renamed}, after which measure names a site"),
         (unknown, f"site_streams names {unknown[:1]} that the file has no statistics for"),
         (bogus, f"site {bogus[:1]} has a stream of no known kind (not one of {', '.join(STREAMS)})"),
         (present, f"site {present[:1]} is said to be withheld but its statistics are in the file"),
@@ -44,6 +52,28 @@ def check_header(path: Path, sites: list[str], streams: dict[str, tuple[str, int
     for found, what in problems:
         if found:
             raise RegmeanError(f"{path}: {what}; the file was altered: measure again")
+
+
+def structure_problems(files: list) -> list[str]:
+    """Statistics of one architecture have one structure: every file must map each module it shares with the
+    first to the same site, called as often per forward pass on the same stream (a file whose module map or
+    calls were edited consistently within itself still differs from the others')."""
+    first, problems = files[0], []
+    for f in files[1:]:
+        moved = [m for m in f.modules if m in first.modules and f.modules[m] != first.modules[m]]
+        if moved:
+            problems.append(
+                f"{f.path}: module {moved[0]} reads site {f.modules[moved[0]]}, but site {first.modules[moved[0]]} "
+                f"in {first.path}; one architecture has one site map: the file was altered, measure again"
+            )
+        shared = [s for s in f.site_streams if s in first.site_streams and f.site_streams[s] != first.site_streams[s]]
+        if shared and not moved:
+            name = shared[0]
+            problems.append(
+                f"{f.path}: site {name} is {f.site_streams[name]} (stream, calls per forward pass), but "
+                f"{first.site_streams[name]} in {first.path}; the file was altered: measure again"
+            )
+    return problems
 
 
 def expected_count(provenance: list[dict], stream: str, calls: int) -> int | None:

@@ -28,6 +28,7 @@ from regmean.methods.least_squares import (
     regmean_solve,
 )
 from regmean.stats import WITHHELD, SiteStats, StatisticsFile
+from regmean.stats_checks import structure_problems
 
 
 class RegMeanOptions(BaseModel):
@@ -341,6 +342,7 @@ def _coverage_problems(inputs) -> list[str]:
         absent = absent_weights(entry, ckpt, [inputs.linears[m] for m in st.modules if m in inputs.linears])
         if absent:
             problems.append(absent)
+    problems += structure_problems(inputs.stats)
     if not problems:
         covered = [set(st.modules) for st in inputs.stats]
         partial = sorted(set.union(*covered) - set.intersection(*covered))
