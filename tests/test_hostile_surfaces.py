@@ -243,7 +243,7 @@ def test_a_merge_whose_tokenizer_passes_the_embedding_is_refused(tmp_path):
     merge_fails(tmp_path, {"method": "average", "models": models}, "the tokenizer has ids up to", "resize")
 
 
-def test_the_card_names_the_tokenizer_and_the_models_without_one(tmp_path):
+def test_the_card_and_the_console_name_the_tokenizer_and_the_models_without_one(tmp_path):
     from pathlib import Path
 
     from test_merge import make_models, run, write_config
@@ -260,3 +260,6 @@ def test_the_card_names_the_tokenizer_and_the_models_without_one(tmp_path):
     card = " ".join((tmp_path / "out" / "README.md").read_text().split())
     assert f"config from `{models[0]['path']}`, which has no tokenizer files: this folder has none" in card
     assert f"their vocabulary unchecked: `{models[0]['path']}`, `{models[2]['path']}`" in card
+    said = " ".join(result.output.split())
+    assert "2 model(s) without tokenizer files, their vocabulary unchecked" in said
+    assert f"{models[0]['path']}, {models[2]['path']}" in said

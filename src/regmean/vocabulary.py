@@ -82,6 +82,29 @@ TOKENIZER_FILES = ("tokenizer_config.json", "added_tokens.json", "special_tokens
 """Besides the vocabulary files: where added tokens are written."""
 
 
+def without_tokenizer(inputs) -> list[str]:
+    """The models (paths) whose folders have no tokenizer files: their vocabulary cannot be checked against the
+    others'."""
+    from regmean.loading import has_vocabulary, tokenizer_folder
+
+    return [
+        str(entry.path)
+        for entry, model in zip(inputs.config.models, inputs.models, strict=True)
+        if not has_vocabulary(tokenizer_folder(model.folders))
+    ]
+
+
+def unchecked_note(inputs) -> str | None:
+    """One console line naming the models whose vocabulary could not be checked, if any."""
+    without = without_tokenizer(inputs)
+    if not without:
+        return None
+    return (
+        f"note: {len(without)} model(s) without tokenizer files, their vocabulary unchecked against the others' "
+        f"(copy the tokenizer in to check it): {', '.join(without[:3])}"
+    )
+
+
 def same_size_conflicts(models: Sequence, names: Sequence[str]) -> list[str]:
     """Models whose vocabularies are of one size may still number tokens differently (`<x1>` and `<y1>` at one
     id): unless their tokenizer files are byte for byte the same, their vocabularies are compared id by id."""

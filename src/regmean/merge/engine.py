@@ -24,6 +24,7 @@ from regmean.merge.staging import check_output_dir
 from regmean.methods import METHODS
 from regmean.methods.base import Computed, MergeMethod, Step
 from regmean.units import parse_size
+from regmean.vocabulary import unchecked_note
 
 
 def merge(
@@ -110,6 +111,9 @@ def _planned(
     plan = make_plan(inputs, method, steps, layouts, device)
     if log is not None:
         log(plan.describe())
+        note = unchecked_note(inputs)
+        if note:
+            log(note)
     check_memory(plan, memory_limit)
     return plan, method, steps, layouts
 

@@ -111,13 +111,11 @@ def _vocabulary_line(inputs: MergeInputs) -> str:
 def _tokenizer_line(inputs: MergeInputs, own_head: int | None) -> str:
     """Whose tokenizer and config the folder has, and which models had no tokenizer files (their vocabulary could
     not be checked against the others')."""
-    from regmean.loading import has_vocabulary, tokenizer_folder
+    from regmean.vocabulary import without_tokenizer
 
     paths = [entry.path for entry in inputs.config.models]
     source = inputs.vocab.tokenizer_model if inputs.vocab else own_head or 0
-    without = [
-        str(p) for p, m in zip(paths, inputs.models, strict=True) if not has_vocabulary(tokenizer_folder(m.folders))
-    ]
+    without = without_tokenizer(inputs)
     line = f"- tokenizer and config: from `{paths[source]}`"
     if str(paths[source]) in without:
         line = f"- config from `{paths[source]}`, which has no tokenizer files: this folder has none (copy one in)"
