@@ -222,6 +222,21 @@ def test_a_template_that_never_ends_is_stopped(tmp_path, monkeypatch):
     assert not (tmp_path / "s").exists()
 
 
+def test_a_template_that_allocates_without_bound_is_stopped_before_it_takes_the_memory(tmp_path, monkeypatch):
+    """Sweep finding F16: a template rendering 8 GB ('x' * 8e9) is refused as it allocates (the address space
+    capped at the process's size plus TEMPLATE_MEMORY), not after; the process peaks far below the 8 GB."""
+    import resource
+
+    monkeypatch.setattr("regmean.io.chat.TEMPLATE_MEMORY", 256 * 1024**2)
+    path, data = chat_model(tmp_path, "{{ 'x' * 8000000000 }}")
+    before = resource.getrlimit(resource.RLIMIT_AS)
+    args = ["--data", data, "--messages-field", "messages", "--out", tmp_path / "s"]
+    cli_fails(["measure", path, *args], "the chat template took more than 268.4 MB rendering conversation 1")
+    assert resource.getrlimit(resource.RLIMIT_AS) == before  # the cap is lifted again
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss < 6 * 1024**2  # KiB: never near the 8 GB
+    assert not (tmp_path / "s").exists()
+
+
 def test_heads_keep_without_a_head_is_refused(tmp_path):
     from test_bad_input import merge_fails
     from test_merge import make_models

@@ -11,6 +11,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from regmean.errors import RegmeanError, one_line
+from regmean.units import human
 
 Turns = tuple[tuple[str, str], ...]
 CHAT_TEMPLATE = "chat template"
@@ -21,6 +22,8 @@ TEMPLATE_SECONDS = 10
 """The longest one conversation's rendering may take (a template is code from the model's folder)."""
 MAX_RENDERED = 16 * 1024**2
 """The most characters a rendered conversation may have."""
+TEMPLATE_MEMORY = 1024**3
+"""The most memory one conversation's rendering may take beyond what the process holds (Linux)."""
 
 
 @contextmanager
@@ -41,6 +44,41 @@ def time_limit(seconds: int, message: str) -> Iterator[None]:
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
+
+
+def _address_space() -> int | None:
+    """This process's virtual size in bytes (Linux), or None."""
+    try:
+        import resource
+
+        pages = int(Path("/proc/self/statm").read_text().split()[0])
+        return pages * resource.getpagesize()
+    except (ImportError, OSError, ValueError, IndexError):
+        return None
+
+
+@contextmanager
+def memory_cap(extra: int) -> Iterator[None]:
+    """Cap the process's address space at its current size plus `extra` bytes for the block (Linux; elsewhere, or
+    under a tighter limit already, the block runs uncapped): code from a model's folder that tries to allocate
+    more raises MemoryError instead of taking the machine's memory. The previous limit is restored."""
+    current = _address_space()
+    if current is None:
+        yield
+        return
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    cap = current + extra
+    tighter = soft != resource.RLIM_INFINITY and soft <= cap
+    if tighter or (hard != resource.RLIM_INFINITY and cap > hard):
+        yield
+        return
+    resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
 
 
 def read_turns(value, where: str) -> Turns:
@@ -74,10 +112,18 @@ def render_chat(examples: Sequence, tokenizer, tokenizer_dir: str | Path) -> tup
     for number, e in enumerate(examples, start=1):
         turns = [{"role": role, "content": content} for role, content in e.messages]
         try:
-            with time_limit(TEMPLATE_SECONDS, f"{tokenizer_dir}: the chat template took over {TEMPLATE_SECONDS} s"):
+            with (
+                time_limit(TEMPLATE_SECONDS, f"{tokenizer_dir}: the chat template took over {TEMPLATE_SECONDS} s"),
+                memory_cap(TEMPLATE_MEMORY),
+            ):
                 text = tokenizer.apply_chat_template(turns, tokenize=False)
         except RegmeanError:
             raise
+        except MemoryError:
+            raise RegmeanError(
+                f"{tokenizer_dir}: the chat template took more than {human(TEMPLATE_MEMORY)} rendering "
+                f"conversation {number}; fix the template (tokenizer_config.json 'chat_template')"
+            ) from None
         except Exception as exc:  # jinja2 raises its own types, and templates raise on roles they do not accept
             raise RegmeanError(
                 f"{tokenizer_dir}: the chat template cannot format a conversation ({one_line(str(exc), 200)})"
