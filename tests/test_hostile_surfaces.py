@@ -237,6 +237,22 @@ def test_a_template_that_allocates_without_bound_is_stopped_before_it_takes_the_
     assert not (tmp_path / "s").exists()
 
 
+def test_a_config_whose_labels_do_not_fit_the_head_names_the_tensor_and_shapes(tmp_path):
+    """Sweep finding F25: id2label of 5 over a head of 3 rows was transformers' 'look at the above report' (no
+    report shown); now the tensor, both shapes and the fix, in measure and evaluate."""
+    path = save_model(build_model("bert", "BertForSequenceClassification", 3), tmp_path / "m")
+    config = json.loads((path / "config.json").read_text())
+    config["id2label"] = {str(i): f"l{i}" for i in range(5)}
+    config["label2id"] = {f"l{i}": i for i in range(5)}
+    (path / "config.json").write_text(json.dumps(config))
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"text": "a b c", "label": "l1"}) + "\n")
+    says = ("tensor classifier.bias is [3] in the checkpoint but config.json makes it [5]", "make config.json match")
+    cli_fails(["measure", path, "--data", data, "--out", tmp_path / "s"], *says)
+    cli_fails(["evaluate", path, "--data", data], *says)
+    assert not (tmp_path / "s").exists()
+
+
 def test_heads_keep_without_a_head_is_refused(tmp_path):
     from test_bad_input import merge_fails
     from test_merge import make_models

@@ -30,17 +30,29 @@ def load_model(model_dir: str | Path, device: str = "cpu", dtype: torch.dtype | 
     cls = cls or model_class(load_config(model_dir), model_dir)
     transformers.utils.logging.disable_progress_bar()
     try:
-        with quiet_transformers():
+        with quiet_transformers():  # mismatched sizes are reported below, by name and shape
             model, info = cls.from_pretrained(
-                str(model_dir), dtype=dtype or "auto", trust_remote_code=False, output_loading_info=True
+                str(model_dir),
+                dtype=dtype or "auto",
+                trust_remote_code=False,
+                output_loading_info=True,
+                ignore_mismatched_sizes=True,
             )
     except Exception as exc:  # transformers raises many types for checkpoints it cannot use
         raise RegmeanError(f"{model_dir}: cannot load model ({one_line(str(exc), 300)})") from exc
-    absent = list(info.get("missing_keys", [])) + [str(k[0]) for k in info.get("mismatched_keys", [])]
+    mismatched = list(info.get("mismatched_keys", []))
+    if mismatched:
+        key, stored, wanted = min(mismatched, key=lambda entry: str(entry[0]))[:3]
+        raise RegmeanError(
+            f"{model_dir}: tensor {key} is {list(stored)} in the checkpoint but config.json makes it {list(wanted)} "
+            f"({len(mismatched)} such tensors: num_labels/id2label for a head's rows, vocab_size for an embedding's); "
+            "make config.json match the weights"
+        )
+    absent = list(info.get("missing_keys", []))
     if absent:
         raise RegmeanError(
-            f"{model_dir}: the checkpoint lacks {len(absent)} tensors {cls.__name__} needs (or has them in another "
-            f"shape), e.g. {absent[0]}; transformers would initialise them at random. Use the matching model folder"
+            f"{model_dir}: the checkpoint lacks {len(absent)} tensors {cls.__name__} needs, e.g. {absent[0]}; "
+            "transformers would initialise them at random. Use the matching model folder"
         )
     return model.to(device).eval()
 
