@@ -115,18 +115,27 @@ def test_a_mistake_found_on_the_ranks_is_one_line_naming_them(tmp_path, recipe):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_killed_rank_is_one_line_and_leaves_nothing(tmp_path, recipe):
+@pytest.mark.parametrize(
+    ("sent", "says"),
+    [
+        (signal.SIGKILL, "rank 1 was killed (signal 9); nothing was written"),
+        (signal.SIGTERM, "rank 1 was terminated (signal 15); nothing was written"),
+    ],
+    ids=["SIGKILL", "SIGTERM"],
+)
+def test_a_killed_rank_is_one_line_and_leaves_nothing(tmp_path, recipe, sent, says):
+    """Sweep finding F21 for SIGTERM: the signalled rank's own words, not a traceback from each rank."""
     cmd = [sys.executable, "-m", "regmean", "merge", str(recipe), str(tmp_path / "out"), "--nproc", "2"]
     run = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=slow_env(tmp_path, 1.0))
     try:
         rank1 = wait_for(lambda: [p for p, env in processes_of(tmp_path).items() if "\0RANK=1\0" in f"\0{env}"])
         wait_for(lambda: list(tmp_path.glob(".out.partial-*")))  # the ranks are merging
-        os.kill(rank1[0], signal.SIGKILL)
+        os.kill(rank1[0], sent)
         stderr = run.communicate(timeout=120)[1]
     finally:
         run.kill()
     result = subprocess.CompletedProcess(cmd, run.returncode, "", stderr)
-    assert_one_line(result, 128 + signal.SIGKILL, "rank 1 was killed (signal 9); nothing was written")
+    assert_one_line(result, 128 + sent, says)
     wait_for(lambda: not processes_of(tmp_path), 10)
     assert sorted(p.name for p in tmp_path.iterdir() if p.name != ".out.regmean-lock") == ["site"]
 
@@ -176,6 +185,8 @@ PEER = "another process of the run failed or was stopped (see its error); nothin
         ({1: 17, 0: -15}, {}, ["rank 1 exited with code 17; nothing was written"], 17),
         # stopped from outside, with no other cause
         ({0: -15, 1: -15}, {}, ["ranks 0 and 1 were terminated (signal 15); nothing was written"], 143),
+        # rank 1 SIGTERMed from outside (exit 143 through Python), rank 0's collective broke: rank 1 is the cause
+        ({1: 143, 0: 2}, {0: [PEER]}, ["rank 1 was terminated (signal 15); nothing was written"], 143),
     ],
 )
 def test_the_report_names_the_cause_once(failures, errors, lines, code):

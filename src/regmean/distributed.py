@@ -76,8 +76,10 @@ def collective(call: Callable[..., T], *args, **kwargs) -> T:
 def _leave() -> None:
     """Tear the process group down before the interpreter exits: left to exit, its communication threads can be
     destroyed while still joinable, which aborts the process after its work is done ("terminate called without an
-    active exception")."""
+    active exception"). A SIGTERM then (the agent stopping the ranks) is ignored: the process is exiting already,
+    and raised inside an exit handler it would print a traceback."""
     if dist.is_initialized():
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         dist.destroy_process_group()
 
 

@@ -199,8 +199,9 @@ def report(
         return [f"{said}; {written}"], 128 + signalled
     if not failures:
         return [f"internal error (torchrun exit {code}: {agent_said}); please report it"], 3
-    causes = [r for r, c in failures.items() if c not in STOPPED and not _only_peer_failed(ranks.errors.get(r))]
-    causes = causes or [r for r, c in failures.items() if c not in STOPPED] or list(failures)
+    own = [r for r in failures if not _only_peer_failed(ranks.errors.get(r))]  # not only "another rank failed"
+    causes = [r for r in own if failures[r] not in STOPPED]
+    causes = causes or own or [r for r, c in failures.items() if c not in STOPPED] or list(failures)
     said: dict[str, list[int]] = {}  # each distinct error, and the ranks that said it
     ended: dict[int, list[int]] = {}  # the ranks that said nothing, by exit code
     for rank in sorted(causes):
@@ -221,7 +222,9 @@ def _only_peer_failed(errors: list[str] | None) -> bool:
 
 
 def _ended(code: int, ranks: int, written: str) -> str:
-    """How ranks that said nothing ended."""
+    """How ranks that said nothing ended (128 + N: stopped by signal N through Python's exit)."""
+    if code in STOPPED and code > 0:
+        code = 128 - code
     if code < 0:
         how = "terminated" if -code in (signal.SIGTERM, signal.SIGINT) else "killed"
         return f"{'was' if ranks == 1 else 'were'} {how} (signal {-code}); {written}"
