@@ -4,6 +4,7 @@ loading (GPT-NeoX); inputs that follow no token (DeBERTa's relative-position pro
 
 import json
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -12,6 +13,8 @@ import yaml
 from conftest import PAD, SEP, VOCAB, save_model, write_jsonl
 from safetensors.torch import load_file
 from test_merge import normal_equation_residual, run, shrink
+from torch.nn import functional
+from transformers import AutoModelForCausalLM
 
 from regmean.io.data import load_examples
 from regmean.measure import measure
@@ -48,7 +51,9 @@ def tiny_gpt_oss(path: Path, seed: int) -> Path:
     return fine_tuned(tf.GptOssForCausalLM, config, seed, path)
 
 
-def test_experts_and_routers_are_listed_as_averaged_with_their_reason(tmp_path):
+def test_experts_fused_on_disk_are_listed_as_averaged_with_their_reason_and_routers_solved(tmp_path):
+    """GPT-OSS stores its experts as 3-D tensors (and transposed): averaged and said; its routers (a linear map of
+    the hidden states) solved."""
     examples = load_examples(write_jsonl(tmp_path / "d.jsonl"))
     models = []
     for k in range(2):
@@ -64,15 +69,15 @@ def test_experts_and_routers_are_listed_as_averaged_with_their_reason(tmp_path):
     solved = {f"{row['module']}.weight" for row in report["layers"]}
     averaged = report["averaged"]
     assert solved | set(averaged) == {key for key, t in merged.items() if t.dim() >= 2}
-    not_linear = "not a linear layer the method measures"
-    assert averaged["model.layers.1.mlp.experts.gate_up_proj"] == f"{not_linear} (GptOssExperts)"
-    assert averaged["model.layers.0.mlp.router.weight"] == f"{not_linear} (GptOssTopKRouter)"
+    fused = "experts fused in one 3-D tensor on disk (GptOssExperts; RegMean solves experts stored one tensor each)"
+    assert averaged["model.layers.1.mlp.experts.gate_up_proj"] == fused
+    assert "model.layers.0.mlp.router.weight" in solved
     assert averaged["lm_head.weight"] == "LM head (lm_head: average)"
     output = " ".join(result.output.split())
-    assert "matrices averaged: 8 not a linear layer the method measures (GptOssExperts)" in output
+    assert f"matrices averaged: 8 {fused}" in output
     assert f"{len(averaged)} matrices averaged (why: merge_report.json)" in output
     card = (tmp_path / "out" / "README.md").read_text()
-    assert f"matrices averaged instead: {len(averaged)}" in card and "(GptOssTopKRouter)" in card
+    assert f"matrices averaged instead: {len(averaged)}" in card and "(GptOssExperts;" in card
     inputs = [load_file(Path(m["path"]) / "model.safetensors") for m in models]
     for key in averaged:  # what the report says is what was done
         torch.testing.assert_close(merged[key], (inputs[0][key] + inputs[1][key]) / 2, msg=key)
@@ -227,10 +232,39 @@ MOE = {
 }
 
 
+def routed_grams(path: Path, examples) -> dict[str, torch.Tensor]:
+    """The oracle for the experts' statistics, computed plainly: the model run eagerly one example at a time (no
+    padding), every F.linear on a slice of an expert parameter recorded: its rows' Gram per expert projection."""
+    model = AutoModelForCausalLM.from_pretrained(path, experts_implementation="eager").eval()
+    tokenizer = tf.AutoTokenizer.from_pretrained(path)
+    names = {}
+    for name, module in model.named_modules():
+        if isinstance(getattr(module, "gate_up_proj", None), torch.nn.Parameter):
+            for e in range(module.gate_up_proj.shape[0]):
+                names[module.gate_up_proj[e].data_ptr()] = f"{name}.{e}.gate_proj"
+                names[module.down_proj[e].data_ptr()] = f"{name}.{e}.down_proj"
+    grams: dict[str, torch.Tensor] = {}
+    linear = functional.linear
+
+    def recording(x, weight, bias=None):
+        if weight.data_ptr() in names:
+            rows = x.reshape(-1, x.shape[-1]).double()
+            site = names[weight.data_ptr()]
+            grams[site] = grams.get(site, 0) + rows.T @ rows
+        return linear(x, weight, bias)
+
+    with mock.patch.object(functional, "linear", recording), torch.no_grad():
+        for example in examples:
+            model(**tokenizer(example.text, return_tensors="pt", truncation=True, max_length=128))
+    return grams
+
+
 @pytest.mark.parametrize("cls", MOE)
-def test_moe_checkpoints_as_save_pretrained_writes_them_merge_and_list_their_experts(tmp_path, cls):
-    """One key per expert on disk, fused 3-D parameters once loaded: accepted (transformers' own fusion rules), every
-    dense linear layer solved, experts and routers averaged and listed, written back in the checkpoint's layout."""
+def test_moe_experts_are_measured_on_their_routed_tokens_and_solved_one_by_one(tmp_path, cls):
+    """One key per expert on disk (as save_pretrained writes them), fused 3-D parameters once loaded: each
+    expert's Grams are those of the tokens routed to it (against a plain eager run, for the first family), each
+    expert projection and router is solved (normal equations from the files' Grams), the shared and dense layers
+    too; written back in the checkpoint's layout, loading with no missing or unexpected keys."""
     config_class, options = MOE[cls]
     config = getattr(tf, config_class)(**MOE_COMMON, **options, num_experts_per_tok=2)
     examples = load_examples(write_jsonl(tmp_path / "d.jsonl"))
@@ -239,8 +273,11 @@ def test_moe_checkpoints_as_save_pretrained_writes_them_merge_and_list_their_exp
         path = fine_tuned(getattr(tf, cls), config, k + 1, tmp_path / f"m{k}")
         save(measure(path, examples, batch_size=4, progress=False), tmp_path / f"s{k}")
         models.append({"path": str(path), "statistics": str(tmp_path / f"s{k}")})
-    streams = StatisticsFile(models[0]["statistics"]).site_streams.values()
-    assert {stream for stream, _ in streams} == {"input"}  # shared experts read flattened tokens: masked as tokens
+    stats = [StatisticsFile(m["statistics"]) for m in models]
+    assert {stream for stream, _ in stats[0].site_streams.values()} == {"input", "routed"}
+    if cls == next(iter(MOE)):
+        for site, gram in routed_grams(Path(models[0]["path"]), examples).items():
+            torch.testing.assert_close(stats[0].site(site).gram.double(), gram, rtol=1e-5, atol=1e-5 * gram.abs().max())
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump({"method": "regmean", "models": models}))
     result = run("merge", recipe, tmp_path / "out")
@@ -248,10 +285,16 @@ def test_moe_checkpoints_as_save_pretrained_writes_them_merge_and_list_their_exp
     _, info = getattr(tf, cls).from_pretrained(tmp_path / "out", output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
     merged = load_file(tmp_path / "out" / "model.safetensors")
-    assert merged.keys() == load_file(Path(models[0]["path"]) / "model.safetensors").keys()
+    inputs = [load_file(Path(m["path"]) / "model.safetensors") for m in models]
+    assert merged.keys() == inputs[0].keys()
     report = json.loads((tmp_path / "out" / "merge_report.json").read_text())
-    solved = {f"{row['module']}.weight" for row in report["layers"]}
-    assert solved | set(report["averaged"]) == {key for key, t in merged.items() if t.dim() >= 2}
-    reasons = set(report["averaged"].values())
-    assert any("Experts)" in why for why in reasons), reasons
-    assert not any(why.startswith("linear layer") for why in reasons), reasons
+    solved = {row["tensor"]: row for row in report["layers"]}
+    assert set(solved) | set(report["averaged"]) == {key for key, t in merged.items() if t.dim() >= 2}
+    routed = {m for m, site in stats[0].modules.items() if stats[0].site_streams[site][0] == "routed"}
+    assert routed and routed <= {row["module"] for row in report["layers"]}  # every expert projection solved
+    for key, row in solved.items():
+        sites = [st.site(row["site"]) for st in stats]
+        grams, scale = [shrink(s.gram.double(), 0.9) for s in sites], [1.0 / s.count for s in sites]
+        weights = [sd[key].double() for sd in inputs]
+        assert normal_equation_residual(merged[key].double(), weights, grams, scale) < 1e-4, key
+    assert not any(why.startswith(("linear layer", "not a linear")) for why in report["averaged"].values())

@@ -80,12 +80,63 @@ def meta_model(path: str | Path) -> nn.Module:
         raise RegmeanError(f"{path}/config.json: cannot build {cls.__name__} ({one_line(str(exc), 300)})") from exc
 
 
+EXPERT_PARTS = ("gate_proj", "up_proj", "down_proj")
+"""The projections of one expert, as the per-expert checkpoint keys of most families name them."""
+
+
+@dataclass(frozen=True)
+class Experts:
+    """A mixture-of-experts block's experts as transformers stores them: 3-D parameters `gate_up_proj` (or `up_proj`
+    when not gated) [E, out, in] and `down_proj` [E, d_model, d_inner] ([E, in, out] when `transposed`)."""
+
+    module: str
+    count: int
+    d_model: int
+    d_inner: int
+    gated: bool
+    transposed: bool
+
+    def slot(self, expert: int, part: str) -> str:
+        """The name statistics and merges give one expert's projection: `<experts module>.<expert>.<part>`."""
+        return f"{self.module}.{expert}.{part}"
+
+    def reads(self, expert: int) -> dict[str, list[str]]:
+        """Expert `expert`'s two inputs, each named after its first reader: the routed hidden states (read by gate
+        and up) and the down projection's input."""
+        first = [self.slot(expert, "gate_proj"), self.slot(expert, "up_proj")] if self.gated else []
+        first = first or [self.slot(expert, "up_proj")]
+        return {first[0]: first, self.slot(expert, "down_proj"): [self.slot(expert, "down_proj")]}
+
+
+def expert_modules(model: nn.Module) -> list[Experts]:
+    """Every experts module of `model` (3-D `down_proj` and `gate_up_proj` / `up_proj` parameters)."""
+    out = []
+    for name, mod in model.named_modules():
+        down = getattr(mod, "down_proj", None)
+        gated = isinstance(getattr(mod, "gate_up_proj", None), nn.Parameter)
+        up = getattr(mod, "gate_up_proj" if gated else "up_proj", None)
+        if not (isinstance(down, nn.Parameter) and isinstance(up, nn.Parameter) and down.dim() == up.dim() == 3):
+            continue
+        transposed = bool(getattr(mod, "is_transposed", False))
+        count, d_model, d_inner = down.shape if not transposed else (down.shape[0], down.shape[2], down.shape[1])
+        out.append(Experts(name, count, d_model, d_inner, gated, transposed))
+    return out
+
+
+def _router(mod: nn.Module) -> bool:
+    """A mixture-of-experts router: F.linear(hidden states, weight [E, d_model]) for its E experts' scores."""
+    weight = getattr(mod, "weight", None)
+    experts = getattr(mod, "num_experts", None)
+    return isinstance(weight, nn.Parameter) and weight.dim() == 2 and weight.shape[0] == experts
+
+
 def linear_layers(model: nn.Module) -> dict[str, LinearLayer]:
-    """Every nn.Linear / Conv1D whose weight is not tied to an earlier parameter, by module name."""
+    """Every nn.Linear / Conv1D / mixture-of-experts router whose weight is not tied to an earlier parameter, by
+    module name."""
     tied = tied_parameters(model)
     out: dict[str, LinearLayer] = {}
     for name, mod in model.named_modules():
-        if isinstance(mod, nn.Linear):
+        if isinstance(mod, nn.Linear) or _router(mod):
             d_out, d_in = mod.weight.shape
             transposed = False
         elif isinstance(mod, Conv1D):
@@ -96,7 +147,7 @@ def linear_layers(model: nn.Module) -> dict[str, LinearLayer]:
         weight_key = f"{name}.weight"
         if weight_key in tied:
             continue
-        bias_key = f"{name}.bias" if getattr(mod, "bias", None) is not None else None
+        bias_key = f"{name}.bias" if isinstance(getattr(mod, "bias", None), torch.Tensor) else None
         out[name] = LinearLayer(name, weight_key, bias_key, d_in, d_out, transposed)
     return out
 
@@ -168,7 +219,7 @@ def parameter_names(model: nn.Module, keys: list[str]) -> dict[str, str]:
         name = key
         for pattern, target in renamings:
             name = pattern.sub(target, name)
-        for pattern, target in fusions:
+        for pattern, target, _ in fusions:
             found = pattern.search(name)
             if found:
                 name = name[: found.start()] + target + name[found.end() :]
@@ -180,9 +231,44 @@ def parameter_names(model: nn.Module, keys: list[str]) -> dict[str, str]:
     return out
 
 
-def _conversion_rules(model: nn.Module) -> tuple[list[tuple[re.Pattern, str]], list[tuple[re.Pattern, str]]]:
-    """transformers' conversion tables for the class: (renamings, fusions), each as (source regex, target); both
-    empty if their API moves (only exact names then count)."""
+def expert_layers(model: nn.Module, shapes: dict[str, tuple[int, ...]]) -> dict[str, LinearLayer]:
+    """One linear layer per expert projection the checkpoint stores as a 2-D tensor of its own (as save_pretrained
+    writes Mixtral, Qwen-MoE, OLMoE, DeepSeek), named by `Experts.slot`, its weight key the checkpoint's; experts
+    stored fused (3-D, e.g. GPT-OSS) have none. The expert is the key's last number; gate or up, the key's place in
+    transformers' fusion rule."""
+    _, fusions = _conversion_rules(model)
+    fused = _fused_parts(model)
+    out = {}
+    for key, name in parameter_names(model, list(shapes)).items():
+        numbers = [int(part) for part in key.split(".") if part.isdigit()]
+        place = next((i for pattern, _, i in fusions if pattern.search(key)), None)
+        if name not in fused or len(shapes[key]) != 2 or not numbers or place is None:
+            continue
+        experts, parts = fused[name]
+        part = parts[place] if place < len(parts) else None
+        d_out, d_in = shapes[key]
+        wide = experts.d_inner if part == "down_proj" else experts.d_model
+        if part is not None and d_in == wide and 0 <= numbers[-1] < experts.count:
+            slot = experts.slot(numbers[-1], part)
+            out[slot] = LinearLayer(slot, key, None, d_in, d_out, False)
+    return out
+
+
+def _fused_parts(model: nn.Module) -> dict[str, tuple[Experts, tuple[str, ...]]]:
+    """Each 3-D expert parameter (not transposed) -> its experts and the projections fused in it, in order."""
+    out = {}
+    for experts in expert_modules(model):
+        if not experts.transposed:
+            inner = ("gate_proj", "up_proj") if experts.gated else ("up_proj",)
+            out[f"{experts.module}.{'gate_up_proj' if experts.gated else 'up_proj'}"] = (experts, inner)
+            out[f"{experts.module}.down_proj"] = (experts, ("down_proj",))
+    return out
+
+
+def _conversion_rules(model: nn.Module) -> tuple[list[tuple[re.Pattern, str]], list[tuple[re.Pattern, str, int]]]:
+    """transformers' conversion tables for the class: renamings as (source regex, target), fusions as (source
+    regex, target, the source's position among the rule's: Mixtral's w1 is 0, w3 is 1); both empty if their API
+    moves (only exact names then count)."""
     renamings, fusions = [], []
     try:
         from transformers.conversion_mapping import get_model_conversion_mapping
@@ -191,11 +277,11 @@ def _conversion_rules(model: nn.Module) -> tuple[list[tuple[re.Pattern, str]], l
         for rule in get_model_conversion_mapping(model):
             if len(rule.target_patterns) != 1:
                 continue
-            rules = [(re.compile(src.replace("*", ".*")), rule.target_patterns[0]) for src in rule.source_patterns]
+            sources = [re.compile(src.replace("*", ".*")) for src in rule.source_patterns]
             if type(rule) is WeightRenaming:
-                renamings += rules
+                renamings += [(source, rule.target_patterns[0]) for source in sources]
             elif type(rule) is WeightConverter:
-                fusions += rules
+                fusions += [(source, rule.target_patterns[0], i) for i, source in enumerate(sources)]
     except Exception:  # noqa: S110 (best effort: exact names are still matched)
         pass
     return renamings, fusions

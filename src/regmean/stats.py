@@ -36,8 +36,7 @@ from regmean.stats_checks import (
     check_count,
     check_gram,
     check_header,
-    count_bound,
-    expected_count,
+    count_limits,
     structure_problems,
 )
 
@@ -299,9 +298,7 @@ class StatisticsFile:
         """The site's row count (reads 8 bytes, no Gram), checked against the rows its provenance records."""
         handle = self._handle(name)
         count = int(handle.get(f"{name}::count")[0])
-        stream = self.site_streams.get(name)
-        expected = expected_count(self.provenance, *stream) if stream else None
-        check_count(handle.path, name, count, expected, count_bound(self.provenance))
+        check_count(handle.path, name, count, *count_limits(self.provenance, self.site_streams.get(name)))
         return count
 
     def content_digest(self) -> str:

@@ -23,7 +23,10 @@ MAX_CALLS = 64
 """For files that do not record their sites' streams: the most calls per forward pass a count may stand for."""
 
 
-STREAMS = ("input", "decoder", "example", "fixed", "mixed")
+ROUTED = "routed"
+"""The stream of a mixture-of-experts expert's inputs: the input tokens routed to it (a count of at most the
+input's tokens per call)."""
+STREAMS = ("input", "decoder", "example", "fixed", "mixed", ROUTED)
 MAX_LENGTH = 2**24
 """The longest max length a provenance may record (16M tokens per example)."""
 
@@ -86,6 +89,15 @@ def expected_count(provenance: list[dict], stream: str, calls: int) -> int | Non
     return calls * sum(totals)
 
 
+def count_limits(provenance: list[dict], stream: tuple[str, int] | None) -> tuple[int | None, int | None]:
+    """(the count a site of `stream` (kind, calls) must have, or None; the most it may have, or None)."""
+    if stream is None:
+        return None, count_bound(provenance)
+    if stream[0] == ROUTED:  # each call routes each token to an expert at most once
+        return None, expected_count(provenance, "input", stream[1])
+    return expected_count(provenance, *stream), count_bound(provenance)
+
+
 def count_bound(provenance: list[dict]) -> int | None:
     """An upper bound on any site's count for files that do not record their sites' streams: examples x maximum
     length x `MAX_CALLS`, summed over the parts; None when a part records neither."""
@@ -108,8 +120,8 @@ def check_count(path: Path, name: str, count: int, expected: int | None, bound: 
         )
     if expected is None and bound is not None and count > bound:
         raise RegmeanError(
-            f"{path}: site {name} counts {count} rows, more than its examples x max length allow ({bound}); the "
-            "file was altered: measure again"
+            f"{path}: site {name} counts {count} rows, more than its provenance allows ({bound}: examples x max "
+            "length, or tokens x calls); the file was altered: measure again"
         )
 
 

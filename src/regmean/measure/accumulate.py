@@ -9,10 +9,13 @@ from contextlib import suppress
 import torch
 from torch import nn
 
+from regmean.architecture import Experts
 from regmean.errors import RegmeanError
 from regmean.measure.batching import Batch, forward
+from regmean.measure.experts import expert_slots, routed_rows
 from regmean.measure.sites import Site, follows_mask, hooks
 from regmean.stats import SiteStats
+from regmean.stats_checks import ROUTED
 
 GRAM_BLOCK = 512
 """Grams wider than twice this are accumulated by blocks on and above the diagonal only: x x^T is symmetric, so
@@ -76,7 +79,16 @@ class Accumulator:
         self.last = max(sites, key=lambda s: s.last_call)
         self.calls_left = 0
         named = dict(model.named_modules())
-        self.handles = [named[s.name].register_forward_pre_hook(self._hook(s)) for s in sites]
+        self.handles = [named[s.name].register_forward_pre_hook(self._hook(s)) for s in sites if s.stream != ROUTED]
+        routed: dict[str, dict[int, list[Site]]] = {}
+        slots = expert_slots(model) if any(s.stream == ROUTED for s in sites) else {}
+        for site in sites:
+            if site.stream == ROUTED:
+                experts, e = slots[site.name]
+                routed.setdefault(experts.module, {}).setdefault(e, []).append(site)
+        blocks = {experts.module: experts for experts, _ in slots.values()}
+        for name, by_expert in routed.items():
+            self.handles.append(named[name].register_forward_pre_hook(self._experts_hook(blocks[name], by_expert)))
 
     def run(self, batch: Batch) -> None:
         """One forward pass over `batch`, summing every site's inputs."""
@@ -119,16 +131,46 @@ class Accumulator:
             rows = rows.to(self.dtype)
             if self.scales is not None:
                 rows = rows * self._row_scales(site, x, rows.shape[0])[:, None]
-            s = self.stats[site.name]
-            add_gram(s.gram, rows)
-            s.sum.addmv_(rows.T, rows.new_ones(rows.shape[0]))
-            s.count += rows.shape[0]
-            if site is self.last:
-                self.calls_left -= 1
-                if self.calls_left == 0:
-                    raise Collected
+            self._add(site, rows)
+            self._called([site])
 
         return hook
+
+    def _experts_hook(self, experts: Experts, by_expert: dict[int, list[Site]]):
+        """One hook per experts module: each measured expert's two inputs, over the tokens routed to it."""
+        down = {e: experts.slot(e, "down_proj") for e in by_expert}
+
+        def hook(module, args):
+            for e, (x, inner) in routed_rows(experts, module, args, self._input_tokens).items():
+                for site in by_expert.get(e, []):
+                    self._add(site, (inner if site.name == down[e] else x).to(self.dtype))
+            self._called([site for sites in by_expert.values() for site in sites])
+
+        return hook
+
+    def _input_tokens(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The indices of the flattened rows `hidden` that are input tokens, not padding."""
+        mask = self.batch.masks["input"]
+        if hidden.shape[0] != mask.numel():
+            raise RegmeanError(
+                f"experts read {hidden.shape[0]} rows where the input has {mask.numel()} token positions; exclude "
+                "the experts (--exclude 'experts')"
+            )
+        index = self.batch.rows("input")
+        return torch.arange(hidden.shape[0], device=hidden.device) if index is None else index
+
+    def _add(self, site: Site, rows: torch.Tensor) -> None:
+        s = self.stats[site.name]
+        add_gram(s.gram, rows)
+        s.sum.addmv_(rows.T, rows.new_ones(rows.shape[0]))
+        s.count += rows.shape[0]
+
+    def _called(self, sites: list[Site]) -> None:
+        """After a call that summed `sites`: stop the forward pass once the last site's last call is done."""
+        if any(site is self.last for site in sites):
+            self.calls_left -= 1
+            if self.calls_left == 0:
+                raise Collected
 
     def _row_scales(self, site: Site, x: torch.Tensor, n: int) -> torch.Tensor:
         """The scale of each summed row: its example's."""

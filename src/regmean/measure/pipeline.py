@@ -21,10 +21,18 @@ from regmean.io.data import Example
 from regmean.loading import check_room_for_text, check_vocabulary_fits, load_adapted, load_tokenizer, tokenizer_folder
 from regmean.measure.accumulate import Accumulator
 from regmean.measure.batching import Batch, make_batches
-from regmean.measure.protect import NO_EXAMPLE_BOUND, PrivateRelease, Protection, token_site_names, withhold_token_sites
+from regmean.measure.protect import (
+    EXPERTS_UNCLIPPED,
+    NO_EXAMPLE_BOUND,
+    PrivateRelease,
+    Protection,
+    token_site_names,
+    withhold_token_sites,
+)
 from regmean.measure.sites import Site, detect_sites, select_modules, site_blocks
 from regmean.memory import Peak, peak_memory
 from regmean.stats import SiteStats, Statistics
+from regmean.stats_checks import ROUTED
 from regmean.units import human
 
 
@@ -160,9 +168,9 @@ def _protected(
             log(warning)
     if protection.epsilon is None:
         return sites, withheld, None
-    unbounded = [s for s in sites if s.stream in ("fixed", "mixed")]
-    for site in unbounded:  # rows that follow no example: no per-example bound to clip to
-        skipped.update(dict.fromkeys(site.modules, NO_EXAMPLE_BOUND))
+    unbounded = [s for s in sites if s.stream in ("fixed", "mixed", ROUTED)]
+    for site in unbounded:  # rows that follow no example, or a subset of its tokens: no per-example bound here
+        skipped.update(dict.fromkeys(site.modules, NO_EXAMPLE_BOUND if site.stream != ROUTED else EXPERTS_UNCLIPPED))
     sites = [s for s in sites if s not in unbounded]
     return sites, withheld, PrivateRelease(model, sites, batches, protection, *sizes, device)
 

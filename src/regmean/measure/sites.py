@@ -12,13 +12,15 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-import transformers
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
-from regmean.architecture import linear_layers
+from regmean.architecture import Experts, linear_layers
 from regmean.errors import RegmeanError
 from regmean.io.untrusted import compile_pattern
 from regmean.measure.batching import Batch, forward
+from regmean.measure.experts import expert_slots
+from regmean.stats_checks import ROUTED
 from regmean.units import human
 
 
@@ -29,7 +31,8 @@ class Site:
     stream: str
     """input (input_ids; the encoder's for enc-dec) | decoder | example (one row per example) | fixed (rows that
     follow no example or token, e.g. DeBERTa's relative-position embeddings: every row counts) | mixed (some calls
-    read tokens, others fixed rows: DeBERTa-v3's shared query/key projections)."""
+    read tokens, others fixed rows: DeBERTa-v3's shared query/key projections) | routed (an expert's input: the
+    input tokens routed to it)."""
     d: int
     calls: int = 1  # calls of the hooked module per forward pass
     last_call: int = 0  # position of its last call among all measured modules' calls in a forward pass
@@ -38,8 +41,10 @@ class Site:
 def select_modules(model: nn.Module, include: str | None, exclude: str | None) -> tuple[list[str], dict[str, str]]:
     """Linear modules to measure, and the skipped ones with the reason."""
     measured, skipped = [], {}
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear | transformers.pytorch_utils.Conv1D)]
     layers = linear_layers(model)
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear | Conv1D) or n in layers]
+    names += list(expert_slots(model))
+    layers = layers | dict.fromkeys(expert_slots(model))
     keep = compile_pattern(include, "--include") if include else None
     drop = compile_pattern(exclude, "--exclude") if exclude else None
     for name in names:
@@ -66,7 +71,12 @@ def hooks(handles: list) -> Iterator[None]:
 
 
 def detect_sites(model: nn.Module, modules: list[str], batch: Batch) -> list[Site]:
-    """Group modules by the identity of their input tensors over one forward pass, and find each group's stream."""
+    """Group modules by the identity of their input tensors over one forward pass, and find each group's stream;
+    expert projections (`measure.experts`) get a site per expert input, called when their experts module is."""
+    slots = expert_slots(model)
+    wanted = [m for m in modules if m in slots]
+    experts = {slots[m][0].module: slots[m][0] for m in wanted}
+    modules = [m for m in modules if m not in slots] + list(experts)
     calls: dict[str, list[int]] = {m: [] for m in modules}
     first_input: dict[str, torch.Tensor] = {}
     alive: list[torch.Tensor] = []  # holding every input keeps ids unique during the pass
@@ -104,7 +114,8 @@ def detect_sites(model: nn.Module, modules: list[str], batch: Batch) -> list[Sit
     encoder_prefix = next((n + "." for n, m in model.named_modules() if m is encoder), None)
     groups: dict[tuple[int, ...], list[str]] = {}
     for name in order:
-        groups.setdefault(tuple(calls[name]), []).append(name)
+        if name not in experts:  # hooked for their calls; their sites are the routed ones below
+            groups.setdefault(tuple(calls[name]), []).append(name)
     sites = []
     for key, members in groups.items():
         x = first_input[members[0]]
@@ -118,6 +129,20 @@ def detect_sites(model: nn.Module, modules: list[str], batch: Batch) -> list[Sit
             follows = {follows_mask(inputs[i], batch.masks[stream]) for i in key}
             stream = stream if follows == {True} else "fixed" if follows == {False} else "mixed"
         sites.append(Site(members[0], members, stream, x.shape[-1], len(key), last_call[members[0]]))
+    for name, block in experts.items():
+        sites += _routed_sites(block, wanted, len(calls[name]), last_call[name])
+    return sites
+
+
+def _routed_sites(experts: Experts, wanted: list[str], calls: int, last_call: int) -> list[Site]:
+    """Each expert's two input sites, with the projections of it that are measured."""
+    sites = []
+    for e in range(experts.count):
+        for name, readers in experts.reads(e).items():
+            chosen = [r for r in readers if r in wanted]
+            if chosen:
+                d = experts.d_model if name != experts.slot(e, "down_proj") else experts.d_inner
+                sites.append(Site(chosen[0], chosen, ROUTED, d, calls, last_call))
     return sites
 
 

@@ -12,6 +12,7 @@ from torch import nn
 from regmean.architecture import (
     LinearLayer,
     embedding_modules,
+    expert_layers,
     head_modules,
     is_head_key,
     linear_layers,
@@ -156,6 +157,7 @@ def open_inputs(config: MergeConfig) -> MergeInputs:
     if problems:  # the models disagree: nothing below can be checked meaningfully
         raise RegmeanError(problems)
     linears = {m: _in_checkpoint(layer, parameters) for m, layer in linear_layers(skeleton).items()}
+    linears |= expert_layers(skeleton, first.shapes)
     embeddings, lm_head = embedding_modules(skeleton)
     inputs = MergeInputs(config, models, stats, base, skeleton, linears, heads, embeddings, lm_head, vocab, parameters)
     problems = _base_problems(inputs, ref) if base is not None else []

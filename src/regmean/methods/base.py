@@ -124,6 +124,8 @@ class LayerReport:
     """The site's relative residual ||A E - R|| / ||R|| on the checked rows."""
     diagnostics_seconds: float = 0.0
     """Time spent on this layer's diagnostics (errors and residual)."""
+    tensor: str = ""
+    """The checkpoint key of the solved weight (an expert's own tensor, where `module` names the expert)."""
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)

@@ -5,22 +5,40 @@ from __future__ import annotations
 
 from collections import Counter
 
+from regmean.architecture import expert_modules
 from regmean.stats import WITHHELD
+from regmean.stats_checks import ROUTED
 
 
 def averaged_matrices(inputs, solved: set[str]) -> dict[str, str]:
-    """Each body tensor of ndim >= 2 whose module is not in `solved` (the linear modules the method solved), with
-    why it was averaged."""
+    """Each body tensor of ndim >= 2 that is not the weight of a linear module in `solved` (those the method
+    solved), with why it was averaged."""
     shapes = inputs.models[0].shapes
+    keys = {inputs.linears[m].weight_key: m for m in inputs.linears}
+    solved_keys = {key for key, module in keys.items() if module in solved}
     return {
-        key: _reason(inputs, inputs.module_of(key))
+        key: _reason(inputs, keys.get(key) or inputs.module_of(key))
         for key in inputs.body_keys()
-        if len(shapes[key]) >= 2 and inputs.module_of(key) not in solved
+        if len(shapes[key]) >= 2 and key not in solved_keys and inputs.module_of(key) not in solved
     }
+
+
+def unrouted(inputs) -> dict[str, str]:
+    """Expert projections to which no token of some model's data was routed (their site counts 0 rows), with the
+    reason they are averaged."""
+    out = {}
+    for k, st in enumerate(inputs.stats or []):
+        for module, site in st.modules.items():
+            if st.site_streams.get(site, ("",))[0] == ROUTED and module not in out and st.count(site) == 0:
+                out[module] = f"expert to which no token of model {k}'s data was routed (0 rows)"
+    return out
 
 
 def _reason(inputs, module: str) -> str:
     config = inputs.config
+    idle = unrouted(inputs).get(module)
+    if idle:
+        return idle
     if module in inputs.embeddings:
         return f"embedding (embeddings: {config.embeddings})"
     if module == inputs.lm_head:
@@ -36,6 +54,8 @@ def _reason(inputs, module: str) -> str:
         kind = type(inputs.skeleton.get_submodule(module)).__name__
     except AttributeError:
         kind = "a tensor the model class does not name"
+    if module in {x.module for x in expert_modules(inputs.skeleton)}:
+        return f"experts fused in one 3-D tensor on disk ({kind}; RegMean solves experts stored one tensor each)"
     return f"not a linear layer the method measures ({kind})"
 
 

@@ -15,9 +15,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from regmean.architecture import LinearLayer, is_head_key
 from regmean.dtypes import itemsize
 from regmean.errors import RegmeanError, one_line
+from regmean.measure.experts import expert_slots
 from regmean.methods.average import Average
 from regmean.methods.base import Computed, Cost, LayerReport, StatisticsKind, Step
-from regmean.methods.coverage import averaged_matrices, summarize
+from regmean.methods.coverage import averaged_matrices, summarize, unrouted
 from regmean.methods.least_squares import (
     MIN_SAMPLED_ROWS,
     SAMPLED_FRACTION,
@@ -74,10 +75,12 @@ def solvable(inputs, module: str) -> bool:
 
 
 def site_groups(inputs) -> dict[tuple[str, ...], list[LinearLayer]]:
-    """Measured body linear layers grouped by their site in every model."""
+    """Measured body linear layers grouped by their site in every model (less experts some model routed no token
+    to: `coverage.unrouted`)."""
     groups: dict[tuple[str, ...], list[LinearLayer]] = defaultdict(list)
+    idle = unrouted(inputs)
     for name, layer in inputs.linears.items():
-        if name in inputs.stats[0].modules and solvable(inputs, name):
+        if name in inputs.stats[0].modules and solvable(inputs, name) and name not in idle:
             groups[tuple(st.modules[name] for st in inputs.stats)].append(layer)
     return groups
 
@@ -273,6 +276,7 @@ class RegMean(Average):
                     sampled=checked is not None,
                     residual=residual,
                     diagnostics_seconds=seconds,
+                    tensor=layer.weight_key,
                 )
             )
 
@@ -336,7 +340,7 @@ def _coverage_problems(inputs) -> list[str]:
     """Every measured module is a linear layer of the model, and every model measured the same modules."""
     problems = []
     for entry, ckpt, st in zip(inputs.config.models, inputs.models, inputs.stats, strict=True):
-        unknown = sorted(set(st.modules) - set(inputs.linears))
+        unknown = sorted(set(st.modules) - set(inputs.linears) - set(expert_slots(inputs.skeleton)))
         if unknown:
             problems.append(f"{st.path}: statistics name modules the model lacks, e.g. {unknown[0]}")
         absent = absent_weights(entry, ckpt, [inputs.linears[m] for m in st.modules if m in inputs.linears])

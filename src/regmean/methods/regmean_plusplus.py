@@ -27,6 +27,7 @@ from regmean.io.data import load_examples
 from regmean.loading import load_adapted, load_tokenizer, tokenizer_folder
 from regmean.measure.accumulate import Accumulator
 from regmean.measure.batching import Batch, make_batches
+from regmean.measure.experts import expert_slots
 from regmean.measure.sites import detect_sites, select_modules
 from regmean.methods.base import Computed, Cost, Step
 from regmean.methods.coverage import averaged_matrices, summarize
@@ -137,7 +138,10 @@ class RegMeanPlusPlus(RegMean):
         self.model = load_adapted(models[0], "cpu", torch.float32)
         self.params = self.model.state_dict(keep_vars=True)
         self.names = self._working_names()
-        modules = [n for n in select_modules(self.model, None, None)[0] if solvable(self.inputs, n)]
+        experts = expert_slots(self.model)  # not yet solved through the merged prefix: averaged, and said
+        modules = [
+            n for n in select_modules(self.model, None, None)[0] if n not in experts and solvable(self.inputs, n)
+        ]
         sites = detect_sites(self.model, modules, self.data[0].batches[0])
         prefix_params, prefixes = 0, []
         self.stage_steps = []

@@ -39,8 +39,10 @@ class _Captured(Exception):
 
 def site_inputs(model: nn.Module, sites: list[str], input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
     """Each site's input on a forward pass over `input_ids` (all positions real, no padding): [B, T, d] where it has
-    one row per token. Of an encoder-decoder, only the encoder runs: sites it does not reach are left out."""
+    one row per token. Of an encoder-decoder, only the encoder runs: sites it does not reach are left out, as are
+    names of no module (experts' projections: read by their experts module, routed tokens only)."""
     named = dict(model.named_modules())
+    sites = [s for s in sites if s in named]
     seen: dict[str, torch.Tensor] = {}
 
     def hook(name: str):

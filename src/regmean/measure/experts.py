@@ -1,0 +1,69 @@
+"""Per-expert statistics of mixture-of-experts blocks: each expert's Grams over the tokens routed to it.
+
+An experts module receives the block's tokens (flattened, [tokens, d_model]) and, per token, the indices of the
+experts the router chose. Expert e's gate and up projections read the hidden states of the tokens routed to it;
+its down projection reads act(gate) * up of those tokens, which the hook recomputes from the module's own weights
+and gating (`_apply_gate`, as transformers' experts implementations do), so that fused 3-D parameters, transposed
+layouts and custom activations are measured alike. Each expert's two inputs are sites of stream `routed`: their
+row counts are the tokens routed there (at most the stream's tokens times the calls).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch.nn import functional
+
+from regmean.architecture import EXPERT_PARTS, Experts, expert_modules
+from regmean.errors import RegmeanError
+
+
+def expert_slots(model: nn.Module) -> dict[str, tuple[Experts, int]]:
+    """Every expert projection's name (`Experts.slot`) -> its experts and expert index."""
+    slots = {}
+    for experts in expert_modules(model):
+        parts = EXPERT_PARTS if experts.gated else EXPERT_PARTS[1:]
+        for e in range(experts.count):
+            slots.update({experts.slot(e, part): (experts, e) for part in parts})
+    return slots
+
+
+def expert_inputs(module: nn.Module, experts: Experts, expert: int, x: torch.Tensor) -> torch.Tensor:
+    """The down projection's input for rows `x` routed to `expert`: act(gate) * up (or act(up)), bias included, by
+    the module's own gating."""
+    name = "gate_up_proj" if experts.gated else "up_proj"
+    weight = getattr(module, name)[expert].to(x.dtype)
+    out = x @ weight if experts.transposed else functional.linear(x, weight)
+    bias = getattr(module, f"{name}_bias", None)
+    if getattr(module, "has_bias", False) and bias is not None:
+        out = out + bias[expert].to(x.dtype)
+    if experts.gated:
+        gate = getattr(module, "_apply_gate", None)
+        if gate is not None:
+            return gate(out)
+        first, second = out.chunk(2, dim=-1)
+        return module.act_fn(first) * second
+    return module.act_fn(out)
+
+
+def routed_rows(
+    experts: Experts, module: nn.Module, args: tuple, valid: Callable[[torch.Tensor], torch.Tensor]
+) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """From an experts call's arguments (hidden states, top-k expert indices, ...): per expert with a routed
+    token, (its hidden states, its down projection's input); `valid` keeps the rows that are not padding."""
+    if len(args) < 2 or not isinstance(args[1], torch.Tensor):
+        raise RegmeanError(f"{experts.module}: an experts call without the routing; exclude its experts")
+    hidden, routing = args[0], args[1]
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    routing = routing.reshape(hidden.shape[0], -1)
+    keep = valid(hidden)
+    hidden, routing = hidden.index_select(0, keep), routing.index_select(0, keep)
+    out = {}
+    for e in routing.unique().tolist():
+        if not 0 <= e < experts.count:
+            continue  # expert-parallel sentinels
+        x = hidden[(routing == e).any(-1)]
+        out[e] = (x, expert_inputs(module, experts, e, x))
+    return out
