@@ -10,14 +10,14 @@ from regmean.stats import WITHHELD
 from regmean.stats_checks import ROUTED
 
 
-def averaged_matrices(inputs, solved: set[str]) -> dict[str, str]:
+def averaged_matrices(inputs, solved: set[str], reasons: dict[str, str] | None = None) -> dict[str, str]:
     """Each body tensor of ndim >= 2 that is not the weight of a linear module in `solved` (those the method
-    solved), with why it was averaged."""
+    solved), with why it was averaged (`reasons` by module, where the method knows better)."""
     shapes = inputs.models[0].shapes
     keys = {inputs.linears[m].weight_key: m for m in inputs.linears}
     solved_keys = {key for key, module in keys.items() if module in solved}
     return {
-        key: _reason(inputs, keys.get(key) or inputs.module_of(key))
+        key: (reasons or {}).get(keys.get(key, "")) or _reason(inputs, keys.get(key) or inputs.module_of(key))
         for key in inputs.body_keys()
         if len(shapes[key]) >= 2 and key not in solved_keys and inputs.module_of(key) not in solved
     }

@@ -205,7 +205,7 @@ class RegMeanPlusPlus(RegMean):
         layers = sum(len(solve.layers) for s in stages for solve in s.solves)
         k, tokens = len(self.inputs.models), sum(d.record["tokens"] for d in self.data)
         solved = {layer.module for s in stages for solve in s.solves for layer in solve.layers}
-        averaged = summarize(averaged_matrices(self.inputs, solved))
+        averaged = summarize(averaged_matrices(self.inputs, solved, self._expert_reasons()))
         return (
             f"RegMean++: {layers} layers in {len(stages)} stages; {k * len(stages)} forward passes, each stopped after "
             f"its stage, over {tokens:,} tokens of the models' data (the work of about {self.full_passes:.1f} full "
@@ -257,10 +257,13 @@ class RegMeanPlusPlus(RegMean):
 
     def finish(self, report: MergeReport) -> None:
         solved = {layer.module for step in self.stage_steps for solve in step.solves for layer in solve.layers}
-        report.averaged = averaged_matrices(self.inputs, solved)
+        report.averaged = averaged_matrices(self.inputs, solved, self._expert_reasons())
         k, stages = len(self.inputs.models), len(self.stage_steps)
         report.notes.append(
             f"RegMean++: Grams measured during the merge through the merged prefix, {stages} stages in forward "
             f"order, {k * stages} truncated forward passes over the models' own data"
         )
         report.data = [d.record for d in self.data]
+
+    def _expert_reasons(self) -> dict[str, str]:
+        return dict.fromkeys(expert_slots(self.model), "expert (RegMean++ does not measure experts yet)")
