@@ -143,7 +143,7 @@ ARCHITECTURES = [
         "GptOssConfig",
         {**MOE, "head_dim": 4, "num_local_experts": 4, "layer_types": ["full_attention", "full_attention"]},
         "GPT-OSS",
-        "experts stored fused (3-D) on disk: averaged and listed; routers solved",
+        "experts stored fused (3-D, transposed, biased) solved row by row; routers solved",
     ),
 ]
 """Beyond the fast tier's families (tests/conftest.py CASES: BERT, RoBERTa, DistilBERT, T5, GPT-2, Llama)."""

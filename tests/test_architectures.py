@@ -50,16 +50,26 @@ def test_every_architecture_merges_with_every_matrix_solved_or_listed(tmp_path, 
     stats = [StatisticsFile(m["statistics"]) for m in models]
     report = json.loads((tmp_path / "out" / "merge_report.json").read_text())
     solved = {row["tensor"]: row for row in report["layers"]}
+    averaged = {entry.split("[")[0] for entry in report["averaged"]}  # key[e]: one expert of a 3-D tensor
     assert solved
-    assert set(solved) | set(report["averaged"]) == {key for key, t in merged.items() if t.dim() >= 2}
-    assert not set(solved) & set(report["averaged"])
+    assert set(solved) | averaged == {key for key, t in merged.items() if t.dim() >= 2}
+    assert not set(solved) & {entry for entry in report["averaged"] if "[" not in entry}
     assert not any(why.startswith("linear layer") for why in report["averaged"].values()), report["averaged"]
-    for key, row in solved.items():
-        sites = [st.site(row["site"]) for st in stats]
+    for row in report["layers"]:
+        key, sites = row["tensor"], [st.site(row["site"]) for st in stats]
         grams, scale = [shrink(s.gram.double(), ALPHA) for s in sites], [1.0 / s.count for s in sites]
-        transposed = merged[key].shape[-1] != sites[0].gram.shape[0]
-        weights = [(sd[key].T if transposed else sd[key]).double() for sd in inputs]
-        ours = (merged[key].T if transposed else merged[key]).double()
-        assert normal_equation_residual(ours, weights, grams, scale) < 1e-4, key
-    for key in report["averaged"]:  # what the report says is what was done
-        torch.testing.assert_close(merged[key], (inputs[0][key] + inputs[1][key]) / 2, msg=key)
+        pick = expert_row(row["module"]) if merged[key].dim() == 3 else (lambda t: t)
+        transposed = pick(merged[key]).shape[-1] != sites[0].gram.shape[0]
+        weights = [(pick(sd[key]).T if transposed else pick(sd[key])).double() for sd in inputs]
+        ours = (pick(merged[key]).T if transposed else pick(merged[key])).double()
+        assert normal_equation_residual(ours, weights, grams, scale) < 1e-4, row["module"]
+    for entry in report["averaged"]:  # what the report says is what was done
+        key, _, e = entry.partition("[")
+        pick = (lambda t, e=int(e[:-1]): t[e]) if e else (lambda t: t)
+        torch.testing.assert_close(pick(merged[key]), (pick(inputs[0][key]) + pick(inputs[1][key])) / 2, msg=entry)
+
+
+def expert_row(module: str):
+    """The row of a 3-D experts tensor that expert projection `module` (`<experts>.<e>.<part>`) is."""
+    e = int(module.split(".")[-2])
+    return lambda t: t[e]

@@ -31,6 +31,8 @@ class LinearLayer:
     d_in: int
     d_out: int
     transposed: bool
+    expert: int | None = None
+    """For an expert stored in a 3-D tensor: its row of the first axis (W is `weight_key`[expert])."""
 
 
 def model_class(config: transformers.PretrainedConfig, path: str | Path) -> type[transformers.PreTrainedModel]:
@@ -232,36 +234,50 @@ def parameter_names(model: nn.Module, keys: list[str]) -> dict[str, str]:
 
 
 def expert_layers(model: nn.Module, shapes: dict[str, tuple[int, ...]]) -> dict[str, LinearLayer]:
-    """One linear layer per expert projection the checkpoint stores as a 2-D tensor of its own (as save_pretrained
-    writes Mixtral, Qwen-MoE, OLMoE, DeepSeek), named by `Experts.slot`, its weight key the checkpoint's; experts
-    stored fused (3-D, e.g. GPT-OSS) have none. The expert is the key's last number; gate or up, the key's place in
-    transformers' fusion rule."""
+    """One linear layer per expert projection, named by `Experts.slot` (a fused gate/up by its gate), its weight key
+    the checkpoint's: a 2-D tensor of its own (as save_pretrained writes Mixtral, Qwen-MoE, OLMoE, DeepSeek: the
+    expert is the key's last number, gate or up its place in transformers' fusion rule), or row `expert` of a 3-D
+    tensor stored fused (GPT-OSS)."""
     _, fusions = _conversion_rules(model)
     fused = _fused_parts(model)
     out = {}
     for key, name in parameter_names(model, list(shapes)).items():
-        numbers = [int(part) for part in key.split(".") if part.isdigit()]
-        place = next((i for pattern, _, i in fusions if pattern.search(key)), None)
-        if name not in fused or len(shapes[key]) != 2 or not numbers or place is None:
+        if name not in fused:
             continue
         experts, parts = fused[name]
-        part = parts[place] if place < len(parts) else None
+        if len(shapes[key]) == 3:
+            out |= _expert_rows(experts, parts, key, shapes[key])
+            continue
+        numbers = [int(part) for part in key.split(".") if part.isdigit()]
+        place = next((i for pattern, _, i in fusions if pattern.search(key)), None)
+        if len(shapes[key]) != 2 or not numbers or place is None or place >= len(parts) or experts.transposed:
+            continue
         d_out, d_in = shapes[key]
-        wide = experts.d_inner if part == "down_proj" else experts.d_model
-        if part is not None and d_in == wide and 0 <= numbers[-1] < experts.count:
-            slot = experts.slot(numbers[-1], part)
+        wide = experts.d_inner if parts[place] == "down_proj" else experts.d_model
+        if d_in == wide and 0 <= numbers[-1] < experts.count:
+            slot = experts.slot(numbers[-1], parts[place])
             out[slot] = LinearLayer(slot, key, None, d_in, d_out, False)
     return out
 
 
+def _expert_rows(experts: Experts, parts: tuple[str, ...], key: str, shape: tuple[int, ...]) -> dict[str, LinearLayer]:
+    """The experts of a 3-D tensor [E, out, in] ([E, in, out] transposed), one layer per row of its first axis."""
+    count, rows, columns = shape
+    d_in, d_out = (rows, columns) if experts.transposed else (columns, rows)
+    wide = experts.d_inner if parts[0] == "down_proj" else experts.d_model
+    if count != experts.count or d_in != wide:
+        return {}
+    slots = [experts.slot(e, parts[0]) for e in range(count)]
+    return {slot: LinearLayer(slot, key, None, d_in, d_out, experts.transposed, e) for e, slot in enumerate(slots)}
+
+
 def _fused_parts(model: nn.Module) -> dict[str, tuple[Experts, tuple[str, ...]]]:
-    """Each 3-D expert parameter (not transposed) -> its experts and the projections fused in it, in order."""
+    """Each 3-D expert parameter -> its experts and the projections fused in it, in order."""
     out = {}
     for experts in expert_modules(model):
-        if not experts.transposed:
-            inner = ("gate_proj", "up_proj") if experts.gated else ("up_proj",)
-            out[f"{experts.module}.{'gate_up_proj' if experts.gated else 'up_proj'}"] = (experts, inner)
-            out[f"{experts.module}.down_proj"] = (experts, ("down_proj",))
+        inner = ("gate_proj", "up_proj") if experts.gated else ("up_proj",)
+        out[f"{experts.module}.{'gate_up_proj' if experts.gated else 'up_proj'}"] = (experts, inner)
+        out[f"{experts.module}.down_proj"] = (experts, ("down_proj",))
     return out
 
 

@@ -3,7 +3,7 @@ solve is listed with the reason it was merged by the plain rule instead (console
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, defaultdict
 
 from regmean.architecture import expert_modules
 from regmean.stats import WITHHELD
@@ -12,15 +12,23 @@ from regmean.stats_checks import ROUTED
 
 def averaged_matrices(inputs, solved: set[str], reasons: dict[str, str] | None = None) -> dict[str, str]:
     """Each body tensor of ndim >= 2 that is not the weight of a linear module in `solved` (those the method
-    solved), with why it was averaged (`reasons` by module, where the method knows better)."""
-    shapes = inputs.models[0].shapes
-    keys = {inputs.linears[m].weight_key: m for m in inputs.linears}
-    solved_keys = {key for key, module in keys.items() if module in solved}
-    return {
-        key: (reasons or {}).get(keys.get(key, "")) or _reason(inputs, keys.get(key) or inputs.module_of(key))
-        for key in inputs.body_keys()
-        if len(shapes[key]) >= 2 and key not in solved_keys and inputs.module_of(key) not in solved
-    }
+    solved), with why it was averaged (`reasons` by module, where the method knows better); of a 3-D experts tensor,
+    each expert (row) not solved, as `key[expert]`."""
+    shapes, reasons = inputs.models[0].shapes, reasons or {}
+    keys = {la.weight_key: m for m, la in inputs.linears.items() if la.expert is None}
+    rows = defaultdict(list)
+    for layer in inputs.linears.values():
+        if layer.expert is not None:
+            rows[layer.weight_key].append(layer)
+    out = {}
+    for key in inputs.body_keys():
+        module = keys.get(key) or inputs.module_of(key)
+        if key in rows:
+            unsolved = [la for la in rows[key] if la.module not in solved]
+            out |= {f"{key}[{la.expert}]": reasons.get(la.module) or _reason(inputs, la.module) for la in unsolved}
+        elif len(shapes[key]) >= 2 and module not in solved:
+            out[key] = reasons.get(module) or _reason(inputs, module, key)
+    return out
 
 
 def unrouted(inputs) -> dict[str, str]:
@@ -34,7 +42,7 @@ def unrouted(inputs) -> dict[str, str]:
     return out
 
 
-def _reason(inputs, module: str) -> str:
+def _reason(inputs, module: str, key: str = "") -> str:
     config = inputs.config
     idle = unrouted(inputs).get(module)
     if idle:
@@ -55,7 +63,9 @@ def _reason(inputs, module: str) -> str:
     except AttributeError:
         kind = "a tensor the model class does not name"
     if module in {x.module for x in expert_modules(inputs.skeleton)}:
-        return f"experts fused in one 3-D tensor on disk ({kind}; RegMean solves experts stored one tensor each)"
+        if key.endswith("_bias"):
+            return "experts' biases (averaged, as every bias outside `bias: joint`)"
+        return f"experts tensor in a layout the merge does not recognise ({kind})"
     return f"not a linear layer the method measures ({kind})"
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import time
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -17,7 +17,7 @@ from regmean.dtypes import itemsize
 from regmean.errors import RegmeanError, one_line
 from regmean.measure.experts import expert_slots
 from regmean.methods.average import Average
-from regmean.methods.base import Computed, Cost, LayerReport, StatisticsKind, Step
+from regmean.methods.base import Computed, Cost, LayerReport, StatisticsKind, Step, TensorStep
 from regmean.methods.coverage import averaged_matrices, summarize, unrouted
 from regmean.methods.least_squares import (
     MIN_SAMPLED_ROWS,
@@ -97,7 +97,8 @@ def absent_weights(entry, ckpt, layers: list[LinearLayer]) -> str | None:
 
 
 def _weight(tensor: torch.Tensor, layer: LinearLayer) -> torch.Tensor:
-    """As [d_out, d_in] whatever the storage (Conv1D stores [d_in, d_out])."""
+    """As [d_out, d_in] whatever the storage (Conv1D stores [d_in, d_out]; an expert's row of a 3-D tensor)."""
+    tensor = tensor if layer.expert is None else tensor[0]
     return tensor.T if layer.transposed else tensor
 
 
@@ -126,9 +127,12 @@ class RegMean(Average):
     def plan(self) -> list[Step]:
         groups = site_groups(self.inputs)
         joint = self.settings.bias == "joint"
-        site_of = {}
+        site_of, expert_rows = {}, defaultdict(dict)
         for sites, layers in groups.items():
             for layer in layers:
+                if layer.expert is not None:  # a row of a 3-D experts tensor: one step per row
+                    expert_rows[layer.weight_key][layer.expert] = sites
+                    continue
                 site_of[layer.weight_key] = sites
                 if layer.bias_key and joint:
                     site_of[layer.bias_key] = sites
@@ -136,11 +140,26 @@ class RegMean(Average):
         planned = set()
         for key in self.inputs.body_keys():
             sites = site_of.get(key)
-            if sites is None:
+            if key in expert_rows:
+                steps += self._expert_steps(key, expert_rows[key], groups)
+            elif sites is None:
                 steps += self.tensor_steps(key)
             elif sites not in planned:
                 planned.add(sites)
                 steps.append(self._site_step(sites, groups[sites]))
+        return steps
+
+    def _expert_steps(self, key: str, by_expert: dict[int, tuple[str, ...]], groups) -> list[Step]:
+        """A 3-D experts tensor, one row (expert) per step: solved where the expert has statistics, else averaged."""
+        first = self.inputs.models[0]
+        shape, size = first.shapes[key], itemsize(first.dtype(key))
+        steps: list[Step] = []
+        for e in range(shape[0]):
+            if e in by_expert:
+                steps.append(replace(self._site_step(by_expert[e], groups[by_expert[e]]), rows=(e, e + 1)))
+            else:
+                cost = self.cost(math.prod(shape[1:]), size, len(self.inputs.models))
+                steps.append(TensorStep(outputs=(key,), cost=cost, rows=(e, e + 1), key=key))
         return steps
 
     def _site_step(self, sites: tuple[str, ...], layers: list[LinearLayer]) -> SiteStep:
@@ -148,8 +167,10 @@ class RegMean(Average):
         k, first = len(inputs.models), inputs.models[0]
         d, d_out = layers[0].d_in + 1, sum(layer.d_out for layer in layers)
         gram_bytes = self._gram_bytes()
-        keys = [la.weight_key for la in layers]
-        weight_bytes = sum(math.prod(first.shapes[key]) * itemsize(first.dtype(key)) for key in keys)
+        weight_bytes = sum(
+            math.prod(first.shapes[la.weight_key][la.expert is not None :]) * itemsize(first.dtype(la.weight_key))
+            for la in layers
+        )
         outputs = [la.weight_key for la in layers] + [la.bias_key for la in layers if joint and la.bias_key]
         # K Grams unpacked; one float64 Gram being added, the system and its factor; K float64 weights, their
         # average, one deviation, the right-hand side, the solution, the solve's copy of it and the merged weights.
@@ -199,7 +220,8 @@ class RegMean(Average):
             stats.append(SiteStats(gram, total, site.count))
         keys = [la.weight_key for la in step.layers] + [la.bias_key for la in step.layers if joint and la.bias_key]
         params = [
-            dict(zip(keys, self.stage([model.get(key) for key in keys]), strict=True)) for model in self.inputs.models
+            dict(zip(keys, self.stage([model.get(key, step.rows) for key in keys]), strict=True))
+            for model in self.inputs.models
         ]
         return SiteInputs(stats, params)
 
@@ -229,7 +251,7 @@ class RegMean(Average):
         layers = list(step.layers)
         with_bias, without = [la for la in layers if la.bias_key], [la for la in layers if not la.bias_key]
         subgroups = [with_bias, without] if joint else [layers]
-        out = Computed({})
+        out = Computed({}, None if step.rows is None else step.rows[0])
         for group in subgroups:
             if group:
                 self._solve(step, group, joint and group[0].bias_key is not None, data, scale, out)
@@ -261,7 +283,8 @@ class RegMean(Average):
             part = solution.merged[start : start + layer.d_out]
             start += layer.d_out
             w = part[:, :d_in].to(dtype[layer.module])
-            out.tensors[layer.weight_key] = w.T.contiguous() if layer.transposed else w.contiguous()
+            w = w.T.contiguous() if layer.transposed else w.contiguous()
+            out.tensors[layer.weight_key] = w if layer.expert is None else w.unsqueeze(0)
             if affine:
                 out.tensors[layer.bias_key] = part[:, d_in].to(dtype[layer.module]).contiguous()
             out.layers.append(
