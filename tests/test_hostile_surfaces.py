@@ -129,6 +129,14 @@ def test_a_bounded_text_tokenises_like_the_whole_text(tokenizer):
             assert bounded == whole, (trial, max_length)
     huge = "word " * 2_000_000
     assert len(bounded_text(tok, huge, 32)) <= 32 * 16 * 4
+    unbroken = "a" * 60_000_000  # one unknown token however long (sweep X05: minutes and 9.5 GB before)
+    kept = bounded_text(tok, unbroken, 32)
+    assert len(kept) <= 32 * 1024
+    short = "a" * 40_000
+    assert (
+        tok(kept, truncation=True, max_length=32)["input_ids"]
+        == tok(short, truncation=True, max_length=32)["input_ids"]
+    )
 
 
 def _byte_bpe():

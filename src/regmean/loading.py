@@ -151,15 +151,20 @@ def check_room_for_text(tokenizer, max_length: int, where: str | Path) -> None:
 CHARS_PER_TOKEN = 16
 """A first guess of characters per token for `bounded_text`'s prefix (grown 4-fold while it gives too few)."""
 TOKEN_MARGIN = 16
+MAX_CHARS_PER_TOKEN = 1024
+"""A row is read up to max_length x this many characters: beyond, only text that tokenises to almost nothing (one
+unknown token for a 60M-character word) could still be reached, and tokenising it costs minutes and gigabytes."""
 """Tokens past `max_length` a prefix must give: a cut changes only the tokens of the word it falls in."""
 
 
 def bounded_text(tokenizer, text: str, max_length: int) -> str:
     """The shortest prefix of `text` (suffix, for a tokenizer that truncates on the left) that tokenises to more
     than `max_length` + `TOKEN_MARGIN` tokens, or all of it: truncated to `max_length`, it gives the same tokens as
-    the whole text, while a 50 MB line is never tokenised whole."""
-    limit = max(max_length, 1) * CHARS_PER_TOKEN
+    the whole text, while a 50 MB line is never tokenised whole; never more than max_length x
+    `MAX_CHARS_PER_TOKEN` characters."""
+    limit, cap = max(max_length, 1) * CHARS_PER_TOKEN, max(max_length, 1) * MAX_CHARS_PER_TOKEN
     left = getattr(tokenizer, "truncation_side", "right") == "left"
+    text = text[-cap:] if left else text[:cap]
     while limit < len(text):
         part = text[-limit:] if left else text[:limit]
         if len(tokenizer(part, add_special_tokens=False)["input_ids"]) > max_length + TOKEN_MARGIN:
