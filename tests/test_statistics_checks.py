@@ -17,6 +17,7 @@ from regmean.io.data import Example
 from regmean.measure import measure
 from regmean.methods.least_squares import is_semidefinite
 from regmean.stats import StatisticsFile, combine, pack_upper, save, unpack_upper
+from regmean.stats_checks import scale_outlier
 
 SITE = "bert.encoder.layer.1.attention.self.query"
 
@@ -225,6 +226,26 @@ def test_a_header_forged_consistently_within_its_file_differs_from_the_others(tr
     merge_fails(tmp_path, {"method": "regmean", "models": models}, str(path), says)
     with pytest.raises(RegmeanError, match=says):
         combine([models[0]["statistics"], path])
+
+
+def scaled(tensors: dict) -> None:
+    """Every site's data as if multiplied by 1e10: Grams x 1e20, sums x 1e10, counts kept (sweep finding S29)."""
+    for key in list(tensors):
+        if key.endswith(("::gram_upper", "::gram")):
+            tensors[key] = tensors[key] * 1e20
+        elif key.endswith("::sum"):
+            tensors[key] = tensors[key] * 1e10
+
+
+def test_statistics_scaled_by_a_constant_are_refused(trio):
+    """Every identity holds for data x 1e10, but that owner's weights would become the merge: the site's mean
+    squared input norm against the other models' names the file."""
+    tmp_path, models = trio
+    path = forge(models[1]["statistics"], scaled)
+    StatisticsFile(path).site(SITE)  # consistent within itself
+    merge_fails(tmp_path, {"method": "regmean", "models": models}, str(path), "mean squared norm", "altered")
+    assert scale_outlier([1.0, 3.0]) is None and scale_outlier([1.0, 2.0, 1e7]) == (2, 2.0)
+    assert scale_outlier([1.0, 1e7]) == (1, 1.0) and scale_outlier([0.0, 5.0]) is None
 
 
 def test_counts_are_calls_times_stream_rows_counted_plainly(tmp_path):

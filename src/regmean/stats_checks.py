@@ -9,6 +9,7 @@ forged; merging it would give garbage with exit 0.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -162,3 +163,23 @@ def _check_minors(path: Path, name: str, gram: torch.Tensor, diagonal: torch.Ten
                 f"{path}: site {name}: Gram entry ({i}, {j}) exceeds what its diagonal allows (|G_ij| <= "
                 "sqrt(G_ii G_jj)); not the statistics of any data: measure again"
             )
+
+
+SCALE_SPREAD = 1e6
+"""The most two models' mean squared input norms at one site may differ by (a factor of 1,000 in the inputs' size):
+fine-tunes of one base model are far closer; a file whose Grams were multiplied by a constant is not."""
+
+
+def scale_outlier(mean_squares: list[float]) -> tuple[int, float] | None:
+    """The model whose mean squared input norm at a site (trace(G) / count) lies more than SCALE_SPREAD from the
+    others' median, with that median; or None. Of two models, the larger (which would dominate the merge). Models
+    with no rows or a zero Gram are not compared."""
+    known = [(v, k) for k, v in enumerate(mean_squares) if v > 0]
+    if len(known) < 2:
+        return None
+    values = sorted(v for v, _ in known)
+    median = values[(len(values) - 1) // 2]
+    distance, worst = max((abs(math.log(v / median)), k) for v, k in known)
+    if len(known) == 2:
+        worst, median = max(known)[1], values[0]
+    return (worst, median) if distance > math.log(SCALE_SPREAD) else None

@@ -29,7 +29,7 @@ from regmean.methods.least_squares import (
     regmean_solve,
 )
 from regmean.stats import WITHHELD, SiteStats, StatisticsFile
-from regmean.stats_checks import structure_problems
+from regmean.stats_checks import scale_outlier, structure_problems
 
 
 class RegMeanOptions(BaseModel):
@@ -239,11 +239,25 @@ class RegMean(Average):
                 )
         return None
 
+    def _check_scales(self, step: SiteStep, stats: list[SiteStats]) -> None:
+        """Refuse a site where one model's inputs are a thousand times larger or smaller than the others' (a Gram
+        multiplied by a constant passes every identity, and would make that model's weights the merge)."""
+        mean_squares = [float(s.gram.diagonal().sum()) / s.count if s.count else 0.0 for s in stats]
+        outlier = scale_outlier(mean_squares)
+        if outlier is not None:
+            k, others = outlier
+            raise RegmeanError(
+                f"{self.inputs.stats[k].path}: site {step.sites[k]}: its inputs' mean squared norm is "
+                f"{mean_squares[k]:.3g}, the other models' {others:.3g}; fine-tunes of one model are never that far "
+                "apart: the statistics were altered or are of another model, measure again"
+            )
+
     def compute(self, step: Step, data) -> Computed:
         if not isinstance(step, SiteStep):
             return super().compute(step, data)
         opts = self.settings
         stats = data.stats
+        self._check_scales(step, stats)
         counts = torch.tensor([s.count for s in stats], dtype=torch.float64)
         relative = self.weights / self.weights.max()  # the solution depends only on the ratios; keeps Grams finite
         scale = relative / counts if opts.gram_weighting == "mean" else relative
