@@ -74,13 +74,16 @@ def test_audit_of_a_measured_file_recovers_the_bag_of_words(tmp_path):
     assert entry.score()["recall"] == entry.score()["precision"] == 1.0
 
 
-def test_withheld_token_sites_leave_nothing_to_decode_and_merge_as_averages(tmp_path):
+@pytest.mark.parametrize("owners", ["every", "one"])
+def test_withheld_token_sites_leave_nothing_to_decode_and_merge_as_averages(tmp_path, owners):
+    """Whether every owner withheld or only one (sweep finding S07: refused, blaming include/exclude), the token
+    sites' layers are averaged and said."""
     paths = [_decoder(tmp_path)]
     paths.append(_perturbed(paths[0], tmp_path))
     state, perturbed = (load_file(p / "model.safetensors") for p in paths)
     examples = [Example(t) for t in TEXTS]
     for i, p in enumerate(paths):
-        stats = measure(p, examples, progress=False, protection=Protection(withhold=True))
+        stats = measure(p, examples, progress=False, protection=Protection(withhold=owners == "every" or i == 0))
         save(stats, tmp_path / f"s{i}")
     opened = StatisticsFile(tmp_path / "s0")
     assert "model.layers.0.self_attn.q_proj" not in opened.site_names

@@ -16,6 +16,7 @@ from regmean.architecture import LinearLayer, is_head_key
 from regmean.dtypes import itemsize
 from regmean.errors import RegmeanError, one_line
 from regmean.measure.experts import expert_slots
+from regmean.measure.protect import EXPERTS_UNCLIPPED, NO_EXAMPLE_BOUND
 from regmean.methods.average import Average
 from regmean.methods.base import Computed, Cost, LayerReport, StatisticsKind, Step, TensorStep
 from regmean.methods.coverage import averaged_matrices, summarize, unrouted
@@ -65,6 +66,10 @@ class SiteInputs:
     """Per model: the weight (and, for joint bias, the bias) of every layer of the site."""
 
 
+OWNERS_LEFT_OUT = (WITHHELD, NO_EXAMPLE_BOUND, EXPERTS_UNCLIPPED)
+"""Why an owner's file may lack a site the others have (a protection they chose): that layer is averaged."""
+
+
 def solvable(inputs, module: str) -> bool:
     """Whether a linear module of the body is solved from statistics: heads only with heads: merge, an untied LM
     head only with lm_head: regmean."""
@@ -80,7 +85,7 @@ def site_groups(inputs) -> dict[tuple[str, ...], list[LinearLayer]]:
     groups: dict[tuple[str, ...], list[LinearLayer]] = defaultdict(list)
     idle = unrouted(inputs)
     for name, layer in inputs.linears.items():
-        if name in inputs.stats[0].modules and solvable(inputs, name) and name not in idle:
+        if all(name in st.modules for st in inputs.stats) and solvable(inputs, name) and name not in idle:
             groups[tuple(st.modules[name] for st in inputs.stats)].append(layer)
     return groups
 
@@ -386,7 +391,8 @@ def _coverage_problems(inputs) -> list[str]:
     problems += structure_problems(inputs.stats)
     if not problems:
         covered = [set(st.modules) for st in inputs.stats]
-        partial = sorted(set.union(*covered) - set.intersection(*covered))
+        protected = {m for st in inputs.stats for m, why in st.skipped.items() if why in OWNERS_LEFT_OUT}
+        partial = sorted(set.union(*covered) - set.intersection(*covered) - protected)
         if partial:
             problems.append(
                 f"module {partial[0]} has statistics in some models but not others ({len(partial)} modules); "
