@@ -248,6 +248,33 @@ def test_statistics_scaled_by_a_constant_are_refused(trio):
     assert scale_outlier([1.0, 1e7]) == (1, 1.0) and scale_outlier([0.0, 5.0]) is None
 
 
+def provenance_edit(change):
+    def edit(meta):
+        records = json.loads(meta["provenance"])
+        change(meta, records[0])
+        meta["provenance"] = json.dumps(records)
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    ("change", "says"),
+    [
+        (lambda meta, record: meta.__setitem__("examples", "0"), "are not its provenance's"),
+        (lambda meta, record: meta.__setitem__("tokens", "999"), "are not its provenance's"),
+        (lambda meta, record: record.__setitem__("max_length", 1), "examples of at most 1"),
+        (lambda meta, record: record.__setitem__("processes", 0), "records 0 processes"),
+    ],
+    ids=["examples", "tokens", "max_length", "processes"],
+)
+def test_a_header_whose_counts_contradict_its_provenance_is_refused(trio, change, says):
+    """Sweep findings S05/S15/S26/S27: such numbers went into `stats show` and the merged card."""
+    tmp_path, models = trio
+    path = forge(models[0]["statistics"], meta_change=provenance_edit(change))
+    with pytest.raises(RegmeanError, match=says):
+        StatisticsFile(path)
+
+
 def test_counts_are_calls_times_stream_rows_counted_plainly(tmp_path):
     """The recorded counts are what a plain count of the tokenizer's output gives: encoder sites count input
     tokens, decoder sites decoder tokens, per-example sites examples; so the exact check passes real files."""

@@ -224,7 +224,8 @@ class StatisticsFile:
         self.privacy = meta.privacy()
         self.site_streams = meta.site_streams()
         self.site_names = list(dict.fromkeys(self.modules.values()))  # forward order
-        check_header(self.path, self.modules, self.site_streams, self.privacy, self.provenance)
+        totals = (self.examples, self.tokens)
+        check_header(self.path, self.modules, self.site_streams, self.privacy, self.provenance, totals)
         self._handles: dict[str, TensorFile] = {}
         for handle, block in opened:
             if block.meta != self.meta:  # every block of one measure carries the same metadata

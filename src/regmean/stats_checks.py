@@ -32,10 +32,13 @@ MAX_LENGTH = 2**24
 """The longest max length a provenance may record (16M tokens per example)."""
 
 
-def check_header(path: Path, modules: dict[str, str], streams: dict[str, tuple[str, int]], privacy: dict, records):
+def check_header(
+    path: Path, modules: dict[str, str], streams: dict[str, tuple[str, int]], privacy: dict, records, totals=None
+):
     """What the header says must agree with itself: each site is named after the first module that reads it (as
-    measure names them), recorded streams are known kinds for sites of the file, a withheld site is absent, and
-    each provenance's max length is one a measure could have used."""
+    measure names them), recorded streams are known kinds for sites of the file, a withheld site is absent, each
+    provenance's max length is one a measure could have used (and its tokens fit in it), and the file's
+    (examples, tokens) `totals` are its provenances' sums (not for a DP release, whose counts carry noise)."""
     sites = list(dict.fromkeys(modules.values()))
     first_reader = {}
     for module, site in modules.items():
@@ -53,9 +56,35 @@ def check_header(path: Path, modules: dict[str, str], streams: dict[str, tuple[s
         (present, f"site {present[:1]} is said to be withheld but its statistics are in the file"),
         ([n for n in lengths if not 0 < n <= MAX_LENGTH], f"a provenance max length outside 1 to {MAX_LENGTH}"),
     ]
+    problems += [] if "dp" in privacy else _provenance_problems(records, totals)
     for found, what in problems:
         if found:
             raise RegmeanError(f"{path}: {what}; the file was altered: measure again")
+
+
+def _provenance_problems(records: list[dict], totals: tuple[int, int] | None) -> list[tuple[bool, str]]:
+    """Counts the provenance records must agree on (as (found, what) pairs)."""
+
+    def number(record: dict, key: str) -> int | None:
+        value = record.get(key)
+        return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+    problems = []
+    for record in records:
+        examples, length, processes = (number(record, k) for k in ("examples", "max_length", "processes"))
+        for key in ("tokens", "decoder_tokens"):
+            tokens = number(record, key)
+            if None not in (tokens, examples, length) and tokens > examples * length:
+                problems.append(
+                    (True, f"a provenance records {tokens} {key} from {examples} examples of at most {length}")
+                )
+        if processes is not None and processes < 1:
+            problems.append((True, f"a provenance records {processes} processes"))
+    sums = [sum(number(r, k) or 0 for r in records) for k in ("examples", "tokens")]
+    complete = records and all(number(r, "examples") is not None and number(r, "tokens") is not None for r in records)
+    if totals is not None and complete and tuple(sums) != tuple(totals):
+        problems.append((True, f"its examples and tokens {tuple(totals)} are not its provenance's {tuple(sums)}"))
+    return problems
 
 
 def structure_problems(files: list) -> list[str]:
