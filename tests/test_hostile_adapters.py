@@ -153,6 +153,18 @@ def test_measure_refuses_a_bad_adapter_before_peft_loads_it(inputs):
     assert not out.exists()
 
 
+def test_a_folder_with_an_adapter_and_a_full_model_is_refused(inputs):
+    """Sweep finding L14: such a folder was merged as base + adapter, the full model's weights silently ignored
+    (transformers would load the full model and apply the adapter)."""
+    shutil.copy(inputs / "full" / "model.safetensors", inputs / "adapter0" / "model.safetensors")
+    says = ("holds both a LoRA adapter", "model.safetensors", "a folder of its own")
+    merge_fails(inputs.parent, recipe(inputs), str(inputs / "adapter0"), *says)
+    data = write_jsonl(inputs.parent / "d.jsonl")
+    out = inputs.parent / "s"
+    cli_fails(["measure", inputs / "adapter0", "--data", data, "--out", out, "--base", inputs / "base"], *says)
+    assert not out.exists()
+
+
 def cli_within(args: list, seconds: float) -> subprocess.CompletedProcess:
     """The CLI in a child process that must end within `seconds` (a hang fails the test instead of stalling it)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}

@@ -48,6 +48,9 @@ LORA_PARTS = {
 }
 
 
+FULL_MODEL_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+
+
 def is_adapter(path: str | Path) -> bool:
     return (Path(path) / ADAPTER_CONFIG).is_file()
 
@@ -67,6 +70,12 @@ def open_model(path: str | Path, base: str | Path | None = None, allow_pickle: b
     """A model folder as a Checkpoint, or a LoRA adapter folder over its base model as an AdaptedCheckpoint
     (adapters given the same `bases` dict share one opened base per folder: its weights are hashed once)."""
     if is_adapter(path):
+        full = [name for name in FULL_MODEL_FILES if (Path(path) / name).is_file()]
+        if full:
+            raise RegmeanError(
+                f"{path}: holds both a LoRA adapter ({ADAPTER_CONFIG}) and a full model ({full[0]}); which one is "
+                "meant is ambiguous: move the adapter (or the model) to a folder of its own"
+            )
         return AdaptedCheckpoint(path, base, allow_pickle, bases)
     return Checkpoint(path, allow_pickle)
 
