@@ -80,3 +80,12 @@ def test_bad_files_are_named_with_the_reason(tmp_path):
         load_examples(tmp_path / "e.jsonl")
     with pytest.raises(RegmeanError, match="data file not found"):
         load_examples(tmp_path / "missing.jsonl")
+
+
+@pytest.mark.parametrize("content", ["", "\n\n\n"], ids=["empty", "blank"])
+def test_an_empty_data_file_says_so(tmp_path, content):
+    """Sweep finding E05: was "no column 'text'; columns are " (an empty list)."""
+    path = tmp_path / "d.jsonl"
+    path.write_text(content)
+    with pytest.raises(RegmeanError, match="no rows \\(the file is empty or blank\\)"):
+        load_examples(path)

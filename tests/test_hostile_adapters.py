@@ -165,6 +165,12 @@ def test_a_folder_with_an_adapter_and_a_full_model_is_refused(inputs):
     assert not out.exists()
 
 
+def test_evaluate_of_an_adapter_says_to_fold_it(inputs):
+    """Sweep finding E06: was "config.json: missing (save_pretrained writes it)"."""
+    data = write_jsonl(inputs.parent / "d.jsonl")
+    cli_fails(["evaluate", inputs / "adapter0", "--data", data], "a LoRA adapter", "merge_and_unload")
+
+
 def cli_within(args: list, seconds: float) -> subprocess.CompletedProcess:
     """The CLI in a child process that must end within `seconds` (a hang fails the test instead of stalling it)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}

@@ -215,3 +215,13 @@ def test_a_full_disk_anywhere_else_is_still_named_as_such(tmp_path, monkeypatch)
     model = save_model(build_model("bert", "BertForSequenceClassification", 1), tmp_path / "m")
     data = write_jsonl(tmp_path / "d.jsonl")
     cli_fails(["evaluate", model, "--data", data], f"{tmp_path / 'part'}: the disk is full; free space or choose")
+
+
+def test_a_folder_in_the_lock_files_place_is_named(tmp_path):
+    """Sweep finding F10: was "<parent>: cannot write here (Is a directory)"."""
+    from regmean.io.outputs import output_lock
+
+    (tmp_path / ".out.regmean-lock").mkdir()
+    says = "out.regmean-lock: a folder where the output's lock file goes; remove it"
+    with pytest.raises(RegmeanError, match=says), output_lock(tmp_path / "out"):
+        pass

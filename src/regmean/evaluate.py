@@ -205,6 +205,14 @@ def evaluate(
     messages_field: str | None = None,
 ) -> list[Scores]:
     """Every model's scores on the data file, in the order given (all models must be of one kind)."""
+    from regmean.io.adapter import is_adapter
+
+    adapter = next((m for m in models if is_adapter(m)), None)
+    if adapter is not None:
+        raise RegmeanError(
+            f"{adapter}: a LoRA adapter; evaluate scores full models: fold it into its base first (peft's "
+            "merge_and_unload, then save_pretrained)"
+        )
     kinds = {m: model_kind(m) for m in models}
     kind = kinds[models[0]]
     other = next((m for m in models if kinds[m] != kind), None)

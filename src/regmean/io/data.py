@@ -32,8 +32,14 @@ COMPRESSION = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
 
 
 def read_table(path: str | Path) -> pd.DataFrame:
-    """The file's rows; texts stay as written (no number, date or "NA" parsing)."""
-    path = Path(path)
+    """The file's rows (at least one); texts stay as written (no number, date or "NA" parsing)."""
+    table = _read_table(Path(path))
+    if len(table) == 0 or len(table.columns) == 0:
+        raise RegmeanError(f"{path}: no rows (the file is empty or blank); give a data file with examples")
+    return table
+
+
+def _read_table(path: Path) -> pd.DataFrame:
     if not path.is_file():
         exists = path.exists() or path.is_symlink()
         why = "not a regular file (a folder, a pipe or a link that leads nowhere)" if exists else "data file not found"

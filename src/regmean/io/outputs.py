@@ -161,6 +161,8 @@ def output_lock(out: Path) -> Iterator[None]:
             out.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
+            if exc.errno == errno.EISDIR:
+                raise RegmeanError(f"{lock}: a folder where the output's lock file goes; remove it") from None
             raise RegmeanError(f"{out.parent}: cannot write here ({exc.strerror})") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
