@@ -274,7 +274,9 @@ def routed_grams(path: Path, examples) -> dict[str, torch.Tensor]:
     return recorder.grams
 
 
-@pytest.mark.parametrize("cls", MOE)
+@pytest.mark.parametrize(
+    "cls", [cls if cls == "MixtralForCausalLM" else pytest.param(cls, marks=pytest.mark.slow) for cls in MOE]
+)
 def test_moe_experts_are_measured_on_their_routed_tokens_and_solved_one_by_one(tmp_path, cls):
     """One key per expert on disk (as save_pretrained writes them), fused 3-D parameters once loaded: each
     expert's Grams are those of the tokens routed to it (against a plain eager run, for the first family), each
