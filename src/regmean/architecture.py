@@ -111,9 +111,13 @@ class Experts:
 
 
 def expert_modules(model: nn.Module) -> list[Experts]:
-    """Every experts module of `model` (3-D `down_proj` and `gate_up_proj` / `up_proj` parameters)."""
+    """Every experts module of `model` in transformers' common form (its `use_experts_implementation` layout
+    attributes, 3-D `down_proj` and `gate_up_proj` / `up_proj`, called with the routing): others, such as
+    Llama-4's, are left to the plain rule (averaged, and said)."""
     out = []
     for name, mod in model.named_modules():
+        if not hasattr(mod, "is_transposed") or not hasattr(mod, "has_gate") or hasattr(mod, "gate_proj"):
+            continue
         down = getattr(mod, "down_proj", None)
         gated = isinstance(getattr(mod, "gate_up_proj", None), nn.Parameter)
         up = getattr(mod, "gate_up_proj" if gated else "up_proj", None)

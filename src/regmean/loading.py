@@ -151,10 +151,10 @@ def check_room_for_text(tokenizer, max_length: int, where: str | Path) -> None:
 CHARS_PER_TOKEN = 16
 """A first guess of characters per token for `bounded_text`'s prefix (grown 4-fold while it gives too few)."""
 TOKEN_MARGIN = 16
+"""Tokens past `max_length` a prefix must give: a cut changes only the tokens of the word it falls in."""
 MAX_CHARS_PER_TOKEN = 1024
 """A row is read up to max_length x this many characters: beyond, only text that tokenises to almost nothing (one
 unknown token for a 60M-character word) could still be reached, and tokenising it costs minutes and gigabytes."""
-"""Tokens past `max_length` a prefix must give: a cut changes only the tokens of the word it falls in."""
 
 
 def bounded_text(tokenizer, text: str, max_length: int) -> str:

@@ -12,7 +12,7 @@ from torch import nn
 from regmean.architecture import Experts
 from regmean.errors import RegmeanError
 from regmean.measure.batching import Batch, forward
-from regmean.measure.experts import expert_slots, routed_rows
+from regmean.measure.experts import expert_inputs, expert_slots, routed_rows
 from regmean.measure.sites import Site, follows_mask, hooks
 from regmean.stats import SiteStats
 from regmean.stats_checks import ROUTED
@@ -137,13 +137,15 @@ class Accumulator:
         return hook
 
     def _experts_hook(self, experts: Experts, by_expert: dict[int, list[Site]]):
-        """One hook per experts module: each measured expert's two inputs, over the tokens routed to it."""
+        """One hook per experts module: each measured expert's inputs over the tokens routed to it, one expert at
+        a time (its down projection's input recomputed only where that site is measured)."""
         down = {e: experts.slot(e, "down_proj") for e in by_expert}
 
         def hook(module, args):
-            for e, (x, inner) in routed_rows(experts, module, args, self._input_tokens).items():
-                for site in by_expert.get(e, []):
-                    self._add(site, (inner if site.name == down[e] else x).to(self.dtype))
+            for e, x in routed_rows(experts, args, sorted(by_expert), self._input_tokens):
+                for site in by_expert[e]:
+                    rows = expert_inputs(module, experts, e, x) if site.name == down[e] else x
+                    self._add(site, rows.to(self.dtype))
             self._called([site for sites in by_expert.values() for site in sites])
 
         return hook

@@ -10,7 +10,7 @@ row counts are the tokens routed there (at most the stream's tokens times the ca
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -49,21 +49,19 @@ def expert_inputs(module: nn.Module, experts: Experts, expert: int, x: torch.Ten
 
 
 def routed_rows(
-    experts: Experts, module: nn.Module, args: tuple, valid: Callable[[torch.Tensor], torch.Tensor]
-) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-    """From an experts call's arguments (hidden states, top-k expert indices, ...): per expert with a routed
-    token, (its hidden states, its down projection's input); `valid` keeps the rows that are not padding."""
-    if len(args) < 2 or not isinstance(args[1], torch.Tensor):
-        raise RegmeanError(f"{experts.module}: an experts call without the routing; exclude its experts")
+    experts: Experts, args: tuple, wanted: Iterable[int], valid: Callable[[torch.Tensor], torch.Tensor]
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """From an experts call's arguments (hidden states, top-k expert indices, ...): for each expert of `wanted`
+    with a routed token, one at a time, (expert, its tokens' hidden states); `valid` keeps the rows that are not
+    padding. (Its down projection's input: `expert_inputs`, computed only where measured.)"""
+    if len(args) < 2 or not isinstance(args[1], torch.Tensor) or args[1].is_floating_point():
+        raise RegmeanError(f"{experts.module}: an experts call without the routing; --exclude its experts")
     hidden, routing = args[0], args[1]
     hidden = hidden.reshape(-1, hidden.shape[-1])
     routing = routing.reshape(hidden.shape[0], -1)
     keep = valid(hidden)
     hidden, routing = hidden.index_select(0, keep), routing.index_select(0, keep)
-    out = {}
-    for e in routing.unique().tolist():
-        if not 0 <= e < experts.count:
-            continue  # expert-parallel sentinels
-        x = hidden[(routing == e).any(-1)]
-        out[e] = (x, expert_inputs(module, experts, e, x))
-    return out
+    routed = set(routing.unique().tolist())
+    for e in wanted:
+        if e in routed:
+            yield e, hidden[(routing == e).any(-1)]

@@ -42,9 +42,9 @@ def select_modules(model: nn.Module, include: str | None, exclude: str | None) -
     """Linear modules to measure, and the skipped ones with the reason."""
     measured, skipped = [], {}
     layers = linear_layers(model)
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear | Conv1D) or n in layers]
-    names += list(expert_slots(model))
-    layers = layers | dict.fromkeys(expert_slots(model))
+    slots = expert_slots(model)
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear | Conv1D) or n in layers] + list(slots)
+    layers = layers | dict.fromkeys(slots)
     keep = compile_pattern(include, "--include") if include else None
     drop = compile_pattern(exclude, "--exclude") if exclude else None
     for name in names:

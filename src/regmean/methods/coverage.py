@@ -20,14 +20,18 @@ def averaged_matrices(inputs, solved: set[str], reasons: dict[str, str] | None =
     for layer in inputs.linears.values():
         if layer.expert is not None:
             rows[layer.weight_key].append(layer)
-    out = {}
+    out, idle = {}, unrouted(inputs)
+    experts = {x.module for x in expert_modules(inputs.skeleton)}
     for key in inputs.body_keys():
         module = keys.get(key) or inputs.module_of(key)
         if key in rows:
             unsolved = [la for la in rows[key] if la.module not in solved]
-            out |= {f"{key}[{la.expert}]": reasons.get(la.module) or _reason(inputs, la.module) for la in unsolved}
+            out |= {
+                f"{key}[{la.expert}]": reasons.get(la.module) or idle.get(la.module) or _reason(inputs, la.module)
+                for la in unsolved
+            }
         elif len(shapes[key]) >= 2 and module not in solved:
-            out[key] = reasons.get(module) or _reason(inputs, module, key)
+            out[key] = reasons.get(module) or idle.get(module) or _reason(inputs, module, key, experts)
     return out
 
 
@@ -42,11 +46,8 @@ def unrouted(inputs) -> dict[str, str]:
     return out
 
 
-def _reason(inputs, module: str, key: str = "") -> str:
+def _reason(inputs, module: str, key: str = "", experts: set[str] | None = None) -> str:
     config = inputs.config
-    idle = unrouted(inputs).get(module)
-    if idle:
-        return idle
     if module in inputs.embeddings:
         return f"embedding (embeddings: {config.embeddings})"
     if module == inputs.lm_head:
@@ -62,7 +63,7 @@ def _reason(inputs, module: str, key: str = "") -> str:
         kind = type(inputs.skeleton.get_submodule(module)).__name__
     except AttributeError:
         kind = "a tensor the model class does not name"
-    if module in {x.module for x in expert_modules(inputs.skeleton)}:
+    if module in (experts or ()):
         if key.endswith("_bias"):
             return "experts' biases (averaged, as every bias outside `bias: joint`)"
         return f"experts tensor in a layout the merge does not recognise ({kind})"

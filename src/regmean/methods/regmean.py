@@ -30,7 +30,7 @@ from regmean.methods.least_squares import (
     regmean_solve,
 )
 from regmean.stats import WITHHELD, SiteStats, StatisticsFile
-from regmean.stats_checks import scale_outlier, structure_problems
+from regmean.stats_checks import ROUTED, scale_outlier, structure_problems
 
 
 class RegMeanOptions(BaseModel):
@@ -236,17 +236,24 @@ class RegMean(Average):
         for k, (st, name, gram) in enumerate(zip(self.inputs.stats, step.sites, grams, strict=True)):
             if index is not None and k != index:
                 continue
-            eigenvalues = torch.linalg.eigvalsh(gram.double())
-            if index is not None or float(eigenvalues[0]) < -1e-6 * float(eigenvalues.abs().max()):
-                return RegmeanError(
-                    f"{st.path}: site {name}: its Gram is not positive semidefinite (eigenvalue "
-                    f"{float(eigenvalues[0]):.3g}); not the statistics of any data: measure again"
-                )
+            if index is None:  # which one: only eigenvalues can tell
+                eigenvalues = torch.linalg.eigvalsh(gram.double())
+                if float(eigenvalues[0]) >= -1e-6 * float(eigenvalues.abs().max()):
+                    continue
+            return RegmeanError(
+                f"{st.path}: site {name}: its Gram is not positive semidefinite (no Cholesky factorisation, even "
+                "with rounding's slack); not the statistics of any data: measure again"
+            )
         return None
 
     def _check_scales(self, step: SiteStep, stats: list[SiteStats]) -> None:
         """Refuse a site where one model's inputs are a thousand times larger or smaller than the others' (a Gram
         multiplied by a constant passes every identity, and would make that model's weights the merge)."""
+        files = self.inputs.stats
+        if files is None or any("dp" in st.privacy for st in files):  # measured here, or noisy traces and counts
+            return
+        if any(st.site_streams.get(name, ("",))[0] == ROUTED for st, name in zip(files, step.sites, strict=True)):
+            return  # an expert may see a handful of tokens: its scale is no evidence
         mean_squares = [float(s.gram.diagonal().sum()) / s.count if s.count else 0.0 for s in stats]
         outlier = scale_outlier(mean_squares)
         if outlier is not None:
@@ -285,9 +292,10 @@ class RegMean(Average):
         exact = self.settings.diagnostics == "exact"
         rows = [check_rows(layer.d_out, layer.module, exact) for layer in group]
         try:
-            solution = regmean_solve(
-                stacked, grams, scale, self.weights, self.settings.alpha, verify=self.settings.verify_grams
-            )
+            # a DP file's sum and count carry noise of their own: its affine Gram need not be semidefinite
+            noisy = affine and any("dp" in st.privacy for st in self.inputs.stats)
+            verify = self.settings.verify_grams and not noisy
+            solution = regmean_solve(stacked, grams, scale, self.weights, self.settings.alpha, verify=verify)
         except FloatingPointError as exc:
             index = exc.index if isinstance(exc, IndefiniteGram) else None
             raise self._indefinite(step, grams, index) or RegmeanError(
@@ -388,7 +396,6 @@ def _coverage_problems(inputs) -> list[str]:
         absent = absent_weights(entry, ckpt, [inputs.linears[m] for m in st.modules if m in inputs.linears])
         if absent:
             problems.append(absent)
-    problems += structure_problems(inputs.stats)
     if not problems:
         covered = [set(st.modules) for st in inputs.stats]
         protected = {m for st in inputs.stats for m, why in st.skipped.items() if why in OWNERS_LEFT_OUT}
@@ -398,4 +405,4 @@ def _coverage_problems(inputs) -> list[str]:
                 f"module {partial[0]} has statistics in some models but not others ({len(partial)} modules); "
                 "measure every model with the same include/exclude"
             )
-    return problems
+    return problems or structure_problems(inputs.stats)
