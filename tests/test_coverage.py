@@ -198,7 +198,8 @@ def test_deberta_position_projections_are_measured_and_solved(tmp_path, v3):
 
 
 def test_rows_that_follow_no_example_are_left_out_of_a_dp_release(tmp_path):
-    from regmean.measure.protect import NO_EXAMPLE_BOUND, Protection
+    from regmean.measure.protect import Protection
+    from regmean.stats import NO_EXAMPLE_BOUND
 
     path = tiny_deberta(tmp_path / "m", 1, v3=True)
     examples = load_examples(write_jsonl(tmp_path / "d.jsonl"))

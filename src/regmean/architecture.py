@@ -129,6 +129,16 @@ def expert_modules(model: nn.Module) -> list[Experts]:
     return out
 
 
+def expert_slots(model: nn.Module) -> dict[str, tuple[Experts, int]]:
+    """Every expert projection's name (`Experts.slot`) -> its experts and expert index."""
+    slots = {}
+    for experts in expert_modules(model):
+        parts = EXPERT_PARTS if experts.gated else EXPERT_PARTS[1:]
+        for e in range(experts.count):
+            slots.update({experts.slot(e, part): (experts, e) for part in parts})
+    return slots
+
+
 def _router(mod: nn.Module) -> bool:
     """A mixture-of-experts router: F.linear(hidden states, weight [E, d_model]) for its E experts' scores."""
     weight = getattr(mod, "weight", None)

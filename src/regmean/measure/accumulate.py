@@ -9,10 +9,10 @@ from contextlib import suppress
 import torch
 from torch import nn
 
-from regmean.architecture import Experts
+from regmean.architecture import Experts, expert_slots
 from regmean.errors import RegmeanError
 from regmean.measure.batching import Batch, forward
-from regmean.measure.experts import expert_inputs, expert_slots, routed_rows
+from regmean.measure.experts import expert_inputs, routed_rows
 from regmean.measure.sites import Site, follows_mask, hooks
 from regmean.stats import SiteStats
 from regmean.stats_checks import ROUTED

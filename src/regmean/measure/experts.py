@@ -16,18 +16,8 @@ import torch
 from torch import nn
 from torch.nn import functional
 
-from regmean.architecture import EXPERT_PARTS, Experts, expert_modules
+from regmean.architecture import Experts
 from regmean.errors import RegmeanError
-
-
-def expert_slots(model: nn.Module) -> dict[str, tuple[Experts, int]]:
-    """Every expert projection's name (`Experts.slot`) -> its experts and expert index."""
-    slots = {}
-    for experts in expert_modules(model):
-        parts = EXPERT_PARTS if experts.gated else EXPERT_PARTS[1:]
-        for e in range(experts.count):
-            slots.update({experts.slot(e, part): (experts, e) for part in parts})
-    return slots
 
 
 def expert_inputs(module: nn.Module, experts: Experts, expert: int, x: torch.Tensor) -> torch.Tensor:

@@ -22,8 +22,6 @@ from regmean.loading import check_room_for_text, check_vocabulary_fits, load_ada
 from regmean.measure.accumulate import Accumulator
 from regmean.measure.batching import Batch, make_batches
 from regmean.measure.protect import (
-    EXPERTS_UNCLIPPED,
-    NO_EXAMPLE_BOUND,
     PrivateRelease,
     Protection,
     token_site_names,
@@ -31,7 +29,7 @@ from regmean.measure.protect import (
 )
 from regmean.measure.sites import Site, detect_sites, select_modules, site_blocks
 from regmean.memory import Peak, peak_memory
-from regmean.stats import SiteStats, Statistics
+from regmean.stats import EXPERTS_UNCLIPPED, NO_EXAMPLE_BOUND, SiteStats, Statistics
 from regmean.stats_checks import ROUTED
 from regmean.units import human
 

@@ -80,8 +80,6 @@ def withhold_token_sites(model: nn.Module, sites: list[Site], skipped: dict[str,
     return [s for s in sites if s.name not in found], sorted(found)
 
 
-EXPERTS_UNCLIPPED = "left out under DP: an expert's inputs (the tokens routed to it) are not clipped per example"
-NO_EXAMPLE_BOUND = "left out under DP: its input rows follow no example (no per-example bound to clip them to)"
 """The reason `skipped` gives for the modules of a fixed- or mixed-stream site in a DP release."""
 
 

@@ -15,11 +15,10 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from regmean.architecture import Experts, linear_layers
+from regmean.architecture import Experts, expert_slots, linear_layers
 from regmean.errors import RegmeanError
 from regmean.io.untrusted import compile_pattern
 from regmean.measure.batching import Batch, forward
-from regmean.measure.experts import expert_slots
 from regmean.stats_checks import ROUTED
 from regmean.units import human
 

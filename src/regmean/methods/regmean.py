@@ -12,11 +12,9 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from regmean.architecture import LinearLayer, is_head_key
+from regmean.architecture import LinearLayer, expert_slots, is_head_key
 from regmean.dtypes import itemsize
 from regmean.errors import RegmeanError, one_line
-from regmean.measure.experts import expert_slots
-from regmean.measure.protect import EXPERTS_UNCLIPPED, NO_EXAMPLE_BOUND
 from regmean.methods.average import Average
 from regmean.methods.base import Computed, Cost, LayerReport, StatisticsKind, Step, TensorStep
 from regmean.methods.coverage import averaged_matrices, summarize, unrouted
@@ -29,7 +27,7 @@ from regmean.methods.least_squares import (
     reconstruction_error,
     regmean_solve,
 )
-from regmean.stats import WITHHELD, SiteStats, StatisticsFile
+from regmean.stats import EXPERTS_UNCLIPPED, NO_EXAMPLE_BOUND, WITHHELD, SiteStats, StatisticsFile
 from regmean.stats_checks import ROUTED, scale_outlier, structure_problems
 
 
@@ -293,7 +291,7 @@ class RegMean(Average):
         rows = [check_rows(layer.d_out, layer.module, exact) for layer in group]
         try:
             # a DP file's sum and count carry noise of their own: its affine Gram need not be semidefinite
-            noisy = affine and any("dp" in st.privacy for st in self.inputs.stats)
+            noisy = affine and any("dp" in st.privacy for st in self.inputs.stats or [])
             verify = self.settings.verify_grams and not noisy
             solution = regmean_solve(stacked, grams, scale, self.weights, self.settings.alpha, verify=verify)
         except FloatingPointError as exc:

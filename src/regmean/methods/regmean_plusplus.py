@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Literal
 import torch
 from torch import nn
 
-from regmean.architecture import parameter_names
+from regmean.architecture import expert_slots, parameter_names
 from regmean.dtypes import FLOATS, itemsize
 from regmean.errors import RegmeanError
 from regmean.io.chat import render_chat
@@ -27,7 +27,6 @@ from regmean.io.data import load_examples
 from regmean.loading import load_adapted, load_tokenizer, tokenizer_folder
 from regmean.measure.accumulate import Accumulator
 from regmean.measure.batching import Batch, make_batches
-from regmean.measure.experts import expert_slots
 from regmean.measure.sites import detect_sites, select_modules
 from regmean.methods.base import Computed, Cost, Step
 from regmean.methods.coverage import averaged_matrices, summarize
