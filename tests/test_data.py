@@ -89,3 +89,11 @@ def test_an_empty_data_file_says_so(tmp_path, content):
     path.write_text(content)
     with pytest.raises(RegmeanError, match="no rows \\(the file is empty or blank\\)"):
         load_examples(path)
+
+
+def test_a_lone_surrogate_is_named_by_line(tmp_path):
+    """Final sweep F10: valid JSON, not Unicode text; was an internal error in measure and evaluate."""
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"text": "ok"}\n{"text": "bad \\ud800 text"}\n')
+    with pytest.raises(RegmeanError, match="d.jsonl: line 2 holds a lone surrogate"):
+        load_examples(path)

@@ -264,8 +264,9 @@ def provenance_edit(change):
         (lambda meta, record: meta.__setitem__("tokens", "999"), "are not its provenance's"),
         (lambda meta, record: record.__setitem__("max_length", 1), "examples of at most 1"),
         (lambda meta, record: record.__setitem__("processes", 0), "records 0 processes"),
+        (lambda meta, record: record.__setitem__("tokens", str(record["tokens"])), "tokens is '.*', not a count"),
     ],
-    ids=["examples", "tokens", "max_length", "processes"],
+    ids=["examples", "tokens", "max_length", "processes", "typed"],
 )
 def test_a_header_whose_counts_contradict_its_provenance_is_refused(trio, change, says):
     """Sweep findings S05/S15/S26/S27: such numbers went into `stats show` and the merged card."""

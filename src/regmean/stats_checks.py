@@ -71,6 +71,13 @@ def _provenance_problems(records: list[dict], totals: tuple[int, int] | None) ->
 
     problems = []
     for record in records:
+        typed = [
+            k
+            for k in ("examples", "tokens", "decoder_tokens", "max_length")
+            if k in record and number(record, k) is None
+        ]
+        if typed:
+            problems.append((True, f"a provenance's {typed[0]} is {record[typed[0]]!r:.40}, not a count"))
         examples, length, processes = (number(record, k) for k in ("examples", "max_length", "processes"))
         for key in ("tokens", "decoder_tokens"):
             tokens = number(record, key)
@@ -98,6 +105,12 @@ def structure_problems(files: list) -> list[str]:
             problems.append(
                 f"{f.path}: module {moved[0]} reads site {f.modules[moved[0]]}, but site {first.modules[moved[0]]} "
                 f"in {first.path}; one architecture has one site map: the file was altered, measure again"
+            )
+        if bool(f.site_streams) != bool(first.site_streams) or (
+            f.site_streams and set(f.site_streams) != set(first.site_streams) and set(f.modules) == set(first.modules)
+        ):
+            problems.append(
+                f"{f.path}: records its sites' streams unlike {first.path}; the file was altered: measure again"
             )
         shared = [s for s in f.site_streams if s in first.site_streams and f.site_streams[s] != first.site_streams[s]]
         if shared and not moved:
@@ -160,6 +173,10 @@ def check_gram(path: Path, name: str, gram: torch.Tensor, total: torch.Tensor, c
     noise, the Gram was projected onto the PSD cone) skips the sum's bound."""
     diagonal = gram.diagonal().double()
     scale = float(diagonal.abs().max()) if diagonal.numel() else 0.0
+    if count == 0 and (scale > 0 or bool(total.any())):
+        raise RegmeanError(
+            f"{path}: site {name} counts 0 rows but has non-zero sums; the file was altered: measure again"
+        )
     floor = -RELATIVE_SLACK * scale - 1e-30
     if float(diagonal.min()) < floor:
         worst = int(diagonal.argmin())

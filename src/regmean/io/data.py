@@ -99,8 +99,14 @@ def _json_lines(stream, path: Path) -> list:
         if line.strip():
             try:
                 rows.append(json.loads(line))
+                if "\\ud" in line.lower():  # an escaped surrogate: valid JSON, but only in a pair is it Unicode
+                    json.dumps(rows[-1], ensure_ascii=False).encode("utf-8")
             except json.JSONDecodeError as exc:
                 raise RegmeanError(f"{path}: line {number} is not JSON ({exc.msg}, column {exc.colno})") from None
+            except UnicodeEncodeError:
+                raise RegmeanError(
+                    f"{path}: line {number} holds a lone surrogate (\\ud800-\\udfff), not Unicode text"
+                ) from None
 
 
 def load_examples(

@@ -42,6 +42,7 @@ def unrouted(inputs) -> dict[str, str]:
     for k, st in enumerate(inputs.stats or []):
         for module, site in st.modules.items():
             if st.site_streams.get(site, ("",))[0] == ROUTED and module not in out and st.count(site) == 0:
+                st.site(site)  # its checks: no row, so nothing summed
                 out[module] = f"expert to which no token of model {k}'s data was routed (0 rows)"
     return out
 
