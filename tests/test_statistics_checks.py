@@ -265,8 +265,9 @@ def provenance_edit(change):
         (lambda meta, record: record.__setitem__("max_length", 1), "examples of at most 1"),
         (lambda meta, record: record.__setitem__("processes", 0), "records 0 processes"),
         (lambda meta, record: record.__setitem__("tokens", str(record["tokens"])), "tokens is '.*', not a count"),
+        (lambda meta, record: record.__setitem__("tokens", 2), "records 2 tokens from 4 examples"),
     ],
-    ids=["examples", "tokens", "max_length", "processes", "typed"],
+    ids=["examples", "tokens", "max_length", "processes", "typed", "fewer_tokens"],
 )
 def test_a_header_whose_counts_contradict_its_provenance_is_refused(trio, change, says):
     """Sweep findings S05/S15/S26/S27: such numbers went into `stats show` and the merged card."""

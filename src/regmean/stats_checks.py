@@ -81,6 +81,8 @@ def _provenance_problems(records: list[dict], totals: tuple[int, int] | None) ->
         examples, length, processes = (number(record, k) for k in ("examples", "max_length", "processes"))
         for key in ("tokens", "decoder_tokens"):
             tokens = number(record, key)
+            if key == "tokens" and None not in (tokens, examples) and tokens < examples:
+                problems.append((True, f"a provenance records {tokens} tokens from {examples} examples"))
             if None not in (tokens, examples, length) and tokens > examples * length:
                 problems.append(
                     (True, f"a provenance records {tokens} {key} from {examples} examples of at most {length}")

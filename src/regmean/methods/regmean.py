@@ -253,13 +253,12 @@ class RegMean(Average):
         if any(st.site_streams.get(name, ("",))[0] == ROUTED for st, name in zip(files, step.sites, strict=True)):
             return  # an expert may see a handful of tokens: its scale is no evidence
         mean_squares = [float(s.gram.diagonal().sum()) / s.count if s.count else 0.0 for s in stats]
-        outlier = scale_outlier(mean_squares)
-        if outlier is not None:
-            k, others = outlier
+        if scale_outlier(mean_squares) is not None:  # which file is the odd one out, only its owner can tell
+            said = "; ".join(f"{st.path}: {v:.3g}" for st, v in zip(files, mean_squares, strict=True))
             raise RegmeanError(
-                f"{self.inputs.stats[k].path}: site {step.sites[k]}: its inputs' mean squared norm is "
-                f"{mean_squares[k]:.3g}, the other models' {others:.3g}; fine-tunes of one model are never that far "
-                "apart: the statistics were altered or are of another model, measure again"
+                f"site {step.sites[0]}: the models' inputs differ in mean squared norm by more than a factor of a "
+                f"million ({said}); fine-tunes of one model are never that far apart: a file was altered or is of "
+                "another model, measure again"
             )
 
     def compute(self, step: Step, data) -> Computed:
