@@ -32,13 +32,7 @@ from regmean.io.outputs import Inputs
 from regmean.io.staged import StagedFiles, target_file, write_atomic
 from regmean.io.tensorfile import TensorFile
 from regmean.io.untrusted import all_finite
-from regmean.stats_checks import (
-    check_count,
-    check_gram,
-    check_header,
-    count_limits,
-    structure_problems,
-)
+from regmean.stats_checks import check_count, check_gram, check_header, count_limits, structure_problems
 
 FORMAT = "regmean.gram"
 FORMAT_VERSION = 2

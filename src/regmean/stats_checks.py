@@ -231,3 +231,21 @@ def scale_outlier(mean_squares: list[float]) -> tuple[int, float] | None:
     if len(known) == 2:
         worst, median = max(known)[1], values[0]
     return (worst, median) if distance > math.log(SCALE_SPREAD) else None
+
+
+def check_scales(files: list | None, sites: tuple[str, ...], stats: list) -> None:
+    """Refuse a site where one model's inputs are a thousand times larger or smaller than the others' (a Gram
+    multiplied by a constant passes every identity, and would make that model's weights the merge). Not for Grams
+    measured during the merge (no `files`), DP files (noisy traces and counts) or experts (a handful of tokens)."""
+    if files is None or any("dp" in st.privacy for st in files):
+        return
+    if any(st.site_streams.get(name, ("",))[0] == ROUTED for st, name in zip(files, sites, strict=True)):
+        return
+    mean_squares = [float(s.gram.diagonal().sum()) / s.count if s.count else 0.0 for s in stats]
+    if scale_outlier(mean_squares) is not None:  # which file is the odd one out, only its owner can tell
+        said = "; ".join(f"{st.path}: {v:.3g}" for st, v in zip(files, mean_squares, strict=True))
+        raise RegmeanError(
+            f"site {sites[0]}: the models' inputs differ in mean squared norm by more than a factor of a million "
+            f"({said}); fine-tunes of one model are never that far apart: a file was altered or is of another "
+            "model, measure again"
+        )

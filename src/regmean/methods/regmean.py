@@ -28,7 +28,7 @@ from regmean.methods.least_squares import (
     regmean_solve,
 )
 from regmean.stats import EXPERTS_UNCLIPPED, NO_EXAMPLE_BOUND, WITHHELD, SiteStats, StatisticsFile
-from regmean.stats_checks import ROUTED, scale_outlier, structure_problems
+from regmean.stats_checks import check_scales, structure_problems
 
 
 class RegMeanOptions(BaseModel):
@@ -244,29 +244,12 @@ class RegMean(Average):
             )
         return None
 
-    def _check_scales(self, step: SiteStep, stats: list[SiteStats]) -> None:
-        """Refuse a site where one model's inputs are a thousand times larger or smaller than the others' (a Gram
-        multiplied by a constant passes every identity, and would make that model's weights the merge)."""
-        files = self.inputs.stats
-        if files is None or any("dp" in st.privacy for st in files):  # measured here, or noisy traces and counts
-            return
-        if any(st.site_streams.get(name, ("",))[0] == ROUTED for st, name in zip(files, step.sites, strict=True)):
-            return  # an expert may see a handful of tokens: its scale is no evidence
-        mean_squares = [float(s.gram.diagonal().sum()) / s.count if s.count else 0.0 for s in stats]
-        if scale_outlier(mean_squares) is not None:  # which file is the odd one out, only its owner can tell
-            said = "; ".join(f"{st.path}: {v:.3g}" for st, v in zip(files, mean_squares, strict=True))
-            raise RegmeanError(
-                f"site {step.sites[0]}: the models' inputs differ in mean squared norm by more than a factor of a "
-                f"million ({said}); fine-tunes of one model are never that far apart: a file was altered or is of "
-                "another model, measure again"
-            )
-
     def compute(self, step: Step, data) -> Computed:
         if not isinstance(step, SiteStep):
             return super().compute(step, data)
         opts = self.settings
         stats = data.stats
-        self._check_scales(step, stats)
+        check_scales(self.inputs.stats, step.sites, stats)
         counts = torch.tensor([s.count for s in stats], dtype=torch.float64)
         relative = self.weights / self.weights.max()  # the solution depends only on the ratios; keeps Grams finite
         scale = relative / counts if opts.gram_weighting == "mean" else relative
