@@ -7,6 +7,7 @@ import math
 import time
 from collections import defaultdict
 from dataclasses import dataclass, replace
+from functools import cached_property
 from typing import Literal
 
 import torch
@@ -18,6 +19,7 @@ from regmean.errors import RegmeanError, one_line
 from regmean.methods.average import Average
 from regmean.methods.base import Computed, Cost, LayerReport, StatisticsKind, Step, TensorStep
 from regmean.methods.coverage import averaged_matrices, summarize, unrouted
+from regmean.methods.expert_checks import RoutedTraces, expert_problems
 from regmean.methods.least_squares import (
     MIN_SAMPLED_ROWS,
     SAMPLED_FRACTION,
@@ -200,6 +202,10 @@ class RegMean(Average):
         """The site's Grams as the statistics files store them (format 2: the upper triangle)."""
         return sum(st.gram_nbytes(name) for st, name in zip(self.inputs.stats, sites, strict=True))
 
+    @cached_property
+    def _routed_traces(self) -> RoutedTraces:
+        return RoutedTraces(self.inputs)
+
     def describe(self, steps: list[Step]) -> str:
         solved = {layer.module for s in steps if isinstance(s, SiteStep) for layer in s.layers}
         averaged = summarize(averaged_matrices(self.inputs, solved))
@@ -250,6 +256,7 @@ class RegMean(Average):
         opts = self.settings
         stats = data.stats
         check_scales(self.inputs.stats, step.sites, stats)
+        self._routed_traces.check(step.sites, stats)
         counts = torch.tensor([s.count for s in stats], dtype=torch.float64)
         relative = self.weights / self.weights.max()  # the solution depends only on the ratios; keeps Grams finite
         scale = relative / counts if opts.gram_weighting == "mean" else relative
@@ -381,8 +388,10 @@ def _coverage_problems(inputs) -> list[str]:
         protected = {m for st in inputs.stats for m, why in st.skipped.items() if why in OWNERS_LEFT_OUT}
         partial = sorted(set.union(*covered) - set.intersection(*covered) - protected)
         if partial:
+            lacking = next(st for st in inputs.stats if partial[0] not in st.modules)
+            having = next(st for st in inputs.stats if partial[0] in st.modules)
             problems.append(
-                f"module {partial[0]} has statistics in some models but not others ({len(partial)} modules); "
-                "measure every model with the same include/exclude"
+                f"{lacking.path}: has no statistics for module {partial[0]}, which {having.path} has ({len(partial)} "
+                "modules measured by some models only); measure every model with the same include/exclude"
             )
-    return problems or structure_problems(inputs.stats)
+    return problems or structure_problems(inputs.stats) or expert_problems(inputs)
