@@ -13,6 +13,7 @@ from conftest import TARGETS, TEXTS, write_jsonl
 from test_bad_input import merge_fails
 from test_coverage import MOE_COMMON, fine_tuned
 from test_hostile_input import rewrite
+from test_merge import run, write_config
 
 from regmean.io.data import load_examples
 from regmean.measure import measure
@@ -129,11 +130,17 @@ def test_forged_expert_statistics_are_refused(moe, case):
 
 
 def test_a_model_of_another_routing_is_refused(moe):
-    """F11: model 1's config routes each token to one expert, its statistics were measured at two."""
+    """F11: model 1's config routes each token to one expert, its statistics were measured at two: refused; merged
+    without statistics, the difference is said in the console and the card."""
     tmp_path, models = moe
     config = tmp_path / "in" / "m1" / "config.json"
     config.write_text(json.dumps({**json.loads(config.read_text()), "num_experts_per_tok": 1}))
     merge_fails(tmp_path, {"method": "regmean", "models": models}, models[1]["statistics"], "another routing")
+    data_free = [{"path": m["path"]} for m in models]  # no statistics to contradict: merged, and said
+    result = run("merge", write_config(tmp_path, method="average", models=data_free), tmp_path / "avg")
+    assert result.exit_code == 0, result.output
+    said = f"num_experts_per_tok: 1 in {models[1]['path']}, 2 in {models[0]['path']}"
+    assert said in " ".join(result.output.split()) and said in (tmp_path / "avg" / "README.md").read_text()
 
 
 def test_a_file_missing_an_expert_is_named(moe):

@@ -15,7 +15,7 @@ from regmean.errors import RegmeanError
 from regmean.io.outputs import check_output_path
 from regmean.io.writer import DEFAULT_SHARD_BYTES, ShardedWriter
 from regmean.merge.config import MergeConfig
-from regmean.merge.inputs import MergeInputs, open_inputs
+from regmean.merge.inputs import MergeInputs, config_differences, config_note, open_inputs
 from regmean.merge.output import write_output
 from regmean.merge.parallel import merge_on_ranks
 from regmean.merge.plan import MergePlan, check_memory, check_resident, make_plan, output_layouts
@@ -111,9 +111,10 @@ def _planned(
     plan = make_plan(inputs, method, steps, layouts, device)
     if log is not None:
         log(plan.describe())
-        note = unchecked_note(inputs)
-        if note:
-            log(note)
+        differences = config_differences(inputs)
+        for note in [unchecked_note(inputs)] + [config_note(differences)] * bool(differences):
+            if note:
+                log(note)
     check_memory(plan, memory_limit)
     return plan, method, steps, layouts
 

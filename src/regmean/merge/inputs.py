@@ -20,7 +20,7 @@ from regmean.architecture import (
     parameter_names,
     required_keys,
 )
-from regmean.errors import RegmeanError
+from regmean.errors import RegmeanError, one_line
 from regmean.io.adapter import open_model
 from regmean.io.checkpoint import Checkpoint
 from regmean.io.untrusted import resolve_user_path
@@ -239,3 +239,32 @@ def _fingerprint_problems(inputs: MergeInputs) -> list[str]:
                 "measure this model"
             )
     return problems
+
+
+CONFIG_BOOKKEEPING = frozenset(
+    {"_name_or_path", "transformers_version", "torch_dtype", "dtype", "architectures", "vocab_size", "use_cache"}
+    | {"id2label", "label2id", "num_labels", "finetuning_task", "problem_type", "task_specific_params"}
+)
+"""config.json fields that name, label or store a model rather than set its computation (architectures, vocabulary
+and heads are checked on their own)."""
+
+
+def config_differences(inputs: MergeInputs) -> list[str]:
+    """The config.json settings in which a model differs from the first ('num_experts_per_tok: 1 in b, 2 in a'):
+    the output has one model's config, so each is said."""
+    first, first_path = inputs.models[0].config, inputs.config.models[0].path
+    said = []
+    for entry, ckpt in zip(inputs.config.models[1:], inputs.models[1:], strict=True):
+        for key in sorted((set(first) | set(ckpt.config)) - CONFIG_BOOKKEEPING):
+            if first.get(key) != ckpt.config.get(key):
+                theirs, ours = (one_line(repr(c.get(key, "unset")), 40) for c in (ckpt.config, first))
+                said.append(f"{key}: {theirs} in {entry.path}, {ours} in {first_path}")
+    return said
+
+
+def config_note(differences: list[str]) -> str:
+    """One console line for `config_differences`."""
+    more = f"; {len(differences) - 3} more" if len(differences) > 3 else ""
+    return (
+        f"note: the models' configs differ (the output has one's, as the card says): {'; '.join(differences[:3])}{more}"
+    )

@@ -124,6 +124,14 @@ def _tokenizer_line(inputs: MergeInputs, own_head: int | None) -> str:
     return line
 
 
+def _config_lines(inputs: MergeInputs) -> list[str]:
+    """Where the models' configs differ (the folder has one's), each difference."""
+    from regmean.merge.inputs import config_differences
+
+    differences = config_differences(inputs)
+    return [f"- configs differ: {'; '.join(f'`{d}`' for d in differences)}"] if differences else []
+
+
 def model_card(inputs: MergeInputs, report: MergeReport, own_head: int | None = None) -> str:
     config = inputs.config
     lines = [
@@ -161,6 +169,7 @@ def model_card(inputs: MergeInputs, report: MergeReport, own_head: int | None = 
     if inputs.vocab is not None:
         lines.append(_vocabulary_line(inputs))
     lines.append(_tokenizer_line(inputs, own_head))
+    lines += _config_lines(inputs)
     if config.base_model:
         lines.append(f"- base model: `{config.base_model}`")
     s = report.summary()
