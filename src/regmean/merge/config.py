@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -185,20 +187,28 @@ class MergeConfig(BaseModel):
         return config.resolved(root) if root is not None else config
 
     def resolved(self, root: Path) -> MergeConfig:
-        def fix(p: Path | None) -> Path | None:
-            return None if p is None or p.is_absolute() else (root / p)
-
-        data = self.model_copy(deep=True)
-        for m in data.models:
-            m.path = fix(m.path) or m.path
-            m.statistics = fix(m.statistics) or m.statistics
-            if m.data is not None:
-                m.data.file = fix(m.data.file) or m.data.file
-        data.base_model = fix(data.base_model) or data.base_model
-        data.tokenizer_source = fix(data.tokenizer_source) or data.tokenizer_source
+        """The recipe with its relative paths taken from `root` (the recipe's folder)."""
+        data = self._with_paths(lambda p: p if p.is_absolute() else Path(os.path.normpath(root / p)))
         for what, path in data.input_paths() + [("tokenizer source", data.tokenizer_source)]:
             if path is not None:  # a symbolic link loop is refused now, not when a path is resolved mid-merge
                 resolve_user_path(path, what)
+        return data
+
+    def relative_to(self, folder: Path) -> MergeConfig:
+        """The recipe with every path relative to `folder`, where it is written: it replays from there."""
+        start = os.path.abspath(folder)
+        return self._with_paths(lambda p: Path(os.path.relpath(os.path.abspath(p), start)))
+
+    def _with_paths(self, change: Callable[[Path], Path]) -> MergeConfig:
+        """A copy with `change` applied to every path the recipe names."""
+        data = self.model_copy(deep=True)
+        for m in data.models:
+            m.path = change(m.path)
+            m.statistics = m.statistics and change(m.statistics)
+            if m.data is not None:
+                m.data.file = change(m.data.file)
+        data.base_model = data.base_model and change(data.base_model)
+        data.tokenizer_source = data.tokenizer_source and change(data.tokenizer_source)
         return data
 
     def to_yaml(self) -> str:

@@ -46,7 +46,7 @@ def write_output(
         folders = output_folders(inputs, staged)
         writers = [ShardedWriter(f, layout, shard_bytes) for f, layout in zip(folders, layouts, strict=True)]
         report = fill(writers, staged)
-        finish_folders(inputs, folders, staged, report)
+        finish_folders(inputs, folders, staged, report, out_dir)
     return report
 
 
@@ -57,8 +57,8 @@ def output_folders(inputs: MergeInputs, staged: Path) -> list[Path]:
     return [staged / name for name in output_names([Path(m.path) for m in inputs.config.models])]
 
 
-def finish_folders(inputs: MergeInputs, folders: list[Path], staged: Path, report: MergeReport) -> None:
-    """Config, tokenizer, model card, recipe and report next to the weights."""
+def finish_folders(inputs: MergeInputs, folders: list[Path], staged: Path, report: MergeReport, out_dir: Path) -> None:
+    """Config, tokenizer, model card, recipe and report next to the weights (staged; revealed at `out_dir`)."""
     vocab = inputs.vocab
     for k, folder in enumerate(folders):
         model = inputs.models[vocab.tokenizer_model if vocab else k]  # a grown vocabulary: the most tokens
@@ -72,9 +72,9 @@ def finish_folders(inputs: MergeInputs, folders: list[Path], staged: Path, repor
             (folder / "config.json").write_text(json.dumps({**config, "vocab_size": vocab.total}, indent=2) + "\n")
         own = k if inputs.config.heads == "keep" else None
         (folder / CARD).write_text(model_card(inputs, report, own_head=own))
-        _write_recipe(folder, inputs, report)
+        _write_recipe(folder, inputs, report, out_dir / folder.relative_to(staged))
     if folders != [staged]:
-        _write_recipe(staged, inputs, report)
+        _write_recipe(staged, inputs, report, out_dir)
 
 
 def output_names(models: list[Path]) -> list[str]:
@@ -89,9 +89,10 @@ def output_names(models: list[Path]) -> list[str]:
     return names
 
 
-def _write_recipe(folder: Path, inputs: MergeInputs, report: MergeReport) -> None:
-    """The resolved recipe and the report, which lists every file of the folder: what --force may replace later."""
-    (folder / RECIPE).write_text(inputs.config.to_yaml())
+def _write_recipe(folder: Path, inputs: MergeInputs, report: MergeReport, final: Path) -> None:
+    """The recipe, its paths relative to the folder's final place `final` (it replays from there), and the report,
+    which lists every file of the folder: what --force may replace later."""
+    (folder / RECIPE).write_text(inputs.config.relative_to(final).to_yaml())
     files = sorted(
         p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and p.name != STAGING_MARK
     )

@@ -1,0 +1,46 @@
+"""Recipes: the `merge_config.yaml` written into every output replays from where it lies (its paths are relative to
+its own folder), giving the same bytes."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+from test_merge import make_models, run
+
+
+def without_timings(report: dict) -> dict:
+    """A merge report less what measures the run rather than the merge (seconds)."""
+    if isinstance(report, dict):
+        return {k: without_timings(v) for k, v in report.items() if not k.endswith("seconds")}
+    if isinstance(report, list):
+        return [without_timings(v) for v in report]
+    return report
+
+
+def same_folders(first: Path, second: Path) -> None:
+    files = sorted(p.relative_to(first) for p in first.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(second) for p in second.rglob("*") if p.is_file())
+    for name in files:
+        a, b = (first / name).read_bytes(), (second / name).read_bytes()
+        if name.name == "merge_report.json":
+            assert without_timings(json.loads(a)) == without_timings(json.loads(b)), name
+        else:
+            assert a == b, name
+
+
+@pytest.mark.parametrize("heads", ["merge", "keep"])
+def test_the_written_recipe_replays_to_the_same_bytes(tmp_path, heads):
+    labels = (3, 2, 4) if heads == "keep" else (3, 3, 3)
+    models = make_models(tmp_path / "in", "bert", "BertForSequenceClassification", num_labels=labels)
+    relative = [{key: os.path.relpath(value, tmp_path) for key, value in m.items()} for m in models]
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"method": "regmean", "models": relative, "heads": heads}))
+    result = run("merge", recipe, tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    written = yaml.safe_load((tmp_path / "out" / "merge_config.yaml").read_text())
+    assert written["models"][0]["path"] == "../in/ft0"  # relative to the recipe's own folder
+    result = run("merge", tmp_path / "out" / "merge_config.yaml", tmp_path / "again")
+    assert result.exit_code == 0, result.output
+    same_folders(tmp_path / "out", tmp_path / "again")
