@@ -29,7 +29,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks examples
 
 demo: $(STAMP)
-	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/regmean bench demo --seeds 1 --out runs/demo
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/regmean bench demo --out runs/demo
 
 # what benchmarks/*.py need on top (peer tools get their own environments, made by the scripts)
 bench-deps: $(STAMP)

@@ -321,17 +321,28 @@ def test_t_quantiles_against_the_integrated_density():
 
 
 @pytest.mark.parametrize(
-    ("given", "seeds"),
-    [("3", [0, 1, 2]), ("7,8,9", [7, 8, 9]), ("5-9", [5, 6, 7, 8, 9]), ("0,4-6", [0, 4, 5, 6]), ("7,", None)],
+    ("given", "count", "seeds"),
+    [
+        ("11", None, [11]),
+        ("7,8,9", None, [7, 8, 9]),
+        ("5-9", None, [5, 6, 7, 8, 9]),
+        ("0,4-6", None, [0, 4, 5, 6]),
+        (None, 3, [0, 1, 2]),
+        (None, None, [0]),
+        ("7,", None, "not a list or range"),
+        ("3", 3, "give one"),
+        (None, 0, "at least 1"),
+    ],
 )
-def test_seeds_are_a_count_a_list_or_a_range(given, seeds):
+def test_seeds_are_seeds_and_a_count_is_its_own_option(given, count, seeds):
+    """A single number is one seed (--seeds 11 is seed 11, never seeds 0-10); a count is --num-seeds."""
     from regmean.bench.run import parse_seeds
 
-    if seeds is None:
-        with pytest.raises(RegmeanError, match="not a count, list or range"):
-            parse_seeds(given)
+    if isinstance(seeds, str):
+        with pytest.raises(RegmeanError, match=seeds):
+            parse_seeds(given, count)
     else:
-        assert parse_seeds(given) == seeds
+        assert parse_seeds(given, count) == seeds
 
 
 def test_bench_on_a_device_this_machine_lacks_is_one_line(tmp_path):
@@ -341,7 +352,7 @@ def test_bench_on_a_device_this_machine_lacks_is_one_line(tmp_path):
         pytest.skip("this machine has CUDA")
     cli_fails(["bench", "partitions", "--device", "cuda", "--out", tmp_path / "b"], "CUDA is not available here")
     assert not (tmp_path / "b").exists()
-    cli_fails(["bench", "partitions", "--seeds", "3-1", "--out", tmp_path / "b"], "not a count, list or range")
+    cli_fails(["bench", "partitions", "--seeds", "3-1", "--out", tmp_path / "b"], "not a list or range")
 
 
 def test_own_tasks_are_the_data_each_suite_trains_and_scores_its_individual_models_on(tmp_path):

@@ -26,8 +26,28 @@ from regmean.launch import relaunch_with_torchrun
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Dataless knowledge fusion with RegMean.")
 stats_app = typer.Typer(no_args_is_help=True, help="Inspect, audit and combine statistics files.")
 app.add_typer(stats_app, name="stats")
+
+
+def _print_version(asked: bool) -> None:
+    if asked:
+        from regmean import __version__
+
+        print(f"regmean {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit")
+    ] = False,
+) -> None:
+    """Dataless knowledge fusion with RegMean."""
+
+
 console = Console(stderr=True, markup=False)  # paths and texts from users are never read as markup
 Withhold = Literal["none", "token-sites"]  # what `measure --withhold` may leave out
+PICKLE_HELP = "Read a pytorch_model.bin checkpoint (pickle: only if you trust its source)"
 
 
 def _fail(problems: list[str], code: int = 2) -> NoReturn:
@@ -93,10 +113,11 @@ def measure(
     include: Annotated[str | None, typer.Option(help="Regex: measure only matching module names")] = None,
     exclude: Annotated[str | None, typer.Option(help="Regex: skip matching module names")] = None,
     force: Annotated[
-        bool, typer.Option(help="Replace existing statistics (kept until the new ones are complete)")
+        bool, typer.Option("--force", help="Replace existing statistics (kept until the new ones are complete)")
     ] = False,
     allow_pickle: Annotated[
-        bool, typer.Option(help="Read a pytorch_model.bin checkpoint (pickle: only if you trust its source)")
+        bool,
+        typer.Option("--allow-pickle", help=PICKLE_HELP),
     ] = False,
     nproc: Annotated[int, typer.Option(min=1, help="Processes on this machine (runs torchrun for you)")] = 1,
     max_memory: Annotated[
@@ -187,10 +208,11 @@ def fisher(
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1, mps ...")] = "cpu",
     nproc: Annotated[int, typer.Option(min=1, help="Processes on this machine (runs torchrun for you)")] = 1,
     force: Annotated[
-        bool, typer.Option(help="Replace an existing Fisher file (kept until the new one is complete)")
+        bool, typer.Option("--force", help="Replace an existing Fisher file (kept until the new one is complete)")
     ] = False,
     allow_pickle: Annotated[
-        bool, typer.Option(help="Read a pytorch_model.bin checkpoint (pickle: only if you trust its source)")
+        bool,
+        typer.Option("--allow-pickle", help=PICKLE_HELP),
     ] = False,
 ) -> None:
     """Measure the diagonal Fisher of a classifier (for `method: fisher`), from per-example gradients."""
@@ -246,9 +268,9 @@ def _on_rank0(make_writer: Callable):
 def merge(
     config: Annotated[Path, typer.Argument(help="Merge recipe (YAML)")],
     out_dir: Annotated[Path, typer.Argument(help="Output model folder")],
-    force: Annotated[bool, typer.Option(help="Replace a non-empty output folder")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace a non-empty output folder")] = False,
     dry_run: Annotated[
-        bool, typer.Option(help="Validate and print the plan (bytes, peak memory); merge nothing")
+        bool, typer.Option("--dry-run", help="Validate and print the plan (bytes, peak memory); merge nothing")
     ] = False,
     shard_size: Annotated[str, typer.Option(help="Largest output shard, e.g. 2GB")] = "5GB",
     max_memory: Annotated[str | None, typer.Option(help="Refuse if the peak memory estimate exceeds this")] = None,
@@ -296,7 +318,7 @@ def merge(
 def stats_combine(
     paths: Annotated[list[Path], typer.Argument(help="Statistics of one model on disjoint data")],
     out: Annotated[Path, typer.Option(help="Folder for the combined statistics")],
-    force: Annotated[bool, typer.Option(help="Replace an existing statistics file")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing statistics file")] = False,
 ) -> None:
     """Add statistics measured separately: the result equals measuring the union of the data."""
     from regmean.stats import BlockWriter, combine
@@ -311,14 +333,17 @@ def stats_combine(
 @_reports_errors
 def bench(
     name: Annotated[str, typer.Argument(help="partitions, tasks, domains, ner, all, or demo")],
-    seeds: Annotated[str, typer.Option(help="A count (3: seeds 0-2), or seeds: 7,8,9 or 5-9")] = "1",
+    seeds: Annotated[str | None, typer.Option(help="Seeds to run: 11 (seed 11), 7,8,9 or 5-9")] = None,
+    num_seeds: Annotated[int | None, typer.Option(help="Run seeds 0 to N-1 (default: seed 0)")] = None,
     out: Annotated[Path | None, typer.Option(help="Output folder (default runs/NAME)")] = None,
     base: Annotated[Path | None, typer.Option(help="Backbone model folder (default: packaged MiniLM)")] = None,
     train_size: Annotated[int | None, typer.Option(help="Training examples per model")] = None,
     test_size: Annotated[int | None, typer.Option(help="Examples per evaluation set")] = None,
     epochs: Annotated[int | None, typer.Option(help="Fine-tuning epochs")] = None,
     alpha: Annotated[float | None, typer.Option(help="RegMean alpha of the main row")] = None,
-    keep_work: Annotated[bool, typer.Option(help="Keep statistics and merged models under OUT/work")] = False,
+    keep_work: Annotated[
+        bool, typer.Option("--keep-work", help="Keep statistics and merged models under OUT/work")
+    ] = False,
     device: Annotated[
         str, typer.Option(help="cpu, cuda, cuda:1 ...: fine-tune, measure, merge and score there")
     ] = "cpu",
@@ -330,7 +355,7 @@ def bench(
     out = out or Path("runs") / name
     run_bench(
         name,
-        parse_seeds(seeds),
+        parse_seeds(seeds, num_seeds),
         out,
         base,
         train_size=train_size,

@@ -28,7 +28,9 @@ def evaluate(
     messages_field: Annotated[
         str | None, typer.Option(help="Conversation column for causal LMs, formatted by each model's chat template")
     ] = None,
-    per_label: Annotated[bool, typer.Option(help="Add each label's F1 (sequence classification)")] = False,
+    per_label: Annotated[
+        bool, typer.Option("--per-label", help="Add each label's F1 (sequence classification)")
+    ] = False,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the scores as JSON")] = None,
     csv_out: Annotated[Path | None, typer.Option("--csv", help="Write the scores as CSV")] = None,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1, mps ...")] = "cpu",

@@ -42,18 +42,22 @@ def packaged_minilm() -> Path:
     return Path(spec.origin).parent / "model"
 
 
-def parse_seeds(text: str) -> list[int]:
-    """`--seeds`: a count ("3": seeds 0, 1, 2), or a list and ranges of seeds ("7,8,9", "5-9", "0,4-6")."""
-    text = text.strip()
-    if text.isdigit():
-        if int(text) < 1:
-            raise RegmeanError("--seeds 0: give a count of at least 1, or seeds such as 7,8,9 or 5-9")
-        return list(range(int(text)))
+def parse_seeds(text: str | None, count: int | None = None) -> list[int]:
+    """The seeds of `--seeds` (a list and ranges of seeds: "11" is seed 11, "7,8,9", "5-9", "0,4-6") or of
+    `--num-seeds` (a count: 3 is seeds 0, 1, 2); seed 0 when neither is given."""
+    if text is not None and count is not None:
+        raise RegmeanError("--seeds and --num-seeds: give one (--seeds 11 is seed 11; --num-seeds 11 is seeds 0-10)")
+    if text is None:
+        if count is not None and count < 1:
+            raise RegmeanError(f"--num-seeds {count}: give a count of at least 1")
+        return list(range(count or 1))
     seeds: list[int] = []
-    for part in text.split(","):
+    for part in text.strip().split(","):
         first, dash, last = part.strip().partition("-")
         if not first.isdigit() or (dash and not last.isdigit()) or (dash and int(last) < int(first)):
-            raise RegmeanError(f"--seeds {text!r}: not a count, list or range of seeds (e.g. 3, 7,8,9 or 5-9)")
+            raise RegmeanError(
+                f"--seeds {text!r}: not a list or range of seeds (e.g. 11, 7,8,9 or 5-9; a count is --num-seeds 3)"
+            )
         seeds += list(range(int(first), int(last) + 1)) if dash else [int(first)]
     return sorted(set(seeds))
 
