@@ -1,5 +1,6 @@
-"""Recipes: the `merge_config.yaml` written into every output replays from where it lies (its paths are relative to
-its own folder), giving the same bytes."""
+"""Recipes and cards: the `merge_config.yaml` written into every output replays from where it lies (its paths are
+relative to its own folder), giving the same bytes; the card carries the Hub's metadata, the recipe and the
+citation."""
 
 import json
 import os
@@ -7,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_merge import make_models, run
+from test_merge import make_models, run, write_config
 
 
 def without_timings(report: dict) -> dict:
@@ -44,3 +45,21 @@ def test_the_written_recipe_replays_to_the_same_bytes(tmp_path, heads):
     result = run("merge", tmp_path / "out" / "merge_config.yaml", tmp_path / "again")
     assert result.exit_code == 0, result.output
     same_folders(tmp_path / "out", tmp_path / "again")
+
+
+def test_the_card_has_the_hubs_metadata_the_recipe_and_the_citation(tmp_path):
+    models = make_models(tmp_path / "in", "bert", "BertForSequenceClassification")
+    result = run("merge", write_config(tmp_path, method="regmean", models=models), tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    card = (tmp_path / "out" / "README.md").read_text()
+    front = yaml.safe_load(card.split("---\n")[1])
+    assert front == {
+        "library_name": "transformers",
+        "base_model": [m["path"] for m in models],
+        "base_model_relation": "merge",
+        "tags": ["merge", "regmean"],
+        "pipeline_tag": "text-classification",
+    }
+    recipe = (tmp_path / "out" / "merge_config.yaml").read_text()
+    assert f"```yaml\n{recipe.rstrip()}\n```" in card
+    assert "Dataless Knowledge Fusion by Merging Weights of Language Models" in card and "@inproceedings" in card

@@ -2,6 +2,7 @@
 
 import json
 
+import yaml
 from conftest import build_model, save_model, write_jsonl
 from safetensors import safe_open
 from test_merge import run
@@ -27,6 +28,13 @@ def test_card_describes_the_statistics(tmp_path):
     assert "| data.jsonl | text: `text` |" in card and "| 32 | float32 | 1 |" in card
     assert f"  - path: {tmp_path / 'model'}\n    statistics: {tmp_path / 'stats'}\n" in card
     assert "float32" in card and "version 2" in card
+    front = yaml.safe_load(card.split("---\n")[1])  # the Hub's metadata
+    assert front == {
+        "base_model": str(tmp_path / "model"),
+        "tags": ["regmean", "merge-statistics"],
+        "statistics_format": "regmean.gram version 2",
+        "protection": "none",
+    }
     for text in ("flight", "patriots"):  # no word of the data
         assert text not in card
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import yaml
+
 from regmean import __version__
 from regmean.stats import FORMAT_VERSION, Statistics
 
@@ -26,9 +28,15 @@ def statistics_card(stats: Statistics, model: Path, out: Path, files: list[str],
     """The card's text: model fingerprint, data provenance, format and dtype, and the recipe lines that use it."""
     fp = stats.fingerprint
     sites = len(set(stats.modules.values()))
+    meta = {
+        "base_model": str(model),
+        "tags": ["regmean", "merge-statistics"],
+        "statistics_format": f"regmean.gram version {FORMAT_VERSION}",
+        "protection": stats.protection,
+    }
     lines = [
         "---",
-        "tags: [regmean, merge-statistics]",
+        yaml.safe_dump(meta, sort_keys=False, allow_unicode=True).rstrip(),
         "---",
         MARK,
         "",
