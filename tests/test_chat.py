@@ -2,9 +2,11 @@
 texts written out by hand; prompt/response pairs fall back to plain concatenation; bad conversations are refused."""
 
 import json
+import math
 from pathlib import Path
 
 import pytest
+import torch
 import transformers as tf
 from conftest import build_model, save_model
 from safetensors.torch import load_file
@@ -100,10 +102,52 @@ def test_evaluate_perplexity_of_conversations(tmp_path):
     chat = write_rows(tmp_path / "chat.jsonl", [{"messages": c} for c in CONVERSATIONS])
     plain = write_rows(tmp_path / "plain.jsonl", [{"text": by_hand(c)} for c in CONVERSATIONS])
     scores = []
-    for data, fields in ((chat, ["--messages-field", "messages"]), (plain, [])):
+    for data, fields in ((chat, ["--messages-field", "messages", "--score", "all"]), (plain, [])):
         out = tmp_path / f"{data.stem}.json"
         result = run("evaluate", model, "--data", data, "--json", out, *fields)
         assert result.exit_code == 0, result.output
         scores.append(json.loads(out.read_text())[0]["perplexity"])
     assert scores[0] == pytest.approx(scores[1], rel=1e-6)
     assert scores[0] > 1.0
+
+
+# turns that render as beginnings of the conversation, as ChatML and Llama-3's templates do
+TURNS = (
+    "{% for m in messages %}[CLS] {{ m['role'] }}: {{ m['content'] }} [SEP] {% endfor %}"
+    "{% if add_generation_prompt %}[CLS] assistant: {% endif %}"
+)
+
+
+def assistant_oracle(model_dir: Path, conversations: list[list[dict]]) -> tuple[float, int]:
+    """Perplexity over the assistant turns, computed plainly: each conversation tokenised piece by piece (pieces
+    split at spaces tokenise as the whole does), the answers' pieces marked, the model's NLL of each marked token."""
+    model = tf.AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    tok = tf.AutoTokenizer.from_pretrained(model_dir)
+    total, count = 0.0, 0
+    for conversation in conversations:
+        ids, scored = [], []
+        for m in conversation:
+            header = f"[CLS] {m['role']}: "
+            body = f"{m['content']} [SEP] "
+            for piece, mark in ((header, False), (body, m["role"] == "assistant")):
+                new = tok(piece, add_special_tokens=False)["input_ids"]
+                ids, scored = ids + new, scored + [mark] * len(new)
+        with torch.no_grad():
+            logits = model(torch.tensor([ids])).logits[0, :-1]
+        nll = torch.nn.functional.cross_entropy(logits, torch.tensor(ids[1:]), reduction="none")
+        marked = torch.tensor(scored[1:])
+        total, count = total + float(nll[marked].sum()), count + int(marked.sum())
+    return math.exp(total / count), count
+
+
+def test_evaluate_scores_the_assistant_turns_of_conversations(tmp_path):
+    model = chat_model(tmp_path, TURNS)
+    conversations = [*CONVERSATIONS, [*CONVERSATIONS[0], {"role": "user", "content": "why"}, CONVERSATIONS[2][1]]]
+    chat = write_rows(tmp_path / "chat.jsonl", [{"messages": c} for c in conversations])
+    result = run("evaluate", model, "--data", chat, "--messages-field", "messages", "--json", tmp_path / "s.json")
+    assert result.exit_code == 0, result.output
+    assert "assistant turns scored" in " ".join(result.output.split())
+    (row,) = json.loads((tmp_path / "s.json").read_text())
+    perplexity, tokens = assistant_oracle(model, conversations)
+    assert row["tokens"] == tokens and row["perplexity"] == pytest.approx(perplexity, rel=1e-5)
+    assert row["scored"] == "assistant turns" and row["examples"] == len(conversations)

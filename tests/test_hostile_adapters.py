@@ -165,10 +165,10 @@ def test_a_folder_with_an_adapter_and_a_full_model_is_refused(inputs):
     assert not out.exists()
 
 
-def test_evaluate_of_an_adapter_says_to_fold_it(inputs):
-    """Sweep finding E06: was "config.json: missing (save_pretrained writes it)"."""
+def test_evaluate_of_an_adapter_without_its_base_names_the_fix(inputs):
+    """Sweep finding E06 (was "config.json: missing (save_pretrained writes it)"); adapters are scored since."""
     data = write_jsonl(inputs.parent / "d.jsonl")
-    cli_fails(["evaluate", inputs / "adapter0", "--data", data], "a LoRA adapter", "merge_and_unload")
+    cli_fails(["evaluate", inputs / "adapter0", "--data", data], "a LoRA adapter without its base model", "--base")
 
 
 def cli_within(args: list, seconds: float) -> subprocess.CompletedProcess:

@@ -150,3 +150,20 @@ def test_measure_needs_the_base(tmp_path):
     ex = [Example(t, None, None) for t in TEXTS]
     with pytest.raises(RegmeanError, match="a LoRA adapter without its base model"):
         measure(adapter, ex, progress=False)
+
+
+def test_evaluate_scores_an_adapter_as_its_folded_model(adapters):
+    """An adapter over its base (--base) scores exactly as the full model peft folds it into, beside it."""
+    root, base, folders, full = adapters
+    config = json.loads((base / "config.json").read_text())
+    names = list(config.get("id2label", {}).values())
+    labels = (
+        [names[k % len(names)] for k in range(len(TEXTS))] if "Classification" in config["architectures"][0] else None
+    )
+    data = write_jsonl(root / "scored.jsonl", TEXTS, labels or ["x"] * len(TEXTS))
+    out = root / "scores.json"
+    result = run("evaluate", folders[0], full[0], "--data", data, "--base", base, "--json", out, "--max-length", 32)
+    assert result.exit_code == 0, result.output
+    adapter, folded = json.loads(out.read_text())
+    metric = next(k for k in folded if k in ("perplexity", "accuracy"))
+    assert adapter[metric] == pytest.approx(folded[metric], rel=1e-5) and adapter.get("tokens") == folded.get("tokens")

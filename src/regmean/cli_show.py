@@ -7,7 +7,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 from rich.console import Console
@@ -15,6 +15,7 @@ from rich.table import Table
 
 from regmean.errors import RegmeanError, one_line
 
+Scope = Literal["assistant", "all"]  # what `evaluate --score` scores of a conversation
 SHOWN_RECORDS = 20
 """Provenance records `stats show` prints (all stay in the file)."""
 
@@ -28,6 +29,10 @@ def evaluate(
     messages_field: Annotated[
         str | None, typer.Option(help="Conversation column for causal LMs, formatted by each model's chat template")
     ] = None,
+    base: Annotated[Path | None, typer.Option(help="Base model folder of the LoRA adapters among the models")] = None,
+    score: Annotated[
+        Scope, typer.Option(help="Conversations: score the assistant turns, or every token (system and user too)")
+    ] = "assistant",
     per_label: Annotated[
         bool, typer.Option("--per-label", help="Add each label's F1 (sequence classification)")
     ] = False,
@@ -64,16 +69,32 @@ def evaluate(
         batch_size,
         max_length,
         messages_field=messages_field,
+        base=base,
+        score_tokens=score,
     )
+    scored = "assistant turns" if messages_field and score == "assistant" else "every token"
+    lm = scores[0].tokens is not None
     columns = list(dict.fromkeys(k for s in scores for k in s.metrics))
-    table = Table(title=f"{data.name} ({scores[0].kind})")
+    described = f"{scores[0].examples:,} examples" + (f", {scored} scored" if lm else "")
+    table = Table(title=f"{data.name} ({scores[0].kind}; {described})")
     table.add_column("model")
-    for c in columns:
+    for c in columns + ["tokens"] * lm:
         table.add_column(c, justify="right")
     for s in scores:
-        table.add_row(s.model, *(_cell(c, s.metrics.get(c)) for c in columns))
+        tokens = [f"{s.tokens:,}"] if lm else []
+        table.add_row(s.model, *(_cell(c, s.metrics.get(c)) for c in columns), *tokens)
     Console(markup=False).print(table)
-    rows = [{"model": s.model, "kind": s.kind, **s.metrics} for s in scores]
+    where = {"data": str(data), "examples": scores[0].examples}
+    rows = [
+        {
+            "model": s.model,
+            "kind": s.kind,
+            **s.metrics,
+            **where,
+            **({"tokens": s.tokens, "scored": scored} if lm else {}),
+        }
+        for s in scores
+    ]
     if json_out is not None:
         finite = [{k: _json_number(v) for k, v in r.items()} for r in rows]
         json_out.write_text(json.dumps(finite, indent=2) + "\n")

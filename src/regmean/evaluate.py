@@ -20,7 +20,7 @@ from rich.progress import Progress
 
 from regmean.architecture import load_config
 from regmean.bench.data import TextDataset
-from regmean.bench.evaluate import per_label_f1, predict, score
+from regmean.bench.evaluate import classifier_class, classify, per_label_f1, score
 from regmean.errors import RegmeanError
 from regmean.io.chat import render_chat
 from regmean.io.data import Example, load_examples, read_table, text_cell
@@ -39,6 +39,38 @@ class Scores:
     model: str
     kind: str
     metrics: dict[str, float] = field(default_factory=dict)
+    examples: int = 0
+    tokens: int | None = None
+    """Language models: the tokens scored (each model's own tokenizer counts them)."""
+
+
+@dataclass
+class Candidate:
+    """A model to score, as given: a model folder, or a LoRA adapter over its base (config and head from the
+    base, tokenizer from the adapter where it saved one)."""
+
+    path: Path
+    checkpoint: object  # io.checkpoint.Checkpoint or io.adapter.AdaptedCheckpoint
+
+    @classmethod
+    def open(cls, path: Path, base: Path | None, bases: dict) -> Candidate:
+        from regmean.io.adapter import is_adapter, open_model
+
+        return cls(path, open_model(path, base if is_adapter(path) else None, bases=bases))
+
+    @property
+    def config_dir(self) -> Path:
+        return self.checkpoint.folders[0]
+
+    def load(self, device: str, cls=None):
+        from regmean.loading import load_adapted
+
+        return load_adapted(self.checkpoint, device, cls=cls)
+
+    def tokenizer(self):
+        from regmean.loading import load_tokenizer, tokenizer_folder
+
+        return load_tokenizer(tokenizer_folder(self.checkpoint.folders))
 
 
 def model_kind(path: Path) -> str:
@@ -106,10 +138,10 @@ def _string_list(value) -> bool:
     return hasattr(value, "__len__") and not isinstance(value, str) and all(isinstance(v, str) for v in value)
 
 
-def check_labels(models: list[Path], data: TextDataset, data_path: Path) -> list[str]:
+def check_labels(configs: list[Path], models: list[Path], data: TextDataset, data_path: Path) -> list[str]:
     """The label names every model shares (the data's first, in order), refusing models whose sets differ from the
-    first model's and data labels no model has."""
-    sets = {m: label_names(m) for m in models}
+    first model's and data labels no model has; `configs`: each model's config folder (an adapter's base)."""
+    sets = {m: label_names(c) for c, m in zip(configs, models, strict=True)}
     first = set(sets[models[0]])
     for m in models[1:]:
         if set(sets[m]) != first:
@@ -123,16 +155,18 @@ def check_labels(models: list[Path], data: TextDataset, data_path: Path) -> list
 
 
 def classification_scores(
-    model: Path, data: TextDataset, names: list[str], per_label: bool, **options
+    candidate: Candidate, data: TextDataset, names: list[str], per_label: bool, **options
 ) -> dict[str, float]:
     """The bench's scores for one classifier, its logits reordered to `names` (the model's labels by name)."""
-    own = label_names(model)
+    own = label_names(candidate.config_dir)
     order = torch.tensor([own.index(n) for n in names])
-    logits = [lg[..., order] for lg in predict(model, data, **options)]
+    model = candidate.load(options["device"], cls=classifier_class(data.token_level))
+    predicted = classify(model, candidate.tokenizer(), candidate.path, data, **options)
+    logits = [lg[..., order] for lg in predicted]
     broken = sum(not bool(torch.isfinite(lg).all()) for lg in logits)
     if broken:
         raise RegmeanError(
-            f"{model}: gives NaN or Inf logits on {broken} of {len(logits)} examples; its weights are broken"
+            f"{candidate.path}: gives NaN or Inf logits on {broken} of {len(logits)} examples; its weights are broken"
         )
     named = TextDataset(data.name, data.texts, data.labels, names, token_level=data.token_level)
     metrics = score(named, logits)
@@ -142,53 +176,87 @@ def classification_scores(
     return metrics
 
 
-def perplexity(model_dir: Path, kind: str, examples: list[Example], **options) -> float:
-    """exp of the mean negative log-likelihood per predicted token over the data (padding masked); seq2seq models
-    score the targets given the texts; conversations are formatted by each model's own chat template."""
-    from regmean.loading import check_positions, check_room_for_text, check_vocabulary_fits, load_model, load_tokenizer
+def perplexity(candidate: Candidate, kind: str, examples: list[Example], scope: str, **options) -> tuple[float, int]:
+    """exp of the mean negative log-likelihood per predicted token over the data (padding masked), and the tokens
+    scored; seq2seq models score the targets given the texts; conversations are formatted by each model's own chat
+    template and, with `scope` "assistant", only the assistant turns' tokens are scored."""
+    from regmean.loading import check_positions, check_room_for_text, check_vocabulary_fits
 
     device, batch_size, max_length = options["device"], options["batch_size"], options["max_length"]
-    model, tok = load_model(model_dir, device=device), load_tokenizer(model_dir)  # (pad token set, right padding)
-    check_vocabulary_fits(model, tok, model_dir)
-    check_room_for_text(tok, max_length, model_dir)
-    examples, _ = render_chat(examples, tok, model_dir)
-    texts, targets = [e.text for e in examples], [e.target for e in examples]
+    model, tok = candidate.load(device), candidate.tokenizer()  # (pad token set, right padding)
+    check_vocabulary_fits(model, tok, candidate.path)
+    check_room_for_text(tok, max_length, candidate.path)
+    examples, _ = render_chat(examples, tok, candidate.path)
+    spans = _scored_spans(examples, tok, candidate.path, scope)
     special = not (examples and examples[0].templated)  # a chat template writes its own special tokens
     total, tokens = 0.0, 0
     with torch.inference_mode():
-        for start in range(0, len(texts), batch_size):
-            enc = _encoded(tok, texts[start : start + batch_size], max_length, device, special=special)
+        for start in range(0, len(examples), batch_size):
+            batch = examples[start : start + batch_size]
+            own = None if spans is None else spans[start : start + batch_size]
+            enc = _encoded(tok, [e.text for e in batch], max_length, device, special=special, spans=own)
             check_positions(model.config, enc["input_ids"].shape[-1])
             if kind == "seq2seq":
-                lab = _encoded(tok, targets[start : start + batch_size], max_length, device, target=True)
+                lab = _encoded(tok, [e.target for e in batch], max_length, device, target=True)
                 labels = lab["input_ids"].masked_fill(lab["attention_mask"] == 0, -100)
-                logits = model(**enc, labels=labels).logits
+                logits = model(**_inputs(enc), labels=labels).logits
             else:
-                labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
-                logits, labels = model(**enc).logits[:, :-1], labels[:, 1:]
+                labels = enc["input_ids"].masked_fill(enc["scored"] == 0, -100)
+                logits, labels = model(**_inputs(enc)).logits[:, :-1], labels[:, 1:]
             nll = torch.nn.functional.cross_entropy(
                 logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum"
             )
             total, tokens = total + float(nll), tokens + int((labels != -100).sum())
     if tokens == 0:
-        raise RegmeanError(f"{model_dir}: no token to score (the texts are empty after tokenisation)")
+        raise RegmeanError(f"{candidate.path}: no token to score (the texts are empty after tokenisation)")
     mean = total / tokens
-    return math.exp(mean) if mean < 700 else math.inf  # a broken model scores inf, not an overflow
+    return (math.exp(mean) if mean < 700 else math.inf), tokens  # a broken model scores inf, not an overflow
+
+
+def _scored_spans(examples: list[Example], tok, where: Path, scope: str) -> list | None:
+    """Per example, the character spans whose tokens are scored (its assistant turns), or None: every token."""
+    from regmean.io.chat import assistant_spans
+
+    if scope != "assistant" or not any(e.templated for e in examples):
+        return None
+    if not tok.is_fast:
+        raise RegmeanError(f"{where}: a slow tokenizer cannot locate the assistant turns' tokens; --score all")
+    return [assistant_spans(e, tok, where, number) for number, e in enumerate(examples, start=1)]
+
+
+def _inputs(enc: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
 
 def _encoded(
-    tok, texts: list[str], max_length: int, device: str, target: bool = False, special: bool = True
+    tok, texts: list[str], max_length: int, device: str, target: bool = False, special: bool = True, spans=None
 ) -> dict[str, torch.Tensor]:
-    """Token ids and attention mask only (a tokenizer's token_type_ids would be added to a GPT-2's embeddings);
-    `target`: encoded as targets (tokenizers with a target vocabulary use it)."""
+    """Token ids, attention mask and which tokens are scored (`scored`: every real token, or with `spans` the
+    tokens that begin inside each text's spans); no token_type_ids (a tokenizer's would be added to a GPT-2's
+    embeddings). `target`: encoded as targets (tokenizers with a target vocabulary use it)."""
     from regmean.loading import bounded_text
 
     texts = [bounded_text(tok, t, max_length) for t in texts]
     kwargs = {"text_target": texts} if target else {"text": texts}
     enc = tok(
-        **kwargs, padding=True, truncation=True, max_length=max_length, return_tensors="pt", add_special_tokens=special
+        **kwargs,
+        padding=True,
+        truncation=True,
+        max_length=max_length,
+        return_tensors="pt",
+        add_special_tokens=special,
+        return_offsets_mapping=spans is not None,
     )
-    return {"input_ids": enc["input_ids"].to(device), "attention_mask": enc["attention_mask"].to(device)}
+    scored = enc["attention_mask"].clone()
+    if spans is not None:
+        starts = enc["offset_mapping"][..., 0]
+        for row, text_spans in enumerate(spans):
+            inside = torch.zeros_like(scored[row], dtype=torch.bool)
+            for first, last in text_spans:
+                inside |= (starts[row] >= first) & (starts[row] < last)
+            scored[row] &= inside.to(scored.dtype)
+    out = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "scored": scored}
+    return {k: v.to(device) for k, v in out.items()}
 
 
 def evaluate(
@@ -203,17 +271,15 @@ def evaluate(
     max_length: int = 128,
     progress: bool = True,
     messages_field: str | None = None,
+    base: Path | None = None,
+    score_tokens: str = "assistant",
 ) -> list[Scores]:
-    """Every model's scores on the data file, in the order given (all models must be of one kind)."""
-    from regmean.io.adapter import is_adapter
-
-    adapter = next((m for m in models if is_adapter(m)), None)
-    if adapter is not None:
-        raise RegmeanError(
-            f"{adapter}: a LoRA adapter; evaluate scores full models: fold it into its base first (peft's "
-            "merge_and_unload, then save_pretrained)"
-        )
-    kinds = {m: model_kind(m) for m in models}
+    """Every model's scores on the data file, in the order given (all models must be of one kind). Model folders
+    or LoRA adapters (over `base`, or the local base their config names); conversations score the assistant turns
+    only unless `score_tokens` is "all"."""
+    bases: dict = {}  # adapters over one base share it
+    candidates = [Candidate.open(m, base, bases) for m in models]
+    kinds = {c.path: model_kind(c.config_dir) for c in candidates}
     kind = kinds[models[0]]
     other = next((m for m in models if kinds[m] != kind), None)
     if other is not None:
@@ -224,14 +290,16 @@ def evaluate(
         task = bar.add_task("evaluating", total=len(models))
         if kind in ("sequence", "token"):
             labelled = read_labelled(data, kind, text_field, label_field)
-            names = check_labels(models, labelled, data)
-            for m in models:
-                out.append(Scores(str(m), kind, classification_scores(m, labelled, names, per_label, **options)))
+            names = check_labels([c.config_dir for c in candidates], models, labelled, data)
+            for c in candidates:
+                metrics = classification_scores(c, labelled, names, per_label, **options)
+                out.append(Scores(str(c.path), kind, metrics, len(labelled.texts)))
                 bar.advance(task)
         else:
             examples = _lm_examples(data, kind, text_field, target_field, messages_field)
-            for m in models:
-                out.append(Scores(str(m), kind, {"perplexity": perplexity(m, kind, examples, **options)}))
+            for c in candidates:
+                value, tokens = perplexity(c, kind, examples, score_tokens, **options)
+                out.append(Scores(str(c.path), kind, {"perplexity": value}, len(examples), tokens))
                 bar.advance(task)
     return out
 

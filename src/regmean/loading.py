@@ -57,7 +57,7 @@ def load_model(model_dir: str | Path, device: str = "cpu", dtype: torch.dtype | 
     return model.to(device).eval()
 
 
-def load_adapted(ckpt, device: str = "cpu", dtype: torch.dtype | None = None):
+def load_adapted(ckpt, device: str = "cpu", dtype: torch.dtype | None = None, cls=None):
     """The model a Checkpoint or AdaptedCheckpoint holds, in eval mode: for a LoRA adapter, the base model with the
     adapted weights (W + scale B A, and the modules it saves) as the adapter's checkpoint computes them for a merge,
     so that measure and merge see one function. peft is not involved: its module matching runs the adapter's
@@ -65,8 +65,8 @@ def load_adapted(ckpt, device: str = "cpu", dtype: torch.dtype | None = None):
     from regmean.io.adapter import AdaptedCheckpoint
 
     if not isinstance(ckpt, AdaptedCheckpoint):
-        return load_model(ckpt.path, device, dtype)
-    model = load_model(ckpt.base.path, device, dtype)
+        return load_model(ckpt.path, device, dtype, cls)
+    model = load_model(ckpt.base.path, device, dtype, cls)
     tensors = dict(model.named_parameters(remove_duplicate=False)) | dict(model.named_buffers(remove_duplicate=False))
     adapted = [*ckpt.pairs, *ckpt.replaced]
     unknown = [key for key in adapted if key not in tensors]

@@ -14,22 +14,31 @@ from regmean.bench.train import IGNORE, batches, tokenizer_for
 from regmean.loading import check_positions, check_room_for_text, check_vocabulary_fits, load_model
 
 
+def classifier_class(token_level: bool) -> type:
+    return tf.AutoModelForTokenClassification if token_level else tf.AutoModelForSequenceClassification
+
+
 def load_classifier(path: str | Path, token_level: bool):
     """The classifier in eval mode; refused if its checkpoint lacks the head (or any tensor) the class needs."""
-    cls = tf.AutoModelForTokenClassification if token_level else tf.AutoModelForSequenceClassification
-    return load_model(path, cls=cls)
+    return load_model(path, cls=classifier_class(token_level))
 
 
-@torch.inference_mode()
 def predict(
     path: str | Path, data: TextDataset, max_length: int = 64, batch_size: int = 64, device: str = "cpu"
 ) -> list[torch.Tensor]:
+    """Logits per example of the classifier in folder `path` (`classify`)."""
+    model = load_classifier(path, data.token_level).to(device)
+    return classify(model, tokenizer_for(Path(path)), path, data, max_length, batch_size, device)
+
+
+@torch.inference_mode()
+def classify(
+    model, tok, where: str | Path, data: TextDataset, max_length: int, batch_size: int, device: str
+) -> list[torch.Tensor]:
     """Logits per example (on the CPU): [C] for sequence classification, [n_words, C] (first sub-token) for token
     level. Examples are batched in order of length (less padding), the logits returned in the data's order."""
-    model = load_classifier(path, data.token_level).to(device)
-    tok = tokenizer_for(Path(path))
-    check_vocabulary_fits(model, tok, path)
-    check_room_for_text(tok, max_length, path)
+    check_vocabulary_fits(model, tok, where)
+    check_room_for_text(tok, max_length, where)
     order = sorted(range(len(data)), key=lambda i: len(" ".join(data.texts[i]) if data.token_level else data.texts[i]))
     out: list[torch.Tensor] = [torch.empty(0)] * len(data)
     rows = iter(order)

@@ -90,7 +90,7 @@ def base_folder(adapter: Path, config: dict, given: str | Path | None) -> Path:
     where = f" ({named!r} is not a local folder)" if named else ""
     raise RegmeanError(
         f"{adapter}: a LoRA adapter without its base model{where}; give the base model folder "
-        "(`base_model:` in a merge recipe, --base for measure)"
+        "(`base_model:` in a merge recipe, --base for measure and evaluate)"
     )
 
 

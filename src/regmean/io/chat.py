@@ -110,33 +110,60 @@ def render_chat(examples: Sequence, tokenizer, tokenizer_dir: str | Path) -> tup
         return list(examples), PLAIN
     rendered = []
     for number, e in enumerate(examples, start=1):
-        turns = [{"role": role, "content": content} for role, content in e.messages]
-        try:
-            with (
-                time_limit(TEMPLATE_SECONDS, f"{tokenizer_dir}: the chat template took over {TEMPLATE_SECONDS} s"),
-                memory_cap(TEMPLATE_MEMORY),
-            ):
-                text = tokenizer.apply_chat_template(turns, tokenize=False)
-        except RegmeanError:
-            raise
-        except MemoryError:
-            raise RegmeanError(
-                f"{tokenizer_dir}: the chat template took more than {human(TEMPLATE_MEMORY)} rendering "
-                f"conversation {number}; fix the template (tokenizer_config.json 'chat_template')"
-            ) from None
-        except Exception as exc:  # jinja2 raises its own types, and templates raise on roles they do not accept
-            raise RegmeanError(
-                f"{tokenizer_dir}: the chat template cannot format a conversation ({one_line(str(exc), 200)})"
-            ) from exc
-        if isinstance(text, str) and len(text) > MAX_RENDERED:
-            raise RegmeanError(
-                f"{tokenizer_dir}: the chat template rendered conversation {number} into {len(text):,} characters "
-                f"(at most {MAX_RENDERED:,}); fix the template"
-            )
-        if not isinstance(text, str) or not text.strip():
-            raise RegmeanError(
-                f"{tokenizer_dir}: the chat template rendered conversation {number} of the data empty; fix the "
-                "template (tokenizer_config.json 'chat_template') or the conversation"
-            )
+        text = _render(tokenizer, e.messages, tokenizer_dir, number)
         rendered.append(replace(e, text=text, templated=True))
     return rendered, CHAT_TEMPLATE
+
+
+def _render(tokenizer, messages: Turns, tokenizer_dir, number: int, generation_prompt: bool = False) -> str:
+    """One conversation through the chat template, bounded in time, memory and length (a template is code from the
+    model's folder); `generation_prompt`: followed by the header of the assistant's answer."""
+    turns = [{"role": role, "content": content} for role, content in messages]
+    try:
+        with (
+            time_limit(TEMPLATE_SECONDS, f"{tokenizer_dir}: the chat template took over {TEMPLATE_SECONDS} s"),
+            memory_cap(TEMPLATE_MEMORY),
+        ):
+            text = tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=generation_prompt)
+    except RegmeanError:
+        raise
+    except MemoryError:
+        raise RegmeanError(
+            f"{tokenizer_dir}: the chat template took more than {human(TEMPLATE_MEMORY)} rendering "
+            f"conversation {number}; fix the template (tokenizer_config.json 'chat_template')"
+        ) from None
+    except Exception as exc:  # jinja2 raises its own types, and templates raise on roles they do not accept
+        raise RegmeanError(
+            f"{tokenizer_dir}: the chat template cannot format a conversation ({one_line(str(exc), 200)})"
+        ) from exc
+    if isinstance(text, str) and len(text) > MAX_RENDERED:
+        raise RegmeanError(
+            f"{tokenizer_dir}: the chat template rendered conversation {number} into {len(text):,} characters "
+            f"(at most {MAX_RENDERED:,}); fix the template"
+        )
+    if not isinstance(text, str) or not text.strip():
+        raise RegmeanError(
+            f"{tokenizer_dir}: the chat template rendered conversation {number} of the data empty; fix the "
+            "template (tokenizer_config.json 'chat_template') or the conversation"
+        )
+    return text
+
+
+def assistant_spans(example, tokenizer, tokenizer_dir, number: int) -> tuple[tuple[int, int], ...]:
+    """The character spans of a rendered conversation's assistant turns (each answer and its end-of-turn marks,
+    not the header before it): where the conversation rendered up to the answer, with the answer's header, ends,
+    and where it ends rendered with the answer. Refused for a template that does not render a conversation's
+    beginnings as beginnings of it (then the turns cannot be located)."""
+    spans = []
+    for i, (role, _) in enumerate(example.messages):
+        if role != "assistant":
+            continue
+        before = _render(tokenizer, example.messages[:i], tokenizer_dir, number, True) if i else ""
+        through = _render(tokenizer, example.messages[: i + 1], tokenizer_dir, number)
+        if not (example.text.startswith(through) and through.startswith(before)):
+            raise RegmeanError(
+                f"{tokenizer_dir}: the chat template renders conversation {number} otherwise than its beginnings, "
+                "so its assistant turns cannot be located; score every token (--score all)"
+            )
+        spans.append((len(before), len(through)))
+    return tuple(spans)
