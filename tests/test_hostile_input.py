@@ -497,7 +497,7 @@ def test_legacy_names_and_yaml_merge_keys_still_work(trio):
     assert result.exit_code == 0, result.output
     merged = yaml.safe_load((tmp_path / "out" / "merge_config.yaml").read_text())
     assert [m["weight"] for m in merged["models"]] == [2, 2, 1]
-    assert merged["models"][1]["path"] == models[1]["path"]
+    assert (tmp_path / "out" / merged["models"][1]["path"]).resolve() == Path(models[1]["path"]).resolve()
 
 
 def test_usage_errors_and_empty_merges_are_refused_in_one_line(trio):

@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 import regmean
 from regmean.cli import app
 from regmean.measure import measure
+from regmean.merge.journal import JOURNAL
 from regmean.stats import save
 
 runner = CliRunner()
@@ -115,9 +116,10 @@ def test_killed_merge_leaves_no_complete_looking_folder(tmp_path):
     assert list(tmp_path.glob(".out.partial-*")), "the merge had started writing"
     assert not (tmp_path / "out").exists()  # only a hidden, visibly partial folder remains
     assert not list(tmp_path.glob(".out.partial-*/model*.safetensors"))
-    # the next run into that output removes the staging folder the killed run left, and says so
-    result = runner.invoke(app, ["merge", str(config), str(tmp_path / "out")])
-    assert result.exit_code == 0 and "left by an interrupted merge" in result.output, result.output
+    # the next run into that output takes up the staging folder the killed run left (its journal says which steps
+    # it finished), and says so
+    result = runner.invoke(app, ["merge", str(config), str(tmp_path / "out"), "--shard-size", "20KB"])
+    assert result.exit_code == 0 and "resuming the merge interrupted in" in result.output, result.output
     assert not list(tmp_path.glob(".out.*"))
     # SIGTERM (kill): the run cleans up after itself, one line, exit 143
     sigterm = code.replace("e.merge(", "import sys\nsys.argv = ['regmean', 'merge', '--force', ").replace(
@@ -127,9 +129,12 @@ def test_killed_merge_leaves_no_complete_looking_folder(tmp_path):
     while time.time() < deadline and not list(tmp_path.glob(".out.partial-*/.shard-*")):
         time.sleep(0.1)
     proc.send_signal(signal.SIGTERM)
-    assert proc.wait() == 143
-    assert proc.stderr.read().splitlines()[-1] == "error: terminated; nothing was written"
-    assert not list(tmp_path.glob(".out.*")) and (tmp_path / "out" / "model.safetensors").is_file()
+    code, err = proc.wait(), proc.stderr.read()
+    assert code == 143, err
+    assert err.splitlines()[-1] == "error: terminated; nothing was written"
+    left = list(tmp_path.glob(".out.*"))  # a staging folder with finished steps is kept for a rerun, none else
+    assert all((p / JOURNAL).read_text().count("\n") > 1 for p in left), left
+    assert (tmp_path / "out" / "model.safetensors.index.json").is_file()  # the earlier output, untouched
 
 
 def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path):

@@ -181,7 +181,15 @@ class PlannedFile:
         self._start = 8 + len(text)
         self._missing = set(layout)
         self._written: dict[str, int] = {}
-        if not create:
+        if not create:  # the file must be laid out as planned here: same header, same size
+            expected = struct.pack("<Q", len(text)) + text
+            try:
+                with open(path, "rb") as f:
+                    same = f.read(len(expected)) == expected and os.fstat(f.fileno()).st_size == self._start + offset
+            except OSError:
+                same = False
+            if not same:
+                raise RegmeanError(f"{path}: not laid out as this merge plans it; delete it to start over")
             self._fd = os.open(path, os.O_WRONLY)
             return
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)

@@ -60,6 +60,12 @@ class ShardedWriter:
         check_finite(tensor, f"merged tensor {name} (check the recipe's weights and scaling; nothing was written)")
         self._file_of[name].write(name, tensor, first_row)
 
+    def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """Tensor `name` (or rows of it) as written so far (a resumed merge's finished steps)."""
+        from regmean.io.tensorfile import TensorFile
+
+        return TensorFile(self._file_of[name].path).get(name, rows)
+
     def written(self) -> list[dict[str, int]]:
         """Bytes written per tensor, per shard (for the process that finishes the shards)."""
         return [f.written for f in self._files]

@@ -10,7 +10,6 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from regmean import distributed, dtypes
 from regmean.devices import check_device
@@ -29,6 +28,7 @@ from regmean.measure.protect import (
 )
 from regmean.measure.sites import Site, detect_sites, select_modules, site_blocks
 from regmean.memory import Peak, peak_memory
+from regmean.progress import progress as show_progress
 from regmean.stats import EXPERTS_UNCLIPPED, NO_EXAMPLE_BOUND, SiteStats, Statistics
 from regmean.stats_checks import ROUTED
 from regmean.units import human
@@ -110,13 +110,12 @@ def measure(
         },
     }
     collected: dict[str, SiteStats] = {}
-    columns = [TextColumn("measuring"), BarColumn(), MofNCompleteColumn(), TextColumn("examples")]
-    with Progress(*columns, TimeRemainingColumn(), disable=not (progress and distributed.rank() == 0)) as bar:
-        task = bar.add_task("measure", total=len(local) * len(blocks))
+    shown = show_progress("measuring", "examples", len(local) * len(blocks), 0, progress and distributed.rank() == 0)
+    with shown as advance:
         for b, block in enumerate(blocks):
             acc = Accumulator(model, block, sums, device, private and private.scales)
             data = _chain(first, first_pass) if b == 0 else batches()
-            rows = acc.pass_over(data, lambda n: bar.advance(task, n))
+            rows = acc.pass_over(data, advance)
             if b == 0:  # every pass reads the same tokens
                 record = {
                     "examples": base["examples"],

@@ -7,7 +7,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from regmean import distributed
 from regmean.devices import check_device
@@ -16,6 +15,7 @@ from regmean.io.outputs import check_output_path
 from regmean.io.writer import DEFAULT_SHARD_BYTES, ShardedWriter
 from regmean.merge.config import MergeConfig
 from regmean.merge.inputs import MergeInputs, config_differences, config_note, open_inputs
+from regmean.merge.journal import Journal, merge_key, written_since
 from regmean.merge.output import write_output
 from regmean.merge.parallel import merge_on_ranks
 from regmean.merge.plan import MergePlan, check_memory, check_resident, make_plan, output_layouts
@@ -23,6 +23,7 @@ from regmean.merge.report import MergeReport
 from regmean.merge.staging import check_output_dir
 from regmean.methods import METHODS
 from regmean.methods.base import Computed, MergeMethod, Step
+from regmean.progress import progress as show_progress
 from regmean.units import parse_size
 from regmean.vocabulary import unchecked_note
 
@@ -76,13 +77,19 @@ def merge(
     inputs = open_inputs(config)
     plan, method, steps, layouts = _planned(inputs, log, memory_limit, device)
 
+    key = merge_key(config.relative_to(Path("/")).to_yaml(), sources, layouts, steps, shard_bytes)
+
     def fill(writers: list[ShardedWriter], staged: Path) -> MergeReport:
-        report = merge_into(method, steps, writers, progress)
+        journal = Journal(staged, key)
+        report = merge_into(method, steps, writers, progress, journal)
+        journal.close()
+        journal.path.unlink()
         for w in writers:
             w.finish()
         return report
 
-    return write_output(out_dir, force, sources, log, inputs, plan.write_bytes, layouts, shard_bytes, fill)
+    args = (out_dir, force, sources, log, inputs, plan.write_bytes, layouts, shard_bytes, fill)
+    return write_output(*args, resume_key=key)
 
 
 def check_device_method(method: str, device: str) -> None:
@@ -119,36 +126,53 @@ def _planned(
     return plan, method, steps, layouts
 
 
-def merge_into(method: MergeMethod, steps: list[Step], writers: list[ShardedWriter], progress: bool = True):
+def merge_into(
+    method: MergeMethod, steps: list[Step], writers: list[ShardedWriter], progress: bool = True, journal=None
+):
     """Run every step, writing its tensors to every writer; then, with heads: keep, each model's own head to its
-    writer. A reader thread loads the next step's inputs while this one computes, so I/O overlaps the arithmetic."""
-    results = run_steps(method, list(enumerate(steps)), writers, progress)
+    writer. A reader thread loads the next step's inputs while this one computes, so I/O overlaps the arithmetic.
+    With a `journal`, the steps it records as finished are skipped and each finished step is recorded."""
+    results = run_steps(method, list(enumerate(steps)), writers, progress, journal)
     write_heads(method.inputs, writers)
     return MergeReport.of_steps(method, results)
 
 
 def run_steps(
-    method: MergeMethod, steps: list[tuple[int, Step]], writers: list[ShardedWriter], progress: bool = True
+    method: MergeMethod, steps: list[tuple[int, Step]], writers: list[ShardedWriter], progress=True, journal=None
 ) -> dict[int, Computed]:
     """Run the numbered steps in order, writing their tensors; returns each step's diagnostics (its tensors
     dropped), by number."""
-    results: dict[int, Computed] = {}
-    columns = [TextColumn("merging"), BarColumn(), MofNCompleteColumn(), TextColumn("steps"), TimeElapsedColumn()]
-    with Progress(*columns, disable=not progress) as bar, ThreadPoolExecutor(1, "regmean-reader") as reader:
-        task = bar.add_task("merge", total=len(steps))
-        pending = reader.submit(method.load, steps[0][1]) if steps else None
-        for i, (number, step) in enumerate(steps):
+    results = resumed(method, steps, writers, journal)
+    todo = [(number, step) for number, step in steps if number not in results]
+    shown = show_progress("merging", "steps", len(steps), len(results), progress)
+    with shown as advance, ThreadPoolExecutor(1, "regmean-reader") as reader:
+        pending = reader.submit(method.load, todo[0][1]) if todo else None
+        for i, (number, step) in enumerate(todo):
             data = pending.result()
-            pending = reader.submit(method.load, steps[i + 1][1]) if i + 1 < len(steps) else None
+            pending = reader.submit(method.load, todo[i + 1][1]) if i + 1 < len(todo) else None
             computed = method.compute(step, data)
             del data
+            before = [w.written() for w in writers] if journal else []
             for name, tensor in computed.tensors.items():
                 tensor = tensor.to("cpu")  # from the compute device (no copy on the CPU)
                 for w in writers:
                     w.add(name, tensor, computed.first_row)
             computed.tensors = {}
+            if journal:
+                journal.record(number, computed, written_since(before, writers))
             results[number] = computed
-            bar.advance(task)
+            advance(1)
+    return results
+
+
+def resumed(method: MergeMethod, steps: list[tuple[int, Step]], writers: list[ShardedWriter], journal) -> dict:
+    """The steps an interrupted run finished (from its journal): counted as written, given back to the method."""
+    if journal is None or not journal.done:
+        return {}
+    results = journal.restore(writers)
+    for number, step in steps:
+        if number in results:
+            method.restore(step, lambda key, rows=step.rows: writers[0].read(key, rows))
     return results
 
 

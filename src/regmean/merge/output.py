@@ -34,14 +34,23 @@ def write_output(
     layouts: list[Layout],
     shard_bytes: int,
     fill: Callable[[list[ShardedWriter], Path], MergeReport],
+    resume_key: str | None = None,
 ) -> MergeReport:
     """The merged folder(s), staged: shards laid out from `layouts`; `fill(writers, staged)` writes every tensor,
     completes the shards and returns the report; then config, tokenizer, card, recipe and report. The folder is
-    revealed only when all of it is done."""
-    with staged_output(out_dir, force, sources, log) as staged:
-        check_free_space(staged, write_bytes, "the merged model", out_dir)
+    revealed only when all of it is done. With `resume_key`, an interrupted run's staged shards of that key are
+    written into again (`merge.journal`)."""
+    from regmean.merge.journal import journal_key
+
+    with staged_output(out_dir, force, sources, log, resume_key) as staged:
+        resuming = resume_key is not None and journal_key(staged) == resume_key
+        if not resuming:  # (a resumed merge's shards are laid out at their full size already)
+            check_free_space(staged, write_bytes, "the merged model", out_dir)
         folders = output_folders(inputs, staged)
-        writers = [ShardedWriter(f, layout, shard_bytes) for f, layout in zip(folders, layouts, strict=True)]
+        writers = [
+            ShardedWriter(f, layout, shard_bytes, create=not resuming)
+            for f, layout in zip(folders, layouts, strict=True)
+        ]
         report = fill(writers, staged)
         finish_folders(inputs, folders, staged, report, out_dir)
     return report

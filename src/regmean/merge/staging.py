@@ -91,19 +91,23 @@ def check_output_dir(out_dir: Path, force: bool) -> None:
 
 
 @contextmanager
-def staged_output(out_dir: Path, force: bool, inputs: Inputs, log=None) -> Iterator[Path]:
-    """A staging folder beside `out_dir`, renamed to `out_dir` only when the block completes: an interrupted or
-    failed merge leaves nothing that looks like a finished model folder, and no folder it made.
+def staged_output(
+    out_dir: Path, force: bool, inputs: Inputs, log=None, resume_key: str | None = None
+) -> Iterator[Path]:
+    """A staging folder beside `out_dir`, renamed to `out_dir` only when the block completes: a failed merge leaves
+    nothing that looks like a finished model folder, and no folder it made.
 
     Before any work: the output is checked against every input and what --force may replace, and locked against a
-    second writer; what killed runs into the same output left is cleaned up (and said)."""
+    second writer; what killed runs into the same output left is cleaned up (and said). With `resume_key`, the
+    staging folder of an interrupted run whose journal has that key is taken up again, and an interrupted run
+    (Ctrl-C, SIGTERM) keeps its own when its journal records a finished step."""
     out_dir = check_output_path(out_dir, inputs)
     check_output_dir(out_dir, force)
     made = new_folders(out_dir.parent)
     try:
         with output_lock(out_dir):
-            _recover(out_dir, log)
-            with _staging(out_dir) as tmp:
+            kept = _recover(out_dir, log, resume_key)
+            with _staging(out_dir, kept, resume_key is not None, log) as tmp:
                 yield tmp
                 _replace(tmp, out_dir, force, log)
     except BaseException:
@@ -112,12 +116,13 @@ def staged_output(out_dir: Path, force: bool, inputs: Inputs, log=None) -> Itera
 
 
 @contextmanager
-def _staging(out_dir: Path) -> Iterator[Path]:
+def _staging(out_dir: Path, kept: Path | None, resumable: bool, log) -> Iterator[Path]:
     try:
-        tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.partial-"))
+        tmp = kept or Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.partial-"))
         (tmp / STAGING_MARK).touch()
     except OSError as exc:
         raise RegmeanError(f"{out_dir.parent}: cannot write here ({exc.strerror})") from None
+    keep = False
     try:
         yield tmp
     except Exception as exc:
@@ -127,9 +132,28 @@ def _staging(out_dir: Path) -> Iterator[Path]:
         needed = _planned_bytes(tmp)  # the shards are laid out at their full size when the writing starts
         shutil.rmtree(tmp)
         raise room_error(out_dir, needed, reason) from None
+    except BaseException:  # Ctrl-C, SIGTERM: what is finished is kept for a rerun to continue
+        keep = resumable and _finished_steps(tmp) > 0
+        if keep:
+            _say(
+                log,
+                f"interrupted: the {_finished_steps(tmp)} finished steps are kept in {tmp}; run the same "
+                "command again to continue from there",
+            )
+        raise
     finally:
-        if tmp.exists():
+        if tmp.exists() and not keep:
             shutil.rmtree(tmp)
+
+
+def _finished_steps(folder: Path) -> int:
+    """The steps a staging folder's journal records as finished."""
+    from regmean.merge.journal import JOURNAL
+
+    try:
+        return max(0, len((folder / JOURNAL).read_text(encoding="utf-8").splitlines()) - 1)
+    except OSError:
+        return 0
 
 
 def _planned_bytes(folder: Path) -> int:
@@ -137,12 +161,20 @@ def _planned_bytes(folder: Path) -> int:
     return sum(p.lstat().st_size for p in folder.rglob("*") if p.is_file() and not p.is_symlink())
 
 
-def _recover(out_dir: Path, log) -> None:
-    """Clean up after runs into `out_dir` that were killed: their staging folders are removed; an old output they
-    had set aside is put back if the new one never took its place, else removed."""
+def _recover(out_dir: Path, log, resume_key: str | None = None) -> Path | None:
+    """Clean up after runs into `out_dir` that were killed: their staging folders are removed (but the one whose
+    journal has `resume_key`, returned: its merge continues); an old output they had set aside is put back if the
+    new one never took its place, else removed."""
+    from regmean.merge.journal import journal_key
+
     name = glob.escape(out_dir.name)
-    for stale in out_dir.parent.glob(f".{name}.partial-*"):
-        if (stale / STAGING_MARK).is_file() or _empty_folder(stale):  # (killed before its mark was written)
+    kept = None
+    for stale in sorted(out_dir.parent.glob(f".{name}.partial-*")):
+        marked = (stale / STAGING_MARK).is_file()
+        if kept is None and marked and resume_key is not None and journal_key(stale) == resume_key:
+            kept = stale
+            _say(log, f"resuming the merge interrupted in {stale} ({_finished_steps(stale)} steps were finished)")
+        elif marked or _empty_folder(stale):  # (killed before its mark was written)
             shutil.rmtree(stale)
             _say(log, f"removed {stale}, left by an interrupted merge into {out_dir}")
     for aside in out_dir.parent.glob(f".{name}.old-*"):
@@ -152,6 +184,7 @@ def _recover(out_dir: Path, log) -> None:
             (aside / out_dir.name).rename(out_dir)
             _say(log, f"put back {out_dir}, set aside by a merge that was interrupted before replacing it")
         shutil.rmtree(aside)
+    return kept
 
 
 def _replace(tmp: Path, out_dir: Path, force: bool, log) -> None:

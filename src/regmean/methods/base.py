@@ -184,6 +184,10 @@ class MergeMethod(ABC):
     def compute(self, step: Step, data) -> Computed:
         """The step's output tensors, from what `load` returned."""
 
+    def restore(self, step: Step, read: Callable[[str], torch.Tensor]) -> None:  # noqa: B027 (stateless: nothing)
+        """A resumed merge skips `step`, finished by the interrupted run; a method that keeps state across steps
+        (RegMean++'s working model) takes the step's outputs back, `read(key)` giving each as written."""
+
     def resident_bytes(self) -> int:
         """Memory the method holds through the whole merge, beyond its steps' (RegMean++: its working model),
         estimated from headers: checked against --max-memory before `plan` loads anything."""

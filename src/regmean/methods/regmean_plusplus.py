@@ -237,6 +237,10 @@ class RegMeanPlusPlus(RegMean):
         self._install(out.tensors)
         return out
 
+    def restore(self, step: Step, read) -> None:
+        """The finished step's merged tensors back into the working model (as `compute` installed them)."""
+        self._install({key: read(key) for key in step.outputs}, step.rows[0] if step.rows else None)
+
     def stage_grams(self, stage: Stage, batches: list[Batch]) -> dict[str, SiteStats]:
         """The stage's site sums over `batches` through the working model as it stands."""
         acc = Accumulator(self.model, list(stage.sites), FLOATS[self.settings.stats_dtype], "cpu")

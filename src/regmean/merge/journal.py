@@ -1,0 +1,107 @@
+"""A merge's journal: the steps it finished, kept in its staging folder, so that a rerun of an interrupted merge with
+the same inputs continues after them instead of starting over.
+
+Each finished step appends one line (its number, its diagnostics, the bytes it wrote into each shard) once its
+tensors are in the shards. The journal's first line is the merge's key: a hash of the regmean version, the recipe,
+the output layout and shard size, the plan's steps, and the size and modification time of every input file. A
+staging folder whose journal holds another key is never resumed (the inputs changed: it is removed, as any stale
+staging folder)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from regmean import __version__
+from regmean.errors import RegmeanError
+from regmean.io.writer import Layout, ShardedWriter
+from regmean.methods.base import Computed, LayerReport, Step
+
+JOURNAL = ".regmean-journal.jsonl"
+
+
+def merge_key(
+    recipe: str, sources: list[tuple[str, Path]], layouts: list[Layout], steps: list[Step], shard_bytes: int
+) -> str:
+    """What a resumed merge must share with the interrupted one."""
+    digest = hashlib.blake2b(digest_size=16)
+    plan = [(type(s).__name__, s.outputs, s.rows) for s in steps]
+    shapes = [[(name, str(dtype), list(shape)) for name, (dtype, shape) in layout.items()] for layout in layouts]
+    digest.update(json.dumps([__version__, recipe, shapes, plan, shard_bytes], default=str).encode())
+    for _, source in sources:
+        files = [source] if source.is_file() else sorted(p for p in source.rglob("*") if p.is_file())
+        for file in files:
+            stat = file.stat()
+            digest.update(f"{file}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def journal_key(folder: Path) -> str | None:
+    """The key of the journal in a staging folder, or None (no journal, or an unreadable one)."""
+    try:
+        with open(folder / JOURNAL, encoding="utf-8") as f:
+            first = json.loads(f.readline())
+    except (OSError, ValueError):
+        return None
+    return first.get("key") if isinstance(first, dict) else None
+
+
+class Journal:
+    """The finished steps of the merge staged in `folder` (those of an interrupted run with the same `key`)."""
+
+    def __init__(self, folder: Path, key: str):
+        self.path = folder / JOURNAL
+        self.done: dict[int, dict] = self._finished() if journal_key(folder) == key else {}
+        lines = [{"key": key}, *self.done.values()]  # rewritten whole: a line cut short by a kill is dropped
+        self.path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (open for the merge's duration)
+
+    def _finished(self) -> dict[int, dict]:
+        """The steps the journal records (a last line cut short by a kill is not one)."""
+        done = {}
+        for text in self.path.read_text(encoding="utf-8").splitlines()[1:]:
+            try:
+                line = json.loads(text)
+            except ValueError:
+                break
+            done[int(line["step"])] = line
+        return done
+
+    def record(self, number: int, computed: Computed, written: list[list[dict[str, int]]]) -> None:
+        """Step `number` is finished: its diagnostics and the bytes it wrote (per writer, per shard)."""
+        line = {
+            "step": number,
+            "layers": [layer.to_dict() for layer in computed.layers],
+            "base_missing": list(computed.base_missing),
+            "written": written,
+        }
+        self._file.write(json.dumps(line) + "\n")
+        self._file.flush()
+
+    def restore(self, writers: list[ShardedWriter]) -> dict[int, Computed]:
+        """The finished steps' diagnostics, their bytes counted as written in `writers`."""
+        results = {}
+        for number, line in self.done.items():
+            if len(line["written"]) != len(writers):
+                raise RegmeanError(f"{self.path}: a journal of another output layout; delete it to start over")
+            for writer, counts in zip(writers, line["written"], strict=True):
+                writer.add_written(counts)
+            layers = [LayerReport(**row) for row in line["layers"]]
+            results[number] = Computed({}, layers=layers, base_missing=line["base_missing"])
+        return results
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def written_since(before: list[list[dict[str, int]]], writers: list[ShardedWriter]) -> list[list[dict[str, int]]]:
+    """The bytes each writer's shards took since `before` (their `written()` then), per tensor."""
+    now = [w.written() for w in writers]
+    return [
+        [
+            {name: size - old.get(name, 0) for name, size in shard.items() if size != old.get(name, 0)}
+            for shard, old in zip(shards, olds, strict=True)
+        ]
+        for shards, olds in zip(now, before, strict=True)
+    ]

@@ -1,0 +1,75 @@
+"""Merges resume: a merge interrupted at a random step (Ctrl-C or SIGTERM) keeps its finished steps in its staging
+folder, and a rerun with the same inputs continues from there to an output byte-identical to an uninterrupted one;
+changed inputs start over."""
+
+import random
+
+import pytest
+from test_merge import EXAMPLES, make_models, write_config
+from test_recipes import same_folders
+
+from regmean.merge.engine import merge
+from regmean.merge.journal import JOURNAL
+from regmean.methods import METHODS
+
+
+class Stop(KeyboardInterrupt):
+    """The interrupt a test sends at a chosen step."""
+
+
+def interrupt_at(monkeypatch, method: str, at: int) -> None:
+    """Ctrl-C as the merge computes its `at`-th step."""
+    cls, calls = METHODS[method], []
+    original = cls.compute
+
+    def compute(self, step, data):
+        calls.append(step)
+        if len(calls) == at:
+            raise Stop
+        return original(self, step, data)
+
+    monkeypatch.setattr(cls, "compute", compute)
+
+
+def recipe(tmp_path, method: str) -> dict:
+    models = make_models(tmp_path / "in", "bert", "BertForSequenceClassification", stats=method == "regmean")
+    if method == "regmean_plusplus":
+        data = tmp_path / "in" / "data.jsonl"
+        data.write_text("".join(f'{{"text": "{e.text}"}}\n' for e in EXAMPLES))
+        models = [{**m, "data": {"file": str(data), "max_length": 32}} for m in models]
+    return {"method": method, "models": models}
+
+
+@pytest.mark.parametrize("method", ["regmean", "regmean_plusplus"])
+def test_an_interrupted_merge_resumes_to_the_same_bytes(tmp_path, monkeypatch, method):
+    config = write_config(tmp_path, **recipe(tmp_path, method))
+    merge(config, tmp_path / "whole", progress=False)
+    steps = merge(config, tmp_path / "plan", dry_run=True).steps
+    at = random.Random(method).randrange(2, steps)  # a random step, the same at every run
+    with monkeypatch.context() as patch:
+        interrupt_at(patch, method, at)
+        with pytest.raises(Stop):
+            merge(config, tmp_path / "out", progress=False)
+    (staged,) = tmp_path.glob(".out.partial-*")
+    assert not (tmp_path / "out").exists()
+    assert len((staged / JOURNAL).read_text().splitlines()) == at  # the key, then at - 1 finished steps
+    said = []
+    merge(config, tmp_path / "out", progress=False, log=said.append)
+    assert any(f"resuming the merge interrupted in {staged}" in line for line in said)
+    assert not list(tmp_path.glob(".out.*"))
+    same_folders(tmp_path / "whole", tmp_path / "out")
+
+
+def test_changed_inputs_start_over(tmp_path, monkeypatch):
+    config = write_config(tmp_path, **recipe(tmp_path, "regmean"))
+    with monkeypatch.context() as patch:
+        interrupt_at(patch, "regmean", 3)
+        with pytest.raises(Stop):
+            merge(config, tmp_path / "out", progress=False)
+    (staged,) = tmp_path.glob(".out.partial-*")
+    config.write_text(config.read_text().replace("method: regmean", "method: regmean\noptions: {alpha: 0.5}"))
+    said = []
+    merge(config, tmp_path / "out", progress=False, log=said.append)
+    assert any(f"removed {staged}" in line for line in said) and not staged.exists()
+    merge(config, tmp_path / "again", progress=False)
+    same_folders(tmp_path / "again", tmp_path / "out")
