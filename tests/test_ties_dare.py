@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 from test_merge import make_models
 
 import regmean
+from regmean.errors import RegmeanError
 from regmean.methods import base as method_base
 from regmean.methods.dare import keep_mask, stream_key
 from regmean.methods.ties import elect_and_average, keep_count, kth_largest, kth_largest_streamed
@@ -37,11 +38,12 @@ def test_streamed_threshold_equals_the_whole_tensor_kth_value(k):
     values[1::11] = 0.5
     other = values.flip(0) * 2  # a second stream read alongside: its own threshold
     streams = [[values[i : i + 130], other[i : i + 130]] for i in range(0, 1000, 130)]
-    assert kth_largest_streamed(lambda: iter(streams), k) == [kth_largest(values, k), kth_largest(other, k)]
+    assert kth_largest_streamed(lambda: iter(streams), [k, k]) == [kth_largest(values, k), kth_largest(other, k)]
+    assert kth_largest_streamed(lambda: iter(streams), [k, 1]) == [kth_largest(values, k), kth_largest(other, 1)]
     assert kth_largest(values, k) == float(values.sort(descending=True).values[k - 1])
 
 
-def naive_ties(models: list[dict], base: dict, density: float, scaling: float) -> dict:
+def naive_ties(models: list[dict], base: dict, density: float | list[float], scaling: float) -> dict:
     """TIES written plainly over whole tensors: topk per task vector, sign of the sum, mean of the agreeing."""
     out = {}
     for key, b in base.items():
@@ -49,9 +51,10 @@ def naive_ties(models: list[dict], base: dict, density: float, scaling: float) -
             out[key] = models[0][key]
             continue
         tvs = [m[key].float() - b.float() for m in models]
-        k = max(1, int(-(-density * b.numel() // 1)))
+        densities = density if isinstance(density, list) else [density] * len(models)
         kept = []
-        for tv in tvs:
+        for tv, own in zip(tvs, densities, strict=True):
+            k = max(1, int(-(-own * b.numel() // 1)))
             threshold = tv.abs().flatten().topk(k).values[-1]
             kept.append(tv * (tv.abs() >= threshold))
         sign = torch.sign(sum(kept))
@@ -85,6 +88,21 @@ def test_ties_merge_equals_a_naive_in_memory_ties(llamas, tmp_path):
     for key in got:
         torch.testing.assert_close(got[key], expected[key], rtol=1e-6, atol=1e-7, msg=key)
     assert "- density: `0.3`" in (tmp_path / "ties" / "README.md").read_text()
+
+
+def test_ties_with_a_density_per_model_equals_the_naive_one(llamas, tmp_path):
+    models, base = llamas
+    densities = [0.2, 0.5, 0.9]
+    own = [{**m, "options": {"density": d}} for m, d in zip(models, densities, strict=True)]
+    got = merged({"method": "TIES", "models": own, "base_model": str(base)}, tmp_path / "ties")  # any case
+    inputs = [load_file(Path(m["path"]) / "model.safetensors") for m in models]
+    expected = naive_ties(inputs, load_file(base / "model.safetensors"), densities, 1.0)
+    for key in got:
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-6, atol=1e-7, msg=key)
+    for options, says in (({"scaling": 2}, "takes no per-model option 'scaling'"), ({"density": 2}, "less than or")):
+        bad = [{**models[0], "options": options}, *models[1:]]
+        with pytest.raises(RegmeanError, match=says):
+            regmean.MergeConfig.parse({"method": "ties", "models": bad, "base_model": str(base)})
 
 
 @pytest.mark.parametrize("options", [{"method": "ties"}, {"method": "dare", "options": {"combine": "ties"}}])

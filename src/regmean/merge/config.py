@@ -63,6 +63,8 @@ class ModelEntry(BaseModel):
     """Its data (required by regmean_plusplus, which measures while it merges)."""
     weight: float = Field(1.0, gt=0)
     """Relative weight of this model (normalised for averages; multiplies its Gram for regmean)."""
+    options: dict[str, Any] = Field(default_factory=dict)
+    """This model's own values of the method's per-model options (ties: density; dare: drop_rate)."""
 
 
 class MergeConfig(BaseModel):
@@ -89,10 +91,11 @@ class MergeConfig(BaseModel):
     allow_pickle: bool = False
     """Read pytorch_model.bin checkpoints (with torch.load(weights_only=True)). Off: pickle can run code."""
 
-    @field_validator("method")
+    @field_validator("method", mode="before")
     @classmethod
-    def _known_method(cls, v: str) -> str:
-        if v not in METHODS:
+    def _known_method(cls, v: Any) -> Any:
+        v = v.lower() if isinstance(v, str) else v  # method names are case-insensitive
+        if isinstance(v, str) and v not in METHODS:
             raise ValueError(f"unknown method {v!r}; choose one of {', '.join(METHODS)}")
         return v
 
@@ -127,6 +130,7 @@ class MergeConfig(BaseModel):
     @model_validator(mode="after")
     def _check(self) -> MergeConfig:
         method = METHODS[self.method]
+        self._check_model_options()
         if method.needs_base and self.base_model is None:
             raise ValueError(f"method {self.method} needs base_model")
         if "base" in (self.embeddings, self.lm_head) and self.base_model is None:
@@ -159,8 +163,27 @@ class MergeConfig(BaseModel):
         paths += [("data file", m.data.file) for m in self.models if m.data is not None]
         return paths + ([("base model", self.base_model)] if self.base_model is not None else [])
 
+    def _check_model_options(self) -> None:
+        """Per-model options are the method's per-model ones, with values its options accept."""
+        method = METHODS[self.method]
+        for m in self.models:
+            unknown = sorted(set(m.options) - method.per_model_options)
+            if unknown:
+                allowed = ", ".join(sorted(method.per_model_options)) or "none"
+                raise ValueError(
+                    f"{m.path}: {self.method} takes no per-model option {unknown[0]!r} (per model: {allowed})"
+                )
+            try:
+                m.options = {k: v for k, v in self.model_options(m).model_dump().items() if k in m.options}
+            except ValidationError as exc:
+                raise ValueError("; ".join(_one_line(str(m.path), e) for e in exc.errors())) from None
+
     def method_options(self) -> BaseModel:
         return METHODS[self.method].options(**self.options)
+
+    def model_options(self, entry: ModelEntry) -> BaseModel:
+        """The method's options for one model: the recipe's, with that model's own where it gives them."""
+        return METHODS[self.method].options(**{**self.options, **entry.options})
 
     def output_dtype(self, dtype: torch.dtype) -> torch.dtype:
         """The dtype a merged floating tensor stored as `dtype` is written in."""

@@ -152,6 +152,8 @@ class MergeMethod(ABC):
     needs_data: ClassVar[bool] = False
     """Whether it measures each model on that model's data (`data:` in the recipe) while merging."""
 
+    per_model_options: ClassVar[frozenset[str]] = frozenset()
+    """Options a recipe may set per model (`models[i].options`)."""
     splits_across_processes: ClassVar[bool] = True
     """Whether its steps are independent, so that processes can share them (`merge --nproc`, torchrun)."""
     runs_on_device: ClassVar[bool] = False
@@ -164,6 +166,8 @@ class MergeMethod(ABC):
         self.stage = Stager(device)
         """Moves a step's input tensors to the compute device (on the reader thread)."""
         self.settings = inputs.config.method_options()
+        self.model_settings = [inputs.config.model_options(m) for m in inputs.config.models]
+        """Each model's options (the recipe's, with its own per-model values)."""
         self.weights = torch.tensor([m.weight for m in inputs.config.models], dtype=torch.float64)
 
     @classmethod

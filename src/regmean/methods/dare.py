@@ -83,14 +83,15 @@ def drop_and_rescale(task_vector: torch.Tensor, key: tuple[int, int], start: int
 class Dare(TaskVectorMethod):
     name = "dare"
     options = DareOptions
+    per_model_options = frozenset({"drop_rate"})
 
     def merge_task_vectors(self, step: TensorStep, data: TensorInputs) -> torch.Tensor:
         opts = self.settings
         shape = self.inputs.models[0].shapes[step.key]
         start = 0 if step.rows is None else step.rows[0] * math.prod(shape[1:])
         sparse = [
-            drop_and_rescale(task_vector(t, data.base), stream_key(opts.seed, k, step.key), start, opts.drop_rate)
-            for k, t in enumerate(data.tensors)
+            drop_and_rescale(task_vector(t, data.base), stream_key(opts.seed, k, step.key), start, own.drop_rate)
+            for k, (t, own) in enumerate(zip(data.tensors, self.model_settings, strict=True))
         ]
         if opts.combine == "ties":
             merged = elect_and_average(sparse, self.weights)

@@ -53,9 +53,10 @@ def kth_largest(values: torch.Tensor, k: int) -> float:
     return float(torch.kthvalue(values.reshape(-1), values.numel() - k + 1).values)
 
 
-def kth_largest_streamed(pieces: Callable[[], Iterator[list[torch.Tensor]]], k: int) -> list[float]:
-    """For each of several streams of non-negative float32 values, its k-th largest. `pieces()` (called twice)
-    yields one piece of every stream at a time (so a shared input, such as the base model's block, is read once).
+def kth_largest_streamed(pieces: Callable[[], Iterator[list[torch.Tensor]]], ks: list[int]) -> list[float]:
+    """For each of several streams of non-negative float32 values, its k-th largest (its own k of `ks`). `pieces()`
+    (called twice) yields one piece of every stream at a time (so a shared input, such as the base model's block, is
+    read once).
 
     Non-negative float32 values order as their bit patterns do, so the k-th largest is found by a histogram of the
     high 16 bits (which bucket holds it) and then one of the low 16 bits within that bucket: exact, with memory for
@@ -64,7 +65,7 @@ def kth_largest_streamed(pieces: Callable[[], Iterator[list[torch.Tensor]]], k: 
     for group in pieces():
         counts = [torch.bincount(p.reshape(-1).view(torch.int32) >> 16, minlength=1 << 16) for p in group]
         high = counts if not high else [h + c for h, c in zip(high, counts, strict=True)]
-    found = [_from_the_top(h, k) for h in high]
+    found = [_from_the_top(h, k) for h, k in zip(high, ks, strict=True)]
     low = [torch.zeros(1 << 16, dtype=torch.int64) for _ in high]
     for group in pieces():
         for histogram, piece, (bucket, _) in zip(low, group, found, strict=True):
@@ -108,6 +109,7 @@ class TiesInputs(TensorInputs):
 class Ties(TaskVectorMethod):
     name = "ties"
     options = TiesOptions
+    per_model_options = frozenset({"density"})
 
     def __init__(self, inputs, device: str = "cpu"):
         super().__init__(inputs, device)
@@ -140,9 +142,9 @@ class Ties(TaskVectorMethod):
         numel = math.prod(inputs.models[0].shapes[key])
         if numel == 0:
             return [0.0] * len(data.tensors)
-        k = keep_count(numel, self.settings.density)
+        ks = [keep_count(numel, own.density) for own in self.model_settings]
         if step.rows is None:
-            return [kth_largest(magnitudes(t, data.base), k) for t in data.tensors]
+            return [kth_largest(magnitudes(t, data.base), k) for t, k in zip(data.tensors, ks, strict=True)]
         if key not in self._thresholds:
             blocks = [s.rows for s in self.tensor_steps(key)]
             base_name = inputs.base_key(key)
@@ -152,7 +154,7 @@ class Ties(TaskVectorMethod):
                     base = inputs.base.get(base_name, rows)
                     yield [magnitudes(model.get(key, rows), base) for model in inputs.models]
 
-            self._thresholds = {key: kth_largest_streamed(pieces, k)}
+            self._thresholds = {key: kth_largest_streamed(pieces, ks)}
         return self._thresholds[key]
 
     def merge_task_vectors(self, step: TensorStep, data: TiesInputs) -> torch.Tensor:
