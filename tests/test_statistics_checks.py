@@ -15,6 +15,7 @@ from transformers import AutoTokenizer
 from regmean.errors import RegmeanError
 from regmean.io.data import Example
 from regmean.measure import measure
+from regmean.measure.protect import Protection
 from regmean.methods.least_squares import is_semidefinite
 from regmean.stats import StatisticsFile, combine, pack_upper, save, unpack_upper
 from regmean.stats_checks import scale_outlier
@@ -332,3 +333,21 @@ def test_a_header_that_contradicts_itself_is_refused(tmp_path, field, edit, says
     forged = forge(tmp_path / "s", meta_change=change)
     with pytest.raises(RegmeanError, match=f"{forged}: .*{says}"):
         StatisticsFile(forged)
+
+
+def dp_claim(meta: dict) -> None:
+    meta["privacy"] = json.dumps({**json.loads(meta.get("privacy", "{}")), "dp": {}})
+
+
+def test_a_dp_claim_switches_no_check_off(trio):
+    """Sweep 4 F1: a bare `dp` record without its mechanism's numbers is refused; an honest DP file beside the
+    others leaves their scale check on (the DP file itself is not compared: its trace and count are noisy)."""
+    tmp_path, models = trio
+    claimed = forge(models[1]["statistics"], scaled, dp_claim)
+    with pytest.raises(RegmeanError, match="privacy"):
+        StatisticsFile(claimed)
+    rewrite(claimed, metadata_change=lambda m: m.__setitem__("privacy", json.dumps({"withheld": []})))
+    texts = [Example(t) for t in TEXTS * 20]
+    dp = save(measure(models[2]["path"], texts, progress=False, protection=Protection(epsilon=8)), tmp_path / "dp")
+    models[2] = {**models[2], "statistics": str(dp.parent)}
+    merge_fails(tmp_path, {"method": "regmean", "models": models}, str(claimed), "mean squared norm")

@@ -22,6 +22,7 @@ from regmean.cli_show import stats_show
 from regmean.errors import RegmeanError, one_line
 from regmean.io.outputs import no_room
 from regmean.launch import relaunch_with_torchrun
+from regmean.stats_checks import MAX_LENGTH
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Dataless knowledge fusion with RegMean.")
 stats_app = typer.Typer(no_args_is_help=True, help="Inspect, audit and combine statistics files.")
@@ -106,7 +107,7 @@ def measure(
     response_field: Annotated[str | None, typer.Option(help="Response column of prompt/response pairs")] = None,
     max_examples: Annotated[int | None, typer.Option(min=1, help="Use at most this many examples")] = None,
     batch_size: Annotated[int, typer.Option(min=1)] = 16,
-    max_length: Annotated[int, typer.Option(min=1, help="Truncate inputs to this many tokens")] = 128,
+    max_length: Annotated[int, typer.Option(min=1, max=MAX_LENGTH, help="Truncate inputs to this many tokens")] = 128,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1, mps ...")] = "cpu",
     stats_dtype: Annotated[str, typer.Option(help="float32 or float64 sums")] = "float32",
     model_dtype: Annotated[str, typer.Option(help="float32, float64, bfloat16 or float16 forward")] = "float32",
@@ -203,7 +204,7 @@ def fisher(
     out: Annotated[Path, typer.Option(help="Folder to write fisher.safetensors into")],
     text_field: Annotated[str, typer.Option(help="Column holding the text (words split on spaces for NER)")] = "text",
     max_examples: Annotated[int | None, typer.Option(min=1, help="Use at most this many examples")] = None,
-    max_length: Annotated[int, typer.Option(min=1)] = 128,
+    max_length: Annotated[int, typer.Option(min=1, max=MAX_LENGTH)] = 128,
     seed: Annotated[int, typer.Option(help="Seed of the sampled tags (token classification)")] = 0,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1, mps ...")] = "cpu",
     nproc: Annotated[int, typer.Option(min=1, help="Processes on this machine (runs torchrun for you)")] = 1,

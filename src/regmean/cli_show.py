@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from regmean.errors import RegmeanError, one_line
+from regmean.stats_checks import MAX_LENGTH
 
 Scope = Literal["assistant", "all"]  # what `evaluate --score` scores of a conversation
 SHOWN_RECORDS = 20
@@ -40,7 +41,7 @@ def evaluate(
     csv_out: Annotated[Path | None, typer.Option("--csv", help="Write the scores as CSV")] = None,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1, mps ...")] = "cpu",
     batch_size: Annotated[int, typer.Option(min=1)] = 32,
-    max_length: Annotated[int, typer.Option(min=1)] = 128,
+    max_length: Annotated[int, typer.Option(min=1, max=MAX_LENGTH)] = 128,
 ) -> None:
     """Score model folders side by side: accuracy and macro-F1, entity F1, or perplexity."""
     from regmean.devices import check_device

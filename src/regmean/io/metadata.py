@@ -64,7 +64,6 @@ class Metadata:
         value = self.json("privacy", "{}")
         withheld = value.get("withheld", []) if isinstance(value, dict) else None
         release = value.get("dp", {}) if isinstance(value, dict) else None
-        numbers = ("epsilon", "delta", "clip", "noise_multiplier")
         bounds = value.get("site_bounds", {}) if isinstance(value, dict) else None
         if not (
             isinstance(bounds, dict)
@@ -73,7 +72,7 @@ class Metadata:
             and all(isinstance(w, str) for w in withheld)
             and isinstance(release, dict)
             and all(isinstance(v, SCALARS) for v in release.values())
-            and (not release or all(isinstance(release.get(k), int | float) for k in numbers))
+            and ("dp" not in value or _valid_release(release, bounds))
         ):
             raise self._bad("privacy", "an object with a 'withheld' list, a 'dp' record and numeric 'site_bounds'")
         return value
@@ -99,3 +98,15 @@ class Metadata:
 def describe_record(record: dict[str, Any], limit: int = 120) -> str:
     """One provenance record as `key=value, ...`, each part cut to `limit` characters (bounded output)."""
     return ", ".join(one_line(f"{k}={v}", limit) for k, v in record.items())
+
+
+def _valid_release(release: dict, bounds: dict) -> bool:
+    """A DP record carries its mechanism's numbers (epsilon, delta, clip and noise multiplier, positive and finite)
+    and a positive bound for the sites it released: a bare `dp` claim is no release."""
+    import math
+
+    numbers = [release.get(k) for k in ("epsilon", "delta", "clip", "noise_multiplier")]
+    numeric = all(
+        isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v > 0 for v in numbers
+    )
+    return numeric and bool(bounds) and all(math.isfinite(v) and v > 0 for v in bounds.values())

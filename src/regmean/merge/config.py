@@ -25,6 +25,7 @@ from regmean.dtypes import FLOATS
 from regmean.errors import RegmeanError, one_line
 from regmean.io.untrusted import compile_pattern, resolve_user_path
 from regmean.methods import METHODS
+from regmean.stats_checks import MAX_LENGTH
 
 
 def _no_nul(path: Path) -> Path:
@@ -50,7 +51,7 @@ class DataSource(BaseModel):
     response_field: str | None = None
     max_examples: int | None = Field(None, ge=1)
     batch_size: int = Field(16, ge=1)
-    max_length: int = Field(128, ge=1)
+    max_length: int = Field(128, ge=1, le=MAX_LENGTH)
 
 
 class ModelEntry(BaseModel):

@@ -123,22 +123,23 @@ def regmean_solve(
     gram_scale: torch.Tensor,
     avg_weights: torch.Tensor,
     alpha: float,
-    verify: bool = False,
+    verify: bool | Sequence[bool] = False,
 ) -> Solution:
     """Merge K weight matrices (each [d_out, d_in], nn.Linear layout) with their Grams (each [d_in, d_in]).
 
     gram_scale [K] multiplies each Gram (model weight, divided by the row count for `mean` weighting);
     avg_weights [K] defines the weighted average the solve starts from. One model at a time: memory holds the
     inputs plus three d_in x d_in float64 matrices (one Gram being added, the system, its factor) and the
-    weight-sized ones the plan counts. With `verify`, each Gram is first proven positive semidefinite
-    (`is_semidefinite`, one factorisation each): IndefiniteGram names the first that is not.
+    weight-sized ones the plan counts. With `verify` (for every Gram, or per Gram), each Gram is first proven
+    positive semidefinite (`is_semidefinite`, one factorisation each): IndefiniteGram names the first that is not.
     """
+    verify = [verify] * len(grams) if isinstance(verify, bool) else list(verify)
     average = weighted_average([w.to(torch.float64) for w in weights], avg_weights)
     delta = torch.empty_like(average)
     a = rhs = None
     for index, (gram, weight, scale) in enumerate(zip(grams, weights, gram_scale.tolist(), strict=True)):
         g = gram.to(torch.float64, copy=True)  # becomes scale * G~, in two passes over it
-        if verify and not is_semidefinite(g):
+        if verify[index] and not is_semidefinite(g):
             raise IndefiniteGram(index)
         diag = torch.diagonal(g).clone().mul_(scale)
         torch.diagonal(g.mul_(alpha * scale)).copy_(diag)

@@ -280,8 +280,8 @@ class RegMean(Average):
         rows = [check_rows(layer.d_out, layer.module, exact) for layer in group]
         try:
             # a DP file's sum and count carry noise of their own: its affine Gram need not be semidefinite
-            noisy = affine and any("dp" in st.privacy for st in self.inputs.stats or [])
-            verify = self.settings.verify_grams and not noisy
+            files = self.inputs.stats or [None] * len(grams)
+            verify = [self.settings.verify_grams and not (affine and st and "dp" in st.privacy) for st in files]
             solution = regmean_solve(stacked, grams, scale, self.weights, self.settings.alpha, verify=verify)
         except FloatingPointError as exc:
             index = exc.index if isinstance(exc, IndefiniteGram) else None
