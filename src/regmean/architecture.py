@@ -6,7 +6,6 @@ and which top-level modules are task heads.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -111,22 +110,44 @@ class Experts:
 
 
 def expert_modules(model: nn.Module) -> list[Experts]:
-    """Every experts module of `model` in transformers' common form (its `use_experts_implementation` layout
-    attributes, 3-D `down_proj` and `gate_up_proj` / `up_proj`, called with the routing): others, such as
-    Llama-4's, are left to the plain rule (averaged, and said)."""
-    out = []
-    for name, mod in model.named_modules():
-        if not hasattr(mod, "is_transposed") or not hasattr(mod, "has_gate") or hasattr(mod, "gate_proj"):
-            continue
-        down = getattr(mod, "down_proj", None)
-        gated = isinstance(getattr(mod, "gate_up_proj", None), nn.Parameter)
-        up = getattr(mod, "gate_up_proj" if gated else "up_proj", None)
-        if not (isinstance(down, nn.Parameter) and isinstance(up, nn.Parameter) and down.dim() == up.dim() == 3):
-            continue
-        transposed = bool(getattr(mod, "is_transposed", False))
-        count, d_model, d_inner = down.shape if not transposed else (down.shape[0], down.shape[2], down.shape[1])
-        out.append(Experts(name, count, d_model, d_inner, gated, transposed))
-    return out
+    """Every experts module of `model` that keeps its experts in 3-D `down_proj` and `gate_up_proj` / `up_proj`:
+    in transformers' common form (its `use_experts_implementation` layout attributes) or, gated, in a layout its
+    shapes tell (Llama-4, Step-3.7). Others (DBRX's 2-D stacks, JetMoE's) are left to the plain rule (averaged, and
+    said)."""
+    return [experts for name, mod in model.named_modules() if (experts := _experts(name, mod)) is not None]
+
+
+def _experts(name: str, mod: nn.Module) -> Experts | None:
+    """`mod` as an experts module, or None if it is none we recognise."""
+    down = getattr(mod, "down_proj", None)
+    gated = isinstance(getattr(mod, "gate_up_proj", None), nn.Parameter)
+    up = getattr(mod, "gate_up_proj" if gated else "up_proj", None)
+    if hasattr(mod, "gate_proj") or not (isinstance(down, nn.Parameter) and isinstance(up, nn.Parameter)):
+        return None
+    if down.dim() != 3 or up.dim() != 3:
+        return None
+    if hasattr(mod, "is_transposed") and hasattr(mod, "has_gate"):
+        transposed = bool(mod.is_transposed)
+    elif gated and getattr(mod, "num_experts", None) == down.shape[0]:
+        transposed = _gated_layout(tuple(up.shape), tuple(down.shape))
+    else:
+        return None
+    if transposed is None:
+        return None
+    count, d_model, d_inner = down.shape if not transposed else (down.shape[0], down.shape[2], down.shape[1])
+    return Experts(name, count, d_model, d_inner, gated, transposed)
+
+
+def _gated_layout(gate_up: tuple[int, ...], down: tuple[int, ...]) -> bool | None:
+    """Whether gated experts of these shapes are transposed ([E, d, 2I] and [E, I, d]) or not ([E, 2I, d] and
+    [E, d, I]); None for shapes of neither layout (the factor 2 of the fused gate and up tells them apart)."""
+    if gate_up[0] != down[0]:
+        return None
+    if gate_up[1:] == (2 * down[2], down[1]):
+        return False
+    if gate_up[1:] == (down[2], 2 * down[1]):
+        return True
+    return None
 
 
 def expert_slots(model: nn.Module) -> dict[str, tuple[Experts, int]]:
@@ -140,10 +161,14 @@ def expert_slots(model: nn.Module) -> dict[str, tuple[Experts, int]]:
 
 
 def _router(mod: nn.Module) -> bool:
-    """A mixture-of-experts router: F.linear(hidden states, weight [E, d_model]) for its E experts' scores."""
+    """A mixture-of-experts router: F.linear(hidden states, weight [E, d_model]) for its E experts' scores (with a
+    row more per shared expert where it scores those too, as Inkling's)."""
     weight = getattr(mod, "weight", None)
     experts = getattr(mod, "num_experts", None)
-    return isinstance(weight, nn.Parameter) and weight.dim() == 2 and weight.shape[0] == experts
+    shared = getattr(mod, "n_shared_experts", 0)
+    if not (isinstance(weight, nn.Parameter) and weight.dim() == 2 and isinstance(experts, int)):
+        return False
+    return weight.shape[0] == experts or (isinstance(shared, int) and weight.shape[0] == experts + shared)
 
 
 def linear_layers(model: nn.Module) -> dict[str, LinearLayer]:
@@ -227,19 +252,12 @@ def parameter_names(model: nn.Module, keys: list[str]) -> dict[str, str]:
     renamings (legacy LayerNorm.gamma -> .weight; GPT-NeoX's embed_out -> lm_head) and its many-to-one fusions
     (Mixtral's per-expert w1/w3 -> experts.gate_up_proj), with or without the base-model prefix. Keys it would not
     place are left out."""
-    renamings, fusions = _conversion_rules(model)
+    rules = _conversion_rules(model)
     state = set(model.state_dict())
     prefix = getattr(model, "base_model_prefix", "")
     out: dict[str, str] = {}
     for key in keys:
-        name = key
-        for pattern, target in renamings:
-            name = pattern.sub(target, name)
-        for pattern, target, _ in fusions:
-            found = pattern.search(name)
-            if found:
-                name = name[: found.start()] + target + name[found.end() :]
-                break
+        name, _ = _loaded_name(key, rules)
         for candidate in (key, name, f"{prefix}.{name}", name.removeprefix(f"{prefix}.")):
             if candidate in state:
                 out[key] = candidate
@@ -252,7 +270,7 @@ def expert_layers(model: nn.Module, shapes: dict[str, tuple[int, ...]]) -> dict[
     the checkpoint's: a 2-D tensor of its own (as save_pretrained writes Mixtral, Qwen-MoE, OLMoE, DeepSeek: the
     expert is the key's last number, gate or up its place in transformers' fusion rule), or row `expert` of a 3-D
     tensor stored fused (GPT-OSS)."""
-    _, fusions = _conversion_rules(model)
+    rules = _conversion_rules(model)
     fused = _fused_parts(model)
     out = {}
     for key, name in parameter_names(model, list(shapes)).items():
@@ -263,7 +281,7 @@ def expert_layers(model: nn.Module, shapes: dict[str, tuple[int, ...]]) -> dict[
             out |= _expert_rows(experts, parts, key, shapes[key])
             continue
         numbers = [int(part) for part in key.split(".") if part.isdigit()]
-        place = next((i for pattern, _, i in fusions if pattern.search(key)), None)
+        _, place = _loaded_name(key, rules)
         if len(shapes[key]) != 2 or not numbers or place is None or place >= len(parts) or experts.transposed:
             continue
         d_out, d_in = shapes[key]
@@ -295,23 +313,35 @@ def _fused_parts(model: nn.Module) -> dict[str, tuple[Experts, tuple[str, ...]]]
     return out
 
 
-def _conversion_rules(model: nn.Module) -> tuple[list[tuple[re.Pattern, str]], list[tuple[re.Pattern, str, int]]]:
-    """transformers' conversion tables for the class: renamings as (source regex, target), fusions as (source
-    regex, target, the source's position among the rule's: Mixtral's w1 is 0, w3 is 1); both empty if their API
+Rules = tuple[list, list]
+"""transformers' conversion rules for a class: its renamings and its many-to-one fusions (`_conversion_rules`)."""
+
+
+def _conversion_rules(model: nn.Module) -> Rules:
+    """transformers' conversion tables for the class: its renamings (WeightRenaming and kinds of it, such as
+    Inkling-2's index offsets) and its fusions of several keys into one (WeightConverter); both empty if their API
     moves (only exact names then count)."""
-    renamings, fusions = [], []
     try:
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import WeightConverter, WeightRenaming
 
-        for rule in get_model_conversion_mapping(model):
-            if len(rule.target_patterns) != 1:
-                continue
-            sources = [re.compile(src.replace("*", ".*")) for src in rule.source_patterns]
-            if type(rule) is WeightRenaming:
-                renamings += [(source, rule.target_patterns[0]) for source in sources]
-            elif type(rule) is WeightConverter:
-                fusions += [(source, rule.target_patterns[0], i) for i, source in enumerate(sources)]
-    except Exception:  # noqa: S110 (best effort: exact names are still matched)
-        pass
-    return renamings, fusions
+        mapping = get_model_conversion_mapping(model)
+        renamings = [rule for rule in mapping if isinstance(rule, WeightRenaming)]
+        fusions = [rule for rule in mapping if type(rule) is WeightConverter and len(rule.target_patterns) == 1]
+        return renamings, fusions
+    except Exception:  # best effort: exact names are still matched
+        return [], []
+
+
+def _loaded_name(key: str, rules: Rules) -> tuple[str, int | None]:
+    """Checkpoint key `key` as transformers names it on loading (every renaming in turn, then the first fusion that
+    matches, each by the rule's own matching), and its place among that fusion's sources (Mixtral's w1 is 0, w3 is
+    1; None where no fusion matches)."""
+    renamings, fusions = rules
+    for rule in renamings:
+        key = rule.rename_source_key(key)[0]
+    for rule in fusions:
+        name, source = rule.rename_source_key(key)
+        if source is not None:
+            return name, rule.source_patterns.index(source)
+    return key, None

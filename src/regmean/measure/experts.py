@@ -1,7 +1,8 @@
 """Per-expert statistics of mixture-of-experts blocks: each expert's Grams over the tokens routed to it.
 
 An experts module receives the block's tokens (flattened, [tokens, d_model]) and, per token, the indices of the
-experts the router chose. Expert e's gate and up projections read the hidden states of the tokens routed to it;
+experts the router chose (or, as Llama-4's, each expert's copy of every token scaled by its router score, zero
+where it was not chosen). Expert e's gate and up projections read the hidden states of the tokens routed to it;
 its down projection reads act(gate) * up of those tokens, which the hook recomputes from the module's own weights
 and gating (`_apply_gate`, as transformers' experts implementations do), so that fused 3-D parameters, transposed
 layouts and custom activations are measured alike. Each expert's two inputs are sites of stream `routed`: their
@@ -41,12 +42,22 @@ def expert_inputs(module: nn.Module, experts: Experts, expert: int, x: torch.Ten
 def routed_rows(
     experts: Experts, args: tuple, wanted: Iterable[int], valid: Callable[[torch.Tensor], torch.Tensor]
 ) -> Iterator[tuple[int, torch.Tensor]]:
-    """From an experts call's arguments (hidden states, top-k expert indices, ...): for each expert of `wanted`
-    with a routed token, one at a time, (expert, its tokens' hidden states); `valid` keeps the rows that are not
-    padding. (Its down projection's input: `expert_inputs`, computed only where measured.)"""
-    if len(args) < 2 or not isinstance(args[1], torch.Tensor) or args[1].is_floating_point():
-        raise RegmeanError(f"{experts.module}: an experts call without the routing; --exclude its experts")
-    hidden, routing = args[0], args[1]
+    """From an experts call's arguments: for each expert of `wanted` with a routed token, one at a time, (expert,
+    the rows it reads of its tokens); `valid` keeps the rows that are not padding. The call is either (hidden
+    states, top-k expert indices, ...) or, as Llama-4's, the experts' inputs alone: every expert reading every
+    token scaled by its router score, zero where the router did not choose it. (Its down projection's input:
+    `expert_inputs`, computed only where measured.)"""
+    if len(args) >= 2 and isinstance(args[1], torch.Tensor) and not args[1].is_floating_point():
+        return _chosen_rows(args[0], args[1], wanted, valid)
+    if len(args) == 1 and isinstance(args[0], torch.Tensor) and args[0].shape[0] % experts.count == 0:
+        return _scaled_rows(args[0].reshape(experts.count, -1, args[0].shape[-1]), wanted, valid)
+    raise RegmeanError(f"{experts.module}: an experts call without the routing; --exclude its experts")
+
+
+def _chosen_rows(
+    hidden: torch.Tensor, routing: torch.Tensor, wanted: Iterable[int], valid: Callable[[torch.Tensor], torch.Tensor]
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """Each wanted expert's tokens, by the top-k indices `routing` chose for each row of `hidden`."""
     hidden = hidden.reshape(-1, hidden.shape[-1])
     routing = routing.reshape(hidden.shape[0], -1)
     keep = valid(hidden)
@@ -55,3 +66,14 @@ def routed_rows(
     for e in wanted:
         if e in routed:
             yield e, hidden[(routing == e).any(-1)]
+
+
+def _scaled_rows(
+    inputs: torch.Tensor, wanted: Iterable[int], valid: Callable[[torch.Tensor], torch.Tensor]
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """Each wanted expert's rows of `inputs` [experts, tokens, d] that its router chose (not zero)."""
+    for e in wanted:
+        rows = inputs[e].index_select(0, valid(inputs[e]))
+        rows = rows[rows.ne(0).any(-1)]
+        if rows.shape[0]:
+            yield e, rows

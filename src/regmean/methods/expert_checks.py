@@ -1,11 +1,11 @@
 """What a mixture-of-experts model's statistics must satisfy against the model itself.
 
 Only experts' inputs are of stream `routed` (a forged stream would lift a site's exact row count to a bound). Each
-token goes to `num_experts_per_tok` experts, so an expert's two inputs (routed hidden states; its down projection's
-input) count the same rows, and a block's experts together count top-k x calls x the input's tokens: statistics
-measured with another routing, or with a count edited, break one of these. The tokens routed to an expert are some
-of those its block's router reads: the trace of the expert's input Gram is at most the router's (an expert's Grams
-multiplied by a constant break it, however few tokens it saw).
+token goes to top-k experts (`num_experts_per_tok`, or another of the names in `TOP_K`), so an expert's two inputs
+(routed hidden states; its down projection's input) count the same rows, and a block's experts together count
+top-k x calls x the input's tokens: statistics measured with another routing, or with a count edited, break one of
+these. The tokens routed to an expert are some of those its block's router reads: the trace of the expert's input
+Gram is at most the router's (an expert's Grams multiplied by a constant break it, however few tokens it saw).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def _placement_problems(st, slots: dict) -> list[str]:
     return []
 
 
-def _count_problems(st, experts, top_k: int | None, model_path) -> list[str]:
+def _count_problems(st, experts, top_k: tuple[str, int] | None, model_path) -> list[str]:
     """An expert's inputs count the same rows; the block's experts count top-k x calls x tokens in all."""
     counts, calls = [], None
     for e in range(experts.count):
@@ -56,21 +56,29 @@ def _count_problems(st, experts, top_k: int | None, model_path) -> list[str]:
         counts.append(rows[0])
         calls = st.site_streams.get(sites[0], (ROUTED, 1))[1]
     tokens = expected_count(st.provenance, "input", calls or 1)
-    if len(counts) < experts.count or top_k is None or tokens is None or sum(counts) == top_k * tokens:
+    if len(counts) < experts.count or top_k is None or tokens is None or sum(counts) == top_k[1] * tokens:
         return []
+    name, k = top_k
     return [
         f"{st.path}: the experts of {experts.module} count {sum(counts)} routed rows in all, but {model_path} routes "
-        f"each token to {top_k} experts (num_experts_per_tok), {top_k * tokens} rows over the file's tokens; the "
+        f"each token to {k} experts ({name}), {k * tokens} rows over the file's tokens; the "
         "statistics are of another routing or were altered: measure this model again"
     ]
 
 
-def _experts_per_token(config: dict) -> int | None:
-    """The model config's experts per token (a multimodal config's text part too), or None."""
+TOP_K = ("num_experts_per_tok", "moe_k", "moe_topk", "num_experts_per_token", "top_k_experts")
+"""What configs name the experts per token: most, ERNIE-4.5's, Aria's and Hunyuan's, Kimi-Linear's and Bailing's,
+Gemma-4's."""
+
+
+def _experts_per_token(config: dict) -> tuple[str, int] | None:
+    """The model config's experts per token (a multimodal config's text part too) and the name it is given, or
+    None."""
     for part in (config, config.get("text_config") or {}):
-        value = part.get("num_experts_per_tok") if isinstance(part, dict) else None
-        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            return value
+        for name in TOP_K if isinstance(part, dict) else ():
+            value = part.get(name)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return name, value
     return None
 
 
