@@ -149,3 +149,11 @@ def test_a_file_missing_an_expert_is_named(moe):
     path = tmp_path / "in" / "s1" / "statistics.safetensors"
     rewrite(path, unlist_expert_3, drop_expert_3)
     merge_fails(tmp_path, {"method": "regmean", "models": models}, str(path), "has no statistics for module")
+
+
+def test_a_top_k_that_is_not_a_count_is_refused(moe):
+    """Sweep 4 F2 (G04): a string top-k switched the routing check off."""
+    tmp_path, models = moe
+    config = tmp_path / "in" / "m1" / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "num_experts_per_tok": "2"}))
+    merge_fails(tmp_path, {"method": "regmean", "models": models}, str(config), "not a count of experts")

@@ -23,7 +23,7 @@ def expert_problems(inputs) -> list[str]:
     blocks = expert_modules(inputs.skeleton)
     problems = []
     for entry, ckpt, st in zip(inputs.config.models, inputs.models, inputs.stats, strict=True):
-        found = _placement_problems(st, slots)
+        found = _placement_problems(st, slots) + (_top_k_problems(ckpt.config, entry.path) if blocks else [])
         for experts in blocks if not found else ():
             found += _count_problems(st, experts, _experts_per_token(ckpt.config), entry.path)
         problems += found[:1]
@@ -69,6 +69,16 @@ def _count_problems(st, experts, top_k: tuple[str, int] | None, model_path) -> l
 TOP_K = ("num_experts_per_tok", "moe_k", "moe_topk", "num_experts_per_token", "top_k_experts")
 """What configs name the experts per token: most, ERNIE-4.5's, Aria's and Hunyuan's, Kimi-Linear's and Bailing's,
 Gemma-4's."""
+
+
+def _top_k_problems(config: dict, model_path) -> list[str]:
+    """A top-k the config gives must be a count (a string or a fraction would switch the routing check off)."""
+    for part in (config, config.get("text_config") or {}):
+        for name in TOP_K if isinstance(part, dict) else ():
+            value = part.get(name)
+            if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+                return [f"{model_path}/config.json: {name} is {value!r:.40}, not a count of experts; fix the config"]
+    return []
 
 
 def _experts_per_token(config: dict) -> tuple[str, int] | None:
