@@ -24,6 +24,7 @@ from pydantic import (
 from regmean.dtypes import FLOATS
 from regmean.errors import RegmeanError, one_line
 from regmean.io.untrusted import compile_pattern, resolve_user_path
+from regmean.merge.mergekit import from_mergekit, is_mergekit
 from regmean.methods import METHODS
 from regmean.stats_checks import MAX_LENGTH
 
@@ -199,6 +200,8 @@ class MergeConfig(BaseModel):
         raw = read_yaml(path)
         if not isinstance(raw, dict):
             raise RegmeanError(f"{path}: expected a mapping with method, models, options")
+        if is_mergekit(raw):  # a mergekit recipe, read as the same merge in ours
+            raw = from_mergekit(raw, str(path))
         return cls.parse(raw, source=str(path), root=path.parent)
 
     @classmethod
