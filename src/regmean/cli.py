@@ -17,6 +17,7 @@ import typer
 from rich.console import Console
 
 from regmean.cli_audit import stats_audit
+from regmean.cli_bench import bench as bench_command
 from regmean.cli_show import evaluate as evaluate_command
 from regmean.cli_show import stats_show
 from regmean.errors import RegmeanError, one_line
@@ -330,50 +331,12 @@ def stats_combine(
     console.print(f"wrote {path}")
 
 
-@app.command()
-@_reports_errors
-def bench(
-    name: Annotated[str, typer.Argument(help="partitions, tasks, domains, ner, all, or demo")],
-    seeds: Annotated[str | None, typer.Option(help="Seeds to run: 11 (seed 11), 7,8,9 or 5-9")] = None,
-    num_seeds: Annotated[int | None, typer.Option(help="Run seeds 0 to N-1 (default: seed 0)")] = None,
-    out: Annotated[Path | None, typer.Option(help="Output folder (default runs/NAME)")] = None,
-    base: Annotated[Path | None, typer.Option(help="Backbone model folder (default: packaged MiniLM)")] = None,
-    train_size: Annotated[int | None, typer.Option(help="Training examples per model")] = None,
-    test_size: Annotated[int | None, typer.Option(help="Examples per evaluation set")] = None,
-    epochs: Annotated[int | None, typer.Option(help="Fine-tuning epochs")] = None,
-    alpha: Annotated[float | None, typer.Option(help="RegMean alpha of the main row")] = None,
-    keep_work: Annotated[
-        bool, typer.Option("--keep-work", help="Keep statistics and merged models under OUT/work")
-    ] = False,
-    device: Annotated[
-        str, typer.Option(help="cpu, cuda, cuda:1 ...: fine-tune, measure, merge and score there")
-    ] = "cpu",
-) -> None:
-    """Reproduce the paper's experiments on packaged real data: fine-tune, measure, merge, evaluate, report."""
-    from regmean.bench.run import parse_seeds, run_bench
-    from regmean.bench.terminal import print_summary
-
-    out = out or Path("runs") / name
-    run_bench(
-        name,
-        parse_seeds(seeds, num_seeds),
-        out,
-        base,
-        train_size=train_size,
-        test_size=test_size,
-        epochs=epochs,
-        alpha=alpha,
-        keep_work=keep_work,
-        device=device,
-    )
-    print_summary(out)
-
-
 class Terminated(BaseException):
     """SIGTERM (e.g. `kill`), raised where the program is, so that every clean-up runs as for Ctrl-C."""
 
 
 app.command("evaluate")(_reports_errors(evaluate_command))
+app.command("bench")(_reports_errors(bench_command))
 stats_app.command("show")(_reports_errors(stats_show))
 stats_app.command("audit")(_reports_errors(stats_audit))
 

@@ -46,19 +46,9 @@ def evaluate(
     """Score model folders side by side: accuracy and macro-F1, entity F1, or perplexity."""
     from regmean.devices import check_device
     from regmean.evaluate import evaluate as run_evaluate
-    from regmean.io.outputs import check_output_path
 
     check_device(device)
-    inputs = [("data file", data)] + [("model", m) for m in models]
-    if json_out is not None and csv_out is not None and os.path.realpath(json_out) == os.path.realpath(csv_out):
-        raise RegmeanError(f"{json_out}: given as both --json and --csv; give each its own file")
-    for out in (json_out, csv_out):
-        if out is not None:
-            check_output_path(out, inputs)
-            if out.exists():
-                raise RegmeanError(f"{out}: exists; choose another file (scores are never written over a file)")
-            if not out.parent.is_dir():
-                raise RegmeanError(f"{out}: the folder {out.parent} does not exist; create it or choose another file")
+    _check_score_files(json_out, csv_out, [("data file", data)] + [("model", m) for m in models])
     scores = run_evaluate(
         models,
         data,
@@ -74,6 +64,33 @@ def evaluate(
         score_tokens=score,
     )
     scored = "assistant turns" if messages_field and score == "assistant" else "every token"
+    rows = _print_scores(scores, data, scored)
+    if json_out is not None:
+        finite = [{k: _json_number(v) for k, v in r.items()} for r in rows]
+        json_out.write_text(json.dumps(finite, indent=2) + "\n")
+    if csv_out is not None:
+        import pandas as pd
+
+        pd.DataFrame(rows).to_csv(csv_out, index=False)
+
+
+def _check_score_files(json_out: Path | None, csv_out: Path | None, inputs: list[tuple[str, Path]]) -> None:
+    """Each score file new, apart from every input and from the other, in a folder that exists."""
+    from regmean.io.outputs import check_output_path
+
+    if json_out is not None and csv_out is not None and os.path.realpath(json_out) == os.path.realpath(csv_out):
+        raise RegmeanError(f"{json_out}: given as both --json and --csv; give each its own file")
+    for out in (json_out, csv_out):
+        if out is not None:
+            check_output_path(out, inputs)
+            if out.exists():
+                raise RegmeanError(f"{out}: exists; choose another file (scores are never written over a file)")
+            if not out.parent.is_dir():
+                raise RegmeanError(f"{out}: the folder {out.parent} does not exist; create it or choose another file")
+
+
+def _print_scores(scores: list, data: Path, scored: str) -> list[dict]:
+    """The scores as a table (with the examples, and for LMs the tokens scored); their rows for JSON and CSV."""
     lm = scores[0].tokens is not None
     columns = list(dict.fromkeys(k for s in scores for k in s.metrics))
     described = f"{scores[0].examples:,} examples" + (f", {scored} scored" if lm else "")
@@ -86,23 +103,8 @@ def evaluate(
         table.add_row(s.model, *(_cell(c, s.metrics.get(c)) for c in columns), *tokens)
     Console(markup=False).print(table)
     where = {"data": str(data), "examples": scores[0].examples}
-    rows = [
-        {
-            "model": s.model,
-            "kind": s.kind,
-            **s.metrics,
-            **where,
-            **({"tokens": s.tokens, "scored": scored} if lm else {}),
-        }
-        for s in scores
-    ]
-    if json_out is not None:
-        finite = [{k: _json_number(v) for k, v in r.items()} for r in rows]
-        json_out.write_text(json.dumps(finite, indent=2) + "\n")
-    if csv_out is not None:
-        import pandas as pd
-
-        pd.DataFrame(rows).to_csv(csv_out, index=False)
+    counted = ({"tokens": s.tokens, "scored": scored} if lm else {} for s in scores)
+    return [{"model": s.model, "kind": s.kind, **s.metrics, **where, **c} for s, c in zip(scores, counted, strict=True)]
 
 
 def _cell(column: str, value: float | None) -> str:

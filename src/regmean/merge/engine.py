@@ -78,6 +78,13 @@ def merge(
     plan, method, steps, layouts = _planned(inputs, log, memory_limit, device)
 
     key = merge_key(config.relative_to(Path("/")).to_yaml(), sources, layouts, steps, shard_bytes)
+    args = (out_dir, force, sources, log, inputs, plan.write_bytes, layouts, shard_bytes)
+    return write_output(*args, _journaled(method, steps, progress, key), resume_key=key)
+
+
+def _journaled(method: MergeMethod, steps: list[Step], progress: bool, key: str):
+    """The writing of one process's merge: every step, journaled in the staging folder so that an interrupted run
+    resumes (`merge.journal`); the journal goes once the shards are complete."""
 
     def fill(writers: list[ShardedWriter], staged: Path) -> MergeReport:
         journal = Journal(staged, key)
@@ -88,8 +95,7 @@ def merge(
             w.finish()
         return report
 
-    args = (out_dir, force, sources, log, inputs, plan.write_bytes, layouts, shard_bytes, fill)
-    return write_output(*args, resume_key=key)
+    return fill
 
 
 def check_device_method(method: str, device: str) -> None:

@@ -1,0 +1,45 @@
+"""`regmean bench`: the paper's experiments on packaged real data (registered in cli.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+
+def bench(
+    name: Annotated[str, typer.Argument(help="partitions, tasks, domains, ner, all, or demo")],
+    seeds: Annotated[str | None, typer.Option(help="Seeds to run: 11 (seed 11), 7,8,9 or 5-9")] = None,
+    num_seeds: Annotated[int | None, typer.Option(help="Run seeds 0 to N-1 (default: seed 0)")] = None,
+    out: Annotated[Path | None, typer.Option(help="Output folder (default runs/NAME)")] = None,
+    base: Annotated[Path | None, typer.Option(help="Backbone model folder (default: packaged MiniLM)")] = None,
+    train_size: Annotated[int | None, typer.Option(help="Training examples per model")] = None,
+    test_size: Annotated[int | None, typer.Option(help="Examples per evaluation set")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Fine-tuning epochs")] = None,
+    alpha: Annotated[float | None, typer.Option(help="RegMean alpha of the main row")] = None,
+    keep_work: Annotated[
+        bool, typer.Option("--keep-work", help="Keep statistics and merged models under OUT/work")
+    ] = False,
+    device: Annotated[
+        str, typer.Option(help="cpu, cuda, cuda:1 ...: fine-tune, measure, merge and score there")
+    ] = "cpu",
+) -> None:
+    """Reproduce the paper's experiments on packaged real data: fine-tune, measure, merge, evaluate, report."""
+    from regmean.bench.run import parse_seeds, run_bench
+    from regmean.bench.terminal import print_summary
+
+    out = out or Path("runs") / name
+    run_bench(
+        name,
+        parse_seeds(seeds, num_seeds),
+        out,
+        base,
+        train_size=train_size,
+        test_size=test_size,
+        epochs=epochs,
+        alpha=alpha,
+        keep_work=keep_work,
+        device=device,
+    )
+    print_summary(out)
