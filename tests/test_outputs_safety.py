@@ -275,3 +275,18 @@ def test_heads_keep_names_follow_the_paths_as_written(trio, tmp_path):
     config = write_config(tmp_path, method="average", models=entries, heads="keep")
     assert runner.invoke(app, ["merge", str(config), str(tmp_path / "out")]).exit_code == 0
     assert sorted(p.name for p in (tmp_path / "out").iterdir() if p.is_dir()) == ["ft1", "ft2", "sst2"]
+
+
+def test_no_free_inodes_is_said_as_such(tmp_path, monkeypatch):
+    """Sweep 4 F9: ENOSPC with bytes to spare was 'the disk is full (10.5 MB free); free space'."""
+    import os
+
+    from regmean.io.outputs import room_error
+
+    real = os.statvfs(tmp_path)
+    fields = {name: getattr(real, name) for name in dir(real) if name.startswith("f_")}
+    no_inodes = type("Stat", (), {**fields, "f_files": 1000, "f_favail": 0})()
+    monkeypatch.setattr(os, "statvfs", lambda _path: no_inodes)
+    assert "no free inodes" in str(room_error(tmp_path / "out", 10))
+    monkeypatch.setattr(os, "statvfs", lambda _path: real)
+    assert "the disk is full" in str(room_error(tmp_path / "out", 10))

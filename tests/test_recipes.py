@@ -63,3 +63,13 @@ def test_the_card_has_the_hubs_metadata_the_recipe_and_the_citation(tmp_path):
     recipe = (tmp_path / "out" / "merge_config.yaml").read_text()
     assert f"```yaml\n{recipe.rstrip()}\n```" in card
     assert "Dataless Knowledge Fusion by Merging Weights of Language Models" in card and "@inproceedings" in card
+
+
+def test_a_model_listed_twice_is_refused(tmp_path):
+    """Sweep 4 F10: the same model spelled two ways merged at double weight without a word."""
+    from test_bad_input import cli_fails
+
+    models = make_models(tmp_path / "in", "bert", "BertForSequenceClassification", stats=False)
+    twice = [*models, {"path": models[0]["path"] + "/./"}]
+    recipe = write_config(tmp_path, method="average", models=twice)
+    cli_fails(["merge", recipe, tmp_path / "out"], "listed twice in the recipe (models 1 and 4)")

@@ -124,10 +124,25 @@ def free_bytes(folder: Path) -> int:
 def room_error(path: Path, needed: int, reason: str = "the disk is full") -> RegmeanError:
     """`path` could not be written for lack of room: what it needed and what is free (once the run's own files
     are removed, so call it after cleaning up)."""
+    if _no_free_inodes(path.parent):  # bytes to spare, but no file can be made
+        return RegmeanError(
+            f"{path}: the file system has no free inodes (no room for another file); delete files or "
+            "choose another output"
+        )
     free = f"{human(free_bytes(path.parent))} free"
     return RegmeanError(
         f"{path}: {reason} ({f'{human(needed)} needed, ' if needed else ''}{free}); free space or choose another output"
     )
+
+
+def _no_free_inodes(folder: Path) -> bool:
+    """Whether the file system holding `folder` counts inodes and has none free."""
+    existing = next((p for p in (folder, *folder.parents) if p.is_dir()), Path(folder.anchor or "."))
+    try:
+        stat = os.statvfs(existing)
+    except (OSError, AttributeError):
+        return False
+    return stat.f_files > 0 and stat.f_favail == 0
 
 
 @contextmanager

@@ -219,6 +219,13 @@ class MergeConfig(BaseModel):
         for what, path in data.input_paths() + [("tokenizer source", data.tokenizer_source)]:
             if path is not None:  # a symbolic link loop is refused now, not when a path is resolved mid-merge
                 resolve_user_path(path, what)
+        seen: dict[str, int] = {}
+        for number, m in enumerate(data.models, start=1):
+            first = seen.setdefault(os.path.realpath(m.path), number)
+            if first != number:  # merged at double weight without a word otherwise
+                raise RegmeanError(
+                    f"{m.path}: listed twice in the recipe (models {first} and {number}); give it once, with a weight"
+                )
         return data
 
     def relative_to(self, folder: Path) -> MergeConfig:
