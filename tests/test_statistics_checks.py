@@ -351,3 +351,12 @@ def test_a_dp_claim_switches_no_check_off(trio):
     dp = save(measure(models[2]["path"], texts, progress=False, protection=Protection(epsilon=8)), tmp_path / "dp")
     models[2] = {**models[2], "statistics": str(dp.parent)}
     merge_fails(tmp_path, {"method": "regmean", "models": models}, str(claimed), "mean squared norm")
+
+
+def test_the_odd_file_is_named_wherever_it_stands(trio):
+    """Sweep 4 F5: forged first in the recipe, the file was named only as the reference, the honest ones as altered.
+    The reference is the structure most files share."""
+    tmp_path, models = trio
+    path = forge(models[0]["statistics"], twice_the_calls, twice_the_calls_meta)
+    errors = merge_fails(tmp_path, {"method": "regmean", "models": models}, str(path), "calls")
+    assert len(errors) == 1 and errors[0].startswith(f"error: {path}:"), errors

@@ -9,6 +9,7 @@ forged; merging it would give garbage with exit 0.
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -98,10 +99,13 @@ def _provenance_problems(records: list[dict], totals: tuple[int, int] | None) ->
 
 def structure_problems(files: list) -> list[str]:
     """Statistics of one architecture have one structure: every file must map each module it shares with the
-    first to the same site, called as often per forward pass on the same stream (a file whose module map or
-    calls were edited consistently within itself still differs from the others')."""
-    first, problems = files[0], []
-    for f in files[1:]:
+    reference to the same site, called as often per forward pass on the same stream (a file whose module map or
+    calls were edited consistently within itself still differs from the others'). The reference is the structure
+    most files share, so that the odd file is the one named (of two files, the first)."""
+    signatures = [json.dumps([f.modules, f.site_streams], sort_keys=True) for f in files]
+    first = files[max(range(len(files)), key=lambda k: (signatures.count(signatures[k]), -k))]
+    problems = []
+    for f in (f for f in files if f is not first):
         moved = [m for m in f.modules if m in first.modules and f.modules[m] != first.modules[m]]
         if moved:
             problems.append(
