@@ -244,3 +244,21 @@ def test_bad_privacy_flags_are_refused_before_any_work(tmp_path, flags, message)
     result = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "s"), *flags])
     assert result.exit_code == 2 and message in result.output
     assert not (tmp_path / "s").exists()
+
+
+def test_measure_warns_when_the_noise_is_of_the_order_of_the_data(tmp_path):
+    """Sweep 4 F6: 10 examples at epsilon 8 carry noise of hundreds of tokens on 81: said in one line; 10 examples
+    without DP say nothing of the kind."""
+    from conftest import build_model
+
+    model = save_model(build_model("bert", "BertForSequenceClassification"), tmp_path / "m")
+    data = write_jsonl(tmp_path / "d.jsonl")
+    runner = CliRunner()
+    noisy = runner.invoke(
+        app, ["measure", str(model), "--data", str(data), "--out", str(tmp_path / "dp"), "--dp-epsilon", "8"]
+    )
+    plain = runner.invoke(app, ["measure", str(model), "--data", str(data), "--out", str(tmp_path / "plain")])
+    assert noisy.exit_code == 0 and plain.exit_code == 0, noisy.output + plain.output
+    said = " ".join(noisy.output.split())
+    assert "warning: the DP noise (about" in said and "is of the order of the data" in said
+    assert "DP noise" not in plain.output

@@ -23,6 +23,7 @@ from regmean.cli_show import stats_show
 from regmean.errors import RegmeanError, one_line
 from regmean.io.outputs import no_room
 from regmean.launch import relaunch_with_torchrun
+from regmean.measure.protect import noise_warning
 from regmean.stats_checks import MAX_LENGTH
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Dataless knowledge fusion with RegMean.")
@@ -195,6 +196,9 @@ def measure(
         f"{stats.examples} examples, {stats.tokens} tokens, {distributed.world_size()} process(es); "
         f"protection: {stats.protection}"
     )
+    warning = noise_warning(stats.privacy, stats.tokens)
+    if warning:
+        console.print(warning)
 
 
 @app.command()

@@ -145,3 +145,16 @@ def typical_norms(model: nn.Module, sites: list[Site], max_length: int) -> torch
         masks["decoder"] = mask
     a, b = ContributionNorms(model, sites).pass_over([Batch(inputs, masks, ids.shape[0])])
     return (a + b).sqrt().median(0).values
+
+
+def noise_warning(privacy: dict, tokens: int) -> str | None:
+    """One line when a DP release's noise is of the order of its data (noise on token counts at least a third of
+    the tokens): its Grams carry little signal, and a merge may follow the noise."""
+    noise = (privacy.get("dp") or {}).get("token_count_noise")
+    if not isinstance(noise, int | float) or noise * 3 < max(tokens, 1):
+        return None
+    return (
+        f"warning: the DP noise (about {noise:.0f} tokens on token counts) is of the order of the data ({tokens:,} "
+        "tokens): these statistics carry little signal and may mislead a merge; measure more examples, or use a "
+        "larger --dp-epsilon or fewer sites"
+    )

@@ -244,6 +244,11 @@ class RegMean(Average):
                 eigenvalues = torch.linalg.eigvalsh(gram.double())
                 if float(eigenvalues[0]) >= -1e-6 * float(eigenvalues.abs().max()):
                     continue
+            if "dp" in st.privacy:  # an honest release whose noise outweighs its data
+                return RegmeanError(
+                    f"{st.path}: site {name}: this DP release is too noisy for its data (its noisy sums leave the "
+                    "system indefinite); measure more examples or a larger epsilon, or merge with bias: average"
+                )
             return RegmeanError(
                 f"{st.path}: site {name}: its Gram is not positive semidefinite (no Cholesky factorisation, even "
                 "with rounding's slack); not the statistics of any data: measure again"
