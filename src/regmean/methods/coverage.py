@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 
-from regmean.architecture import expert_modules
-from regmean.stats import WITHHELD
-from regmean.stats_checks import ROUTED
+from regmean.architecture import LinearLayer, expert_modules, expert_slots
+from regmean.methods.expert_checks import expert_problems
+from regmean.stats import EXPERTS_UNCLIPPED, NO_EXAMPLE_BOUND, WITHHELD
+from regmean.stats_checks import ROUTED, structure_problems
 
 
 def averaged_matrices(inputs, solved: set[str], reasons: dict[str, str] | None = None) -> dict[str, str]:
@@ -84,3 +85,42 @@ def summarize(averaged: dict[str, str], limit: int = 4) -> str:
 
 def matrices(count: int) -> str:
     return f"{count} matrix" if count == 1 else f"{count} matrices"
+
+
+OWNERS_LEFT_OUT = (WITHHELD, NO_EXAMPLE_BOUND, EXPERTS_UNCLIPPED)
+"""Why an owner's file may lack a site the others have (a protection they chose): that layer is averaged."""
+
+
+def absent_weights(entry, ckpt, layers: list[LinearLayer]) -> str | None:
+    """The problem of a model folder that lacks the weight of a linear layer to solve, if it does."""
+    absent = [layer.weight_key for layer in layers if layer.weight_key not in ckpt]
+    if not absent:
+        return None
+    return (
+        f"{entry.path}: has no tensor {absent[0]} for a measured module ({len(absent)} missing); "
+        "re-save the model with save_pretrained"
+    )
+
+
+def coverage_problems(inputs) -> list[str]:
+    """Every measured module is a linear layer of the model, and every model measured the same modules."""
+    problems = []
+    for entry, ckpt, st in zip(inputs.config.models, inputs.models, inputs.stats, strict=True):
+        unknown = sorted(set(st.modules) - set(inputs.linears) - set(expert_slots(inputs.skeleton)))
+        if unknown:
+            problems.append(f"{st.path}: statistics name modules the model lacks, e.g. {unknown[0]}")
+        absent = absent_weights(entry, ckpt, [inputs.linears[m] for m in st.modules if m in inputs.linears])
+        if absent:
+            problems.append(absent)
+    if not problems:
+        covered = [set(st.modules) for st in inputs.stats]
+        protected = {m for st in inputs.stats for m, why in st.skipped.items() if why in OWNERS_LEFT_OUT}
+        partial = sorted(set.union(*covered) - set.intersection(*covered) - protected)
+        if partial:
+            lacking = next(st for st in inputs.stats if partial[0] not in st.modules)
+            having = next(st for st in inputs.stats if partial[0] in st.modules)
+            problems.append(
+                f"{lacking.path}: has no statistics for module {partial[0]}, which {having.path} has ({len(partial)} "
+                "modules measured by some models only); measure every model with the same include/exclude"
+            )
+    return problems or structure_problems(inputs.stats) or expert_problems(inputs)

@@ -13,13 +13,13 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from regmean.architecture import LinearLayer, expert_slots, is_head_key
+from regmean.architecture import LinearLayer, is_head_key
 from regmean.dtypes import itemsize
 from regmean.errors import RegmeanError, one_line
 from regmean.methods.average import Average
 from regmean.methods.base import Computed, Cost, LayerReport, StatisticsKind, Step, TensorStep
-from regmean.methods.coverage import averaged_matrices, summarize, unrouted
-from regmean.methods.expert_checks import RoutedTraces, expert_problems
+from regmean.methods.coverage import averaged_matrices, coverage_problems, summarize, unrouted
+from regmean.methods.expert_checks import RoutedTraces
 from regmean.methods.least_squares import (
     MIN_SAMPLED_ROWS,
     SAMPLED_FRACTION,
@@ -29,8 +29,8 @@ from regmean.methods.least_squares import (
     reconstruction_error,
     regmean_solve,
 )
-from regmean.stats import EXPERTS_UNCLIPPED, NO_EXAMPLE_BOUND, WITHHELD, SiteStats, StatisticsFile
-from regmean.stats_checks import check_scales, structure_problems
+from regmean.stats import WITHHELD, SiteStats, StatisticsFile
+from regmean.stats_checks import check_scales
 
 
 class RegMeanOptions(BaseModel):
@@ -66,10 +66,6 @@ class SiteInputs:
     """Per model: the weight (and, for joint bias, the bias) of every layer of the site."""
 
 
-OWNERS_LEFT_OUT = (WITHHELD, NO_EXAMPLE_BOUND, EXPERTS_UNCLIPPED)
-"""Why an owner's file may lack a site the others have (a protection they chose): that layer is averaged."""
-
-
 def solvable(inputs, module: str) -> bool:
     """Whether a linear module of the body is solved from statistics: heads only with heads: merge, an untied LM
     head only with lm_head: regmean."""
@@ -90,17 +86,6 @@ def site_groups(inputs) -> dict[tuple[str, ...], list[LinearLayer]]:
     return groups
 
 
-def absent_weights(entry, ckpt, layers: list[LinearLayer]) -> str | None:
-    """The problem of a model folder that lacks the weight of a linear layer to solve, if it does."""
-    absent = [layer.weight_key for layer in layers if layer.weight_key not in ckpt]
-    if not absent:
-        return None
-    return (
-        f"{entry.path}: has no tensor {absent[0]} for a measured module ({len(absent)} missing); "
-        "re-save the model with save_pretrained"
-    )
-
-
 def _weight(tensor: torch.Tensor, layer: LinearLayer) -> torch.Tensor:
     """As [d_out, d_in] whatever the storage (Conv1D stores [d_in, d_out]; an expert's row of a 3-D tensor)."""
     tensor = tensor if layer.expert is None else tensor[0]
@@ -116,7 +101,7 @@ class RegMean(Average):
 
     @classmethod
     def check(cls, inputs) -> list[str]:
-        problems = _coverage_problems(inputs)
+        problems = coverage_problems(inputs)
         if problems:
             return problems
         for sites, layers in site_groups(inputs).items():
@@ -376,27 +361,3 @@ def _stacked_rows(group: list[LinearLayer], rows: list[torch.Tensor | None]) -> 
         parts.append(start + (torch.arange(layer.d_out) if checked is None else checked))
         start += layer.d_out
     return torch.cat(parts)
-
-
-def _coverage_problems(inputs) -> list[str]:
-    """Every measured module is a linear layer of the model, and every model measured the same modules."""
-    problems = []
-    for entry, ckpt, st in zip(inputs.config.models, inputs.models, inputs.stats, strict=True):
-        unknown = sorted(set(st.modules) - set(inputs.linears) - set(expert_slots(inputs.skeleton)))
-        if unknown:
-            problems.append(f"{st.path}: statistics name modules the model lacks, e.g. {unknown[0]}")
-        absent = absent_weights(entry, ckpt, [inputs.linears[m] for m in st.modules if m in inputs.linears])
-        if absent:
-            problems.append(absent)
-    if not problems:
-        covered = [set(st.modules) for st in inputs.stats]
-        protected = {m for st in inputs.stats for m, why in st.skipped.items() if why in OWNERS_LEFT_OUT}
-        partial = sorted(set.union(*covered) - set.intersection(*covered) - protected)
-        if partial:
-            lacking = next(st for st in inputs.stats if partial[0] not in st.modules)
-            having = next(st for st in inputs.stats if partial[0] in st.modules)
-            problems.append(
-                f"{lacking.path}: has no statistics for module {partial[0]}, which {having.path} has ({len(partial)} "
-                "modules measured by some models only); measure every model with the same include/exclude"
-            )
-    return problems or structure_problems(inputs.stats) or expert_problems(inputs)

@@ -29,13 +29,12 @@ from regmean.measure.accumulate import Accumulator
 from regmean.measure.batching import Batch, make_batches
 from regmean.measure.sites import detect_sites, select_modules
 from regmean.methods.base import Computed, Cost, Step
-from regmean.methods.coverage import averaged_matrices, summarize
+from regmean.methods.coverage import absent_weights, averaged_matrices, summarize
 from regmean.methods.regmean import (
     RegMean,
     RegMeanOptions,
     SiteInputs,
     SiteStep,
-    absent_weights,
     solvable,
 )
 from regmean.methods.stages import Stage, forward_stages
