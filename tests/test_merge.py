@@ -208,7 +208,7 @@ def test_python_api_matches_cli(tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), (k, (a[k] - b[k]).abs().max())
-    assert report.summary()["regmean_layers"] == 14
+    assert report.summary().regmean_layers == 14
     # only the classifier (it reads ReLU outputs with dead units: zero Gram diagonal) needs and reports a ridge
     assert {row.module for row in report.layers if row.ridge > 0} <= {"classifier"}
 
@@ -366,13 +366,13 @@ def test_sampled_diagnostics_change_no_tensor_and_match_exact_ones_where_every_r
             assert s.checked_rows < d_out and all(x > 0 for x in s.error_stderr)
             for est, se, exact in zip(s.relative_error, s.error_stderr, e.relative_error, strict=True):
                 assert abs(est - exact) < 5 * se
-    assert sampled > 0 and reports["sampled"].summary()["sampled_layers"] == sampled
-    assert reports["exact"].summary()["sampled_layers"] == 0
+    assert sampled > 0 and reports["sampled"].summary().sampled_layers == sampled
+    assert reports["exact"].summary().sampled_layers == 0
     card = (tmp_path / "sampled" / "README.md").read_text()
     assert "estimated on sampled output rows" in card and "relative residual" in card
     # identical models: every error and standard error is 0, and the sampled layers are still said to be sampled
     same = regmean.MergeConfig(method="regmean", models=[models[0], models[0]])
-    assert regmean.merge(same, tmp_path / "same", progress=False).summary()["sampled_layers"] == sampled
+    assert regmean.merge(same, tmp_path / "same", progress=False).summary().sampled_layers == sampled
 
 
 def test_device_option_cpu_is_the_default_and_a_missing_device_is_refused_before_any_work(tmp_path):

@@ -3,6 +3,7 @@
 stats = regmean.measure(model_dir, examples)       # per owner, on private data
 regmean.save_statistics(stats, "stats/")           # shareable safetensors file
 regmean.merge("merge.yaml", "merged/")             # K models + K statistics files -> one model folder
+regmean.evaluate(["merged/", "a/", "b/"], "test.jsonl")   # scored side by side (models or LoRA adapters)
 
 The names below are imported on first use, so that `import regmean` (and the `regmean` command) starts without
 loading torch and transformers.
@@ -24,9 +25,16 @@ _API = {
     "load_examples": ("regmean.io.data", "load_examples"),
     "measure": ("regmean.measure", "measure"),
     "merge": ("regmean.merge", "merge"),
-    "save_statistics": ("regmean.stats", "save"),
+    "save_statistics": ("regmean.measure.card", "save_statistics"),
+    "evaluate": ("regmean.evaluate", "evaluate"),
+    "MergeReport": ("regmean.merge.report", "MergeReport"),
+    "MergeSummary": ("regmean.merge.report", "MergeSummary"),
 }
 __all__ = [*_API, "__version__"]
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
 
 
 def __getattr__(name: str):
@@ -39,8 +47,8 @@ def __getattr__(name: str):
 
 
 class _Package(types.ModuleType):
-    """`regmean.measure` and `regmean.merge` stay the functions once their modules are imported (the import system
-    would bind those names to the modules)."""
+    """`regmean.measure`, `regmean.merge` and `regmean.evaluate` stay the functions once their modules are imported
+    (the import system would bind those names to the modules)."""
 
     def __setattr__(self, name: str, value) -> None:
         if isinstance(value, types.ModuleType) and _API.get(name, ("", ""))[0] == value.__name__:

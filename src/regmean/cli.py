@@ -309,10 +309,10 @@ def merge(
 
     s = result.summary()
     detail = ""
-    if s["regmean_layers"]:
+    if s.regmean_layers:
         detail = (
-            f"; {s['regmean_layers']} RegMean layers, {s['ridge_layers']} with ridge, "
-            f"mean relative error {s['mean_relative_error']:.3g}"
+            f"; {s.regmean_layers} RegMean layers, {s.ridge_layers} with ridge, "
+            f"mean relative error {s.mean_relative_error:.3g}"
         )
     if result.averaged:
         detail += f"; {matrices(len(result.averaged))} averaged (why: merge_report.json)"

@@ -98,6 +98,8 @@ class Statistics:
     protection: str = "none"  # in words: withheld sites, differential privacy
     privacy: dict = field(default_factory=dict)  # {"withheld": [site, ...], "dp": DPRelease.record()}
     site_streams: dict[str, tuple[str, int]] = field(default_factory=dict)  # site -> (stream, calls per pass)
+    measured_model: tuple[Path, Path | None] | None = field(default=None, compare=False)
+    """Where measure read the model (its folder, and an adapter's base): for the statistics card; not saved."""
 
     def metadata(self) -> dict[str, str]:
         return {

@@ -92,3 +92,16 @@ def _provenance_row(record: dict) -> str:
     if record.get("adapter_of"):
         values["data"] = f"{record.get('data', '')} (LoRA adapter over `{record['adapter_of']}`)"
     return "| " + " | ".join(str(values.get(c, "")).replace("|", "/") for c in PROVENANCE_COLUMNS) + " |"
+
+
+def save_statistics(stats: Statistics, out: str | Path) -> Path:
+    """Statistics written as `regmean measure` writes them: the file (`stats.save`) and beside it the statistics card
+    (README.md; a README.md regmean did not write is left alone), when `stats` knows the model it was measured on."""
+    from regmean.stats import save
+
+    path = save(stats, out)
+    card = path.parent / CARD
+    if stats.measured_model is not None and (not card.exists() or is_ours(card)):
+        model, base = stats.measured_model
+        card.write_text(statistics_card(stats, model, path.parent, [path.name], base))
+    return path

@@ -96,6 +96,7 @@ def measure(
     if log is not None and distributed.rank() == 0:
         log(_announcement(blocks, len(modules), sums, device, len(examples)))
         log(_memory_estimate(model, blocks, sums, first, forward_peak, max_length))
+    source = (Path(model_dir), None if base is None else Path(base))  # (the name is reused below)
     base = {
         "modules": {m: s.name for s in sites for m in s.modules},
         "fingerprint": fingerprint,
@@ -132,7 +133,7 @@ def measure(
                 collected.update(part)
             else:
                 on_block(Statistics(sites=part, tokens=record["tokens"], provenance=[record], **base), b, len(blocks))
-    return Statistics(sites=collected, tokens=record["tokens"], provenance=[record], **base)
+    return Statistics(sites=collected, tokens=record["tokens"], provenance=[record], measured_model=source, **base)
 
 
 def statistics_bytes(sites: list[Site], itemsize: int) -> int:

@@ -147,12 +147,12 @@ def _config_lines(inputs: MergeInputs) -> list[str]:
 
 def _diagnostics(report: MergeReport) -> list[str]:
     s = report.summary()
-    if not s["regmean_layers"]:
+    if not s.regmean_layers:
         return []
     sampled = (
-        f" (estimated on sampled output rows in {s['sampled_layers']} layers, standard error at most "
-        f"{s['max_error_stderr']:.2g}; `diagnostics: exact` checks every row)"
-        if s["sampled_layers"]
+        f" (estimated on sampled output rows in {s.sampled_layers} layers, standard error at most "
+        f"{s.max_error_stderr:.2g}; `diagnostics: exact` checks every row)"
+        if s.sampled_layers
         else ""
     )
     averaged = Counter(report.averaged.values()).most_common()
@@ -160,10 +160,10 @@ def _diagnostics(report: MergeReport) -> list[str]:
         "",
         "## Diagnostics",
         "",
-        f"- {s['regmean_layers']} linear layers merged by RegMean; {s['ridge_layers']} needed a ridge",
-        f"- relative reconstruction error on each model's own statistics: mean {s['mean_relative_error']:.4g}, "
-        f"max {s['max_relative_error']:.4g}{sampled}",
-        f"- relative residual of the solved systems: at most {s['max_residual']:.2g}",
+        f"- {s.regmean_layers} linear layers merged by RegMean; {s.ridge_layers} needed a ridge",
+        f"- relative reconstruction error on each model's own statistics: mean {s.mean_relative_error:.4g}, "
+        f"max {s.max_relative_error:.4g}{sampled}",
+        f"- relative residual of the solved systems: at most {s.max_residual:.2g}",
         f"- matrices averaged instead: {len(report.averaged)}" + "".join(f"\n  - {n} {why}" for why, n in averaged),
         *[f"- {note}" for note in report.notes],
     ]

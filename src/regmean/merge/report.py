@@ -2,9 +2,28 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 from regmean.methods.base import Computed, LayerReport
+
+
+@dataclass(frozen=True)
+class MergeSummary:
+    """What the layers solved from statistics say in all (zeros and None for a data-free merge)."""
+
+    regmean_layers: int
+    """Linear layers solved from statistics."""
+    ridge_layers: int
+    """Of those, the ones whose system needed a ridge."""
+    mean_relative_error: float | None
+    """Mean over layers and models of the relative reconstruction error on the model's own statistics."""
+    max_relative_error: float | None
+    max_error_stderr: float | None
+    """The largest standard error of an error estimated from sampled output rows."""
+    sampled_layers: int
+    """Layers whose diagnostics are estimates from sampled rows."""
+    max_residual: float | None
+    """The largest relative residual of a solved system."""
 
 
 @dataclass
@@ -35,23 +54,23 @@ class MergeReport:
         self.layers += computed.layers
         self.base_missing += computed.base_missing
 
-    def summary(self) -> dict:
+    def summary(self) -> MergeSummary:
         errs = [e for row in self.layers for e in row.relative_error]
         stderrs = [e for row in self.layers for e in row.error_stderr]
-        return {
-            "regmean_layers": len(self.layers),
-            "ridge_layers": sum(1 for row in self.layers if row.ridge > 0),
-            "mean_relative_error": sum(errs) / len(errs) if errs else None,
-            "max_relative_error": max(errs) if errs else None,
-            "max_error_stderr": max(stderrs) if stderrs else None,
-            "sampled_layers": sum(1 for row in self.layers if row.sampled),
-            "max_residual": max((row.residual for row in self.layers), default=None),
-        }
+        return MergeSummary(
+            regmean_layers=len(self.layers),
+            ridge_layers=sum(1 for row in self.layers if row.ridge > 0),
+            mean_relative_error=sum(errs) / len(errs) if errs else None,
+            max_relative_error=max(errs) if errs else None,
+            max_error_stderr=max(stderrs) if stderrs else None,
+            sampled_layers=sum(1 for row in self.layers if row.sampled),
+            max_residual=max((row.residual for row in self.layers), default=None),
+        )
 
     def to_dict(self) -> dict:
         return {
             "method": self.method,
-            "summary": self.summary(),
+            "summary": asdict(self.summary()),
             "layers": [row.to_dict() for row in self.layers],
             "averaged": self.averaged,
             "base_missing": self.base_missing,
