@@ -211,7 +211,10 @@ def test_a_full_disk_anywhere_else_is_still_named_as_such(tmp_path, monkeypatch)
     def full(*_args, **_kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "part"))
 
-    monkeypatch.setattr("regmean.evaluate.evaluate", full)
+    import importlib
+
+    # (`regmean.evaluate` is the API's function; the CLI calls the module's)
+    monkeypatch.setattr(importlib.import_module("regmean.evaluate"), "evaluate", full)
     model = save_model(build_model("bert", "BertForSequenceClassification", 1), tmp_path / "m")
     data = write_jsonl(tmp_path / "d.jsonl")
     cli_fails(["evaluate", model, "--data", data], f"{tmp_path / 'part'}: the disk is full; free space or choose")
