@@ -360,3 +360,14 @@ def test_the_odd_file_is_named_wherever_it_stands(trio):
     path = forge(models[0]["statistics"], twice_the_calls, twice_the_calls_meta)
     errors = merge_fails(tmp_path, {"method": "regmean", "models": models}, str(path), "calls")
     assert len(errors) == 1 and errors[0].startswith(f"error: {path}:"), errors
+
+
+def test_files_without_streams_merge_and_say_their_counts_are_only_bounded(trio):
+    """Sweep 4 F3: when every file predates site streams, the counts are only bounded: the plan and the card say so."""
+    tmp_path, models = trio
+    for m in models:
+        forge(m["statistics"], meta_change=lambda meta: meta.pop("site_streams"))
+    result = run("merge", write_config(tmp_path, method="regmean", models=models), tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    said = "row counts only bounded, not checked exactly, in 3 file(s)"
+    assert said in " ".join(result.output.split()) and said in (tmp_path / "out" / "README.md").read_text()

@@ -194,7 +194,23 @@ class RegMean(Average):
     def describe(self, steps: list[Step]) -> str:
         solved = {layer.module for s in steps if isinstance(s, SiteStep) for layer in s.layers}
         averaged = summarize(averaged_matrices(self.inputs, solved))
-        return f"{len(solved)} RegMean layers" + (f"; {averaged}" if averaged else "")
+        unchecked = self._unchecked_counts()
+        return (
+            f"{len(solved)} RegMean layers"
+            + (f"; {averaged}" if averaged else "")
+            + (f"; {unchecked}" if unchecked else "")
+        )
+
+    def _unchecked_counts(self) -> str:
+        """Said when some files do not record their sites' streams (older measures): their row counts are checked
+        only against a bound (examples x max length x 64), not exactly."""
+        older = [str(st.path) for st in self.inputs.stats if not st.site_streams]
+        if not older:
+            return ""
+        return (
+            f"row counts only bounded, not checked exactly, in {len(older)} file(s) that do not record their sites' "
+            f"streams ({', '.join(older[:2])}): measure again for exact checks"
+        )
 
     def _withheld(self) -> list[str]:
         """Linear layers whose statistics some owner withheld (`measure --withhold token-sites`): averaged."""
@@ -320,6 +336,7 @@ class RegMean(Average):
         for k, st in enumerate(self.inputs.stats):
             if st.protection != "none":
                 report.notes.append(f"statistics of model {k}: {one_line(st.protection, 300)}")
+        report.notes += [self._unchecked_counts()] * bool(self._unchecked_counts())
 
 
 def _stacked_weights(params: list[dict], group: list[LinearLayer], affine: bool, d_in: int) -> torch.Tensor:
