@@ -371,3 +371,27 @@ def test_files_without_streams_merge_and_say_their_counts_are_only_bounded(trio)
     assert result.exit_code == 0, result.output
     said = "row counts only bounded, not checked exactly, in 3 file(s)"
     assert said in " ".join(result.output.split()) and said in (tmp_path / "out" / "README.md").read_text()
+
+
+def test_a_model_that_carries_the_merge_is_said(trio):
+    """Sweep 4 F4: inputs x20 (Grams x400) stay within the models' scale spread, and that owner decides the merge:
+    said in the console, merge_report.json and the card. Honest files say nothing of the kind."""
+    tmp_path, models = trio
+    honest = run("merge", write_config(tmp_path, method="regmean", models=models), tmp_path / "honest")
+    assert honest.exit_code == 0 and "carries a median" not in honest.output, honest.output
+
+    def times_20(tensors):
+        for key in list(tensors):
+            if key.endswith("::gram_upper"):
+                tensors[key] = tensors[key] * 400
+            elif key.endswith("::sum"):
+                tensors[key] = tensors[key] * 20
+
+    forge(models[1]["statistics"], times_20)
+    result = run("merge", write_config(tmp_path, method="regmean", models=models), tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    said = f"warning: {models[1]['path']} carries a median"
+    assert said in " ".join(result.output.split())
+    assert said in (tmp_path / "out" / "README.md").read_text()
+    report = json.loads((tmp_path / "out" / "merge_report.json").read_text())
+    assert len(report["warnings"]) == 1 and all(abs(sum(row["gram_share"]) - 1) < 1e-9 for row in report["layers"])

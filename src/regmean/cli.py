@@ -317,6 +317,8 @@ def merge(
     if result.averaged:
         detail += f"; {matrices(len(result.averaged))} averaged (why: merge_report.json)"
     console.print(f"wrote {out_dir} ({result.method}{detail})")
+    for warning in result.warnings:
+        console.print(warning)
 
 
 @stats_app.command("combine")

@@ -166,6 +166,7 @@ def _diagnostics(report: MergeReport) -> list[str]:
         f"- relative residual of the solved systems: at most {s.max_residual:.2g}",
         f"- matrices averaged instead: {len(report.averaged)}" + "".join(f"\n  - {n} {why}" for why, n in averaged),
         *[f"- {note}" for note in report.notes],
+        *[f"- **{warning}**" for warning in report.warnings],
     ]
 
 

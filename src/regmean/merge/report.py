@@ -39,6 +39,8 @@ class MergeReport:
     """Lines the method adds to the model card's diagnostics."""
     data: list[dict] = field(default_factory=list)
     """Per model, what a method that measures while merging read: data file name, fields, examples, tokens."""
+    warnings: list[str] = field(default_factory=list)
+    """What the user should look at (console, card): e.g. one model carrying most of the Grams' weight."""
 
     @classmethod
     def of_steps(cls, method, results: dict[int, Computed]) -> MergeReport:
@@ -76,4 +78,5 @@ class MergeReport:
             "base_missing": self.base_missing,
             "notes": self.notes,
             "data": self.data,
+            "warnings": self.warnings,
         }

@@ -126,6 +126,8 @@ class LayerReport:
     """Time spent on this layer's diagnostics (errors and residual)."""
     tensor: str = ""
     """The checkpoint key of the solved weight (an expert's own tensor, where `module` names the expert)."""
+    gram_share: list[float] = field(default_factory=list)
+    """Per model: its part of the trace of the weighted sum of Grams (how much the solve leans on it)."""
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)

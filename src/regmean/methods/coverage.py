@@ -124,3 +124,24 @@ def coverage_problems(inputs) -> list[str]:
                 "modules measured by some models only); measure every model with the same include/exclude"
             )
     return problems or structure_problems(inputs.stats) or expert_problems(inputs)
+
+
+DOMINANT = 0.8
+"""A model whose median share of the solved layers' Gram weight is above this decides the merge nearly alone."""
+
+
+def dominance_warnings(layers: list, paths: list[str]) -> list[str]:
+    """One line for a model that carries most of the Grams' weight over the solved layers (median share above
+    DOMINANT): the merge follows it, whether its inputs are larger, its weight higher or its file altered."""
+    if len(paths) < 2 or not layers:
+        return []
+    out = []
+    for k, path in enumerate(paths):
+        shares = sorted(row.gram_share[k] for row in layers if len(row.gram_share) == len(paths))
+        median = shares[(len(shares) - 1) // 2] if shares else 0.0
+        if median > DOMINANT:
+            out.append(
+                f"warning: {path} carries a median {100 * median:.0f}% of the Grams' weight over the solved layers: "
+                "the merge follows it nearly alone (larger inputs, a higher weight, or an altered statistics file)"
+            )
+    return out

@@ -18,7 +18,7 @@ from regmean.dtypes import itemsize
 from regmean.errors import RegmeanError, one_line
 from regmean.methods.average import Average
 from regmean.methods.base import Computed, Cost, LayerReport, StatisticsKind, Step, TensorStep
-from regmean.methods.coverage import averaged_matrices, coverage_problems, summarize, unrouted
+from regmean.methods.coverage import averaged_matrices, coverage_problems, dominance_warnings, summarize, unrouted
 from regmean.methods.expert_checks import RoutedTraces
 from regmean.methods.least_squares import (
     MIN_SAMPLED_ROWS,
@@ -294,6 +294,8 @@ class RegMean(Average):
             raise self._indefinite(step, grams, index) or RegmeanError(
                 f"site {step.sites[0]}: {exc}; check the statistics and the models' weights"
             ) from None
+        traces = [float(g.diagonal().double().sum()) * float(c) for g, c in zip(grams, scale, strict=True)]
+        shares = [t / sum(traces) if sum(traces) > 0 else 0.0 for t in traces]
         started = time.perf_counter()
         residual = solution.residual(_stacked_rows(group, rows))
         diagnostics = _errors(solution.merged, stacked, grams, group, rows)
@@ -320,6 +322,7 @@ class RegMean(Average):
                     residual=residual,
                     diagnostics_seconds=seconds,
                     tensor=layer.weight_key,
+                    gram_share=shares,
                 )
             )
 
@@ -337,6 +340,7 @@ class RegMean(Average):
             if st.protection != "none":
                 report.notes.append(f"statistics of model {k}: {one_line(st.protection, 300)}")
         report.notes += [self._unchecked_counts()] * bool(self._unchecked_counts())
+        report.warnings += dominance_warnings(report.layers, [str(m.path) for m in self.inputs.config.models])
 
 
 def _stacked_weights(params: list[dict], group: list[LinearLayer], affine: bool, d_in: int) -> torch.Tensor:
