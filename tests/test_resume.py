@@ -73,3 +73,22 @@ def test_changed_inputs_start_over(tmp_path, monkeypatch):
     assert any(f"removed {staged}" in line for line in said) and not staged.exists()
     merge(config, tmp_path / "again", progress=False)
     same_folders(tmp_path / "again", tmp_path / "out")
+
+
+def test_a_journal_keeps_the_steps_before_a_line_cut_short(tmp_path):
+    """A kill mid-write leaves a last line that does not parse (or is not a step): the steps before it count, the
+    journal is rewritten without it, and another key starts it afresh."""
+    import json
+
+    from regmean.merge.journal import Journal
+
+    lines = [{"key": "k"}, {"step": 0, "layers": [], "base_missing": [], "written": []}]
+    for tail in ('{"step": 1, "lay', '{"x": 1}', "[]"):
+        (tmp_path / JOURNAL).write_text("".join(json.dumps(line) + "\n" for line in lines) + tail + "\n")
+        journal = Journal(tmp_path, "k")
+        journal.close()
+        assert list(journal.done) == [0]
+        assert (tmp_path / JOURNAL).read_text().splitlines()[-1].startswith('{"step": 0')
+    journal = Journal(tmp_path, "other")
+    journal.close()
+    assert journal.done == {} and (tmp_path / JOURNAL).read_text() == '{"key": "other"}\n'

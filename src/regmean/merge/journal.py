@@ -63,9 +63,9 @@ class Journal:
         for text in self.path.read_text(encoding="utf-8").splitlines()[1:]:
             try:
                 line = json.loads(text)
-            except ValueError:
+                done[int(line["step"])] = line
+            except (ValueError, KeyError, TypeError):
                 break
-            done[int(line["step"])] = line
         return done
 
     def record(self, number: int, computed: Computed, written: list[list[dict[str, int]]]) -> None:
