@@ -69,6 +69,7 @@ def test_mergekit_ties_and_linear_are_our_merges(llamas, tmp_path):  # noqa: F81
         ({"parameters": {"density": [0.1, 0.9]}}, "gradients and per-tensor values"),
         ({"parameters": {"epsilon": 0.1}}, "parameter 'epsilon' has no equivalent"),
         ({"tokenizer_source": "union"}, "tokenizer_source 'union'"),
+        ({"models": [{"model": "a", "parameters": {"normalize": False}}]}, "applies to the whole merge"),
     ],
 )
 def test_what_mergekit_has_and_we_do_not_is_one_line(llamas, tmp_path, change, says):  # noqa: F811

@@ -54,12 +54,21 @@ def from_mergekit(raw: dict, source: str) -> dict:
                 raise RegmeanError(f"{source}: {where}: LoRA adapters over different bases ({lora_base}, {folder})")
         if method != "average" and base is not None and not lora and folder == base:
             continue  # mergekit reads the base model's entry as the base (a zero task vector)
-        own = {**shared, **_parameters(entry.get("parameters") or {}, source, f"{where}.parameters")}
-        models.append(_model(lora or folder, own, method))
+        given = _parameters(entry.get("parameters") or {}, source, f"{where}.parameters")
+        merge_wide = sorted(set(given) - {"weight", "density"})
+        if merge_wide:
+            raise RegmeanError(
+                f"{source}: {where}: {merge_wide[0]!r} applies to the whole merge here: give it in the "
+                "top-level parameters"
+            )
+        models.append(_model(lora or folder, {**shared, **given}, method))
     return _recipe(raw, source, method, options, models, base or lora_base, shared, name)
 
 
-def _recipe(raw, source, method, options, models, base, shared, name) -> dict:
+def _recipe(
+    raw: dict, source: str, method: str, options: dict, models: list[dict], base: str | None, shared: dict, name: str
+) -> dict:
+    """Our recipe from the translated models and mergekit's merge-wide parameters (`shared`)."""
     normalize = shared.pop("normalize", NORMALIZED[name])
     scaling = shared.pop("lambda", 1.0)
     if shared.pop("rescale", True) is not True:
