@@ -190,7 +190,13 @@ def measure(
         files = [final.name for _, final in writer.staged]
         writer.stage_text(CARD, statistics_card(stats, model_dir, out, files, base), is_ours)
         written = writer.commit()
-    path = written[0] if len(written) == 1 else out
+    _say_measured(written[0] if len(written) == 1 else out, stats)
+
+
+def _say_measured(path: Path, stats) -> None:
+    """What measure wrote, in one line, and a DP release's warning when its noise outweighs its data."""
+    from regmean import distributed
+
     console.print(
         f"wrote {path}: {len(set(stats.modules.values()))} sites for {len(stats.modules)} modules, "
         f"{stats.examples} examples, {stats.tokens} tokens, {distributed.world_size()} process(es); "
