@@ -148,12 +148,7 @@ def open_inputs(config: MergeConfig) -> MergeInputs:
     problems += vocab_problems
     problems += _disagreements(config, models, body, vocab, heads)
     parameters = parameter_names(skeleton, first.keys())
-    needed = [k for k in required_keys(skeleton) if k not in set(parameters.values())]
-    if needed:
-        problems.append(
-            f"{first_path}: lacks {len(needed)} tensors its architecture {first.architecture} needs, e.g. {needed[0]} "
-            "(loading would initialise them at random); re-save the model with save_pretrained"
-        )
+    problems += _required_problems(skeleton, parameters, first, first_path)
     if problems:  # the models disagree: nothing below can be checked meaningfully
         raise RegmeanError(problems)
     linears = {m: _in_checkpoint(layer, parameters) for m, layer in linear_layers(skeleton).items()}
@@ -170,6 +165,17 @@ def open_inputs(config: MergeConfig) -> MergeInputs:
     if problems:
         raise RegmeanError(problems)
     return inputs
+
+
+def _required_problems(skeleton: nn.Module, parameters: dict[str, str], first: Checkpoint, first_path) -> list[str]:
+    """Every parameter the model class needs loads from some checkpoint key of the first model."""
+    needed = [k for k in required_keys(skeleton) if k not in set(parameters.values())]
+    if not needed:
+        return []
+    return [
+        f"{first_path}: lacks {len(needed)} tensors its architecture {first.architecture} needs, e.g. {needed[0]} "
+        "(loading would initialise them at random); re-save the model with save_pretrained"
+    ]
 
 
 def _disagreements(
