@@ -118,19 +118,22 @@ def detect_sites(model: nn.Module, modules: list[str], batch: Batch) -> list[Sit
     sites = []
     for key, members in groups.items():
         x = first_input[members[0]]
-        if x.dim() == 2 and x.shape[0] == batch.size:
-            stream = "example"
-        elif encoder is None or members[0].startswith(encoder_prefix) or key[0] in encoder_out:
-            stream = "input"
-        else:
-            stream = "decoder"
-        if stream != "example":
-            follows = {follows_mask(inputs[i], batch.masks[stream]) for i in key}
-            stream = stream if follows == {True} else "fixed" if follows == {False} else "mixed"
+        decoder = encoder is not None and not members[0].startswith(encoder_prefix) and key[0] not in encoder_out
+        stream = _stream(x, [inputs[i] for i in key], batch, decoder)
         sites.append(Site(members[0], members, stream, x.shape[-1], len(key), last_call[members[0]]))
     for name, block in experts.items():
         sites += _routed_sites(block, wanted, len(calls[name]), last_call[name])
     return sites
+
+
+def _stream(first: torch.Tensor, calls: list[torch.Tensor], batch: Batch, decoder: bool) -> str:
+    """A site's stream from its inputs: example (one row per example), else the input's or decoder's tokens, or
+    fixed / mixed where some calls' rows follow no token of that stream's mask."""
+    if first.dim() == 2 and first.shape[0] == batch.size:
+        return "example"
+    stream = "decoder" if decoder else "input"
+    follows = {follows_mask(x, batch.masks[stream]) for x in calls}
+    return stream if follows == {True} else "fixed" if follows == {False} else "mixed"
 
 
 def _routed_sites(experts: Experts, wanted: list[str], calls: int, last_call: int) -> list[Site]:
