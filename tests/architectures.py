@@ -37,6 +37,11 @@ OWN_TOP_K = {**DECODER, "num_key_value_heads": 4}
 """MOE for configs that name top-k otherwise (Aria's moe_topk, Gemma-4's top_k_experts): read under that name."""
 MLA = {"q_lora_rank": 8, "kv_lora_rank": 8, "qk_rope_head_dim": 4, "qk_nope_head_dim": 4, "v_head_dim": 4}
 """DeepSeek-style low-rank attention."""
+INKLING2 = {
+    **{**MOE, "moe_intermediate_size": 8, "n_routed_experts": 4, "head_dim": 4, "n_layers_per_attn_res_block": 1},
+    **{"swa_num_attention_heads": 4, "swa_num_key_value_heads": 4, "swa_head_dim": 4, "unpadded_vocab_size": VOCAB},
+}
+"""Inkling-2 and its looped variant."""
 ROUTED = {"moe_intermediate_size": 8, "n_routed_experts": 4, "n_shared_experts": 1, "n_group": 1, "topk_group": 1}
 """DeepSeek-style experts: 4 routed, 1 shared, one group."""
 
@@ -416,8 +421,7 @@ ARCHITECTURES = [
     Architecture(
         "Inkling2ForCausalLM",
         "Inkling2TextConfig",
-        {**MOE, "moe_intermediate_size": 8, "n_routed_experts": 4, "head_dim": 4, "n_layers_per_attn_res_block": 1}
-        | {"swa_num_attention_heads": 4, "swa_num_key_value_heads": 4, "swa_head_dim": 4, "unpadded_vocab_size": VOCAB},
+        INKLING2,
         "Inkling-2",
         "experts stored fused (3-D, interleaved) solved row by row; routers solved; checkpoint keys placed by "
         "transformers' own renaming rules",
@@ -425,9 +429,7 @@ ARCHITECTURES = [
     Architecture(
         "Inkling2LoopForCausalLM",
         "Inkling2LoopTextConfig",
-        {**MOE, "moe_intermediate_size": 8, "n_routed_experts": 4, "head_dim": 4, "n_layers_per_attn_res_block": 1}
-        | {"swa_num_attention_heads": 4, "swa_num_key_value_heads": 4, "swa_head_dim": 4, "unpadded_vocab_size": VOCAB}
-        | {"loop_gate_rank": 4},
+        {**INKLING2, "loop_gate_rank": 4},
         "Inkling-2-Loop",
         "experts stored fused (3-D, interleaved) solved row by row; routers solved; checkpoint keys placed by "
         "transformers' own renaming rules",
