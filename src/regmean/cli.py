@@ -288,8 +288,11 @@ def merge(
     max_memory: Annotated[str | None, typer.Option(help="Refuse if the peak memory estimate exceeds this")] = None,
     device: Annotated[str, typer.Option(help="Where the steps compute: cpu, cuda, cuda:1 (regmean, average)")] = "cpu",
     nproc: Annotated[int, typer.Option(min=1, help="Processes on this machine (runs torchrun for you)")] = 1,
+    lora_rank: Annotated[
+        int | None, typer.Option(min=1, help="Write one LoRA adapter of this rank over the base (output.lora)")
+    ] = None,
 ) -> None:
-    """Merge fine-tuned models (and their statistics) into one Hugging Face model folder.
+    """Merge fine-tuned models (and their statistics) into one Hugging Face model folder (or one LoRA adapter).
 
     Across processes: `torchrun --nproc_per_node N -m regmean merge ...` or `--nproc N`; the steps are divided
     among the ranks, which write into the same output shards (one folder every rank sees); rank 0 finishes it."""
@@ -308,6 +311,7 @@ def merge(
         max_memory=max_memory,
         device=device,
         log=console.print,
+        lora_rank=lora_rank,
     )
     if dry_run or result is None:  # (a rank other than 0 reports nothing)
         return
@@ -323,6 +327,8 @@ def merge(
     if result.averaged:
         detail += f"; {matrices(len(result.averaged))} averaged (why: merge_report.json)"
     console.print(f"wrote {out_dir} ({result.method}{detail})")
+    for line in result.adapter_lines():
+        console.print(line)
     for warning in result.warnings:
         console.print(warning)
 

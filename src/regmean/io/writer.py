@@ -53,8 +53,9 @@ class ShardedWriter:
         ]
         self._file_of = {name: f for f in self._files for name in f.missing}
 
-    def add(self, name: str, tensor: torch.Tensor, first_row: int | None = None) -> None:
-        """Write tensor `name`, or with `first_row` a block of its rows starting there."""
+    def add(self, name: str, tensor: torch.Tensor, first_row: int | None = None, metric=None) -> None:
+        """Write tensor `name`, or with `first_row` a block of its rows starting there (`metric`, the system a
+        weight was solved in, matters only to a low-rank output: `merge.lora_writer`)."""
         if name not in self._file_of:
             raise RegmeanError(f"{self.folder}: tensor {name} is not in the planned output")
         check_finite(tensor, f"merged tensor {name} (check the recipe's weights and scaling; nothing was written)")

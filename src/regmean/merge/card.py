@@ -38,15 +38,17 @@ REGMEAN_PLUSPLUS = "RegMean++ (arXiv:2508.03121, https://arxiv.org/abs/2508.0312
 def model_card(inputs: MergeInputs, report: MergeReport, recipe: str, own_head: int | None = None) -> str:
     """The card of one output folder; `recipe` is the merge_config.yaml written beside it."""
     config = inputs.config
+    what = "model" if config.output.lora is None else "LoRA adapter"
     lines = [
         *front_matter(inputs),
         "",
-        f"# Merged model ({config.method})",
+        f"# Merged {what} ({config.method})",
         "",
         f"Made with regmean {__version__}: `{config.method}` over {len(config.models)} models of architecture "
         f"`{inputs.models[0].architecture}`.",
         "",
         *_models(inputs, report),
+        *_adapter(inputs, report),
         *_recipe(inputs, own_head, recipe),
         *_diagnostics(report),
         *_provenance(inputs, report),
@@ -67,6 +69,12 @@ def front_matter(inputs: MergeInputs) -> list[str]:
         "base_model_relation": "merge",
         "tags": list(dict.fromkeys(["merge", "regmean", config.method.replace("_", "-")])),
     }
+    if config.output.lora is not None:  # an adapter over the base, made by merging the models
+        from regmean.merge.lora_plan import adapter_base
+
+        base = config.base_model or adapter_base(inputs).path
+        meta.update(library_name="peft", base_model=[str(base)], base_model_relation="adapter")
+        meta["tags"] += ["lora", "peft"]
     pipeline = next((tag for suffix, tag in PIPELINES.items() if architecture.endswith(suffix)), None)
     if pipeline:
         meta["pipeline_tag"] = pipeline
@@ -91,6 +99,30 @@ def _models(inputs: MergeInputs, report: MergeReport) -> list[str]:
         over = f" (LoRA adapter over `{ckpt.folders[0]}`)" if len(ckpt.folders) > 1 else ""
         lines.append(f"| {k} | `{entry.path}`{over} | {entry.weight} | {digest} | {measured} |")
     return lines
+
+
+def _adapter(inputs: MergeInputs, report: MergeReport) -> list[str]:
+    """An adapter output: its rank, what its truncation lost, what it leaves at the base's, and how to load it."""
+    lora = inputs.config.output.lora
+    if lora is None:
+        return []
+    architecture = inputs.models[0].architecture
+    return [
+        "",
+        "## Adapter",
+        "",
+        f"A peft LoRA adapter of rank {lora.rank} over the base model: each changed linear layer holds the merged "
+        "update's best rank-r approximation (RegMean layers: best in their own system's metric), changed heads and "
+        "norms are saved whole (`modules_to_save`).",
+        "",
+        *[f"- {line}" for line in report.adapter_lines()],
+        "",
+        "```python",
+        f"from transformers import {architecture}",
+        "from peft import PeftModel",
+        f'model = PeftModel.from_pretrained({architecture}.from_pretrained("BASE"), "THIS_FOLDER")',
+        "```",
+    ]
 
 
 def _recipe(inputs: MergeInputs, own_head: int | None, recipe: str) -> list[str]:

@@ -69,6 +69,19 @@ class ModelEntry(BaseModel):
     """This model's own values of the method's per-model options (ties: density; dare: drop_rate)."""
 
 
+class LoraOutput(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    rank: int = Field(ge=1, le=65536)
+    """The adapter's rank r (a layer narrower than r keeps its full rank, exactly)."""
+
+
+class OutputForm(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    lora: LoraOutput | None = None
+    """Write one peft LoRA adapter over the base model instead of a full model: each changed linear layer's merged
+    update at rank r (RegMean's: best in its own system's metric), changed heads and norms saved whole."""
+
+
 class MergeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     method: str = "regmean"
@@ -92,6 +105,8 @@ class MergeConfig(BaseModel):
     """Output dtype; auto keeps each tensor's input dtype."""
     allow_pickle: bool = False
     """Read pytorch_model.bin checkpoints (with torch.load(weights_only=True)). Off: pickle can run code."""
+    output: OutputForm = Field(default_factory=OutputForm)
+    """What the merge writes: a full model folder (default), or `lora: {rank: r}`, one adapter over base_model."""
 
     @field_validator("method", mode="before")
     @classmethod
@@ -245,8 +260,15 @@ class MergeConfig(BaseModel):
         data.tokenizer_source = data.tokenizer_source and change(data.tokenizer_source)
         return data
 
+    def with_lora(self, rank: int) -> MergeConfig:
+        """The recipe writing one LoRA adapter of `rank` (`merge --lora-rank`)."""
+        return self.model_copy(update={"output": OutputForm(lora=LoraOutput(rank=rank))})
+
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+        data = self.model_dump(mode="json")
+        if self.output.lora is None:  # the default: a full model
+            del data["output"]
+        return yaml.safe_dump(data, sort_keys=False)
 
 
 class _StrictLoader(yaml.SafeLoader):

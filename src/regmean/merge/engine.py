@@ -14,11 +14,12 @@ from regmean.errors import RegmeanError
 from regmean.io.outputs import check_output_path
 from regmean.io.writer import DEFAULT_SHARD_BYTES, ShardedWriter
 from regmean.merge.config import MergeConfig
+from regmean.merge.forms import ModelFolders, output_form
 from regmean.merge.inputs import MergeInputs, config_differences, config_note, open_inputs
 from regmean.merge.journal import Journal, merge_key, written_since
 from regmean.merge.output import write_output
 from regmean.merge.parallel import merge_on_ranks
-from regmean.merge.plan import MergePlan, check_memory, check_resident, make_plan, output_layouts
+from regmean.merge.plan import MergePlan, check_memory, check_resident, make_plan
 from regmean.merge.report import MergeReport
 from regmean.merge.staging import check_output_dir
 from regmean.methods import METHODS
@@ -39,6 +40,7 @@ def merge(
     max_memory: int | str | None = None,
     device: str = "cpu",
     log=None,
+    lora_rank: int | None = None,
 ) -> MergeReport | MergePlan | None:
     """Merge the models of `config` (a MergeConfig or a YAML path) into `out_dir`.
 
@@ -46,6 +48,7 @@ def merge(
     merged body plus that model's own head). The plan (bytes, peak memory estimate) is computed first and passed to
     `log`; `dry_run` returns it without merging; `max_memory` refuses a merge whose estimate exceeds it. Tensors are
     read one at a time and written in shards of `shard_size`; nothing is left in `out_dir` unless the merge completes.
+    `lora_rank` writes one LoRA adapter of that rank over the base model instead (the recipe's `output.lora`).
     `device` (cpu, cuda, cuda:N) is where the steps compute, for methods that can (RegMean, average); the reader
     thread stages each step's inputs there while the previous step computes. Under torchrun the steps are divided
     among the ranks (`merge.parallel`), and only rank 0 returns the report (the others None).
@@ -54,6 +57,8 @@ def merge(
     if not isinstance(config, MergeConfig):
         sources.append(("recipe", Path(config)))
         config = MergeConfig.from_file(config)
+    if lora_rank is not None:
+        config = config.with_lora(lora_rank)
     sources += config.input_paths()
     out_dir = Path(out_dir)
     shard_bytes = parse_size(shard_size, "--shard-size")
@@ -75,22 +80,24 @@ def merge(
         )
     check_output_dir(check_output_path(out_dir, sources), force)  # before the inputs are opened and planned
     inputs = open_inputs(config)
-    plan, method, steps, layouts = _planned(inputs, log, memory_limit, device)
-
-    key = merge_key(config.relative_to(Path("/")).to_yaml(), sources, layouts, steps, shard_bytes)
-    args = (out_dir, force, sources, log, inputs, plan.write_bytes, layouts, shard_bytes)
+    plan, method, steps, form = _planned(inputs, log, memory_limit, device)
+    args = (out_dir, force, sources, log, form, plan.write_bytes, shard_bytes)
+    if not form.resumable(method):
+        return write_output(*args, _journaled(method, steps, progress, None))
+    key = merge_key(config.relative_to(Path("/")).to_yaml(), sources, form.layouts, steps, shard_bytes)
     return write_output(*args, _journaled(method, steps, progress, key), resume_key=key)
 
 
-def _journaled(method: MergeMethod, steps: list[Step], progress: bool, key: str):
+def _journaled(method: MergeMethod, steps: list[Step], progress: bool, key: str | None):
     """The writing of one process's merge: every step, journaled in the staging folder so that an interrupted run
-    resumes (`merge.journal`); the journal goes once the shards are complete."""
+    resumes (`merge.journal`; not without a `key`); the journal goes once the shards are complete."""
 
     def fill(writers: list[ShardedWriter], staged: Path) -> MergeReport:
-        journal = Journal(staged, key)
+        journal = None if key is None else Journal(staged, key)
         report = merge_into(method, steps, writers, progress, journal)
-        journal.close()
-        journal.path.unlink()
+        if journal is not None:
+            journal.close()
+            journal.path.unlink()
         for w in writers:
             w.finish()
         return report
@@ -114,14 +121,18 @@ def check_device_method(method: str, device: str) -> None:
 
 def _planned(
     inputs: MergeInputs, log, memory_limit: int | None, device: str = "cpu"
-) -> tuple[MergePlan, MergeMethod, list[Step], list]:
-    """The method bound to the inputs, its steps, the output layouts and the plan (said to `log`, checked against
+) -> tuple[MergePlan, MergeMethod, list[Step], ModelFolders]:
+    """The method bound to the inputs, its steps, the output form and the plan (said to `log`, checked against
     the limit)."""
     method = METHODS[inputs.config.method](inputs, device)
     check_resident(method.resident_bytes(), memory_limit)
+    form = output_form(inputs)  # (before the steps: an adapter needs some tensors whole)
     steps = method.plan()
-    layouts = output_layouts(inputs)
-    plan = make_plan(inputs, method, steps, layouts, device)
+    plan = make_plan(inputs, method, steps, form.layouts, device)
+    plan.note = "; ".join(part for part in (plan.note, form.describe()) if part)
+    plan.working_bytes = max(plan.working_bytes, form.working_bytes())
+    if not form.resumable(method):
+        plan.note += f"; an adapter output of {method.name} does not resume if interrupted"
     if log is not None:
         log(plan.describe())
         differences = config_differences(inputs)
@@ -129,7 +140,7 @@ def _planned(
             if note:
                 log(note)
     check_memory(plan, memory_limit)
-    return plan, method, steps, layouts
+    return plan, method, steps, form
 
 
 def merge_into(
@@ -159,16 +170,26 @@ def run_steps(
             computed = method.compute(step, data)
             del data
             before = [w.written() for w in writers] if journal else []
-            for name, tensor in computed.tensors.items():
-                tensor = tensor.to("cpu")  # from the compute device (no copy on the CPU)
-                for w in writers:
-                    w.add(name, tensor, computed.first_row)
-            computed.tensors = {}
+            write_step(computed, writers)
             if journal:
                 journal.record(number, computed, written_since(before, writers))
             results[number] = computed
             advance(1)
     return results
+
+
+def write_step(computed: Computed, writers: list[ShardedWriter]) -> None:
+    """A step's tensors into every writer (with the metric each was solved in, for a low-rank output); what the
+    first writer says of them goes into the step's notes. The tensors are dropped."""
+    for name, tensor in computed.tensors.items():
+        tensor = tensor.to("cpu")  # from the compute device (no copy on the CPU)
+        metric = computed.metrics.get(name)
+        metric = None if metric is None else metric.to("cpu")
+        for i, w in enumerate(writers):
+            note = w.add(name, tensor, computed.first_row, metric)
+            if note is not None and i == 0:
+                computed.notes.append(note)
+    computed.tensors, computed.metrics = {}, {}
 
 
 def resumed(method: MergeMethod, steps: list[tuple[int, Step]], writers: list[ShardedWriter], journal) -> dict:

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
+import torch
 from torch import nn
 
 from regmean.architecture import (
@@ -47,10 +48,19 @@ class MergeInputs:
     parameter_names: dict[str, str] = field(default_factory=dict)
     """Checkpoint key -> the parameter it loads into (`architecture.parameter_names`: GPT-NeoX's embed_out.weight ->
     lm_head.weight); the linear layers' keys are checkpoint keys already."""
+    exact_keys: frozenset[str] = frozenset()
+    """Tensors the output needs whole and unrounded (an adapter output factors them): merged in one step, in at
+    least float32."""
 
     def module_of(self, key: str) -> str:
         """The module of the skeleton a checkpoint key belongs to."""
         return self.parameter_names.get(key, key).rsplit(".", 1)[0]
+
+    def output_dtype(self, key: str, dtype: torch.dtype) -> torch.dtype:
+        """The dtype merged tensor `key` (of input dtype `dtype`) leaves its step in."""
+        if key in self.exact_keys:
+            return torch.promote_types(dtype, torch.float32)
+        return self.config.output_dtype(dtype)
 
     def body_keys(self) -> list[str]:
         """Tensors merged into the body: every key, less the heads when each model keeps its own."""

@@ -16,7 +16,7 @@ from pathlib import Path
 from regmean import __version__
 from regmean.errors import RegmeanError
 from regmean.io.writer import Layout, ShardedWriter
-from regmean.methods.base import Computed, LayerReport, Step
+from regmean.methods.base import Computed, LayerReport, OutputNote, Step
 
 JOURNAL = ".regmean-journal.jsonl"
 
@@ -74,6 +74,7 @@ class Journal:
             "step": number,
             "layers": [layer.to_dict() for layer in computed.layers],
             "base_missing": list(computed.base_missing),
+            "notes": [note.to_dict() for note in computed.notes],
             "written": written,
         }
         self._file.write(json.dumps(line) + "\n")
@@ -88,7 +89,8 @@ class Journal:
             for writer, counts in zip(writers, line["written"], strict=True):
                 writer.add_written(counts)
             layers = [LayerReport(**row) for row in line["layers"]]
-            results[number] = Computed({}, layers=layers, base_missing=line["base_missing"])
+            notes = [OutputNote(**row) for row in line.get("notes", [])]
+            results[number] = Computed({}, layers=layers, base_missing=line["base_missing"], notes=notes)
         return results
 
     def close(self) -> None:

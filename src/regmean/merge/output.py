@@ -10,15 +10,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from regmean.io.outputs import Inputs, check_free_space
-from regmean.io.writer import Layout, ShardedWriter
+from regmean.io.writer import ShardedWriter
 from regmean.merge.card import model_card
-from regmean.merge.files import CARD, COPIED_PATTERNS, RECIPE, REPORT, STAGING_MARK
+from regmean.merge.files import CARD, RECIPE, REPORT, STAGING_MARK
 from regmean.merge.report import MergeReport
 from regmean.merge.staging import staged_output
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+    from regmean.merge.forms import ModelFolders
     from regmean.merge.inputs import MergeInputs
 
 """Provenance records shown per model in the model card (all of them stay in the statistics file)."""
@@ -29,30 +30,26 @@ def write_output(
     force: bool,
     sources: Inputs,
     log,
-    inputs: MergeInputs,
+    form: ModelFolders,
     write_bytes: int,
-    layouts: list[Layout],
     shard_bytes: int,
     fill: Callable[[list[ShardedWriter], Path], MergeReport],
     resume_key: str | None = None,
 ) -> MergeReport:
-    """The merged folder(s), staged: shards laid out from `layouts`; `fill(writers, staged)` writes every tensor,
-    completes the shards and returns the report; then config, tokenizer, card, recipe and report. The folder is
-    revealed only when all of it is done. With `resume_key`, an interrupted run's staged shards of that key are
-    written into again (`merge.journal`)."""
+    """The merged folder(s), staged: `form` lays out the weights (model shards, or an adapter); `fill(writers,
+    staged)` writes every tensor, completes the files and returns the report; then config, tokenizer, card, recipe
+    and report. The folder is revealed only when all of it is done. With `resume_key`, an interrupted run's staged
+    files of that key are written into again (`merge.journal`)."""
     from regmean.merge.journal import journal_key
 
+    inputs = form.inputs
     with staged_output(out_dir, force, sources, log, resume_key) as staged:
         resuming = resume_key is not None and journal_key(staged) == resume_key
         if not resuming:  # (a resumed merge's shards are laid out at their full size already)
-            check_free_space(staged, write_bytes, "the merged model", out_dir)
+            check_free_space(staged, write_bytes, f"the merged {form.kind}", out_dir)
         folders = output_folders(inputs, staged)
-        writers = [
-            ShardedWriter(f, layout, shard_bytes, create=not resuming)
-            for f, layout in zip(folders, layouts, strict=True)
-        ]
-        report = fill(writers, staged)
-        finish_folders(inputs, folders, staged, report, out_dir)
+        report = fill(form.writers(folders, shard_bytes, create=not resuming), staged)
+        finish_folders(form, folders, staged, report, out_dir)
     return report
 
 
@@ -63,19 +60,18 @@ def output_folders(inputs: MergeInputs, staged: Path) -> list[Path]:
     return [staged / name for name in output_names([Path(m.path) for m in inputs.config.models])]
 
 
-def finish_folders(inputs: MergeInputs, folders: list[Path], staged: Path, report: MergeReport, out_dir: Path) -> None:
+def finish_folders(form: ModelFolders, folders: list[Path], staged: Path, report: MergeReport, out_dir: Path) -> None:
     """Config, tokenizer, model card, recipe and report next to the weights (staged; revealed at `out_dir`)."""
+    inputs = form.inputs
     vocab = inputs.vocab
     for k, folder in enumerate(folders):
         model = inputs.models[vocab.tokenizer_model if vocab else k]  # a grown vocabulary: the most tokens
         for source in model.folders:  # an adapter's own tokenizer files over its base's
-            for pattern in COPIED_PATTERNS:
+            for pattern in form.copied_patterns:
                 for file in source.glob(pattern):
                     if file.is_file():
                         shutil.copy2(file, folder / file.name)
-        if vocab is not None:
-            config = json.loads((folder / "config.json").read_text())
-            (folder / "config.json").write_text(json.dumps({**config, "vocab_size": vocab.total}, indent=2) + "\n")
+        form.finish_folder(folder, k)
         own = k if inputs.config.heads == "keep" else None
         recipe = inputs.config.relative_to(out_dir / folder.relative_to(staged)).to_yaml()
         (folder / CARD).write_text(model_card(inputs, report, recipe, own_head=own))

@@ -67,7 +67,7 @@ def merge_on_ranks(
     shard_bytes: int,
     log,
 ) -> MergeReport | None:
-    """The merge as one rank of many; `planned(inputs)` gives (plan, method, steps, layouts) and `run(method,
+    """The merge as one rank of many; `planned(inputs)` gives (plan, method, steps, output form) and `run(method,
     numbered steps, writers, heads)` runs steps. Returns the report on rank 0, None elsewhere."""
     if not METHODS[config.method].splits_across_processes:
         raise RegmeanError(f"method {config.method} runs in one process; drop --nproc / torchrun")
@@ -76,12 +76,11 @@ def merge_on_ranks(
     # the last exchange waits for the slowest rank, however long its share takes
     finish_group = distributed.collective(dist.new_group, backend="gloo", timeout=FINISH_TIMEOUT)
     inputs = open_inputs(config)
-    plan, method, steps, layouts = planned(inputs, log if rank == 0 else None)
+    plan, method, steps, form = planned(inputs, log if rank == 0 else None)
     mine = [(n, steps[n]) for n in divide(steps, ranks, head_bytes(inputs))[rank]]
     if rank != 0:
         staged = _shared([None])
-        layouts_of = zip(output_folders(inputs, staged), layouts, strict=True)
-        writers = [ShardedWriter(folder, layout, shard_bytes, create=False) for folder, layout in layouts_of]
+        writers = form.writers(output_folders(inputs, staged), shard_bytes, create=False)
         results = run(method, mine, writers, heads=False)
         _gather(writers, results, finish_group)
         return None
@@ -90,7 +89,7 @@ def merge_on_ranks(
         _shared([staged])  # the shards exist: the other ranks open them
         return _finish(method, writers, run(method, mine, writers, heads=True), finish_group)
 
-    return write_output(out_dir, force, sources, log, inputs, plan.write_bytes, layouts, shard_bytes, fill)
+    return write_output(out_dir, force, sources, log, form, plan.write_bytes, shard_bytes, fill)
 
 
 def _shared(value: list) -> Path:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from regmean.methods.base import Computed, LayerReport
+from regmean.methods.base import Computed, LayerReport, OutputNote
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,8 @@ class MergeReport:
     """Per model, what a method that measures while merging read: data file name, fields, examples, tokens."""
     warnings: list[str] = field(default_factory=list)
     """What the user should look at (console, card): e.g. one model carrying most of the Grams' weight."""
+    output_notes: list[OutputNote] = field(default_factory=list)
+    """What the output wrote otherwise than merged (an adapter: each layer's truncation, tensors left at the base's)."""
 
     @classmethod
     def of_steps(cls, method, results: dict[int, Computed]) -> MergeReport:
@@ -55,6 +57,32 @@ class MergeReport:
     def add(self, computed: Computed) -> None:
         self.layers += computed.layers
         self.base_missing += computed.base_missing
+        self.output_notes += computed.notes
+
+    def adapter_lines(self) -> list[str]:
+        """An adapter output in words: what its rank lost (relative error of the update, in each layer's metric),
+        and how far the merge moved the tensors the adapter leaves at the base's."""
+        low_rank = [n for n in self.output_notes if n.kind.startswith("lora")]
+        lines = []
+        if low_rank:
+            errors = sorted(n.relative for n in low_rank)
+            worst = max(low_rank, key=lambda n: n.relative)
+            metric = sum(n.kind != "lora" for n in low_rank)
+            lines.append(
+                f"adapter: {len(low_rank)} layers at rank {max(n.rank for n in low_rank)}"
+                f" ({metric} in their RegMean system's metric); relative error of the update: median "
+                f"{errors[len(errors) // 2]:.3g}, largest {worst.relative:.3g} ({worst.tensor})"
+            )
+        moved: dict[str, list[float]] = {}
+        for n in self.output_notes:
+            if n.kind == "kept base":
+                moved.setdefault(n.tensor, [0.0, 0.0])
+                moved[n.tensor][0] += n.lost
+                moved[n.tensor][1] += n.total
+        for tensor, (lost, total) in moved.items():
+            change = (lost / total) ** 0.5 if total > 0 else 0.0
+            lines.append(f"left at the base's in the adapter: {tensor} (the merge moved it by {change:.3g}, relative)")
+        return lines
 
     def summary(self) -> MergeSummary:
         errs = [e for row in self.layers for e in row.relative_error]
@@ -79,4 +107,5 @@ class MergeReport:
             "notes": self.notes,
             "data": self.data,
             "warnings": self.warnings,
+            "output_notes": [note.to_dict() for note in self.output_notes],
         }

@@ -133,6 +133,27 @@ class LayerReport:
         return dict(self.__dict__)
 
 
+@dataclass(frozen=True)
+class OutputNote:
+    """What an output writer says of a tensor it wrote differently from the merge's value (a low-rank update: the
+    energy its truncation lost; a tensor left at the base's: how far the merge had moved it)."""
+
+    tensor: str
+    kind: str
+    rank: int
+    lost: float
+    """Squared norm of what the output lacks (in the layer's metric for a low-rank update)."""
+    total: float
+    """Squared norm it is relative to (the whole update; the base's tensor)."""
+
+    @property
+    def relative(self) -> float:
+        return (self.lost / self.total) ** 0.5 if self.total > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
 @dataclass
 class Computed:
     """What a step produced: output tensors (row blocks starting at `first_row` if set) and diagnostics."""
@@ -141,6 +162,11 @@ class Computed:
     first_row: int | None = None
     layers: list[LayerReport] = field(default_factory=list)
     base_missing: list[str] = field(default_factory=list)
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Weight key -> the Cholesky factor of the system the method solved it with (its metric: a low-rank output
+    is best in it)."""
+    notes: list[OutputNote] = field(default_factory=list)
+    """What the output writer said of the step's tensors."""
 
 
 class MergeMethod(ABC):
@@ -226,7 +252,10 @@ class ElementwiseMethod(MergeMethod):
         grown = vocab is not None and key in vocab.keys
         if grown:  # rows every model has, merged as usual, then the added rows
             shape = (vocab.shared, *shape[1:])
-        blocks: list[tuple[int, int] | None] = row_blocks(shape, size) or [(0, shape[0]) if grown else None]
+        whole = key in self.inputs.exact_keys  # (an adapter output factors it whole)
+        blocks: list[tuple[int, int] | None] = (None if whole else row_blocks(shape, size)) or [
+            (0, shape[0]) if grown else None
+        ]
         steps = []
         for rows in blocks:
             numel = math.prod(shape) if rows is None else (rows[1] - rows[0]) * math.prod(shape[1:])
@@ -272,7 +301,7 @@ class ElementwiseMethod(MergeMethod):
         first = data.tensors[0]
         if not first.is_floating_point():  # integer buffers (position ids): identical across fine-tunes
             return Computed({step.key: first}, first_row)
-        out_dtype = self.inputs.config.output_dtype(first.dtype)
+        out_dtype = self.inputs.output_dtype(step.key, first.dtype)
         missing = [step.key] if data.base_missing else []
         if data.base is not None and self.from_base(step.key):
             return Computed({step.key: data.base.to(out_dtype)}, first_row, base_missing=missing)

@@ -48,10 +48,10 @@ def affine_gram(gram: torch.Tensor, total: torch.Tensor, count: int) -> torch.Te
     return out
 
 
-def solve_spd(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, float]:
+def solve_spd(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, float, torch.Tensor]:
     """Solve (a + ridge I) x = b for symmetric positive (semi)definite a (float64) by Cholesky, with the smallest
     ridge of RIDGE_LADDER (times a's mean diagonal) that factorises: directions no data constrains get x = 0.
-    Returns x and the ridge."""
+    Returns x, the ridge and the Cholesky factor of a + ridge I."""
     scale = float(torch.diagonal(a).mean().abs()) or 1.0
     for step in RIDGE_LADDER:
         ridge = step * scale
@@ -63,7 +63,7 @@ def solve_spd(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, float]:
         if int(info) == 0:
             x = torch.cholesky_solve(b, chol)
             if all_finite(x):
-                return x, ridge
+                return x, ridge, chol
     raise FloatingPointError("Gram matrix is not positive definite even with a ridge of its mean diagonal")
 
 
@@ -104,6 +104,8 @@ class Solution:
     """R = sum_i c_i G~_i D_i^T, float64."""
     deviation: torch.Tensor
     """E, the solution of (A + ridge I) E = R: merged = average + E^T."""
+    factor: torch.Tensor
+    """The Cholesky factor of A + ridge I: the metric the merged weight is optimal in."""
 
     def residual(self, rows: torch.Tensor | None = None) -> float:
         """||(A + ridge I) E - R|| / ||R|| (Frobenius) over output `rows` (all if None); 0 when R is 0 (every
@@ -150,8 +152,8 @@ def regmean_solve(
             a.add_(g)
             rhs.addmm_(g, delta.T)
         del g
-    deviation, ridge = solve_spd(a, rhs)
-    return Solution(average + deviation.T, ridge, a, rhs, deviation)
+    deviation, ridge, factor = solve_spd(a, rhs)
+    return Solution(average + deviation.T, ridge, a, rhs, deviation, factor)
 
 
 def check_rows(d_out: int, name: str, exact: bool) -> torch.Tensor | None:

@@ -280,7 +280,9 @@ class RegMean(Average):
         """Solve the layers of `group` together (stacked output rows), into `out`."""
         d_in = data.stats[0].gram.shape[0]
         grams = [affine_gram(s.gram, s.sum, s.count) if affine else s.gram for s in data.stats]
-        dtype = {la.module: self.inputs.config.output_dtype(data.params[0][la.weight_key].dtype) for la in group}
+        dtype = {
+            la.module: self.inputs.output_dtype(la.weight_key, data.params[0][la.weight_key].dtype) for la in group
+        }
         stacked = _stacked_weights(data.params, group, affine, d_in)
         exact = self.settings.diagnostics == "exact"
         rows = [check_rows(layer.d_out, layer.module, exact) for layer in group]
@@ -307,6 +309,7 @@ class RegMean(Average):
             w = part[:, :d_in].to(dtype[layer.module])
             w = w.T.contiguous() if layer.transposed else w.contiguous()
             out.tensors[layer.weight_key] = w if layer.expert is None else w.unsqueeze(0)
+            out.metrics[layer.weight_key] = solution.factor[:d_in, :d_in]
             if affine:
                 out.tensors[layer.bias_key] = part[:, d_in].to(dtype[layer.module]).contiguous()
             out.layers.append(

@@ -232,6 +232,7 @@ class RegMeanPlusPlus(RegMean):
             params = [{key: tensors[key] for key in solve.outputs} for tensors in data.tensors]
             part = super().compute(solve, SiteInputs([grams[solve.sites[0]] for grams in measured], params))
             out.tensors.update(part.tensors)
+            out.metrics.update(part.metrics)
             out.layers += part.layers
         self._install(out.tensors)
         return out
