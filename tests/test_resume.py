@@ -92,3 +92,22 @@ def test_a_journal_keeps_the_steps_before_a_line_cut_short(tmp_path):
     journal = Journal(tmp_path, "other")
     journal.close()
     assert journal.done == {} and (tmp_path / JOURNAL).read_text() == '{"key": "other"}\n'
+
+
+def test_an_interrupted_adapter_output_resumes_to_the_same_bytes(tmp_path, monkeypatch):
+    """output.lora journals its steps too (each weight factored whole within its step)."""
+    raw = recipe(tmp_path, "regmean")
+    config = write_config(tmp_path, **raw, base_model=raw["models"][0]["path"], output={"lora": {"rank": 2}})
+    merge(config, tmp_path / "whole", progress=False)
+    plan = merge(config, tmp_path / "plan", dry_run=True)
+    assert "LoRA adapter of rank 2" in plan.note
+    at = random.Random("lora").randrange(2, plan.steps)
+    with monkeypatch.context() as patch:
+        interrupt_at(patch, "regmean", at)
+        with pytest.raises(Stop):
+            merge(config, tmp_path / "out", progress=False)
+    said = []
+    merge(config, tmp_path / "out", progress=False, log=said.append)
+    assert any("resuming the merge interrupted" in line for line in said)
+    same_folders(tmp_path / "whole", tmp_path / "out")
+    assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
