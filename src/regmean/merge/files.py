@@ -1,6 +1,7 @@
 """The names of the files in a merged model folder (written by `output`, recognised by `staging`)."""
 
-from regmean.io.checkpoint import SAFETENSORS_INDEX
+from regmean.io.adapter import ADAPTER_WEIGHTS
+from regmean.io.checkpoint import ADAPTER_CONFIG, SAFETENSORS_INDEX
 
 COPIED_PATTERNS = (
     "config.json",
@@ -15,7 +16,8 @@ COPIED_PATTERNS = (
     "chat_template.*",
 )
 """Config, generation settings and every tokenizer file format transformers writes: copied from the first model."""
-WEIGHT_PATTERNS = ("model.safetensors", "model-*-of-*.safetensors", SAFETENSORS_INDEX)
+WEIGHT_PATTERNS = ("model.safetensors", "model-*-of-*.safetensors", SAFETENSORS_INDEX, ADAPTER_WEIGHTS, ADAPTER_CONFIG)
+"""The weights of a model folder, or of an adapter folder (`output.lora`)."""
 CARD, RECIPE, REPORT = "README.md", "merge_config.yaml", "merge_report.json"
 """The model card, the resolved recipe, and the report (which lists every file of the folder)."""
 STAGING_MARK = ".regmean-staging"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from regmean.io.checkpoint import ADAPTER_CONFIG
 from regmean.io.writer import Layout, ShardedWriter
 from regmean.merge.files import COPIED_PATTERNS
 from regmean.merge.inputs import MergeInputs
@@ -17,7 +18,6 @@ from regmean.merge.lora_writer import LoraWriter
 from regmean.merge.plan import output_layouts
 from regmean.methods.base import MergeMethod
 
-ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_SKIPPED = ("config.json", "generation_config.json")
 """Not copied into an adapter folder: peft loads the base's config (a config.json would make it a model folder)."""
 

@@ -15,12 +15,11 @@ from pathlib import Path
 
 import torch
 
+from regmean.io.adapter import ADAPTER_WEIGHTS
 from regmean.io.checkpoint import SAFETENSORS_SINGLE
 from regmean.io.writer import Layout, ShardedWriter
 from regmean.merge.lora_plan import AdapterPlan
 from regmean.methods.base import OutputNote
-
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
 @dataclass(frozen=True)
