@@ -144,6 +144,7 @@ def measure(
     from regmean.io.data import load_examples
     from regmean.measure import measure as run_measure
     from regmean.measure.card import CARD, is_ours, statistics_card
+    from regmean.measure.checkpoint import checkpoint_folder, removed_unless_interrupted
     from regmean.measure.protect import Protection
     from regmean.stats import BlockWriter
     from regmean.units import parse_size
@@ -166,30 +167,33 @@ def measure(
         fields = chat if any(chat.values()) else fields
         examples = load_examples(data, max_examples=max_examples, **fields)
         provenance = {"data": data.name, **{k: v for k, v in fields.items() if v}}
-        stats = run_measure(
-            model_dir,
-            examples,
-            batch_size=batch_size,
-            max_length=max_length,
-            device=device,
-            stats_dtype=stats_dtype,
-            model_dtype=model_dtype,
-            include=include,
-            exclude=exclude,
-            provenance=provenance,
-            log=console.print,
-            max_stats_bytes=None if max_memory is None else parse_size(max_memory, "--max-memory"),
-            on_block=writer.write if writer else lambda *_: None,
-            allow_pickle=allow_pickle,
-            base=base,
-            protection=protection,
-            on_plan=writer.reserve if writer else None,
-        )
-        if writer is None:
-            return
-        files = [final.name for _, final in writer.staged]
-        writer.stage_text(CARD, statistics_card(stats, model_dir, out, files, base), is_ours)
-        written = writer.commit()
+        resume = checkpoint_folder(writer.target) if writer else None
+        with removed_unless_interrupted(resume):
+            stats = run_measure(
+                model_dir,
+                examples,
+                batch_size=batch_size,
+                max_length=max_length,
+                device=device,
+                stats_dtype=stats_dtype,
+                model_dtype=model_dtype,
+                include=include,
+                exclude=exclude,
+                provenance=provenance,
+                log=console.print,
+                max_stats_bytes=None if max_memory is None else parse_size(max_memory, "--max-memory"),
+                on_block=writer.write if writer else lambda *_: None,
+                allow_pickle=allow_pickle,
+                base=base,
+                protection=protection,
+                on_plan=writer.reserve if writer else None,
+                checkpoint_dir=resume,
+            )
+            if writer is None:
+                return
+            files = [final.name for _, final in writer.staged]
+            writer.stage_text(CARD, statistics_card(stats, model_dir, out, files, base), is_ours)
+            written = writer.commit()
     _say_measured(written[0] if len(written) == 1 else out, stats)
 
 

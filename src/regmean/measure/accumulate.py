@@ -97,19 +97,36 @@ class Accumulator:
         with suppress(Collected):
             forward(self.model, batch)
 
-    def pass_over(self, batches: Iterable[Batch], advance: Callable[[int], None] | None = None) -> dict[str, int]:
-        """One pass over the data, then the hooks removed and the Grams completed; returns the real rows of every
-        stream (`Batch.stream_rows`; `advance` is told each batch's size)."""
-        rows: Counter[str] = Counter()
+    def pass_over(
+        self,
+        batches: Iterable[Batch],
+        advance: Callable[[int], None] | None = None,
+        rows: dict[str, int] | None = None,
+        after_batch: Callable[[dict[str, int]], None] | None = None,
+    ) -> dict[str, int]:
+        """One pass over the data (or the rest of one: `rows` counted already), then the hooks removed and the
+        Grams completed; returns the real rows of every stream (`Batch.stream_rows`; `advance` is told each batch's
+        size, `after_batch` the rows so far)."""
+        counted: Counter[str] = Counter(rows or {})
         with hooks(self.handles), torch.inference_mode():
             for batch in batches:
                 self.run(batch)
                 self.offset += batch.size
-                rows.update(batch.stream_rows())
+                counted.update(batch.stream_rows())
                 if advance is not None:
                     advance(batch.size)
+                if after_batch is not None:
+                    after_batch(dict(counted))
         self.finish()
-        return dict(rows)
+        return dict(counted)
+
+    def restore(self, stats: dict[str, SiteStats], examples: int) -> None:
+        """Continue an interrupted pass: its sums so far, over its first `examples` examples."""
+        for name, st in stats.items():
+            self.stats[name].gram.copy_(st.gram)
+            self.stats[name].sum.copy_(st.sum)
+            self.stats[name].count = st.count
+        self.offset = examples
 
     def _hook(self, site: Site):
         def hook(_mod, args):

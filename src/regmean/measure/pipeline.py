@@ -20,6 +20,7 @@ from regmean.io.data import Example
 from regmean.loading import check_room_for_text, check_vocabulary_fits, load_adapted, load_tokenizer, tokenizer_folder
 from regmean.measure.accumulate import Accumulator
 from regmean.measure.batching import Batch, make_batches
+from regmean.measure.checkpoint import MeasureCheckpoint, examples_digest, measure_key
 from regmean.measure.protect import (
     PrivateRelease,
     Protection,
@@ -54,6 +55,7 @@ def measure(
     base: str | Path | None = None,
     protection: Protection | None = None,
     on_plan: Callable[[int], None] | None = None,
+    checkpoint_dir: str | Path | None = None,
 ) -> Statistics:
     """Measure the statistics of every (selected) linear layer's input over `examples`.
 
@@ -63,7 +65,9 @@ def measure(
     With `max_stats_bytes`, sites are measured in blocks whose sums fit, one pass over the data per block; each
     finished block goes to `on_block(statistics, index, count)` (e.g. to be written) instead of staying in memory.
     A pickle checkpoint (`pytorch_model.bin`) is refused unless `allow_pickle`. `model_dir` may be a LoRA adapter
-    folder over the base model folder `base` (or the one its config names, if local).
+    folder over the base model folder `base` (or the one its config names, if local). With `checkpoint_dir` (one
+    process only), progress is saved there now and then, and a measure of the same inputs interrupted earlier
+    continues from it (`measure.checkpoint`); the caller removes it once the statistics are written.
     """
     sums = dtypes.named(stats_dtype, dtypes.STATISTICS, "stats dtype")
     forward = dtypes.named(model_dtype, dtypes.FLOATS, "model dtype")
@@ -78,8 +82,8 @@ def measure(
     modules, skipped = select_modules(model, include, exclude)
     local = distributed.shard(examples)
 
-    def batches() -> Iterator[Batch]:
-        return make_batches(local, tokenizer, model, batch_size, max_length, device)
+    def batches(start: int = 0) -> Iterator[Batch]:
+        return make_batches(local[start:], tokenizer, model, batch_size, max_length, device)
 
     first_pass = batches()
     first = next(first_pass)
@@ -110,30 +114,64 @@ def measure(
             **(private.record() if private else {}),
         },
     }
+    options = [batch_size, max_length, stats_dtype, model_dtype, base["protection"], torch.device(device).type]
+    key = measure_key([fingerprint, examples_digest(local), options, [[(s.name, s.d) for s in b] for b in blocks]])
+    checkpoint = None
+    if checkpoint_dir is not None and distributed.world_size() == 1:
+        checkpoint = MeasureCheckpoint(Path(checkpoint_dir), key, log)
+    passes = _Passes(model, sums, device, private, batches, _chain(first, first_pass), checkpoint, log)
+    context = {"examples": base["examples"], "max_length": max_length, "model_dtype": model_dtype}
+    context |= {"processes": distributed.world_size(), **described, **(provenance or {})}
     collected: dict[str, SiteStats] = {}
     shown = show_progress("measuring", "examples", len(local) * len(blocks), 0, progress and distributed.rank() == 0)
     with shown as advance:
         for b, block in enumerate(blocks):
-            acc = Accumulator(model, block, sums, device, private and private.scales)
-            data = _chain(first, first_pass) if b == 0 else batches()
-            rows = acc.pass_over(data, advance)
-            if b == 0:  # every pass reads the same tokens
-                record = {
-                    "examples": base["examples"],
-                    **_stream_totals(rows, private, device),
-                    "max_length": max_length,
-                    "model_dtype": model_dtype,
-                    "processes": distributed.world_size(),
-                    **described,
-                    **(provenance or {}),
-                }
-            part = _reduced(acc, device, private)
-            del acc
+            part, record = passes.block(b, block, advance, len(local), context, b == len(blocks) - 1)
             if on_block is None:
                 collected.update(part)
             else:
                 on_block(Statistics(sites=part, tokens=record["tokens"], provenance=[record], **base), b, len(blocks))
     return Statistics(sites=collected, tokens=record["tokens"], provenance=[record], measured_model=source, **base)
+
+
+class _Passes:
+    """The passes over the data, one per block of sites, each continued from a checkpoint where one was left."""
+
+    def __init__(self, model, sums, device, private, batches, first_pass, checkpoint, log):
+        self.model, self.sums, self.device, self.private = model, sums, device, private
+        self.batches, self.first_pass, self.checkpoint = batches, first_pass, checkpoint
+        self.resumed = checkpoint.load() if checkpoint is not None else None
+        if self.resumed is not None and log is not None:
+            done = f"{len(self.resumed.finished)} block(s) and {self.resumed.examples} examples"
+            log(f"resuming the measure interrupted earlier ({done} done; checkpoint {checkpoint.folder})")
+        if checkpoint is not None:
+            checkpoint.start()
+        self.record: dict = {}
+
+    def block(self, b: int, block: list[Site], advance, examples: int, context: dict, last: bool) -> tuple[dict, dict]:
+        """Block `b`'s reduced sums and the provenance record (made on the first pass: every pass reads the same
+        tokens)."""
+        resumed, checkpoint = self.resumed, self.checkpoint
+        if resumed is not None and b < len(resumed.finished):
+            part, self.record = resumed.finished[b]
+            advance(examples)
+            return part, self.record
+        acc = Accumulator(self.model, block, self.sums, self.device, self.private and self.private.scales)
+        start, rows = 0, None
+        if resumed is not None and b == resumed.block and resumed.examples:
+            acc.restore(resumed.stats, resumed.examples)
+            start, rows = resumed.examples, resumed.rows
+            advance(start)
+        data = self.first_pass if b == 0 and start == 0 else self.batches(start)
+        after = None if checkpoint is None else lambda counted: checkpoint.maybe_save(b, acc.offset, counted, acc.stats)
+        rows = acc.pass_over(data, advance, rows, after)
+        if b == 0:
+            totals = _stream_totals(rows, self.private, self.device)
+            self.record = {"examples": context["examples"], **totals, **context}
+        part = _reduced(acc, self.device, self.private)
+        if checkpoint is not None and not last:  # (the last block is written right away)
+            checkpoint.finish_block(b, part, self.record)
+        return part, self.record
 
 
 def statistics_bytes(sites: list[Site], itemsize: int) -> int:
