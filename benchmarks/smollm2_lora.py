@@ -3,7 +3,7 @@ two corpora as chat conversations, measured on their own conversations (`--messa
 by averaging straight from the adapter folders, both as full models and as one LoRA adapter at a few ranks
 (`merge --lora-rank`), and scored with `regmean evaluate` (adapters over their base directly).
 
-    python benchmarks/smollm2_lora.py [--steps 25] [--train 160] [--test 48] [--ranks 4,16,64]
+    python benchmarks/smollm2_lora.py [--steps 25] [--train 160] [--test 48] [--ranks 2,4,8,16]
 
 Each conversation is a user turn asking for a text of the corpus and the text as the assistant's answer, formatted
 by SmolLM2's chat template. Writes docs/benchmarks/smollm2_lora.md (+ .json).
@@ -85,7 +85,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=25)
     ap.add_argument("--train", type=int, default=160)
     ap.add_argument("--test", type=int, default=48)
-    ap.add_argument("--ranks", default="4,16,64", help="ranks of the adapter outputs, comma-separated")
+    ap.add_argument("--ranks", default="2,4,8,16", help="ranks of the adapter outputs, comma-separated")
     args = ap.parse_args()
     ranks = [int(r) for r in args.ranks.split(",")]
     base, work = smollm2_folder(), WORK / "smollm2-lora"
