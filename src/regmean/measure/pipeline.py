@@ -70,15 +70,11 @@ def measure(
     continues from it (`measure.checkpoint`); the caller removes it once the statistics are written.
     """
     sums = dtypes.named(stats_dtype, dtypes.STATISTICS, "stats dtype")
-    forward = dtypes.named(model_dtype, dtypes.FLOATS, "model dtype")
     if not examples:
         raise RegmeanError("no examples to measure on")
-    check_device(device)
-    checkpoint, tokenizer, examples, described = prepare_inputs(model_dir, base, allow_pickle, examples)
-    fingerprint = checkpoint.fingerprint  # reads every weight: NaN or Inf is refused before the model loads
-    model = load_adapted(checkpoint, device, forward)
-    check_vocabulary_fits(model, tokenizer, tokenizer_folder(checkpoint.folders))
-    check_room_for_text(tokenizer, max_length, tokenizer_folder(checkpoint.folders))
+    model, tokenizer, examples, described, fingerprint = _loaded(
+        model_dir, base, allow_pickle, examples, device, model_dtype, max_length
+    )
     modules, skipped = select_modules(model, include, exclude)
     local = distributed.shard(examples)
 
@@ -100,38 +96,49 @@ def measure(
     if log is not None and distributed.rank() == 0:
         log(_announcement(blocks, len(modules), sums, device, len(examples)))
         log(_memory_estimate(model, blocks, sums, first, forward_peak, max_length))
-    source = (Path(model_dir), None if base is None else Path(base))  # (the name is reused below)
-    base = {
-        "modules": {m: s.name for s in sites for m in s.modules},
-        "fingerprint": fingerprint,
-        "dtype": stats_dtype,
-        "examples": private.counts["examples"] if private else len(examples),
-        "skipped": skipped,
-        "site_streams": {s.name: (s.stream, s.calls) for s in sites},
-        "protection": protection.describe(private and private.release, withheld),
-        "privacy": {
-            "withheld": withheld,
-            **(private.record() if private else {}),
-        },
-    }
-    options = [batch_size, max_length, stats_dtype, model_dtype, base["protection"], torch.device(device).type]
+    source = (Path(model_dir), None if base is None else Path(base))
+    header = _header(sites, fingerprint, stats_dtype, len(examples), skipped, protection, private, withheld)
+    options = [batch_size, max_length, stats_dtype, model_dtype, header["protection"], torch.device(device).type]
     key = measure_key([fingerprint, examples_digest(local), options, [[(s.name, s.d) for s in b] for b in blocks]])
     checkpoint = None
     if checkpoint_dir is not None and distributed.world_size() == 1:
         checkpoint = MeasureCheckpoint(Path(checkpoint_dir), key, log)
     passes = _Passes(model, sums, device, private, batches, _chain(first, first_pass), checkpoint, log)
-    context = {"examples": base["examples"], "max_length": max_length, "model_dtype": model_dtype}
+    context = {"examples": header["examples"], "max_length": max_length, "model_dtype": model_dtype}
     context |= {"processes": distributed.world_size(), **described, **(provenance or {})}
-    collected: dict[str, SiteStats] = {}
     shown = show_progress("measuring", "examples", len(local) * len(blocks), 0, progress and distributed.rank() == 0)
     with shown as advance:
-        for b, block in enumerate(blocks):
-            part, record = passes.block(b, block, advance, len(local), context, b == len(blocks) - 1)
-            if on_block is None:
-                collected.update(part)
-            else:
-                on_block(Statistics(sites=part, tokens=record["tokens"], provenance=[record], **base), b, len(blocks))
-    return Statistics(sites=collected, tokens=record["tokens"], provenance=[record], measured_model=source, **base)
+        collected, record = passes.run(blocks, advance, len(local), context, header, on_block)
+    return Statistics(sites=collected, tokens=record["tokens"], provenance=[record], measured_model=source, **header)
+
+
+def _loaded(model_dir, base, allow_pickle: bool, examples, device: str, model_dtype: str, max_length: int):
+    """The model loaded on `device` (an adapter folded over its base), its tokenizer, the examples as it reads them,
+    what the provenance says of both, and the weights' fingerprint (reading every weight: NaN or Inf is refused
+    before the model loads); the tokenizer checked against the model and the length."""
+    forward = dtypes.named(model_dtype, dtypes.FLOATS, "model dtype")
+    check_device(device)
+    checkpoint, tokenizer, examples, described = prepare_inputs(model_dir, base, allow_pickle, examples)
+    fingerprint = checkpoint.fingerprint
+    model = load_adapted(checkpoint, device, forward)
+    check_vocabulary_fits(model, tokenizer, tokenizer_folder(checkpoint.folders))
+    check_room_for_text(tokenizer, max_length, tokenizer_folder(checkpoint.folders))
+    return model, tokenizer, examples, described, fingerprint
+
+
+def _header(sites, fingerprint, stats_dtype, examples, skipped, protection, private, withheld) -> dict:
+    """What the statistics file says beside its sums: sites, model, dtype, examples, what was skipped and why,
+    each site's stream, the protection."""
+    return {
+        "modules": {m: s.name for s in sites for m in s.modules},
+        "fingerprint": fingerprint,
+        "dtype": stats_dtype,
+        "examples": private.counts["examples"] if private else examples,
+        "skipped": skipped,
+        "site_streams": {s.name: (s.stream, s.calls) for s in sites},
+        "protection": protection.describe(private and private.release, withheld),
+        "privacy": {"withheld": withheld, **(private.record() if private else {})},
+    }
 
 
 class _Passes:
@@ -147,6 +154,17 @@ class _Passes:
         if checkpoint is not None:
             checkpoint.start()
         self.record: dict = {}
+
+    def run(self, blocks, advance, examples: int, context: dict, header: dict, on_block) -> tuple[dict, dict]:
+        """Every block's pass; each finished block to `on_block` (or kept); returns the kept sums and the record."""
+        collected: dict[str, SiteStats] = {}
+        for b, block in enumerate(blocks):
+            part, record = self.block(b, block, advance, examples, context, b == len(blocks) - 1)
+            if on_block is None:
+                collected.update(part)
+            else:
+                on_block(Statistics(sites=part, tokens=record["tokens"], provenance=[record], **header), b, len(blocks))
+        return collected, self.record
 
     def block(self, b: int, block: list[Site], advance, examples: int, context: dict, last: bool) -> tuple[dict, dict]:
         """Block `b`'s reduced sums and the provenance record (made on the first pass: every pass reads the same
