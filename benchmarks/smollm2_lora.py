@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -21,7 +22,6 @@ from harness import ROOT, WORK, write_doc
 from smollm2 import corpora, smollm2_folder
 
 PROMPTS = {"debates": "Say something a candidate would say in a presidential debate.", "chatterbot": "Chat with me."}
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def conversations(name: str, texts: list[str]) -> list[dict]:
@@ -35,31 +35,14 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 
 def train_adapter(base: Path, rows: list[dict], out: Path, steps: int, seed: int) -> Path:
-    """A LoRA adapter (r 8, alpha 16, every attention and MLP projection) trained on the chat-formatted rows."""
-    import peft
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+    """A LoRA adapter trained on the chat-formatted rows, as the LLM walkthrough's owners train theirs
+    (`examples/llm/train_lora.py`: r 8, alpha 16, every attention and MLP projection)."""
     if (out / "adapter_config.json").is_file():
         return out
-    torch.manual_seed(seed)
-    tok = AutoTokenizer.from_pretrained(base)
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    model = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS))
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    texts = [tok.apply_chat_template(r["messages"], tokenize=False) for r in rows]
-    model.train()
-    for step in range(steps):
-        chunk = [texts[(step * 8 + i) % len(texts)] for i in range(8)]
-        enc = tok(chunk, return_tensors="pt", padding=True, truncation=True, max_length=96, add_special_tokens=False)
-        loss = model(**enc, labels=enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        if step % 5 == 0 or step == steps - 1:
-            print(f"  {out.name} step {step + 1}/{steps}: loss {loss.item():.3f}", flush=True)
-    model.save_pretrained(out)
-    return out
+    sys.path.insert(0, str(ROOT / "examples" / "llm"))
+    from train_lora import train
+
+    return train(base, rows, out, steps, seed)
 
 
 def weights_mb(folder: Path) -> float:
