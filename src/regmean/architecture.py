@@ -51,13 +51,18 @@ def model_class(config: transformers.PretrainedConfig, path: str | Path) -> type
 
 @contextmanager
 def quiet_transformers() -> Iterator[None]:
-    """transformers' own warnings (load reports, config notes) silenced: we report what matters in one line."""
-    level = transformers.utils.logging.get_verbosity()
-    transformers.utils.logging.set_verbosity_error()
+    """transformers' own warnings (load reports, config notes) and progress bars (loading, writing shards)
+    silenced: we report what matters in one line, and show our own progress."""
+    logging = transformers.utils.logging
+    level, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
     try:
         yield
     finally:
-        transformers.utils.logging.set_verbosity(level)
+        logging.set_verbosity(level)
+        if bars:
+            logging.enable_progress_bar()
 
 
 def load_config(path: str | Path) -> transformers.PretrainedConfig:
