@@ -169,19 +169,21 @@ def test_merge_with_nproc_and_heads_keep(tmp_path):
 
 
 def test_a_dying_merge_rank_leaves_no_output(tmp_path):
+    """No output appears; what is left is a hidden staging folder (kept when its journals record finished steps,
+    for a rerun to continue), and the next merge into that output continues or cleans up, and completes."""
     recipe = merge_inputs(tmp_path)
     dying = (str(HELPERS / "dying_merge_rank.py"),)
     for rank in ("1", "0"):
-        env = {**os.environ, "DIE_RANK": rank}
-        result = torchrun("merge", recipe, tmp_path / "out", module=dying, env=env)
+        env, out = {**os.environ, "DIE_RANK": rank}, tmp_path / f"out{rank}"
+        result = torchrun("merge", recipe, out, module=dying, env=env)
         assert result.returncode != 0 and "exitcode  : 17" in result.stderr, result.stderr[-3000:]
-        assert not (tmp_path / "out").exists()
-        left = [p.name for p in tmp_path.iterdir() if p.name.startswith(".out") and p.name != ".out.regmean-lock"]
-        assert all(n.startswith(".out.partial-") and (tmp_path / n / ".regmean-staging").is_file() for n in left)
-    # the next merge into the same output cleans up what the killed one left, and completes
-    result = torchrun("merge", recipe, tmp_path / "out")
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.partial-")]
+        assert not out.exists()
+        left = [p.name for p in tmp_path.iterdir() if p.name.startswith(f".{out.name}.") and "lock" not in p.name]
+        assert all(n.startswith(f".{out.name}.partial-") for n in left)
+        assert all((tmp_path / n / ".regmean-staging").is_file() for n in left)
+        result = torchrun("merge", recipe, out)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert not [p for p in tmp_path.iterdir() if p.name.startswith(f".{out.name}.partial-")]
 
 
 def test_regmean_plusplus_is_refused_on_several_processes(tmp_path):

@@ -37,6 +37,10 @@ def recipe(tmp_path_factory) -> Path:
     return merge_inputs(tmp_path_factory.mktemp("inputs"))
 
 
+KEPT_SAID = "the finished steps are kept: run the same command again to continue"
+"""What the launcher says when rank 0 kept an interrupted merge's finished steps (hidden) for the rerun."""
+
+
 def regmean(*args, env=None, nproc=2) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "regmean", *map(str, args), "--nproc", str(nproc)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
@@ -135,9 +139,10 @@ def test_a_killed_rank_is_one_line_and_leaves_nothing(tmp_path, recipe, sent, sa
     finally:
         run.kill()
     result = subprocess.CompletedProcess(cmd, run.returncode, "", stderr)
-    assert_one_line(result, 128 + sent, says)
+    line = assert_one_line(result, 128 + sent, says.removesuffix("; nothing was written"), "nothing was written")
     wait_for(lambda: not processes_of(tmp_path), 10)
-    assert sorted(p.name for p in tmp_path.iterdir() if p.name != ".out.regmean-lock") == ["site"]
+    left = sorted(p.name for p in tmp_path.iterdir() if p.name not in (".out.regmean-lock", "site"))
+    assert not left or (len(left) == 1 and left[0].startswith(".out.partial-") and KEPT_SAID in line), left
 
 
 def test_sigterm_to_the_launcher_stops_its_ranks_and_reveals_nothing(tmp_path, recipe):
@@ -233,3 +238,42 @@ def test_rank_logs_pass_progress_through_and_keep_errors(tmp_path, capsys):
     ranks.follow()
     assert capsys.readouterr().err == "plan: 3 steps\nwrote out\npartial line\n"
     assert ranks.errors == {0: ["a: bad"], 1: ["a: bad"]} and ranks.wrote
+
+
+STOP_RANK_1 = """
+import os
+if os.environ.get("RANK") == "1" and os.environ.get("STOP_AT_STEP"):
+    from regmean.methods.regmean import RegMean
+    original, calls = RegMean.compute, []
+    def stop(self, step, data):
+        calls.append(step)
+        if len(calls) == int(os.environ["STOP_AT_STEP"]):
+            raise KeyboardInterrupt
+        return original(self, step, data)
+    RegMean.compute = stop
+"""
+"""A sitecustomize that interrupts rank 1 as it computes its N-th step."""
+
+
+def test_an_interrupted_merge_on_two_processes_resumes_to_the_same_bytes(tmp_path, recipe):
+    """Rank 1 stopped mid-share: both ranks' finished steps are kept, the launcher says so in one line, and the same
+    command continues after them to the bytes of an uninterrupted run."""
+    from test_distributed import ONE_THREAD, files_of
+
+    whole = regmean("merge", recipe, tmp_path / "whole", "--shard-size", "8KB", env=ONE_THREAD)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(STOP_RANK_1)
+    path = os.pathsep.join(p for p in (str(site), os.environ.get("PYTHONPATH")) if p)
+    stopping = {**ONE_THREAD, "PYTHONPATH": path, "STOP_AT_STEP": "4"}
+    stopped = regmean("merge", recipe, tmp_path / "out", "--shard-size", "8KB", env=stopping)
+    assert stopped.returncode != 0 and not (tmp_path / "out").exists()
+    assert KEPT_SAID in stopped.stderr, stopped.stderr
+    (staged,) = tmp_path.glob(".out.partial-*")
+    assert (staged / ".regmean-journal-rank1.jsonl").read_text().count("\n") == 4  # the key, then 3 steps
+    again = regmean("merge", recipe, tmp_path / "out", "--shard-size", "8KB", env=ONE_THREAD)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resuming the merge interrupted in" in again.stderr, (again.stderr, sorted(os.listdir(staged.parent)))
+    assert files_of(tmp_path / "out") == files_of(tmp_path / "whole")
+    assert not list(tmp_path.glob(".out.partial-*"))

@@ -26,6 +26,10 @@ PEER_FAILED = "another process of the run failed or was stopped"
 `--nproc` launcher reports that one instead)."""
 
 
+class PeerFailed(RegmeanError):
+    """A collective broke: another rank failed or was stopped (its own error is the cause)."""
+
+
 def launched() -> bool:
     """True inside a torchrun worker of a multi-process job."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -70,7 +74,7 @@ def collective(call: Callable[..., T], *args, **kwargs) -> T:
     try:
         return call(*args, **kwargs)
     except RuntimeError as exc:  # (torch's DistBackendError is one)
-        raise RegmeanError(f"{PEER_FAILED} (see its error); nothing was written ({exc})") from exc
+        raise PeerFailed(f"{PEER_FAILED} (see its error); nothing was written ({exc})") from exc
 
 
 def _leave() -> None:

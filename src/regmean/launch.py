@@ -107,6 +107,8 @@ class RankLogs:
     """Set once the run is being stopped: what the ranks say while they stop is not passed on."""
     wrote: bool = False
     """Rank 0 said "wrote ...": its output was revealed."""
+    kept: bool = False
+    """Rank 0 said it kept the finished steps of an interrupted merge for a rerun."""
     _read: dict[Path, int] = field(default_factory=dict)
     _partial: dict[Path, bytes] = field(default_factory=dict)
 
@@ -127,6 +129,7 @@ class RankLogs:
                 self.errors.setdefault(rank, []).append(line.removeprefix("error: "))
                 continue
             self.wrote |= rank == 0 and line.startswith("wrote ")
+            self.kept |= rank == 0 and line.startswith("interrupted: the ")
             if not self.muted:
                 sys.stderr.write(line + "\n")
         sys.stderr.flush()
@@ -187,6 +190,9 @@ def _last_line(path: Path) -> str:
     return lines[-1] if lines else "no output"
 
 
+KEPT = "nothing was written, the finished steps are kept: run the same command again to continue"
+
+
 def report(
     code: int, signalled: int | None, failures: dict[int, int], ranks: RankLogs, agent_said: str
 ) -> tuple[list[str], int]:
@@ -194,6 +200,8 @@ def report(
     if code == 0:
         return [], 0
     written = "the output was written" if ranks.wrote else "nothing was written"
+    if ranks.kept and not ranks.wrote:  # an interrupted merge: its finished steps wait for the rerun
+        written = KEPT
     if signalled is not None:
         said = "interrupted" if signalled == signal.SIGINT else "terminated"
         return [f"{said}; {written}"], 128 + signalled
@@ -209,7 +217,7 @@ def report(
             said.setdefault(line, []).append(rank)
         if rank not in ranks.errors:
             ended.setdefault(failures[rank], []).append(rank)
-    lines = [f"{_ranks(numbers)}: {line}" for line, numbers in said.items()]
+    lines = [f"{_ranks(numbers)}: {line.replace('nothing was written', written)}" for line, numbers in said.items()]
     lines += [f"{_ranks(numbers)} {_ended(c, len(numbers), written)}" for c, numbers in ended.items()]
     codes = [128 - c if c < 0 else c for c in (failures[r] for r in causes)]
     return lines, 3 if 3 in codes else next((c for c in codes if c != 2), 2)

@@ -16,7 +16,7 @@ from regmean.io.writer import DEFAULT_SHARD_BYTES, ShardedWriter
 from regmean.merge.config import MergeConfig
 from regmean.merge.forms import ModelFolders, output_form
 from regmean.merge.inputs import MergeInputs, config_differences, config_note, open_inputs
-from regmean.merge.journal import Journal, merge_key, written_since
+from regmean.merge.journal import Journal, resume_key, written_since
 from regmean.merge.output import write_output
 from regmean.merge.parallel import merge_on_ranks
 from regmean.merge.plan import MergePlan, check_memory, check_resident, make_plan
@@ -74,17 +74,17 @@ def merge(
             sources,
             force,
             planned=lambda inputs, say: _planned(inputs, say, memory_limit, device),
-            run=lambda method, steps, writers, heads: _run_share(method, steps, writers, heads, progress),
+            run=lambda method, steps, writers, heads, journal: _run_share(
+                method, steps, writers, heads, progress, journal
+            ),
             shard_bytes=shard_bytes,
             log=log,
         )
     check_output_dir(check_output_path(out_dir, sources), force)  # before the inputs are opened and planned
     inputs = open_inputs(config)
     plan, method, steps, form = _planned(inputs, log, memory_limit, device)
+    key = resume_key(config, sources, form, method, steps, shard_bytes)
     args = (out_dir, force, sources, log, form, plan.write_bytes, shard_bytes)
-    if not form.resumable(method):
-        return write_output(*args, _journaled(method, steps, progress, None))
-    key = merge_key(config.relative_to(Path("/")).to_yaml(), sources, form.layouts, steps, shard_bytes)
     return write_output(*args, _journaled(method, steps, progress, key), resume_key=key)
 
 
@@ -210,9 +210,11 @@ def write_heads(inputs: MergeInputs, writers: list[ShardedWriter]) -> None:
             w.add(key, model.get(key))
 
 
-def _run_share(method: MergeMethod, steps, writers: list[ShardedWriter], heads: bool, progress: bool):
-    """One rank's steps (and, on rank 0, the heads), with a progress bar on rank 0 only."""
-    results = run_steps(method, steps, writers, progress and heads)
+def _run_share(method: MergeMethod, steps, writers: list[ShardedWriter], heads: bool, progress: bool, journal=None):
+    """One rank's steps (and, on rank 0, the heads), journaled, with a progress bar on rank 0 only."""
+    results = run_steps(method, steps, writers, progress and heads, journal)
     if heads:
         write_heads(method.inputs, writers)
+    if journal is not None:  # (rank 0 removes every rank's journal once all are done)
+        journal.close()
     return results

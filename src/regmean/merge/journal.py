@@ -13,22 +13,29 @@ import hashlib
 import json
 from pathlib import Path
 
-from regmean import __version__
+from regmean import __version__, distributed
 from regmean.errors import RegmeanError
 from regmean.io.writer import Layout, ShardedWriter
 from regmean.methods.base import Computed, LayerReport, OutputNote, Step
 
 JOURNAL = ".regmean-journal.jsonl"
+JOURNALS = ".regmean-journal*.jsonl"
+"""Rank 0's journal (or a single process's), and every rank's (`journal_name`)."""
 
 
 def merge_key(
-    recipe: str, sources: list[tuple[str, Path]], layouts: list[Layout], steps: list[Step], shard_bytes: int
+    recipe: str,
+    sources: list[tuple[str, Path]],
+    layouts: list[Layout],
+    steps: list[Step],
+    shard_bytes: int,
+    processes: int = 1,
 ) -> str:
-    """What a resumed merge must share with the interrupted one."""
+    """What a resumed merge must share with the interrupted one (the processes too: they divide the steps)."""
     digest = hashlib.blake2b(digest_size=16)
     plan = [(type(s).__name__, s.outputs, s.rows) for s in steps]
     shapes = [[(name, str(dtype), list(shape)) for name, (dtype, shape) in layout.items()] for layout in layouts]
-    digest.update(json.dumps([__version__, recipe, shapes, plan, shard_bytes], default=str).encode())
+    digest.update(json.dumps([__version__, recipe, shapes, plan, shard_bytes, processes], default=str).encode())
     for _, source in sources:
         files = [source] if source.is_file() else sorted(p for p in source.rglob("*") if p.is_file())
         for file in files:
@@ -37,22 +44,47 @@ def merge_key(
     return digest.hexdigest()
 
 
+def resume_key(config, sources, form, method, steps: list[Step], shard_bytes: int) -> str | None:
+    """The key an interrupted run of this merge journals its steps under (`merge.journal`), or None where it does
+    not resume (an adapter output of a method that keeps state across steps)."""
+    if not form.resumable(method):
+        return None
+    recipe = config.relative_to(Path("/")).to_yaml()
+    return merge_key(recipe, sources, form.layouts, steps, shard_bytes, distributed.world_size())
+
+
 def journal_key(folder: Path) -> str | None:
     """The key of the journal in a staging folder, or None (no journal, or an unreadable one)."""
+    return _key_of(folder / JOURNAL)
+
+
+def _key_of(path: Path) -> str | None:
     try:
-        with open(folder / JOURNAL, encoding="utf-8") as f:
+        with open(path, encoding="utf-8") as f:
             first = json.loads(f.readline())
     except (OSError, ValueError):
         return None
     return first.get("key") if isinstance(first, dict) else None
 
 
-class Journal:
-    """The finished steps of the merge staged in `folder` (those of an interrupted run with the same `key`)."""
+def remove_journals(folder: Path) -> None:
+    """Every process's journal in a staging folder (the merge is complete)."""
+    for journal in folder.glob(JOURNALS):
+        journal.unlink()
 
-    def __init__(self, folder: Path, key: str):
-        self.path = folder / JOURNAL
-        self.done: dict[int, dict] = self._finished() if journal_key(folder) == key else {}
+
+def journal_name(rank: int) -> str:
+    """Rank 0's journal (whose key says whether a staging folder resumes), or another rank's beside it."""
+    return JOURNAL if rank == 0 else f".regmean-journal-rank{rank}.jsonl"
+
+
+class Journal:
+    """The finished steps of the merge staged in `folder` (those of an interrupted run with the same `key`), of one
+    process (`rank`) of the merge."""
+
+    def __init__(self, folder: Path, key: str, rank: int = 0):
+        self.path = folder / journal_name(rank)
+        self.done: dict[int, dict] = self._finished() if _key_of(self.path) == key else {}
         lines = [{"key": key}, *self.done.values()]  # rewritten whole: a line cut short by a kill is dropped
         self.path.write_text("".join(json.dumps(line) + "\n" for line in lines))
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (open for the merge's duration)

@@ -22,6 +22,7 @@ from regmean.io.outputs import check_output_path
 from regmean.io.writer import ShardedWriter
 from regmean.merge.config import MergeConfig
 from regmean.merge.inputs import open_inputs
+from regmean.merge.journal import Journal, remove_journals, resume_key
 from regmean.merge.output import output_folders, write_output
 from regmean.merge.plan import head_bytes
 from regmean.merge.report import MergeReport
@@ -68,7 +69,9 @@ def merge_on_ranks(
     log,
 ) -> MergeReport | None:
     """The merge as one rank of many; `planned(inputs)` gives (plan, method, steps, output form) and `run(method,
-    numbered steps, writers, heads)` runs steps. Returns the report on rank 0, None elsewhere."""
+    numbered steps, writers, heads, journal)` runs steps. Returns the report on rank 0, None elsewhere. Each rank
+    journals its steps beside rank 0's journal in the staging folder: an interrupted merge rerun on as many
+    processes continues after every rank's finished steps."""
     if not METHODS[config.method].splits_across_processes:
         raise RegmeanError(f"method {config.method} runs in one process; drop --nproc / torchrun")
     rank, ranks = distributed.rank(), distributed.world_size()
@@ -77,19 +80,23 @@ def merge_on_ranks(
     finish_group = distributed.collective(dist.new_group, backend="gloo", timeout=FINISH_TIMEOUT)
     inputs = open_inputs(config)
     plan, method, steps, form = planned(inputs, log if rank == 0 else None)
+    key = resume_key(config, sources, form, method, steps, shard_bytes)
     mine = [(n, steps[n]) for n in divide(steps, ranks, head_bytes(inputs))[rank]]
     if rank != 0:
         staged = _shared([None])
         writers = form.writers(output_folders(inputs, staged), shard_bytes, create=False)
-        results = run(method, mine, writers, heads=False)
+        results = run(method, mine, writers, False, key and Journal(staged, key, rank))
         _gather(writers, results, finish_group)
         return None
 
     def fill(writers: list[ShardedWriter], staged: Path) -> MergeReport:
+        journal = key and Journal(staged, key, 0)  # (written before the other ranks look at the folder)
         _shared([staged])  # the shards exist: the other ranks open them
-        return _finish(method, writers, run(method, mine, writers, heads=True), finish_group)
+        report = _finish(method, writers, run(method, mine, writers, True, journal), finish_group)
+        remove_journals(staged)  # every rank is done: nothing is left to resume
+        return report
 
-    return write_output(out_dir, force, sources, log, form, plan.write_bytes, shard_bytes, fill)
+    return write_output(out_dir, force, sources, log, form, plan.write_bytes, shard_bytes, fill, resume_key=key)
 
 
 def _shared(value: list) -> Path:

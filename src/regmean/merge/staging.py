@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from regmean.distributed import PeerFailed
 from regmean.errors import RegmeanError
 from regmean.io.outputs import (
     Inputs,
@@ -128,32 +129,42 @@ def _staging(out_dir: Path, kept: Path | None, resumable: bool, log) -> Iterator
     except Exception as exc:
         reason = no_room(exc)
         if reason is None:
+            keep = isinstance(exc, PeerFailed) and _kept(tmp, resumable, log)  # a peer was interrupted or failed
             raise
         needed = _planned_bytes(tmp)  # the shards are laid out at their full size when the writing starts
         shutil.rmtree(tmp)
         raise room_error(out_dir, needed, reason) from None
     except BaseException:  # Ctrl-C, SIGTERM: what is finished is kept for a rerun to continue
-        keep = resumable and _finished_steps(tmp) > 0
-        if keep:
-            _say(
-                log,
-                f"interrupted: the {_finished_steps(tmp)} finished steps are kept in {tmp}; run the same "
-                "command again to continue from there",
-            )
+        keep = _kept(tmp, resumable, log)
         raise
     finally:
         if tmp.exists() and not keep:
             shutil.rmtree(tmp)
 
 
-def _finished_steps(folder: Path) -> int:
-    """The steps a staging folder's journal records as finished."""
-    from regmean.merge.journal import JOURNAL
+def _kept(tmp: Path, resumable: bool, log) -> bool:
+    """Whether an interrupted merge's staging folder is kept for a rerun (it has finished steps), said if so."""
+    keep = resumable and _finished_steps(tmp) > 0
+    if keep:
+        _say(
+            log,
+            f"interrupted: the {_finished_steps(tmp)} finished steps are kept in {tmp}; run the same "
+            "command again to continue from there",
+        )
+    return keep
 
-    try:
-        return max(0, len((folder / JOURNAL).read_text(encoding="utf-8").splitlines()) - 1)
-    except OSError:
-        return 0
+
+def _finished_steps(folder: Path) -> int:
+    """The steps a staging folder's journals (one per process of the merge) record as finished."""
+    from regmean.merge.journal import JOURNALS
+
+    finished = 0
+    for journal in folder.glob(JOURNALS):
+        try:
+            finished += max(0, len(journal.read_text(encoding="utf-8").splitlines()) - 1)
+        except OSError:
+            continue
+    return finished
 
 
 def _planned_bytes(folder: Path) -> int:
