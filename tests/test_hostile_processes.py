@@ -277,3 +277,55 @@ def test_an_interrupted_merge_on_two_processes_resumes_to_the_same_bytes(tmp_pat
     assert "resuming the merge interrupted in" in again.stderr, (again.stderr, sorted(os.listdir(staged.parent)))
     assert files_of(tmp_path / "out") == files_of(tmp_path / "whole")
     assert not list(tmp_path.glob(".out.partial-*"))
+
+
+STOP_MEASURE_RANK_1 = """
+import os
+if os.environ.get("STOP_AT_BATCH"):
+    from regmean.measure import checkpoint
+    from regmean.measure.accumulate import Accumulator
+    checkpoint.CHECKPOINT_SECONDS = 0.0  # progress saved after every batch
+    original, calls = Accumulator.run, []
+    def stop(self, batch):
+        calls.append(batch)
+        if os.environ.get("RANK") == "1" and len(calls) == int(os.environ["STOP_AT_BATCH"]):
+            raise KeyboardInterrupt
+        return original(self, batch)
+    Accumulator.run = stop
+"""
+"""A sitecustomize that saves every batch's progress and interrupts rank 1 at its N-th batch."""
+
+
+@pytest.mark.parametrize("blocks", [False, True])
+def test_an_interrupted_measure_on_two_processes_resumes_to_the_same_file(tmp_path, blocks):
+    from conftest import TEXTS, build_model, save_model, write_jsonl
+    from test_measure_resume import measured
+
+    model = save_model(build_model("gpt2", "GPT2LMHeadModel"), tmp_path / "model")
+    data = write_jsonl(tmp_path / "data.jsonl", [f"{a} {b}" for a in TEXTS for b in TEXTS[:5]], ["x"] * 50)
+    args = ["measure", model, "--data", data, "--batch-size", 4, *(["--max-memory", "40KB"] if blocks else [])]
+    whole = regmean(*args, "--out", tmp_path / "whole")
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(STOP_MEASURE_RANK_1)
+    path = os.pathsep.join(p for p in (str(site), os.environ.get("PYTHONPATH")) if p)
+    stopped = regmean(*args, "--out", tmp_path / "out", env={**os.environ, "PYTHONPATH": path, "STOP_AT_BATCH": "5"})
+    assert stopped.returncode != 0 and not (tmp_path / "out" / "statistics.safetensors").exists()
+    kept = tmp_path / "out" / ".statistics.safetensors.checkpoint"
+    assert (kept / "pass-rank1.safetensors").is_file() or list(kept.glob("block-*")), sorted(kept.iterdir())
+    again = regmean(*args, "--out", tmp_path / "out")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resuming the measure interrupted earlier" in again.stderr and not kept.exists()
+    names = sorted(p.name for p in (tmp_path / "whole").iterdir())
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == names
+    if not blocks:
+        (want, want_meta), (got, got_meta) = measured(tmp_path / "whole"), measured(tmp_path / "out")
+        assert got.keys() == want.keys() and got_meta == want_meta
+        assert all(bool((got[k] == want[k]).all()) for k in want)
+    for name in names:  # every file (the blocks too) byte for byte but the provenance's timings
+        if name.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            got, want = load_file(tmp_path / "out" / name), load_file(tmp_path / "whole" / name)
+            assert got.keys() == want.keys() and all(bool((got[k] == want[k]).all()) for k in want), name

@@ -103,17 +103,18 @@ def _measure_into(out: Path, force: bool, model_dir: Path, data: Path, fields: d
     """Measure and write the statistics file and its card (rank 0 writes: each finished block leaves memory for
     disk, all are shown together at the end); progress is kept beside it for a rerun if interrupted."""
     from regmean.io.data import load_examples
+    from regmean.io.staged import target_file
     from regmean.measure import measure as run_measure
     from regmean.measure.card import CARD, is_ours, statistics_card
     from regmean.measure.checkpoint import checkpoint_folder, removed_unless_interrupted
-    from regmean.stats import BlockWriter
+    from regmean.stats import FILE_NAME, BlockWriter
 
     base = options["base"]
     sources = [("model", model_dir), ("data file", data), *([("base model", base)] if base else [])]
     with on_rank0(lambda: BlockWriter(out, force, sources, console.print)) as writer:
         examples = load_examples(data, max_examples=max_examples, **fields)
         provenance = {"data": data.name, **{k: v for k, v in fields.items() if v}}
-        resume = checkpoint_folder(writer.target) if writer else None
+        resume = checkpoint_folder(writer.target if writer else target_file(out, FILE_NAME))  # (every process's)
         with removed_unless_interrupted(resume):
             stats = run_measure(
                 model_dir,

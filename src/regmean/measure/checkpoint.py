@@ -1,9 +1,9 @@
 """A long measure's progress, kept beside its output, so that a rerun with the same inputs continues where an
-interrupted one stopped instead of starting over (`measure` on one process).
+interrupted one stopped instead of starting over.
 
-The folder holds one safetensors file of the pass in progress (its sums so far, the examples they cover, the
-rows of every stream), rewritten whole at most every CHECKPOINT_SECONDS (and never more often than 20 times the
-last save took), and one file per finished block of sites. Its key hashes the regmean version, the model's
+The folder holds, per process, one safetensors file of its pass in progress (its sums so far over its shard, the
+examples they cover, the rows of every stream), rewritten whole at most every CHECKPOINT_SECONDS (and never more
+often than 20 times the last save took), and rank 0's file per finished block of sites (the reduced sums). Its key hashes the regmean version, the model's
 weights, the examples, and every option that changes the sums: a folder of another key is never resumed (it is
 replaced). The sums are un-noised: a DP measure's checkpoint is as private as the data beside it, and it is
 removed with the folder once the statistics are written. Sums continue in the same order, so a resumed measure's
@@ -26,6 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from regmean import __version__
+from regmean.distributed import PeerFailed
 from regmean.io.staged import write_atomic
 from regmean.stats import SiteStats
 
@@ -44,6 +45,8 @@ def removed_unless_interrupted(folder: Path | None) -> Iterator[None]:
     the run; kept only when it is interrupted (Ctrl-C, SIGTERM, a kill), for the rerun."""
     try:
         yield
+    except PeerFailed:  # another process was interrupted (or failed: its own run says which)
+        raise
     except Exception:
         _remove(folder)
         raise
@@ -81,58 +84,71 @@ class Resumed:
 
 
 class MeasureCheckpoint:
-    """The checkpoint folder of one measure (`folder`, keyed by `key`)."""
+    """The checkpoint folder of one measure (`folder`), as one process (`rank`) keeps its part: its own key and
+    pass in progress; rank 0 also the finished blocks (the reduced sums every rank contributed to)."""
 
-    def __init__(self, folder: Path, key: str, log=None):
-        self.folder, self.key, self.log = folder, key, log
+    def __init__(self, folder: Path, key: str, log=None, rank: int = 0):
+        self.folder, self.key, self.log, self.rank = folder, key, log, rank
+        self.key_file = folder / f"key-rank{rank}.json"
+        self.current = folder / f"pass-rank{rank}.safetensors"
         self.last_save = time.monotonic()
         self.save_seconds = 0.0
         self.failed = False
         """A save failed (e.g. the disk is full): the measure goes on without saving its progress."""
 
     def load(self) -> Resumed | None:
-        """The interrupted measure's progress, if the folder holds one of this key (else it is cleared)."""
+        """This process's part of an interrupted measure of the same key (else its files are removed)."""
         try:
             resumed = self._read()
         except (OSError, ValueError, KeyError, SafetensorError):
             resumed = None
         if resumed is None:
-            shutil.rmtree(self.folder, ignore_errors=True)
+            for path in [self.key_file, self.current, *(self._blocks() if self.rank == 0 else [])]:
+                path.unlink(missing_ok=True)
         return resumed
 
+    def _blocks(self) -> list[Path]:
+        blocks = []
+        while (self.folder / f"block-{len(blocks)}.safetensors").is_file():
+            blocks.append(self.folder / f"block-{len(blocks)}.safetensors")
+        return blocks
+
     def _read(self) -> Resumed | None:
-        meta = json.loads((self.folder / "key.json").read_text())
-        if meta.get("key") != self.key:
+        if json.loads(self.key_file.read_text()).get("key") != self.key:
             return None
         resumed = Resumed()
-        while (self.folder / f"block-{len(resumed.finished)}.safetensors").is_file():
-            path = self.folder / f"block-{len(resumed.finished)}.safetensors"
+        for path in self._blocks() if self.rank == 0 else []:
             stats, info = _read_stats(path)
             resumed.finished.append((stats, info["record"]))
         resumed.block = len(resumed.finished)
-        if (self.folder / CURRENT).is_file():
-            stats, info = _read_stats(self.folder / CURRENT)
-            if info["block"] == resumed.block:
-                resumed.stats, resumed.examples, resumed.rows = stats, info["examples"], info["rows"]
+        if self.current.is_file():
+            stats, info = _read_stats(self.current)
+            resumed.block, resumed.stats, resumed.examples, resumed.rows = (
+                info["block"],
+                stats,
+                info["examples"],
+                info["rows"],
+            )
         return resumed
 
     def start(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
-        (self.folder / "key.json").write_text(json.dumps({"key": self.key}))
+        self.key_file.write_text(json.dumps({"key": self.key}))
 
     def maybe_save(self, block: int, examples: int, rows: dict[str, int], stats: dict[str, SiteStats]) -> None:
         """Save the pass in progress if the last save is long enough ago."""
         now = time.monotonic()
         if self.failed or now - self.last_save < max(CHECKPOINT_SECONDS, 20 * self.save_seconds):
             return
-        self._save(stats, {"block": block, "examples": examples, "rows": rows}, self.folder / CURRENT)
+        self._save(stats, {"block": block, "examples": examples, "rows": rows}, self.current)
         self.last_save = time.monotonic()
         self.save_seconds = self.last_save - now
 
     def finish_block(self, block: int, stats: dict[str, SiteStats], record: dict) -> None:
-        if not self.failed:
+        """Block `block` is reduced: rank 0 keeps its sums; every process's pass in progress is over."""
+        if not self.failed and self.rank == 0:
             self._save(stats, {"record": record}, self.folder / f"block-{block}.safetensors")
-            (self.folder / CURRENT).unlink(missing_ok=True)
+        self.current.unlink(missing_ok=True)
 
     def _save(self, stats: dict[str, SiteStats], info: dict, path: Path) -> None:
         """Write a checkpoint file; if that fails, say so once and go on without saving progress."""

@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from regmean import distributed, dtypes
 from regmean.devices import check_device
@@ -20,7 +21,7 @@ from regmean.io.data import Example
 from regmean.loading import check_room_for_text, check_vocabulary_fits, load_adapted, load_tokenizer, tokenizer_folder
 from regmean.measure.accumulate import Accumulator
 from regmean.measure.batching import Batch, make_batches
-from regmean.measure.checkpoint import MeasureCheckpoint, examples_digest, measure_key
+from regmean.measure.checkpoint import MeasureCheckpoint, Resumed, examples_digest, measure_key
 from regmean.measure.protect import (
     PrivateRelease,
     Protection,
@@ -65,8 +66,8 @@ def measure(
     With `max_stats_bytes`, sites are measured in blocks whose sums fit, one pass over the data per block; each
     finished block goes to `on_block(statistics, index, count)` (e.g. to be written) instead of staying in memory.
     A pickle checkpoint (`pytorch_model.bin`) is refused unless `allow_pickle`. `model_dir` may be a LoRA adapter
-    folder over the base model folder `base` (or the one its config names, if local). With `checkpoint_dir` (one
-    process only), progress is saved there now and then, and a measure of the same inputs interrupted earlier
+    folder over the base model folder `base` (or the one its config names, if local). With `checkpoint_dir` (the
+    same folder for every process), progress is saved there now and then, and a measure of the same inputs interrupted earlier
     continues from it (`measure.checkpoint`); the caller removes it once the statistics are written.
     """
     sums = dtypes.named(stats_dtype, dtypes.STATISTICS, "stats dtype")
@@ -99,10 +100,11 @@ def measure(
     source = (Path(model_dir), None if base is None else Path(base))
     header = _header(sites, fingerprint, stats_dtype, len(examples), skipped, protection, private, withheld)
     options = [batch_size, max_length, stats_dtype, model_dtype, header["protection"], torch.device(device).type]
+    options += [distributed.world_size()]  # (each process's key: its own shard of the examples)
     key = measure_key([fingerprint, examples_digest(local), options, [[(s.name, s.d) for s in b] for b in blocks]])
     checkpoint = None
-    if checkpoint_dir is not None and distributed.world_size() == 1:
-        checkpoint = MeasureCheckpoint(Path(checkpoint_dir), key, log)
+    if checkpoint_dir is not None:
+        checkpoint = MeasureCheckpoint(Path(checkpoint_dir), key, log, distributed.rank())
     passes = _Passes(model, sums, device, private, batches, _chain(first, first_pass), checkpoint, log)
     context = {"examples": header["examples"], "max_length": max_length, "model_dtype": model_dtype}
     context |= {"processes": distributed.world_size(), **described, **(provenance or {})}
@@ -124,6 +126,22 @@ def _loaded(model_dir, base, allow_pickle: bool, examples, device: str, model_dt
     check_vocabulary_fits(model, tokenizer, tokenizer_folder(checkpoint.folders))
     check_room_for_text(tokenizer, max_length, tokenizer_folder(checkpoint.folders))
     return model, tokenizer, examples, described, fingerprint
+
+
+def _agreed(resumed: Resumed | None) -> Resumed | None:
+    """Every process resumes the blocks rank 0 kept as finished (with rank 0's provenance record), and its own pass
+    in progress where that is of the next block."""
+    shared: list = [None]
+    if distributed.rank() == 0 and resumed is not None and resumed.finished:
+        shared = [(len(resumed.finished), resumed.finished[0][1])]
+    distributed.collective(dist.broadcast_object_list, shared, src=0)
+    finished, record = shared[0] or (0, {})
+    resumed = resumed or Resumed()
+    if distributed.rank() != 0:
+        resumed.finished = [({}, record)] * finished
+    if resumed.block != finished:
+        resumed.block, resumed.examples, resumed.rows, resumed.stats = finished, 0, {}, {}
+    return resumed if finished or resumed.examples else None
 
 
 def _header(sites, fingerprint, stats_dtype, examples, skipped, protection, private, withheld) -> dict:
@@ -148,7 +166,9 @@ class _Passes:
         self.model, self.sums, self.device, self.private = model, sums, device, private
         self.batches, self.first_pass, self.checkpoint = batches, first_pass, checkpoint
         self.resumed = checkpoint.load() if checkpoint is not None else None
-        if self.resumed is not None and log is not None:
+        if checkpoint is not None and distributed.world_size() > 1:
+            self.resumed = _agreed(self.resumed)
+        if self.resumed is not None and log is not None and distributed.rank() == 0:
             done = f"{len(self.resumed.finished)} block(s) and {self.resumed.examples} examples"
             log(f"resuming the measure interrupted earlier ({done} done; checkpoint {checkpoint.folder})")
         if checkpoint is not None:
