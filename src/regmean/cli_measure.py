@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated
 
 import typer
 
@@ -11,7 +11,6 @@ from regmean.cli_common import PICKLE_HELP, console, on_rank0
 from regmean.errors import RegmeanError
 from regmean.stats_checks import MAX_LENGTH
 
-Withhold = Literal["none", "token-sites"]  # what `measure --withhold` may leave out
 ModelDir = Annotated[
     Path, typer.Argument(help="Hugging Face model folder (config.json + safetensors), or a PEFT LoRA adapter")
 ]
@@ -24,8 +23,12 @@ Force = Annotated[
 MaxMemory = Annotated[
     str | None, typer.Option(help="Most memory for the sums, e.g. 8GB; more means several passes, one file each")
 ]
-WithholdOption = Annotated[
-    Withhold, typer.Option(help="token-sites: leave out the sites whose Grams decode into your token counts")
+ExposeTokenCounts = Annotated[
+    bool,
+    typer.Option(
+        "--expose-token-counts",
+        help="Measure the token sites too: their Grams decode into your data's token counts (default: withheld)",
+    ),
 ]
 DpClip = Annotated[
     float | None, typer.Option(help="Per-example bound at each site, x its typical contribution on random tokens (1)")
@@ -35,7 +38,7 @@ DpClip = Annotated[
 def measure(
     model_dir: ModelDir,
     data: Annotated[Path, typer.Option(help="Local data file: .jsonl, .json, .csv, .tsv or .parquet")],
-    out: Annotated[Path, typer.Option(help="Folder to write statistics.safetensors into")],
+    out: Annotated[Path, typer.Option(help="Folder for the statistics file and its card")],
     base: Annotated[Path | None, typer.Option(help="Base model folder of a LoRA adapter MODEL_DIR")] = None,
     text_field: Annotated[str, typer.Option(help="Column holding the text")] = "text",
     text_pair_field: Annotated[str | None, typer.Option(help="Column holding the second text of a pair")] = None,
@@ -55,7 +58,7 @@ def measure(
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help=PICKLE_HELP)] = False,
     nproc: Annotated[int, typer.Option(min=1, help="Processes on this machine (runs torchrun for you)")] = 1,
     max_memory: MaxMemory = None,
-    withhold: WithholdOption = "none",
+    expose_token_counts: ExposeTokenCounts = False,
     dp_epsilon: Annotated[float | None, typer.Option(help="Release with (epsilon, delta)-DP: the whole file")] = None,
     dp_delta: Annotated[float | None, typer.Option(help="The delta of --dp-epsilon  [default: 1e-5]")] = None,
     dp_clip: DpClip = None,
@@ -82,7 +85,7 @@ def measure(
         "max_stats_bytes": None if max_memory is None else parse_size(max_memory, "--max-memory"),
         "allow_pickle": allow_pickle,
         "base": base,
-        "protection": _protection(withhold, dp_epsilon, dp_delta, dp_clip),  # a bad budget: refused now
+        "protection": _protection(not expose_token_counts, dp_epsilon, dp_delta, dp_clip),  # a bad budget: refused now
         "device": distributed.init_from_env(device),
     }
     chat = {"messages_field": messages_field, "prompt_field": prompt_field, "response_field": response_field}
@@ -90,13 +93,13 @@ def measure(
     _measure_into(out, force, model_dir, data, chat if any(chat.values()) else fields, max_examples, options)
 
 
-def _protection(withhold: Withhold, dp_epsilon: float | None, dp_delta: float | None, dp_clip: float | None):
+def _protection(withhold: bool, dp_epsilon: float | None, dp_delta: float | None, dp_clip: float | None):
     from regmean.measure.protect import Protection
 
     if dp_delta is not None and dp_epsilon is None:
         raise RegmeanError("--dp-delta is the delta of a DP release: give --dp-epsilon with it")
     delta = 1e-5 if dp_delta is None else dp_delta
-    return Protection(withhold == "token-sites", dp_epsilon, delta, dp_clip)
+    return Protection(withhold, dp_epsilon, delta, dp_clip)
 
 
 def _measure_into(out: Path, force: bool, model_dir: Path, data: Path, fields: dict, max_examples, options) -> None:

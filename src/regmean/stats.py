@@ -38,7 +38,8 @@ FORMAT = "regmean.gram"
 FORMAT_VERSION = 2
 FILE_NAME = "statistics.safetensors"
 WITHHELD = "withheld: its input is one fixed vector per token, so its Gram decodes into the data's token counts"
-"""The reason `skipped` gives for the modules of a site `measure --withhold token-sites` left out."""
+"""The reason `skipped` gives for the modules of a token site `measure` left out (its default, unless
+--expose-token-counts)."""
 EXPERTS_UNCLIPPED = "left out under DP: an expert's inputs (the tokens routed to it) are not clipped per example"
 NO_EXAMPLE_BOUND = "left out under DP: its input rows follow no example (no per-example bound to clip them to)"
 """The reasons `skipped` gives for the modules of a site a DP release left out."""

@@ -67,8 +67,9 @@ def measure(
     finished block goes to `on_block(statistics, index, count)` (e.g. to be written) instead of staying in memory.
     A pickle checkpoint (`pytorch_model.bin`) is refused unless `allow_pickle`. `model_dir` may be a LoRA adapter
     folder over the base model folder `base` (or the one its config names, if local). With `checkpoint_dir` (the
-    same folder for every process), progress is saved there now and then, and a measure of the same inputs interrupted earlier
-    continues from it (`measure.checkpoint`); the caller removes it once the statistics are written.
+    same folder for every process), progress is saved there now and then, and a measure of the same inputs
+    interrupted earlier continues from it (`measure.checkpoint`); the caller removes it once the statistics are
+    written.
     """
     sums = dtypes.named(stats_dtype, dtypes.STATISTICS, "stats dtype")
     if not examples:

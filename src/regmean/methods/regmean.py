@@ -213,7 +213,8 @@ class RegMean(Average):
         )
 
     def _withheld(self) -> list[str]:
-        """Linear layers whose statistics some owner withheld (`measure --withhold token-sites`): averaged."""
+        """Linear layers whose statistics some owner withheld (`measure`'s default, unless --expose-token-counts):
+        averaged."""
         stats = self.inputs.stats
         return sorted(
             {m for st in stats for m, why in st.skipped.items() if why == WITHHELD and m in self.inputs.linears}
