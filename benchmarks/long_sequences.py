@@ -46,7 +46,7 @@ def long_texts(count: int, tokenizer) -> list[str]:
 def run_measure(model: Path, data: Path, batch_size: int, out: Path) -> dict:
     """One `regmean measure` in a child process: its announced memory, its real peak, its time."""
     cmd = [sys.executable, "-m", "regmean", "measure", str(model), "--data", str(data), "--out", str(out)]
-    cmd += ["--max-length", str(MAX_LENGTH), "--batch-size", str(batch_size), "--force"]
+    cmd += ["--expose-token-counts", "--max-length", str(MAX_LENGTH), "--batch-size", str(batch_size), "--force"]
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     start = time.perf_counter()
     env = {**os.environ, "COLUMNS": "400", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}

@@ -78,7 +78,7 @@ def statistics_of(models: list[Path], texts: Path, examples: int) -> list[Path]:
     for m in models:
         stats = m.parent / f"stats-{m.name}"
         if not list(stats.glob("statistics*.safetensors")):
-            cmd = [str(REGMEAN), "measure", str(m), "--data", str(texts), "--out", str(stats)]
+            cmd = [str(REGMEAN), "measure", str(m), "--data", str(texts), "--out", str(stats), "--expose-token-counts"]
             measured([*cmd, "--max-examples", str(examples), "--max-length", "128", "--batch-size", "8"], env=OFFLINE)
         out.append(stats)
     return out

@@ -24,7 +24,7 @@ from vs_mergekit import OFFLINE, REGMEAN, texts_file  # noqa: E402
 def statistics(model: Path, texts: Path) -> Path:
     out = model.parent / f"stats-{model.name}"
     if not out.is_dir():
-        cmd = [str(REGMEAN), "measure", str(model), "--data", str(texts), "--out", str(out)]
+        cmd = [str(REGMEAN), "measure", str(model), "--data", str(texts), "--out", str(out), "--expose-token-counts"]
         measured([*cmd, "--max-examples", "16", "--max-length", "64", "--batch-size", "8"], env=OFFLINE)
     return out
 

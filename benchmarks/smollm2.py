@@ -132,7 +132,8 @@ def main() -> None:
         stats[name] = work / f"stats-{name}"
         if not stats[name].is_dir():
             t = time.time()
-            regmean("measure", str(models[name]), "--data", str(jsonl), "--out", str(stats[name]), "--max-length", "64")
+            out = ["--out", str(stats[name]), "--max-length", "64", "--expose-token-counts"]
+            regmean("measure", str(models[name]), "--data", str(jsonl), *out)
             print(f"measured {name}: {time.time() - t:.0f} s")
     merged = {}
     for method in ("average", "regmean"):

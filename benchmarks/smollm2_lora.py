@@ -82,7 +82,7 @@ def main() -> None:
         if not (work / f"stats-{name}").is_dir():
             seconds[f"measure {name}"] = regmean(
                 "measure", adapters[name], "--base", base, "--data", rows, "--out", work / f"stats-{name}",
-                "--messages-field", "messages", "--max-length", 96,
+                "--messages-field", "messages", "--max-length", 96, "--expose-token-counts",
             )  # fmt: skip
     rows = {"base (SmolLM2-135M-Instruct)": base} | {f"adapter {n}": adapters[n] for n in data}
     errors = {}

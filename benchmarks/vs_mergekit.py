@@ -156,7 +156,7 @@ def regmean_merge(args, base: Path, models: list[Path], params: int) -> None:
     for m in models:
         out = m.parent / f"stats-{m.name}"
         if not (out / "statistics.safetensors").is_file() and not list(out.glob("statistics-*")):
-            cmd = [str(REGMEAN), "measure", str(m), "--data", str(texts), "--out", str(out)]
+            cmd = [str(REGMEAN), "measure", str(m), "--data", str(texts), "--out", str(out), "--expose-token-counts"]
             cmd += ["--max-examples", str(args.stats_examples), "--max-length", "128", "--batch-size", "8"]
             measures[m.name] = measured(cmd, env=OFFLINE)
             got = measures[m.name]
