@@ -137,7 +137,7 @@ def test_pickle_checkpoint_refused_unless_allowed(trio):
 
     # measuring it: refused the same way, unless --allow-pickle; then the same statistics as from safetensors
     data = write_jsonl(tmp_path / "d.jsonl")
-    args = ["measure", str(pkl), "--data", str(data), "--stats-dtype", "float64"]
+    args = ["measure", str(pkl), "--data", str(data), "--stats-dtype", "float64", "--expose-token-counts"]
     result = runner.invoke(app, [*args, "--out", str(tmp_path / "s")])
     assert result.exit_code != 0 and "--allow-pickle" in result.output and not (tmp_path / "s").exists()
     assert runner.invoke(app, [*args, "--out", str(tmp_path / "s"), "--allow-pickle"]).exit_code == 0
