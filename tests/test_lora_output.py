@@ -199,3 +199,36 @@ def test_an_adapter_needs_a_base(full_bert):
     recipe = {"method": "regmean", "models": models, "output": {"lora": {"rank": 4}}}
     merge_fails(root, recipe, "output.lora writes an adapter over a base model: give base_model")
     merge_fails(root, {**recipe, "base_model": str(base), "output": {"lora": {"rank": 0}}}, "output.lora.rank")
+
+
+def test_targets_with_and_without_biases_fold_as_the_merge(tmp_path):
+    """Qwen2: q, k, v have biases, o and the MLP none. peft's lora_bias is one flag for all targets, so the layers
+    whose biases changed are saved whole and the others are updates: the folded adapter is still the merge."""
+    import transformers as tf
+    from architectures import DECODER
+    from conftest import VOCAB, save_model
+    from test_lora import _statistics
+
+    def qwen(seed: int):
+        torch.manual_seed(1234)
+        model = tf.Qwen2ForCausalLM(tf.Qwen2Config(**{**DECODER, "vocab_size": VOCAB + 8})).eval()
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.05 * torch.randn(p.shape, generator=gen) * (p.std() if p.numel() > 1 else 1.0) * bool(seed))
+        return model
+
+    base = save_model(qwen(0), tmp_path / "in" / "base")
+    folders = [save_model(qwen(k + 1), tmp_path / "in" / f"m{k}") for k in range(2)]
+    stats = [_statistics(tmp_path, f, f"in/s{k}", None) for k, f in enumerate(folders)]
+    full = load_file(_merge(tmp_path, "regmean", folders, stats, base, "full") / "model.safetensors")
+    out = _merge(tmp_path, "regmean", folders, stats, base, "lora", "--lora-rank", 64)
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert not config["lora_bias"] and "model.layers.0.self_attn.q_proj" in config["modules_to_save"]
+    model = peft.PeftModel.from_pretrained(tf.Qwen2ForCausalLM.from_pretrained(base), out).merge_and_unload()
+    folded, base_weights = model.state_dict(), load_file(base / "model.safetensors")
+    notes = json.loads((out / "merge_report.json").read_text())["output_notes"]
+    kept = {n["tensor"] for n in notes if n["kind"] == "kept base"}
+    for key, want in full.items():
+        expected = base_weights[key] if key in kept else want
+        torch.testing.assert_close(folded[key], expected, rtol=1e-5, atol=1e-5, msg=key)

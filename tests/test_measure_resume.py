@@ -76,3 +76,16 @@ def test_changed_data_starts_over_and_errors_leave_nothing(tmp_path, monkeypatch
         failed = run(*args[:-1], tmp_path / "failed")
     assert failed.exit_code != 0
     assert not (tmp_path / "failed" / ".statistics.safetensors.checkpoint").exists()
+
+
+def test_a_dp_measure_keeps_no_checkpoint(tmp_path, monkeypatch):
+    """A DP release draws its noisy counts once: an interrupted one starts over (and leaves no exact sums)."""
+    model = save_model(build_model("gpt2", "GPT2LMHeadModel"), tmp_path / "model")
+    data = write_jsonl(tmp_path / "data.jsonl", [f"{a} {b}" for a in TEXTS for b in TEXTS[:5]], ["x"] * 50)
+    args = ["measure", model, "--data", data, "--batch-size", 4, "--out", tmp_path / "out", "--dp-epsilon", 8]
+    with monkeypatch.context() as patch:
+        interrupt_at(patch, 4)
+        assert run(*args).exit_code != 0
+    assert not (tmp_path / "out" / ".statistics.safetensors.checkpoint").exists()
+    again = run(*args)
+    assert again.exit_code == 0 and "resuming" not in again.output

@@ -62,6 +62,7 @@ def measure(
     dp_epsilon: Annotated[float | None, typer.Option(help="Release with (epsilon, delta)-DP: the whole file")] = None,
     dp_delta: Annotated[float | None, typer.Option(help="The delta of --dp-epsilon  [default: 1e-5]")] = None,
     dp_clip: DpClip = None,
+    withhold: Annotated[str | None, typer.Option(hidden=True, help="Older spelling: token-sites | none")] = None,
 ) -> None:
     """Measure a model's linear-layer input statistics on local data (run by each model owner).
 
@@ -73,6 +74,9 @@ def measure(
 
     if nproc > 1 and not distributed.launched():
         relaunch_with_torchrun(nproc, data=data)
+    if withhold not in (None, "token-sites", "none"):
+        raise RegmeanError(f"--withhold {withhold}: token-sites (the default now) or none (--expose-token-counts)")
+    expose_token_counts = expose_token_counts or withhold == "none"
     if max_memory is not None and out.suffix == ".safetensors" and not out.is_dir():
         raise RegmeanError(f"{out}: --max-memory may write several blocks; give a folder as --out")
     options = {
@@ -118,7 +122,7 @@ def _measure_into(out: Path, force: bool, model_dir: Path, data: Path, fields: d
         examples = load_examples(data, max_examples=max_examples, **fields)
         provenance = {"data": data.name, **{k: v for k, v in fields.items() if v}}
         resume = checkpoint_folder(writer.target if writer else target_file(out, FILE_NAME))  # (every process's)
-        with removed_unless_interrupted(resume):
+        with removed_unless_interrupted(resume if writer else None):  # rank 0 removes it, once written
             stats = run_measure(
                 model_dir,
                 examples,

@@ -5,9 +5,9 @@ The folder holds, per process, one safetensors file of its pass in progress (its
 examples they cover, the rows of every stream), rewritten whole at most every CHECKPOINT_SECONDS (and never more
 often than 20 times the last save took), and rank 0's file per finished block of sites (the reduced sums). Its key
 hashes the regmean version, the model's weights, the examples, and every option that changes the sums: a folder of
-another key is never resumed (it is replaced). The sums are un-noised: a DP measure's checkpoint is as private as
-the data beside it, and it is removed with the folder once the statistics are written. Sums continue in the same
-order, so a resumed measure's file is identical to an uninterrupted one's.
+another key is never resumed (it is replaced). The sums are exact (a DP measure keeps no checkpoint), and the folder
+is removed once the statistics are written. Sums continue in the same order, so a resumed measure's file is
+identical to an uninterrupted one's.
 """
 
 from __future__ import annotations

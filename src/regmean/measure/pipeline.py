@@ -101,10 +101,10 @@ def measure(
     source = (Path(model_dir), None if base is None else Path(base))
     header = _header(sites, fingerprint, stats_dtype, len(examples), skipped, protection, private, withheld)
     options = [batch_size, max_length, stats_dtype, model_dtype, header["protection"], torch.device(device).type]
-    options += [distributed.world_size()]  # (each process's key: its own shard of the examples)
-    key = measure_key([fingerprint, examples_digest(local), options, [[(s.name, s.d) for s in b] for b in blocks]])
+    options += [distributed.world_size(), distributed.rank()]  # every process's key covers all the examples
+    key = measure_key([fingerprint, examples_digest(examples), options, [[(s.name, s.d) for s in b] for b in blocks]])
     checkpoint = None
-    if checkpoint_dir is not None:
+    if checkpoint_dir is not None and private is None:  # a DP release draws its noisy counts once: no resume
         checkpoint = MeasureCheckpoint(Path(checkpoint_dir), key, log, distributed.rank())
     passes = _Passes(model, sums, device, private, batches, _chain(first, first_pass), checkpoint, log)
     context = {"examples": header["examples"], "max_length": max_length, "model_dtype": model_dtype}
@@ -236,7 +236,10 @@ def _protected(
     if protection.withhold:
         sites, withheld = withhold_token_sites(model, sites, skipped)
         if not sites:
-            raise RegmeanError("no site left to measure once the token sites are withheld")
+            raise RegmeanError(
+                "no site left to measure once the token sites are withheld (measure's default); "
+                "--expose-token-counts measures them"
+            )
     else:
         warning = protection.warning(token_site_names(model, sites))
         if warning and log is not None and distributed.rank() == 0:

@@ -65,7 +65,7 @@ class LoraAdapter(ModelFolders):
         inputs.exact_keys = self.plan.exact_keys  # merged whole and unrounded: the factoring reads them
         folders = inputs.models if inputs.config.heads == "keep" else inputs.models[:1]
         keys = inputs.body_keys() + inputs.head_keys()
-        self.layouts = [adapter_layout(self.plan, inputs, keys) for _ in folders]
+        self.layouts = [adapter_layout(self.plan, inputs, keys, model) for model in folders]
         self._factors: dict = {}
 
     def describe(self) -> str:

@@ -67,8 +67,9 @@ class AdapterPlan:
     saved: dict[str, str] = field(default_factory=dict)
     """Checkpoint key -> its name in the adapter, for every tensor of a module saved whole."""
     saved_modules: list[str] = field(default_factory=list)
-    kept_base: list[str] = field(default_factory=list)
-    """Changed embedding tensors the adapter leaves at the base's (said in the plan, report and card)."""
+    kept_base: dict[str, str] = field(default_factory=dict)
+    """Changed embedding tensors the adapter leaves at the base's (said in the plan, report and card) -> the base's
+    name for them."""
 
     @property
     def exact_keys(self) -> frozenset[str]:
@@ -100,17 +101,43 @@ def plan_adapter(inputs: MergeInputs, rank: int) -> AdapterPlan:
     for key in inputs.models[0].keys():
         if key not in changed or key in plan.targets or key in plan.biases:
             continue
-        if is_head_key(key, tied_or_embedding) and not is_head_key(key, inputs.heads) and _base_key(inputs, base, key):
-            plan.kept_base.append(key)
+        base_key = _base_key(inputs, base, key)
+        if is_head_key(key, tied_or_embedding) and not is_head_key(key, inputs.heads) and base_key:
+            plan.kept_base[key] = base_key
         else:
             whole.append(inputs.module_of(key))
+    _bias_rule(plan, inputs, whole)
     plan.saved_modules = list(dict.fromkeys(whole))
+    _check_nesting(plan)
     for key in inputs.models[0].keys():
         if inputs.module_of(key) in plan.saved_modules and key not in plan.targets and key not in plan.biases:
             plan.saved[key] = SAVED_PREFIX + inputs.parameter_names.get(key, key)
     if not plan.targets and not plan.saved:
         raise RegmeanError("output.lora: the inputs change no tensor of the base model; there is nothing to adapt")
     return plan
+
+
+def _bias_rule(plan: AdapterPlan, inputs: MergeInputs, whole: list[str]) -> None:
+    """peft's lora_bias is one flag for every target (a target without a bias cannot fold it): used only when every
+    target's bias changes; otherwise the layers whose bias changes are saved whole instead."""
+    if not plan.biases or len(plan.biases) == len(plan.targets):
+        return
+    for bias, target in list(plan.biases.items()):
+        del plan.targets[target.layer.weight_key], plan.biases[bias]
+        whole.append(target.layer.module)
+
+
+def _check_nesting(plan: AdapterPlan) -> None:
+    """A module saved whole may not hold a target, another saved module or a kept embedding (peft wraps it whole:
+    the adapter would not load)."""
+    inner = [t.layer.module for t in plan.targets.values()] + [k.rsplit(".", 1)[0] for k in plan.kept_base]
+    for module in plan.saved_modules:
+        clash = next((m for m in inner + plan.saved_modules if m != module and m.startswith(module + ".")), None)
+        if clash is not None:
+            raise RegmeanError(
+                f"output.lora: module {module} would be saved whole, but it holds {clash}, which peft cannot adapt "
+                "inside it; write a full model (drop output.lora)"
+            )
 
 
 def adapter_base(inputs: MergeInputs) -> Checkpoint:
@@ -126,13 +153,17 @@ def adapter_base(inputs: MergeInputs) -> Checkpoint:
 
 
 def changed_keys(inputs: MergeInputs) -> set[str]:
-    """Tensors some input changes: an adapter's LoRA pairs and saved tensors; every tensor of a full model."""
+    """Tensors some input changes: an adapter's LoRA pairs and saved tensors; every tensor of a full model; only
+    floating tensors the model class loads (integer buffers are the same in every fine-tune, and a key the class
+    does not place changes nothing)."""
     changed: set[str] = set()
     for model in inputs.models:
         if isinstance(model, AdaptedCheckpoint):
             changed |= set(model.pairs) | set(model.replaced)
         else:
             changed |= set(model.keys())
+    first = inputs.models[0]
+    changed = {k for k in changed if k in inputs.parameter_names and STORED[first.dtype(k)].is_floating_point}
     if inputs.vocab is not None:
         raise RegmeanError(
             "output.lora: the models' vocabularies differ (added tokens), which an adapter over one base cannot hold; "
@@ -157,10 +188,11 @@ def _target(inputs, base: Checkpoint, layer: LinearLayer, base_key: str, rank: i
     return LoraTarget(layer, base_key, min(rank, layer.d_out, layer.d_in), bias_base)
 
 
-def adapter_layout(plan: AdapterPlan, inputs: MergeInputs, keys: list[str]) -> Layout:
-    """The adapter's tensors, for the output folder whose merged tensors are `keys` (its own head's included)."""
+def adapter_layout(plan: AdapterPlan, inputs: MergeInputs, keys: list[str], own: Checkpoint) -> Layout:
+    """The adapter's tensors, for the output folder whose merged tensors are `keys` (its own head's included, as
+    model `own` has it: heads: keep copies each model's head as it is)."""
     layout: Layout = {}
-    first = inputs.models[0]
+    first, heads = inputs.models[0], set(inputs.head_keys())
     for key in keys:
         target = plan.targets.get(key)
         if target is not None:
@@ -168,6 +200,8 @@ def adapter_layout(plan: AdapterPlan, inputs: MergeInputs, keys: list[str]) -> L
             layout[f"{target.prefix}.lora_B.weight"] = (plan.dtype, (target.layer.d_out, target.rank))
         elif key in plan.biases:
             layout[f"{plan.biases[key].prefix}.lora_B.bias"] = (plan.dtype, (plan.biases[key].layer.d_out,))
+        elif key in plan.saved and key in heads:
+            layout[plan.saved[key]] = (STORED[own.dtype(key)], tuple(own.shapes[key]))
         elif key in plan.saved:
             stored = STORED[first.dtype(key)]
             dtype = inputs.config.output_dtype(stored) if stored.is_floating_point else stored

@@ -77,7 +77,7 @@ class LoraWriter:
             self.shards.add(plan.saved[name], tensor.to(self.layout[plan.saved[name]][0]), first_row)
         elif name in plan.kept_base:
             rows = None if first_row is None else (first_row, first_row + tensor.shape[0])
-            base = plan.base.get(name, rows).to(torch.float64)
+            base = plan.base.get(plan.kept_base[name], rows).to(torch.float64)
             moved = float((tensor.to(torch.float64) - base).square().sum())
             return OutputNote(name, "kept base", 0, moved, float(base.square().sum()))
         return None

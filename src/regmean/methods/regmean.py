@@ -310,7 +310,8 @@ class RegMean(Average):
             w = part[:, :d_in].to(dtype[layer.module])
             w = w.T.contiguous() if layer.transposed else w.contiguous()
             out.tensors[layer.weight_key] = w if layer.expert is None else w.unsqueeze(0)
-            out.metrics[layer.weight_key] = solution.factor[:d_in, :d_in]
+            if layer.weight_key in self.inputs.exact_keys:  # an adapter output factors it in this metric
+                out.metrics[layer.weight_key] = solution.factor[:d_in, :d_in]
             if affine:
                 out.tensors[layer.bias_key] = part[:, d_in].to(dtype[layer.module]).contiguous()
             out.layers.append(
