@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The LLM path end to end on the packaged SmolLM2-135M-Instruct (4 min 41 s on 2 CPU cores):
+# The LLM path end to end on the packaged SmolLM2-135M-Instruct (4 min 27 s on 2 CPU cores):
 # a base folder from the packaged GGUF, two owners' LoRA adapters on their own chat data, each owner's statistics,
 # the merge as a full model and as one LoRA adapter, and every model scored on both owners' held-out chats.
 #   examples/llm/walkthrough.sh [WORK_DIR]      (after `make demo` or `make test`: .venv has everything)
