@@ -9,7 +9,6 @@ say. An adapter input changes the tensors its file holds; a full model is taken 
 
 from __future__ import annotations
 
-import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -249,7 +248,3 @@ def lora_bytes(plan: AdapterPlan) -> int:
     """Memory factoring the largest target takes: the float64 delta, its weighted copy, the SVD's factors."""
     sizes = [(t.layer.d_out, t.layer.d_in) for t in plan.targets.values()]
     return max((8 * (3 * o * i + 2 * min(o, i) ** 2 + i * i) for o, i in sizes), default=0)
-
-
-def adapter_megabytes(layout: Layout) -> float:
-    return sum(math.prod(shape) * dtype.itemsize for dtype, shape in layout.values()) / 1e6
