@@ -11,6 +11,8 @@ import pytest
 import torch
 import transformers as tf
 
+from regmean.measure.protect import Protection
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
@@ -141,3 +143,7 @@ def write_jsonl(path: Path, texts=TEXTS, targets=TARGETS) -> Path:
         for t, y in zip(texts, targets, strict=True):
             f.write(json.dumps({"text": t, "label": y}) + "\n")
     return path
+
+
+ALL_SITES = Protection(withhold=False)
+"""Measure every site, token sites too (tests that check all of them against an oracle; the default withholds)."""

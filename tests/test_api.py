@@ -11,8 +11,11 @@ def test_the_api_from_measure_to_evaluate(tmp_path):
     assert {"measure", "save_statistics", "merge", "evaluate", "MergeConfig", "MergeSummary"} <= set(dir(regmean))
     model = save_model(build_model("bert", "BertForSequenceClassification"), tmp_path / "m")
     stats = regmean.measure(model, EXAMPLES, progress=False)
+    assert "bert.encoder.layer.0.attention.self.query" not in stats.sites  # a token site: withheld by default
+    assert "bert.encoder.layer.1.attention.self.query" in stats.sites
     path = regmean.save_statistics(stats, tmp_path / "stats")
     card = (path.parent / "README.md").read_text()
+    assert "withheld token sites: bert.encoder.layer.0.attention.self.query" in card, card
     assert stats.fingerprint["weights"] in card and f"path: {model}" in card
     models = make_models(tmp_path / "in", "bert", "BertForSequenceClassification")
     report = regmean.merge(regmean.MergeConfig(models=models), tmp_path / "out", progress=False)

@@ -11,7 +11,7 @@ import torch
 import transformers as tf
 import yaml
 from architectures import ARCHITECTURES, table
-from conftest import TARGETS, TEXTS
+from conftest import ALL_SITES, TARGETS, TEXTS
 from safetensors.torch import load_file
 from test_coverage import fine_tuned
 from test_merge import normal_equation_residual, run, shrink
@@ -37,7 +37,10 @@ def test_every_architecture_merges_with_every_matrix_solved_or_listed(tmp_path, 
     models = []
     for k in range(2):
         path = fine_tuned(cls, config, k + 1, tmp_path / f"m{k}")
-        save(measure(path, examples[k * 3 : k * 3 + 5], batch_size=2, progress=False), tmp_path / f"s{k}")
+        save(
+            measure(path, examples[k * 3 : k * 3 + 5], batch_size=2, progress=False, protection=ALL_SITES),
+            tmp_path / f"s{k}",
+        )
         models.append({"path": str(path), "statistics": str(tmp_path / f"s{k}")})
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump({"method": "regmean", "models": models, "options": {"alpha": ALPHA}}))

@@ -8,7 +8,7 @@ import pytest
 import torch
 import transformers as tf
 import yaml
-from conftest import MINILM, TEXTS, build_model, save_model, write_jsonl
+from conftest import ALL_SITES, MINILM, TEXTS, build_model, save_model, write_jsonl
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from test_merge import make_models, write_config
@@ -142,7 +142,7 @@ def test_pickle_checkpoint_refused_unless_allowed(trio):
     assert result.exit_code != 0 and "--allow-pickle" in result.output and not (tmp_path / "s").exists()
     assert runner.invoke(app, [*args, "--out", str(tmp_path / "s"), "--allow-pickle"]).exit_code == 0
     safe = save_model(model, tmp_path / "safe")
-    reference = measure(safe, [Example(t) for t in TEXTS], stats_dtype="float64", progress=False)
+    reference = measure(safe, [Example(t) for t in TEXTS], stats_dtype="float64", progress=False, protection=ALL_SITES)
     got = StatisticsFile(tmp_path / "s")
     assert got.fingerprint == reference.fingerprint
     for name, site in reference.sites.items():

@@ -9,7 +9,7 @@ import pytest
 import torch
 import transformers as tf
 import yaml
-from conftest import PAD, SEP, VOCAB, save_model, write_jsonl
+from conftest import ALL_SITES, PAD, SEP, VOCAB, save_model, write_jsonl
 from safetensors.torch import load_file
 from test_merge import normal_equation_residual, run, shrink
 from torch.nn import functional
@@ -59,7 +59,7 @@ def test_experts_fused_on_disk_are_solved_row_by_row(tmp_path):
     models = []
     for k in range(2):
         path = tiny_gpt_oss(tmp_path / f"m{k}", k + 1)
-        save(measure(path, examples, progress=False), tmp_path / f"s{k}")
+        save(measure(path, examples, progress=False, protection=ALL_SITES), tmp_path / f"s{k}")
         models.append({"path": str(path), "statistics": str(tmp_path / f"s{k}")})
     stats = [StatisticsFile(m["statistics"]) for m in models]
     for site, gram in routed_grams(Path(models[0]["path"]), examples).items():
@@ -112,7 +112,7 @@ def test_a_checkpoint_key_renamed_on_loading_merges(tmp_path):
     models = []
     for k in range(2):
         path = tiny_neox(tmp_path / f"m{k}", k + 1)
-        save(measure(path, examples, progress=False), tmp_path / f"s{k}")
+        save(measure(path, examples, progress=False, protection=ALL_SITES), tmp_path / f"s{k}")
         models.append({"path": str(path), "statistics": str(tmp_path / f"s{k}")})
     for lm_head in ("average", "regmean"):
         recipe = tmp_path / f"{lm_head}.yaml"
@@ -165,7 +165,7 @@ def test_deberta_position_projections_are_measured_and_solved(tmp_path, v3):
     models = []
     for k in range(2):
         path = tiny_deberta(tmp_path / f"m{k}", k + 1, v3)
-        save(measure(path, examples, batch_size=4, progress=False), tmp_path / f"s{k}")
+        save(measure(path, examples, batch_size=4, progress=False, protection=ALL_SITES), tmp_path / f"s{k}")
         models.append({"path": str(path), "statistics": str(tmp_path / f"s{k}")})
     stats = [StatisticsFile(m["statistics"]) for m in models]
     if not v3:
@@ -203,7 +203,7 @@ def test_rows_that_follow_no_example_are_left_out_of_a_dp_release(tmp_path):
 
     path = tiny_deberta(tmp_path / "m", 1, v3=True)
     examples = load_examples(write_jsonl(tmp_path / "d.jsonl"))
-    stats = measure(path, examples, batch_size=4, progress=False, protection=Protection(epsilon=4.0))
+    stats = measure(path, examples, batch_size=4, progress=False, protection=Protection(withhold=False, epsilon=4.0))
     left_out = {m for m, why in stats.skipped.items() if why == NO_EXAMPLE_BOUND}
     assert {
         f"deberta.encoder.layer.{i}.attention.self.{p}" for i in (0, 1) for p in ("query_proj", "key_proj")
@@ -289,7 +289,7 @@ def test_moe_experts_are_measured_on_their_routed_tokens_and_solved_one_by_one(t
     models = []
     for k in range(2):
         path = fine_tuned(getattr(tf, cls), config, k + 1, tmp_path / f"m{k}")
-        save(measure(path, examples, batch_size=4, progress=False), tmp_path / f"s{k}")
+        save(measure(path, examples, batch_size=4, progress=False, protection=ALL_SITES), tmp_path / f"s{k}")
         models.append({"path": str(path), "statistics": str(tmp_path / f"s{k}")})
     stats = [StatisticsFile(m["statistics"]) for m in models]
     assert {stream for stream, _ in stats[0].site_streams.values()} == {"input", "routed"}

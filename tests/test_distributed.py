@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TEXTS, build_model, save_model, write_jsonl
+from conftest import ALL_SITES, TEXTS, build_model, save_model, write_jsonl
 
 from regmean.io.data import Example
 from regmean.measure import measure
@@ -44,7 +44,13 @@ def test_two_processes_equal_one(tmp_path):
     texts = TEXTS + ["one more example makes eleven"]  # 11 examples: uneven shards over 2 ranks
     data = write_jsonl(tmp_path / "d.jsonl", texts, ["x"] * len(texts))
     reference = measure(
-        model, [Example(t) for t in texts], batch_size=4, stats_dtype="float64", model_dtype="float64", progress=False
+        model,
+        [Example(t) for t in texts],
+        batch_size=4,
+        stats_dtype="float64",
+        model_dtype="float64",
+        progress=False,
+        protection=ALL_SITES,
     )
     result = torchrun("measure", model, "--data", data, "--out", tmp_path / "s", *COMMON)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -255,7 +261,7 @@ def test_dp_noise_is_added_once_after_the_reduction(tmp_path, monkeypatch):
     assert result.returncode == 0, result.stderr[-3000:]
     noisy = StatisticsFile(tmp_path / "s")
     monkeypatch.setattr(dp, "calibrate", lambda epsilon, delta: 0.0)  # the same clipping, no noise
-    asked = Protection(epsilon=1.0)
+    asked = Protection(withhold=False, epsilon=1.0)
     exact = measure(
         model,
         [Example(t) for t in texts],

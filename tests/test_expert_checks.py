@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 import transformers as tf
-from conftest import TARGETS, TEXTS, write_jsonl
+from conftest import ALL_SITES, TARGETS, TEXTS, write_jsonl
 from test_bad_input import merge_fails
 from test_coverage import MOE_COMMON, fine_tuned
 from test_hostile_input import rewrite
@@ -33,7 +33,7 @@ def measured(tmp_path_factory):
     examples = load_examples(write_jsonl(root / "d.jsonl", TEXTS * 25, TARGETS * 25))
     for k in range(2):
         path = fine_tuned(tf.MixtralForCausalLM, config, k + 1, root / f"m{k}")
-        save(measure(path, examples, batch_size=32, progress=False), root / f"s{k}")
+        save(measure(path, examples, batch_size=32, progress=False, protection=ALL_SITES), root / f"s{k}")
     return root
 
 

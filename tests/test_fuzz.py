@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TEXTS, build_model, save_model
+from conftest import ALL_SITES, TEXTS, build_model, save_model
 from safetensors import safe_open
 
 from regmean.errors import RegmeanError
@@ -182,7 +182,7 @@ def test_model_folder_mutations(model, tmp_path):
 def test_statistics_mutations(model, tmp_path):
     """Mutated statistics headers and metadata values through StatisticsFile, its sites and its hash."""
     rng = random.Random(2)
-    stats = measure(model, [Example(t) for t in TEXTS[:4]], progress=False)
+    stats = measure(model, [Example(t) for t in TEXTS[:4]], progress=False, protection=ALL_SITES)
     valid = save(stats, tmp_path / "valid").read_bytes()
     header, data = split(valid)
     accepted = 0

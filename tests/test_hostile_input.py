@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import MINILM, TEXTS, build_model, save_model, write_jsonl
+from conftest import ALL_SITES, MINILM, TEXTS, build_model, save_model, write_jsonl
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from test_bad_input import cli_fails as fails
@@ -237,7 +237,9 @@ def test_bad_index_and_config_are_one_line(trio):
 )
 def test_bad_statistics_metadata_is_one_line(tmp_path, field, value, says):
     path = save_model(build_model("bert", "BertForSequenceClassification", 1), tmp_path / "m")
-    stats_file = save(measure(path, [Example(t) for t in TEXTS[:3]], progress=False), tmp_path / "s")
+    stats_file = save(
+        measure(path, [Example(t) for t in TEXTS[:3]], progress=False, protection=ALL_SITES), tmp_path / "s"
+    )
 
     def change(meta):
         if value is None:
@@ -253,7 +255,7 @@ def test_bad_statistics_metadata_is_one_line(tmp_path, field, value, says):
 
 def test_bad_statistics_tensors_are_one_line(tmp_path):
     path = save_model(build_model("bert", "BertForSequenceClassification", 1), tmp_path / "m")
-    stats = measure(path, [Example(t) for t in TEXTS[:3]], progress=False)
+    stats = measure(path, [Example(t) for t in TEXTS[:3]], progress=False, protection=ALL_SITES)
     site = stats.modules["bert.encoder.layer.0.attention.self.query"]
     original = save(stats, tmp_path / "s").read_bytes()
     cases = [
@@ -396,7 +398,7 @@ def test_combine_refuses_the_same_statistics_twice(trio):
 
 def test_long_provenance_is_shown_bounded(tmp_path):
     path = save_model(build_model("bert", "BertForSequenceClassification", 1), tmp_path / "m")
-    stats = measure(path, [Example(t) for t in TEXTS[:3]], progress=False)
+    stats = measure(path, [Example(t) for t in TEXTS[:3]], progress=False, protection=ALL_SITES)
     stats.provenance = [{"data": "x" * 100_000, "note": "[bold]not markup[/]", "esc": "\x1b[2J"}] * 100
     save(stats, tmp_path / "s")
     result = runner.invoke(app, ["stats", "show", str(tmp_path / "s")])
@@ -441,7 +443,7 @@ def test_more_parser_corners_are_one_line(trio):
     with pytest.raises(RegmeanError, match="row 1: 'text' is a ndarray, not text"):
         load_examples(tmp_path / "lists.parquet")
     path = save_model(build_model("bert", "BertForSequenceClassification", 1), tmp_path / "m")
-    stats = measure(path, [Example(t) for t in TEXTS[:3]], progress=False)
+    stats = measure(path, [Example(t) for t in TEXTS[:3]], progress=False, protection=ALL_SITES)
     site = stats.modules["bert.encoder.layer.0.attention.self.query"]
     file = save(stats, tmp_path / "s")
     original = file.read_bytes()

@@ -6,7 +6,7 @@ import inspect
 import pytest
 import torch
 import transformers as tf
-from conftest import CASE_IDS, CASES, TARGETS, TEXTS, build_model, save_model
+from conftest import ALL_SITES, CASE_IDS, CASES, TARGETS, TEXTS, build_model, save_model
 from safetensors.torch import load_file, save_file
 from torch import nn
 from typer.testing import CliRunner
@@ -55,7 +55,9 @@ def oracle_grams(model_dir, model, names: list[str]) -> dict[str, torch.Tensor]:
 def test_padded_batched_statistics_equal_unpadded_per_module_grams(tmp_path, family, cls):
     model = build_model(family, cls, seed=1)
     path = save_model(model, tmp_path / "m")
-    stats = measure(path, EXAMPLES, batch_size=4, stats_dtype="float64", model_dtype="float64", progress=False)
+    stats = measure(
+        path, EXAMPLES, batch_size=4, stats_dtype="float64", model_dtype="float64", progress=False, protection=ALL_SITES
+    )
     model = model.double()
     oracle = oracle_grams(path, model, list(stats.modules))
     for module, site in stats.modules.items():
@@ -72,7 +74,9 @@ def test_grams_accumulated_by_upper_blocks_equal_the_full_product(tmp_path, monk
     assert len(M.gram_blocks(37)) > 3
     model = build_model("llama", "LlamaForCausalLM", seed=2)
     path = save_model(model, tmp_path / "m")
-    stats = measure(path, EXAMPLES, batch_size=4, stats_dtype="float64", model_dtype="float64", progress=False)
+    stats = measure(
+        path, EXAMPLES, batch_size=4, stats_dtype="float64", model_dtype="float64", progress=False, protection=ALL_SITES
+    )
     oracle = oracle_grams(path, model.double(), list(stats.modules))
     for module, site in stats.modules.items():
         gram = stats.sites[site].gram
@@ -82,7 +86,7 @@ def test_grams_accumulated_by_upper_blocks_equal_the_full_product(tmp_path, monk
 
 def test_sites_are_shared_by_modules_reading_one_tensor(tmp_path):
     path = save_model(build_model("t5", "T5ForSequenceClassification", 1), tmp_path / "m")
-    stats = measure(path, EXAMPLES, batch_size=4, progress=False)
+    stats = measure(path, EXAMPLES, batch_size=4, progress=False, protection=ALL_SITES)
     m = stats.modules
     enc = "transformer.encoder.block.0.layer.0.SelfAttention."
     assert m[enc + "q"] == m[enc + "k"] == m[enc + "v"] != m[enc + "o"]
@@ -101,7 +105,9 @@ def test_sites_are_shared_by_modules_reading_one_tensor(tmp_path):
 def test_sums_and_counts(tmp_path):
     model = build_model("bert", "BertForSequenceClassification", 1)
     path = save_model(model, tmp_path / "m")
-    stats = measure(path, EXAMPLES, batch_size=3, stats_dtype="float64", model_dtype="float64", progress=False)
+    stats = measure(
+        path, EXAMPLES, batch_size=3, stats_dtype="float64", model_dtype="float64", progress=False, protection=ALL_SITES
+    )
     tok = tf.AutoTokenizer.from_pretrained(path)
     assert stats.tokens == sum(len(tok(t)["input_ids"]) for t in TEXTS)
     site = stats.sites[stats.modules["bert.encoder.layer.0.attention.self.query"]]
@@ -114,7 +120,7 @@ def test_sums_and_counts(tmp_path):
 
 def test_combined_halves_equal_the_whole(tmp_path):
     path = save_model(build_model("llama", "LlamaForCausalLM", 1), tmp_path / "m")
-    kw = {"batch_size": 4, "stats_dtype": "float64", "progress": False}
+    kw = {"batch_size": 4, "stats_dtype": "float64", "progress": False, "protection": ALL_SITES}
     whole = measure(path, EXAMPLES, **kw)
     save(measure(path, EXAMPLES[:4], **kw), tmp_path / "a")
     save(measure(path, EXAMPLES[4:], **kw), tmp_path / "b")
@@ -131,7 +137,7 @@ def test_format_2_stores_half_of_each_gram_and_format_1_still_reads(tmp_path):
     here by hand reads the same, `stats show` names each layout, and `stats combine` of a format-1 file writes
     format 2."""
     path = save_model(build_model("bert", "BertForSequenceClassification", 1), tmp_path / "m")
-    stats = measure(path, EXAMPLES, batch_size=4, progress=False)
+    stats = measure(path, EXAMPLES, batch_size=4, progress=False, protection=ALL_SITES)
     new = save(stats, tmp_path / "v2")
     stored = load_file(new)
     whole = {}
@@ -173,7 +179,15 @@ def test_unpacking_mirrors_every_row_block_exactly():
 
 def test_file_round_trip_keeps_everything(tmp_path):
     path = save_model(build_model("gpt2", "GPT2LMHeadModel", 1), tmp_path / "m")
-    stats = measure(path, EXAMPLES, batch_size=4, include=r"\.h\.0\.", provenance={"data": "x.jsonl"}, progress=False)
+    stats = measure(
+        path,
+        EXAMPLES,
+        batch_size=4,
+        include=r"\.h\.0\.",
+        provenance={"data": "x.jsonl"},
+        progress=False,
+        protection=ALL_SITES,
+    )
     assert set(stats.modules) == {
         f"transformer.h.0.{n}" for n in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
     }
@@ -242,7 +256,7 @@ def test_forward_stops_after_the_last_measured_input(tmp_path, monkeypatch):
         return model
 
     monkeypatch.setattr(M, "load_adapted", load_watched)
-    stats = measure(path, EXAMPLES, batch_size=4, exclude="lm_head", progress=False)
+    stats = measure(path, EXAMPLES, batch_size=4, exclude="lm_head", progress=False, protection=ALL_SITES)
     assert "lm_head" in stats.skipped
     assert ran == {"lm_head": 1, "last_mlp": 1}  # only the site-detection pass runs to the end
     assert stats.sites[stats.modules["model.layers.1.mlp.down_proj"]].count == stats.tokens

@@ -8,7 +8,7 @@ import pytest
 import torch
 import transformers as tf
 import yaml
-from conftest import CASE_IDS, CASES, TARGETS, TEXTS, build_model, save_model, write_jsonl
+from conftest import ALL_SITES, CASE_IDS, CASES, TARGETS, TEXTS, build_model, save_model, write_jsonl
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -30,7 +30,7 @@ def make_models(root: Path, family: str, cls: str, num_labels=(3, 3, 3), stats=T
         entry = {"path": str(path)}
         if stats:
             part = EXAMPLES[k * 3 : k * 3 + 4]
-            save(measure(path, part, batch_size=2, progress=False), root / f"stats{k}")
+            save(measure(path, part, batch_size=2, progress=False, protection=ALL_SITES), root / f"stats{k}")
             entry["statistics"] = str(root / f"stats{k}")
         entries.append(entry)
     return entries
@@ -244,7 +244,10 @@ def test_bfloat16_inputs_keep_their_dtype_unless_asked(tmp_path):
     for k in range(2):
         model = build_model("llama", "LlamaForCausalLM", seed=k + 1).to(torch.bfloat16)
         path = save_model(model, tmp_path / f"ft{k}")
-        save(measure(path, EXAMPLES, batch_size=4, model_dtype="bfloat16", progress=False), tmp_path / f"s{k}")
+        save(
+            measure(path, EXAMPLES, batch_size=4, model_dtype="bfloat16", progress=False, protection=ALL_SITES),
+            tmp_path / f"s{k}",
+        )
         models.append({"path": str(path), "statistics": str(tmp_path / f"s{k}")})
     assert run("merge", write_config(tmp_path, method="regmean", models=models), tmp_path / "bf").exit_code == 0
     assert {t.dtype for t in load_file(tmp_path / "bf" / "model.safetensors").values()} == {torch.bfloat16}
@@ -273,7 +276,7 @@ def test_untied_lm_head_and_embedding_options(tmp_path):
     for k in range(3):
         torch.manual_seed(k)
         path = save_model(tf.LlamaForCausalLM(config), tmp_path / f"ft{k}")
-        save(measure(path, EXAMPLES, batch_size=4, progress=False), tmp_path / f"s{k}")
+        save(measure(path, EXAMPLES, batch_size=4, progress=False, protection=ALL_SITES), tmp_path / f"s{k}")
         models.append({"path": str(path), "statistics": str(tmp_path / f"s{k}")})
     assert "lm_head" in StatisticsFile(models[0]["statistics"]).modules  # untied: measured like any linear
     base = save_model(tf.LlamaForCausalLM(config), tmp_path / "base")

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers as tf
-from conftest import CASES, TARGETS, TEXTS, _config, build_model, save_model
+from conftest import ALL_SITES, CASES, TARGETS, TEXTS, _config, build_model, save_model
 from safetensors import safe_open
 
 from regmean.fisher import save_fisher
@@ -115,7 +115,12 @@ def prepare(root: Path, case: str, family: str, cls: str) -> dict:
     for k in range(K):
         model = build(case, family, cls, seed=k + 1)
         path = save_model(model, root / f"ft{k}")
-        save(synthetic(measure(path, EXAMPLES[k * 3 : k * 3 + 4], batch_size=2, progress=False), k), root / f"gram{k}")
+        save(
+            synthetic(
+                measure(path, EXAMPLES[k * 3 : k * 3 + 4], batch_size=2, progress=False, protection=ALL_SITES), k
+            ),
+            root / f"gram{k}",
+        )
         gen = torch.Generator().manual_seed(100 + k)
         with safe_open(path / "model.safetensors", "pt") as f:
             named = [(n, f.get_slice(n).get_shape()) for n in sorted(f.keys()) if f.get_slice(n).get_dtype() != "I64"]

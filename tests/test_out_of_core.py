@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers as tf
-from conftest import save_model
+from conftest import ALL_SITES, save_model
 from safetensors.torch import load_file
 from test_merge import EXAMPLES, make_models, write_config
 from typer.testing import CliRunner
@@ -179,7 +179,7 @@ def test_dry_run_estimate_is_within_2x_of_the_measured_peak(tmp_path):
     for k in range(3):
         torch.manual_seed(k)
         path = save_model(tf.BertForSequenceClassification(config), tmp_path / f"m{k}")
-        save(measure(path, EXAMPLES, batch_size=4, progress=False), tmp_path / f"s{k}")
+        save(measure(path, EXAMPLES, batch_size=4, progress=False, protection=ALL_SITES), tmp_path / f"s{k}")
         models.append({"path": str(path), "statistics": str(tmp_path / f"s{k}")})
     recipe = write_config(tmp_path, method="regmean", models=models)
     runs = {}

@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 import torch
 import transformers as tf
-from conftest import TEXTS, VOCAB, _config, save_model, write_jsonl
+from conftest import ALL_SITES, TEXTS, VOCAB, _config, save_model, write_jsonl
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -65,7 +65,7 @@ def test_decode_recovers_known_counts_exactly(tmp_path):
 def test_audit_of_a_measured_file_recovers_the_bag_of_words(tmp_path):
     path = _decoder(tmp_path)
     examples = [Example(t) for t in TEXTS]
-    save(measure(path, examples, progress=False), tmp_path / "stats")
+    save(measure(path, examples, progress=False, protection=ALL_SITES), tmp_path / "stats")
     result = audit(tmp_path / "stats", path, examples)
     (entry,) = result.sites
     tokenizer = tf.AutoTokenizer.from_pretrained(path)
@@ -152,7 +152,9 @@ def test_clipping_bounds_what_one_huge_example_adds(tmp_path, monkeypatch):
     assert all(moved[n] <= bounds[n] * (1 + 1e-6) for n in moved)  # at every site, at most its bound
     assert all(moved[n] >= 0.5 * bounds[n] for n in moved)  # and the huge example does reach it
     assert with_it.privacy["clipped_examples"] >= 1 and with_it.privacy["dp"]["clip"] == 0.05
-    plain = [measure(path, b, progress=False, stats_dtype="float64") for b in (base, [*base, loud])]
+    plain = [
+        measure(path, b, progress=False, protection=ALL_SITES, stats_dtype="float64") for b in (base, [*base, loud])
+    ]
     unclipped = _site_moves(*plain)
     assert all(unclipped[n] > 100 * bounds[n] for n in moved)  # unclipped, it moves far
 

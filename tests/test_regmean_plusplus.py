@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers as tf
-from conftest import TARGETS, TEXTS, build_model, save_model, write_jsonl
+from conftest import ALL_SITES, TARGETS, TEXTS, build_model, save_model, write_jsonl
 from safetensors.torch import load_file, save_file
 from test_bad_input import merge_fails
 from test_merge import run, write_config
@@ -94,7 +94,7 @@ def naive_regmean_plusplus(models: list[dict], stages: list[str], work: Path, th
             folder = work / f"stage{s}_model{k}"
             shutil.copytree(model["path"], folder, ignore=shutil.ignore_patterns("*.safetensors"))
             save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
-            measured.append(measure(folder, examples(k), batch_size=8, progress=False))
+            measured.append(measure(folder, examples(k), batch_size=8, progress=False, protection=ALL_SITES))
         for module in [m for m in measured[0].modules if (m + ".").startswith(prefix)]:
             sites = [st.sites[st.modules[module]] for st in measured]
             own = [states[k][module + ".weight"] for k in range(len(models))]
@@ -159,7 +159,7 @@ def test_one_block_with_identical_embeddings_equals_regmean(tmp_path):
                 if not name.startswith("bert.embeddings."):
                     p.add_(0.05 * torch.randn(p.shape, generator=gen))
         path = save_model(model, tmp_path / f"ft{k}")
-        save(measure(path, examples(k), batch_size=8, progress=False), tmp_path / f"stats{k}")
+        save(measure(path, examples(k), batch_size=8, progress=False, protection=ALL_SITES), tmp_path / f"stats{k}")
         models.append({"path": str(path), "statistics": str(tmp_path / f"stats{k}")})
     keep = {"heads": "keep", "head_modules": ["classifier"]}
     merge(MergeConfig.parse({"method": "regmean", "models": models, **keep}), tmp_path / "rm", progress=False)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TARGETS, TEXTS, build_model, save_model
+from conftest import ALL_SITES, TARGETS, TEXTS, build_model, save_model
 from test_bad_input import merge_fails
 from test_hostile_input import rewrite
 from test_merge import make_models, run, write_config
@@ -95,7 +95,9 @@ def test_forged_statistics_are_refused_before_any_solve(trio, case):
         StatisticsFile(path).site(SITE)
     merge_fails(tmp_path, {"method": "regmean", "models": models}, str(path), says)
     if case != "two layouts":  # combine reads every site too
-        other = save(measure(models[1]["path"], [Example(TEXTS[-1])], progress=False), tmp_path / "other")
+        other = save(
+            measure(models[1]["path"], [Example(TEXTS[-1])], progress=False, protection=ALL_SITES), tmp_path / "other"
+        )
         with pytest.raises(RegmeanError, match=says):
             combine([other, path])
 
@@ -285,7 +287,9 @@ def test_counts_are_calls_times_stream_rows_counted_plainly(tmp_path):
     tokens, decoder sites decoder tokens, per-example sites examples; so the exact check passes real files."""
     path = save_model(build_model("t5", "T5ForConditionalGeneration", 1), tmp_path / "t5")
     examples = [Example(t, None, y) for t, y in zip(TEXTS[:5], TARGETS[:5], strict=True)]
-    stats = save(measure(path, examples, batch_size=2, max_length=16, progress=False), tmp_path / "s")
+    stats = save(
+        measure(path, examples, batch_size=2, max_length=16, progress=False, protection=ALL_SITES), tmp_path / "s"
+    )
     tokenizer = AutoTokenizer.from_pretrained(path)
     tokens = sum(len(tokenizer(t, truncation=True, max_length=16)["input_ids"]) for t in TEXTS[:5])
     targets = sum(len(tokenizer(text_target=y, truncation=True, max_length=16)["input_ids"]) for y in TARGETS[:5])
@@ -304,7 +308,7 @@ def test_counts_are_calls_times_stream_rows_counted_plainly(tmp_path):
 def test_combined_files_keep_exact_counts(tmp_path):
     path = save_model(build_model("bert", "BertForSequenceClassification", 1), tmp_path / "m")
     parts = [
-        save(measure(path, [Example(t) for t in texts], progress=False), tmp_path / f"p{i}")
+        save(measure(path, [Example(t) for t in texts], progress=False, protection=ALL_SITES), tmp_path / f"p{i}")
         for i, texts in enumerate((TEXTS[:3], TEXTS[3:7]))
     ]
     f = StatisticsFile(save(combine(parts), tmp_path / "all"))
@@ -325,7 +329,7 @@ def test_combined_files_keep_exact_counts(tmp_path):
 )
 def test_a_header_that_contradicts_itself_is_refused(tmp_path, field, edit, says):
     path = save_model(build_model("bert", "BertForSequenceClassification", 1), tmp_path / "m")
-    save(measure(path, [Example(t) for t in TEXTS[:3]], progress=False), tmp_path / "s")
+    save(measure(path, [Example(t) for t in TEXTS[:3]], progress=False, protection=ALL_SITES), tmp_path / "s")
 
     def change(meta):
         meta[field] = json.dumps(edit(json.loads(meta[field])))

@@ -29,6 +29,7 @@ _API = {
     "evaluate": ("regmean.evaluate", "evaluate"),
     "MergeReport": ("regmean.merge.report", "MergeReport"),
     "MergeSummary": ("regmean.merge.report", "MergeSummary"),
+    "Protection": ("regmean.measure.protect", "Protection"),
 }
 __all__ = [*_API, "__version__"]
 

@@ -69,7 +69,8 @@ def measure(
     folder over the base model folder `base` (or the one its config names, if local). With `checkpoint_dir` (the
     same folder for every process), progress is saved there now and then, and a measure of the same inputs
     interrupted earlier continues from it (`measure.checkpoint`); the caller removes it once the statistics are
-    written.
+    written. `protection` says what the file keeps back: by default the sites whose Grams decode into the data's
+    token counts are withheld (`Protection(withhold=False)` keeps them; `epsilon` adds differential privacy).
     """
     sums = dtypes.named(stats_dtype, dtypes.STATISTICS, "stats dtype")
     if not examples:
