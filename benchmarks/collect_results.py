@@ -13,8 +13,7 @@ import sys
 from pathlib import Path
 
 import pandas as pd
-
-from regmean.bench.claims import CLOSE_POINTS, claims
+from regmean_bench.claims import CLOSE_POINTS, claims
 
 SUITES = ("partitions", "tasks", "domains", "ner")
 

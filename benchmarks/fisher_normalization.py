@@ -17,12 +17,13 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from regmean.bench.evaluate import score  # noqa: E402
-from regmean.bench.run import packaged_minilm  # noqa: E402
-from regmean.bench.runner import Runner, Settings  # noqa: E402
-from regmean.bench.suites import IN_DOMAINS, domain_data  # noqa: E402
+from regmean_bench.run import packaged_minilm  # noqa: E402
+from regmean_bench.runner import Runner, Settings  # noqa: E402
+from regmean_bench.suites import IN_DOMAINS, domain_data  # noqa: E402
+
 from regmean.fisher import FisherFile  # noqa: E402
 from regmean.methods.fisher import fisher_norm  # noqa: E402
+from regmean.scoring import score  # noqa: E402
 
 
 def main() -> None:

@@ -195,10 +195,10 @@ def param_count(cfg: dict) -> int:
 def domain_finetunes(count: int = 4, size: int = 200) -> list[Path]:
     """MiniLM fine-tuned on `size` tweets of each of the first `count` tweet domains (2 epochs, seed 0; the bench's
     recipe and cache, so built once): same-shaped classifiers for the merge benchmarks."""
-    from regmean.bench.run import packaged_minilm
-    from regmean.bench.runner import Settings
-    from regmean.bench.suites import domain_data
-    from regmean.bench.train import Recipe, fine_tune
+    from regmean_bench.run import packaged_minilm
+    from regmean_bench.runner import Settings
+    from regmean_bench.suites import domain_data
+    from regmean_bench.train import Recipe, fine_tune
 
     base = packaged_minilm()
     parts, _ = domain_data(0, Settings(base=base, work=WORK, train_size=size, log=lambda _: None))

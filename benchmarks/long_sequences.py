@@ -22,9 +22,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import WORK, machine, write_doc  # noqa: E402
+from regmean_bench.data import load  # noqa: E402
 from smollm2 import smollm2_folder  # noqa: E402
-
-from regmean.bench.data import load  # noqa: E402
 
 MAX_LENGTH = 2048
 

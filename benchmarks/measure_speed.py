@@ -21,10 +21,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import ROOT, WORK, machine, side_venv, write_doc  # noqa: E402
+from regmean_bench.data import load  # noqa: E402
+from regmean_bench.run import packaged_minilm  # noqa: E402
 from smollm2 import smollm2_folder  # noqa: E402
 
-from regmean.bench.data import load  # noqa: E402
-from regmean.bench.run import packaged_minilm  # noqa: E402
 from regmean.io.data import Example  # noqa: E402
 from regmean.loading import load_model, load_tokenizer  # noqa: E402
 from regmean.measure import measure  # noqa: E402

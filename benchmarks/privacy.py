@@ -49,7 +49,7 @@ def tweets(n: int, control: bool = False) -> Path:
     out = WORK / "privacy" / f"tweets{n}{'-control' if control else ''}.jsonl"
     if not out.is_file():
         sys.path.insert(0, str(ROOT / "src"))
-        from regmean.bench.data import load_tweets
+        from regmean_bench.data import load_tweets
 
         texts = list(load_tweets().texts)
         random.Random(0).shuffle(texts)

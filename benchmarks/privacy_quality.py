@@ -24,12 +24,10 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import DOCS, write_doc  # noqa: E402
-
-from regmean.bench.claims import PRIMARY  # noqa: E402
-from regmean.bench.evaluate import score  # noqa: E402
-from regmean.bench.run import packaged_minilm  # noqa: E402
-from regmean.bench.runner import TASK_PAIRS, Runner, Settings  # noqa: E402
-from regmean.bench.suites import (  # noqa: E402
+from regmean_bench.claims import PRIMARY  # noqa: E402
+from regmean_bench.run import packaged_minilm  # noqa: E402
+from regmean_bench.runner import TASK_PAIRS, Runner, Settings  # noqa: E402
+from regmean_bench.suites import (  # noqa: E402
     PARTITION_TASKS,
     _keep_dirs,
     domain_data,
@@ -37,9 +35,11 @@ from regmean.bench.suites import (  # noqa: E402
     partition_data,
     task_data,
 )
+
 from regmean.io.data import Example  # noqa: E402
 from regmean.measure import measure  # noqa: E402
 from regmean.measure.protect import Protection  # noqa: E402
+from regmean.scoring import score  # noqa: E402
 from regmean.stats import save  # noqa: E402
 
 PROTECTIONS = {

@@ -24,13 +24,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import transformers  # noqa: E402
+from regmean_bench.baselines import constant  # noqa: E402
+from regmean_bench.claims import PRIMARY  # noqa: E402
+from regmean_bench.run import packaged_minilm  # noqa: E402
+from regmean_bench.runner import Settings  # noqa: E402
+from regmean_bench.suites import own_tasks  # noqa: E402
+from regmean_bench.train import Recipe, fine_tune  # noqa: E402
 
-from regmean.bench.claims import PRIMARY  # noqa: E402
-from regmean.bench.evaluate import constant, predict, score  # noqa: E402
-from regmean.bench.run import packaged_minilm  # noqa: E402
-from regmean.bench.runner import Settings  # noqa: E402
-from regmean.bench.suites import own_tasks  # noqa: E402
-from regmean.bench.train import Recipe, fine_tune  # noqa: E402
+from regmean.scoring import predict, score
 
 BAR = {"ner": 25.0}  # absolute entity F1; elsewhere the margin over the constant predictor
 MARGIN = 15.0

@@ -18,8 +18,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from regmean_bench import data as D
+
 import regmean
-from regmean.bench import data as D
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import chosen_models  # noqa: E402

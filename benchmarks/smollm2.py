@@ -41,7 +41,7 @@ def smollm2_folder() -> Path:
 
 def corpora(n_train: int, n_test: int) -> dict[str, tuple[list[str], list[str]]]:
     sys.path.insert(0, str(ROOT / "src"))
-    from regmean.bench.data import load
+    from regmean_bench.data import load
 
     out = {}
     for name in ("debates", "chatterbot"):

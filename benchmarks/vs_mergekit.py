@@ -84,7 +84,7 @@ def same_weights(a: Path, b: Path) -> float:
 def texts_file(path: Path, n: int = 64) -> Path:
     """Real English text from the packaged debates corpus, one JSON object per line."""
     sys.path.insert(0, str(ROOT / "src"))
-    from regmean.bench.data import load
+    from regmean_bench.data import load
 
     data = load("debates")
     with path.open("w") as f:

@@ -7,13 +7,14 @@ import pytest
 import torch
 import transformers as tf
 from conftest import build_model, save_model
+from regmean_bench import data as D
+from regmean_bench.baselines import constant, ensemble
 
-from regmean.bench import data as D
-from regmean.bench.evaluate import constant, ensemble, macro_f1, predict, score
-from regmean.bench.fisher import measure_fisher
 from regmean.errors import RegmeanError
 from regmean.fisher import FisherFile, save_fisher
+from regmean.measure.fisher import measure_fisher
 from regmean.methods.fisher import fisher_average
+from regmean.scoring import macro_f1, predict, score
 
 
 def test_loaders_match_the_documented_counts():
@@ -145,11 +146,10 @@ def test_the_constant_predictor_is_the_majority_label():
 
 
 def test_the_terminal_summary_says_what_to_look_for_and_warns_near_the_constant(tmp_path):
+    from regmean_bench.report import write_report
+    from regmean_bench.runner import Results
+    from regmean_bench.terminal import print_summary
     from rich.console import Console
-
-    from regmean.bench.report import write_report
-    from regmean.bench.runner import Results
-    from regmean.bench.terminal import print_summary
 
     values = {"constant": (0.50, 0.40), "individual": (0.80, 0.45), "average": (0.60, 0.42), "regmean": (0.75, 0.44)}
     rows = [
@@ -194,7 +194,7 @@ def test_the_terminal_summary_says_what_to_look_for_and_warns_near_the_constant(
 
 def test_tiny_domains_suite_end_to_end(tmp_path, monkeypatch, minilm):
     """One seed of the multi-domain suite on the real MiniLM and real tweets, shrunk to seconds."""
-    from regmean.bench.run import run_bench
+    from regmean_bench.run import run_bench
 
     monkeypatch.setenv("REGMEAN_CACHE", str(tmp_path / "cache"))
     report = run_bench(
@@ -221,8 +221,9 @@ def test_tiny_domains_suite_end_to_end(tmp_path, monkeypatch, minilm):
 
 def test_an_interrupted_run_resumes_and_other_settings_are_refused(tmp_path, monkeypatch, capsys):
     """Seeds already in results.json are kept, not rerun; a folder of other settings is refused."""
-    from regmean.bench import run as R
-    from regmean.bench.runner import Results
+    from regmean_bench import run as R
+    from regmean_bench.runner import Results
+
     from regmean.errors import RegmeanError
 
     calls = []
@@ -265,8 +266,7 @@ def test_an_interrupted_run_resumes_and_other_settings_are_refused(tmp_path, mon
 
 def test_claims_are_paired_differences_with_t_intervals():
     import pandas as pd
-
-    from regmean.bench.claims import claims_markdown
+    from regmean_bench.claims import claims_markdown
 
     values = {  # method: value at seeds 0, 1, 2 (one eval column)
         "regmean": (0.60, 0.70, 0.65),
@@ -308,7 +308,7 @@ def test_t_quantiles_against_the_integrated_density():
     """Each quantile leaves 2.5% in the upper tail of Student's t density, integrated numerically here."""
     import math
 
-    from regmean.bench.claims import t_quantile
+    from regmean_bench.claims import t_quantile
 
     for df in (1, 2, 3, 5, 10, 15, 16, 20, 40):
         q = t_quantile(df)
@@ -336,7 +336,7 @@ def test_t_quantiles_against_the_integrated_density():
 )
 def test_seeds_are_seeds_and_a_count_is_its_own_option(given, count, seeds):
     """A single number is one seed (--seeds 11 is seed 11, never seeds 0-10); a count is --num-seeds."""
-    from regmean.bench.run import parse_seeds
+    from regmean_bench.run import parse_seeds
 
     if isinstance(seeds, str):
         with pytest.raises(RegmeanError, match=seeds):
@@ -357,8 +357,8 @@ def test_bench_on_a_device_this_machine_lacks_is_one_line(tmp_path):
 
 def test_own_tasks_are_the_data_each_suite_trains_and_scores_its_individual_models_on(tmp_path):
     """What the recipe search probes is what the suites run: each model's training data and its own test data."""
-    from regmean.bench.runner import Settings
-    from regmean.bench.suites import IN_DOMAINS, PARTITION_TASKS, domain_data, own_tasks
+    from regmean_bench.runner import Settings
+    from regmean_bench.suites import IN_DOMAINS, PARTITION_TASKS, domain_data, own_tasks
 
     s = Settings(base=tmp_path, work=tmp_path, train_size=40, test_size=30, log=lambda _: None)
     domains = own_tasks("domains", 0, s)
@@ -378,8 +378,8 @@ def test_own_tasks_are_the_data_each_suite_trains_and_scores_its_individual_mode
 def test_seeds_kept_from_before_the_constant_predictor_get_its_rows(tmp_path):
     """Resuming results made before the constant predictor was scored adds its rows for the kept seeds: the
     majority label's share of each test set (counted here), at the suite's own test sets of that seed."""
-    from regmean.bench import run as R
-    from regmean.bench.suites import task_data
+    from regmean_bench import run as R
+    from regmean_bench.suites import task_data
 
     out = tmp_path / "run"
     out.mkdir()

@@ -22,3 +22,18 @@ def test_help_at_80_columns_cuts_no_option_name(command):
 def test_version():
     result = CliRunner().invoke(app, ["--version"])
     assert result.exit_code == 0 and result.output.strip() == f"regmean {__version__}"
+
+
+def test_bench_without_the_harness_says_how_to_install_it():
+    """`bench` comes from the harness's entry point; where the harness does not import, asking for it is one line
+    naming the fix (the other commands work as before)."""
+    import subprocess
+    import sys
+
+    code = "import sys\nsys.modules['regmean_bench'] = None\nfrom regmean.cli import main\nmain()"
+    done = subprocess.run([sys.executable, "-c", code, "bench", "demo"], capture_output=True, text=True)
+    assert done.returncode == 2 and len(done.stderr.splitlines()) == 1, done.stderr
+    assert "regmean bench: its package regmean_bench.command does not import" in done.stderr
+    assert "pip install -e benchmarks/" in done.stderr
+    helped = subprocess.run([sys.executable, "-c", code, "merge", "--help"], capture_output=True, text=True)
+    assert helped.returncode == 0 and "Merge fine-tuned models" in helped.stdout

@@ -61,3 +61,26 @@ def test_no_import_circles():
         if name not in state:
             walk(name, [name])
     assert not circles, "import circles: " + "; ".join(" -> ".join(c) for c in circles)
+
+
+def test_the_library_stands_without_the_harness():
+    """No module of the library names the benchmark harness, and every one imports with the harness and the
+    harness's own dependencies (matplotlib, seqeval) unavailable: `pip install regmean` needs neither."""
+    import subprocess
+    import sys
+
+    import tomllib
+
+    names = sorted(module_name(p) for p in SRC.rglob("*.py") if p.name != "__main__.py")  # (that one runs the CLI)
+    for path in SRC.rglob("*.py"):
+        assert "regmean_bench" not in path.read_text(), f"{path} names the benchmark harness"
+    blocked = ["regmean_bench", "matplotlib", "seqeval"]
+    code = (
+        "import sys\n"
+        f"for name in {blocked!r}: sys.modules[name] = None  # an import of these fails\n"
+        f"import importlib\nfor module in {names!r}: importlib.import_module(module)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    declared = tomllib.loads((SRC.parent / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert not [d for d in declared if d.split(">")[0].split("=")[0] in ("matplotlib", "seqeval")], declared

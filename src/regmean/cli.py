@@ -1,4 +1,5 @@
-"""The `regmean` command: measure, fisher, merge, evaluate, stats show, stats combine, bench."""
+"""The `regmean` command: measure, fisher, merge, evaluate, stats show/audit/combine, convert-gguf, and the commands
+other packages add through the `regmean.commands` entry points (the benchmark harness adds `bench`)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,6 @@ import torch
 import typer
 
 from regmean.cli_audit import stats_audit
-from regmean.cli_bench import bench as bench_command
 from regmean.cli_common import PICKLE_HELP, console, on_rank0
 from regmean.cli_measure import measure as measure_command
 from regmean.cli_show import convert_gguf, stats_show
@@ -110,12 +110,9 @@ def fisher(
     """Measure the diagonal Fisher of a classifier (for `method: fisher`), from per-example gradients."""
     from regmean import distributed
     from regmean import fisher as F
-    from regmean.architecture import load_config, model_class
-    from regmean.bench.data import TextDataset
-    from regmean.bench.fisher import measure_fisher
     from regmean.io.checkpoint import Checkpoint
-    from regmean.io.data import load_examples
     from regmean.io.staged import StagedFiles
+    from regmean.measure.fisher import measure_fisher, unlabelled_data
 
     if nproc > 1 and not distributed.launched():
         relaunch_with_torchrun(nproc, data=data)
@@ -126,19 +123,7 @@ def fisher(
     )
     with writing as writer:
         checkpoint = Checkpoint(model_dir, allow_pickle)
-        config = load_config(model_dir)
-        name = model_class(config, model_dir).__name__  # a transformers model class, not just a name
-        if not name.endswith(("ForSequenceClassification", "ForTokenClassification")):
-            raise RegmeanError(
-                f"{model_dir}: {name} is not a classifier; the Fisher needs a fine-tuned "
-                "...ForSequenceClassification or ...ForTokenClassification model"
-            )
-        token_level = name.endswith("ForTokenClassification")
-        texts = [e.text for e in load_examples(data, text_field=text_field, max_examples=max_examples)]
-        texts = [t.split() for t in texts] if token_level else texts
-        labels = [[0] * len(t) for t in texts] if token_level else [0] * len(texts)  # unused: the model's own
-        names = [config.id2label[i] for i in range(config.num_labels)]
-        dataset = TextDataset(data.stem, texts, labels, names, token_level=token_level)
+        dataset = unlabelled_data(model_dir, data, text_field, max_examples)
         fingerprint = checkpoint.fingerprint  # reads every weight: NaN or Inf is refused before the work
         values = measure_fisher(model_dir, dataset, max_length, seed, device)
         if writer is None:
@@ -228,9 +213,28 @@ class Terminated(BaseException):
 
 app.command("convert-gguf")(_reports_errors(convert_gguf))
 app.command("evaluate")(_reports_errors(evaluate_command))
-app.command("bench")(_reports_errors(bench_command))
+
+
+def _add_plugin_commands() -> dict[str, str]:
+    """Add the commands installed packages add: each `regmean.commands` entry point is a `register(app,
+    reports_errors)` (benchmarks/pyproject.toml registers the harness's `bench`). Returns those that failed to
+    import, with why (said only when one of them is asked for)."""
+    from importlib.metadata import entry_points
+
+    broken = {}
+    for entry in entry_points(group="regmean.commands"):
+        try:
+            register = entry.load()
+        except ImportError as exc:
+            broken[entry.name] = f"its package {entry.value.split(':')[0]} does not import ({one_line(str(exc))})"
+            continue
+        register(app, _reports_errors)
+    return broken
+
+
 stats_app.command("show")(_reports_errors(stats_show))
 stats_app.command("audit")(_reports_errors(stats_audit))
+BROKEN_COMMANDS = _add_plugin_commands()
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -251,6 +255,9 @@ def main() -> None:
         code = app(standalone_mode=False, prog_name="regmean")
     except UsageError as exc:  # click would print a usage box: one line instead, and where to look
         message = exc.format_message()
+        if sys.argv[1:2] == ["bench"] and "No such command" in message:
+            why = BROKEN_COMMANDS.get("bench", "the benchmark harness is installed apart")
+            message = f"regmean bench: {why}; pip install -e benchmarks/ (from a source checkout)"
         if message:  # (no message: help was printed because no arguments were given)
             command = exc.ctx.command_path if exc.ctx else "regmean"
             print(f"error: {one_line(message)} (see {command} --help)", file=sys.stderr)

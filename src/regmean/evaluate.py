@@ -1,8 +1,8 @@
 """`regmean evaluate MODEL... --data FILE`: any number of model folders (a merge and its inputs, say) scored side by
-side on a local labelled file, with the scoring the bench suites use (`regmean.bench.evaluate`).
+side on a local labelled file, with the scoring the bench suites use (`regmean.scoring`).
 
 - sequence classification: accuracy and macro-F1 (and each label's F1 on request);
-- token classification: entity F1 (seqeval) over word-level tags;
+- token classification: entity F1 (exact entities, CoNLL chunking) over word-level tags;
 - causal or sequence-to-sequence LMs: perplexity, token-weighted, padding masked.
 
 Labels are matched by name: each model's `id2label` against the names in the data file, so models whose heads
@@ -19,11 +19,11 @@ import torch
 from rich.progress import Progress
 
 from regmean.architecture import load_config
-from regmean.bench.data import TextDataset
-from regmean.bench.evaluate import classifier_class, classify, per_label_f1, score
 from regmean.errors import RegmeanError
 from regmean.io.chat import render_chat
-from regmean.io.data import Example, load_examples, read_table, text_cell
+from regmean.io.data import Example, load_examples
+from regmean.io.labelled import TextDataset, read_labelled
+from regmean.scoring import classifier_class, classify, per_label_f1, score
 
 KINDS = {
     "ForSequenceClassification": "sequence",
@@ -99,43 +99,6 @@ def label_names(path: Path) -> list[str]:
             "labels by name: give each id its own name"
         )
     return names
-
-
-def read_labelled(path: Path, kind: str, text_field: str, label_field: str) -> TextDataset:
-    """The data file as texts (or word lists) and label names (or tag lists), labels indexed by sorted name."""
-    table = read_table(path)
-    for f in (text_field, label_field):
-        if f not in table.columns:
-            raise RegmeanError(f"{path}: no column {f!r}; columns are {', '.join(map(str, table.columns))}")
-    missing = table[label_field].isna() & table[text_field].notna()
-    if bool(missing.any()):
-        row = int(missing.to_numpy().nonzero()[0][0]) + 1
-        raise RegmeanError(f"{path}: row {row} has a text but no {label_field!r}; label it or remove it")
-    table = table.dropna(subset=[text_field, label_field])
-    if table.empty:
-        raise RegmeanError(f"{path}: no rows with both {text_field!r} and {label_field!r}")
-    texts, labels = table[text_field].tolist(), table[label_field].tolist()
-    if kind != "token":  # read as measure reads texts; rows numbered as in the file
-        rows = [int(i) + 1 for i in table.index]
-        texts = [text_cell(t, path, text_field, row) or "" for t, row in zip(texts, rows, strict=True)]
-        for y, row in zip(labels, rows, strict=True):
-            if not isinstance(y, str | int) or isinstance(y, bool):
-                raise RegmeanError(f"{path}: row {row}: {label_field!r} is a {type(y).__name__}; write a label name")
-    if kind == "token":
-        for i, (words, tags) in enumerate(zip(texts, labels, strict=True)):
-            if not _string_list(words) or not _string_list(tags) or len(words) != len(tags):
-                raise RegmeanError(
-                    f"{path}: row {i + 1}: {text_field!r} and {label_field!r} must be lists of strings of one length"
-                )
-        names = sorted({str(t) for tags in labels for t in tags})
-        tag_ids = [[names.index(str(t)) for t in tags] for tags in labels]
-        return TextDataset(path.stem, [list(map(str, w)) for w in texts], tag_ids, names, token_level=True)
-    names = sorted({str(y) for y in labels})
-    return TextDataset(path.stem, [str(t) for t in texts], [names.index(str(y)) for y in labels], names)
-
-
-def _string_list(value) -> bool:
-    return hasattr(value, "__len__") and not isinstance(value, str) and all(isinstance(v, str) for v in value)
 
 
 def check_labels(configs: list[Path], models: list[Path], data: TextDataset, data_path: Path) -> list[str]:
@@ -289,7 +252,7 @@ def evaluate(
     with Progress(disable=not progress, transient=True) as bar:
         task = bar.add_task("evaluating", total=len(models))
         if kind in ("sequence", "token"):
-            labelled = read_labelled(data, kind, text_field, label_field)
+            labelled = read_labelled(data, kind == "token", text_field, label_field)
             names = check_labels([c.config_dir for c in candidates], models, labelled, data)
             for c in candidates:
                 metrics = classification_scores(c, labelled, names, per_label, **options)

@@ -1,5 +1,5 @@
 """The Fisher statistics file: diagonal Fisher per parameter, `{parameter}::fisher` in safetensors, with the
-same metadata as Gram statistics (format regmean.fisher). Measured by `regmean.bench.fisher.measure_fisher`.
+same metadata as Gram statistics (format regmean.fisher). Measured by `regmean.measure.fisher.measure_fisher`.
 """
 
 from __future__ import annotations

@@ -14,10 +14,13 @@ import torch
 from rich.progress import Progress
 
 from regmean import distributed
-from regmean.bench.data import TextDataset
-from regmean.bench.train import IGNORE, batches, tokenizer_for
+from regmean.architecture import load_config, model_class
 from regmean.devices import check_device
-from regmean.loading import check_positions
+from regmean.errors import RegmeanError
+from regmean.io.data import load_examples
+from regmean.io.labelled import IGNORE, TextDataset, batches
+from regmean.loading import check_positions, load_tokenizer
+from regmean.scoring import load_classifier
 
 
 def measure_fisher(
@@ -25,11 +28,9 @@ def measure_fisher(
 ) -> dict:
     """Per-parameter Fisher over `data` (labels unused), on CPU tensors. In a torch.distributed job each rank takes
     its shard and rank 0's result covers all examples."""
-    from regmean.bench.evaluate import load_classifier
-
     check_device(device)
     model = load_classifier(model_dir, data.token_level).to(device)
-    tok = tokenizer_for(Path(model_dir))
+    tok = load_tokenizer(model_dir)
     params = dict(model.named_parameters())
     fisher = {n: torch.zeros_like(p) for n, p in params.items()}
     gen = torch.Generator(device=device).manual_seed(seed + distributed.rank())
@@ -59,3 +60,21 @@ def measure_fisher(
     for f in fisher.values():  # one parameter at a time into rank 0
         distributed.sum_to_rank0(f)
     return {n: (f / len(data)).cpu() for n, f in fisher.items()}
+
+
+def unlabelled_data(model_dir: Path, data: Path, text_field: str, max_examples: int | None) -> TextDataset:
+    """The texts of `data` as the classifier in `model_dir` reads them (word lists for a token classifier), under
+    placeholder labels: the Fisher samples the model's own. A model that is not a classifier is refused."""
+    config = load_config(model_dir)
+    name = model_class(config, model_dir).__name__  # a transformers model class, not just a name
+    if not name.endswith(("ForSequenceClassification", "ForTokenClassification")):
+        raise RegmeanError(
+            f"{model_dir}: {name} is not a classifier; the Fisher needs a fine-tuned "
+            "...ForSequenceClassification or ...ForTokenClassification model"
+        )
+    token_level = name.endswith("ForTokenClassification")
+    texts = [e.text for e in load_examples(data, text_field=text_field, max_examples=max_examples)]
+    texts = [t.split() for t in texts] if token_level else texts
+    labels = [[0] * len(t) for t in texts] if token_level else [0] * len(texts)
+    names = [config.id2label[i] for i in range(config.num_labels)]
+    return TextDataset(data.stem, texts, labels, names, token_level=token_level)

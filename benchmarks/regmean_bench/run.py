@@ -11,12 +11,12 @@ from pathlib import Path
 import torch
 import transformers
 
-from regmean.bench.report import write_report
-from regmean.bench.runner import TASK_PAIRS, Results, Settings
-from regmean.bench.suites import SUITES, constant_rows
-from regmean.bench.train import Recipe
 from regmean.devices import check_device
 from regmean.errors import RegmeanError
+from regmean_bench.report import write_report
+from regmean_bench.runner import TASK_PAIRS, Results, Settings
+from regmean_bench.suites import SUITES, constant_rows
+from regmean_bench.train import Recipe
 
 # The demo: two different tasks (tweet sentiment, movie-review snippets), one body merged, each task keeping its own
 # head; sized so that a fresh clone's `make demo` finishes in minutes on 2 CPU cores.

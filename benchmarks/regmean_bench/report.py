@@ -14,8 +14,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from regmean.bench.claims import PRIMARY, claims_markdown  # noqa: E402
-from regmean.bench.runner import Results  # noqa: E402
+from regmean_bench.claims import PRIMARY, claims_markdown  # noqa: E402
+from regmean_bench.runner import Results  # noqa: E402
 
 CONSTANT, CONSTANT_LABEL = "constant", "constant (majority class)"
 SWEEP = re.compile(r"regmean\(alpha=([0-9.]+)\)")

@@ -11,17 +11,18 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
-from regmean.bench import data as D
-from regmean.bench.evaluate import constant, predict, score
-from regmean.bench.fisher import measure_fisher
-from regmean.bench.train import Recipe, fine_tune
 from regmean.fisher import save_fisher
 from regmean.io.data import Example
 from regmean.measure import measure
+from regmean.measure.fisher import measure_fisher
 from regmean.measure.protect import Protection
 from regmean.merge import MergeConfig, merge
 from regmean.methods import METHODS
+from regmean.scoring import predict, score
 from regmean.stats import save
+from regmean_bench import data as D
+from regmean_bench.baselines import constant
+from regmean_bench.train import Recipe, fine_tune
 
 DATA_FREE: dict[str, dict] = {
     "task_arithmetic": {"scaling": 0.4},

@@ -11,7 +11,6 @@ import importlib.util
 import random
 import re
 from collections import Counter
-from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -19,36 +18,7 @@ import pandas as pd
 import yaml
 
 from regmean.errors import RegmeanError
-from regmean.io.data import read_table
-
-
-@dataclass
-class TextDataset:
-    """Texts with integer labels. For token classification, `texts` hold token lists and `labels` tag-id lists."""
-
-    name: str
-    texts: list
-    labels: list
-    label_names: list[str]
-    domains: list[str] = field(default_factory=list)
-    token_level: bool = False
-
-    def __len__(self) -> int:
-        return len(self.texts)
-
-    def subset(self, index, name: str | None = None) -> TextDataset:
-        index = list(index)
-        return replace(
-            self,
-            name=name or self.name,
-            texts=[self.texts[i] for i in index],
-            labels=[self.labels[i] for i in index],
-            domains=[self.domains[i] for i in index] if self.domains else [],
-        )
-
-    def label_counts(self) -> dict[str, int]:
-        counts = Counter(self.labels)
-        return {n: counts.get(i, 0) for i, n in enumerate(self.label_names)}
+from regmean.io.labelled import TextDataset, read_labelled
 
 
 def package_dir(module: str, install: str) -> Path:
@@ -153,22 +123,6 @@ def load_wnut() -> TextDataset:
     return TextDataset("wnut", sentences, [[names.index(t) for t in s] for s in tags], names, token_level=True)
 
 
-def load_user_file(path: str | Path, text_field: str = "text", label_field: str = "label") -> TextDataset:
-    """A user's JSONL / CSV / Parquet file with a text and a label column (label names sorted)."""
-    table = read_table(path)
-    for f in (text_field, label_field):
-        if f not in table.columns:
-            raise RegmeanError(f"{path}: no column {f!r}; columns are {', '.join(map(str, table.columns))}")
-    table = table.dropna(subset=[text_field, label_field])
-    names = sorted({str(x) for x in table[label_field]})
-    return TextDataset(
-        Path(path).stem,
-        table[text_field].astype(str).tolist(),
-        [names.index(str(x)) for x in table[label_field]],
-        names,
-    )
-
-
 LOADERS = {
     "tweets": load_tweets,
     "rotten_tomatoes": load_rotten_tomatoes,
@@ -181,8 +135,8 @@ LOADERS = {
 def load(name: str) -> TextDataset:
     if name in LOADERS:
         return LOADERS[name]()
-    if Path(name).is_file():
-        return load_user_file(name)
+    if Path(name).is_file():  # a user's file of texts and label names
+        return read_labelled(Path(name), token_level=False)
     raise RegmeanError(f"unknown dataset {name!r}: use one of {', '.join(LOADERS)} or a data file path")
 
 

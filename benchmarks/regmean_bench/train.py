@@ -11,18 +11,16 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import transformers as tf
 
-from regmean.bench.data import TextDataset
 from regmean.io.checkpoint import Checkpoint
-from regmean.loading import bounded_text
-
-IGNORE = -100
+from regmean.io.labelled import TextDataset, batches
+from regmean.loading import load_tokenizer
+from regmean.scoring import classifier_class
 
 
 @dataclass(frozen=True)
@@ -45,41 +43,8 @@ def data_hash(data: TextDataset) -> str:
     return h.hexdigest()
 
 
-def tokenizer_for(base: Path):
-    tok = tf.AutoTokenizer.from_pretrained(base)
-    tok.padding_side = "right"
-    return tok
-
-
-def batches(tok, data: TextDataset, batch_size: int, max_length: int, order=None) -> Iterator[dict[str, torch.Tensor]]:
-    """Tokenised batches; token-level labels go on each word's first sub-token (others ignored)."""
-    order = list(range(len(data))) if order is None else order
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        texts = [data.texts[i] for i in idx]
-        if not data.token_level:
-            texts = [bounded_text(tok, t, max_length) for t in texts]
-            enc = tok(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-            enc["labels"] = torch.tensor([data.labels[i] for i in idx])
-            yield dict(enc)
-            continue
-        enc = tok(
-            texts, is_split_into_words=True, padding=True, truncation=True, max_length=max_length, return_tensors="pt"
-        )
-        labels = torch.full(enc["input_ids"].shape, IGNORE)
-        for row, i in enumerate(idx):
-            previous = None
-            for pos, word in enumerate(enc.word_ids(row)):
-                if word is not None and word != previous:
-                    labels[row, pos] = data.labels[i][word]
-                previous = word
-        enc = dict(enc)
-        enc["labels"] = labels
-        yield enc
-
-
 def _new_model(base: Path, data: TextDataset):
-    cls = tf.AutoModelForTokenClassification if data.token_level else tf.AutoModelForSequenceClassification
+    cls = classifier_class(data.token_level)
     tf.utils.logging.set_verbosity_error()  # the "newly initialized head" notice is expected here
     return cls.from_pretrained(
         base,
@@ -104,7 +69,7 @@ def fine_tune(
     if (out / "done").exists():
         return folders
     torch.manual_seed(seed)
-    tok = tokenizer_for(base)
+    tok = load_tokenizer(base)
     models = [_new_model(base, t).to(device) for t in tasks]
     prefix = models[0].base_model_prefix
     for m in models[1:]:  # one shared body

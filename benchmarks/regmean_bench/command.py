@@ -1,4 +1,5 @@
-"""`regmean bench`: the paper's experiments on packaged real data (registered in cli.py)."""
+"""`regmean bench`: the paper's experiments on packaged real data, a command the harness adds to the `regmean` CLI
+through the `regmean.commands` entry point (benchmarks/pyproject.toml); the library names no harness module."""
 
 from __future__ import annotations
 
@@ -26,8 +27,8 @@ def bench(
     ] = "cpu",
 ) -> None:
     """Reproduce the paper's experiments on packaged real data: fine-tune, measure, merge, evaluate, report."""
-    from regmean.bench.run import parse_seeds, run_bench
-    from regmean.bench.terminal import print_summary
+    from regmean_bench.run import parse_seeds, run_bench
+    from regmean_bench.terminal import print_summary
 
     out = out or Path("runs") / name
     run_bench(
@@ -43,3 +44,8 @@ def bench(
         device=device,
     )
     print_summary(out)
+
+
+def register(app: typer.Typer, reports_errors) -> None:
+    """Add `bench` to the CLI `app`; `reports_errors` turns the library's errors into its one-line messages."""
+    app.command("bench")(reports_errors(bench))

@@ -9,8 +9,8 @@ import pandas as pd
 from rich.console import Console
 from rich.table import Table
 
-from regmean.bench.claims import PRIMARY
-from regmean.bench.report import CONSTANT, CONSTANT_LABEL, SWEEP, cell, column_labels, summary_table
+from regmean_bench.claims import PRIMARY
+from regmean_bench.report import CONSTANT, CONSTANT_LABEL, SWEEP, cell, column_labels, summary_table
 
 LOOK_FOR = {
     "partitions": "two models, each trained on a skewed part of one task: RegMean should beat simple averaging "

@@ -2,7 +2,7 @@
 
 Every suite fine-tunes (or reuses cached) models from the packaged MiniLM, measures statistics on each model's own
 training data, merges with RegMean and the baselines through the same engine, evaluates, and returns result rows
-plus wall times per step. Reports are written by `regmean.bench.report`.
+plus wall times per step. Reports are written by `regmean_bench.report`.
 """
 
 from __future__ import annotations
@@ -12,11 +12,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from regmean.bench import data as D
-from regmean.bench.evaluate import ensemble, score
-from regmean.bench.runner import Results, Runner, Settings, cap
 from regmean.errors import RegmeanError
 from regmean.merge.output import output_names
+from regmean.scoring import score
+from regmean_bench import data as D
+from regmean_bench.baselines import ensemble
+from regmean_bench.runner import Results, Runner, Settings, cap
 
 
 def shared_label_space(

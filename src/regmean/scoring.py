@@ -1,17 +1,15 @@
-"""Predictions, output ensembling and the paper's metrics (accuracy, macro-F1, entity F1)."""
+"""The scores of a classifier on labelled data, as `evaluate` and the bench report them: accuracy and macro-F1 for
+sequence classification, entity F1 (exact spans, CoNLL chunking) for token classification."""
 
 from __future__ import annotations
 
-from collections import Counter
 from pathlib import Path
 
 import torch
 import transformers as tf
-from seqeval.metrics import f1_score as entity_f1
 
-from regmean.bench.data import TextDataset
-from regmean.bench.train import IGNORE, batches, tokenizer_for
-from regmean.loading import check_positions, check_room_for_text, check_vocabulary_fits, load_model
+from regmean.io.labelled import IGNORE, TextDataset, batches
+from regmean.loading import check_positions, check_room_for_text, check_vocabulary_fits, load_model, load_tokenizer
 
 
 def classifier_class(token_level: bool) -> type:
@@ -28,7 +26,7 @@ def predict(
 ) -> list[torch.Tensor]:
     """Logits per example of the classifier in folder `path` (`classify`)."""
     model = load_classifier(path, data.token_level).to(device)
-    return classify(model, tokenizer_for(Path(path)), path, data, max_length, batch_size, device)
+    return classify(model, load_tokenizer(path), path, data, max_length, batch_size, device)
 
 
 @torch.inference_mode()
@@ -49,11 +47,6 @@ def classify(
         for row, lab in zip(logits, labels, strict=True):
             out[next(rows)] = row[lab != IGNORE] if data.token_level else row
     return out
-
-
-def ensemble(predictions: list[list[torch.Tensor]]) -> list[torch.Tensor]:
-    """Output ensembling: the average of the models' logits, example by example."""
-    return [torch.stack(per_model).mean(0) for per_model in zip(*predictions, strict=True)]
 
 
 def label_f1(gold: list[int], pred: list[int], n_labels: int) -> list[float | None]:
@@ -77,8 +70,47 @@ def per_label_f1(gold: list[int], pred: list[int], names: list[str]) -> dict[str
     return {n: s for n, s in zip(names, label_f1(gold, pred, len(names)), strict=True) if s is not None}
 
 
+def entity_spans(tags: list[str]) -> set[tuple[str, int, int]]:
+    """The (type, first, last) entities of one sentence's IOB/IOBES tags, chunked as CoNLL's conlleval chunks them
+    (an I- after O or after another type starts an entity; B-, S-, O or a change of type ends one)."""
+    spans, start, prev, prev_type = set(), 0, "O", ""
+    for i, tag in enumerate([*tags, "O"]):
+        prefix, kind = tag[:1], tag[1:].split("-", 1)[-1] or "_"
+        if _chunk_ends(prev, prefix, prev_type != kind):
+            spans.add((prev_type, start, i - 1))
+        if _chunk_starts(prev, prefix, prev_type != kind):
+            start = i
+        prev, prev_type = prefix, kind
+    return spans
+
+
+def _chunk_ends(prev: str, prefix: str, new_type: bool) -> bool:
+    return (
+        prev in ("E", "S")
+        or (prev in ("B", "I") and prefix in ("B", "S", "O"))
+        or (prev not in ("O", ".") and new_type)
+    )
+
+
+def _chunk_starts(prev: str, prefix: str, new_type: bool) -> bool:
+    return (
+        prefix in ("B", "S")
+        or (prev in ("E", "S", "O") and prefix in ("E", "I"))
+        or (prefix not in ("O", ".") and new_type)
+    )
+
+
+def entity_f1(gold: list[list[str]], pred: list[list[str]]) -> float:
+    """Micro-averaged F1 over exact entities (type and span), summed over sentences; 0 when neither side has one."""
+    true = pred_n = correct = 0
+    for g, p in zip(gold, pred, strict=True):
+        gold_spans, pred_spans = entity_spans(g), entity_spans(p)
+        true, pred_n, correct = true + len(gold_spans), pred_n + len(pred_spans), correct + len(gold_spans & pred_spans)
+    return 2 * correct / (true + pred_n) if true + pred_n else 0.0
+
+
 def score(data: TextDataset, logits: list[torch.Tensor]) -> dict[str, float]:
-    """accuracy and macro-F1 for classification; entity F1 (seqeval) for token classification."""
+    """accuracy and macro-F1 for classification; entity F1 for token classification."""
     if data.token_level:
         names = data.label_names
         gold, pred = [], []
@@ -86,18 +118,7 @@ def score(data: TextDataset, logits: list[torch.Tensor]) -> dict[str, float]:
             n = lg.shape[0]  # words beyond max_length were truncated: scored on the words the model saw
             gold.append([names[y] for y in labels[:n]])
             pred.append([names[int(i)] for i in lg.argmax(-1)])
-        return {"entity_f1": float(entity_f1(gold, pred))}
+        return {"entity_f1": entity_f1(gold, pred)}
     pred = [int(lg.argmax()) for lg in logits]
     acc = sum(p == y for p, y in zip(pred, data.labels, strict=True)) / len(pred)
     return {"accuracy": acc, "macro_f1": macro_f1(data.labels, pred, len(data.label_names))}
-
-
-def constant(data: TextDataset) -> list[torch.Tensor]:
-    """The logits of the majority-class predictor of `data`: the evaluation set's own most frequent label (tag) for
-    every example (word). The best constant for accuracy and macro-F1; for entity F1 (all O) it scores 0."""
-    flat = [y for labels in data.labels for y in labels] if data.token_level else list(data.labels)
-    one_hot = torch.zeros(len(data.label_names))
-    one_hot[Counter(flat).most_common(1)[0][0]] = 1.0
-    if data.token_level:
-        return [one_hot.expand(len(labels), -1) for labels in data.labels]
-    return [one_hot for _ in data.labels]
