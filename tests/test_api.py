@@ -20,7 +20,7 @@ def test_the_api_from_measure_to_evaluate(tmp_path):
     models = make_models(tmp_path / "in", "bert", "BertForSequenceClassification")
     report = regmean.merge(regmean.MergeConfig(models=models), tmp_path / "out", progress=False)
     summary = report.summary()
-    assert isinstance(summary, regmean.MergeSummary) and summary.regmean_layers == 14
+    assert isinstance(summary, regmean.MergeSummary) and summary.solved_layers == 14
     labels = [f"LABEL_{k % 3}" for k in range(len(TEXTS))]  # the tiny models' own label names
     data = write_jsonl(tmp_path / "t.jsonl", TEXTS, labels)
     scores = regmean.evaluate([tmp_path / "out", model], data, progress=False)

@@ -208,7 +208,7 @@ def test_python_api_matches_cli(tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), (k, (a[k] - b[k]).abs().max())
-    assert report.summary().regmean_layers == 14
+    assert report.summary().solved_layers == 14
     # only the classifier (it reads ReLU outputs with dead units: zero Gram diagonal) needs and reports a ridge
     assert {row.module for row in report.layers if row.ridge > 0} <= {"classifier"}
 

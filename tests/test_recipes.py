@@ -63,6 +63,11 @@ def test_the_card_has_the_hubs_metadata_the_recipe_and_the_citation(tmp_path):
     recipe = (tmp_path / "out" / "merge_config.yaml").read_text()
     assert f"```yaml\n{recipe.rstrip()}\n```" in card
     assert "Dataless Knowledge Fusion by Merging Weights of Language Models" in card and "@inproceedings" in card
+    assert "- 14 linear layers merged by RegMean; 0 needed a ridge" in card
+    ties = write_config(tmp_path, method="ties", base_model=models[0]["path"], models=models[1:])
+    assert run("merge", ties, tmp_path / "ties").exit_code == 0
+    card = (tmp_path / "ties" / "README.md").read_text()
+    assert "## Citation\n\nYadav et al., TIES-Merging" in card and "RegMean" not in card.split("## Citation")[1]
 
 
 def test_a_model_listed_twice_is_refused(tmp_path):

@@ -177,9 +177,9 @@ def merge(
 
     s = result.summary()
     detail = ""
-    if s.regmean_layers:
+    if s.solved_layers:
         detail = (
-            f"; {s.regmean_layers} RegMean layers, {s.ridge_layers} with ridge, "
+            f"; {s.solved_layers} {result.title} layers, {s.ridge_layers} with ridge, "
             f"mean relative error {s.mean_relative_error:.3g}"
         )
     if result.averaged:

@@ -37,7 +37,7 @@ def stats_audit(
 ) -> None:
     """Decode the statistics into the owner's bag of words, as an outsider with the public model would."""
     from regmean.devices import check_device
-    from regmean.io.data import load_examples
+    from regmean.io.data import CHAT_FIELDS, load_examples
     from regmean.io.outputs import check_output_path
     from regmean.loading import load_tokenizer, tokenizer_folder
     from regmean.privacy.audit import audit
@@ -55,9 +55,9 @@ def stats_audit(
         given = {"text_pair_field": text_pair_field, "messages_field": messages_field}
         given |= {"prompt_field": prompt_field, "response_field": response_field}
         fields = {k: v for k, v in given.items() if v} or {
-            k: record[k] for k in ("text_pair_field", "messages_field", "prompt_field", "response_field") if k in record
+            k: record[k] for k in ("text_pair_field", *CHAT_FIELDS) if k in record
         }
-        if not any(k in fields for k in ("messages_field", "prompt_field")):
+        if not any(k in fields for k in CHAT_FIELDS):
             fields["text_field"] = text_field or record.get("text_field", "text")
         examples = load_examples(data, max_examples=max_examples, **fields)
     result = audit(stats, model, examples, base=base, positions=positions, device=device, log=console.print)

@@ -30,6 +30,8 @@ FLOATS: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16,
 }
 """The floating dtypes by the names written in options and flags."""
+STORED_FLOATS = tuple(k for k, v in STORED.items() if v in FLOATS.values())
+"""The safetensors names of those (F64, F32, F16, BF16): what an adapter's or a model's weights may be stored as."""
 STATISTICS = ("float32", "float64")
 """Dtypes statistics are summed and stored in."""
 

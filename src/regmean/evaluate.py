@@ -20,18 +20,11 @@ from rich.progress import Progress
 
 from regmean.architecture import load_config
 from regmean.errors import RegmeanError
+from regmean.heads import head_kind
 from regmean.io.chat import render_chat
 from regmean.io.data import Example, load_examples
 from regmean.io.labelled import TextDataset, read_labelled
 from regmean.scoring import classifier_class, classify, per_label_f1, score
-
-KINDS = {
-    "ForSequenceClassification": "sequence",
-    "ForTokenClassification": "token",
-    "ForCausalLM": "causal",
-    "LMHeadModel": "causal",
-    "ForConditionalGeneration": "seq2seq",
-}
 
 
 @dataclass
@@ -76,10 +69,10 @@ class Candidate:
 def model_kind(path: Path) -> str:
     """sequence, token, causal or seq2seq, from the architecture config.json names."""
     arch = (load_config(path).architectures or ["?"])[0]
-    kind = next((k for suffix, k in KINDS.items() if arch.endswith(suffix)), None)
-    if kind is None:
+    kind = head_kind(arch)
+    if kind is None or kind.scored_as is None:
         raise RegmeanError(f"{path}: architecture {arch} is not a classifier or a language model regmean can score")
-    return kind
+    return kind.scored_as
 
 
 def label_names(path: Path) -> list[str]:

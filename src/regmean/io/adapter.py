@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from regmean.dtypes import STORED
+from regmean.dtypes import STORED, STORED_FLOATS
 from regmean.errors import RegmeanError
 from regmean.io.adapter_targets import check_targets, conv1d_modules
 from regmean.io.checkpoint import ADAPTER_CONFIG, Checkpoint
@@ -35,8 +35,6 @@ VARIANTS = (
     ("monteclora_config", "MonteCLoRA"),
 )
 """Adapter options that change what the adapted layers compute: W + s B A would not be the adapted weight."""
-FLOAT_TENSORS = ("F16", "BF16", "F32", "F64")
-"""The dtypes of LoRA tensors peft saves (an integer or boolean tensor read as numbers would be garbage)."""
 DEFAULT_R, DEFAULT_ALPHA = 8, 8
 """peft's LoraConfig defaults for `r` and `lora_alpha`."""
 LORA_PARTS = {
@@ -276,19 +274,19 @@ class AdaptedCheckpoint:
     def _check_dtypes(self, keys: Iterable[str]) -> None:
         """LoRA tensors are floating point (an I32 or BOOL tensor would be merged as numbers)."""
         for key in keys:
-            if self.file.dtype(key) not in FLOAT_TENSORS:
+            if self.file.dtype(key) not in STORED_FLOATS:
                 raise RegmeanError(
                     f"{self.file.path}: tensor {key} is {self.file.dtype(key)}; LoRA tensors must be floating point "
-                    f"({', '.join(FLOAT_TENSORS)}): save the adapter again"
+                    f"({', '.join(STORED_FLOATS)}): save the adapter again"
                 )
 
     def _check_replaced_dtype(self, key: str, source: str) -> None:
         """A saved tensor replacing a base tensor is of the base's dtype, or floating point over a floating one."""
         stored, base = self.file.dtype(source), self.base.dtype(key)
-        if stored != base and not (stored in FLOAT_TENSORS and STORED[base].is_floating_point):
+        if stored != base and not (stored in STORED_FLOATS and STORED[base].is_floating_point):
             raise RegmeanError(
                 f"{self.file.path}: tensor {source} is {stored}, but the base's {key} it replaces is {base}; a saved "
-                f"tensor must be of the base's dtype or floating point ({', '.join(FLOAT_TENSORS)}): save it again"
+                f"tensor must be of the base's dtype or floating point ({', '.join(STORED_FLOATS)}): save it again"
             )
 
     def _transposed(self, module: str, parts: dict[str, str]) -> bool:

@@ -16,6 +16,10 @@ import pandas as pd
 from regmean.errors import RegmeanError, one_line
 from regmean.io.chat import Turns, read_turns
 
+DATA_FIELDS = ("text_field", "text_pair_field", "target_field", "messages_field", "prompt_field", "response_field")
+"""`load_examples`' column options; recipes' `data:`, `measure`'s options and provenance records use the same names."""
+CHAT_FIELDS = DATA_FIELDS[3:]
+
 
 @dataclass(frozen=True)
 class Example:

@@ -8,13 +8,13 @@ from pathlib import Path
 import yaml
 
 from regmean import __version__
+from regmean.io.data import DATA_FIELDS
 from regmean.stats import FORMAT_VERSION, Statistics
 
 CARD = "README.md"
 MARK = "<!-- regmean statistics card -->"
 """Marks a card regmean wrote: only such a card is ever replaced (a README.md of the user's own is left alone)."""
 PROVENANCE_COLUMNS = ("data", "fields", "formatting", "examples", "tokens", "max_length", "model_dtype", "processes")
-FIELD_KEYS = ("text_field", "text_pair_field", "target_field", "messages_field", "prompt_field", "response_field")
 
 
 def is_ours(path: Path) -> bool:
@@ -87,7 +87,7 @@ def statistics_card(stats: Statistics, model: Path, out: Path, files: list[str],
 
 
 def _provenance_row(record: dict) -> str:
-    fields = ", ".join(f"{k.removesuffix('_field')}: `{record[k]}`" for k in FIELD_KEYS if record.get(k))
+    fields = ", ".join(f"{k.removesuffix('_field')}: `{record[k]}`" for k in DATA_FIELDS if record.get(k))
     values = {**record, "fields": fields}
     if record.get("adapter_of"):
         values["data"] = f"{record.get('data', '')} (LoRA adapter over `{record['adapter_of']}`)"

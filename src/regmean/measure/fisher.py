@@ -17,6 +17,7 @@ from regmean import distributed
 from regmean.architecture import load_config, model_class
 from regmean.devices import check_device
 from regmean.errors import RegmeanError
+from regmean.heads import head_kind
 from regmean.io.data import load_examples
 from regmean.io.labelled import IGNORE, TextDataset, batches
 from regmean.loading import check_positions, load_tokenizer
@@ -67,12 +68,14 @@ def unlabelled_data(model_dir: Path, data: Path, text_field: str, max_examples: 
     placeholder labels: the Fisher samples the model's own. A model that is not a classifier is refused."""
     config = load_config(model_dir)
     name = model_class(config, model_dir).__name__  # a transformers model class, not just a name
-    if not name.endswith(("ForSequenceClassification", "ForTokenClassification")):
+    kind = head_kind(name)
+    scored_as = kind.scored_as if kind is not None else None
+    if scored_as not in ("sequence", "token"):
         raise RegmeanError(
             f"{model_dir}: {name} is not a classifier; the Fisher needs a fine-tuned "
             "...ForSequenceClassification or ...ForTokenClassification model"
         )
-    token_level = name.endswith("ForTokenClassification")
+    token_level = scored_as == "token"
     texts = [e.text for e in load_examples(data, text_field=text_field, max_examples=max_examples)]
     texts = [t.split() for t in texts] if token_level else texts
     labels = [[0] * len(t) for t in texts] if token_level else [0] * len(texts)

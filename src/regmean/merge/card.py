@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import yaml
 
 from regmean import __version__
+from regmean.heads import head_kind
 from regmean.io.metadata import describe_record
 from regmean.merge.report import MergeReport
 
@@ -16,23 +17,6 @@ if TYPE_CHECKING:
     from regmean.merge.inputs import MergeInputs
 
 MAX_RECORDS = 20
-PIPELINES = {
-    "ForCausalLM": "text-generation",
-    "LMHeadModel": "text-generation",
-    "ForSequenceClassification": "text-classification",
-    "ForTokenClassification": "token-classification",
-    "ForQuestionAnswering": "question-answering",
-    "ForConditionalGeneration": "text2text-generation",
-    "ForMaskedLM": "fill-mask",
-}
-"""The Hub's pipeline tag of a model class, by the end of its name."""
-REGMEAN_CITATION = """@inproceedings{jin2023dataless,
-  title = {Dataless Knowledge Fusion by Merging Weights of Language Models},
-  author = {Jin, Xisen and Ren, Xiang and Preotiuc-Pietro, Daniel and Cheng, Pengxiang},
-  booktitle = {The Eleventh International Conference on Learning Representations (ICLR)},
-  year = {2023}
-}"""
-REGMEAN_PLUSPLUS = "RegMean++ (arXiv:2508.03121, https://arxiv.org/abs/2508.03121)"
 
 
 def model_card(inputs: MergeInputs, report: MergeReport, recipe: str, own_head: int | None = None) -> str:
@@ -55,7 +39,7 @@ def model_card(inputs: MergeInputs, report: MergeReport, recipe: str, own_head: 
         "",
         "Per-layer diagnostics are in `merge_report.json`.",
         "",
-        *_citation(config.method),
+        *_citation(report),
     ]
     return "\n".join(lines)
 
@@ -75,9 +59,9 @@ def front_matter(inputs: MergeInputs) -> list[str]:
         base = config.base_model or adapter_base(inputs).path
         meta.update(library_name="peft", base_model=[str(base)], base_model_relation="adapter")
         meta["tags"] += ["lora", "peft"]
-    pipeline = next((tag for suffix, tag in PIPELINES.items() if architecture.endswith(suffix)), None)
-    if pipeline:
-        meta["pipeline_tag"] = pipeline
+    kind = head_kind(architecture)
+    if kind is not None:
+        meta["pipeline_tag"] = kind.pipeline
     return ["---", yaml.safe_dump(meta, sort_keys=False, allow_unicode=True).rstrip(), "---"]
 
 
@@ -112,8 +96,8 @@ def _adapter(inputs: MergeInputs, report: MergeReport) -> list[str]:
         "## Adapter",
         "",
         f"A peft LoRA adapter of rank {lora.rank} over the base model: each changed linear layer holds the merged "
-        "update's best rank-r approximation (RegMean layers: best in their own system's metric), changed heads and "
-        "norms are saved whole (`modules_to_save`).",
+        "update's best rank-r approximation (layers solved from statistics: best in their own system's metric), "
+        "changed heads and norms are saved whole (`modules_to_save`).",
         "",
         *[f"- {line}" for line in report.adapter_lines()],
         "",
@@ -179,7 +163,7 @@ def _config_lines(inputs: MergeInputs) -> list[str]:
 
 def _diagnostics(report: MergeReport) -> list[str]:
     s = report.summary()
-    if not s.regmean_layers:
+    if not s.solved_layers:
         return []
     sampled = (
         f" (estimated on sampled output rows in {s.sampled_layers} layers, standard error at most "
@@ -192,7 +176,7 @@ def _diagnostics(report: MergeReport) -> list[str]:
         "",
         "## Diagnostics",
         "",
-        f"- {s.regmean_layers} linear layers merged by RegMean; {s.ridge_layers} needed a ridge",
+        f"- {s.solved_layers} linear layers merged by {report.title}; {s.ridge_layers} needed a ridge",
         f"- relative reconstruction error on each model's own statistics: mean {s.mean_relative_error:.4g}, "
         f"max {s.max_relative_error:.4g}{sampled}",
         f"- relative residual of the solved systems: at most {s.max_residual:.2g}",
@@ -217,11 +201,8 @@ def _provenance(inputs: MergeInputs, report: MergeReport) -> list[str]:
     return lines
 
 
-def _citation(method: str) -> list[str]:
-    """RegMean's paper for its merges (and RegMean++'s for those)."""
-    if method not in ("regmean", "regmean_plusplus"):
+def _citation(report: MergeReport) -> list[str]:
+    """The papers the method asks users to cite."""
+    if not report.citations:
         return []
-    lines = ["## Citation", "", "RegMean:", "", "```bibtex", REGMEAN_CITATION, "```"]
-    if method == "regmean_plusplus":
-        lines += ["", f"and {REGMEAN_PLUSPLUS}."]
-    return [*lines, ""]
+    return ["## Citation", "", *"\n\n".join(report.citations).splitlines(), ""]

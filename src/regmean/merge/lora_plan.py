@@ -19,22 +19,13 @@ import torch
 from regmean.architecture import LinearLayer, is_head_key
 from regmean.dtypes import STORED
 from regmean.errors import RegmeanError
+from regmean.heads import head_kind
 from regmean.io.adapter import SAVED_PREFIX, AdaptedCheckpoint
 from regmean.io.checkpoint import Checkpoint
 from regmean.io.writer import Layout
 
 if TYPE_CHECKING:
     from regmean.merge.inputs import MergeInputs
-
-TASK_TYPES = {
-    "ForCausalLM": "CAUSAL_LM",
-    "LMHeadModel": "CAUSAL_LM",
-    "ForSequenceClassification": "SEQ_CLS",
-    "ForTokenClassification": "TOKEN_CLS",
-    "ForQuestionAnswering": "QUESTION_ANS",
-    "ForConditionalGeneration": "SEQ_2_SEQ_LM",
-}
-"""peft's task type of a model class, by the end of its name (the PeftModel subclass it loads as)."""
 
 
 @dataclass(frozen=True)
@@ -211,12 +202,12 @@ def adapter_layout(plan: AdapterPlan, inputs: MergeInputs, keys: list[str], own:
 def adapter_config(plan: AdapterPlan, inputs: MergeInputs, saved_modules: list[str]) -> dict:
     """adapter_config.json as peft reads it: scale 1 (lora_alpha = r), every target named exactly."""
     architecture = inputs.models[0].architecture
-    task = next((t for suffix, t in TASK_TYPES.items() if architecture.endswith(suffix)), None)
+    kind = head_kind(architecture)
     narrower = {t.layer.module: t.rank for t in plan.targets.values() if t.rank != plan.rank}
     pattern = {f"^{re.escape(module)}$": r for module, r in narrower.items()}
     return {
         "peft_type": "LORA",
-        "task_type": task,
+        "task_type": kind and kind.peft_task,
         "base_model_name_or_path": os.path.abspath(plan.base.path),
         "r": plan.rank,
         "lora_alpha": plan.rank,

@@ -11,8 +11,8 @@ from regmean.methods.base import Computed, LayerReport, OutputNote
 class MergeSummary:
     """What the layers solved from statistics say in all (zeros and None for a data-free merge)."""
 
-    regmean_layers: int
-    """Linear layers solved from statistics."""
+    solved_layers: int
+    """Linear layers solved from statistics (RegMean's, RegMean++'s systems)."""
     ridge_layers: int
     """Of those, the ones whose system needed a ridge."""
     mean_relative_error: float | None
@@ -29,6 +29,10 @@ class MergeSummary:
 @dataclass
 class MergeReport:
     method: str
+    title: str = ""
+    """How the method calls itself in words (`MergeMethod.title`)."""
+    citations: tuple[str, ...] = ()
+    """What the card asks users to cite (`MergeMethod.citations`)."""
     layers: list[LayerReport] = field(default_factory=list)
     """Per linear layer solved from statistics: module, site, ridge, relative reconstruction error per model."""
     averaged: dict[str, str] = field(default_factory=dict)
@@ -48,7 +52,7 @@ class MergeReport:
     def of_steps(cls, method, results: dict[int, Computed]) -> MergeReport:
         """The report of the steps' diagnostics in step order (whichever process ran them), completed by the
         method."""
-        report = cls(method.name)
+        report = cls(method.name, method.title or method.name, method.citations)
         for number in sorted(results):
             report.add(results[number])
         method.finish(report)
@@ -70,7 +74,7 @@ class MergeReport:
             metric = sum(n.kind != "lora" for n in low_rank)
             lines.append(
                 f"adapter: {len(low_rank)} layers at rank {max(n.rank for n in low_rank)}"
-                f" ({metric} in their RegMean system's metric); relative error of the update: median "
+                f" ({metric} in their own solved system's metric); relative error of the update: median "
                 f"{errors[len(errors) // 2]:.3g}, largest {worst.relative:.3g} ({worst.tensor})"
             )
         moved: dict[str, list[float]] = {}
@@ -88,7 +92,7 @@ class MergeReport:
         errs = [e for row in self.layers for e in row.relative_error]
         stderrs = [e for row in self.layers for e in row.error_stderr]
         return MergeSummary(
-            regmean_layers=len(self.layers),
+            solved_layers=len(self.layers),
             ridge_layers=sum(1 for row in self.layers if row.ridge > 0),
             mean_relative_error=sum(errs) / len(errs) if errs else None,
             max_relative_error=max(errs) if errs else None,

@@ -27,6 +27,7 @@ def weighted_average(tensors: Sequence[torch.Tensor], weights: torch.Tensor) -> 
 
 class Average(ElementwiseMethod):
     name = "average"
+    title = "simple averaging"
     options = AverageOptions
     runs_on_device = True
     merges_grown_vocabularies = True

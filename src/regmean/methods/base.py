@@ -174,6 +174,10 @@ class MergeMethod(ABC):
     opened: its options, whether it needs the base model, and which statistics each model must have."""
 
     name: ClassVar[str]
+    title: ClassVar[str] = ""
+    """How the console, the report and the card name it (its `name` if empty)."""
+    citations: ClassVar[tuple[str, ...]] = ()
+    """What the card asks users to cite, each a paragraph of Markdown (a BibTeX block, a reference)."""
     options: ClassVar[type[BaseModel]]
     needs_base: ClassVar[bool] = False
     statistics: ClassVar[StatisticsKind | None] = None

@@ -82,6 +82,11 @@ def drop_and_rescale(task_vector: torch.Tensor, key: tuple[int, int], start: int
 
 class Dare(TaskVectorMethod):
     name = "dare"
+    title = "DARE"
+    citations = (
+        "Yu et al., Language Models are Super Mario: Absorbing Abilities from Homologous Models as a Free Lunch, "
+        "ICML 2024 (arXiv:2311.03099).",
+    )
     options = DareOptions
     per_model_options = frozenset({"drop_rate"})
 

@@ -47,6 +47,8 @@ class FisherInputs(TensorInputs):
 
 class Fisher(ElementwiseMethod):
     name = "fisher"
+    title = "Fisher-weighted averaging"
+    citations = ("Matena and Raffel, Merging Models with Fisher-Weighted Averaging, NeurIPS 2022 (arXiv:2111.09832).",)
     options = FisherOptions
     statistics = StatisticsKind(FisherFile, "regmean fisher")
 

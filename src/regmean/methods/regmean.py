@@ -32,6 +32,13 @@ from regmean.methods.least_squares import (
 from regmean.stats import WITHHELD, SiteStats, StatisticsFile
 from regmean.stats_checks import check_scales
 
+REGMEAN_BIBTEX = """@inproceedings{jin2023dataless,
+  title = {Dataless Knowledge Fusion by Merging Weights of Language Models},
+  author = {Jin, Xisen and Ren, Xiang and Preotiuc-Pietro, Daniel and Cheng, Pengxiang},
+  booktitle = {The Eleventh International Conference on Learning Representations (ICLR)},
+  year = {2023}
+}"""
+
 
 class RegMeanOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
@@ -96,6 +103,8 @@ class RegMean(Average):
     """Linear layers with statistics solved by RegMean; every other tensor averaged."""
 
     name = "regmean"
+    title = "RegMean"
+    citations = (f"RegMean:\n\n```bibtex\n{REGMEAN_BIBTEX}\n```",)
     options = RegMeanOptions
     statistics = StatisticsKind(StatisticsFile, "regmean measure")
 

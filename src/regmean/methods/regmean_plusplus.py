@@ -23,7 +23,7 @@ from regmean.architecture import expert_slots, parameter_names
 from regmean.dtypes import FLOATS, itemsize
 from regmean.errors import RegmeanError
 from regmean.io.chat import render_chat
-from regmean.io.data import load_examples
+from regmean.io.data import DATA_FIELDS, load_examples
 from regmean.loading import load_adapted, load_tokenizer, tokenizer_folder
 from regmean.measure.accumulate import Accumulator
 from regmean.measure.batching import Batch, make_batches
@@ -83,8 +83,7 @@ def model_data(entry: ModelEntry, folders: tuple[Path, ...], model: nn.Module) -
     """A model's data (its recipe entry's `data`), tokenised by its own tokenizer into batches for `model`'s class
     (the meta-device skeleton will do: only its config and signature are read)."""
     spec = entry.data
-    names = ("text_field", "text_pair_field", "target_field", "messages_field", "prompt_field", "response_field")
-    fields = {name: getattr(spec, name) for name in names}
+    fields = {name: getattr(spec, name) for name in DATA_FIELDS}
     examples = load_examples(spec.file, max_examples=spec.max_examples, **fields)
     folder = tokenizer_folder(folders)
     tokenizer = load_tokenizer(folder)
@@ -101,6 +100,8 @@ class RegMeanPlusPlus(RegMean):
     splits_across_processes = False  # each stage runs through the stages merged before it
     merges_grown_vocabularies = False  # its working model has one model's vocabulary
     name = "regmean_plusplus"
+    title = "RegMean++"
+    citations = (*RegMean.citations, "and RegMean++ (arXiv:2508.03121, https://arxiv.org/abs/2508.03121).")
     options = RegMeanPlusPlusOptions
     statistics = None
     needs_data = True

@@ -52,6 +52,8 @@ class TaskVectorMethod(ElementwiseMethod):
 
 class TaskArithmetic(TaskVectorMethod):
     name = "task_arithmetic"
+    title = "task arithmetic"
+    citations = ("Ilharco et al., Editing Models with Task Arithmetic, ICLR 2023 (arXiv:2212.04089).",)
     options = TaskArithmeticOptions
 
     def merge_task_vectors(self, step: TensorStep, data: TensorInputs) -> torch.Tensor:

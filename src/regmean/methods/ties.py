@@ -108,6 +108,10 @@ class TiesInputs(TensorInputs):
 
 class Ties(TaskVectorMethod):
     name = "ties"
+    title = "TIES-merging"
+    citations = (
+        "Yadav et al., TIES-Merging: Resolving Interference When Merging Models, NeurIPS 2023 (arXiv:2306.01708).",
+    )
     options = TiesOptions
     per_model_options = frozenset({"density"})
 
