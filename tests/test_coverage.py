@@ -136,6 +136,63 @@ def test_a_checkpoint_key_renamed_on_loading_merges(tmp_path):
             assert normal_equation_residual(merged, weights, grams, [1 / s.count for s in sites]) < 1e-4
 
 
+def tiny_llava(path: Path, seed: int) -> Path:
+    """A vision-language model (CLIP tower, Llama text model): measured on text, its vision tower never runs."""
+    text = tf.LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=16,
+        intermediate_size=24,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=PAD,
+        eos_token_id=SEP,
+    )
+    vision = tf.CLIPVisionConfig(
+        hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2, image_size=8, patch_size=4
+    )
+    config = tf.LlavaConfig(vision_config=vision, text_config=text, image_token_index=VOCAB - 1)
+    return fine_tuned(tf.LlavaForConditionalGeneration, config, seed, path)
+
+
+def test_a_vision_language_model_measured_on_text_solves_its_text_layers(tmp_path):
+    """Issue 26: the vision tower's linear layers never run on text: measure says so and records why (it used to
+    refuse), the merge solves every text layer (normal equations) and lists each vision layer as averaged, saying
+    why; the output loads whole."""
+    from typer.testing import CliRunner
+
+    from regmean.cli import app
+
+    data = write_jsonl(tmp_path / "d.jsonl")
+    models = []
+    for k in range(2):
+        path = tiny_llava(tmp_path / f"m{k}", k + 1)
+        said = CliRunner().invoke(app, ["measure", str(path), "--data", str(data), "--out", str(tmp_path / f"s{k}")])
+        assert said.exit_code == 0 and "8 linear modules never ran on this data" in said.output, said.output
+        models.append({"path": str(path), "statistics": str(tmp_path / f"s{k}")})
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"method": "regmean", "models": models}))
+    assert run("merge", recipe, tmp_path / "out").exit_code == 0
+    _, info = tf.LlavaForConditionalGeneration.from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    report = json.loads((tmp_path / "out" / "merge_report.json").read_text())
+    never = sorted(k for k, why in report["averaged"].items() if "never called in a forward pass on this data" in why)
+    assert len(never) == 8 and all(k.startswith(("vision_tower.", "multi_modal_projector.")) for k in never), never
+    merged = load_file(tmp_path / "out" / "model.safetensors")
+    files = [StatisticsFile(m["statistics"]) for m in models]
+    for row in report["layers"]:
+        assert "vision" not in row["module"]
+        sites = [st.site(st.modules[row["module"]]) for st in files]
+        weights = [load_file(Path(m["path"]) / "model.safetensors")[row["tensor"]].double() for m in models]
+        grams = [shrink(s.gram.double(), 0.9) for s in sites]
+        residual = normal_equation_residual(
+            merged[row["tensor"]].double(), weights, grams, [1 / s.count for s in sites]
+        )
+        assert residual < 1e-4, row["module"]
+    assert len(report["layers"]) == 11  # the 14 text projections less the 3 withheld token sites
+
+
 def tiny_deberta(path: Path, seed: int, v3: bool) -> Path:
     """DeBERTa-v2 (relative positions, own position projections) or -v3 (shared query/key projections read both the
     tokens and the relative-position embeddings)."""

@@ -28,7 +28,7 @@ from regmean.measure.protect import (
     token_site_names,
     withhold_token_sites,
 )
-from regmean.measure.sites import Site, detect_sites, select_modules, site_blocks
+from regmean.measure.sites import NEVER_CALLED, Site, detect_sites, select_modules, site_blocks
 from regmean.memory import Peak, peak_memory
 from regmean.progress import progress as show_progress
 from regmean.stats import EXPERTS_UNCLIPPED, NO_EXAMPLE_BOUND, SiteStats, Statistics
@@ -87,7 +87,7 @@ def measure(
     first_pass = batches()
     first = next(first_pass)
     with peak_memory(device) as forward_peak:  # the site-detection pass is a whole forward pass
-        sites = detect_sites(model, modules, first)
+        sites = detect_sites(model, modules, first, skipped)
     distributed.check_same(repr([(s.name, s.modules, s.stream) for s in sites]), "the detected sites")
     protection = protection or Protection()
     sites, withheld, private = _protected(
@@ -98,6 +98,9 @@ def measure(
         on_plan(statistics_bytes(sites, sums.itemsize))
     if log is not None and distributed.rank() == 0:
         log(_announcement(blocks, len(modules), sums, device, len(examples)))
+        never = [m for m, why in skipped.items() if why == NEVER_CALLED]
+        if never:
+            log(f"{len(never)} linear modules never ran on this data (e.g. {never[0]}): not measured, so averaged")
         log(_memory_estimate(model, blocks, sums, first, forward_peak, max_length))
     source = (Path(model_dir), None if base is None else Path(base))
     header = _header(sites, fingerprint, stats_dtype, len(examples), skipped, protection, private, withheld)

@@ -69,9 +69,15 @@ def hooks(handles: list) -> Iterator[None]:
             h.remove()
 
 
-def detect_sites(model: nn.Module, modules: list[str], batch: Batch) -> list[Site]:
+NEVER_CALLED = "never called in a forward pass on this data (e.g. a vision tower measured on text)"
+
+
+def detect_sites(
+    model: nn.Module, modules: list[str], batch: Batch, skipped: dict[str, str] | None = None
+) -> list[Site]:
     """Group modules by the identity of their input tensors over one forward pass, and find each group's stream;
-    expert projections (`measure.experts`) get a site per expert input, called when their experts module is."""
+    expert projections (`measure.experts`) get a site per expert input, called when their experts module is.
+    Modules the pass never calls go to `skipped`, with the reason (without it, they are refused)."""
     slots = expert_slots(model)
     wanted = [m for m in modules if m in slots]
     experts = {slots[m][0].module: slots[m][0] for m in wanted}
@@ -107,8 +113,14 @@ def detect_sites(model: nn.Module, modules: list[str], batch: Batch) -> list[Sit
         forward(model, batch)
 
     never = [m for m in modules if not calls[m]]
-    if never:
+    if never and skipped is None:
         raise RegmeanError(f"modules never called in a forward pass: {', '.join(never[:5])}; exclude them")
+    for name in never:  # (never called: not in `order` either, so no site)
+        if name in experts:
+            skipped.update({m: NEVER_CALLED for m in wanted if slots[m][0].module == name})
+            del experts[name]
+        else:
+            skipped[name] = NEVER_CALLED
     last_call = {name: i for i, name in enumerate(events)}  # each module's last position in the pass
     encoder_prefix = next((n + "." for n, m in model.named_modules() if m is encoder), None)
     groups: dict[tuple[int, ...], list[str]] = {}

@@ -4,6 +4,7 @@ straight into the output shards. The engine knows no method: what to read and ho
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -14,12 +15,12 @@ from regmean.errors import RegmeanError
 from regmean.io.outputs import check_output_path
 from regmean.io.writer import DEFAULT_SHARD_BYTES, ShardedWriter
 from regmean.merge.config import MergeConfig
-from regmean.merge.forms import ModelFolders, output_form
+from regmean.merge.forms import output_form
 from regmean.merge.inputs import MergeInputs, config_differences, config_note, open_inputs
 from regmean.merge.journal import Journal, resume_key, written_since
-from regmean.merge.output import write_output
+from regmean.merge.output import OutputRequest, write_output
 from regmean.merge.parallel import merge_on_ranks
-from regmean.merge.plan import MergePlan, check_memory, check_resident, make_plan
+from regmean.merge.plan import MergePlan, Planned, check_memory, check_resident, make_plan
 from regmean.merge.report import MergeReport
 from regmean.merge.staging import check_output_dir
 from regmean.methods import METHODS
@@ -65,27 +66,15 @@ def merge(
     memory_limit = None if max_memory is None else parse_size(max_memory, "--max-memory")
     check_device_method(config.method, device)
     if dry_run:
-        return _planned(open_inputs(config), log, memory_limit, device)[0]
+        return LocalRunner(memory_limit, device, progress).plan(open_inputs(config), log).plan
+    request = OutputRequest(out_dir, force, sources, shard_bytes, log)
     if distributed.launched():
-        device = distributed.init_from_env(device)
-        return merge_on_ranks(
-            config,
-            out_dir,
-            sources,
-            force,
-            planned=lambda inputs, say: _planned(inputs, say, memory_limit, device),
-            run=lambda method, steps, writers, heads, journal: _run_share(
-                method, steps, writers, heads, progress, journal
-            ),
-            shard_bytes=shard_bytes,
-            log=log,
-        )
+        return merge_on_ranks(config, request, LocalRunner(memory_limit, distributed.init_from_env(device), progress))
     check_output_dir(check_output_path(out_dir, sources), force)  # before the inputs are opened and planned
-    inputs = open_inputs(config)
-    plan, method, steps, form = _planned(inputs, log, memory_limit, device)
-    key = resume_key(config, sources, form, method, steps, shard_bytes)
-    args = (out_dir, force, sources, log, form, plan.write_bytes, shard_bytes)
-    return write_output(*args, _journaled(method, steps, progress, key), resume_key=key)
+    ready = LocalRunner(memory_limit, device, progress).plan(open_inputs(config), log)
+    key = resume_key(config, sources, ready.form, ready.method, ready.steps, shard_bytes)
+    fill = _journaled(ready.method, ready.steps, progress, key)
+    return write_output(request, ready.form, ready.plan.write_bytes, fill, resume_key=key)
 
 
 def _journaled(method: MergeMethod, steps: list[Step], progress: bool, key: str | None):
@@ -119,28 +108,46 @@ def check_device_method(method: str, device: str) -> None:
     check_device(device)
 
 
-def _planned(
-    inputs: MergeInputs, log, memory_limit: int | None, device: str = "cpu"
-) -> tuple[MergePlan, MergeMethod, list[Step], ModelFolders]:
-    """The method bound to the inputs, its steps, the output form and the plan (said to `log`, checked against
-    the limit)."""
-    method = METHODS[inputs.config.method](inputs, device)
-    check_resident(method.resident_bytes(), memory_limit)
-    form = output_form(inputs)  # (before the steps: an adapter needs some tensors whole)
-    steps = method.plan()
-    plan = make_plan(inputs, method, steps, form.layouts, device)
-    plan.note = "; ".join(part for part in (plan.note, form.describe()) if part)
-    plan.working_bytes = max(plan.working_bytes, form.working_bytes())
-    if not form.resumable(method):
-        plan.note += f"; an adapter output of {method.name} does not resume if interrupted"
-    if log is not None:
-        log(plan.describe())
-        differences = config_differences(inputs)
-        for note in [unchecked_note(inputs)] + [config_note(differences)] * bool(differences):
-            if note:
-                log(note)
-    check_memory(plan, memory_limit)
-    return plan, method, steps, form
+@dataclass(frozen=True)
+class LocalRunner:
+    """This process's way of planning a merge and running its steps (`merge.parallel.StepRunner`): on `device`,
+    within `memory_limit` bytes, with a progress bar if `progress`."""
+
+    memory_limit: int | None
+    device: str = "cpu"
+    progress: bool = True
+
+    def plan(self, inputs: MergeInputs, log) -> Planned:
+        """The method bound to the inputs, its steps, the output form and the plan (said to `log`, checked against
+        the limit)."""
+        method = METHODS[inputs.config.method](inputs, self.device)
+        check_resident(method.resident_bytes(), self.memory_limit)
+        form = output_form(inputs)  # (before the steps: an adapter needs some tensors whole)
+        steps = method.plan()
+        plan = make_plan(inputs, method, steps, form.layouts, self.device)
+        plan.note = "; ".join(part for part in (plan.note, form.describe()) if part)
+        plan.working_bytes = max(plan.working_bytes, form.working_bytes())
+        if not form.resumable(method):
+            plan.note += f"; an adapter output of {method.name} does not resume if interrupted"
+        if log is not None:
+            log(plan.describe())
+            differences = config_differences(inputs)
+            for note in [unchecked_note(inputs)] + [config_note(differences)] * bool(differences):
+                if note:
+                    log(note)
+        check_memory(plan, self.memory_limit)
+        return Planned(plan, method, steps, form)
+
+    def run(
+        self, method: MergeMethod, steps: list[tuple[int, Step]], writers: list[ShardedWriter], heads: bool, journal
+    ) -> dict[int, Computed]:
+        """One rank's steps (and, on rank 0, the heads), journaled, with a progress bar on rank 0 only."""
+        results = run_steps(method, steps, writers, self.progress and heads, journal)
+        if heads:
+            write_heads(method.inputs, writers)
+        if journal is not None:  # (rank 0 removes every rank's journal once all are done)
+            journal.close()
+        return results
 
 
 def merge_into(
@@ -208,13 +215,3 @@ def write_heads(inputs: MergeInputs, writers: list[ShardedWriter]) -> None:
     for key in inputs.head_keys():
         for model, w in zip(inputs.models, writers, strict=True):
             w.add(key, model.get(key))
-
-
-def _run_share(method: MergeMethod, steps, writers: list[ShardedWriter], heads: bool, progress: bool, journal=None):
-    """One rank's steps (and, on rank 0, the heads), journaled, with a progress bar on rank 0 only."""
-    results = run_steps(method, steps, writers, progress and heads, journal)
-    if heads:
-        write_heads(method.inputs, writers)
-    if journal is not None:  # (rank 0 removes every rank's journal once all are done)
-        journal.close()
-    return results

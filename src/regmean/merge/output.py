@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -22,17 +23,23 @@ if TYPE_CHECKING:
     from regmean.merge.forms import ModelFolders
     from regmean.merge.inputs import MergeInputs
 
-"""Provenance records shown per model in the model card (all of them stay in the statistics file)."""
+
+@dataclass(frozen=True)
+class OutputRequest:
+    """What the caller asked of a merge's output: where it goes, whether it may replace what is there, the inputs it
+    must never write over, its largest shard, and who hears what happens (None: nobody)."""
+
+    out_dir: Path
+    force: bool
+    sources: Inputs
+    shard_bytes: int
+    log: Callable[[str], None] | None = None
 
 
 def write_output(
-    out_dir: Path,
-    force: bool,
-    sources: Inputs,
-    log,
+    request: OutputRequest,
     form: ModelFolders,
     write_bytes: int,
-    shard_bytes: int,
     fill: Callable[[list[ShardedWriter], Path], MergeReport],
     resume_key: str | None = None,
 ) -> MergeReport:
@@ -42,13 +49,13 @@ def write_output(
     files of that key are written into again (`merge.journal`)."""
     from regmean.merge.journal import journal_key
 
-    inputs = form.inputs
-    with staged_output(out_dir, force, sources, log, resume_key) as staged:
+    inputs, out_dir = form.inputs, request.out_dir
+    with staged_output(out_dir, request.force, request.sources, request.log, resume_key) as staged:
         resuming = resume_key is not None and journal_key(staged) == resume_key
         if not resuming:  # (a resumed merge's shards are laid out at their full size already)
             check_free_space(staged, write_bytes, f"the merged {form.kind}", out_dir)
         folders = output_folders(inputs, staged)
-        report = fill(form.writers(folders, shard_bytes, create=not resuming), staged)
+        report = fill(form.writers(folders, request.shard_bytes, create=not resuming), staged)
         finish_folders(form, folders, staged, report, out_dir)
     return report
 

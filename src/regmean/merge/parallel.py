@@ -10,9 +10,9 @@ complete is left.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
+from typing import Protocol
 
 import torch.distributed as dist
 
@@ -21,10 +21,10 @@ from regmean.errors import RegmeanError
 from regmean.io.outputs import check_output_path
 from regmean.io.writer import ShardedWriter
 from regmean.merge.config import MergeConfig
-from regmean.merge.inputs import open_inputs
+from regmean.merge.inputs import MergeInputs, open_inputs
 from regmean.merge.journal import Journal, remove_journals, resume_key
-from regmean.merge.output import output_folders, write_output
-from regmean.merge.plan import head_bytes
+from regmean.merge.output import OutputRequest, output_folders, write_output
+from regmean.merge.plan import Planned, head_bytes
 from regmean.merge.report import MergeReport
 from regmean.merge.staging import check_output_dir
 from regmean.methods import METHODS
@@ -58,45 +58,48 @@ def _seconds(step: Step) -> float:
     return cost.flops * SECONDS_PER_FLOP + (cost.read_bytes + cost.streamed_bytes) * SECONDS_PER_BYTE
 
 
-def merge_on_ranks(
-    config: MergeConfig,
-    out_dir: Path,
-    sources: list[tuple[str, Path]],
-    force: bool,
-    planned: Callable,
-    run: Callable,
-    shard_bytes: int,
-    log,
-) -> MergeReport | None:
-    """The merge as one rank of many; `planned(inputs)` gives (plan, method, steps, output form) and `run(method,
-    numbered steps, writers, heads, journal)` runs steps. Returns the report on rank 0, None elsewhere. Each rank
-    journals its steps beside rank 0's journal in the staging folder: an interrupted merge rerun on as many
-    processes continues after every rank's finished steps."""
+class StepRunner(Protocol):
+    """How this process plans a merge and runs steps (the engine's loop; `merge.engine.LocalRunner`)."""
+
+    def plan(self, inputs: MergeInputs, log) -> Planned: ...
+
+    def run(
+        self, method: MergeMethod, steps: list[tuple[int, Step]], writers: list[ShardedWriter], heads: bool, journal
+    ) -> dict[int, Computed]:
+        """The numbered steps (and, with `heads`, the kept heads) written, journaled; their diagnostics."""
+
+
+def merge_on_ranks(config: MergeConfig, request: OutputRequest, runner: StepRunner) -> MergeReport | None:
+    """The merge as one rank of many. Returns the report on rank 0, None elsewhere. Each rank journals its steps
+    beside rank 0's journal in the staging folder: an interrupted merge rerun on as many processes continues after
+    every rank's finished steps."""
     if not METHODS[config.method].splits_across_processes:
         raise RegmeanError(f"method {config.method} runs in one process; drop --nproc / torchrun")
     rank, ranks = distributed.rank(), distributed.world_size()
-    check_output_dir(check_output_path(out_dir, sources), force)  # on every rank: all fail alike, before any work
+    # on every rank: all fail alike, before any work
+    check_output_dir(check_output_path(request.out_dir, request.sources), request.force)
     # the last exchange waits for the slowest rank, however long its share takes
     finish_group = distributed.collective(dist.new_group, backend="gloo", timeout=FINISH_TIMEOUT)
     inputs = open_inputs(config)
-    plan, method, steps, form = planned(inputs, log if rank == 0 else None)
-    key = resume_key(config, sources, form, method, steps, shard_bytes)
+    ready = runner.plan(inputs, request.log if rank == 0 else None)
+    method, steps, form = ready.method, ready.steps, ready.form
+    key = resume_key(config, request.sources, form, method, steps, request.shard_bytes)
     mine = [(n, steps[n]) for n in divide(steps, ranks, head_bytes(inputs))[rank]]
     if rank != 0:
         staged = _shared([None])
-        writers = form.writers(output_folders(inputs, staged), shard_bytes, create=False)
-        results = run(method, mine, writers, False, key and Journal(staged, key, rank))
+        writers = form.writers(output_folders(inputs, staged), request.shard_bytes, create=False)
+        results = runner.run(method, mine, writers, False, key and Journal(staged, key, rank))
         _gather(writers, results, finish_group)
         return None
 
     def fill(writers: list[ShardedWriter], staged: Path) -> MergeReport:
         journal = key and Journal(staged, key, 0)  # (written before the other ranks look at the folder)
         _shared([staged])  # the shards exist: the other ranks open them
-        report = _finish(method, writers, run(method, mine, writers, True, journal), finish_group)
+        report = _finish(method, writers, runner.run(method, mine, writers, True, journal), finish_group)
         remove_journals(staged)  # every rank is done: nothing is left to resume
         return report
 
-    return write_output(out_dir, force, sources, log, form, plan.write_bytes, shard_bytes, fill, resume_key=key)
+    return write_output(request, form, ready.plan.write_bytes, fill, resume_key=key)
 
 
 def _shared(value: list) -> Path:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -15,6 +16,9 @@ from regmean.memory import current_rss
 from regmean.merge.inputs import MergeInputs
 from regmean.methods.base import MergeMethod, Step
 from regmean.units import human
+
+if TYPE_CHECKING:
+    from regmean.merge.forms import ModelFolders
 
 
 @dataclass
@@ -72,6 +76,16 @@ class MergePlan:
             )
             + (f"; on {self.device}: about {human(self.device_bytes)}" if self.on_device else "")
         )
+
+
+@dataclass(frozen=True)
+class Planned:
+    """A merge ready to run: the method bound to its inputs, its steps, the output's form and the plan said of it."""
+
+    plan: MergePlan
+    method: MergeMethod
+    steps: list[Step]
+    form: ModelFolders
 
 
 def make_plan(
