@@ -82,12 +82,26 @@ def test_tokenizer_source_gives_the_added_rows(tmp_path):
 
 
 def test_tied_embeddings_grow_too(tmp_path):
+    """Tied embeddings (one stored tensor, read as the LM head too) follow the same rows rule, the output stays tied
+    (no lm_head tensor written), and the merged model's head is its embedding."""
     paths = [grown_model(tmp_path, k, added, tied=True) for k, added in enumerate(ADDED[:2])]
     result = run(
         "merge", write_config(tmp_path, method="average", models=[{"path": str(p)} for p in paths]), tmp_path / "o"
     )
     assert result.exit_code == 0, result.output
-    assert load_file(tmp_path / "o" / "model.safetensors")["model.embed_tokens.weight"].shape[0] == VOCAB + 2
+    out = load_file(tmp_path / "o" / "model.safetensors")
+    states = [load_file(p / "model.safetensors") for p in paths]
+    key = "model.embed_tokens.weight"
+    assert out[key].shape == (VOCAB + 2, 16) and "lm_head.weight" not in out
+    torch.testing.assert_close(out[key][:VOCAB], (states[0][key][:VOCAB] + states[1][key][:VOCAB]) / 2)
+    torch.testing.assert_close(out[key][VOCAB], (states[0][key][VOCAB] + states[1][key][VOCAB]) / 2)  # <tool>: both
+    torch.testing.assert_close(out[key][VOCAB + 1], states[0][key][VOCAB + 1], rtol=0, atol=0)  # <think>: model 0
+    model = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "o")
+    assert (
+        model.config.tie_word_embeddings
+        and model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+    )
+    torch.testing.assert_close(model.lm_head.weight.detach(), out[key])
 
 
 def test_a_shared_id_naming_two_tokens_is_refused(tmp_path):
