@@ -9,7 +9,7 @@ import pytest
 import torch
 import transformers as tf
 import yaml
-from conftest import ALL_SITES, PAD, SEP, VOCAB, save_model, write_jsonl
+from conftest import ALL_SITES, PAD, SEP, VOCAB, _config, save_model, write_jsonl
 from safetensors.torch import load_file
 from test_merge import normal_equation_residual, run, shrink
 from torch.nn import functional
@@ -138,17 +138,7 @@ def test_a_checkpoint_key_renamed_on_loading_merges(tmp_path):
 
 def tiny_llava(path: Path, seed: int) -> Path:
     """A vision-language model (CLIP tower, Llama text model): measured on text, its vision tower never runs."""
-    text = tf.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=16,
-        intermediate_size=24,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        pad_token_id=PAD,
-        eos_token_id=SEP,
-    )
+    text = _config("llama")
     vision = tf.CLIPVisionConfig(
         hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2, image_size=8, patch_size=4
     )
