@@ -97,10 +97,7 @@ def measure(
     if on_plan is not None:  # e.g. refuse an output disk too small for the files, before the passes
         on_plan(statistics_bytes(sites, sums.itemsize))
     if log is not None and distributed.rank() == 0:
-        log(_announcement(blocks, len(modules), sums, device, len(examples)))
-        never = [m for m, why in skipped.items() if why == NEVER_CALLED]
-        if never:
-            log(f"{len(never)} linear modules never ran on this data (e.g. {never[0]}): not measured, so averaged")
+        log(_announcement(blocks, len(modules), sums, device, len(examples), skipped))
         log(_memory_estimate(model, blocks, sums, first, forward_peak, max_length))
     source = (Path(model_dir), None if base is None else Path(base))
     header = _header(sites, fingerprint, stats_dtype, len(examples), skipped, protection, private, withheld)
@@ -270,13 +267,18 @@ def prepare_inputs(model_dir, base, allow_pickle: bool, examples: Sequence[Examp
     return checkpoint, tokenizer, examples, {**described, **({"formatting": formatting} if formatting else {})}
 
 
-def _announcement(blocks: list[list[Site]], modules: int, sums: torch.dtype, device: str, examples: int) -> str:
+def _announcement(
+    blocks: list[list[Site]], modules: int, sums: torch.dtype, device: str, examples: int, skipped: dict[str, str]
+) -> str:
+    """What will be measured, where, in how many passes; and the modules the data never runs, if any."""
     sites = [site for block in blocks for site in block]
     gram_bytes = sum(s.d * (s.d + 1) * sums.itemsize for s in sites)
     passes = f"; {len(blocks)} passes, one block of sites each" if len(blocks) > 1 else ""
+    never = [m for m, why in skipped.items() if why == NEVER_CALLED]
+    idle = f"\n{len(never)} linear modules never ran on this data (e.g. {never[0]}): not measured" if never else ""
     return (
         f"{len(sites)} sites for {modules} linear modules: {gram_bytes / 1e9:.2f} GB of {dtypes.name(sums)} sums "
-        f"on {device}; {examples} examples over {distributed.world_size()} process(es){passes}"
+        f"on {device}; {examples} examples over {distributed.world_size()} process(es){passes}{idle}"
     )
 
 

@@ -112,15 +112,7 @@ def detect_sites(
     with hooks(handles), torch.inference_mode():
         forward(model, batch)
 
-    never = [m for m in modules if not calls[m]]
-    if never and skipped is None:
-        raise RegmeanError(f"modules never called in a forward pass: {', '.join(never[:5])}; exclude them")
-    for name in never:  # (never called: not in `order` either, so no site)
-        if name in experts:
-            skipped.update({m: NEVER_CALLED for m in wanted if slots[m][0].module == name})
-            del experts[name]
-        else:
-            skipped[name] = NEVER_CALLED
+    _set_aside_idle([m for m in modules if not calls[m]], experts, {m: slots[m][0].module for m in wanted}, skipped)
     last_call = {name: i for i, name in enumerate(events)}  # each module's last position in the pass
     encoder_prefix = next((n + "." for n, m in model.named_modules() if m is encoder), None)
     groups: dict[tuple[int, ...], list[str]] = {}
@@ -136,6 +128,19 @@ def detect_sites(
     for name, block in experts.items():
         sites += _routed_sites(block, wanted, len(calls[name]), last_call[name])
     return sites
+
+
+def _set_aside_idle(never: list[str], experts: dict, expert_of: dict[str, str], skipped: dict | None) -> None:
+    """Modules a forward pass never called go to `skipped` with the reason (an experts block: each of its measured
+    projections), and a block among them leaves `experts`; without `skipped` they are refused."""
+    if never and skipped is None:
+        raise RegmeanError(f"modules never called in a forward pass: {', '.join(never[:5])}; exclude them")
+    for name in never:  # (never called: not in the pass's call order either, so no site)
+        if name in experts:
+            skipped.update({m: NEVER_CALLED for m, block in expert_of.items() if block == name})
+            del experts[name]
+        else:
+            skipped[name] = NEVER_CALLED
 
 
 def _stream(first: torch.Tensor, calls: list[torch.Tensor], batch: Batch, decoder: bool) -> str:
