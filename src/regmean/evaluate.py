@@ -37,6 +37,15 @@ class Scores:
     """Language models: the tokens scored (each model's own tokenizer counts them)."""
 
 
+@dataclass(frozen=True)
+class Run:
+    """Where and how the models are run: device, batch size and the longest input in tokens."""
+
+    device: str
+    batch_size: int
+    max_length: int
+
+
 @dataclass
 class Candidate:
     """A model to score, as given: a model folder, or a LoRA adapter over its base (config and head from the
@@ -111,13 +120,13 @@ def check_labels(configs: list[Path], models: list[Path], data: TextDataset, dat
 
 
 def classification_scores(
-    candidate: Candidate, data: TextDataset, names: list[str], per_label: bool, **options
+    candidate: Candidate, data: TextDataset, names: list[str], per_label: bool, run: Run
 ) -> dict[str, float]:
     """The bench's scores for one classifier, its logits reordered to `names` (the model's labels by name)."""
     own = label_names(candidate.config_dir)
     order = torch.tensor([own.index(n) for n in names])
-    model = candidate.load(options["device"], cls=classifier_class(data.token_level))
-    predicted = classify(model, candidate.tokenizer(), candidate.path, data, **options)
+    model = candidate.load(run.device, cls=classifier_class(data.token_level))
+    predicted = classify(model, candidate.tokenizer(), candidate.path, data, run.max_length, run.batch_size, run.device)
     logits = [lg[..., order] for lg in predicted]
     broken = sum(not bool(torch.isfinite(lg).all()) for lg in logits)
     if broken:
@@ -132,13 +141,13 @@ def classification_scores(
     return metrics
 
 
-def perplexity(candidate: Candidate, kind: str, examples: list[Example], scope: str, **options) -> tuple[float, int]:
+def perplexity(candidate: Candidate, kind: str, examples: list[Example], scope: str, run: Run) -> tuple[float, int]:
     """exp of the mean negative log-likelihood per predicted token over the data (padding masked), and the tokens
     scored; seq2seq models score the targets given the texts; conversations are formatted by each model's own chat
     template and, with `scope` "assistant", only the assistant turns' tokens are scored."""
     from regmean.loading import check_positions, check_room_for_text, check_vocabulary_fits
 
-    device, batch_size, max_length = options["device"], options["batch_size"], options["max_length"]
+    device, batch_size, max_length = run.device, run.batch_size, run.max_length
     model, tok = candidate.load(device), candidate.tokenizer()  # (pad token set, right padding)
     check_vocabulary_fits(model, tok, candidate.path)
     check_room_for_text(tok, max_length, candidate.path)
@@ -240,7 +249,7 @@ def evaluate(
     other = next((m for m in models if kinds[m] != kind), None)
     if other is not None:
         raise RegmeanError(f"{other}: a {kinds[other]} model, {models[0]} is a {kind} one; score them separately")
-    options = {"device": device, "batch_size": batch_size, "max_length": max_length}
+    run = Run(device, batch_size, max_length)
     out = []
     with Progress(disable=not progress, transient=True) as bar:
         task = bar.add_task("evaluating", total=len(models))
@@ -248,13 +257,13 @@ def evaluate(
             labelled = read_labelled(data, kind == "token", text_field, label_field)
             names = check_labels([c.config_dir for c in candidates], models, labelled, data)
             for c in candidates:
-                metrics = classification_scores(c, labelled, names, per_label, **options)
+                metrics = classification_scores(c, labelled, names, per_label, run)
                 out.append(Scores(str(c.path), kind, metrics, len(labelled.texts)))
                 bar.advance(task)
         else:
             examples = _lm_examples(data, kind, text_field, target_field, messages_field)
             for c in candidates:
-                value, tokens = perplexity(c, kind, examples, score_tokens, **options)
+                value, tokens = perplexity(c, kind, examples, score_tokens, run)
                 out.append(Scores(str(c.path), kind, {"perplexity": value}, len(examples), tokens))
                 bar.advance(task)
     return out
