@@ -23,6 +23,7 @@ from regmean.cli_show import evaluate as evaluate_command
 from regmean.errors import RegmeanError, one_line
 from regmean.io.outputs import no_room
 from regmean.launch import relaunch_with_torchrun
+from regmean.merge.config import MAX_LORA_RANK
 from regmean.stats_checks import MAX_LENGTH
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Dataless knowledge fusion with RegMean.")
@@ -147,7 +148,8 @@ def merge(
     device: Annotated[str, typer.Option(help="Where the steps compute: cpu, cuda, cuda:1 (regmean, average)")] = "cpu",
     nproc: Annotated[int, typer.Option(min=1, help="Processes on this machine (runs torchrun for you)")] = 1,
     lora_rank: Annotated[
-        int | None, typer.Option(min=1, help="Write one LoRA adapter of this rank over the base (output.lora)")
+        int | None,
+        typer.Option(min=1, max=MAX_LORA_RANK, help="Write one LoRA adapter of this rank over the base (output.lora)"),
     ] = None,
 ) -> None:
     """Merge fine-tuned models (and their statistics) into one Hugging Face model folder (or one LoRA adapter).

@@ -37,6 +37,9 @@ def _no_nul(path: Path) -> Path:
 
 LocalPath = Annotated[Path, AfterValidator(_no_nul)]
 
+MAX_LORA_RANK = 65536
+"""The largest rank an adapter output may have (peft's own ranks are far smaller)."""
+
 
 class DataSource(BaseModel):
     """A model's own data, for a method that measures during the merge (regmean_plusplus); the fields mean what
@@ -71,7 +74,7 @@ class ModelEntry(BaseModel):
 
 class LoraOutput(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-    rank: int = Field(ge=1, le=65536)
+    rank: int = Field(ge=1, le=MAX_LORA_RANK)
     """The adapter's rank r (a layer narrower than r keeps its full rank, exactly)."""
 
 
@@ -262,6 +265,8 @@ class MergeConfig(BaseModel):
 
     def with_lora(self, rank: int) -> MergeConfig:
         """The recipe writing one LoRA adapter of `rank` (`merge --lora-rank`)."""
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= MAX_LORA_RANK:
+            raise RegmeanError(f"LoRA rank {rank!r}: give a whole number from 1 to {MAX_LORA_RANK}")
         return self.model_copy(update={"output": OutputForm(lora=LoraOutput(rank=rank))})
 
     def to_yaml(self) -> str:
