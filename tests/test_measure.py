@@ -260,3 +260,18 @@ def test_forward_stops_after_the_last_measured_input(tmp_path, monkeypatch):
     assert "lm_head" in stats.skipped
     assert ran == {"lm_head": 1, "last_mlp": 1}  # only the site-detection pass runs to the end
     assert stats.sites[stats.modules["model.layers.1.mlp.down_proj"]].count == stats.tokens
+
+
+def test_the_same_measure_writes_the_same_bytes(tmp_path):
+    """Sweep 5 F11: metadata keys came out in the safetensors library's hash order, so two runs differed in bytes."""
+    from conftest import write_jsonl
+
+    path = save_model(build_model("bert", "BertForSequenceClassification", 1), tmp_path / "m")
+    data = write_jsonl(tmp_path / "d.jsonl")
+    runner = CliRunner()
+    for k in range(2):
+        result = runner.invoke(app, ["measure", str(path), "--data", str(data), "--out", str(tmp_path / f"s{k}")])
+        assert result.exit_code == 0, result.output
+    first, second = ((tmp_path / f"s{k}" / "statistics.safetensors").read_bytes() for k in range(2))
+    assert first == second
+    assert StatisticsFile(tmp_path / "s0").examples == len(TEXTS)

@@ -12,7 +12,6 @@ from contextlib import AbstractContextManager, ExitStack
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from regmean.errors import RegmeanError
 from regmean.io.metadata import Metadata
@@ -26,16 +25,23 @@ from regmean.io.outputs import (
     remove_if_empty,
     room_for,
 )
-from regmean.io.tensorfile import TensorFile
+from regmean.io.tensorfile import PlannedFile, TensorFile
 
 
 def write_atomic(tensors: dict[str, torch.Tensor], metadata: dict[str, str], target: Path) -> Path:
-    """Write a safetensors file through a temporary file in the same folder, renamed when complete."""
+    """Write a safetensors file through a temporary file in the same folder, renamed when complete. The same
+    tensors and metadata give the same bytes (metadata keys sorted, tensors laid out in a fixed order)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.tmp-")
     os.close(fd)
     try:
-        save_file(tensors, tmp, metadata=metadata)
+        layout = {name: (t.dtype, tuple(t.shape)) for name, t in tensors.items()}
+        planned = PlannedFile(Path(tmp), layout, dict(sorted(metadata.items())))
+        try:
+            for name, tensor in tensors.items():
+                planned.write(name, tensor.cpu())
+        finally:
+            planned.close()
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
