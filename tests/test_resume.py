@@ -5,6 +5,7 @@ changed inputs start over."""
 import random
 
 import pytest
+from conftest import ALL_SITES
 from test_merge import EXAMPLES, make_models, write_config
 from test_recipes import same_folders
 
@@ -111,3 +112,36 @@ def test_an_interrupted_adapter_output_resumes_to_the_same_bytes(tmp_path, monke
     assert any("resuming the merge interrupted" in line for line in said)
     same_folders(tmp_path / "whole", tmp_path / "out")
     assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
+
+
+def test_statistics_replaced_with_the_same_size_and_time_start_over(tmp_path, monkeypatch):
+    """Sweep 5 F04: a statistics file swapped for another of the same size and modification time (cp -p, rsync -a)
+    was resumed over, mixing steps of both files; the key now holds each safetensors file's header."""
+    import os
+    import shutil
+
+    from test_merge import K
+
+    from regmean.measure import measure
+    from regmean.stats import save
+
+    setup = recipe(tmp_path, "regmean")
+    config = write_config(tmp_path, **setup)
+    with monkeypatch.context() as patch:
+        interrupt_at(patch, "regmean", 4)
+        with pytest.raises(Stop):
+            merge(config, tmp_path / "out", progress=False)
+    (staged,) = tmp_path.glob(".out.partial-*")
+    first = setup["models"][K - 1]
+    old = tmp_path / "in" / f"stats{K - 1}" / "statistics.safetensors"
+    other = measure(first["path"], EXAMPLES[:4], batch_size=2, progress=False, protection=ALL_SITES)
+    other = save(other, tmp_path / "other")
+    assert other.stat().st_size == old.stat().st_size  # the same sites: the same size
+    times = (old.stat().st_atime_ns, old.stat().st_mtime_ns)
+    shutil.copyfile(other, old)
+    os.utime(old, ns=times)
+    said = []
+    merge(config, tmp_path / "out", progress=False, log=said.append)
+    assert any(f"removed {staged}" in line for line in said), said
+    merge(config, tmp_path / "again", progress=False)
+    same_folders(tmp_path / "again", tmp_path / "out")

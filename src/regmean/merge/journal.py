@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import struct
 from pathlib import Path
 
 from regmean import __version__, distributed
@@ -21,6 +22,8 @@ from regmean.methods.base import Computed, LayerReport, OutputNote, Step
 JOURNAL = ".regmean-journal.jsonl"
 JOURNALS = ".regmean-journal*.jsonl"
 """Rank 0's journal (or a single process's), and every rank's (`journal_name`)."""
+MAX_KEYED_HEADER = 1 << 24
+"""The most of a safetensors header the key reads (a header is a few KB to a few MB)."""
 
 
 def merge_key(
@@ -41,7 +44,21 @@ def merge_key(
         for file in files:
             stat = file.stat()
             digest.update(f"{file}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+            digest.update(_header_bytes(file))
     return digest.hexdigest()
+
+
+def _header_bytes(file: Path) -> bytes:
+    """A safetensors file's header (its metadata: a statistics file's examples, tokens and provenance), so that a
+    file replaced by another of the same size and time (`cp -p`, `rsync -a`) changes the key; b"" for others."""
+    if file.suffix != ".safetensors":
+        return b""
+    try:
+        with open(file, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            return f.read(min(n, MAX_KEYED_HEADER))
+    except (OSError, struct.error):
+        return b""
 
 
 def resume_key(config, sources, form, method, steps: list[Step], shard_bytes: int) -> str | None:
