@@ -119,6 +119,32 @@ def test_a_mistake_found_on_the_ranks_is_one_line_naming_them(tmp_path, recipe):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_bad_statistics_found_by_a_rank_leave_nothing_to_resume(tmp_path, recipe):
+    """Sweep 5 F03: a NaN in a statistics file that a rank reads mid-merge was reported as an interruption (finished
+    steps kept, 'run the same command again') and the rerun failed the same way: bad input keeps nothing."""
+    import shutil
+
+    import yaml
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    spec = yaml.safe_load(recipe.read_text())
+    bad = tmp_path / "bad-stats"
+    shutil.copytree(spec["models"][2]["statistics"], bad)
+    file = bad / "statistics.safetensors"
+    with safe_open(file, "pt") as f:
+        tensors, metadata = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    last = sorted(k for k in tensors if k.endswith(("::gram", "::gram_upper")))[-1]
+    tensors[last][0] = float("nan")
+    save_file(tensors, file, metadata=metadata)
+    spec["models"][2]["statistics"] = str(bad)
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(spec))
+    result = regmean("merge", tmp_path / "bad.yaml", tmp_path / "out")
+    line = assert_one_line(result, 2, "has NaN or Inf values")
+    assert KEPT_SAID not in line and "kept" not in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad-stats", "bad.yaml"]
+
+
 @pytest.mark.parametrize(
     ("sent", "says"),
     [

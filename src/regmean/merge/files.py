@@ -22,3 +22,6 @@ CARD, RECIPE, REPORT = "README.md", "merge_config.yaml", "merge_report.json"
 """The model card, the resolved recipe, and the report (which lists every file of the folder)."""
 STAGING_MARK = ".regmean-staging"
 """Marks a folder regmean is writing (or was, when a run was killed)."""
+FAILED_MARK = ".regmean-failed-rank"
+"""Left in the staging folder by a process of the merge that stopped on an error (not an interruption), followed by
+its rank: the folder is then not kept for a rerun, which would fail the same way."""

@@ -17,10 +17,12 @@ from typing import Protocol
 import torch.distributed as dist
 
 from regmean import distributed
+from regmean.distributed import PeerFailed
 from regmean.errors import RegmeanError
 from regmean.io.outputs import check_output_path
 from regmean.io.writer import ShardedWriter
 from regmean.merge.config import MergeConfig
+from regmean.merge.files import FAILED_MARK
 from regmean.merge.inputs import MergeInputs, open_inputs
 from regmean.merge.journal import Journal, remove_journals, resume_key
 from regmean.merge.output import OutputRequest, output_folders, write_output
@@ -87,8 +89,13 @@ def merge_on_ranks(config: MergeConfig, request: OutputRequest, runner: StepRunn
     mine = [(n, steps[n]) for n in divide(steps, ranks, head_bytes(inputs))[rank]]
     if rank != 0:
         staged = _shared([None])
-        writers = form.writers(output_folders(inputs, staged), request.shard_bytes, create=False)
-        results = runner.run(method, mine, writers, False, key and Journal(staged, key, rank))
+        try:
+            writers = form.writers(output_folders(inputs, staged), request.shard_bytes, create=False)
+            results = runner.run(method, mine, writers, False, key and Journal(staged, key, rank))
+        except RegmeanError as exc:
+            if not isinstance(exc, PeerFailed):  # bad input, not an interruption: nothing to keep for a rerun
+                (staged / f"{FAILED_MARK}{rank}").touch()
+            raise
         _gather(writers, results, finish_group)
         return None
 

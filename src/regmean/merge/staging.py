@@ -23,7 +23,7 @@ from regmean.io.outputs import (
     room_error,
 )
 from regmean.io.untrusted import parse_json
-from regmean.merge.files import CARD, COPIED_PATTERNS, RECIPE, REPORT, STAGING_MARK, WEIGHT_PATTERNS
+from regmean.merge.files import CARD, COPIED_PATTERNS, FAILED_MARK, RECIPE, REPORT, STAGING_MARK, WEIGHT_PATTERNS
 
 SET_ASIDE_MARK = ".regmean-set-aside"
 """Marks the folder an old output is moved into while the new one takes its place."""
@@ -144,7 +144,7 @@ def _staging(out_dir: Path, kept: Path | None, resumable: bool, log) -> Iterator
 
 def _kept(tmp: Path, resumable: bool, log) -> bool:
     """Whether an interrupted merge's staging folder is kept for a rerun (it has finished steps), said if so."""
-    keep = resumable and _finished_steps(tmp) > 0
+    keep = resumable and _finished_steps(tmp) > 0 and not list(tmp.glob(f"{FAILED_MARK}*"))
     if keep:
         _say(
             log,
