@@ -171,3 +171,14 @@ def test_padding_rows_never_average_into_a_token(tmp_path):
     torch.testing.assert_close(out[VOCAB + 1], t[VOCAB + 1], rtol=0, atol=0)
     torch.testing.assert_close(out[VOCAB + 2 :], (s[VOCAB + 2 :] + t[VOCAB + 2 :]) / 2, rtol=1e-6, atol=1e-6)
     assert len(tf.AutoTokenizer.from_pretrained(tmp_path / "o")) == VOCAB + 2
+
+
+def test_a_tokenizer_past_its_models_embedding_is_refused_whichever_model_has_it(tmp_path):
+    """Sweep 5 F07: only the first model's tokenizer was checked against its embedding; a second model whose
+    tokenizer got tokens its embedding never did merged silently, and those tokens vanished from the output."""
+    paths = [grown_model(tmp_path / "in", k, []) for k in range(2)]
+    tok = tf.AutoTokenizer.from_pretrained(paths[1])
+    tok.add_tokens(["<new1>", "<new2>"])  # the embeddings not resized
+    tok.save_pretrained(paths[1])
+    recipe = {"method": "average", "models": [{"path": str(p)} for p in paths]}
+    merge_fails(tmp_path, recipe, f"{paths[1]}: the tokenizer has ids up to {VOCAB + 1}", "resize the embeddings")

@@ -137,8 +137,8 @@ PROBE = "Héllo WORLD, it's 2026! naïve Straße   tabs\tand\nlines 123.45 emoji
 
 
 def _past_embedding(model, body: dict[str, tuple[int, ...]], embedding_keys: set[str]) -> list[str]:
-    """The output takes this model's tokenizer: refused when it gives ids past the embedding's rows (tokens added,
-    the embeddings not resized), which the merged model could not read."""
+    """A model whose tokenizer gives ids past its embedding's rows (tokens added, the embeddings not resized) is
+    refused, as `measure` refuses it: its model never read those tokens, and the merged model could not."""
     from regmean.loading import has_vocabulary, load_tokenizer, tokenizer_folder
 
     rows = [body[k][0] for k in embedding_keys if k in body]
@@ -213,7 +213,8 @@ def grown_vocabulary(
     found = vocabulary_keys(bodies, embedding_keys)
     if found is None:
         names = [str(m.path) for m in config.models]
-        return None, same_size_conflicts(models, names) + _past_embedding(models[0], bodies[0], embedding_keys)
+        past = [p for m, body in zip(models, bodies, strict=True) for p in _past_embedding(m, body, embedding_keys)]
+        return None, same_size_conflicts(models, names) + past
     keys, rows = found
     paths = [str(m.path) for m in config.models]
     sizes = ", ".join(f"{r}" for r in rows)
