@@ -78,3 +78,22 @@ def test_a_model_listed_twice_is_refused(tmp_path):
     twice = [*models, {"path": models[0]["path"] + "/./"}]
     recipe = write_config(tmp_path, method="average", models=twice)
     cli_fails(["merge", recipe, tmp_path / "out"], "listed twice in the recipe (models 1 and 4)")
+
+
+@pytest.mark.parametrize(
+    ("change", "where"),
+    [
+        ({"options": {"alpha": False}}, "alpha"),  # `alpha: off`
+        ({"weight": True}, "models.0.weight"),  # `weight: yes`
+        ({"output": {"lora": {"rank": True}}}, "output.lora.rank"),
+    ],
+    ids=["alpha-off", "weight-yes", "rank-true"],
+)
+def test_a_yes_no_value_where_a_number_goes_is_refused(tmp_path, change, where):
+    """Sweep 5 F02: YAML reads off/yes/true as booleans, which passed as 0 and 1 (`alpha: off` merged at alpha 0)."""
+    from test_bad_input import merge_fails
+
+    models = make_models(tmp_path / "in", "bert", "BertForSequenceClassification")
+    if "weight" in change:
+        models[0]["weight"] = change.pop("weight")
+    merge_fails(tmp_path, {"method": "regmean", "models": models, **change}, where, "expected a number, not")

@@ -13,7 +13,6 @@ import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
-    ConfigDict,
     Field,
     ValidationError,
     ValidationInfo,
@@ -26,6 +25,7 @@ from regmean.errors import RegmeanError, one_line
 from regmean.io.untrusted import compile_pattern, resolve_user_path
 from regmean.merge.mergekit import from_mergekit, is_mergekit
 from regmean.methods import METHODS
+from regmean.recipe_model import RecipeModel
 from regmean.stats_checks import MAX_LENGTH
 
 
@@ -41,11 +41,10 @@ MAX_LORA_RANK = 65536
 """The largest rank an adapter output may have (peft's own ranks are far smaller)."""
 
 
-class DataSource(BaseModel):
+class DataSource(RecipeModel):
     """A model's own data, for a method that measures during the merge (regmean_plusplus); the fields mean what
     `regmean measure`'s options of the same names mean."""
 
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     file: LocalPath
     text_field: str = "text"
     text_pair_field: str | None = None
@@ -58,8 +57,7 @@ class DataSource(BaseModel):
     max_length: int = Field(128, ge=1, le=MAX_LENGTH)
 
 
-class ModelEntry(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+class ModelEntry(RecipeModel):
     path: LocalPath
     """A Hugging Face model folder (config.json + safetensors), or a PEFT LoRA adapter folder over `base_model`."""
     statistics: LocalPath | None = None
@@ -72,21 +70,18 @@ class ModelEntry(BaseModel):
     """This model's own values of the method's per-model options (ties: density; dare: drop_rate)."""
 
 
-class LoraOutput(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+class LoraOutput(RecipeModel):
     rank: int = Field(ge=1, le=MAX_LORA_RANK)
     """The adapter's rank r (a layer narrower than r keeps its full rank, exactly)."""
 
 
-class OutputForm(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+class OutputForm(RecipeModel):
     lora: LoraOutput | None = None
     """Write one peft LoRA adapter over the base model instead of a full model: each changed linear layer's merged
     update at rank r (RegMean's: best in its own system's metric), changed heads and norms saved whole."""
 
 
-class MergeConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+class MergeConfig(RecipeModel):
     method: str = "regmean"
     models: list[ModelEntry] = Field(min_length=1)
     base_model: LocalPath | None = None

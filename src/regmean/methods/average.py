@@ -5,13 +5,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from pydantic import BaseModel, ConfigDict
 
 from regmean.methods.base import ElementwiseMethod, TensorInputs, TensorStep
+from regmean.recipe_model import RecipeModel
 
 
-class AverageOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+class AverageOptions(RecipeModel):
+    """Simple averaging has no options."""
 
 
 def weighted_average(tensors: Sequence[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:

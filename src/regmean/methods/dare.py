@@ -12,17 +12,17 @@ import math
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from regmean.methods.base import TensorInputs, TensorStep
 from regmean.methods.task_arithmetic import TaskVectorMethod
 from regmean.methods.ties import elect_and_average, task_vector
+from regmean.recipe_model import RecipeModel
 
 LOW32 = 0xFFFFFFFF
 
 
-class DareOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+class DareOptions(RecipeModel):
     drop_rate: float = Field(0.5, ge=0.0, lt=1.0)
     """p: the probability that a task-vector entry is dropped."""
     combine: Literal["linear", "ties"] = "linear"

@@ -10,18 +10,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from pydantic import BaseModel, ConfigDict
 
 from regmean.errors import RegmeanError
 from regmean.fisher import FisherFile
 from regmean.methods.average import weighted_average
 from regmean.methods.base import Cost, ElementwiseMethod, StatisticsKind, Step, TensorInputs, TensorStep
+from regmean.recipe_model import RecipeModel
 
 EPS = 1e-30  # only breaks 0/0: a parameter no model's Fisher touches is simply averaged
 
 
-class FisherOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+class FisherOptions(RecipeModel):
     normalize: bool = False
 
 

@@ -11,7 +11,7 @@ from functools import cached_property
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from regmean.architecture import LinearLayer, is_head_key
 from regmean.dtypes import itemsize
@@ -29,6 +29,7 @@ from regmean.methods.least_squares import (
     reconstruction_error,
     regmean_solve,
 )
+from regmean.recipe_model import RecipeModel
 from regmean.stats import WITHHELD, SiteStats, StatisticsFile
 from regmean.stats_checks import check_scales
 
@@ -40,8 +41,7 @@ REGMEAN_BIBTEX = """@inproceedings{jin2023dataless,
 }"""
 
 
-class RegMeanOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+class RegMeanOptions(RecipeModel):
     alpha: float = Field(0.9, ge=0.0, le=1.0)
     """Off-diagonal multiplier: 1 = plain RegMean, 0 = per-feature weighted average."""
     gram_weighting: Literal["mean", "sum"] = "mean"

@@ -6,15 +6,14 @@ from abc import abstractmethod
 from collections.abc import Sequence
 
 import torch
-from pydantic import BaseModel, ConfigDict
 
 from regmean.errors import RegmeanError
 from regmean.methods.average import weighted_average
 from regmean.methods.base import ElementwiseMethod, TensorInputs, TensorStep
+from regmean.recipe_model import RecipeModel
 
 
-class TaskArithmeticOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+class TaskArithmeticOptions(RecipeModel):
     scaling: float = 1.0
     """lambda in W_base + lambda * sum_i w_i (W_i - W_base)."""
 

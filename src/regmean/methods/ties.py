@@ -17,15 +17,15 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from regmean.dtypes import itemsize
 from regmean.methods.base import TensorInputs, TensorStep
 from regmean.methods.task_arithmetic import TaskVectorMethod
+from regmean.recipe_model import RecipeModel
 
 
-class TiesOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+class TiesOptions(RecipeModel):
     density: float = Field(0.2, gt=0.0, le=1.0)
     """Fraction of each task vector's entries kept (those of largest magnitude), per tensor."""
     scaling: float = 1.0
