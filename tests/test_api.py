@@ -26,3 +26,27 @@ def test_the_api_from_measure_to_evaluate(tmp_path):
     scores = regmean.evaluate([tmp_path / "out", model], data, progress=False)
     assert [s.model for s in scores] == [str(tmp_path / "out"), str(model)]
     assert all(0 <= s.metrics["accuracy"] <= 1 and s.examples == 10 for s in scores)
+
+
+def test_the_apis_common_mistakes_are_regmean_errors(tmp_path, monkeypatch):
+    """Sweep 5 F10: a path for examples, a dict for protection, no models, a string for a number were tracebacks;
+    one folder given alone is scored, and a recipe given as a mapping is merged (paths from the working folder)."""
+    import pytest
+
+    model = save_model(build_model("bert", "BertForSequenceClassification"), tmp_path / "m")
+    data = write_jsonl(tmp_path / "t.jsonl", TEXTS, [f"LABEL_{k % 3}" for k in range(len(TEXTS))])
+    mistakes = {
+        "a list of regmean.Example": lambda: regmean.measure(model, str(data)),
+        "a regmean.Protection": lambda: regmean.measure(model, EXAMPLES, protection={"epsilon": 1}),
+        "no models given": lambda: regmean.evaluate([], data),
+        "give a number": lambda: regmean.Protection(epsilon="1"),
+    }
+    for says, mistake in mistakes.items():
+        with pytest.raises(regmean.RegmeanError, match=says):
+            mistake()
+    (scores,) = regmean.evaluate(model, data, progress=False)
+    assert scores.model == str(model) and scores.examples == len(TEXTS)
+    save_model(build_model("bert", "BertForSequenceClassification", 2), tmp_path / "m2")
+    monkeypatch.chdir(tmp_path)
+    report = regmean.merge({"method": "average", "models": [{"path": "m"}, {"path": "m2"}]}, "out", progress=False)
+    assert report.method == "average" and (tmp_path / "out" / "model.safetensors").is_file()

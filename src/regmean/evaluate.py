@@ -225,8 +225,8 @@ def _encoded(
 
 
 def evaluate(
-    models: list[Path],
-    data: Path,
+    models: list[str | Path] | str | Path,
+    data: str | Path,
     text_field: str = "text",
     label_field: str = "label",
     target_field: str | None = None,
@@ -242,6 +242,10 @@ def evaluate(
     """Every model's scores on the data file, in the order given (all models must be of one kind). Model folders
     or LoRA adapters (over `base`, or the local base their config names); conversations score the assistant turns
     only unless `score_tokens` is "all"."""
+    models = [Path(models)] if isinstance(models, str | Path) else [Path(m) for m in models]
+    if not models:
+        raise RegmeanError("evaluate: no models given; pass a list of model (or adapter) folders")
+    data = Path(data)
     bases: dict = {}  # adapters over one base share it
     candidates = [Candidate.open(m, base, bases) for m in models]
     kinds = {c.path: model_kind(c.config_dir) for c in candidates}

@@ -73,8 +73,7 @@ def measure(
     token counts are withheld (`Protection(withhold=False)` keeps them; `epsilon` adds differential privacy).
     """
     sums = dtypes.named(stats_dtype, dtypes.STATISTICS, "stats dtype")
-    if not examples:
-        raise RegmeanError("no examples to measure on")
+    _check_arguments(examples, protection)
     model, tokenizer, examples, described, fingerprint = _loaded(
         model_dir, base, allow_pickle, examples, device, model_dtype, max_length
     )
@@ -114,6 +113,20 @@ def measure(
     with shown as advance:
         collected, record = passes.run(blocks, advance, len(local), context, header, on_block)
     return Statistics(sites=collected, tokens=record["tokens"], provenance=[record], measured_model=source, **header)
+
+
+def _check_arguments(examples, protection) -> None:
+    """The Python API's arguments of the right kinds (the command line builds them itself)."""
+    if (
+        isinstance(examples, str | Path)
+        or not isinstance(examples, Sequence)
+        or not all(isinstance(e, Example) for e in examples)
+    ):
+        raise RegmeanError("examples: a list of regmean.Example; read a data file with regmean.load_examples(path)")
+    if not examples:
+        raise RegmeanError("no examples to measure on")
+    if protection is not None and not isinstance(protection, Protection):
+        raise RegmeanError(f"protection: a regmean.Protection(...), not a {type(protection).__name__}")
 
 
 def _loaded(model_dir, base, allow_pickle: bool, examples, device: str, model_dtype: str, max_length: int):

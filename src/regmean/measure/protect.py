@@ -37,6 +37,10 @@ class Protection:
 
     def __post_init__(self) -> None:
         """Refuse a budget that cannot be met before any work (the accountant runs later, once)."""
+        numbers = {"epsilon": self.epsilon, "delta": self.delta, "clip": self.clip}
+        for name, value in numbers.items():
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
+                raise RegmeanError(f"Protection {name}={value!r}: give a number (--dp-{name} on the command line)")
         if self.epsilon is None:
             if self.clip is not None:
                 raise RegmeanError("--dp-clip bounds a DP release: give --dp-epsilon (and --dp-delta) with it")

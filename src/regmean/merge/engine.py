@@ -31,7 +31,7 @@ from regmean.vocabulary import unchecked_note
 
 
 def merge(
-    config: MergeConfig | str | Path,
+    config: MergeConfig | dict | str | Path,
     out_dir: str | Path,
     *,
     force: bool = False,
@@ -43,7 +43,7 @@ def merge(
     log=None,
     lora_rank: int | None = None,
 ) -> MergeReport | MergePlan | None:
-    """Merge the models of `config` (a MergeConfig or a YAML path) into `out_dir`.
+    """Merge the models of `config` (a MergeConfig, a recipe mapping, or a YAML path) into `out_dir`.
 
     With heads: merge, `out_dir` is one model folder; with heads: keep, it holds one folder per input model (the
     merged body plus that model's own head). The plan (bytes, peak memory estimate) is computed first and passed to
@@ -55,6 +55,8 @@ def merge(
     among the ranks (`merge.parallel`), and only rank 0 returns the report (the others None).
     """
     sources: list[tuple[str, Path]] = []
+    if isinstance(config, dict):  # a recipe as a mapping, its relative paths taken from the working folder
+        config = MergeConfig.parse(config, source="recipe", root=Path.cwd())
     if not isinstance(config, MergeConfig):
         sources.append(("recipe", Path(config)))
         config = MergeConfig.from_file(config)
