@@ -400,3 +400,15 @@ def test_seeds_kept_from_before_the_constant_predictor_get_its_rows(tmp_path):
     for task, value in got.items():
         labels = task_data(task, 0, settings)[1].labels
         assert value == pytest.approx(max(Counter(labels).values()) / len(labels)) and len(labels) == 30
+
+
+@pytest.mark.parametrize("bad", [["--train-size", "-5"], ["--test-size", "0"], ["--epochs", "0"], ["--alpha", "2"]])
+def test_bench_refuses_bad_settings_before_any_work(tmp_path, bad):
+    """Sweep 5 F09: a negative size was an internal error, alpha 2 fine-tuned for minutes before anything checked."""
+    from typer.testing import CliRunner
+
+    from regmean.cli import app
+
+    result = CliRunner().invoke(app, ["bench", "demo", "--out", str(tmp_path / "run"), *bad])
+    assert result.exit_code == 2 and bad[0] in result.output, result.output
+    assert not (tmp_path / "run").exists()

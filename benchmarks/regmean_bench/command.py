@@ -15,10 +15,10 @@ def bench(
     num_seeds: Annotated[int | None, typer.Option(help="Run seeds 0 to N-1 (default: seed 0)")] = None,
     out: Annotated[Path | None, typer.Option(help="Output folder (default runs/NAME)")] = None,
     base: Annotated[Path | None, typer.Option(help="Backbone model folder (default: packaged MiniLM)")] = None,
-    train_size: Annotated[int | None, typer.Option(help="Training examples per model")] = None,
-    test_size: Annotated[int | None, typer.Option(help="Examples per evaluation set")] = None,
-    epochs: Annotated[int | None, typer.Option(help="Fine-tuning epochs")] = None,
-    alpha: Annotated[float | None, typer.Option(help="RegMean alpha of the main row")] = None,
+    train_size: Annotated[int | None, typer.Option(min=1, help="Training examples per model")] = None,
+    test_size: Annotated[int | None, typer.Option(min=1, help="Examples per evaluation set")] = None,
+    epochs: Annotated[int | None, typer.Option(min=1, help="Fine-tuning epochs")] = None,
+    alpha: Annotated[float | None, typer.Option(min=0.0, max=1.0, help="RegMean alpha of the main row")] = None,
     keep_work: Annotated[
         bool, typer.Option("--keep-work", help="Keep statistics and merged models under OUT/work")
     ] = False,
