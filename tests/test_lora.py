@@ -145,6 +145,25 @@ def test_adapter_over_the_wrong_base_is_refused(tmp_path):
     assert not (tmp_path / "s").exists()
 
 
+def test_an_adapter_used_over_another_local_base_than_its_own_is_said(tmp_path):
+    """Sweep 5 F08: an adapter whose config names an existing local base, measured over another same-shaped model,
+    gave statistics of a model nobody has without a word: now a warning names both (the same base: none)."""
+    import warnings
+
+    from regmean.errors import RegmeanWarning
+
+    base, adapter = _adapter_with(tmp_path, base_model_name_or_path=None)
+    config_file = adapter / "adapter_config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "base_model_name_or_path": str(base)}))
+    other = save_model(build_model("bert", "BertForSequenceClassification", seed=7), tmp_path / "in" / "other")
+    ex = [Example(t, None, None) for t in TEXTS[:3]]
+    with pytest.warns(RegmeanWarning, match=f"trained over {base} .* used over {other}"):
+        measure(adapter, ex, base=other, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RegmeanWarning)
+        measure(adapter, ex, base=base, progress=False)
+
+
 def test_measure_needs_the_base(tmp_path):
     _, adapter = _adapter_with(tmp_path)
     ex = [Example(t, None, None) for t in TEXTS]

@@ -7,6 +7,7 @@ import functools
 import os
 import signal
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, NoReturn
@@ -20,7 +21,7 @@ from regmean.cli_common import PICKLE_HELP, console, on_rank0
 from regmean.cli_measure import measure as measure_command
 from regmean.cli_show import convert_gguf, stats_show
 from regmean.cli_show import evaluate as evaluate_command
-from regmean.errors import RegmeanError, one_line
+from regmean.errors import RegmeanError, RegmeanWarning, one_line
 from regmean.io.outputs import no_room
 from regmean.launch import relaunch_with_torchrun
 from regmean.merge.config import MAX_LORA_RANK
@@ -250,7 +251,19 @@ UsageError = typer.BadParameter.__mro__[1]
 """typer's own click UsageError: a command line that does not parse (unknown option, value out of range)."""
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """regmean's own warnings as one `warning:` line on stderr; others as Python shows them."""
+    if issubclass(category, RegmeanWarning):
+        print(f"warning: {message}", file=sys.stderr)
+    else:
+        _python_warning(message, category, filename, lineno, file, line)
+
+
+_python_warning = warnings.showwarning
+
+
 def main() -> None:
+    warnings.showwarning = _show_warning
     signal.signal(signal.SIGINT, _interrupt)
     signal.signal(signal.SIGTERM, _interrupt)
     try:

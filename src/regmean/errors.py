@@ -9,6 +9,10 @@ class RegmeanError(Exception):
         super().__init__("\n".join(self.problems))
 
 
+class RegmeanWarning(UserWarning):
+    """Something the user should look at that does not stop the work; the CLI prints it as one `warning:` line."""
+
+
 def one_line(text: str, limit: int = 600) -> str:
     """Whitespace (newlines included) collapsed to single spaces, other unprintable characters (terminal escapes)
     written as escapes, cut to `limit` characters: safe to print whatever file the text came from."""

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cached_property
@@ -14,7 +16,7 @@ from typing import Any
 import torch
 
 from regmean.dtypes import STORED, STORED_FLOATS
-from regmean.errors import RegmeanError
+from regmean.errors import RegmeanError, RegmeanWarning, one_line
 from regmean.io.adapter_targets import check_targets, conv1d_modules
 from regmean.io.checkpoint import ADAPTER_CONFIG, Checkpoint
 from regmean.io.tensorfile import TensorFile
@@ -80,9 +82,16 @@ def open_model(path: str | Path, base: str | Path | None = None, allow_pickle: b
 
 def base_folder(adapter: Path, config: dict, given: str | Path | None) -> Path:
     """The base model of an adapter: the one given, else the adapter config's own base path if it is a local folder."""
-    if given is not None:
-        return Path(given)
     named = config.get("base_model_name_or_path")
+    if given is not None:
+        local = isinstance(named, str) and named and Path(named).is_dir()
+        if local and os.path.realpath(named) != os.path.realpath(given):
+            message = (
+                f"{adapter}: trained over {named} (its adapter_config.json says), used over {given}: unless the two "
+                "are the same model, the results are of a model nobody has"
+            )
+            warnings.warn(RegmeanWarning(one_line(message)), stacklevel=2)
+        return Path(given)
     if isinstance(named, str) and named and Path(named).is_dir():
         return Path(named)
     where = f" ({named!r} is not a local folder)" if named else ""
