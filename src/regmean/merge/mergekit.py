@@ -43,8 +43,8 @@ def from_mergekit(raw: dict, source: str) -> dict:
     shared = _parameters(raw.get("parameters") or {}, source, "parameters")
     base = _path(raw["base_model"], source) if raw.get("base_model") else None
     models, lora_base = [], None
-    for number, entry in enumerate(raw.get("models") or [], start=1):
-        where = f"models[{number}]"
+    for number, entry in enumerate(raw.get("models") or []):
+        where = f"models.{number}"  # numbered from 0, as our recipes' messages number them
         if not isinstance(entry, dict) or not isinstance(entry.get("model"), str):
             raise RegmeanError(f"{source}: {where}: give `model: <folder>` (or `<folder>+<lora folder>`)")
         folder, _, lora = entry["model"].partition("+")
