@@ -399,3 +399,21 @@ def test_a_model_that_carries_the_merge_is_said(trio):
     assert said in (tmp_path / "out" / "README.md").read_text()
     report = json.loads((tmp_path / "out" / "merge_report.json").read_text())
     assert len(report["warnings"]) == 1 and all(abs(sum(row["gram_share"]) - 1) < 1e-9 for row in report["layers"])
+
+
+def test_a_block_copied_over_another_is_named(tmp_path):
+    """Sweep 5 F12b: block 3 overwritten by block 2 read as 'no statistics for site ...' (the copy's sites were
+    taken from the first block holding them): now the copy is named, with the block it repeats."""
+    import shutil
+
+    from conftest import write_jsonl
+
+    path = save_model(build_model("bert", "BertForSequenceClassification", 1), tmp_path / "m")
+    data = write_jsonl(tmp_path / "d.jsonl")
+    result = run("measure", path, "--data", data, "--out", tmp_path / "s", "--max-memory", "4KB")
+    assert result.exit_code == 0, result.output
+    blocks = sorted((tmp_path / "s").glob("statistics-*-of-*.safetensors"))
+    assert len(blocks) >= 3
+    shutil.copyfile(blocks[1], blocks[2])
+    with pytest.raises(RegmeanError, match=f"{blocks[2].name}: site .* is stored in {blocks[1].name} too"):
+        StatisticsFile(tmp_path / "s")

@@ -231,7 +231,13 @@ class StatisticsFile:
             if block.meta != self.meta:  # every block of one measure carries the same metadata
                 raise RegmeanError(f"{handle.path}: a block of another measure than {files[0]}; measure again")
             for key in handle.keys():
-                self._handles.setdefault(key.rsplit("::", 1)[0], handle)
+                site = key.rsplit("::", 1)[0]
+                first = self._handles.setdefault(site, handle)
+                if first is not handle:  # e.g. one block copied over another
+                    raise RegmeanError(
+                        f"{handle.path}: site {site} is stored in {first.path.name} too; each block of a measure holds "
+                        "its own sites: measure again"
+                    )
         for name in self.site_names:
             self._check_site(name)
 
