@@ -32,7 +32,7 @@ from regmean.io.outputs import Inputs
 from regmean.io.staged import StagedFiles, target_file, write_atomic
 from regmean.io.tensorfile import TensorFile
 from regmean.io.untrusted import all_finite
-from regmean.stats_checks import check_count, check_gram, check_header, count_limits, structure_problems
+from regmean.stats_checks import check_count, check_gram, check_header, count_limits, files_by_site, structure_problems
 
 FORMAT = "regmean.gram"
 FORMAT_VERSION = 2
@@ -226,18 +226,10 @@ class StatisticsFile:
         self.site_names = list(dict.fromkeys(self.modules.values()))  # forward order
         totals = (self.examples, self.tokens)
         check_header(self.path, self.modules, self.site_streams, self.privacy, self.provenance, totals)
-        self._handles: dict[str, TensorFile] = {}
         for handle, block in opened:
             if block.meta != self.meta:  # every block of one measure carries the same metadata
                 raise RegmeanError(f"{handle.path}: a block of another measure than {files[0]}; measure again")
-            for key in handle.keys():
-                site = key.rsplit("::", 1)[0]
-                first = self._handles.setdefault(site, handle)
-                if first is not handle:  # e.g. one block copied over another
-                    raise RegmeanError(
-                        f"{handle.path}: site {site} is stored in {first.path.name} too; each block of a measure holds "
-                        "its own sites: measure again"
-                    )
+        self._handles: dict[str, TensorFile] = files_by_site([handle for handle, _ in opened])
         for name in self.site_names:
             self._check_site(name)
 

@@ -263,3 +263,19 @@ def check_scales(files: list | None, sites: tuple[str, ...], stats: list) -> Non
             f"({said}); fine-tunes of one model are never that far apart: a file was altered or is of another "
             "model, measure again"
         )
+
+
+def files_by_site(handles: list) -> dict:
+    """The file (of a measure's blocks) that holds each site; a site stored in two is refused, naming both (one
+    block copied over another)."""
+    found: dict = {}
+    for handle in handles:
+        for key in handle.keys():
+            site = key.rsplit("::", 1)[0]
+            first = found.setdefault(site, handle)
+            if first is not handle:
+                raise RegmeanError(
+                    f"{handle.path}: site {site} is stored in {first.path.name} too; each block of a measure holds "
+                    "its own sites: measure again"
+                )
+    return found
