@@ -190,7 +190,6 @@ def test_a_full_disk_is_one_line_and_leaves_nothing(trio, tmp_path, monkeypatch)
 
     monkeypatch.setattr("regmean.io.tensorfile.os.pwrite", full)
     refused(["merge", config, tmp_path / "out" / "merged"], "the disk is full")
-    monkeypatch.setattr("regmean.io.staged.save_file", full)
     data = write_jsonl(tmp_path / "d.jsonl", TEXTS[:2], ["a", "b"])
     refused(["measure", models[0]["path"], "--data", data, "--out", tmp_path / "stats"], "the disk is full")
     refused(["stats", "combine", models[0]["statistics"], "--out", tmp_path / "comb"], "the disk is full")

@@ -136,6 +136,19 @@ PROBE = "Héllo WORLD, it's 2026! naïve Straße   tabs\tand\nlines 123.45 emoji
 """A text that tells apart tokenizers of one vocabulary: case, accents, digits, whitespace, symbols."""
 
 
+def _past_embeddings(models: Sequence, bodies: Sequence[dict], embedding_keys: set[str]) -> list[str]:
+    """`_past_embedding` for every model of one embedding size, once per distinct set of tokenizer files."""
+    from regmean.loading import tokenizer_folder
+
+    checked, problems = set(), []
+    for model, body in zip(models, bodies, strict=True):
+        digest = _tokenizer_digest(tokenizer_folder(model.folders))
+        if digest not in checked:
+            checked.add(digest)
+            problems += _past_embedding(model, body, embedding_keys)
+    return problems
+
+
 def _past_embedding(model, body: dict[str, tuple[int, ...]], embedding_keys: set[str]) -> list[str]:
     """A model whose tokenizer gives ids past its embedding's rows (tokens added, the embeddings not resized) is
     refused, as `measure` refuses it: its model never read those tokens, and the merged model could not."""
@@ -213,8 +226,7 @@ def grown_vocabulary(
     found = vocabulary_keys(bodies, embedding_keys)
     if found is None:
         names = [str(m.path) for m in config.models]
-        past = [p for m, body in zip(models, bodies, strict=True) for p in _past_embedding(m, body, embedding_keys)]
-        return None, same_size_conflicts(models, names) + past
+        return None, same_size_conflicts(models, names) + _past_embeddings(models, bodies, embedding_keys)
     keys, rows = found
     paths = [str(m.path) for m in config.models]
     sizes = ", ".join(f"{r}" for r in rows)

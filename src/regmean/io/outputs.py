@@ -102,17 +102,12 @@ def check_free_space(folder: Path, needed: int, what: str, name: Path | None = N
 
 
 NO_ROOM = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded"}
-NO_ROOM_WORDS = {"No space left on device": errno.ENOSPC, "Disk quota exceeded": errno.EDQUOT}
-"""safetensors' SafetensorError is no OSError: the operating system's words in its message say which it was."""
 
 
 def no_room(exc: BaseException) -> str | None:
-    """'the disk is full' (or its quota) when `exc` is a write that ran out of room; None for any other failure."""
-    if isinstance(exc, OSError):
-        return NO_ROOM.get(exc.errno)
-    if type(exc).__name__ == "SafetensorError":
-        return next((NO_ROOM[code] for words, code in NO_ROOM_WORDS.items() if words in str(exc)), None)
-    return None
+    """'the disk is full' (or its quota) when `exc` is a write that ran out of room; None for any other failure
+    (every safetensors file is written by `io.tensorfile.PlannedFile`: its failures are OSErrors)."""
+    return NO_ROOM.get(exc.errno) if isinstance(exc, OSError) else None
 
 
 def free_bytes(folder: Path) -> int:

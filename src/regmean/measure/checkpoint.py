@@ -154,7 +154,7 @@ class MeasureCheckpoint:
         """Write a checkpoint file; if that fails, say so once and go on without saving progress."""
         try:
             _write_stats(stats, info, path)
-        except (OSError, SafetensorError) as exc:
+        except OSError as exc:
             self.failed = True
             shutil.rmtree(self.folder, ignore_errors=True)
             if self.log is not None:
