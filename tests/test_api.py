@@ -40,6 +40,9 @@ def test_the_apis_common_mistakes_are_regmean_errors(tmp_path, monkeypatch):
         "a regmean.Protection": lambda: regmean.measure(model, EXAMPLES, protection={"epsilon": 1}),
         "no models given": lambda: regmean.evaluate([], data),
         "give a number": lambda: regmean.Protection(epsilon="1"),
+        "batch_size '8'": lambda: regmean.measure(model, EXAMPLES, batch_size="8"),
+        "not a list": lambda: regmean.merge([str(model)], tmp_path / "o"),
+        "takes a list of statistics": lambda: regmean.combine(str(tmp_path)),
     }
     for says, mistake in mistakes.items():
         with pytest.raises(regmean.RegmeanError, match=says):

@@ -163,6 +163,10 @@ def test_a_vision_language_model_measured_on_text_solves_its_text_layers(tmp_pat
             said.output
         )
         models.append({"path": str(path), "statistics": str(tmp_path / f"s{k}")})
+    only = ["measure", str(path), "--data", str(data), "--out", str(tmp_path / "v"), "--include", "vision_tower"]
+    said = CliRunner().invoke(app, only)  # sweep 6 R1: only modules that never run were a misleading error
+    assert said.exit_code != 0 and "none of the 6 selected linear modules ran on this data" in said.output
+    assert not (tmp_path / "v").exists()
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump({"method": "regmean", "models": models}))
     assert run("merge", recipe, tmp_path / "out").exit_code == 0

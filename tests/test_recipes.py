@@ -77,7 +77,7 @@ def test_a_model_listed_twice_is_refused(tmp_path):
     models = make_models(tmp_path / "in", "bert", "BertForSequenceClassification", stats=False)
     twice = [*models, {"path": models[0]["path"] + "/./"}]
     recipe = write_config(tmp_path, method="average", models=twice)
-    cli_fails(["merge", recipe, tmp_path / "out"], "listed twice in the recipe (models 1 and 4)")
+    cli_fails(["merge", recipe, tmp_path / "out"], "listed twice in the recipe (models 0 and 3)")
 
 
 @pytest.mark.parametrize(

@@ -334,8 +334,8 @@ class StatisticsFile:
 
 def combine(paths: list[str | Path]) -> Statistics:
     """Sum statistics of the same model measured on disjoint data: exactly the statistics of the union."""
-    if not paths:
-        raise RegmeanError("combine needs at least one statistics file")
+    if isinstance(paths, str | Path) or not paths:
+        raise RegmeanError("combine takes a list of statistics files or folders (at least one)")
     files = [StatisticsFile(p) for p in paths]
     first = files[0]
     problems = []

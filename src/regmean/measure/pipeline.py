@@ -73,7 +73,7 @@ def measure(
     token counts are withheld (`Protection(withhold=False)` keeps them; `epsilon` adds differential privacy).
     """
     sums = dtypes.named(stats_dtype, dtypes.STATISTICS, "stats dtype")
-    _check_arguments(examples, protection)
+    _check_arguments(examples, protection, batch_size)
     model, tokenizer, examples, described, fingerprint = _loaded(
         model_dir, base, allow_pickle, examples, device, model_dtype, max_length
     )
@@ -87,6 +87,8 @@ def measure(
     first = next(first_pass)
     with peak_memory(device) as forward_peak:  # the site-detection pass is a whole forward pass
         sites = detect_sites(model, modules, first, skipped)
+    if not sites:  # every selected module was set aside: none ran on this data
+        raise RegmeanError(f"none of the {len(modules)} selected linear modules ran on this data; select others")
     distributed.check_same(repr([(s.name, s.modules, s.stream) for s in sites]), "the detected sites")
     protection = protection or Protection()
     sites, withheld, private = _protected(
@@ -115,8 +117,10 @@ def measure(
     return Statistics(sites=collected, tokens=record["tokens"], provenance=[record], measured_model=source, **header)
 
 
-def _check_arguments(examples, protection) -> None:
+def _check_arguments(examples, protection, batch_size) -> None:
     """The Python API's arguments of the right kinds (the command line builds them itself)."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise RegmeanError(f"batch_size {batch_size!r}: a whole number of examples, at least 1")
     if (
         isinstance(examples, str | Path)
         or not isinstance(examples, Sequence)

@@ -233,7 +233,7 @@ class MergeConfig(RecipeModel):
             if path is not None:  # a symbolic link loop is refused now, not when a path is resolved mid-merge
                 resolve_user_path(path, what)
         seen: dict[str, int] = {}
-        for number, m in enumerate(data.models, start=1):
+        for number, m in enumerate(data.models):  # numbered from 0, as every recipe message numbers them
             first = seen.setdefault(os.path.realpath(m.path), number)
             if first != number:  # merged at double weight without a word otherwise
                 raise RegmeanError(

@@ -57,6 +57,8 @@ def merge(
     sources: list[tuple[str, Path]] = []
     if isinstance(config, dict):  # a recipe as a mapping, its relative paths taken from the working folder
         config = MergeConfig.parse(config, source="recipe", root=Path.cwd())
+    if not isinstance(config, MergeConfig | str | Path):
+        raise RegmeanError(f"merge: a recipe (a MergeConfig, a mapping, or a YAML path), not a {type(config).__name__}")
     if not isinstance(config, MergeConfig):
         sources.append(("recipe", Path(config)))
         config = MergeConfig.from_file(config)
