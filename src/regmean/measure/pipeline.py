@@ -87,8 +87,6 @@ def measure(
     first = next(first_pass)
     with peak_memory(device) as forward_peak:  # the site-detection pass is a whole forward pass
         sites = detect_sites(model, modules, first, skipped)
-    if not sites:  # every selected module was set aside: none ran on this data
-        raise RegmeanError(f"none of the {len(modules)} selected linear modules ran on this data; select others")
     distributed.check_same(repr([(s.name, s.modules, s.stream) for s in sites]), "the detected sites")
     protection = protection or Protection()
     sites, withheld, private = _protected(

@@ -127,6 +127,8 @@ def detect_sites(
         sites.append(Site(members[0], members, stream, x.shape[-1], len(key), last_call[members[0]]))
     for name, block in experts.items():
         sites += _routed_sites(block, wanted, len(calls[name]), last_call[name])
+    if not sites:  # every selected module was set aside: none ran on this data
+        raise RegmeanError(f"none of the {len(calls)} selected linear modules ran on this data; select others")
     return sites
 
 
