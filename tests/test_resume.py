@@ -145,3 +145,35 @@ def test_statistics_replaced_with_the_same_size_and_time_start_over(tmp_path, mo
     assert any(f"removed {staged}" in line for line in said), said
     merge(config, tmp_path / "again", progress=False)
     same_folders(tmp_path / "again", tmp_path / "out")
+
+
+@pytest.mark.parametrize("whole_file", [True, False])
+def test_model_weights_replaced_with_the_same_size_and_time_start_over(tmp_path, monkeypatch, whole_file):
+    """Sweep 6 E2: a model fine-tuned again (same architecture: same header and size) copied over the old one with
+    its time kept was resumed over by a data-free merge, mixing steps of both; the key now samples every tensor's
+    bytes (or reads a small file whole)."""
+    import os
+    import shutil
+
+    from regmean.merge import journal
+
+    if not whole_file:
+        monkeypatch.setattr(journal, "WHOLE_FILE", 0)  # the sampled path of large checkpoints
+    models = make_models(tmp_path / "in", "bert", "BertForSequenceClassification", stats=False)
+    config = write_config(tmp_path, method="average", models=models)
+    with monkeypatch.context() as patch:
+        interrupt_at(patch, "average", 3)
+        with pytest.raises(Stop):
+            merge(config, tmp_path / "out", progress=False)
+    (staged,) = tmp_path.glob(".out.partial-*")
+    old = tmp_path / "in" / "ft1" / "model.safetensors"
+    new = tmp_path / "in" / "ft0" / "model.safetensors"  # another fine-tune of the same architecture
+    assert old.stat().st_size == new.stat().st_size and old.read_bytes() != new.read_bytes()
+    times = (old.stat().st_atime_ns, old.stat().st_mtime_ns)
+    shutil.copyfile(new, old)
+    os.utime(old, ns=times)
+    said = []
+    merge(config, tmp_path / "out", progress=False, log=said.append)
+    assert any(f"removed {staged}" in line for line in said), said
+    merge(config, tmp_path / "again", progress=False)
+    same_folders(tmp_path / "again", tmp_path / "out")
