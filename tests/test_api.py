@@ -29,7 +29,8 @@ def test_the_api_from_measure_to_evaluate(tmp_path):
 
 
 def test_the_apis_common_mistakes_are_regmean_errors(tmp_path, monkeypatch):
-    """Sweep 5 F10: a path for examples, a dict for protection, no models, a string for a number were tracebacks;
+    """Sweep 5 F10 and sweep 6 R3: a path for examples, a dict for protection, no models, a string for a number,
+    examples for evaluate's data file were tracebacks; statistics saved over a model's weights replaced them (R2);
     one folder given alone is scored, and a recipe given as a mapping is merged (paths from the working folder)."""
     import pytest
 
@@ -43,11 +44,19 @@ def test_the_apis_common_mistakes_are_regmean_errors(tmp_path, monkeypatch):
         "batch_size '8'": lambda: regmean.measure(model, EXAMPLES, batch_size="8"),
         "not a list": lambda: regmean.merge([str(model)], tmp_path / "o"),
         "takes a list of statistics": lambda: regmean.combine(str(tmp_path)),
+        "data is the path of a labelled data file": lambda: regmean.evaluate(model, EXAMPLES),
+        "models are a list of model": lambda: regmean.evaluate([model, 3], data),
+        "max_length 0: a whole number of tokens": lambda: regmean.evaluate(model, data, max_length=0),
+        "max_length '32'": lambda: regmean.measure(model, EXAMPLES, max_length="32"),
     }
     for says, mistake in mistakes.items():
         with pytest.raises(regmean.RegmeanError, match=says):
             mistake()
     (scores,) = regmean.evaluate(model, data, progress=False)
+    weights = (model / "model.safetensors").read_bytes()
+    with pytest.raises(regmean.RegmeanError, match="not a regmean.gram file written by regmean"):
+        regmean.save_statistics(regmean.measure(model, EXAMPLES, progress=False), model / "model.safetensors")
+    assert (model / "model.safetensors").read_bytes() == weights  # sweep 6 R2: the weights were replaced
     assert scores.model == str(model) and scores.examples == len(TEXTS)
     save_model(build_model("bert", "BertForSequenceClassification", 2), tmp_path / "m2")
     monkeypatch.chdir(tmp_path)

@@ -12,6 +12,7 @@ from torch import nn
 from typer.testing import CliRunner
 
 from regmean.cli import app
+from regmean.errors import RegmeanError
 from regmean.io.data import Example
 from regmean.measure import measure
 from regmean.stats import PACK_ROWS, StatisticsFile, combine, pack_upper, save, unpack_upper
@@ -130,6 +131,24 @@ def test_combined_halves_equal_the_whole(tmp_path):
         assert both.sites[name].count == s.count
         torch.testing.assert_close(both.sites[name].gram, s.gram, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(both.sites[name].sum, s.sum, rtol=1e-12, atol=1e-12)
+
+
+def test_a_shard_is_never_combined_twice(tmp_path):
+    """Sweep 6 R8: a shard combined with a combination that holds it was added twice (15 examples of 10); each
+    record of a combination keeps its part's digest, and combinations of combinations check them all."""
+    path = save_model(build_model("bert", "BertForSequenceClassification", 1), tmp_path / "m")
+    kw = {"batch_size": 4, "progress": False, "protection": ALL_SITES}
+    for name, part in (("a", EXAMPLES[:3]), ("b", EXAMPLES[3:6]), ("c", EXAMPLES[6:])):
+        save(measure(path, part, **kw), tmp_path / name)
+    save(combine([tmp_path / "a", tmp_path / "b"]), tmp_path / "ab")
+    for again in (["a", "ab"], ["ab", "b"], ["ab", "ab"]):
+        with pytest.raises(RegmeanError, match="each data shard may be added only once"):
+            combine([tmp_path / n for n in again])
+    whole = combine([tmp_path / "ab", tmp_path / "c"])  # disjoint: fine, and its records know all three parts
+    assert whole.examples == len(EXAMPLES) and len({r["part"] for r in whole.provenance}) == 3
+    save(whole, tmp_path / "abc")
+    with pytest.raises(RegmeanError, match="already in"):
+        combine([tmp_path / "abc", tmp_path / "b"])
 
 
 def test_format_2_stores_half_of_each_gram_and_format_1_still_reads(tmp_path):

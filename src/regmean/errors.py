@@ -18,3 +18,9 @@ def one_line(text: str, limit: int = 600) -> str:
     written as escapes, cut to `limit` characters: safe to print whatever file the text came from."""
     flat = "".join(c if c.isprintable() else repr(c)[1:-1] for c in " ".join(str(text).split()))
     return flat if len(flat) <= limit else flat[: limit - 3] + "..."
+
+
+def check_whole_number(value: object, name: str, unit: str, least: int = 1) -> None:
+    """A Python API argument that must be a whole number (never a bool or a string): a RegmeanError otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise RegmeanError(f"{name} {value!r}: a whole number of {unit}, at least {least}")

@@ -12,6 +12,7 @@ order the labels differently are scored alike; a model whose labels differ from 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import torch
 from rich.progress import Progress
 
 from regmean.architecture import load_config
-from regmean.errors import RegmeanError
+from regmean.errors import RegmeanError, check_whole_number
 from regmean.heads import head_kind
 from regmean.io.chat import render_chat
 from regmean.io.data import Example, load_examples
@@ -242,10 +243,7 @@ def evaluate(
     """Every model's scores on the data file, in the order given (all models must be of one kind). Model folders
     or LoRA adapters (over `base`, or the local base their config names); conversations score the assistant turns
     only unless `score_tokens` is "all"."""
-    models = [Path(models)] if isinstance(models, str | Path) else [Path(m) for m in models]
-    if not models:
-        raise RegmeanError("evaluate: no models given; pass a list of model (or adapter) folders")
-    data = Path(data)
+    models, data = _check_arguments(models, data, batch_size, max_length)
     bases: dict = {}  # adapters over one base share it
     candidates = [Candidate.open(m, base, bases) for m in models]
     kinds = {c.path: model_kind(c.config_dir) for c in candidates}
@@ -271,6 +269,22 @@ def evaluate(
                 out.append(Scores(str(c.path), kind, {"perplexity": value}, len(examples), tokens))
                 bar.advance(task)
     return out
+
+
+def _check_arguments(models, data, batch_size, max_length) -> tuple[list[Path], Path]:
+    """The Python API's arguments of the right kinds (the command line builds them itself): models and data as paths."""
+    models = [models] if isinstance(models, str | Path) else models
+    if not isinstance(models, Sequence) or not all(isinstance(m, str | Path) for m in models):
+        raise RegmeanError("evaluate: models are a list of model (or adapter) folders, as paths")
+    if not models:
+        raise RegmeanError("evaluate: no models given; pass a list of model (or adapter) folders")
+    if not isinstance(data, str | Path):
+        raise RegmeanError(
+            f"evaluate: data is the path of a labelled data file (JSONL, CSV or Parquet), not {type(data).__name__}"
+        )
+    check_whole_number(batch_size, "batch_size", "examples")
+    check_whole_number(max_length, "max_length", "tokens")
+    return [Path(m) for m in models], Path(data)
 
 
 def _lm_examples(

@@ -13,7 +13,7 @@ from regmean import __version__
 from regmean.dtypes import STORED
 from regmean.errors import RegmeanError
 from regmean.io.checkpoint import Checkpoint
-from regmean.io.staged import target_file, write_atomic
+from regmean.io.staged import replaceable_target, target_file, write_atomic
 from regmean.stats import open_statistics
 
 FORMAT = "regmean.fisher"
@@ -38,7 +38,7 @@ def fisher_file(
 
 def save_fisher(fisher: dict[str, torch.Tensor], model_dir: str | Path, out: str | Path, examples: int) -> Path:
     tensors, metadata = fisher_file(fisher, Checkpoint(model_dir).fingerprint, examples)
-    return write_atomic(tensors, metadata, target_file(Path(out), FILE_NAME))
+    return write_atomic(tensors, metadata, replaceable_target(Path(out), FILE_NAME, FORMAT))
 
 
 class FisherFile:

@@ -29,7 +29,7 @@ from regmean.dtypes import FLOATS, STATISTICS, STORED_NAMES
 from regmean.errors import RegmeanError, one_line
 from regmean.io.metadata import Metadata
 from regmean.io.outputs import Inputs
-from regmean.io.staged import StagedFiles, target_file, write_atomic
+from regmean.io.staged import StagedFiles, replaceable_target, target_file, write_atomic
 from regmean.io.tensorfile import TensorFile
 from regmean.io.untrusted import all_finite
 from regmean.stats_checks import check_count, check_gram, check_header, count_limits, files_by_site, structure_problems
@@ -152,8 +152,9 @@ def block_path(out: str | Path, index: int, count: int) -> Path:
 
 
 def save(stats: Statistics, out: str | Path) -> Path:
-    """Write statistics to `out` (a folder or a .safetensors path); `BlockWriter` writes a measure's blocks."""
-    return write_atomic(_tensors(stats), stats.metadata(), target_file(Path(out), FILE_NAME))
+    """Write statistics to `out` (a folder or a .safetensors path), replacing only a statistics file regmean wrote;
+    `BlockWriter` writes a measure's blocks."""
+    return write_atomic(_tensors(stats), stats.metadata(), replaceable_target(Path(out), FILE_NAME, FORMAT))
 
 
 def _tensors(stats: Statistics) -> dict[str, torch.Tensor]:
@@ -338,13 +339,8 @@ def combine(paths: list[str | Path]) -> Statistics:
         raise RegmeanError("combine takes a list of statistics files or folders (at least one)")
     files = [StatisticsFile(p) for p in paths]
     first = files[0]
-    problems = []
-    seen: dict[str, Path] = {}
-    for f in files:
-        digest = f.content_digest()
-        if digest in seen:
-            problems.append(f"{f.path}: the same statistics as {seen[digest]}; each data shard may be added only once")
-        seen.setdefault(digest, f.path)
+    records = [_identified_records(f) for f in files]
+    problems = _repeated_parts(files, records)
     for f in files[1:]:
         if f.fingerprint != first.fingerprint:
             problems.append(f"{f.path}: measured on a different model than {first.path}; cannot combine")
@@ -361,11 +357,33 @@ def combine(paths: list[str | Path]) -> Statistics:
             total.sites[name] = total.sites[name] + f.site(name)
         total.examples += f.examples
         total.tokens += f.tokens
-        total.provenance += f.provenance
+    total.provenance = [r for part in records for r in part]
     if "dp" in total.privacy:  # parallel composition: each example is in one part, each part spent the budget once
         total.privacy["dp"] = {**total.privacy["dp"], "composition": f"parallel over {len(files)} disjoint parts"}
         total.protection += f"; {len(files)} parts on disjoint data combined (parallel composition: the same budget)"
     return total
+
+
+def _identified_records(f: StatisticsFile) -> list[dict]:
+    """A file's provenance records, each with the `part` digest of what its data contributed (`content_digest`):
+    a measured file's one record gets the file's own, a combination's records keep those they were given."""
+    if len(f.provenance) <= 1 and not any("part" in r for r in f.provenance):
+        return [{**(f.provenance[0] if f.provenance else {}), "part": f.content_digest()}]
+    return [dict(r) for r in f.provenance]
+
+
+def _repeated_parts(files: list[StatisticsFile], records: list[list[dict]]) -> list[str]:
+    """Each data shard added once: a file given twice, or a shard given beside a combination that holds it."""
+    problems, seen = [], {}  # each part's digest -> the file that holds it, and that file's number of parts
+    for f, part in zip(files, records, strict=True):
+        digests = {r["part"] for r in part if "part" in r}
+        again = next((seen[d] for d in digests if d in seen), None)
+        if again is not None:
+            whole = len(part) == 1 and again[1] == 1
+            what = "the same statistics as" if whole else "statistics of a data shard already in"
+            problems.append(f"{f.path}: {what} {again[0]}; each data shard may be added only once")
+        seen |= {d: seen.get(d, (f.path, len(part))) for d in digests}
+    return problems
 
 
 def _privacy_problems(files: list[StatisticsFile]) -> list[str]:

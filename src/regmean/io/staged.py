@@ -56,6 +56,27 @@ def file_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> in
     return data + names + len(json.dumps(metadata).encode()) + 64
 
 
+def written_by_regmean(path: Path, fmt: str) -> bool:
+    """Whether `path` is a plain file of format `fmt` that regmean wrote (its format tag and a model fingerprint, as
+    every file regmean writes carries): the only files regmean ever replaces."""
+    if path.is_symlink() or not path.is_file():
+        return False
+    try:
+        metadata = TensorFile(path).metadata
+        return metadata.get("format") == fmt and bool(Metadata(metadata, path).fingerprint())
+    except RegmeanError:
+        return False
+
+
+def replaceable_target(out: Path, file_name: str, fmt: str) -> Path:
+    """The file a write into `out` makes (`target_file`), refused when something else than a `fmt` file of
+    regmean's is there (a model's weights, a user's file): nothing is ever overwritten but our own."""
+    target = target_file(out, file_name)
+    if (target.exists() or target.is_symlink()) and not written_by_regmean(target, fmt):
+        raise RegmeanError(f"{target}: exists and is not a {fmt} file written by regmean; choose another output")
+    return target
+
+
 def target_file(out: Path, file_name: str) -> Path:
     """`out` itself when it names a .safetensors file, else `out/file_name`."""
     return out / file_name if out.is_dir() or out.suffix != ".safetensors" else out
@@ -132,13 +153,7 @@ class StagedFiles:
                 )
 
     def _ours(self, path: Path) -> bool:
-        if path.is_symlink() or not path.is_file():
-            return False
-        try:  # our format tag and a model fingerprint, as every file regmean writes carries
-            metadata = TensorFile(path).metadata
-            return metadata.get("format") == self.fmt and bool(Metadata(metadata, path).fingerprint())
-        except RegmeanError:
-            return False
+        return written_by_regmean(path, self.fmt)
 
     def reserve(self, needed: int, what: str = "the statistics file") -> None:
         """Refuse before the work when the output's disk has less room than the `needed` bytes the files will take

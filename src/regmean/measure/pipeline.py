@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 from regmean import distributed, dtypes
 from regmean.devices import check_device
-from regmean.errors import RegmeanError
+from regmean.errors import RegmeanError, check_whole_number
 from regmean.io.adapter import is_adapter, open_model
 from regmean.io.chat import render_chat
 from regmean.io.data import Example
@@ -73,7 +73,7 @@ def measure(
     token counts are withheld (`Protection(withhold=False)` keeps them; `epsilon` adds differential privacy).
     """
     sums = dtypes.named(stats_dtype, dtypes.STATISTICS, "stats dtype")
-    _check_arguments(examples, protection, batch_size)
+    _check_arguments(examples, protection, batch_size, max_length)
     model, tokenizer, examples, described, fingerprint = _loaded(
         model_dir, base, allow_pickle, examples, device, model_dtype, max_length
     )
@@ -115,10 +115,10 @@ def measure(
     return Statistics(sites=collected, tokens=record["tokens"], provenance=[record], measured_model=source, **header)
 
 
-def _check_arguments(examples, protection, batch_size) -> None:
+def _check_arguments(examples, protection, batch_size, max_length) -> None:
     """The Python API's arguments of the right kinds (the command line builds them itself)."""
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise RegmeanError(f"batch_size {batch_size!r}: a whole number of examples, at least 1")
+    check_whole_number(batch_size, "batch_size", "examples")
+    check_whole_number(max_length, "max_length", "tokens")
     if (
         isinstance(examples, str | Path)
         or not isinstance(examples, Sequence)
