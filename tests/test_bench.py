@@ -331,7 +331,11 @@ def test_t_quantiles_against_the_integrated_density():
         (None, None, [0]),
         ("7,", None, "not a list or range"),
         ("3", 3, "give one"),
-        (None, 0, "at least 1"),
+        (None, 0, "from 1 to 1000"),
+        (None, 10**6, "from 1 to 1000"),
+        ("0-99999999999", None, "at most 1000 seeds"),  # sweep 6 R5: built the whole list first
+        ("5000000000", None, "below 2"),
+        ("0-600,1000-1600", None, "at most 1000 seeds"),
     ],
 )
 def test_seeds_are_seeds_and_a_count_is_its_own_option(given, count, seeds):
@@ -400,6 +404,22 @@ def test_seeds_kept_from_before_the_constant_predictor_get_its_rows(tmp_path):
     for task, value in got.items():
         labels = task_data(task, 0, settings)[1].labels
         assert value == pytest.approx(max(Counter(labels).values()) / len(labels)) and len(labels) == 30
+
+
+def test_bench_refuses_an_output_it_cannot_use_before_any_work(tmp_path):
+    """Sweep 6 R4 and R9: another results.json in --out was an internal error; --out a file was found only after
+    the fine-tuning."""
+    from test_bad_input import cli_fails
+
+    (tmp_path / "file").write_text("x")
+    cli_fails(["bench", "demo", "--out", tmp_path / "file"], "file: exists and is not a folder")
+    cli_fails(["bench", "demo", "--out", tmp_path / "file" / "run"], "file: exists and is not a folder")
+    for text in ('{"rows": []}', "not json", "[1, 2]"):
+        (tmp_path / "other").mkdir(exist_ok=True)
+        (tmp_path / "other" / "results.json").write_text(text)
+        cli_fails(["bench", "demo", "--out", tmp_path / "other"], "not the results of a regmean bench")
+        assert (tmp_path / "other" / "results.json").read_text() == text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "other"]
 
 
 @pytest.mark.parametrize("bad", [["--train-size", "-5"], ["--test-size", "0"], ["--epochs", "0"], ["--alpha", "2"]])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import shutil
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -42,14 +43,18 @@ def packaged_minilm() -> Path:
     return Path(spec.origin).parent / "model"
 
 
+MAX_SEEDS = 1000
+"""The most seeds one bench takes (each fine-tunes, measures and merges: minutes to hours)."""
+
+
 def parse_seeds(text: str | None, count: int | None = None) -> list[int]:
     """The seeds of `--seeds` (a list and ranges of seeds: "11" is seed 11, "7,8,9", "5-9", "0,4-6") or of
     `--num-seeds` (a count: 3 is seeds 0, 1, 2); seed 0 when neither is given."""
     if text is not None and count is not None:
         raise RegmeanError("--seeds and --num-seeds: give one (--seeds 11 is seed 11; --num-seeds 11 is seeds 0-10)")
     if text is None:
-        if count is not None and count < 1:
-            raise RegmeanError(f"--num-seeds {count}: give a count of at least 1")
+        if count is not None and not 1 <= count <= MAX_SEEDS:
+            raise RegmeanError(f"--num-seeds {count}: give a count from 1 to {MAX_SEEDS}")
         return list(range(count or 1))
     seeds: list[int] = []
     for part in text.strip().split(","):
@@ -58,7 +63,11 @@ def parse_seeds(text: str | None, count: int | None = None) -> list[int]:
             raise RegmeanError(
                 f"--seeds {text!r}: not a list or range of seeds (e.g. 11, 7,8,9 or 5-9; a count is --num-seeds 3)"
             )
+        if int(last if dash else first) - int(first) >= MAX_SEEDS or int(last or first) >= 2**32:
+            raise RegmeanError(f"--seeds {text!r}: at most {MAX_SEEDS} seeds, each below 2^32 (one run takes minutes)")
         seeds += list(range(int(first), int(last) + 1)) if dash else [int(first)]
+    if len(set(seeds)) > MAX_SEEDS:
+        raise RegmeanError(f"--seeds {text!r}: at most {MAX_SEEDS} seeds (one run takes minutes)")
     return sorted(set(seeds))
 
 
@@ -77,6 +86,7 @@ def run_bench(name: str, seeds: list[int], out: Path, base: Path | None = None, 
     recipe = Recipe(**{k: preset.pop(k) for k in list(preset) if k in Recipe.__dataclass_fields__})
     settings = replace(Settings(base=base or packaged_minilm(), work=out / "work", recipe=recipe), **preset)
     check_device(settings.device)
+    _check_out(out)
     described = _describe(settings)
     results = _finished(out / "results.json", described, settings.log if name == "demo" else None)
     done = {(r["suite"], r["seed"]) for r in results.rows}
@@ -99,13 +109,22 @@ def run_bench(name: str, seeds: list[int], out: Path, base: Path | None = None, 
     return write_report(results, out, described, seeds)
 
 
+def _check_out(out: Path) -> None:
+    """The output folder (or the folder it will be made in) a writable folder, before any fine-tuning."""
+    existing = next(p for p in [out, *out.absolute().parents] if p.exists() or p == Path(p.anchor))
+    if not existing.is_dir():
+        raise RegmeanError(f"{existing}: exists and is not a folder; give --out a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise RegmeanError(f"{existing}: not writable; give --out a folder you can write to")
+
+
 def _finished(path: Path, settings: dict, restart_with=None) -> Results:
     """The results of an earlier run into the same folder, to resume it: only with the same settings. Those of
     other settings are refused, or, given `restart_with` (a log: the demo, whose preset changes between versions),
     replaced."""
     if not path.is_file():
         return Results()
-    earlier = json.loads(path.read_text())
+    earlier = _earlier_results(path)
     if earlier["settings"] != settings and restart_with is not None:
         restart_with(f"{path.parent} holds an earlier demo of other settings: running the demo afresh")
         return Results()
@@ -118,6 +137,17 @@ def _finished(path: Path, settings: dict, restart_with=None) -> Results:
             "use another --out, or delete it to start again"
         )
     return Results(earlier["rows"], earlier["times"], earlier["curves"])
+
+
+def _earlier_results(path: Path) -> dict:
+    try:
+        earlier = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise RegmeanError(f"{path}: not the results of a regmean bench ({exc}); use another --out") from exc
+    fields = ("settings", "rows", "times", "curves")
+    if not isinstance(earlier, dict) or not all(k in earlier for k in fields) or not isinstance(earlier["rows"], list):
+        raise RegmeanError(f"{path}: not the results of a regmean bench (no {', '.join(fields)}); use another --out")
+    return earlier
 
 
 def _is_packaged(base: Path) -> bool:
