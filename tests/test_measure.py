@@ -12,10 +12,11 @@ from torch import nn
 from typer.testing import CliRunner
 
 from regmean.cli import app
+from regmean.combine import combine
 from regmean.errors import RegmeanError
 from regmean.io.data import Example
 from regmean.measure import measure
-from regmean.stats import PACK_ROWS, StatisticsFile, combine, pack_upper, save, unpack_upper
+from regmean.stats import PACK_ROWS, StatisticsFile, pack_upper, save, unpack_upper
 
 EXAMPLES = [Example(t, None, y) for t, y in zip(TEXTS, TARGETS, strict=True)]
 

@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 import regmean
 from regmean.cli import app
+from regmean.combine import combine
 from regmean.io.data import Example
 from regmean.measure import measure
 from regmean.measure.protect import Protection
@@ -21,7 +22,7 @@ from regmean.privacy import dp
 from regmean.privacy.audit import audit
 from regmean.privacy.decode import decode_counts
 from regmean.privacy.tokensites import token_sites, token_vectors
-from regmean.stats import StatisticsFile, combine, pack_upper, save
+from regmean.stats import StatisticsFile, pack_upper, save
 
 
 def _decoder(tmp_path, seed: int = 0):

@@ -12,12 +12,13 @@ from test_hostile_input import rewrite
 from test_merge import make_models, run, write_config
 from transformers import AutoTokenizer
 
+from regmean.combine import combine
 from regmean.errors import RegmeanError
 from regmean.io.data import Example
 from regmean.measure import measure
 from regmean.measure.protect import Protection
 from regmean.methods.least_squares import is_semidefinite
-from regmean.stats import StatisticsFile, combine, pack_upper, save, unpack_upper
+from regmean.stats import StatisticsFile, pack_upper, save, unpack_upper
 from regmean.stats_checks import scale_outlier
 
 SITE = "bert.encoder.layer.1.attention.self.query"

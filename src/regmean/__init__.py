@@ -21,7 +21,7 @@ _API = {
     "RegmeanError": ("regmean.errors", "RegmeanError"),
     "Statistics": ("regmean.stats", "Statistics"),
     "StatisticsFile": ("regmean.stats", "StatisticsFile"),
-    "combine": ("regmean.stats", "combine"),
+    "combine": ("regmean.combine", "combine"),
     "load_examples": ("regmean.io.data", "load_examples"),
     "measure": ("regmean.measure", "measure"),
     "merge": ("regmean.merge", "merge"),

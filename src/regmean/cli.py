@@ -202,7 +202,8 @@ def stats_combine(
     force: Annotated[bool, typer.Option("--force", help="Replace an existing statistics file")] = False,
 ) -> None:
     """Add statistics measured separately: the result equals measuring the union of the data."""
-    from regmean.stats import BlockWriter, combine
+    from regmean.combine import combine
+    from regmean.stats import BlockWriter
 
     with BlockWriter(out, force, [("statistics", p) for p in paths], console.print) as writer:
         writer.write(combine(paths), 0, 1)

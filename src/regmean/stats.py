@@ -32,7 +32,7 @@ from regmean.io.outputs import Inputs
 from regmean.io.staged import StagedFiles, replaceable_target, target_file, write_atomic
 from regmean.io.tensorfile import TensorFile
 from regmean.io.untrusted import all_finite
-from regmean.stats_checks import check_count, check_gram, check_header, count_limits, files_by_site, structure_problems
+from regmean.stats_checks import check_count, check_gram, check_header, count_limits, files_by_site
 
 FORMAT = "regmean.gram"
 FORMAT_VERSION = 2
@@ -331,85 +331,3 @@ class StatisticsFile:
             privacy=dict(self.privacy),
             site_streams=dict(self.site_streams),
         )
-
-
-def combine(paths: list[str | Path]) -> Statistics:
-    """Sum statistics of the same model measured on disjoint data: exactly the statistics of the union."""
-    if isinstance(paths, str | Path) or not paths:
-        raise RegmeanError("combine takes a list of statistics files or folders (at least one)")
-    files = [StatisticsFile(p) for p in paths]
-    first = files[0]
-    records = [_identified_records(f) for f in files]
-    problems = _repeated_parts(files, records)
-    for f in files[1:]:
-        if f.fingerprint != first.fingerprint:
-            problems.append(f"{f.path}: measured on a different model than {first.path}; cannot combine")
-        if set(f.modules) != set(first.modules):
-            problems.append(f"{f.path}: measured different modules than {first.path} (check include/exclude)")
-        if f.dtype != first.dtype:
-            problems.append(f"{f.path}: dtype {f.dtype} differs from {first.path} ({first.dtype})")
-    problems += structure_problems(files) + _privacy_problems(files)
-    if problems:
-        raise RegmeanError(problems)
-    total = first.load()
-    for f in files[1:]:
-        for name in total.sites:
-            total.sites[name] = total.sites[name] + f.site(name)
-        total.examples += f.examples
-        total.tokens += f.tokens
-    total.provenance = [r for part in records for r in part]
-    if "dp" in total.privacy:  # parallel composition: each example is in one part, each part spent the budget once
-        total.privacy["dp"] = {**total.privacy["dp"], "composition": f"parallel over {len(files)} disjoint parts"}
-        total.protection += f"; {len(files)} parts on disjoint data combined (parallel composition: the same budget)"
-    return total
-
-
-def _identified_records(f: StatisticsFile) -> list[dict]:
-    """A file's provenance records, each with the `part` digest of what its data contributed (`content_digest`):
-    a measured file's one record gets the file's own, a combination's records keep those they were given."""
-    if len(f.provenance) <= 1 and not any("part" in r for r in f.provenance):
-        return [{**(f.provenance[0] if f.provenance else {}), "part": f.content_digest()}]
-    return [dict(r) for r in f.provenance]
-
-
-def _repeated_parts(files: list[StatisticsFile], records: list[list[dict]]) -> list[str]:
-    """Each data shard added once: a file given twice, or a shard given beside a combination that holds it."""
-    problems, seen = [], {}  # each part's digest -> the file that holds it, and that file's number of parts
-    for f, part in zip(files, records, strict=True):
-        digests = {r["part"] for r in part if "part" in r}
-        again = next((seen[d] for d in digests if d in seen), None)
-        if again is not None:
-            whole = len(part) == 1 and again[1] == 1
-            what = "the same statistics as" if whole else "statistics of a data shard already in"
-            problems.append(f"{f.path}: {what} {again[0]}; each data shard may be added only once")
-        seen |= {d: seen.get(d, (f.path, len(part))) for d in digests}
-    return problems
-
-
-def _privacy_problems(files: list[StatisticsFile]) -> list[str]:
-    """Files combine only under one protection: the same sites withheld, and the same DP budget or none (their
-    data are disjoint, so the budget holds for the sum: parallel composition)."""
-    first = files[0]
-    budget = _budget(first)
-    problems = []
-    seen: dict[str, Path] = {}
-    for f in files:
-        if f is not first and _budget(f) != budget:
-            problems.append(
-                f"{f.path}: released under another privacy budget than {first.path} ({_budget(f) or 'no DP'} vs "
-                f"{budget or 'no DP'}); measure both parts with the same --dp-epsilon and --dp-delta"
-            )
-        names = {str(r.get("data")) for r in f.provenance} if budget else set()
-        again = sorted(n for n in names if n in seen)
-        if again:  # two releases of one data set spend two budgets: not what combine's parallel composition gives
-            problems.append(
-                f"{f.path}: data {again[0]!r} was released in {seen[again[0]]} too; two DP releases of the same data "
-                "add up their budgets, so combine refuses them (combine parts measured on disjoint data)"
-            )
-        seen |= dict.fromkeys(names, f.path)
-    return problems
-
-
-def _budget(f: StatisticsFile) -> tuple[float, float] | None:
-    release = f.privacy.get("dp")
-    return (release["epsilon"], release["delta"]) if release else None
