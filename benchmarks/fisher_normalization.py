@@ -21,7 +21,7 @@ from regmean_bench.run import packaged_minilm  # noqa: E402
 from regmean_bench.runner import Runner, Settings  # noqa: E402
 from regmean_bench.suites import IN_DOMAINS, domain_data  # noqa: E402
 
-from regmean.fisher import FisherFile  # noqa: E402
+from regmean.measure.fisher import FisherFile  # noqa: E402
 from regmean.methods.fisher import fisher_norm  # noqa: E402
 from regmean.scoring import score  # noqa: E402
 

@@ -11,8 +11,7 @@ from regmean_bench import data as D
 from regmean_bench.baselines import constant, ensemble
 
 from regmean.errors import RegmeanError
-from regmean.fisher import FisherFile, save_fisher
-from regmean.measure.fisher import measure_fisher
+from regmean.measure.fisher import FisherFile, measure_fisher, save_fisher
 from regmean.methods.fisher import fisher_average
 from regmean.scoring import macro_f1, predict, score
 

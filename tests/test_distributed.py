@@ -99,9 +99,8 @@ def test_too_few_examples_for_the_processes(tmp_path):
 
 
 def test_fisher_two_processes_equal_one(tmp_path):
-    from regmean.fisher import FisherFile
     from regmean.io.labelled import TextDataset
-    from regmean.measure.fisher import measure_fisher
+    from regmean.measure.fisher import FisherFile, measure_fisher
 
     model = save_model(build_model("bert", "BertForSequenceClassification", 1), tmp_path / "m")
     texts = TEXTS[:7]  # uneven over 2 ranks

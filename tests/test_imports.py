@@ -84,3 +84,22 @@ def test_the_library_stands_without_the_harness():
     assert done.returncode == 0, done.stderr[-2000:]
     declared = tomllib.loads((SRC.parent / "pyproject.toml").read_text())["project"]["dependencies"]
     assert not [d for d in declared if d.split(">")[0].split("=")[0] in ("matplotlib", "seqeval")], declared
+
+
+def test_a_statistic_is_one_module_and_its_registry_line():
+    """Fisher, the example: its file reader and its measuring command live in one module; every statistic a method
+    reads is registered, and the command line offers each registered statistic's command."""
+    import inspect
+
+    from typer.main import get_command
+
+    from regmean.cli import app
+    from regmean.measure import STATISTICS
+    from regmean.methods import METHODS
+
+    fisher = STATISTICS["fisher"]
+    module = inspect.getmodule(fisher.reader)
+    assert inspect.getmodule(fisher.load_command()) is module and module.FISHER is fisher
+    read = {method.statistics for method in METHODS.values() if method.statistics is not None}
+    assert read == set(STATISTICS.values()) and len(read) == 2
+    assert set(STATISTICS) <= set(get_command(app).commands)

@@ -312,7 +312,7 @@ def test_untied_lm_head_and_embedding_options(tmp_path):
 def test_fisher_merge_is_the_elementwise_fisher_weighted_average(tmp_path, normalize):
     """Through the engine, with weights: sum_i w_i F_i W_i / sum_i w_i F_i per entry; a tensor some model has no
     Fisher for is the weighted average. With `normalize`, each F_i is first divided by its L2 norm over its file."""
-    from regmean.fisher import save_fisher
+    from regmean.measure.fisher import save_fisher
 
     models = make_models(tmp_path, "gpt2", "GPT2ForSequenceClassification", stats=False)
     inputs = [load_file(Path(m["path"]) / "model.safetensors") for m in models]

@@ -23,9 +23,9 @@ import transformers as tf
 from conftest import ALL_SITES, CASES, TARGETS, TEXTS, _config, build_model, save_model
 from safetensors import safe_open
 
-from regmean.fisher import save_fisher
 from regmean.io.data import Example
 from regmean.measure import measure
+from regmean.measure.fisher import save_fisher
 from regmean.merge import MergeConfig, merge
 from regmean.stats import save
 

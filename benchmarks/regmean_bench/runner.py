@@ -11,10 +11,9 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
-from regmean.fisher import save_fisher
 from regmean.io.data import Example
 from regmean.measure import measure
-from regmean.measure.fisher import measure_fisher
+from regmean.measure.fisher import measure_fisher, save_fisher
 from regmean.measure.protect import Protection
 from regmean.merge import MergeConfig, merge
 from regmean.methods import METHODS

@@ -17,15 +17,14 @@ import torch
 import typer
 
 from regmean.cli_audit import stats_audit
-from regmean.cli_common import PICKLE_HELP, console, on_rank0
-from regmean.cli_measure import measure as measure_command
+from regmean.cli_common import console
 from regmean.cli_show import convert_gguf, stats_show
 from regmean.cli_show import evaluate as evaluate_command
 from regmean.errors import RegmeanError, RegmeanWarning, one_line
 from regmean.io.outputs import no_room
 from regmean.launch import relaunch_with_torchrun
+from regmean.measure import STATISTICS
 from regmean.merge.config import MAX_LORA_RANK
-from regmean.stats_checks import MAX_LENGTH
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Dataless knowledge fusion with RegMean.")
 stats_app = typer.Typer(no_args_is_help=True, help="Inspect, audit and combine statistics files.")
@@ -86,53 +85,8 @@ def _reports_errors(command: Callable) -> Callable:
     return run
 
 
-app.command("measure")(_reports_errors(measure_command))
-
-
-@app.command()
-@_reports_errors
-def fisher(
-    model_dir: Annotated[Path, typer.Argument(help="Fine-tuned classifier folder (sequence or token classification)")],
-    data: Annotated[Path, typer.Option(help="Local data file: .jsonl, .json, .csv, .tsv or .parquet")],
-    out: Annotated[Path, typer.Option(help="Folder to write fisher.safetensors into")],
-    text_field: Annotated[str, typer.Option(help="Column holding the text (words split on spaces for NER)")] = "text",
-    max_examples: Annotated[int | None, typer.Option(min=1, help="Use at most this many examples")] = None,
-    max_length: Annotated[int, typer.Option(min=1, max=MAX_LENGTH)] = 128,
-    seed: Annotated[int, typer.Option(help="Seed of the sampled tags (token classification)")] = 0,
-    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1, mps ...")] = "cpu",
-    nproc: Annotated[int, typer.Option(min=1, help="Processes on this machine (runs torchrun for you)")] = 1,
-    force: Annotated[
-        bool, typer.Option("--force", help="Replace an existing Fisher file (kept until the new one is complete)")
-    ] = False,
-    allow_pickle: Annotated[
-        bool,
-        typer.Option("--allow-pickle", help=PICKLE_HELP),
-    ] = False,
-) -> None:
-    """Measure the diagonal Fisher of a classifier (for `method: fisher`), from per-example gradients."""
-    from regmean import distributed
-    from regmean import fisher as F
-    from regmean.io.checkpoint import Checkpoint
-    from regmean.io.staged import StagedFiles
-    from regmean.measure.fisher import measure_fisher, unlabelled_data
-
-    if nproc > 1 and not distributed.launched():
-        relaunch_with_torchrun(nproc, data=data)
-    device = distributed.init_from_env(device)
-    sources = [("model", model_dir), ("data file", data)]
-    writing = on_rank0(
-        lambda: StagedFiles(out, fmt=F.FORMAT, file_name=F.FILE_NAME, replace=force, inputs=sources, log=console.print)
-    )
-    with writing as writer:
-        checkpoint = Checkpoint(model_dir, allow_pickle)
-        dataset = unlabelled_data(model_dir, data, text_field, max_examples)
-        fingerprint = checkpoint.fingerprint  # reads every weight: NaN or Inf is refused before the work
-        values = measure_fisher(model_dir, dataset, max_length, seed, device)
-        if writer is None:
-            return
-        writer.stage(*F.fisher_file(values, fingerprint, len(dataset)))
-        (path,) = writer.commit()
-    console.print(f"wrote {path}: Fisher of {len(values)} parameters over {len(dataset)} examples")
+for _statistic in STATISTICS.values():  # each statistic's measuring command: measure (Grams), fisher
+    app.command(_statistic.command)(_reports_errors(_statistic.load_command()))
 
 
 @app.command()
@@ -159,9 +113,10 @@ def merge(
     among the ranks, which write into the same output shards (one folder every rank sees); rank 0 finishes it."""
     from regmean import distributed
     from regmean.merge import merge as run_merge
+    from regmean.merge.parallel import check_divisible
 
     if nproc > 1 and not distributed.launched():
-        relaunch_with_torchrun(nproc, recipe=config)
+        relaunch_with_torchrun(nproc, check=lambda: check_divisible(config))
 
     result = run_merge(
         config,

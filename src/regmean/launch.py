@@ -19,11 +19,12 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NoReturn
 
-from regmean.errors import RegmeanError, one_line
+from regmean.errors import one_line
 
 FORWARDED = (signal.SIGTERM, signal.SIGINT)
 STOPPED = {-signal.SIGTERM, -signal.SIGINT, 128 + signal.SIGTERM, 128 + signal.SIGINT}
@@ -31,11 +32,12 @@ STOPPED = {-signal.SIGTERM, -signal.SIGINT, 128 + signal.SIGTERM, 128 + signal.S
 POLL_SECONDS = 0.1
 
 
-def relaunch_with_torchrun(nproc: int, data: Path | None = None, recipe: Path | None = None) -> NoReturn:
-    """Run this same command as `torchrun --standalone --nproc_per_node N -m regmean ...` and exit as it ended."""
+def relaunch_with_torchrun(nproc: int, data: Path | None = None, check: Callable[[], None] | None = None) -> NoReturn:
+    """Run this same command as `torchrun --standalone --nproc_per_node N -m regmean ...` and exit as it ended;
+    `check` refuses, before any process starts, what every rank would refuse alike (a merge's recipe)."""
     import typer
 
-    preflight(data, recipe)
+    preflight(data, check)
     args = without_nproc(sys.argv[1:])
     with tempfile.TemporaryDirectory(prefix="regmean-nproc-") as folder:
         logs = Path(folder)
@@ -51,7 +53,7 @@ def relaunch_with_torchrun(nproc: int, data: Path | None = None, recipe: Path | 
     raise typer.Exit(code)
 
 
-def preflight(data: Path | None, recipe: Path | None) -> None:
+def preflight(data: Path | None, check: Callable[[], None] | None) -> None:
     """The mistakes every rank would make alike, refused before any process starts."""
     from regmean import distributed
 
@@ -60,27 +62,8 @@ def preflight(data: Path | None, recipe: Path | None) -> None:
         from regmean.io.data import read_table
 
         read_table(data)
-    if recipe is not None:
-        _check_recipe(recipe)
-
-
-def _check_recipe(recipe: Path) -> None:
-    """The recipe parses, its method divides among processes, and its statistics files open (headers only)."""
-    from regmean.merge.config import MergeConfig
-    from regmean.methods import METHODS
-
-    config = MergeConfig.from_file(recipe)
-    method = METHODS[config.method]
-    if not method.splits_across_processes:
-        raise RegmeanError(f"method {config.method} runs in one process; drop --nproc / torchrun")
-    problems: list[str] = []
-    for model in config.models if method.statistics else []:
-        try:
-            method.statistics.reader(model.statistics)
-        except RegmeanError as exc:
-            problems += exc.problems
-    if problems:
-        raise RegmeanError(problems)
+    if check is not None:
+        check()
 
 
 def without_nproc(args: list[str]) -> list[str]:

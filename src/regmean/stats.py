@@ -32,6 +32,7 @@ from regmean.io.outputs import Inputs
 from regmean.io.staged import StagedFiles, replaceable_target, target_file, write_atomic
 from regmean.io.tensorfile import TensorFile
 from regmean.io.untrusted import all_finite
+from regmean.statistic import Statistic
 from regmean.stats_checks import check_count, check_gram, check_header, count_limits, files_by_site
 
 FORMAT = "regmean.gram"
@@ -331,3 +332,7 @@ class StatisticsFile:
             privacy=dict(self.privacy),
             site_streams=dict(self.site_streams),
         )
+
+
+GRAM = Statistic("measure", StatisticsFile, "regmean.cli_measure:measure")
+"""Gram statistics: measured by `regmean measure` (`regmean.measure.pipeline`), read by RegMean."""

@@ -1,4 +1,6 @@
-"""Diagonal Fisher information per parameter, for the Fisher-weighted averaging baseline.
+"""The diagonal Fisher statistic, for the Fisher-weighted averaging baseline (`method: fisher`): measured by
+`regmean fisher`, written as `{parameter}::fisher` tensors in safetensors with the same metadata as Gram statistics
+(format regmean.fisher), read lazily by merges (`FisherFile`).
 
 F = (1/N) sum_n E_{y ~ p_model(.|x_n)} [ (d log p_model(y | x_n) / d theta)^2 ]
 
@@ -8,20 +10,87 @@ exact over the classes for sequence classification, one sampled tag sequence per
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Annotated
 
 import torch
+import typer
 from rich.progress import Progress
 
-from regmean import distributed
+from regmean import __version__, distributed
 from regmean.architecture import load_config, model_class
+from regmean.cli_common import PICKLE_HELP, console, on_rank0
 from regmean.devices import check_device
+from regmean.dtypes import STORED
 from regmean.errors import RegmeanError
 from regmean.heads import head_kind
+from regmean.io.checkpoint import Checkpoint
 from regmean.io.data import load_examples
 from regmean.io.labelled import IGNORE, TextDataset, batches
+from regmean.io.staged import StagedFiles, replaceable_target, target_file, write_atomic
+from regmean.launch import relaunch_with_torchrun
 from regmean.loading import check_positions, load_tokenizer
 from regmean.scoring import load_classifier
+from regmean.statistic import Statistic
+from regmean.stats import open_statistics
+from regmean.stats_checks import MAX_LENGTH
+
+FORMAT = "regmean.fisher"
+FILE_NAME = "fisher.safetensors"
+NORMALISATION = "mean over examples of the expected squared score under the model's own predictive distribution"
+
+
+def fisher_file(
+    fisher: dict[str, torch.Tensor], fingerprint: dict[str, str], examples: int
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors and metadata of a Fisher statistics file."""
+    metadata = {
+        "format": FORMAT,
+        "format_version": "1",
+        "library": f"regmean {__version__}",
+        "fingerprint": json.dumps(fingerprint, sort_keys=True),
+        "examples": str(examples),
+        "normalisation": NORMALISATION,
+    }
+    return {f"{n}::fisher": f.contiguous() for n, f in fisher.items()}, metadata
+
+
+def save_fisher(fisher: dict[str, torch.Tensor], model_dir: str | Path, out: str | Path, examples: int) -> Path:
+    tensors, metadata = fisher_file(fisher, Checkpoint(model_dir).fingerprint, examples)
+    return write_atomic(tensors, metadata, replaceable_target(Path(out), FILE_NAME, FORMAT))
+
+
+class FisherFile:
+    """A Fisher statistics file opened lazily (header checked at open): one parameter's Fisher when asked."""
+
+    def __init__(self, path: str | Path):
+        self.path = target_file(Path(path), FILE_NAME)
+        self._handle, meta = open_statistics(self.path, FORMAT, "Fisher statistics")
+        self.fingerprint = meta.fingerprint()
+        self.examples = meta.natural("examples")
+        self.nbytes = self.path.stat().st_size
+        self.provenance: list[dict] = []  # Fisher files record no measuring runs
+        self.keys: dict[str, str] = {}  # parameter -> its tensor in the file
+        for key in self._handle.keys():
+            name, sep, kind = key.rpartition("::")
+            if not sep or kind != "fisher" or not STORED[self._handle.dtype(key)].is_floating_point:
+                raise RegmeanError(f"{self.path}: entry {key!r} is not a floating {{parameter}}::fisher tensor")
+            self.keys[name] = key
+
+    def describe(self) -> str:
+        return f"{self.examples} examples (Fisher)"
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._handle.shape(self.keys[key])
+
+    def get(self, key: str, rows: tuple[int, int] | None = None) -> torch.Tensor | None:
+        if key not in self.keys:
+            return None
+        f = self._handle.get(self.keys[key], rows)
+        if not torch.isfinite(f).all() or bool((f < 0).any()):
+            raise RegmeanError(f"{self.path}: Fisher of {key} has NaN, Inf or negative values; measure again")
+        return f
 
 
 def measure_fisher(
@@ -81,3 +150,41 @@ def unlabelled_data(model_dir: Path, data: Path, text_field: str, max_examples: 
     labels = [[0] * len(t) for t in texts] if token_level else [0] * len(texts)
     names = [config.id2label[i] for i in range(config.num_labels)]
     return TextDataset(data.stem, texts, labels, names, token_level=token_level)
+
+
+def fisher(
+    model_dir: Annotated[Path, typer.Argument(help="Fine-tuned classifier folder (sequence or token classification)")],
+    data: Annotated[Path, typer.Option(help="Local data file: .jsonl, .json, .csv, .tsv or .parquet")],
+    out: Annotated[Path, typer.Option(help="Folder to write fisher.safetensors into")],
+    text_field: Annotated[str, typer.Option(help="Column holding the text (words split on spaces for NER)")] = "text",
+    max_examples: Annotated[int | None, typer.Option(min=1, help="Use at most this many examples")] = None,
+    max_length: Annotated[int, typer.Option(min=1, max=MAX_LENGTH)] = 128,
+    seed: Annotated[int, typer.Option(help="Seed of the sampled tags (token classification)")] = 0,
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1, mps ...")] = "cpu",
+    nproc: Annotated[int, typer.Option(min=1, help="Processes on this machine (runs torchrun for you)")] = 1,
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace an existing Fisher file (kept until the new one is complete)")
+    ] = False,
+    allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help=PICKLE_HELP)] = False,
+) -> None:
+    """Measure the diagonal Fisher of a classifier (for `method: fisher`), from per-example gradients."""
+    if nproc > 1 and not distributed.launched():
+        relaunch_with_torchrun(nproc, data=data)
+    device = distributed.init_from_env(device)
+    sources = [("model", model_dir), ("data file", data)]
+    writing = on_rank0(
+        lambda: StagedFiles(out, fmt=FORMAT, file_name=FILE_NAME, replace=force, inputs=sources, log=console.print)
+    )
+    with writing as writer:
+        checkpoint = Checkpoint(model_dir, allow_pickle)
+        dataset = unlabelled_data(model_dir, data, text_field, max_examples)
+        fingerprint = checkpoint.fingerprint  # reads every weight: NaN or Inf is refused before the work
+        values = measure_fisher(model_dir, dataset, max_length, seed, device)
+        if writer is None:
+            return
+        writer.stage(*fisher_file(values, fingerprint, len(dataset)))
+        (path,) = writer.commit()
+    console.print(f"wrote {path}: Fisher of {len(values)} parameters over {len(dataset)} examples")
+
+
+FISHER = Statistic("fisher", FisherFile, "regmean.measure.fisher:fisher")

@@ -27,7 +27,7 @@ from regmean.io.checkpoint import Checkpoint
 from regmean.io.untrusted import resolve_user_path
 from regmean.merge.config import MergeConfig
 from regmean.methods import METHODS
-from regmean.methods.base import StatisticsSource
+from regmean.statistic import StatisticsSource
 from regmean.vocabulary import GrownVocabulary, grown_vocabulary
 
 

@@ -135,3 +135,21 @@ def _finish(method: MergeMethod, writers: list[ShardedWriter], results: dict[int
     for w in writers:
         w.finish()
     return MergeReport.of_steps(method, everything)
+
+
+def check_divisible(recipe: Path) -> None:
+    """The recipe parses, its method divides among processes, and its statistics files open (headers only): what
+    every rank would refuse alike, said once before any process starts (`merge --nproc`)."""
+
+    config = MergeConfig.from_file(recipe)
+    method = METHODS[config.method]
+    if not method.splits_across_processes:
+        raise RegmeanError(f"method {config.method} runs in one process; drop --nproc / torchrun")
+    problems: list[str] = []
+    for model in config.models if method.statistics else []:
+        try:
+            method.statistics.reader(model.statistics)
+        except RegmeanError as exc:
+            problems += exc.problems
+    if problems:
+        raise RegmeanError(problems)

@@ -13,8 +13,7 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar, Protocol
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from pydantic import BaseModel
@@ -22,6 +21,7 @@ from pydantic import BaseModel
 from regmean.architecture import is_head_key
 from regmean.devices import Stager
 from regmean.dtypes import itemsize
+from regmean.statistic import Statistic
 from regmean.vocabulary import merge_added_rows
 
 if TYPE_CHECKING:
@@ -39,27 +39,6 @@ def row_blocks(shape: tuple[int, ...], element_bytes: int) -> list[tuple[int, in
         return None
     step = max(1, BLOCK_BYTES // (size // shape[0]))
     return [(i, min(i + step, shape[0])) for i in range(0, shape[0], step)]
-
-
-class StatisticsSource(Protocol):
-    """A model's statistics file as a merge sees it (a Gram or a Fisher file, opened lazily)."""
-
-    path: Path
-    fingerprint: dict[str, str]
-    examples: int
-    nbytes: int
-    provenance: list[dict]
-
-    def describe(self) -> str:
-        """What was measured, for the model card's table ('150 examples, 3,000 tokens (float32)')."""
-        ...
-
-
-@dataclass(frozen=True)
-class StatisticsKind:
-    reader: Callable[[Path], StatisticsSource]
-    measured_by: str
-    """The command that measures them (for messages)."""
 
 
 @dataclass(frozen=True)
@@ -180,7 +159,8 @@ class MergeMethod(ABC):
     """What the card asks users to cite, each a paragraph of Markdown (a BibTeX block, a reference)."""
     options: ClassVar[type[BaseModel]]
     needs_base: ClassVar[bool] = False
-    statistics: ClassVar[StatisticsKind | None] = None
+    statistics: ClassVar[Statistic | None] = None
+    """The statistic it reads for every model (`statistics:` in the recipe), if any."""
     needs_data: ClassVar[bool] = False
     """Whether it measures each model on that model's data (`data:` in the recipe) while merging."""
 

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 import torch
 
 from regmean.errors import RegmeanError
-from regmean.fisher import FisherFile
+from regmean.measure.fisher import FISHER, FisherFile
 from regmean.methods.average import weighted_average
-from regmean.methods.base import Cost, ElementwiseMethod, StatisticsKind, Step, TensorInputs, TensorStep
+from regmean.methods.base import Cost, ElementwiseMethod, Step, TensorInputs, TensorStep
 from regmean.recipe_model import RecipeModel
 
 EPS = 1e-30  # only breaks 0/0: a parameter no model's Fisher touches is simply averaged
@@ -49,7 +49,7 @@ class Fisher(ElementwiseMethod):
     title = "Fisher-weighted averaging"
     citations = ("Matena and Raffel, Merging Models with Fisher-Weighted Averaging, NeurIPS 2022 (arXiv:2111.09832).",)
     options = FisherOptions
-    statistics = StatisticsKind(FisherFile, "regmean fisher")
+    statistics = FISHER
 
     def __init__(self, inputs, device: str = "cpu"):
         super().__init__(inputs, device)

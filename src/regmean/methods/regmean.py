@@ -17,7 +17,7 @@ from regmean.architecture import LinearLayer, is_head_key
 from regmean.dtypes import itemsize
 from regmean.errors import RegmeanError, one_line
 from regmean.methods.average import Average
-from regmean.methods.base import Computed, Cost, LayerReport, StatisticsKind, Step, TensorStep
+from regmean.methods.base import Computed, Cost, LayerReport, Step, TensorStep
 from regmean.methods.coverage import averaged_matrices, coverage_problems, dominance_warnings, summarize, unrouted
 from regmean.methods.expert_checks import RoutedTraces
 from regmean.methods.least_squares import (
@@ -30,7 +30,7 @@ from regmean.methods.least_squares import (
     regmean_solve,
 )
 from regmean.recipe_model import RecipeModel
-from regmean.stats import WITHHELD, SiteStats, StatisticsFile
+from regmean.stats import GRAM, WITHHELD, SiteStats
 from regmean.stats_checks import check_scales
 
 REGMEAN_BIBTEX = """@inproceedings{jin2023dataless,
@@ -106,7 +106,7 @@ class RegMean(Average):
     title = "RegMean"
     citations = (f"RegMean:\n\n```bibtex\n{REGMEAN_BIBTEX}\n```",)
     options = RegMeanOptions
-    statistics = StatisticsKind(StatisticsFile, "regmean measure")
+    statistics = GRAM
 
     @classmethod
     def check(cls, inputs) -> list[str]:
