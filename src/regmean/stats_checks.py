@@ -11,13 +11,32 @@ from __future__ import annotations
 
 import json
 import math
+from enum import StrEnum
 from pathlib import Path
 
 import torch
 
 from regmean.errors import RegmeanError
 
-STREAM_TOTALS = {"input": "tokens", "decoder": "decoder_tokens", "example": "examples"}
+
+class Stream(StrEnum):
+    """What the rows of a site's input follow, which decides which of them count (its padding mask)."""
+
+    INPUT = "input"
+    """The input's tokens (input_ids; the encoder's for encoder-decoders)."""
+    DECODER = "decoder"
+    """The decoder's tokens."""
+    EXAMPLE = "example"
+    """One row per example (a classifier's pooled input)."""
+    FIXED = "fixed"
+    """Rows that follow no example or token (DeBERTa's relative-position embeddings): every row counts."""
+    MIXED = "mixed"
+    """Some calls read tokens, others fixed rows (DeBERTa-v3's shared query/key projections)."""
+    ROUTED = "routed"
+    """A mixture-of-experts expert's input: the input tokens routed to it (at most the input's tokens per call)."""
+
+
+STREAM_TOTALS = {Stream.INPUT: "tokens", Stream.DECODER: "decoder_tokens", Stream.EXAMPLE: "examples"}
 """The provenance key that counts each stream's rows."""
 RELATIVE_SLACK = 1e-3
 """Rounding a float32 accumulation may bring to an identity that holds with equality (proportional columns)."""
@@ -25,10 +44,6 @@ MAX_CALLS = 64
 """For files that do not record their sites' streams: the most calls per forward pass a count may stand for."""
 
 
-ROUTED = "routed"
-"""The stream of a mixture-of-experts expert's inputs: the input tokens routed to it (a count of at most the
-input's tokens per call)."""
-STREAMS = ("input", "decoder", "example", "fixed", "mixed", ROUTED)
 MAX_LENGTH = 2**24
 """The longest max length a provenance may record (16M tokens per example)."""
 
@@ -46,14 +61,14 @@ def check_header(
         first_reader.setdefault(site, module)
     misnamed = [site for site in sites if first_reader[site] != site]
     unknown = sorted(set(streams) - set(sites))
-    bogus = sorted(name for name, (stream, _) in streams.items() if stream not in STREAMS)
+    bogus = sorted(name for name, (stream, _) in streams.items() if stream not in set(Stream))
     present = sorted(set(privacy.get("withheld", [])) & set(sites))
     lengths = [r.get("max_length") for r in records if isinstance(r.get("max_length"), int)]
     renamed = f"site {misnamed[0]} is read first by module {first_reader[misnamed[0]]}" if misnamed else ""
     problems = [
         (misnamed, f"{renamed}, after which measure names a site"),
         (unknown, f"site_streams names {unknown[:1]} that the file has no statistics for"),
-        (bogus, f"site {bogus[:1]} has a stream of no known kind (not one of {', '.join(STREAMS)})"),
+        (bogus, f"site {bogus[:1]} has a stream of no known kind (not one of {', '.join(Stream)})"),
         (present, f"site {present[:1]} is said to be withheld but its statistics are in the file"),
         ([n for n in lengths if not 0 < n <= MAX_LENGTH], f"a provenance max length outside 1 to {MAX_LENGTH}"),
     ]
@@ -142,8 +157,8 @@ def count_limits(provenance: list[dict], stream: tuple[str, int] | None) -> tupl
     """(the count a site of `stream` (kind, calls) must have, or None; the most it may have, or None)."""
     if stream is None:
         return None, count_bound(provenance)
-    if stream[0] == ROUTED:  # each call routes each token to an expert at most once
-        return None, expected_count(provenance, "input", stream[1])
+    if stream[0] == Stream.ROUTED:  # each call routes each token to an expert at most once
+        return None, expected_count(provenance, Stream.INPUT, stream[1])
     return expected_count(provenance, *stream), count_bound(provenance)
 
 
@@ -248,7 +263,7 @@ def check_scales(files: list | None, sites: tuple[str, ...], stats: list) -> Non
     measured during the merge (no `files`) or experts that most models routed few tokens to."""
     if files is None:
         return
-    routed = any(st.site_streams.get(name, ("",))[0] == ROUTED for st, name in zip(files, sites, strict=True))
+    routed = any(st.site_streams.get(name, ("",))[0] == Stream.ROUTED for st, name in zip(files, sites, strict=True))
     counts = sorted(s.count for s in stats)
     if routed and counts[(len(counts) - 1) // 2] < MIN_ROUTED_ROWS:  # the median: a forger's own count cannot
         return  # lift the check

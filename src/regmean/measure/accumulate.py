@@ -15,7 +15,7 @@ from regmean.measure.batching import Batch, forward
 from regmean.measure.experts import expert_inputs, routed_rows
 from regmean.measure.sites import Site, follows_mask, hooks
 from regmean.stats import SiteStats
-from regmean.stats_checks import ROUTED
+from regmean.stats_checks import Stream
 
 GRAM_BLOCK = 512
 """Grams wider than twice this are accumulated by blocks on and above the diagonal only: x x^T is symmetric, so
@@ -79,11 +79,13 @@ class Accumulator:
         self.last = max(sites, key=lambda s: s.last_call)
         self.calls_left = 0
         named = dict(model.named_modules())
-        self.handles = [named[s.name].register_forward_pre_hook(self._hook(s)) for s in sites if s.stream != ROUTED]
+        self.handles = [
+            named[s.name].register_forward_pre_hook(self._hook(s)) for s in sites if s.stream != Stream.ROUTED
+        ]
         routed: dict[str, dict[int, list[Site]]] = {}
-        slots = expert_slots(model) if any(s.stream == ROUTED for s in sites) else {}
+        slots = expert_slots(model) if any(s.stream == Stream.ROUTED for s in sites) else {}
         for site in sites:
-            if site.stream == ROUTED:
+            if site.stream == Stream.ROUTED:
                 experts, e = slots[site.name]
                 routed.setdefault(experts.module, {}).setdefault(e, []).append(site)
         blocks = {experts.module: experts for experts, _ in slots.values()}
@@ -132,18 +134,18 @@ class Accumulator:
         def hook(_mod, args):
             x = args[0]
             rows = x.reshape(-1, x.shape[-1])
-            if site.stream in ("input", "decoder", "mixed"):
-                stream = "input" if site.stream == "mixed" else site.stream
+            if site.stream in (Stream.INPUT, Stream.DECODER, Stream.MIXED):
+                stream = Stream.INPUT if site.stream == Stream.MIXED else site.stream
                 mask = self.batch.masks[stream]
                 if follows_mask(x, mask):
                     index = self.batch.rows(stream)
                     rows = rows if index is None else rows.index_select(0, index)
-                elif site.stream != "mixed":
+                elif site.stream != Stream.MIXED:
                     raise RegmeanError(
                         f"site {site.name}: input of shape {tuple(x.shape)} does not match the {stream} "
                         f"mask of shape {tuple(mask.shape)}; exclude this module"
                     )
-            elif site.stream == "example" and x.shape[0] != self.batch.size:
+            elif site.stream == Stream.EXAMPLE and x.shape[0] != self.batch.size:
                 raise RegmeanError(f"site {site.name}: per-example input of shape {tuple(x.shape)} changed size")
             rows = rows.to(self.dtype)
             if self.scales is not None:
@@ -169,13 +171,13 @@ class Accumulator:
 
     def _input_tokens(self, hidden: torch.Tensor) -> torch.Tensor:
         """The indices of the flattened rows `hidden` that are input tokens, not padding."""
-        mask = self.batch.masks["input"]
+        mask = self.batch.masks[Stream.INPUT]
         if hidden.shape[0] != mask.numel():
             raise RegmeanError(
                 f"experts read {hidden.shape[0]} rows where the input has {mask.numel()} token positions; exclude "
                 "the experts (--exclude 'experts')"
             )
-        index = self.batch.rows("input")
+        index = self.batch.rows(Stream.INPUT)
         return torch.arange(hidden.shape[0], device=hidden.device) if index is None else index
 
     def _add(self, site: Site, rows: torch.Tensor) -> None:
@@ -194,7 +196,7 @@ class Accumulator:
     def _row_scales(self, site: Site, x: torch.Tensor, n: int) -> torch.Tensor:
         """The scale of each summed row: its example's."""
         scales = self.scales[site.name][self.offset : self.offset + self.batch.size]
-        if site.stream == "example":
+        if site.stream == Stream.EXAMPLE:
             return scales
         per_example = x.reshape(-1, x.shape[-1]).shape[0] // self.batch.size
         index = self.batch.rows(site.stream)

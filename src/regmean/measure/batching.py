@@ -12,25 +12,26 @@ from torch import nn
 from regmean.errors import RegmeanError, one_line
 from regmean.io.data import Example
 from regmean.loading import bounded_text, check_positions
+from regmean.stats_checks import Stream
 
 
 @dataclass
 class Batch:
     inputs: dict[str, torch.Tensor]
-    masks: dict[str, torch.Tensor]  # stream -> [B, T] bool
+    masks: dict[Stream, torch.Tensor]  # stream -> [B, T] bool
     size: int
-    _rows: dict[str, torch.Tensor | None] = field(default_factory=dict)
+    _rows: dict[Stream, torch.Tensor | None] = field(default_factory=dict)
 
     @property
     def tokens(self) -> int:
         """Unpadded input tokens."""
-        return int(self.masks["input"].sum())
+        return int(self.masks[Stream.INPUT].sum())
 
-    def stream_rows(self) -> dict[str, int]:
+    def stream_rows(self) -> dict[Stream, int]:
         """Real (unpadded) rows of every stream: tokens of the input and decoder, and the examples."""
-        return {stream: int(mask.sum()) for stream, mask in self.masks.items()} | {"example": self.size}
+        return {stream: int(mask.sum()) for stream, mask in self.masks.items()} | {Stream.EXAMPLE: self.size}
 
-    def rows(self, stream: str) -> torch.Tensor | None:
+    def rows(self, stream: Stream) -> torch.Tensor | None:
         """Indices of the stream's real (unpadded) rows, computed once per batch; None when nothing is padding."""
         if stream not in self._rows:
             flat = self.masks[stream].reshape(-1)
@@ -62,7 +63,7 @@ def make_batches(
         if "token_type_ids" in inputs and "token_type_ids" not in forward_args(model):
             del inputs["token_type_ids"]
         mask = inputs["attention_mask"].bool()
-        masks = {"input": mask}
+        masks = {Stream.INPUT: mask}
         if encdec:
             if seq2seq_lm:
                 if any(e.target is None for e in chunk):
@@ -80,11 +81,11 @@ def make_batches(
                 labels = tgt["input_ids"].to(device)
                 inputs["decoder_input_ids"] = model.prepare_decoder_input_ids_from_labels(labels=labels)
                 inputs["decoder_attention_mask"] = tgt["attention_mask"].to(device)
-                masks["decoder"] = inputs["decoder_attention_mask"].bool()
+                masks[Stream.DECODER] = inputs["decoder_attention_mask"].bool()
             else:
                 # Sequence classification: the model feeds the decoder its input shifted right; decoder position t
                 # exists in the unpadded example exactly when encoder position t does.
-                masks["decoder"] = mask
+                masks[Stream.DECODER] = mask
         yield Batch(inputs, masks, len(chunk))
 
 

@@ -13,6 +13,7 @@ from torch import nn
 from regmean.measure.accumulate import Collected
 from regmean.measure.batching import Batch, forward
 from regmean.measure.sites import Site, hooks
+from regmean.stats_checks import Stream
 
 
 class ContributionNorms:
@@ -25,7 +26,7 @@ class ContributionNorms:
         self.sites = sites
         self.grams: list[torch.Tensor] = []
         self.sums: list[torch.Tensor] = []
-        self.rows: dict[str, list[torch.Tensor]] = {"input": [], "decoder": []}
+        self.rows: dict[Stream, list[torch.Tensor]] = {Stream.INPUT: [], Stream.DECODER: []}
         self._batch: Batch | None = None
         self._norms: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._last, self._calls_left = max(sites, key=lambda s: s.last_call), 0
@@ -49,7 +50,7 @@ class ContributionNorms:
     def _hook(self, site: Site):
         def hook(_mod, args):
             x = args[0].double()
-            if site.stream == "example":
+            if site.stream == Stream.EXAMPLE:
                 x = x[:, None, :]
             else:
                 x = x.reshape(self._batch.size, -1, x.shape[-1]) * self._batch.masks[site.stream][..., None]

@@ -32,7 +32,7 @@ from regmean.measure.sites import NEVER_CALLED, Site, detect_sites, select_modul
 from regmean.memory import Peak, peak_memory
 from regmean.progress import progress as show_progress
 from regmean.stats import EXPERTS_UNCLIPPED, NO_EXAMPLE_BOUND, SiteStats, Statistics
-from regmean.stats_checks import ROUTED
+from regmean.stats_checks import Stream
 from regmean.units import human
 
 
@@ -168,7 +168,7 @@ def _header(sites, fingerprint, stats_dtype, examples, skipped, protection, priv
         "modules": {m: s.name for s in sites for m in s.modules},
         "fingerprint": fingerprint,
         "dtype": stats_dtype,
-        "examples": private.counts["examples"] if private else examples,
+        "examples": private.counts[Stream.EXAMPLE] if private else examples,
         "skipped": skipped,
         "site_streams": {s.name: (s.stream, s.calls) for s in sites},
         "protection": protection.describe(private and private.release, withheld),
@@ -262,9 +262,10 @@ def _protected(
             log(warning)
     if protection.epsilon is None:
         return sites, withheld, None
-    unbounded = [s for s in sites if s.stream in ("fixed", "mixed", ROUTED)]
+    unbounded = [s for s in sites if s.stream in (Stream.FIXED, Stream.MIXED, Stream.ROUTED)]
     for site in unbounded:  # rows that follow no example, or a subset of its tokens: no per-example bound here
-        skipped.update(dict.fromkeys(site.modules, NO_EXAMPLE_BOUND if site.stream != ROUTED else EXPERTS_UNCLIPPED))
+        reason = EXPERTS_UNCLIPPED if site.stream == Stream.ROUTED else NO_EXAMPLE_BOUND
+        skipped.update(dict.fromkeys(site.modules, reason))
     sites = [s for s in sites if s not in unbounded]
     return sites, withheld, PrivateRelease(model, sites, batches, protection, *sizes, device)
 
@@ -332,7 +333,7 @@ def _reduced(acc: Accumulator, device: str, private: PrivateRelease | None) -> d
 def _stream_totals(rows: dict[str, int], private: PrivateRelease | None, device: str) -> dict[str, int]:
     """The provenance's rows of every stream (`stats_checks.STREAM_TOTALS`: tokens, decoder tokens), over all
     processes; under DP the noisy counts the sites' counts are made of."""
-    totals = {"tokens": "input"} | ({"decoder_tokens": "decoder"} if "decoder" in rows else {})
+    totals = {"tokens": Stream.INPUT} | ({"decoder_tokens": Stream.DECODER} if Stream.DECODER in rows else {})
     if private is not None:
         return {key: private.counts[stream] for key, stream in totals.items()}
     return {key: distributed.sum_int(rows[stream], device) for key, stream in totals.items()}

@@ -19,9 +19,10 @@ from regmean.measure.sites import Site
 from regmean.privacy import dp
 from regmean.privacy.tokensites import token_sites
 from regmean.stats import WITHHELD, SiteStats
+from regmean.stats_checks import Stream
 
-STREAM_BOUNDS = ("input", "decoder")
-"""Streams whose rows an example adds up to max_length of; every example also adds 1 to the 'examples' count."""
+STREAM_BOUNDS = (Stream.INPUT, Stream.DECODER)
+"""Streams whose rows an example adds up to max_length of; every example also adds 1 to the examples' count."""
 
 
 @dataclass(frozen=True)
@@ -107,7 +108,7 @@ class PrivateRelease:
         norms = ContributionNorms(model, sites)
         a, b = norms.pass_over(batches())
         totals = {s: sum(int(r.sum()) for r in norms.rows[s]) for s in STREAM_BOUNDS if norms.rows[s]}
-        totals = {s: distributed.sum_int(n, device) for s, n in totals.items()} | {"examples": examples}
+        totals = {s: distributed.sum_int(n, device) for s, n in totals.items()} | {Stream.EXAMPLE: examples}
         sigma = dp.calibrate(asked.epsilon, asked.delta)
         clip = asked.clip or 1.0
         self.release = dp.DPRelease(asked.epsilon, asked.delta, clip, sigma, len(sites), len(totals), max_length)
@@ -118,7 +119,7 @@ class PrivateRelease:
         self.clipped = distributed.sum_int(int((scales < 1).any(1).sum()), device)
         self.generator = torch.Generator().manual_seed(secrets.randbits(63))
         self.counts = {
-            s: dp.noisy_count(n, self.release.count_noise(1 if s == "examples" else max_length), self.generator)
+            s: dp.noisy_count(n, self.release.count_noise(1 if s == Stream.EXAMPLE else max_length), self.generator)
             for s, n in totals.items()
         }
 
@@ -129,11 +130,10 @@ class PrivateRelease:
     def noisy(self, site: Site, stats: SiteStats) -> SiteStats:
         """A site's reduced sums with the mechanism's noise, its count from its stream's noisy count."""
         std = self.release.relative_noise * self.bounds[site.name]
-        stream = "examples" if site.stream == "example" else site.stream
         return SiteStats(
             dp.noisy_gram(stats.gram, std, self.generator),
             dp.noisy_vector(stats.sum, std, self.generator),
-            site.calls * self.counts[stream],
+            site.calls * self.counts[site.stream],
         )
 
 
@@ -145,10 +145,10 @@ def typical_norms(model: nn.Module, sites: list[Site], max_length: int) -> torch
     ids = torch.randint(0, vocab, (16, min(max_length, 32)), generator=torch.Generator().manual_seed(0)).to(device)
     mask = torch.ones_like(ids, dtype=torch.bool)
     inputs = {"input_ids": ids, "attention_mask": mask.long()}
-    masks = {"input": mask}
+    masks = {Stream.INPUT: mask}
     if getattr(model.config, "is_encoder_decoder", False):
         inputs |= {"decoder_input_ids": ids.clone(), "decoder_attention_mask": mask.long()}
-        masks["decoder"] = mask
+        masks[Stream.DECODER] = mask
     a, b = ContributionNorms(model, sites).pass_over([Batch(inputs, masks, ids.shape[0])])
     return (a + b).sqrt().median(0).values
 

@@ -19,7 +19,7 @@ from regmean.architecture import Experts, expert_slots, linear_layers
 from regmean.errors import RegmeanError
 from regmean.io.untrusted import compile_pattern
 from regmean.measure.batching import Batch, forward
-from regmean.stats_checks import ROUTED
+from regmean.stats_checks import Stream
 from regmean.units import human
 
 
@@ -27,11 +27,7 @@ from regmean.units import human
 class Site:
     name: str
     modules: list[str]
-    stream: str
-    """input (input_ids; the encoder's for enc-dec) | decoder | example (one row per example) | fixed (rows that
-    follow no example or token, e.g. DeBERTa's relative-position embeddings: every row counts) | mixed (some calls
-    read tokens, others fixed rows: DeBERTa-v3's shared query/key projections) | routed (an expert's input: the
-    input tokens routed to it)."""
+    stream: Stream
     d: int
     calls: int = 1  # calls of the hooked module per forward pass
     last_call: int = 0  # position of its last call among all measured modules' calls in a forward pass
@@ -145,14 +141,14 @@ def _set_aside_idle(never: list[str], experts: dict, expert_of: dict[str, str], 
             skipped[name] = NEVER_CALLED
 
 
-def _stream(first: torch.Tensor, calls: list[torch.Tensor], batch: Batch, decoder: bool) -> str:
+def _stream(first: torch.Tensor, calls: list[torch.Tensor], batch: Batch, decoder: bool) -> Stream:
     """A site's stream from its inputs: example (one row per example), else the input's or decoder's tokens, or
     fixed / mixed where some calls' rows follow no token of that stream's mask."""
     if first.dim() == 2 and first.shape[0] == batch.size:
-        return "example"
-    stream = "decoder" if decoder else "input"
+        return Stream.EXAMPLE
+    stream = Stream.DECODER if decoder else Stream.INPUT
     follows = {follows_mask(x, batch.masks[stream]) for x in calls}
-    return stream if follows == {True} else "fixed" if follows == {False} else "mixed"
+    return stream if follows == {True} else Stream.FIXED if follows == {False} else Stream.MIXED
 
 
 def _routed_sites(experts: Experts, wanted: list[str], calls: int, last_call: int) -> list[Site]:
@@ -163,7 +159,7 @@ def _routed_sites(experts: Experts, wanted: list[str], calls: int, last_call: in
             chosen = [r for r in readers if r in wanted]
             if chosen:
                 d = experts.d_model if name != experts.slot(e, "down_proj") else experts.d_inner
-                sites.append(Site(chosen[0], chosen, ROUTED, d, calls, last_call))
+                sites.append(Site(chosen[0], chosen, Stream.ROUTED, d, calls, last_call))
     return sites
 
 

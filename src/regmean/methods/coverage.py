@@ -8,7 +8,7 @@ from collections import Counter, defaultdict
 from regmean.architecture import LinearLayer, expert_modules, expert_slots
 from regmean.methods.expert_checks import expert_problems
 from regmean.stats import EXPERTS_UNCLIPPED, NO_EXAMPLE_BOUND, WITHHELD
-from regmean.stats_checks import ROUTED, structure_problems
+from regmean.stats_checks import Stream, structure_problems
 
 
 def averaged_matrices(inputs, solved: set[str], reasons: dict[str, str] | None = None) -> dict[str, str]:
@@ -42,7 +42,7 @@ def unrouted(inputs) -> dict[str, str]:
     out = {}
     for k, st in enumerate(inputs.stats or []):
         for module, site in st.modules.items():
-            if st.site_streams.get(site, ("",))[0] == ROUTED and module not in out and st.count(site) == 0:
+            if st.site_streams.get(site, ("",))[0] == Stream.ROUTED and module not in out and st.count(site) == 0:
                 st.site(site)  # its checks: no row, so nothing summed
                 out[module] = f"expert to which no token of model {k}'s data was routed (0 rows)"
     return out

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from regmean.architecture import _router, expert_modules, expert_slots
 from regmean.errors import RegmeanError
-from regmean.stats_checks import RELATIVE_SLACK, ROUTED, expected_count
+from regmean.stats_checks import RELATIVE_SLACK, Stream, expected_count
 
 ALTERED = "the file was altered: measure again"
 
@@ -33,8 +33,8 @@ def expert_problems(inputs) -> list[str]:
 def _placement_problems(st, slots: dict) -> list[str]:
     """A site is of stream `routed` exactly when it is an expert projection's."""
     for site, (stream, _) in st.site_streams.items():
-        if (stream == ROUTED) != (site in slots):
-            said = "an expert's routed input" if stream == ROUTED else f"of stream {stream!r}"
+        if (stream == Stream.ROUTED) != (site in slots):
+            said = "an expert's routed input" if stream == Stream.ROUTED else f"of stream {stream!r}"
             return [f"{st.path}: site {site} is recorded as {said}, which is wrong for that module; {ALTERED}"]
     return []
 
@@ -54,8 +54,8 @@ def _count_problems(st, experts, top_k: tuple[str, int] | None, model_path) -> l
                 f"{rows[-1]} at {sites[-1]} (the same routed tokens); {ALTERED}"
             ]
         counts.append(rows[0])
-        calls = st.site_streams.get(sites[0], (ROUTED, 1))[1]
-    tokens = expected_count(st.provenance, "input", calls or 1)
+        calls = st.site_streams.get(sites[0], (Stream.ROUTED, 1))[1]
+    tokens = expected_count(st.provenance, Stream.INPUT, calls or 1)
     if len(counts) < experts.count or top_k is None or tokens is None or sum(counts) == top_k[1] * tokens:
         return []
     name, k = top_k

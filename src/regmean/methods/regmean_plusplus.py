@@ -39,6 +39,7 @@ from regmean.methods.regmean import (
 )
 from regmean.methods.stages import Stage, forward_stages
 from regmean.stats import SiteStats
+from regmean.stats_checks import Stream
 
 if TYPE_CHECKING:
     from regmean.merge.config import ModelEntry
@@ -185,7 +186,7 @@ class RegMeanPlusPlus(RegMean):
         read = set(swap) | set(outputs)
         numel = sum(math.prod(first.shapes[key]) for key in read)
         tokens = sum(d.record["tokens"] for d in self.data)
-        rows = max(b.masks["input"].numel() for d in self.data for b in d.batches)
+        rows = max(b.masks[Stream.INPUT].numel() for d in self.data for b in d.batches)
         widest = max(site.d for site in stage.sites)
         grams = k * sum((site.d + 1) ** 2 for site in stage.sites) * self._gram_bytes()
         solve_working = max(solve.cost.working_bytes for solve in solves)

@@ -24,6 +24,7 @@ from regmean.measure.pipeline import prepare_inputs
 from regmean.privacy.decode import Decoded, decode_counts
 from regmean.privacy.tokensites import TokenSite, token_sites, token_vectors
 from regmean.stats import StatisticsFile
+from regmean.stats_checks import Stream
 
 DEFAULT_POSITIONS = 32
 """Positions attacked at a site whose input depends on the position (the atoms are tokens x positions)."""
@@ -126,7 +127,7 @@ def _truth(examples, tokenizer, model, max_length: int, positions: int, device: 
     counts: Counter = Counter()
     beyond = 0
     for batch in make_batches(examples, tokenizer, model, 32, max_length, device):
-        ids, mask = batch.inputs["input_ids"].cpu(), batch.masks["input"].cpu()
+        ids, mask = batch.inputs["input_ids"].cpu(), batch.masks[Stream.INPUT].cpu()
         where = mask.nonzero().tolist()
         for row, pos in where:
             if positions and pos >= positions:

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from regmean.measure.batching import Batch, forward
+from regmean.stats_checks import Stream
 
 PROBE_LENGTH = 12
 ATOM_CHUNK = 2048
@@ -62,7 +63,8 @@ def site_inputs(model: nn.Module, sites: list[str], input_ids: torch.Tensor) -> 
                 model.get_encoder()(input_ids=input_ids, attention_mask=mask)
             else:
                 forward(
-                    model, Batch({"input_ids": input_ids, "attention_mask": mask}, {"input": mask.bool()}, len(mask))
+                    model,
+                    Batch({"input_ids": input_ids, "attention_mask": mask}, {Stream.INPUT: mask.bool()}, len(mask)),
                 )
     except _Captured:
         pass
