@@ -55,6 +55,8 @@ class Architecture:
     notes: str = ""
     targets: bool = False
     """An encoder-decoder LM: examples need decoder targets."""
+    never_run: int = 0
+    """Linear layers that never run on text (a vision-language model's vision tower): averaged, and said why."""
 
 
 ARCHITECTURES = [
@@ -600,6 +602,21 @@ ARCHITECTURES = [
         | {"hc_lowrank": 4},
         "Qwen4-Exp",
         "experts one by one; shared experts and routers solved",
+    ),
+    Architecture(
+        "Qwen3VLMoeForConditionalGeneration",
+        "Qwen3VLMoeConfig",
+        {
+            "text_config": {**MOE, "moe_intermediate_size": 8, "num_experts": 4, "head_dim": 4}
+            | {"rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "mrope_section": [1, 1, 0]}},
+            "vision_config": {"depth": 1, "hidden_size": 16, "intermediate_size": 24, "num_heads": 2}
+            | {"out_hidden_size": 16, "patch_size": 4, "num_position_embeddings": 16, "deepstack_visual_indexes": [0]},
+        }
+        | {"image_token_id": VOCAB - 1, "video_token_id": VOCAB - 2, "vision_start_token_id": VOCAB - 3},
+        "Qwen3-VL-MoE",
+        "measured on text: experts stored fused (3-D) solved row by row, routers solved; the vision tower's 8 linear "
+        "layers never run on text: averaged, and said",
+        never_run=8,
     ),
     Architecture(
         "SolarOpenForCausalLM",
