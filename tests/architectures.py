@@ -56,7 +56,8 @@ class Architecture:
     targets: bool = False
     """An encoder-decoder LM: examples need decoder targets."""
     never_run: int = 0
-    """Linear layers that never run on text (a vision-language model's vision tower): averaged, and said why."""
+    """Linear layers never called as modules on text (a vision-language model's vision tower, a weight the parent
+    applies itself): averaged, and said why."""
 
 
 ARCHITECTURES = [
@@ -499,6 +500,18 @@ ARCHITECTURES = [
         "Llama-4",
         "experts (3-D, transposed, each token scaled by its router score) solved row by row on the tokens routed to "
         "them; shared expert and routers solved",
+    ),
+    Architecture(
+        "LongcatFlashForCausalLM",
+        "LongcatFlashConfig",
+        {k: v for k, v in DECODER.items() if k not in ("num_hidden_layers", "intermediate_size")}
+        | {"num_layers": 1, "num_key_value_heads": 4, "ffn_hidden_size": 24, "expert_ffn_hidden_size": 8}
+        | {"n_routed_experts": 4, "moe_topk": 2, "zero_expert_num": 2, **MLA, "head_dim": 4},
+        "LongCat-Flash",
+        "experts averaged, and said: its fused gate_up_proj holds rows for the zero (identity) experts too, which "
+        "down_proj lacks, a layout not recognised; the router's classifier, applied by its parent with F.linear "
+        "(never called as a module), averaged and said; dense MLPs and low-rank attention solved",
+        never_run=1,
     ),
     Architecture(
         "MellumForCausalLM",
