@@ -266,3 +266,20 @@ def test_rows_outside_a_tensor_are_refused(trio):
     assert ckpt.get(key, (30520, 30522)).shape == (2, 16)
     with pytest.raises(RegmeanError, match="rows 30520:30525"):
         ckpt.get(key, (30520, 30525))
+
+
+def test_out_of_memory_advises_only_options_the_command_has(tmp_path, monkeypatch):
+    """Sweep 6 R5: every command's out-of-memory line advised --batch-size and --dry-run, which most lack."""
+    import importlib
+
+    def exhausted(*args, **kwargs):
+        raise MemoryError
+
+    monkeypatch.setattr(importlib.import_module("regmean.merge"), "merge", exhausted)
+    monkeypatch.setattr(importlib.import_module("regmean.combine"), "combine", exhausted)
+    (recipe := tmp_path / "r.yaml").write_text("method: average\nmodels: [{path: a}, {path: b}]\n")
+    (said,) = cli_fails(["merge", recipe, tmp_path / "out"], "out of memory; nothing was written")
+    assert "see the plan with --dry-run" in said and "--batch-size" not in said
+    (tmp_path / "s").mkdir()
+    (said,) = cli_fails(["stats", "combine", tmp_path / "s", tmp_path / "s", "--out", tmp_path / "c"], "out of memory")
+    assert said == "error: out of memory; nothing was written"

@@ -4,6 +4,7 @@ other packages add through the `regmean.commands` entry points (the benchmark ha
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 import signal
 import sys
@@ -54,10 +55,22 @@ def _fail(problems: list[str], code: int = 2) -> NoReturn:
     raise typer.Exit(code)
 
 
+MEMORY_HINTS = {
+    "batch_size": "lower --batch-size",
+    "max_memory": "lower --max-memory",
+    "dry_run": "see the plan with --dry-run",
+}
+"""What a command that ran out of memory advises, for the options it has."""
+
+
 def _reports_errors(command: Callable) -> Callable:
     """Every failure of a command as one line per problem and a non-zero exit, never a traceback: the tool's own
     errors (exit 2), the operating system's (a full disk, a folder made read-only during the run), memory, an
     interrupt, and, as a last resort, a defect of ours (exit 3; REGMEAN_DEBUG=1 shows its traceback)."""
+
+    options = inspect.signature(command).parameters
+    hints = [hint for option, hint in MEMORY_HINTS.items() if option in options]
+    advice = f" ({', or '.join(hints)})" if hints else ""
 
     @functools.wraps(command)
     def run(*args, **kwargs):
@@ -72,7 +85,7 @@ def _reports_errors(command: Callable) -> Callable:
             why = f"{full}; free space or choose another output" if full else exc.strerror or exc
             _fail([f"{exc.filename or 'a file'}: {why}; nothing was written"])
         except (MemoryError, torch.OutOfMemoryError):
-            _fail(["out of memory; nothing was written (lower --batch-size, or see the plan with --dry-run)"])
+            _fail([f"out of memory; nothing was written{advice}"])
         except KeyboardInterrupt:
             _fail(["interrupted; nothing was written"], 130)
         except Terminated:
