@@ -8,6 +8,11 @@ other method's digests were the same before and after that change. They depend o
 reason, and `REGMEAN_RECORD_DIGESTS=1` records that machine's own. (Twice a fresh install of the same versions did
 not reproduce RegMean's digests while every other method's held: the Grams' forward passes rounded differently. The
 Grams are now seeded synthetic sums over the measured sites, and RegMean's digests were recorded again.)
+
+On any machine, recorded digests or not, every merge of the default options (and weighted averages) is also checked
+against a plain merge written here from the input files: each average, task-arithmetic and Fisher-weighted tensor
+against its formula in float64, each RegMean layer against the normal equations from the statistics files, every
+other tensor against the plain average (`plain_merge_problems`).
 """
 
 from __future__ import annotations
@@ -22,12 +27,15 @@ import torch
 import transformers as tf
 from conftest import ALL_SITES, CASES, TARGETS, TEXTS, _config, build_model, save_model
 from safetensors import safe_open
+from safetensors.torch import load_file
+from transformers.pytorch_utils import Conv1D
 
+from regmean.architecture import meta_model
 from regmean.io.data import Example
 from regmean.measure import measure
 from regmean.measure.fisher import save_fisher
 from regmean.merge import MergeConfig, merge
-from regmean.stats import save
+from regmean.stats import StatisticsFile, save
 
 DIGESTS = Path(__file__).parent / "data" / "merge_digests.json"
 EXAMPLES = [Example(t, None, y) for t, y in zip(TEXTS, TARGETS, strict=True)]
@@ -159,14 +167,76 @@ def digest(folder: Path) -> str:
     return h.hexdigest()
 
 
-def merged_digests(root: Path, case: str) -> dict[str, str]:
+PLAIN = {"regmean", "average", "average_weights", "task_arithmetic", "fisher"}
+"""The variants checked against a plain merge on every machine (the others: by their digests, and by test_merge)."""
+
+
+def merged_digests(root: Path, case: str) -> tuple[dict[str, str], list[str]]:
+    """Each variant's digest, and what differs from a plain merge of the same files (`plain_merge_problems`)."""
     chosen = [v for v in variants() if v[0] == case]
     prepared = prepare(root, *chosen[0][:3])
-    out = {}
+    out, problems = {}, []
     for _, _, _, name, recipe in chosen:
         merge(recipe_of(prepared, recipe), root / name, progress=False)
         out[name] = digest(root / name)
-    return out
+        if name in PLAIN:
+            problems += [f"{name}: {p}" for p in plain_merge_problems(prepared, recipe, root / name)]
+    return out, problems
+
+
+def plain_merge_problems(prepared: dict, recipe: dict, out: Path) -> list[str]:
+    """Every merged tensor against the method's formula, computed plainly in float64 from the input files."""
+    inputs = [load_file(Path(p) / "model.safetensors") for p in prepared["models"]]
+    base = load_file(prepared["base"] / "model.safetensors")
+    merged = load_file(out / "model.safetensors")
+    report = json.loads((out / "merge_report.json").read_text())
+    solved = {row["tensor"]: row for row in report["layers"]}
+    w = torch.tensor(recipe.get("weights", [1.0] * K), dtype=torch.float64)
+    fishers = _fishers(prepared) if recipe["method"] == "fisher" else []
+    problems = []
+    for key, got in merged.items():
+        values = [sd[key].double() for sd in inputs]
+        if not got.is_floating_point():
+            expected = inputs[0][key]
+        elif key in solved:
+            problems += _normal_equations(prepared, solved[key], got, values)
+            continue
+        elif recipe["method"] == "task_arithmetic":
+            scaling = recipe["options"]["scaling"]
+            expected = base[key].double() + scaling * sum(
+                wi * (v - base[key].double()) for wi, v in zip(w, values, strict=True)
+            )
+        elif fishers and all(key in f for f in fishers):
+            f = [fi[key].double() * wi + 1e-30 for fi, wi in zip(fishers, w, strict=True)]
+            expected = sum(fi * v for fi, v in zip(f, values, strict=True)) / sum(f)
+        else:
+            expected = sum(wi * v for wi, v in zip(w, values, strict=True)) / w.sum()
+        if not torch.allclose(got.double(), expected.double(), rtol=1e-5, atol=1e-6):
+            problems.append(f"{key} differs from the plain merge by {float((got - expected).abs().max()):.3g}")
+    return problems
+
+
+def _normal_equations(prepared: dict, row: dict, got: torch.Tensor, values: list[torch.Tensor]) -> list[str]:
+    """A RegMean layer (default options: alpha 0.9, each Gram over its row count) against its normal equations."""
+    stats = [StatisticsFile(prepared["root"] / f"gram{k}").site(row["site"]) for k in range(K)]
+    grams = [0.9 * s.gram.double() + 0.1 * torch.diag(torch.diag(s.gram.double())) for s in stats]
+    module = meta_model(prepared["models"][0]).get_submodule(row["module"])
+    transposed = isinstance(module, Conv1D)  # [d_in, d_out]
+    ours, weights = (got.double().T, [v.T for v in values]) if transposed else (got.double(), values)
+    residual = sum(g @ (ours - v).T / s.count for g, v, s in zip(grams, weights, stats, strict=True))
+    reference = sum(g @ v.T / s.count for g, v, s in zip(grams, weights, stats, strict=True))
+    ratio = float(residual.norm() / reference.norm())
+    return [] if ratio < 1e-5 else [f"{row['tensor']}: normal-equation residual {ratio:.3g}"]
+
+
+def _fishers(prepared: dict) -> list[dict[str, torch.Tensor]]:
+    return [
+        {
+            k.removesuffix("::fisher"): t
+            for k, t in load_file(prepared["root"] / f"fisher{k}" / "fisher.safetensors").items()
+        }
+        for k in range(K)
+    ]
 
 
 CASE_NAMES = list(dict.fromkeys(v[0] for v in variants()))
@@ -175,15 +245,16 @@ CASE_NAMES = list(dict.fromkeys(v[0] for v in variants()))
 @pytest.mark.parametrize("case", CASE_NAMES)
 def test_every_merged_tensor_is_as_recorded(tmp_path, case):
     recorded = json.loads(DIGESTS.read_text()) if DIGESTS.is_file() else {"environment": None, "digests": {}}
-    got = merged_digests(tmp_path, case)
+    got, problems = merged_digests(tmp_path, case)
+    assert not problems, f"{case}: merged tensors differ from a plain merge: {problems[:5]}"
     if os.environ.get("REGMEAN_RECORD_DIGESTS") == "1":
         recorded["environment"] = environment()
         recorded["digests"][case] = got
         DIGESTS.parent.mkdir(exist_ok=True)
         DIGESTS.write_text(json.dumps(recorded, indent=1, sort_keys=True) + "\n")
         return
-    if recorded["environment"] != environment():
-        pytest.skip(f"digests recorded on {recorded['environment']}, this is {environment()}")
+    if recorded["environment"] != environment():  # the plain merge above is the check here
+        pytest.skip(f"checked against a plain merge; digests recorded on {recorded['environment']}, not here")
     changed = {name: (recorded["digests"][case].get(name), d) for name, d in got.items()}
     changed = {name: pair for name, pair in changed.items() if pair[0] != pair[1]}
     assert not changed, f"{case}: merged tensors differ from the recorded ones in {sorted(changed)}"
