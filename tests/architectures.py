@@ -502,6 +502,16 @@ ARCHITECTURES = [
         "them; shared expert and routers solved",
     ),
     Architecture(
+        "LaraMiniForCausalLM",
+        "LaraMiniConfig",
+        {**MOE, "moe_intermediate_size": 8, "shared_expert_intermediate_size": 8, "num_experts": 4, "head_dim": 4}
+        | {"linear_key_head_dim": 4, "linear_value_head_dim": 4}
+        | {"linear_num_key_heads": 2, "linear_num_value_heads": 4},
+        "Lara-mini",
+        "experts stored fused (3-D) solved row by row; shared experts and routers solved; the checkpoint's "
+        "linear_attn.in_proj, which transformers splits into four projections of one input, solved as one layer",
+    ),
+    Architecture(
         "LongcatFlashForCausalLM",
         "LongcatFlashConfig",
         {k: v for k, v in DECODER.items() if k not in ("num_hidden_layers", "intermediate_size")}

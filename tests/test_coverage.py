@@ -369,3 +369,24 @@ def test_moe_experts_are_measured_on_their_routed_tokens_and_solved_one_by_one(t
         weights = [sd[key].double() for sd in inputs]
         assert normal_equation_residual(merged[key].double(), weights, grams, scale) < 1e-4, key
     assert not any(why.startswith(("linear layer", "not a linear")) for why in report["averaged"].values())
+
+
+def test_a_checkpoint_key_split_on_loading_is_one_stacked_layer():
+    """Issue 26: Lara-mini's checkpoint stores linear_attn.in_proj, which transformers splits by rows into four
+    projections of the same input; the merge takes the key as one layer of their stacked rows (the slow matrix
+    solves it against the normal equations)."""
+    from architectures import ARCHITECTURES
+
+    from regmean.architecture import linear_layers, split_layers, split_parameters
+
+    arch = next(a for a in ARCHITECTURES if a.cls == "LaraMiniForCausalLM")
+    model = getattr(tf, arch.cls)(getattr(tf, arch.config)(**arch.options))
+    prefix = "model.layers.0.linear_attn."
+    splits = split_parameters(model, [f"{prefix}in_proj.weight", f"{prefix}out_proj.weight"])
+    parts = ["in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a"]
+    assert splits == {f"{prefix}in_proj.weight": [f"{prefix}{p}.weight" for p in parts]}
+    layers = split_layers(linear_layers(model), splits)
+    stacked = layers[f"{prefix}in_proj_qkv"]
+    rows = sum(model.get_submodule(prefix + p).weight.shape[0] for p in parts)
+    assert (stacked.weight_key, stacked.d_out, stacked.d_in) == (f"{prefix}in_proj.weight", rows, 16)
+    assert not any(f"{prefix}{p}" in layers for p in parts[1:])

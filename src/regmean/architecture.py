@@ -318,31 +318,76 @@ def _fused_parts(model: nn.Module) -> dict[str, tuple[Experts, tuple[str, ...]]]
     return out
 
 
-Rules = tuple[list, list]
-"""transformers' conversion rules for a class: its renamings and its many-to-one fusions (`_conversion_rules`)."""
+Rules = tuple[list, list, list]
+"""transformers' conversion rules for a class: its renamings, its many-to-one fusions and its one-to-many splits
+along the rows (`_conversion_rules`)."""
 
 
 def _conversion_rules(model: nn.Module) -> Rules:
     """transformers' conversion tables for the class: its renamings (WeightRenaming and kinds of it, such as
-    Inkling-2's index offsets) and its fusions of several keys into one (WeightConverter); both empty if their API
-    moves (only exact names then count)."""
+    Inkling-2's index offsets), its fusions of several keys into one and its splits of one key into several
+    parameters by rows (WeightConverter: Lara-mini's linear_attn.in_proj); all empty if their API moves (only exact
+    names then count)."""
     try:
         from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import WeightConverter, WeightRenaming
+        from transformers.core_model_loading import Split, WeightConverter, WeightRenaming
 
         mapping = get_model_conversion_mapping(model)
         renamings = [rule for rule in mapping if isinstance(rule, WeightRenaming)]
-        fusions = [rule for rule in mapping if type(rule) is WeightConverter and len(rule.target_patterns) == 1]
-        return renamings, fusions
+        converters = [rule for rule in mapping if type(rule) is WeightConverter]
+        fusions = [rule for rule in converters if len(rule.target_patterns) == 1]
+        splits = [
+            rule
+            for rule in converters
+            if len(rule.source_patterns) == 1 and len(rule.target_patterns) > 1
+            if [(type(op), getattr(op, "dim", None)) for op in rule.operations] == [(Split, 0)]
+        ]
+        return renamings, fusions, splits
     except Exception:  # best effort: exact names are still matched
-        return [], []
+        return [], [], []
+
+
+def split_parameters(model: nn.Module, keys: list[str]) -> dict[str, list[str]]:
+    """Checkpoint key -> the parameters transformers splits it into by rows, in order (Lara-mini's
+    linear_attn.in_proj.weight -> in_proj_qkv, in_proj_z, in_proj_b, in_proj_a), for keys it splits."""
+    renamings, _, splits = _conversion_rules(model)
+    state = set(model.state_dict())
+    out = {}
+    for key in keys:
+        name = key
+        for rule in renamings:
+            name = rule.rename_source_key(name)[0]
+        for rule in splits:
+            first, source = rule.rename_source_key(name)
+            targets = [first.replace(rule.target_patterns[0], target) for target in rule.target_patterns]
+            if source is not None and all(t in state for t in targets):
+                out[key] = targets
+                break
+    return out
+
+
+def split_layers(linears: dict[str, LinearLayer], splits: dict[str, list[str]]) -> dict[str, LinearLayer]:
+    """The linear layers with each checkpoint tensor that loads split into several layers' weights as one layer
+    (their rows stacked, named after the first): they read one input, so solving the stacked rows is solving each."""
+    out = dict(linears)
+    for key, targets in splits.items():
+        modules = [t.removesuffix(".weight") for t in targets]
+        layers = [out.get(m) for m in modules]
+        if not all(t.endswith(".weight") for t in targets) or any(la is None for la in layers):
+            continue
+        if any(la.bias_key or la.transposed or la.expert is not None for la in layers):
+            continue
+        for m in modules:
+            del out[m]
+        out[modules[0]] = LinearLayer(modules[0], key, None, layers[0].d_in, sum(la.d_out for la in layers), False)
+    return out
 
 
 def _loaded_name(key: str, rules: Rules) -> tuple[str, int | None]:
     """Checkpoint key `key` as transformers names it on loading (every renaming in turn, then the first fusion that
     matches, each by the rule's own matching), and its place among that fusion's sources (Mixtral's w1 is 0, w3 is
     1; None where no fusion matches)."""
-    renamings, fusions = rules
+    renamings, fusions, _ = rules
     for rule in renamings:
         key = rule.rename_source_key(key)[0]
     for rule in fusions:

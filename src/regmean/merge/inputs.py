@@ -20,6 +20,8 @@ from regmean.architecture import (
     meta_model,
     parameter_names,
     required_keys,
+    split_layers,
+    split_parameters,
 )
 from regmean.errors import RegmeanError, one_line
 from regmean.io.adapter import open_model
@@ -157,11 +159,14 @@ def open_inputs(config: MergeConfig) -> MergeInputs:
     vocab, vocab_problems = grown_vocabulary(config, models, [body(m) for m in models], embedding_keys, method)
     problems += vocab_problems
     problems += _disagreements(config, models, body, vocab, heads)
-    parameters = parameter_names(skeleton, first.keys())
-    problems += _required_problems(skeleton, parameters, first, first_path)
+    splits = split_parameters(skeleton, first.keys())
+    parameters = parameter_names(skeleton, first.keys()) | {key: targets[0] for key, targets in splits.items()}
+    loaded = set(parameters.values()) | {target for targets in splits.values() for target in targets}
+    problems += _required_problems(skeleton, loaded, first, first_path)
     if problems:  # the models disagree: nothing below can be checked meaningfully
         raise RegmeanError(problems)
     linears = {m: _in_checkpoint(layer, parameters) for m, layer in linear_layers(skeleton).items()}
+    linears = split_layers(linears, splits)
     linears |= expert_layers(skeleton, first.shapes)
     embeddings, lm_head = embedding_modules(skeleton)
     inputs = MergeInputs(config, models, stats, base, skeleton, linears, heads, embeddings, lm_head, vocab, parameters)
@@ -177,9 +182,9 @@ def open_inputs(config: MergeConfig) -> MergeInputs:
     return inputs
 
 
-def _required_problems(skeleton: nn.Module, parameters: dict[str, str], first: Checkpoint, first_path) -> list[str]:
-    """Every parameter the model class needs loads from some checkpoint key of the first model."""
-    needed = [k for k in required_keys(skeleton) if k not in set(parameters.values())]
+def _required_problems(skeleton: nn.Module, loaded: set[str], first: Checkpoint, first_path) -> list[str]:
+    """Every parameter the model class needs loads from some checkpoint key of the first model (`loaded`)."""
+    needed = [k for k in required_keys(skeleton) if k not in loaded]
     if not needed:
         return []
     return [

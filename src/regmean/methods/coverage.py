@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 
-from regmean.architecture import LinearLayer, expert_modules, expert_slots
+from regmean.architecture import LinearLayer, expert_modules, expert_slots, split_parameters
 from regmean.methods.expert_checks import expert_problems
 from regmean.stats import EXPERTS_UNCLIPPED, NO_EXAMPLE_BOUND, WITHHELD
 from regmean.stats_checks import Stream, structure_problems
@@ -105,8 +105,11 @@ def absent_weights(entry, ckpt, layers: list[LinearLayer]) -> str | None:
 def coverage_problems(inputs) -> list[str]:
     """Every measured module is a linear layer of the model, and every model measured the same modules."""
     problems = []
+    splits = split_parameters(inputs.skeleton, inputs.models[0].keys()).values()
+    stacked = {target.removesuffix(".weight") for targets in splits for target in targets}  # into one layer each
+    known = set(inputs.linears) | set(expert_slots(inputs.skeleton)) | stacked
     for entry, ckpt, st in zip(inputs.config.models, inputs.models, inputs.stats, strict=True):
-        unknown = sorted(set(st.modules) - set(inputs.linears) - set(expert_slots(inputs.skeleton)))
+        unknown = sorted(set(st.modules) - known)
         if unknown:
             problems.append(f"{st.path}: statistics name modules the model lacks, e.g. {unknown[0]}")
         absent = absent_weights(entry, ckpt, [inputs.linears[m] for m in st.modules if m in inputs.linears])
