@@ -518,9 +518,9 @@ ARCHITECTURES = [
         | {"num_layers": 1, "num_key_value_heads": 4, "ffn_hidden_size": 24, "expert_ffn_hidden_size": 8}
         | {"n_routed_experts": 4, "moe_topk": 2, "zero_expert_num": 2, **MLA, "head_dim": 4},
         "LongCat-Flash",
-        "experts averaged, and said: its fused gate_up_proj holds rows for the zero (identity) experts too, which "
-        "down_proj lacks, a layout not recognised; the router's classifier, applied by its parent with F.linear "
-        "(never called as a module), averaged and said; dense MLPs and low-rank attention solved",
+        "experts one by one (the unused gate/up of its parameter-free zero experts averaged, and said); dense MLPs "
+        "and low-rank attention solved; the router's classifier, applied by its parent with F.linear (never called "
+        "as a module), averaged and said",
         never_run=1,
     ),
     Architecture(

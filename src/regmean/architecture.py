@@ -101,6 +101,9 @@ class Experts:
     d_inner: int
     gated: bool
     transposed: bool
+    parameter_free: int = 0
+    """Experts past the `count` with weights that route tokens but compute nothing (LongCat's zero experts, whose
+    gate/up rows the fused tensor keeps unused): a block's routed rows are then at most top-k x tokens."""
 
     def slot(self, expert: int, part: str) -> str:
         """The name statistics and merges give one expert's projection: `<experts module>.<expert>.<part>`."""
@@ -133,20 +136,21 @@ def _experts(name: str, mod: nn.Module) -> Experts | None:
         return None
     if hasattr(mod, "is_transposed") and hasattr(mod, "has_gate"):
         transposed = bool(mod.is_transposed)
-    elif gated and getattr(mod, "num_experts", None) == down.shape[0]:
+    elif gated and down.shape[0] in (getattr(mod, "num_experts", None), getattr(mod, "num_routed_experts", None)):
         transposed = _gated_layout(tuple(up.shape), tuple(down.shape))
     else:
         return None
     if transposed is None:
         return None
     count, d_model, d_inner = down.shape if not transposed else (down.shape[0], down.shape[2], down.shape[1])
-    return Experts(name, count, d_model, d_inner, gated, transposed)
+    return Experts(name, count, d_model, d_inner, gated, transposed, up.shape[0] - count)
 
 
 def _gated_layout(gate_up: tuple[int, ...], down: tuple[int, ...]) -> bool | None:
     """Whether gated experts of these shapes are transposed ([E, d, 2I] and [E, I, d]) or not ([E, 2I, d] and
-    [E, d, I]); None for shapes of neither layout (the factor 2 of the fused gate and up tells them apart)."""
-    if gate_up[0] != down[0]:
+    [E, d, I]); None for shapes of neither layout (the factor 2 of the fused gate and up tells them apart). The
+    gate/up may hold rows past the E experts (LongCat's, for its parameter-free zero experts: never used)."""
+    if gate_up[0] < down[0]:
         return None
     if gate_up[1:] == (2 * down[2], down[1]):
         return False
@@ -302,9 +306,9 @@ def _expert_rows(experts: Experts, parts: tuple[str, ...], key: str, shape: tupl
     count, rows, columns = shape
     d_in, d_out = (rows, columns) if experts.transposed else (columns, rows)
     wide = experts.d_inner if parts[0] == "down_proj" else experts.d_model
-    if count != experts.count or d_in != wide:
+    if count < experts.count or d_in != wide:
         return {}
-    slots = [experts.slot(e, parts[0]) for e in range(count)]
+    slots = [experts.slot(e, parts[0]) for e in range(experts.count)]  # (rows past them: no expert's, averaged)
     return {slot: LinearLayer(slot, key, None, d_in, d_out, experts.transposed, e) for e, slot in enumerate(slots)}
 
 

@@ -22,7 +22,7 @@ def averaged_matrices(inputs, solved: set[str], reasons: dict[str, str] | None =
         if layer.expert is not None:
             rows[layer.weight_key].append(layer)
     out, idle = {}, unrouted(inputs)
-    experts = {x.module for x in expert_modules(inputs.skeleton)}
+    experts = {x.module: x for x in expert_modules(inputs.skeleton)}
     for key in inputs.body_keys():
         module = keys.get(key) or inputs.module_of(key)
         if key in rows:
@@ -31,6 +31,7 @@ def averaged_matrices(inputs, solved: set[str], reasons: dict[str, str] | None =
                 f"{key}[{la.expert}]": reasons.get(la.module) or idle.get(la.module) or _reason(inputs, la.module)
                 for la in unsolved
             }
+            out |= dict.fromkeys((f"{key}[{e}]" for e in range(len(rows[key]), shapes[key][0])), NO_EXPERT)
         elif len(shapes[key]) >= 2 and module not in solved:
             out[key] = reasons.get(module) or idle.get(module) or _reason(inputs, module, key, experts)
     return out
@@ -48,7 +49,11 @@ def unrouted(inputs) -> dict[str, str]:
     return out
 
 
-def _reason(inputs, module: str, key: str = "", experts: set[str] | None = None) -> str:
+NO_EXPERT = "weights of a parameter-free (zero) expert, which the forward pass never uses"
+"""Why rows (or per-expert keys) past a block's experts are averaged: LongCat keeps gate/up rows for them."""
+
+
+def _reason(inputs, module: str, key: str = "", experts: dict | None = None) -> str:
     config = inputs.config
     if module in inputs.embeddings:
         return f"embedding (embeddings: {config.embeddings})"
@@ -65,9 +70,12 @@ def _reason(inputs, module: str, key: str = "", experts: set[str] | None = None)
         kind = type(inputs.skeleton.get_submodule(module)).__name__
     except AttributeError:
         kind = "a tensor the model class does not name"
-    if module in (experts or ()):
+    if module in (experts or {}):
         if key.endswith("_bias"):
             return "experts' biases (averaged, as every bias outside `bias: joint`)"
+        numbers = [int(part) for part in key.split(".") if part.isdigit()]
+        if len(inputs.models[0].shapes[key]) == 2 and numbers and numbers[-1] >= experts[module].count:
+            return NO_EXPERT
         return f"experts tensor in a layout the merge does not recognise ({kind})"
     return f"not a linear layer the method measures ({kind})"
 

@@ -40,7 +40,8 @@ def _placement_problems(st, slots: dict) -> list[str]:
 
 
 def _count_problems(st, experts, top_k: tuple[str, int] | None, model_path) -> list[str]:
-    """An expert's inputs count the same rows; the block's experts count top-k x calls x tokens in all."""
+    """An expert's inputs count the same rows; the block's experts count top-k x calls x tokens in all (at most, where
+    parameter-free experts take some)."""
     counts, calls = [], None
     for e in range(experts.count):
         sites = [st.modules.get(m) for readers in experts.reads(e).values() for m in readers]
@@ -57,6 +58,8 @@ def _count_problems(st, experts, top_k: tuple[str, int] | None, model_path) -> l
         calls = st.site_streams.get(sites[0], (Stream.ROUTED, 1))[1]
     tokens = expected_count(st.provenance, Stream.INPUT, calls or 1)
     if len(counts) < experts.count or top_k is None or tokens is None or sum(counts) == top_k[1] * tokens:
+        return []
+    if experts.parameter_free and sum(counts) <= top_k[1] * tokens:  # the rest went to experts that compute nothing
         return []
     name, k = top_k
     return [
