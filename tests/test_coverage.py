@@ -377,7 +377,8 @@ def test_a_checkpoint_key_split_on_loading_is_one_stacked_layer():
     solves it against the normal equations)."""
     from architectures import ARCHITECTURES
 
-    from regmean.architecture import linear_layers, split_layers, split_parameters
+    from regmean.architecture import linear_layers
+    from regmean.checkpoint_keys import split_layers, split_parameters
 
     arch = next(a for a in ARCHITECTURES if a.cls == "LaraMiniForCausalLM")
     model = getattr(tf, arch.cls)(getattr(tf, arch.config)(**arch.options))

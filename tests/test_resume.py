@@ -114,60 +114,17 @@ def test_an_interrupted_adapter_output_resumes_to_the_same_bytes(tmp_path, monke
     assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
 
 
-def test_statistics_replaced_with_the_same_size_and_time_start_over(tmp_path, monkeypatch):
-    """Sweep 5 F04: a statistics file swapped for another of the same size and modification time (cp -p, rsync -a)
-    was resumed over, mixing steps of both files; the key now holds each safetensors file's header."""
+def swapped_keeping_size_and_time(tmp_path, monkeypatch, config, method: str, old, new) -> None:
+    """Interrupt a merge, copy `new` over input `old` keeping its time (cp -p, rsync -a): the rerun starts over
+    (the staging folder removed, said) and equals a fresh merge of the same files."""
     import os
     import shutil
 
-    from test_merge import K
-
-    from regmean.measure import measure
-    from regmean.stats import save
-
-    setup = recipe(tmp_path, "regmean")
-    config = write_config(tmp_path, **setup)
     with monkeypatch.context() as patch:
-        interrupt_at(patch, "regmean", 4)
+        interrupt_at(patch, method, 3)
         with pytest.raises(Stop):
             merge(config, tmp_path / "out", progress=False)
     (staged,) = tmp_path.glob(".out.partial-*")
-    first = setup["models"][K - 1]
-    old = tmp_path / "in" / f"stats{K - 1}" / "statistics.safetensors"
-    other = measure(first["path"], EXAMPLES[:4], batch_size=2, progress=False, protection=ALL_SITES)
-    other = save(other, tmp_path / "other")
-    assert other.stat().st_size == old.stat().st_size  # the same sites: the same size
-    times = (old.stat().st_atime_ns, old.stat().st_mtime_ns)
-    shutil.copyfile(other, old)
-    os.utime(old, ns=times)
-    said = []
-    merge(config, tmp_path / "out", progress=False, log=said.append)
-    assert any(f"removed {staged}" in line for line in said), said
-    merge(config, tmp_path / "again", progress=False)
-    same_folders(tmp_path / "again", tmp_path / "out")
-
-
-@pytest.mark.parametrize("whole_file", [True, False])
-def test_model_weights_replaced_with_the_same_size_and_time_start_over(tmp_path, monkeypatch, whole_file):
-    """Sweep 6 E2: a model fine-tuned again (same architecture: same header and size) copied over the old one with
-    its time kept was resumed over by a data-free merge, mixing steps of both; the key now samples every tensor's
-    bytes (or reads a small file whole)."""
-    import os
-    import shutil
-
-    from regmean.merge import journal
-
-    if not whole_file:
-        monkeypatch.setattr(journal, "WHOLE_FILE", 0)  # the sampled path of large checkpoints
-    models = make_models(tmp_path / "in", "bert", "BertForSequenceClassification", stats=False)
-    config = write_config(tmp_path, method="average", models=models)
-    with monkeypatch.context() as patch:
-        interrupt_at(patch, "average", 3)
-        with pytest.raises(Stop):
-            merge(config, tmp_path / "out", progress=False)
-    (staged,) = tmp_path.glob(".out.partial-*")
-    old = tmp_path / "in" / "ft1" / "model.safetensors"
-    new = tmp_path / "in" / "ft0" / "model.safetensors"  # another fine-tune of the same architecture
     assert old.stat().st_size == new.stat().st_size and old.read_bytes() != new.read_bytes()
     times = (old.stat().st_atime_ns, old.stat().st_mtime_ns)
     shutil.copyfile(new, old)
@@ -177,3 +134,35 @@ def test_model_weights_replaced_with_the_same_size_and_time_start_over(tmp_path,
     assert any(f"removed {staged}" in line for line in said), said
     merge(config, tmp_path / "again", progress=False)
     same_folders(tmp_path / "again", tmp_path / "out")
+
+
+def test_statistics_replaced_with_the_same_size_and_time_start_over(tmp_path, monkeypatch):
+    """Sweep 5 F04: a statistics file swapped for another of the same size and modification time (cp -p, rsync -a)
+    was resumed over, mixing steps of both files; the key now holds each safetensors file's header."""
+    from test_merge import K
+
+    from regmean.measure import measure
+    from regmean.stats import save
+
+    setup = recipe(tmp_path, "regmean")
+    config = write_config(tmp_path, **setup)
+    other = measure(setup["models"][K - 1]["path"], EXAMPLES[:4], batch_size=2, progress=False, protection=ALL_SITES)
+    other = save(other, tmp_path / "other")  # the same sites: the same size
+    old = tmp_path / "in" / f"stats{K - 1}" / "statistics.safetensors"
+    swapped_keeping_size_and_time(tmp_path, monkeypatch, config, "regmean", old, other)
+
+
+@pytest.mark.parametrize("whole_file", [True, False])
+def test_model_weights_replaced_with_the_same_size_and_time_start_over(tmp_path, monkeypatch, whole_file):
+    """Sweep 6 E2: a model fine-tuned again (same architecture: same header and size) copied over the old one with
+    its time kept was resumed over by a data-free merge, mixing steps of both; the key now samples every tensor's
+    bytes (or reads a small file whole)."""
+    from regmean.merge import journal
+
+    if not whole_file:
+        monkeypatch.setattr(journal, "WHOLE_FILE", 0)  # the sampled path of large checkpoints
+    models = make_models(tmp_path / "in", "bert", "BertForSequenceClassification", stats=False)
+    config = write_config(tmp_path, method="average", models=models)
+    old = tmp_path / "in" / "ft1" / "model.safetensors"
+    new = tmp_path / "in" / "ft0" / "model.safetensors"  # another fine-tune of the same architecture
+    swapped_keeping_size_and_time(tmp_path, monkeypatch, config, "average", old, new)

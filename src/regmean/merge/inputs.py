@@ -13,16 +13,13 @@ from torch import nn
 from regmean.architecture import (
     LinearLayer,
     embedding_modules,
-    expert_layers,
     head_modules,
     is_head_key,
     linear_layers,
     meta_model,
-    parameter_names,
     required_keys,
-    split_layers,
-    split_parameters,
 )
+from regmean.checkpoint_keys import expert_layers, parameter_names, split_layers, split_parameters
 from regmean.errors import RegmeanError, one_line
 from regmean.io.adapter import open_model
 from regmean.io.checkpoint import Checkpoint
@@ -48,7 +45,7 @@ class MergeInputs:
     vocab: GrownVocabulary | None = None
     """Where the models' vocabularies differ by added tokens: which tensors, and their rows."""
     parameter_names: dict[str, str] = field(default_factory=dict)
-    """Checkpoint key -> the parameter it loads into (`architecture.parameter_names`: GPT-NeoX's embed_out.weight ->
+    """Checkpoint key -> the parameter it loads into (`checkpoint_keys.parameter_names`: GPT-NeoX's embed_out.weight ->
     lm_head.weight); the linear layers' keys are checkpoint keys already."""
     exact_keys: frozenset[str] = frozenset()
     """Tensors the output needs whole and unrounded (an adapter output factors them): merged in one step, in at

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 
-from regmean.architecture import LinearLayer, expert_modules, expert_slots, split_parameters
+from regmean.architecture import LinearLayer, expert_modules, expert_slots
+from regmean.checkpoint_keys import split_parameters
 from regmean.methods.expert_checks import expert_problems
 from regmean.stats import EXPERTS_UNCLIPPED, NO_EXAMPLE_BOUND, WITHHELD
 from regmean.stats_checks import Stream, structure_problems

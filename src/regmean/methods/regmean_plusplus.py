@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Literal
 import torch
 from torch import nn
 
-from regmean.architecture import expert_slots, parameter_names
+from regmean.architecture import expert_slots
+from regmean.checkpoint_keys import parameter_names
 from regmean.dtypes import FLOATS, itemsize
 from regmean.errors import RegmeanError
 from regmean.io.chat import render_chat
