@@ -114,9 +114,11 @@ def test_an_interrupted_adapter_output_resumes_to_the_same_bytes(tmp_path, monke
     assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
 
 
-def swapped_keeping_size_and_time(tmp_path, monkeypatch, config, method: str, old, new) -> None:
-    """Interrupt a merge, copy `new` over input `old` keeping its time (cp -p, rsync -a): the rerun starts over
-    (the staging folder removed, said) and equals a fresh merge of the same files."""
+def swapped_keeping_size_and_time(tmp_path, monkeypatch, config, method: str, old, new, how: str = "cp -p") -> None:
+    """Interrupt a merge, then put `new`'s bytes into input `old` keeping its size and modification time: copied
+    over it (cp -p), renamed over it (rsync -a: a new inode), or only the middle bytes written in place (a fine-tune
+    that changed part of one tensor). The rerun starts over (the staging folder removed, said) and equals a fresh
+    merge of the same files."""
     import os
     import shutil
 
@@ -127,7 +129,17 @@ def swapped_keeping_size_and_time(tmp_path, monkeypatch, config, method: str, ol
     (staged,) = tmp_path.glob(".out.partial-*")
     assert old.stat().st_size == new.stat().st_size and old.read_bytes() != new.read_bytes()
     times = (old.stat().st_atime_ns, old.stat().st_mtime_ns)
-    shutil.copyfile(new, old)
+    if how == "cp -p":
+        shutil.copyfile(new, old)
+    elif how == "rsync -a":
+        shutil.copyfile(new, old.with_name(".incoming"))
+        os.replace(old.with_name(".incoming"), old)
+    else:
+        data, size = bytearray(old.read_bytes()), old.stat().st_size
+        data[size // 2 : size // 2 + 64] = new.read_bytes()[size // 2 : size // 2 + 64]
+        assert data != old.read_bytes()
+        with open(old, "r+b") as f:
+            f.write(data)
     os.utime(old, ns=times)
     said = []
     merge(config, tmp_path / "out", progress=False, log=said.append)
@@ -138,7 +150,7 @@ def swapped_keeping_size_and_time(tmp_path, monkeypatch, config, method: str, ol
 
 def test_statistics_replaced_with_the_same_size_and_time_start_over(tmp_path, monkeypatch):
     """Sweep 5 F04: a statistics file swapped for another of the same size and modification time (cp -p, rsync -a)
-    was resumed over, mixing steps of both files; the key now holds each safetensors file's header."""
+    was resumed over, mixing steps of both files; the key holds each input's change time and inode."""
     from test_merge import K
 
     from regmean.measure import measure
@@ -152,17 +164,13 @@ def test_statistics_replaced_with_the_same_size_and_time_start_over(tmp_path, mo
     swapped_keeping_size_and_time(tmp_path, monkeypatch, config, "regmean", old, other)
 
 
-@pytest.mark.parametrize("whole_file", [True, False])
-def test_model_weights_replaced_with_the_same_size_and_time_start_over(tmp_path, monkeypatch, whole_file):
-    """Sweep 6 E2: a model fine-tuned again (same architecture: same header and size) copied over the old one with
-    its time kept was resumed over by a data-free merge, mixing steps of both; the key now samples every tensor's
-    bytes (or reads a small file whole)."""
-    from regmean.merge import journal
-
-    if not whole_file:
-        monkeypatch.setattr(journal, "WHOLE_FILE", 0)  # the sampled path of large checkpoints
+@pytest.mark.parametrize("how", ["cp -p", "rsync -a", "middle bytes"])
+def test_model_weights_replaced_with_the_same_size_and_time_start_over(tmp_path, monkeypatch, how):
+    """Sweep 6 E2 and sweep 7 R01: a model fine-tuned again (same architecture: same header and size) put over the
+    old one with its time kept was resumed over by a data-free merge, mixing steps of both (the key read sampled
+    bytes, which an edit in the middle of a tensor escaped); the key now holds each input's change time and inode."""
     models = make_models(tmp_path / "in", "bert", "BertForSequenceClassification", stats=False)
     config = write_config(tmp_path, method="average", models=models)
     old = tmp_path / "in" / "ft1" / "model.safetensors"
     new = tmp_path / "in" / "ft0" / "model.safetensors"  # another fine-tune of the same architecture
-    swapped_keeping_size_and_time(tmp_path, monkeypatch, config, "average", old, new)
+    swapped_keeping_size_and_time(tmp_path, monkeypatch, config, "average", old, new, how)

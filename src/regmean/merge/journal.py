@@ -3,15 +3,15 @@ the same inputs continues after them instead of starting over.
 
 Each finished step appends one line (its number, its diagnostics, the bytes it wrote into each shard) once its
 tensors are in the shards. The journal's first line is the merge's key: a hash of the regmean version, the recipe,
-the output layout and shard size, the plan's steps, and the size, modification time and sampled content of every
-input file. A staging folder whose journal holds another key is never resumed (the inputs changed: it is removed, as
-any stale staging folder)."""
+the output layout and shard size, the plan's steps, and the size, modification time, change time and inode of every
+input file: a file rewritten or replaced since (even by `cp -p` or `rsync -a`, which keep the modification time)
+has a new change time. A staging folder whose journal holds another key is never resumed (the inputs changed: it is
+removed, as any stale staging folder)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
-import struct
 from pathlib import Path
 
 from regmean import __version__, distributed
@@ -22,12 +22,6 @@ from regmean.methods.base import Computed, LayerReport, OutputNote, Step
 JOURNAL = ".regmean-journal.jsonl"
 JOURNALS = ".regmean-journal*.jsonl"
 """Rank 0's journal (or a single process's), and every rank's (`journal_name`)."""
-MAX_KEYED_HEADER = 1 << 24
-"""The most of a safetensors header the key reads (a header is a few KB to a few MB)."""
-WHOLE_FILE = 1 << 20
-"""Files up to this size (configs, tokenizers, small statistics) are read whole into the key."""
-SAMPLE, SAMPLED_BLOCKS, MAX_SAMPLED = 4096, 256, 1 << 25
-"""Bytes read at each end of a tensor, blocks read of another large file, the most read of one safetensors file."""
 
 
 def merge_key(
@@ -46,46 +40,9 @@ def merge_key(
     for _, source in sources:
         files = [source] if source.is_file() else sorted(p for p in source.rglob("*") if p.is_file())
         for file in files:
-            stat = file.stat()
-            digest.update(f"{file}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
-            digest.update(_content_sample(file))
+            stat = file.stat()  # a file written or replaced since gets a new change time (or inode), whatever its mtime
+            digest.update(f"{file}\0{stat.st_size}\0{stat.st_mtime_ns}\0{stat.st_ctime_ns}\0{stat.st_ino}\n".encode())
     return digest.hexdigest()
-
-
-def _content_sample(file: Path) -> bytes:
-    """What the key reads of a file's content, so that a file replaced by another of the same size and time (`cp -p`,
-    `rsync -a`: a model fine-tuned again, statistics measured again) changes it: a small file whole; a safetensors
-    file's header (its metadata: a statistics file's examples, tokens and provenance) and the first and last bytes of
-    every tensor (training changes every element of a tensor it changes); other large files at evenly spread blocks."""
-    try:
-        with open(file, "rb") as f:
-            size = file.stat().st_size
-            if size <= WHOLE_FILE:
-                return f.read()
-            if file.suffix == ".safetensors":
-                return _tensor_sample(f)
-            return b"".join(_read_at(f, offset, SAMPLE) for offset in range(0, size, size // SAMPLED_BLOCKS))
-    except (OSError, struct.error, ValueError, TypeError, AttributeError):  # unreadable: the size and time decide
-        return b""
-
-
-def _tensor_sample(f) -> bytes:
-    (n,) = struct.unpack("<Q", f.read(8))
-    header = f.read(min(n, MAX_KEYED_HEADER))
-    entries = json.loads(header) if n <= MAX_KEYED_HEADER else {}
-    spans = [e["data_offsets"] for e in entries.values() if isinstance(e, dict) and "data_offsets" in e]
-    spans = [(int(a), int(b)) for a, b in spans]
-    each = max(64, min(SAMPLE, MAX_SAMPLED // max(1, 2 * len(spans))))
-    parts = [header]
-    for start, end in sorted(spans):
-        parts.append(_read_at(f, 8 + n + start, min(each, end - start)))
-        parts.append(_read_at(f, 8 + n + max(start, end - each), min(each, end - start)))
-    return b"".join(parts)
-
-
-def _read_at(f, offset: int, count: int) -> bytes:
-    f.seek(offset)
-    return f.read(count)
 
 
 def resume_key(config, sources, form, method, steps: list[Step], shard_bytes: int) -> str | None:
