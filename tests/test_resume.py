@@ -174,3 +174,21 @@ def test_model_weights_replaced_with_the_same_size_and_time_start_over(tmp_path,
     old = tmp_path / "in" / "ft1" / "model.safetensors"
     new = tmp_path / "in" / "ft0" / "model.safetensors"  # another fine-tune of the same architecture
     swapped_keeping_size_and_time(tmp_path, monkeypatch, config, "average", old, new, how)
+
+
+def test_a_staged_shard_deleted_since_starts_the_merge_over(tmp_path, monkeypatch):
+    """Sweep 7 R17: the interrupted merge's staged shard deleted (space freed), its journal left: the rerun said it
+    resumed, then failed advising to delete a file that was not there; now it starts over, said, in the same run."""
+    config = write_config(tmp_path, **recipe(tmp_path, "regmean"))
+    with monkeypatch.context() as patch:
+        interrupt_at(patch, "regmean", 4)
+        with pytest.raises(Stop):
+            merge(config, tmp_path / "out", progress=False)
+    (staged,) = tmp_path.glob(".out.partial-*")
+    for shard in staged.glob(".shard-*"):
+        shard.unlink()
+    said = []
+    merge(config, tmp_path / "out", progress=False, log=said.append)
+    assert any("missing, or not laid out as this merge plans it: starting the merge over" in s for s in said), said
+    merge(config, tmp_path / "whole", progress=False)
+    same_folders(tmp_path / "whole", tmp_path / "out")

@@ -24,6 +24,10 @@ from regmean.io.untrusted import parse_json
 MAX_HEADER = 100 * 1024**2
 
 
+class StagedFileChanged(RegmeanError):
+    """A file an interrupted merge staged is gone or no longer the one it laid out: the merge cannot continue it."""
+
+
 class TensorFile:
     """A safetensors file's header parsed at open (sizes checked against the file), tensors read on demand."""
 
@@ -189,7 +193,7 @@ class PlannedFile:
             except OSError:
                 same = False
             if not same:
-                raise RegmeanError(f"{path}: not laid out as this merge plans it; delete it to start over")
+                raise StagedFileChanged(f"{path}: missing, or not laid out as this merge plans it")
             self._fd = os.open(path, os.O_WRONLY)
             return
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)

@@ -48,9 +48,14 @@ class ShardedWriter:
             groups[-1][name] = (dtype, shape)
             filled += size
         self.total_bytes = layout_bytes(layout)
-        self._files = [
-            PlannedFile(folder / f".shard-{i:05d}.partial", g, {"format": "pt"}, create) for i, g in enumerate(groups)
-        ]
+        self._files: list[PlannedFile] = []
+        try:
+            for i, group in enumerate(groups):
+                self._files.append(PlannedFile(folder / f".shard-{i:05d}.partial", group, {"format": "pt"}, create))
+        except BaseException:
+            for f in self._files:
+                f.close()
+            raise
         self._file_of = {name: f for f in self._files for name in f.missing}
 
     def add(self, name: str, tensor: torch.Tensor, first_row: int | None = None, metric=None) -> None:

@@ -11,11 +11,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from regmean.io.outputs import Inputs, check_free_space
+from regmean.io.tensorfile import StagedFileChanged
 from regmean.io.writer import ShardedWriter
 from regmean.merge.card import model_card
 from regmean.merge.files import CARD, RECIPE, REPORT, STAGING_MARK
 from regmean.merge.report import MergeReport
-from regmean.merge.staging import staged_output
+from regmean.merge.staging import clear_staged, staged_output
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -51,13 +52,28 @@ def write_output(
 
     inputs, out_dir = form.inputs, request.out_dir
     with staged_output(out_dir, request.force, request.sources, request.log, resume_key) as staged:
-        resuming = resume_key is not None and journal_key(staged) == resume_key
-        if not resuming:  # (a resumed merge's shards are laid out at their full size already)
-            check_free_space(staged, write_bytes, f"the merged {form.kind}", out_dir)
         folders = output_folders(inputs, staged)
-        report = fill(form.writers(folders, request.shard_bytes, create=not resuming), staged)
+        writers = None
+        if resume_key is not None and journal_key(staged) == resume_key:
+            writers = _reopened(form, folders, request, staged)
+        if writers is None:  # (a resumed merge's shards are laid out at their full size already)
+            check_free_space(staged, write_bytes, f"the merged {form.kind}", out_dir)
+            writers = form.writers(folders, request.shard_bytes, create=True)
+        report = fill(writers, staged)
         finish_folders(form, folders, staged, report, out_dir)
     return report
+
+
+def _reopened(form: ModelFolders, folders: list[Path], request: OutputRequest, staged: Path) -> list | None:
+    """The interrupted merge's staged files, opened to write on, or None where one is gone or altered: then the
+    staging folder is emptied (its journal too) and the merge starts over, said."""
+    try:
+        return form.writers(folders, request.shard_bytes, create=False)
+    except StagedFileChanged as exc:
+        clear_staged(staged)
+        if request.log is not None:
+            request.log(f"{exc.problems[0]}: starting the merge over")
+        return None
 
 
 def output_folders(inputs: MergeInputs, staged: Path) -> list[Path]:

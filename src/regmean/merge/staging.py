@@ -215,6 +215,17 @@ def _replace(tmp: Path, out_dir: Path, force: bool, log) -> None:
             _say(log, f"warning: could not delete the replaced output, set aside in {aside} ({exc.strerror})")
 
 
+def clear_staged(staged: Path) -> None:
+    """Everything an interrupted merge staged (its files and journals), its staging mark kept: to start over."""
+    for entry in staged.iterdir():
+        if entry.name == STAGING_MARK:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+
+
 def _empty_folder(path: Path) -> bool:
     return path.is_dir() and not path.is_symlink() and not any(path.iterdir())
 
