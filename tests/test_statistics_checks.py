@@ -2,6 +2,7 @@
 or corrupted files are refused in one line naming the file (exit 2, nothing written), real ones always pass."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -418,3 +419,24 @@ def test_a_block_copied_over_another_is_named(tmp_path):
     shutil.copyfile(blocks[1], blocks[2])
     with pytest.raises(RegmeanError, match=f"{blocks[2].name}: site .* is stored in {blocks[1].name} too"):
         StatisticsFile(tmp_path / "s")
+
+
+def test_a_site_whose_inputs_are_all_zero_merges_with_defined_diagnostics(tmp_path):
+    """Sweep 7 G12: one model's site with all-zero inputs (a dead layer) passes every check, as it should, but its
+    relative error 0/0 made the summary, the card and merge_report.json say NaN (bare NaN is not JSON); the
+    undefined error is left out (null in the report)."""
+    models = make_models(tmp_path / "in", "bert", "BertForSequenceClassification")
+    stats = Path(models[1]["statistics"]) / "statistics.safetensors"
+
+    def zero(tensors):
+        tensors[f"{SITE}::gram_upper"].zero_()
+        tensors[f"{SITE}::sum"].zero_()
+
+    rewrite(stats, tensor_change=zero)
+    result = run("merge", write_config(tmp_path, method="regmean", models=models), tmp_path / "out")
+    assert result.exit_code == 0 and not re.search(r"\bnan\b", result.output.lower()), result.output
+    text = (tmp_path / "out" / "merge_report.json").read_text()
+    report = json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in merge_report.json"))
+    row = next(r for r in report["layers"] if r["site"] == SITE)
+    assert row["relative_error"][1] is None and all(e is not None for e in row["relative_error"][::2])
+    assert not re.search(r"\bnan\b", (tmp_path / "out" / "README.md").read_text().lower())

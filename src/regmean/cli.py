@@ -102,6 +102,10 @@ for _statistic in STATISTICS.values():  # each statistic's measuring command: me
     app.command(_statistic.command)(_reports_errors(_statistic.load_command()))
 
 
+def _number(value: float | None) -> str:
+    return "undefined (no layer has outputs on its inputs)" if value is None else f"{value:.3g}"
+
+
 @app.command()
 @_reports_errors
 def merge(
@@ -151,7 +155,7 @@ def merge(
     if s.solved_layers:
         detail = (
             f"; {s.solved_layers} {result.title} layers, {s.ridge_layers} with ridge, "
-            f"mean relative error {s.mean_relative_error:.3g}"
+            f"mean relative error {_number(s.mean_relative_error)}"
         )
     if result.averaged:
         detail += f"; {matrices(len(result.averaged))} averaged (why: merge_report.json)"

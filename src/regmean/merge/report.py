@@ -89,7 +89,7 @@ class MergeReport:
         return lines
 
     def summary(self) -> MergeSummary:
-        errs = [e for row in self.layers for e in row.relative_error]
+        errs = [e for row in self.layers for e in row.relative_error if e is not None]  # (None: no output at all)
         stderrs = [e for row in self.layers for e in row.error_stderr]
         return MergeSummary(
             solved_layers=len(self.layers),

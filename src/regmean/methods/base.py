@@ -90,7 +90,7 @@ class LayerReport:
     module: str
     site: str
     ridge: float
-    relative_error: list[float]
+    relative_error: list[float | None]
     """Per model: tr((W - W_i) G_i (W - W_i)^T) / tr(W_i G_i W_i^T), on the checked rows."""
     bias: str
     error_stderr: list[float] = field(default_factory=list)

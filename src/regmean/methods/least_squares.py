@@ -168,7 +168,9 @@ def check_rows(d_out: int, name: str, exact: bool) -> torch.Tensor | None:
 
 @dataclass(frozen=True)
 class ErrorEstimate:
-    value: float
+    value: float | None
+    """None where model i's outputs are all zero on its own inputs (a site whose inputs are zero): no relative
+    error is defined."""
     stderr: float
     """Standard error of `value` as an estimate from sampled rows (0 when every row was used)."""
 
@@ -188,7 +190,7 @@ def reconstruction_error(
     den = ((own @ gram) * own).sum(1)
     total = float(den.sum())
     if total <= 0:
-        return ErrorEstimate(float("nan"), 0.0)
+        return ErrorEstimate(None, 0.0)
     ratio = float(num.sum()) / total
     if rows is None or len(rows) < 2:
         return ErrorEstimate(ratio, 0.0)
