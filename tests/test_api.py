@@ -36,6 +36,7 @@ def test_the_apis_common_mistakes_are_regmean_errors(tmp_path, monkeypatch):
 
     model = save_model(build_model("bert", "BertForSequenceClassification"), tmp_path / "m")
     data = write_jsonl(tmp_path / "t.jsonl", TEXTS, [f"LABEL_{k % 3}" for k in range(len(TEXTS))])
+    stats = regmean.measure(model, EXAMPLES, progress=False)
     mistakes = {
         "a list of regmean.Example": lambda: regmean.measure(model, str(data)),
         "a regmean.Protection": lambda: regmean.measure(model, EXAMPLES, protection={"epsilon": 1}),
@@ -48,6 +49,19 @@ def test_the_apis_common_mistakes_are_regmean_errors(tmp_path, monkeypatch):
         "models are a list of model": lambda: regmean.evaluate([model, 3], data),
         "max_length 0: a whole number of tokens": lambda: regmean.evaluate(model, data, max_length=0),
         "max_length '32'": lambda: regmean.measure(model, EXAMPLES, max_length="32"),
+        # sweep 7 B-series: TypeError, AttributeError, FileExistsError and pydantic's ValidationError escaped
+        "model_dir: a path": lambda: regmean.measure(123, EXAMPLES),
+        "base: a path": lambda: regmean.measure(model, EXAMPLES, base=3),
+        "checkpoint_dir: a path": lambda: regmean.measure(model, EXAMPLES, checkpoint_dir=7),
+        "provenance: a dict": lambda: regmean.measure(model, EXAMPLES, provenance="x"),
+        "out_dir: a path": lambda: regmean.merge({"method": "average", "models": [{"path": str(model)}]}, None),
+        "MergeConfig: models": lambda: regmean.MergeConfig(method="average", models=None),
+        "combine's statistics: a path": lambda: regmean.combine([1, 2]),
+        "load_examples reads a data file": lambda: regmean.load_examples(123),
+        "max_examples '3'": lambda: regmean.load_examples(data, max_examples="3"),
+        "takes the Statistics regmean.measure returns": lambda: regmean.save_statistics("x", tmp_path / "s"),
+        "not a folder": lambda: regmean.save_statistics(stats, model / "config.json"),
+        "withhold='no': give True or False": lambda: regmean.Protection(withhold="no"),
     }
     for says, mistake in mistakes.items():
         with pytest.raises(regmean.RegmeanError, match=says):
@@ -57,6 +71,9 @@ def test_the_apis_common_mistakes_are_regmean_errors(tmp_path, monkeypatch):
     with pytest.raises(regmean.RegmeanError, match="not a regmean.gram file written by regmean"):
         regmean.save_statistics(regmean.measure(model, EXAMPLES, progress=False), model / "model.safetensors")
     assert (model / "model.safetensors").read_bytes() == weights  # sweep 6 R2: the weights were replaced
+    (tmp_path / "pub").mkdir()
+    regmean.save_statistics(stats, tmp_path / "pub" / "mine.safetensors")  # sweep 7 B51: a card came along
+    assert [p.name for p in (tmp_path / "pub").iterdir()] == ["mine.safetensors"]
     assert scores.model == str(model) and scores.examples == len(TEXTS)
     save_model(build_model("bert", "BertForSequenceClassification", 2), tmp_path / "m2")
     monkeypatch.chdir(tmp_path)

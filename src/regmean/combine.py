@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from regmean.errors import RegmeanError
+from regmean.errors import RegmeanError, check_path
 from regmean.stats import Statistics, StatisticsFile
 from regmean.stats_checks import structure_problems
 
@@ -14,6 +14,8 @@ def combine(paths: list[str | Path]) -> Statistics:
     """Sum statistics of the same model measured on disjoint data: exactly the statistics of the union."""
     if isinstance(paths, str | Path) or not paths:
         raise RegmeanError("combine takes a list of statistics files or folders (at least one)")
+    for path in paths:
+        check_path(path, "combine's statistics")
     files = [StatisticsFile(p) for p in paths]
     first = files[0]
     records = [_identified_records(f) for f in files]

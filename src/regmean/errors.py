@@ -1,5 +1,7 @@
 """The one exception type users see: a message that names the file and the fix."""
 
+import os
+
 
 class RegmeanError(Exception):
     """Bad input or an impossible request. The CLI prints it as one line per problem and exits non-zero."""
@@ -18,6 +20,12 @@ def one_line(text: str, limit: int = 600) -> str:
     written as escapes, cut to `limit` characters: safe to print whatever file the text came from."""
     flat = "".join(c if c.isprintable() else repr(c)[1:-1] for c in " ".join(str(text).split()))
     return flat if len(flat) <= limit else flat[: limit - 3] + "..."
+
+
+def check_path(value: object, name: str, optional: bool = False) -> None:
+    """A Python API argument that must be a path (a str or a pathlib.Path; or None where `optional`)."""
+    if not (isinstance(value, str | os.PathLike) or (optional and value is None)):
+        raise RegmeanError(f"{name}: a path (str or pathlib.Path), not {type(value).__name__}")
 
 
 def check_whole_number(value: object, name: str, unit: str, least: int = 1) -> None:

@@ -155,7 +155,9 @@ def block_path(out: str | Path, index: int, count: int) -> Path:
 def save(stats: Statistics, out: str | Path) -> Path:
     """Write statistics to `out` (a folder or a .safetensors path), replacing only a statistics file regmean wrote;
     `BlockWriter` writes a measure's blocks."""
-    return write_atomic(_tensors(stats), stats.metadata(), replaceable_target(Path(out), FILE_NAME, FORMAT))
+    if not isinstance(stats, Statistics):
+        raise RegmeanError(f"save_statistics takes the Statistics regmean.measure returns, not {type(stats).__name__}")
+    return write_atomic(_tensors(stats), stats.metadata(), replaceable_target(out, FILE_NAME, FORMAT))
 
 
 def _tensors(stats: Statistics) -> dict[str, torch.Tensor]:

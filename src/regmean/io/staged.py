@@ -68,9 +68,14 @@ def written_by_regmean(path: Path, fmt: str) -> bool:
         return False
 
 
-def replaceable_target(out: Path, file_name: str, fmt: str) -> Path:
+def replaceable_target(out: str | Path, file_name: str, fmt: str) -> Path:
     """The file a write into `out` makes (`target_file`), refused when something else than a `fmt` file of
     regmean's is there (a model's weights, a user's file): nothing is ever overwritten but our own."""
+    if not isinstance(out, str | Path):
+        raise RegmeanError(f"the output is a folder or a .safetensors path, not {type(out).__name__}")
+    out = Path(out)
+    if out.is_file() and out.suffix != ".safetensors":
+        raise RegmeanError(f"{out}: exists and is a file, not a folder; choose another output")
     target = target_file(out, file_name)
     if (target.exists() or target.is_symlink()) and not written_by_regmean(target, fmt):
         raise RegmeanError(f"{target}: exists and is not a {fmt} file written by regmean; choose another output")

@@ -95,13 +95,15 @@ def _provenance_row(record: dict) -> str:
 
 
 def save_statistics(stats: Statistics, out: str | Path) -> Path:
-    """Statistics written as `regmean measure` writes them: the file (`stats.save`) and beside it the statistics card
-    (README.md; a README.md regmean did not write is left alone), when `stats` knows the model it was measured on."""
+    """Statistics written as `regmean measure` writes them: the file (`stats.save`) and, into a folder of their own
+    (not beside a .safetensors path), the statistics card (README.md; a README.md regmean did not write is left
+    alone), when `stats` knows the model it was measured on."""
     from regmean.stats import save
 
     path = save(stats, out)
     card = path.parent / CARD
-    if stats.measured_model is not None and (not card.exists() or is_ours(card)):
+    into_folder = Path(out).suffix != ".safetensors" or Path(out).is_dir()
+    if into_folder and stats.measured_model is not None and (not card.exists() or is_ours(card)):
         model, base = stats.measured_model
         card.write_text(statistics_card(stats, model, path.parent, [path.name], base))
     return path

@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 from regmean import distributed, dtypes
 from regmean.devices import check_device
-from regmean.errors import RegmeanError, check_whole_number
+from regmean.errors import RegmeanError, check_path, check_whole_number
 from regmean.io.adapter import is_adapter, open_model
 from regmean.io.chat import render_chat
 from regmean.io.data import Example
@@ -74,6 +74,7 @@ def measure(
     """
     sums = dtypes.named(stats_dtype, dtypes.STATISTICS, "stats dtype")
     _check_arguments(examples, protection, batch_size, max_length)
+    _check_paths(model_dir, base, checkpoint_dir, provenance)
     model, tokenizer, examples, described, fingerprint = _loaded(
         model_dir, base, allow_pickle, examples, device, model_dtype, max_length
     )
@@ -129,6 +130,14 @@ def _check_arguments(examples, protection, batch_size, max_length) -> None:
         raise RegmeanError("no examples to measure on")
     if protection is not None and not isinstance(protection, Protection):
         raise RegmeanError(f"protection: a regmean.Protection(...), not a {type(protection).__name__}")
+
+
+def _check_paths(model_dir, base, checkpoint_dir, provenance) -> None:
+    check_path(model_dir, "model_dir")
+    check_path(base, "base", optional=True)
+    check_path(checkpoint_dir, "checkpoint_dir", optional=True)
+    if provenance is not None and not isinstance(provenance, dict):
+        raise RegmeanError(f"provenance: a dict of what to record about the data, not {type(provenance).__name__}")
 
 
 def _loaded(model_dir, base, allow_pickle: bool, examples, device: str, model_dtype: str, max_length: int):

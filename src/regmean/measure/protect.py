@@ -38,6 +38,8 @@ class Protection:
 
     def __post_init__(self) -> None:
         """Refuse a budget that cannot be met before any work (the accountant runs later, once)."""
+        if not isinstance(self.withhold, bool):
+            raise RegmeanError(f"Protection withhold={self.withhold!r}: give True or False")
         numbers = {"epsilon": self.epsilon, "delta": self.delta, "clip": self.clip}
         for name, value in numbers.items():
             if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):

@@ -82,6 +82,8 @@ class OutputForm(RecipeModel):
 
 
 class MergeConfig(RecipeModel):
+    """A merge recipe. Built in Python (`MergeConfig(models=[...])`), a mistake is a RegmeanError as in a YAML file."""
+
     method: str = "regmean"
     models: list[ModelEntry] = Field(min_length=1)
     base_model: LocalPath | None = None
@@ -216,6 +218,12 @@ class MergeConfig(RecipeModel):
         if is_mergekit(raw):  # a mergekit recipe, read as the same merge in ours
             raw = from_mergekit(raw, str(path))
         return cls.parse(raw, source=str(path), root=path.parent)
+
+    def __init__(self, **data: Any):
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            raise RegmeanError([_one_line("MergeConfig", e) for e in exc.errors()]) from None
 
     @classmethod
     def parse(cls, raw: dict, source: str = "config", root: Path | None = None) -> MergeConfig:

@@ -11,7 +11,7 @@ import torch
 
 from regmean import distributed
 from regmean.devices import check_device
-from regmean.errors import RegmeanError
+from regmean.errors import RegmeanError, check_path
 from regmean.io.outputs import check_output_path
 from regmean.io.writer import DEFAULT_SHARD_BYTES, ShardedWriter
 from regmean.merge.config import MergeConfig
@@ -65,6 +65,7 @@ def merge(
     if lora_rank is not None:
         config = config.with_lora(lora_rank)
     sources += config.input_paths()
+    check_path(out_dir, "out_dir")
     out_dir = Path(out_dir)
     shard_bytes = parse_size(shard_size, "--shard-size")
     memory_limit = None if max_memory is None else parse_size(max_memory, "--max-memory")
