@@ -118,8 +118,9 @@ def check_positions(config: transformers.PretrainedConfig, tokens: int) -> None:
     table): called on each batch, so a --max-length that no text reaches costs nothing."""
     limits = [getattr(config, k) for k in POSITION_KEYS if isinstance(getattr(config, k, None), int)]
     if limits and tokens > min(limits):
+        model = getattr(config, "_name_or_path", "") or "the model"
         raise RegmeanError(
-            f"inputs of {tokens} tokens exceed the {min(limits)} positions the model's config.json declares; "
+            f"{model}/config.json: declares {min(limits)} positions, and inputs reach {tokens} tokens; "
             f"use a max length of {min(limits)} or less (measure and evaluate: --max-length; a merge recipe's data: "
             "max_length)"
         )
