@@ -295,3 +295,21 @@ def test_the_same_measure_writes_the_same_bytes(tmp_path):
     first, second = ((tmp_path / f"s{k}" / "statistics.safetensors").read_bytes() for k in range(2))
     assert first == second
     assert StatisticsFile(tmp_path / "s0").examples == len(TEXTS)
+
+
+def test_combine_warns_of_the_same_data_measured_twice_and_names_a_protection_mismatch(tmp_path):
+    """Sweep 7 C09: the same data measured twice with other options (other bytes) combined silently, counted twice;
+    now one warning. C12: a withheld part and an exposed one were told to check include/exclude."""
+    from regmean.errors import RegmeanWarning
+    from regmean.measure.protect import Protection
+
+    path = save_model(build_model("bert", "BertForSequenceClassification", 1), tmp_path / "m")
+    record = {"data": "d1.jsonl"}
+    for name, batch in (("a", 4), ("b", 1)):
+        save(measure(path, EXAMPLES[:3], batch_size=batch, progress=False, provenance=record), tmp_path / name)
+    with pytest.warns(RegmeanWarning, match="both record data 'd1.jsonl' with 3 examples"):
+        assert combine([tmp_path / "a", tmp_path / "b"]).examples == 6
+    exposed = measure(path, EXAMPLES[3:6], progress=False, protection=Protection(withhold=False))
+    save(exposed, tmp_path / "c")
+    with pytest.raises(RegmeanError, match=r"withheld the token sites .* \(--expose-token-counts\)"):
+        combine([tmp_path / "a", tmp_path / "c"])

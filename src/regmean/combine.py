@@ -3,10 +3,11 @@ statistics of their union; each shard added once (its digest kept in the provena
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
-from regmean.errors import RegmeanError, check_path
-from regmean.stats import Statistics, StatisticsFile
+from regmean.errors import RegmeanError, RegmeanWarning, check_path
+from regmean.stats import WITHHELD, Statistics, StatisticsFile
 from regmean.stats_checks import structure_problems
 
 
@@ -24,12 +25,13 @@ def combine(paths: list[str | Path]) -> Statistics:
         if f.fingerprint != first.fingerprint:
             problems.append(f"{f.path}: measured on a different model than {first.path}; cannot combine")
         if set(f.modules) != set(first.modules):
-            problems.append(f"{f.path}: measured different modules than {first.path} (check include/exclude)")
+            problems.append(_modules_problem(f, first))
         if f.dtype != first.dtype:
             problems.append(f"{f.path}: dtype {f.dtype} differs from {first.path} ({first.dtype})")
     problems += structure_problems(files) + _privacy_problems(files)
     if problems:
         raise RegmeanError(problems)
+    _warn_of_lookalike_parts(files, records)
     total = first.load()
     for f in files[1:]:
         for name in total.sites:
@@ -41,6 +43,36 @@ def combine(paths: list[str | Path]) -> Statistics:
         total.privacy["dp"] = {**total.privacy["dp"], "composition": f"parallel over {len(files)} disjoint parts"}
         total.protection += f"; {len(files)} parts on disjoint data combined (parallel composition: the same budget)"
     return total
+
+
+def _modules_problem(f: StatisticsFile, first: StatisticsFile) -> str:
+    """Why two files hold different modules: one withheld the token sites the other exposed, or include/exclude."""
+    differ = set(f.modules) ^ set(first.modules)
+    withheld = {m for st in (f, first) for m, why in st.skipped.items() if why == WITHHELD}
+    if differ <= withheld:
+        return (
+            f"{f.path}: one of it and {first.path} withheld the token sites (the default) and the other measured "
+            "them (--expose-token-counts); measure both parts the same way"
+        )
+    return f"{f.path}: measured different modules than {first.path} (check include/exclude)"
+
+
+def _warn_of_lookalike_parts(files: list[StatisticsFile], records: list[list[dict]]) -> None:
+    """One warning where two parts record the same data file with the same examples and tokens: the same data
+    measured twice (other options, other bytes) would be counted twice; disjoint shards rarely look so alike."""
+    seen: dict[tuple, Path] = {}
+    for f, part in zip(files, records, strict=True):
+        for record in part:
+            look = (record.get("data"), record.get("examples"), record.get("tokens"))
+            if look[0] is not None and look in seen and seen[look] != f.path:
+                warnings.warn(
+                    RegmeanWarning(
+                        f"{f.path} and {seen[look]} both record data {look[0]!r} with {look[1]} examples and "
+                        f"{look[2]} tokens: if they are the same data measured twice, the combination counts it twice"
+                    ),
+                    stacklevel=3,
+                )
+            seen.setdefault(look, f.path)
 
 
 def _identified_records(f: StatisticsFile) -> list[dict]:
