@@ -3,6 +3,7 @@ into full models by peft (merge_and_unload), for every layout peft saves (Linear
 modules_to_save, trained biases, rsLoRA with per-module alpha); other adapter kinds are refused."""
 
 import json
+import shutil
 from pathlib import Path
 
 import peft
@@ -162,6 +163,24 @@ def test_an_adapter_used_over_another_local_base_than_its_own_is_said(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error", RegmeanWarning)
         measure(adapter, ex, base=base, progress=False)
+
+
+def test_the_base_an_adapter_names_is_an_input_no_output_lies_in(tmp_path):
+    """Sweep 7 R10: with no base given, the base named by the adapters' configs was read but not an input: merge,
+    measure and evaluate --json wrote inside it, and a resumed merge did not notice it had changed."""
+    base, adapter = _adapter_with(tmp_path, base_model_name_or_path=None)
+    config_file = adapter / "adapter_config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "base_model_name_or_path": str(base)}))
+    before = sorted(p.name for p in base.iterdir())
+    inside = "the output lies inside the base model"
+    twin = shutil.copytree(adapter, tmp_path / "in" / "twin")
+    models = [{"path": str(adapter)}, {"path": str(twin)}]
+    merge_fails(tmp_path, {"method": "average", "models": models}, inside, out_name="in/base/m")
+    data = write_jsonl(tmp_path / "in" / "data.jsonl", TEXTS, [f"LABEL_{k % 3}" for k in range(len(TEXTS))])
+    cli_fails(["measure", adapter, "--data", data, "--out", base / "stats"], inside)
+    for given in ([], ["--base", base]):
+        cli_fails(["evaluate", adapter, "--data", data, *given, "--json", base / "scores.json"], inside)
+    assert sorted(p.name for p in base.iterdir()) == before
 
 
 def test_measure_needs_the_base(tmp_path):

@@ -109,6 +109,7 @@ def _protection(withhold: bool, dp_epsilon: float | None, dp_delta: float | None
 def _measure_into(out: Path, force: bool, model_dir: Path, data: Path, fields: dict, max_examples, options) -> None:
     """Measure and write the statistics file and its card (rank 0 writes: each finished block leaves memory for
     disk, all are shown together at the end); progress is kept beside it for a rerun if interrupted."""
+    from regmean.io.adapter import input_paths
     from regmean.io.data import load_examples
     from regmean.io.staged import target_file
     from regmean.measure import measure as run_measure
@@ -117,7 +118,7 @@ def _measure_into(out: Path, force: bool, model_dir: Path, data: Path, fields: d
     from regmean.stats import FILE_NAME, BlockWriter
 
     base = options["base"]
-    sources = [("model", model_dir), ("data file", data), *([("base model", base)] if base else [])]
+    sources = [*input_paths([model_dir], base), ("data file", data)]  # an adapter's base, given or implied
     with on_rank0(lambda: BlockWriter(out, force, sources, console.print)) as writer:
         examples = load_examples(data, max_examples=max_examples, **fields)
         provenance = {"data": data.name, **{k: v for k, v in fields.items() if v}}

@@ -46,9 +46,10 @@ def evaluate(
     """Score model folders side by side: accuracy and macro-F1, entity F1, or perplexity."""
     from regmean.devices import check_device
     from regmean.evaluate import evaluate as run_evaluate
+    from regmean.io.adapter import input_paths
 
     check_device(device)
-    _check_score_files(json_out, csv_out, [("data file", data)] + [("model", m) for m in models])
+    _check_score_files(json_out, csv_out, [("data file", data), *input_paths(models, base)])
     scores = run_evaluate(
         models,
         data,

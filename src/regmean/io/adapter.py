@@ -80,6 +80,24 @@ def open_model(path: str | Path, base: str | Path | None = None, allow_pickle: b
     return Checkpoint(path, allow_pickle)
 
 
+def implied_base(path: str | Path) -> Path | None:
+    """The local base model folder an adapter's config names, for an adapter folder given no base (it is read, so
+    it is an input: no output may lie inside it); None for a model folder or a base that is not local."""
+    if not is_adapter(path):
+        return None
+    try:
+        named = read_json_object(Path(path) / ADAPTER_CONFIG, "an adapter config").get("base_model_name_or_path")
+    except RegmeanError:
+        return None  # (the adapter itself is refused, with its reason, when opened)
+    return Path(named) if isinstance(named, str) and named and Path(named).is_dir() else None
+
+
+def input_paths(models: list[Path], base: Path | None) -> list[tuple[str, Path]]:
+    """The models, and the base model they are read over: the one given, else each adapter's implied base."""
+    bases = [base] if base is not None else [b for m in models if (b := implied_base(m)) is not None]
+    return [("model", m) for m in models] + [("base model", b) for b in dict.fromkeys(bases)]
+
+
 def base_folder(adapter: Path, config: dict, given: str | Path | None) -> Path:
     """The base model of an adapter: the one given, else the adapter config's own base path if it is a local folder."""
     named = config.get("base_model_name_or_path")

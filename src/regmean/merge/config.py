@@ -22,6 +22,7 @@ from pydantic import (
 
 from regmean.dtypes import FLOATS
 from regmean.errors import RegmeanError, one_line
+from regmean.io.adapter import input_paths as adapter_inputs
 from regmean.io.untrusted import compile_pattern, resolve_user_path
 from regmean.merge.mergekit import from_mergekit, is_mergekit
 from regmean.methods import METHODS
@@ -175,10 +176,9 @@ class MergeConfig(RecipeModel):
 
     def input_paths(self) -> list[tuple[str, Path]]:
         """Every file or folder the merge reads, named by what it is (an output may not overlap any)."""
-        paths = [("model", m.path) for m in self.models]
+        paths = adapter_inputs([m.path for m in self.models], self.base_model)  # (an adapter's own base too)
         paths += [("statistics", m.statistics) for m in self.models if m.statistics is not None]
-        paths += [("data file", m.data.file) for m in self.models if m.data is not None]
-        return paths + ([("base model", self.base_model)] if self.base_model is not None else [])
+        return paths + [("data file", m.data.file) for m in self.models if m.data is not None]
 
     def _check_model_options(self) -> None:
         """Per-model options are the method's per-model ones, with values its options accept."""
