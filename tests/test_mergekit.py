@@ -72,6 +72,8 @@ def test_mergekit_ties_and_linear_are_our_merges(llamas, tmp_path):  # noqa: F81
         ({"models": [{"model": "a", "parameters": {"normalize": False}}]}, "applies to the whole merge"),
         # the first model is models.0, as our own recipes' messages number it (it said models[1]: sweep 5 F12)
         ({"models": [{"model": "a", "parameters": {"weight": [0.1, 0.9]}}]}, "models.0.parameters.weight: gradients"),
+        # sweep 7 R14: adapters over another folder than base_model were applied over base_model, silently
+        ({"models": [{"model": "other+lora_a"}, {"model": "other+lora_b"}]}, "apply LoRA adapters over other, and"),
     ],
 )
 def test_what_mergekit_has_and_we_do_not_is_one_line(llamas, tmp_path, change, says):  # noqa: F811

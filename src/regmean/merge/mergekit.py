@@ -6,6 +6,7 @@ What has no equivalent is refused in one line, never dropped."""
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from regmean.errors import RegmeanError
@@ -62,6 +63,11 @@ def from_mergekit(raw: dict, source: str) -> dict:
                 "top-level parameters"
             )
         models.append(_model(lora or folder, {**shared, **given}, method))
+    if base is not None and lora_base is not None and os.path.normpath(base) != os.path.normpath(lora_base):
+        raise RegmeanError(
+            f"{source}: the models apply LoRA adapters over {lora_base}, and base_model is {base}: here the adapters "
+            "are applied over the merge's base model; give the same folder to both (or merge full models)"
+        )
     return _recipe(raw, source, method, options, models, base or lora_base, shared, name)
 
 
