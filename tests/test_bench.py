@@ -419,6 +419,26 @@ def test_bench_refuses_an_output_it_cannot_use_before_any_work(tmp_path):
         cli_fails(["bench", "demo", "--out", tmp_path / "other"], "not the results of a regmean bench")
         assert (tmp_path / "other" / "results.json").read_text() == text
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "other"]
+    (tmp_path / "model").mkdir()  # sweep 7 H14/H16: any non-empty folder was taken, a results.json folder too
+    (tmp_path / "model" / "config.json").write_text("{}")
+    cli_fails(["bench", "demo", "--out", tmp_path / "model"], "holds other files and no bench results")
+    (tmp_path / "other" / "results.json").unlink()
+    (tmp_path / "other" / "results.json").mkdir()
+    cli_fails(["bench", "demo", "--out", tmp_path / "other"], "holds other files and no bench results")
+
+
+def test_a_failed_bench_leaves_no_work_behind(tmp_path, monkeypatch):
+    """Sweep 7 H18: a bench stopped mid-suite said nothing was written and left gigabytes of merged models."""
+    from regmean_bench import run as R
+
+    def suite(seed, settings):
+        (settings.seed_dir("tasks", seed) / "merged").mkdir(parents=True)
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(R.SUITES, "tasks", suite)
+    with pytest.raises(KeyboardInterrupt):
+        R.run_bench("tasks", [0], tmp_path / "run", tmp_path)
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("bad", [["--train-size", "-5"], ["--test-size", "0"], ["--epochs", "0"], ["--alpha", "2"]])

@@ -89,6 +89,19 @@ def run_bench(name: str, seeds: list[int], out: Path, base: Path | None = None, 
     _check_out(out)
     described = _describe(settings)
     results = _finished(out / "results.json", described, settings.log if name == "demo" else None)
+    made = not out.exists()
+    try:
+        return _run_seeds(suites, seeds, settings, results, out, described)
+    except BaseException:  # a failed or stopped run leaves its finished seeds' results, not gigabytes of work
+        if not settings.keep_work:
+            shutil.rmtree(settings.work, ignore_errors=True)
+        if made and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        raise
+
+
+def _run_seeds(suites: list[str], seeds: list[int], settings: Settings, results: Results, out: Path, described) -> str:
+    """Every suite at every seed not kept from `results`, each seed's results written as soon as it is done."""
     done = {(r["suite"], r["seed"]) for r in results.rows}
     scored = {(r["suite"], r["seed"]) for r in results.rows if r["method"] == "constant"}
     seeds = sorted(set(seeds) | {seed for _, seed in done})
@@ -112,6 +125,8 @@ def run_bench(name: str, seeds: list[int], out: Path, base: Path | None = None, 
 def _check_out(out: Path) -> None:
     """The output folder (or the folder it will be made in) a writable folder, before any fine-tuning."""
     existing = next(p for p in [out, *out.absolute().parents] if p.exists() or p == Path(p.anchor))
+    if existing == out and out.is_dir() and any(out.iterdir()) and not (out / "results.json").is_file():
+        raise RegmeanError(f"{out}: holds other files and no bench results; give --out a new or empty folder")
     if not existing.is_dir():
         raise RegmeanError(f"{existing}: exists and is not a folder; give --out a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
