@@ -97,3 +97,12 @@ def test_a_lone_surrogate_is_named_by_line(tmp_path):
     path.write_text('{"text": "ok"}\n{"text": "bad \\ud800 text"}\n')
     with pytest.raises(RegmeanError, match="d.jsonl: line 2 holds a lone surrogate"):
         load_examples(path)
+
+
+@pytest.mark.parametrize("name", ["d.jsonl", "d.csv"])
+def test_a_byte_order_mark_is_read_as_editors_write_it(tmp_path, name):
+    """Sweep 7: a file saved with a UTF-8 byte order mark (as some editors and spreadsheets save) was refused, or its
+    first column named '\\ufefftext'; the mark is not part of the data."""
+    rows = '{"text": "first"}\n{"text": "second"}\n' if name.endswith("jsonl") else "text\nfirst\nsecond\n"
+    (tmp_path / name).write_bytes(b"\xef\xbb\xbf" + rows.encode())
+    assert [e.text for e in load_examples(tmp_path / name)] == ["first", "second"]

@@ -54,13 +54,13 @@ def _read_table(path: Path) -> pd.DataFrame:
     kind = suffixes[-1] if suffixes else ""
     try:
         if kind in (".jsonl", ".ndjson", ".json"):
-            with opener(path, "rt", encoding="utf-8") as f:
+            with opener(path, "rt", encoding="utf-8-sig") as f:
                 rows = json.load(f) if kind == ".json" else _json_lines(f, path)
             if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
                 raise RegmeanError(f"{path}: expected a list of objects, one per example")
             return pd.DataFrame(rows, dtype=object)
         if kind in (".csv", ".tsv"):
-            with opener(path, "rt", encoding="utf-8", newline="") as f:
+            with opener(path, "rt", encoding="utf-8-sig", newline="") as f:
                 return pd.read_csv(f, sep="\t" if kind == ".tsv" else ",", dtype=str, keep_default_na=False)
         if kind == ".parquet":
             return pd.read_parquet(path)
