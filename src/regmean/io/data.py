@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from regmean.errors import RegmeanError, check_whole_number, one_line
+from regmean.errors import RegmeanError, check_path, check_whole_number, one_line
 from regmean.io.chat import Turns, read_turns
 
 DATA_FIELDS = ("text_field", "text_pair_field", "target_field", "messages_field", "prompt_field", "response_field")
@@ -129,8 +129,7 @@ def load_examples(
     `response_field` (a user turn and the assistant's answer; their plain concatenation is the fallback text for a
     tokenizer without a chat template). Either is rendered later by `render_chat`.
     """
-    if not isinstance(path, str | Path):
-        raise RegmeanError(f"load_examples reads a data file: give its path, not {type(path).__name__}")
+    check_path(path, "load_examples reads a data file")
     if max_examples is not None:
         check_whole_number(max_examples, "max_examples", "examples")
     if (prompt_field is None) != (response_field is None):
