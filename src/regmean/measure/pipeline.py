@@ -86,9 +86,7 @@ def measure(
 
     first_pass = batches()
     first = next(first_pass)
-    with peak_memory(device) as forward_peak:  # the site-detection pass is a whole forward pass
-        sites = detect_sites(model, modules, first, skipped)
-    distributed.check_same(repr([(s.name, s.modules, s.stream) for s in sites]), "the detected sites")
+    sites, forward_peak = _detected(model, modules, first, skipped, device)
     protection = protection or Protection()
     sites, withheld, private = _protected(
         model, sites, skipped, protection, batches, (max_length, len(examples)), device, log
@@ -102,8 +100,7 @@ def measure(
     source = (Path(model_dir), None if base is None else Path(base))
     header = _header(sites, fingerprint, stats_dtype, len(examples), skipped, protection, private, withheld)
     options = [batch_size, max_length, stats_dtype, model_dtype, header["protection"], torch.device(device).type]
-    options += [distributed.world_size(), distributed.rank()]  # every process's key covers all the examples
-    key = measure_key([fingerprint, examples_digest(examples), options, [[(s.name, s.d) for s in b] for b in blocks]])
+    key = _resume_key(fingerprint, examples, options, blocks)
     checkpoint = None
     if checkpoint_dir is not None and private is None:  # a DP release draws its noisy counts once: no resume
         checkpoint = MeasureCheckpoint(Path(checkpoint_dir), key, log, distributed.rank())
@@ -114,6 +111,22 @@ def measure(
     with shown as advance:
         collected, record = passes.run(blocks, advance, len(local), context, header, on_block)
     return Statistics(sites=collected, tokens=record["tokens"], provenance=[record], measured_model=source, **header)
+
+
+def _detected(model, modules: list[str], first: Batch, skipped: dict[str, str], device: str):
+    """The sites of the selected modules, from one forward pass over the first batch (the same on every process),
+    and that pass's peak memory."""
+    with peak_memory(device) as forward_peak:  # the site-detection pass is a whole forward pass
+        sites = detect_sites(model, modules, first, skipped)
+    distributed.check_same(repr([(s.name, s.modules, s.stream) for s in sites]), "the detected sites")
+    return sites, forward_peak
+
+
+def _resume_key(fingerprint, examples, options: list, blocks) -> str:
+    """What an interrupted measure must share with this one to be continued: the model, the examples, the options,
+    the processes (each one's key covers all the examples) and the blocks of sites."""
+    options = [*options, distributed.world_size(), distributed.rank()]
+    return measure_key([fingerprint, examples_digest(examples), options, [[(s.name, s.d) for s in b] for b in blocks]])
 
 
 def _check_arguments(examples, protection, batch_size, max_length) -> None:
