@@ -102,10 +102,6 @@ for _statistic in STATISTICS.values():  # each statistic's measuring command: me
     app.command(_statistic.command)(_reports_errors(_statistic.load_command()))
 
 
-def _number(value: float | None) -> str:
-    return "undefined (no layer has outputs on its inputs)" if value is None else f"{value:.3g}"
-
-
 @app.command()
 @_reports_errors
 def merge(
@@ -131,6 +127,7 @@ def merge(
     from regmean import distributed
     from regmean.merge import merge as run_merge
     from regmean.merge.parallel import check_divisible
+    from regmean.merge.report import diagnostic
 
     if nproc > 1 and not distributed.launched():
         relaunch_with_torchrun(nproc, check=lambda: check_divisible(config))
@@ -155,7 +152,7 @@ def merge(
     if s.solved_layers:
         detail = (
             f"; {s.solved_layers} {result.title} layers, {s.ridge_layers} with ridge, "
-            f"mean relative error {_number(s.mean_relative_error)}"
+            f"mean relative error {diagnostic(s.mean_relative_error)}"
         )
     if result.averaged:
         detail += f"; {matrices(len(result.averaged))} averaged (why: merge_report.json)"

@@ -11,7 +11,7 @@ import yaml
 from regmean import __version__
 from regmean.heads import head_kind
 from regmean.io.metadata import describe_record
-from regmean.merge.report import MergeReport
+from regmean.merge.report import MergeReport, diagnostic
 
 if TYPE_CHECKING:
     from regmean.merge.inputs import MergeInputs
@@ -177,8 +177,8 @@ def _diagnostics(report: MergeReport) -> list[str]:
         "## Diagnostics",
         "",
         f"- {s.solved_layers} linear layers merged by {report.title}; {s.ridge_layers} needed a ridge",
-        f"- relative reconstruction error on each model's own statistics: mean {_number(s.mean_relative_error)}, "
-        f"max {_number(s.max_relative_error)}{sampled}",
+        f"- relative reconstruction error on each model's own statistics: mean {diagnostic(s.mean_relative_error, 4)}, "
+        f"max {diagnostic(s.max_relative_error, 4)}{sampled}",
         f"- relative residual of the solved systems: at most {s.max_residual:.2g}",
         f"- matrices averaged instead: {len(report.averaged)}" + "".join(f"\n  - {n} {why}" for why, n in averaged),
         *[f"- {note}" for note in report.notes],
@@ -206,8 +206,3 @@ def _citation(report: MergeReport) -> list[str]:
     if not report.citations:
         return []
     return ["## Citation", "", *"\n\n".join(report.citations).splitlines(), ""]
-
-
-def _number(value: float | None) -> str:
-    """A diagnostic, or why there is none (every solved layer's outputs zero on its models' own inputs)."""
-    return "undefined (no output on the models' inputs)" if value is None else f"{value:.4g}"

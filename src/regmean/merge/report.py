@@ -113,3 +113,8 @@ class MergeReport:
             "warnings": self.warnings,
             "output_notes": [note.to_dict() for note in self.output_notes],
         }
+
+
+def diagnostic(value: float | None, digits: int = 3) -> str:
+    """A summary's error, or why there is none (every solved layer's outputs zero on its models' own inputs)."""
+    return "undefined (no output on the models' inputs)" if value is None else f"{value:.{digits}g}"
