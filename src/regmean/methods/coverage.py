@@ -74,8 +74,9 @@ def _reason(inputs, module: str, key: str = "", experts: dict | None = None) -> 
     if module in (experts or {}):
         if key.endswith("_bias"):
             return "experts' biases (averaged, as every bias outside `bias: joint`)"
-        numbers = [int(part) for part in key.split(".") if part.isdigit()]
-        if len(inputs.models[0].shapes[key]) == 2 and numbers and numbers[-1] >= experts[module].count:
+        parts, name = key.split("."), module.rsplit(".", 1)[-1]  # a per-expert key: <experts>.<e>.<projection>
+        expert = next((int(n) for m, n in zip(parts, parts[1:], strict=False) if m == name and n.isdigit()), None)
+        if len(inputs.models[0].shapes[key]) == 2 and expert is not None and expert >= experts[module].count:
             return NO_EXPERT
         return f"experts tensor in a layout the merge does not recognise ({kind})"
     return f"not a linear layer the method measures ({kind})"
