@@ -7,6 +7,7 @@ import warnings
 from pathlib import Path
 
 from regmean.errors import RegmeanError, RegmeanWarning, check_path
+from regmean.statistic import ProvenanceRecord
 from regmean.stats import WITHHELD, Statistics, StatisticsFile
 from regmean.stats_checks import structure_problems
 
@@ -57,7 +58,7 @@ def _modules_problem(f: StatisticsFile, first: StatisticsFile) -> str:
     return f"{f.path}: measured different modules than {first.path} (check include/exclude)"
 
 
-def _warn_of_lookalike_parts(files: list[StatisticsFile], records: list[list[dict]]) -> None:
+def _warn_of_lookalike_parts(files: list[StatisticsFile], records: list[list[ProvenanceRecord]]) -> None:
     """One warning where two parts record the same data file with the same examples and tokens: the same data
     measured twice (other options, other bytes) would be counted twice; disjoint shards rarely look so alike."""
     seen: dict[tuple, Path] = {}
@@ -75,15 +76,15 @@ def _warn_of_lookalike_parts(files: list[StatisticsFile], records: list[list[dic
             seen.setdefault(look, f.path)
 
 
-def _identified_records(f: StatisticsFile) -> list[dict]:
+def _identified_records(f: StatisticsFile) -> list[ProvenanceRecord]:
     """A file's provenance records, each with the `part` digest of what its data contributed (`content_digest`):
     a measured file's one record gets the file's own, a combination's records keep those they were given."""
     if len(f.provenance) <= 1 and not any("part" in r for r in f.provenance):
-        return [{**(f.provenance[0] if f.provenance else {}), "part": f.content_digest()}]
-    return [dict(r) for r in f.provenance]
+        return [ProvenanceRecord(**(f.provenance[0] if f.provenance else {}), part=f.content_digest())]
+    return [ProvenanceRecord(**r) for r in f.provenance]
 
 
-def _repeated_parts(files: list[StatisticsFile], records: list[list[dict]]) -> list[str]:
+def _repeated_parts(files: list[StatisticsFile], records: list[list[ProvenanceRecord]]) -> list[str]:
     """Each data shard added once: a file given twice, or a shard given beside a combination that holds it."""
     problems, seen = [], {}  # each part's digest -> the file that holds it, and that file's number of parts
     for f, part in zip(files, records, strict=True):

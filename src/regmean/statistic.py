@@ -10,7 +10,34 @@ import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypedDict
+
+
+class ProvenanceRecord(TypedDict, total=False):
+    """One measuring run as a statistics file records it (a combination keeps one per part). Read from files, so
+    untrusted: `stats_checks` checks the counts before any is used."""
+
+    examples: int
+    tokens: int
+    decoder_tokens: int
+    """Rows of each stream the run measured (`stats_checks.STREAM_TOTALS`)."""
+    max_length: int
+    model_dtype: str
+    processes: int
+    data: str
+    """The data file's name (not its path), and the columns read (`io.data.DATA_FIELDS`)."""
+    text_field: str
+    text_pair_field: str
+    target_field: str
+    messages_field: str
+    prompt_field: str
+    response_field: str
+    formatting: str
+    """How conversations were rendered (a chat template)."""
+    adapter_of: str
+    """The base model's folder name, for a LoRA adapter measured over it."""
+    part: str
+    """In a combination: the digest of what this part's data contributed (each part is added once)."""
 
 
 class StatisticsSource(Protocol):
@@ -20,7 +47,7 @@ class StatisticsSource(Protocol):
     fingerprint: dict[str, str]
     examples: int
     nbytes: int
-    provenance: list[dict]
+    provenance: list[ProvenanceRecord]
 
     def describe(self) -> str:
         """What was measured, for the model card's table ('150 examples, 3,000 tokens (float32)')."""

@@ -32,7 +32,7 @@ from regmean.io.outputs import Inputs
 from regmean.io.staged import StagedFiles, replaceable_target, target_file, write_atomic
 from regmean.io.tensorfile import TensorFile
 from regmean.io.untrusted import all_finite
-from regmean.statistic import Statistic
+from regmean.statistic import ProvenanceRecord, Statistic
 from regmean.stats_checks import check_count, check_gram, check_header, count_limits, files_by_site
 
 FORMAT = "regmean.gram"
@@ -95,7 +95,7 @@ class Statistics:
     examples: int
     tokens: int
     masking: str = "attention-mask: padding rows excluded (encoder, decoder and cross-attention inputs)"
-    provenance: list[dict] = field(default_factory=list)
+    provenance: list[ProvenanceRecord] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)  # module -> reason it has no statistics
     protection: str = "none"  # in words: withheld sites, differential privacy
     privacy: dict = field(default_factory=dict)  # {"withheld": [site, ...], "dp": DPRelease.record()}

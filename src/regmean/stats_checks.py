@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from regmean.errors import RegmeanError
+from regmean.statistic import ProvenanceRecord
 
 
 class Stream(StrEnum):
@@ -78,7 +79,7 @@ def check_header(
             raise RegmeanError(f"{path}: {what}; the file was altered: measure again")
 
 
-def _provenance_problems(records: list[dict], totals: tuple[int, int] | None) -> list[tuple[bool, str]]:
+def _provenance_problems(records: list[ProvenanceRecord], totals: tuple[int, int] | None) -> list[tuple[bool, str]]:
     """Counts the provenance records must agree on (as (found, what) pairs)."""
 
     def number(record: dict, key: str) -> int | None:
@@ -143,7 +144,7 @@ def structure_problems(files: list) -> list[str]:
     return problems
 
 
-def expected_count(provenance: list[dict], stream: str, calls: int) -> int | None:
+def expected_count(provenance: list[ProvenanceRecord], stream: str, calls: int) -> int | None:
     """The row count a site of `stream` called `calls` times per forward pass must have, from the provenance of
     every part of the file; None when a part does not record its stream's total."""
     key = STREAM_TOTALS.get(stream)
@@ -153,7 +154,7 @@ def expected_count(provenance: list[dict], stream: str, calls: int) -> int | Non
     return calls * sum(totals)
 
 
-def count_limits(provenance: list[dict], stream: tuple[str, int] | None) -> tuple[int | None, int | None]:
+def count_limits(provenance: list[ProvenanceRecord], stream: tuple[str, int] | None) -> tuple[int | None, int | None]:
     """(the count a site of `stream` (kind, calls) must have, or None; the most it may have, or None)."""
     if stream is None:
         return None, count_bound(provenance)
@@ -162,7 +163,7 @@ def count_limits(provenance: list[dict], stream: tuple[str, int] | None) -> tupl
     return expected_count(provenance, *stream), count_bound(provenance)
 
 
-def count_bound(provenance: list[dict]) -> int | None:
+def count_bound(provenance: list[ProvenanceRecord]) -> int | None:
     """An upper bound on any site's count for files that do not record their sites' streams: examples x maximum
     length x `MAX_CALLS`, summed over the parts; None when a part records neither."""
     bound = 0

@@ -9,6 +9,7 @@ import yaml
 
 from regmean import __version__
 from regmean.io.data import DATA_FIELDS
+from regmean.statistic import ProvenanceRecord
 from regmean.stats import FORMAT_VERSION, Statistics
 
 CARD = "README.md"
@@ -86,7 +87,7 @@ def statistics_card(stats: Statistics, model: Path, out: Path, files: list[str],
     return "\n".join(lines)
 
 
-def _provenance_row(record: dict) -> str:
+def _provenance_row(record: ProvenanceRecord) -> str:
     fields = ", ".join(f"{k.removesuffix('_field')}: `{record[k]}`" for k in DATA_FIELDS if record.get(k))
     values = {**record, "fields": fields}
     if record.get("adapter_of"):

@@ -28,6 +28,7 @@ from safetensors.torch import load_file
 from regmean import __version__
 from regmean.distributed import PeerFailed
 from regmean.io.staged import write_atomic
+from regmean.statistic import ProvenanceRecord
 from regmean.stats import SiteStats
 
 CHECKPOINT_SECONDS = 60.0
@@ -144,7 +145,7 @@ class MeasureCheckpoint:
         self.last_save = time.monotonic()
         self.save_seconds = self.last_save - now
 
-    def finish_block(self, block: int, stats: dict[str, SiteStats], record: dict) -> None:
+    def finish_block(self, block: int, stats: dict[str, SiteStats], record: ProvenanceRecord) -> None:
         """Block `block` is reduced: rank 0 keeps its sums; every process's pass in progress is over."""
         if not self.failed and self.rank == 0:
             self._save(stats, {"record": record}, self.folder / f"block-{block}.safetensors")

@@ -32,7 +32,7 @@ from regmean.io.staged import StagedFiles, replaceable_target, target_file, writ
 from regmean.launch import relaunch_with_torchrun
 from regmean.loading import check_positions, load_tokenizer
 from regmean.scoring import load_classifier
-from regmean.statistic import Statistic
+from regmean.statistic import ProvenanceRecord, Statistic
 from regmean.stats import open_statistics
 from regmean.stats_checks import MAX_LENGTH
 
@@ -70,7 +70,7 @@ class FisherFile:
         self.fingerprint = meta.fingerprint()
         self.examples = meta.natural("examples")
         self.nbytes = self.path.stat().st_size
-        self.provenance: list[dict] = []  # Fisher files record no measuring runs
+        self.provenance: list[ProvenanceRecord] = []  # Fisher files record no measuring runs
         self.keys: dict[str, str] = {}  # parameter -> its tensor in the file
         for key in self._handle.keys():
             name, sep, kind = key.rpartition("::")

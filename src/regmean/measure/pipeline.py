@@ -31,6 +31,7 @@ from regmean.measure.protect import (
 from regmean.measure.sites import NEVER_CALLED, Site, detect_sites, select_modules, site_blocks
 from regmean.memory import Peak, peak_memory
 from regmean.progress import progress as show_progress
+from regmean.statistic import ProvenanceRecord
 from regmean.stats import EXPERTS_UNCLIPPED, NO_EXAMPLE_BOUND, SiteStats, Statistics
 from regmean.stats_checks import Stream
 from regmean.units import human
@@ -212,7 +213,7 @@ class _Passes:
             log(f"resuming the measure interrupted earlier ({done} done; checkpoint {checkpoint.folder})")
         if checkpoint is not None:
             checkpoint.start()
-        self.record: dict = {}
+        self.record: ProvenanceRecord = {}
 
     def run(self, blocks, advance, examples: int, context: dict, header: dict, on_block) -> tuple[dict, dict]:
         """Every block's pass; each finished block to `on_block` (or kept); returns the kept sums and the record."""

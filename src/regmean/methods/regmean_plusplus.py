@@ -39,6 +39,7 @@ from regmean.methods.regmean import (
     solvable,
 )
 from regmean.methods.stages import Stage, forward_stages
+from regmean.statistic import ProvenanceRecord
 from regmean.stats import SiteStats
 from regmean.stats_checks import Stream
 
@@ -77,7 +78,7 @@ class StageInputs:
 @dataclass
 class ModelData:
     batches: list[Batch]
-    record: dict
+    record: ProvenanceRecord
     """Provenance for the model card: the data file's name, fields, examples, tokens, max_length."""
 
 
