@@ -187,7 +187,7 @@ def test_measure_bad_input(tmp_path):
     measure_fails(model, good, ["device 'cuda:99': "], "--device", "cuda:99")  # no such GPU here (or no CUDA)
     measure_fails(model, good, ["not a device name"], "--device", "gpu")
     measure_fails(model, good, ["stats dtype 'float16'"], "--stats-dtype", "float16")
-    with pytest.raises(RegmeanError, match="max_examples must be at least 1"):
+    with pytest.raises(RegmeanError, match="max_examples 0: a whole number of examples, at least 1"):
         load_examples(good, max_examples=0)
     (model / "tokenizer.json").unlink()  # transformers would tokenize every word as [UNK]
     measure_fails(model, good, ["no tokenizer vocabulary"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -80,6 +81,10 @@ class OutputForm(RecipeModel):
     lora: LoraOutput | None = None
     """Write one peft LoRA adapter over the base model instead of a full model: each changed linear layer's merged
     update at rank r (RegMean's: best in its own system's metric), changed heads and norms saved whole."""
+
+
+_PARSING: ContextVar[bool] = ContextVar("parsing_a_recipe", default=False)
+"""Set while `MergeConfig.parse` validates a recipe (validation calls `__init__`, which otherwise reports alone)."""
 
 
 class MergeConfig(RecipeModel):
@@ -223,15 +228,20 @@ class MergeConfig(RecipeModel):
         try:
             super().__init__(**data)
         except ValidationError as exc:
+            if _PARSING.get():  # `parse` reports it with the recipe's name and the missing files
+                raise
             raise RegmeanError([_one_line("MergeConfig", e) for e in exc.errors()]) from None
 
     @classmethod
     def parse(cls, raw: dict, source: str = "config", root: Path | None = None) -> MergeConfig:
+        parsing = _PARSING.set(True)
         try:
             config = cls.model_validate(raw)
         except ValidationError as exc:  # with the missing files, so that every problem is reported at once
             problems = [_one_line(source, e) for e in exc.errors()]
             raise RegmeanError(problems + _missing_paths(raw, root or Path("."))) from exc
+        finally:
+            _PARSING.reset(parsing)
         return config.resolved(root) if root is not None else config
 
     def resolved(self, root: Path) -> MergeConfig:
