@@ -119,9 +119,9 @@ class RegMeanPlusPlus(RegMean):
             problems += [absent] if absent else []
             try:
                 model_data(entry, ckpt.folders, inputs.skeleton)
-            except RegmeanError as exc:  # each problem named by its file: the data's unless it names one
-                named = (str(entry.data.file), str(entry.path))
-                problems += [p if p.startswith(named) else f"{entry.data.file}: {p}" for p in exc.problems]
+            except RegmeanError as exc:  # each problem named by the data file it arose on (and any file it names)
+                data = str(entry.data.file)
+                problems += [p if p.startswith(data) else f"{data}: {p}" for p in exc.problems]
         return problems
 
     def resident_bytes(self) -> int:
