@@ -304,10 +304,10 @@ def test_combine_warns_of_the_same_data_measured_twice_and_names_a_protection_mi
     from regmean.measure.protect import Protection
 
     path = save_model(build_model("bert", "BertForSequenceClassification", 1), tmp_path / "m")
-    record = {"data": "d1.jsonl"}
-    for name, batch in (("a", 4), ("b", 1)):
+    for name, batch, data in (("a", 4, "d1.jsonl"), ("b", 1, "copy-of-d1.jsonl")):  # sweep 8 F07: renamed
+        record = {"data": data}
         save(measure(path, EXAMPLES[:3], batch_size=batch, progress=False, provenance=record), tmp_path / name)
-    with pytest.warns(RegmeanWarning, match="both record data 'd1.jsonl' with 3 examples"):
+    with pytest.warns(RegmeanWarning, match=r"\(data 'copy-of-d1.jsonl'\) and .* both record 3 examples and"):
         assert combine([tmp_path / "a", tmp_path / "b"]).examples == 6
     exposed = measure(path, EXAMPLES[3:6], progress=False, protection=Protection(withhold=False))
     save(exposed, tmp_path / "c")

@@ -211,7 +211,7 @@ def test_combine_keeps_the_budget_of_disjoint_parts_and_refuses_mixed_ones(tmp_p
     with pytest.raises(regmean.RegmeanError, match="another privacy budget"):
         combine([tmp_path / "a", tmp_path / "plain"])
     result = runner.invoke(app, [*common, "--data", str(first), "--out", str(tmp_path / "again")])
-    with pytest.raises(regmean.RegmeanError, match="add up their budgets"):
+    with pytest.raises(regmean.RegmeanError, match="whose budgets add up"):
         combine([tmp_path / "a", tmp_path / "again"])
 
 

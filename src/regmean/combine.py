@@ -59,21 +59,23 @@ def _modules_problem(f: StatisticsFile, first: StatisticsFile) -> str:
 
 
 def _warn_of_lookalike_parts(files: list[StatisticsFile], records: list[list[ProvenanceRecord]]) -> None:
-    """One warning where two parts record the same data file with the same examples and tokens: the same data
-    measured twice (other options, other bytes) would be counted twice; disjoint shards rarely look so alike."""
-    seen: dict[tuple, Path] = {}
+    """One warning where two parts record the same examples and tokens: the same data measured twice (other options,
+    other bytes, another file name) would be counted twice; disjoint shards rarely count exactly alike."""
+    seen: dict[tuple, tuple[Path, object]] = {}
     for f, part in zip(files, records, strict=True):
         for record in part:
-            look = (record.get("data"), record.get("examples"), record.get("tokens"))
-            if look[0] is not None and look in seen and seen[look] != f.path:
+            look = (record.get("examples"), record.get("tokens"), record.get("decoder_tokens"))
+            if look[0] is not None and look in seen and seen[look][0] != f.path:
+                other, data = seen[look]
                 warnings.warn(
                     RegmeanWarning(
-                        f"{f.path} and {seen[look]} both record data {look[0]!r} with {look[1]} examples and "
-                        f"{look[2]} tokens: if they are the same data measured twice, the combination counts it twice"
+                        f"{f.path} (data {record.get('data')!r}) and {other} (data {data!r}) both record {look[0]} "
+                        f"examples and {look[1]} tokens: if they are the same data measured twice, the combination "
+                        "counts it twice"
                     ),
                     stacklevel=3,
                 )
-            seen.setdefault(look, f.path)
+            seen.setdefault(look, (f.path, record.get("data")))
 
 
 def _identified_records(f: StatisticsFile) -> list[ProvenanceRecord]:
@@ -115,8 +117,9 @@ def _privacy_problems(files: list[StatisticsFile]) -> list[str]:
         again = sorted(n for n in names if n in seen)
         if again:  # two releases of one data set spend two budgets: not what combine's parallel composition gives
             problems.append(
-                f"{f.path}: data {again[0]!r} was released in {seen[again[0]]} too; two DP releases of the same data "
-                "add up their budgets, so combine refuses them (combine parts measured on disjoint data)"
+                f"{f.path}: data {again[0]!r} is named in {seen[again[0]]} too: combine cannot tell two DP releases of "
+                "the same data (whose budgets add up) from disjoint shards sharing a file name; measure disjoint "
+                "shards from files of different names"
             )
         seen |= dict.fromkeys(names, f.path)
     return problems
