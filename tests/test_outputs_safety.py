@@ -289,3 +289,28 @@ def test_no_free_inodes_is_said_as_such(tmp_path, monkeypatch):
     assert "no free inodes" in str(room_error(tmp_path / "out", 10))
     monkeypatch.setattr(os, "statvfs", lambda _path: real)
     assert "the disk is full" in str(room_error(tmp_path / "out", 10))
+
+
+def test_a_merged_folder_has_the_permissions_of_any_new_folder(trio):
+    """Sweep 8 F04: the merged folder, staged with mkdtemp, kept its 0700 when renamed into place."""
+    tmp_path, models = trio
+    old = os.umask(0o022)
+    try:
+        recipe = write_config(tmp_path, method="average", models=models)
+        result = runner.invoke(app, ["merge", str(recipe), str(tmp_path / "out-mode")])
+    finally:
+        os.umask(old)
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "out-mode").stat().st_mode & 0o777 == 0o755
+
+
+def test_a_link_planted_where_the_lock_goes_is_never_followed(trio):
+    """Sweep 8 F03: the lock file was opened through a symbolic link planted at its path, creating a file inside an
+    input folder."""
+    tmp_path, models = trio
+    target = Path(models[0]["path"]) / "planted"
+    (tmp_path / ".out-lock.regmean-lock").symlink_to(target)
+    before = snapshot(tmp_path / "in")
+    recipe = write_config(tmp_path, method="average", models=models)
+    refused(["merge", recipe, tmp_path / "out-lock"], "a symbolic link")
+    assert snapshot(tmp_path / "in") == before and not target.exists()

@@ -192,3 +192,27 @@ def test_a_staged_shard_deleted_since_starts_the_merge_over(tmp_path, monkeypatc
     assert any("missing, or not laid out as this merge plans it: starting the merge over" in s for s in said), said
     merge(config, tmp_path / "whole", progress=False)
     same_folders(tmp_path / "whole", tmp_path / "out")
+
+
+def test_a_journal_line_altered_since_ends_the_finished_steps(tmp_path, monkeypatch):
+    """Sweep 8 F01: a journal line edited after the interruption (a layer record of unknown fields) made the rerun
+    say "resuming", then fail with an internal error; the steps before it count, the rest are computed again."""
+    import json
+
+    config = write_config(tmp_path, **recipe(tmp_path, "regmean"))
+    merge(config, tmp_path / "whole", progress=False)
+    with monkeypatch.context() as patch:
+        interrupt_at(patch, "regmean", 6)
+        with pytest.raises(Stop):
+            merge(config, tmp_path / "out", progress=False)
+    (staged,) = tmp_path.glob(".out.partial-*")
+    lines = (staged / JOURNAL).read_text().splitlines()
+    solved = 3  # the third step's line
+    altered = json.loads(lines[solved])
+    altered["layers"] = [{"bogus": 1}]
+    lines[solved] = json.dumps(altered)
+    (staged / JOURNAL).write_text("\n".join(lines) + "\n")
+    said = []
+    merge(config, tmp_path / "out", progress=False, log=said.append)
+    assert any(f"({solved - 1} steps were finished)" in line for line in said), said  # those before it
+    same_folders(tmp_path / "whole", tmp_path / "out")

@@ -7,11 +7,10 @@ from __future__ import annotations
 import importlib.util
 import json
 import shutil
-import tempfile
 from pathlib import Path
 
 from regmean.errors import RegmeanError, one_line
-from regmean.io.outputs import check_output_path
+from regmean.io.outputs import check_output_path, new_folder
 
 
 def find_gguf(source: str) -> Path:
@@ -48,7 +47,7 @@ def convert_gguf(source: str, out: Path, force: bool = False) -> Path:
     check_output_path(out, [("GGUF file", gguf)])
     _check_replaceable(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
-    staged = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.converting-"))
+    staged = new_folder(out.parent, f".{out.name}.converting-")
     try:
         _save(gguf, staged)
         files = sorted(p.name for p in staged.iterdir())

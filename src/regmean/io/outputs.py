@@ -169,10 +169,12 @@ def output_lock(out: Path) -> Iterator[None]:
     for _ in range(10):  # another process may unlink the lock file between our open and our flock: retry
         try:
             out.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)  # never through a planted link
         except OSError as exc:
             if exc.errno == errno.EISDIR:
                 raise RegmeanError(f"{lock}: a folder where the output's lock file goes; remove it") from None
+            if exc.errno == errno.ELOOP:
+                raise RegmeanError(f"{lock}: a symbolic link where the output's lock file goes; remove it") from None
             raise RegmeanError(f"{out.parent}: cannot write here ({exc.strerror})") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -214,3 +216,13 @@ def listing(paths: list[Path], root: Path, limit: int = 5) -> str:
     names = sorted(str(p.relative_to(root)) + ("/" if p.is_dir() else "") for p in paths)
     more = f" and {len(names) - limit} more" if len(names) > limit else ""
     return ", ".join(names[:limit]) + more
+
+
+def new_folder(parent: Path, prefix: str) -> Path:
+    """A new uniquely named folder in `parent` with the permissions any folder made there gets (mkdtemp's are 0700,
+    which a merged model folder renamed into place would keep)."""
+    folder = Path(tempfile.mkdtemp(dir=parent, prefix=prefix))
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    return folder

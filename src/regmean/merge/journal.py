@@ -91,15 +91,7 @@ class Journal:
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (open for the merge's duration)
 
     def _finished(self) -> dict[int, dict]:
-        """The steps the journal records (a last line cut short by a kill is not one)."""
-        done = {}
-        for text in self.path.read_text(encoding="utf-8").splitlines()[1:]:
-            try:
-                line = json.loads(text)
-                done[int(line["step"])] = line
-            except (ValueError, KeyError, TypeError):
-                break
-        return done
+        return finished_steps(self.path)
 
     def record(self, number: int, computed: Computed, written: list[list[dict[str, int]]]) -> None:
         """Step `number` is finished: its diagnostics and the bytes it wrote (per writer, per shard)."""
@@ -117,17 +109,46 @@ class Journal:
         """The finished steps' diagnostics, their bytes counted as written in `writers`."""
         results = {}
         for number, line in self.done.items():
-            if len(line["written"]) != len(writers):
-                raise RegmeanError(f"{self.path}: a journal of another output layout; delete it to start over")
-            for writer, counts in zip(writers, line["written"], strict=True):
-                writer.add_written(counts)
-            layers = [LayerReport(**row) for row in line["layers"]]
-            notes = [OutputNote(**row) for row in line.get("notes", [])]
-            results[number] = Computed({}, layers=layers, base_missing=line["base_missing"], notes=notes)
+            try:
+                for writer, counts in zip(writers, line["written"], strict=True):
+                    writer.add_written(counts)
+            except (ValueError, KeyError, TypeError, AttributeError):
+                raise RegmeanError(
+                    f"{self.path}: its finished steps do not match this merge's output (the journal was altered); "
+                    "run the same command again: it starts over"
+                ) from None
+            results[number] = _computed(line)
         return results
 
     def close(self) -> None:
         self._file.close()
+
+
+def finished_steps(path: Path) -> dict[int, dict]:
+    """The steps a journal records, up to the first line that is not one (a last line cut short by a kill, or a
+    line altered since); {} for a journal that cannot be read."""
+    done = {}
+    try:
+        texts = path.read_text(encoding="utf-8").splitlines()[1:]
+    except (OSError, UnicodeDecodeError):
+        return {}
+    for text in texts:
+        try:
+            line = json.loads(text)
+            _computed(line)
+            done[int(line["step"])] = line
+        except (ValueError, KeyError, TypeError, AttributeError):
+            break
+    return done
+
+
+def _computed(line: dict) -> Computed:
+    """A journal line's diagnostics (a TypeError, KeyError or ValueError for a line that is not a step's)."""
+    if not isinstance(line["written"], list) or not isinstance(line["base_missing"], list):
+        raise TypeError("not a step")
+    layers = [LayerReport(**row) for row in line["layers"]]
+    notes = [OutputNote(**row) for row in line.get("notes", [])]
+    return Computed({}, layers=layers, base_missing=line["base_missing"], notes=notes)
 
 
 def written_since(before: list[list[dict[str, int]]], writers: list[ShardedWriter]) -> list[list[dict[str, int]]]:

@@ -16,6 +16,7 @@ from regmean.io.outputs import (
     Inputs,
     check_output_path,
     listing,
+    new_folder,
     new_folders,
     no_room,
     output_lock,
@@ -119,7 +120,7 @@ def staged_output(
 @contextmanager
 def _staging(out_dir: Path, kept: Path | None, resumable: bool, log) -> Iterator[Path]:
     try:
-        tmp = kept or Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.partial-"))
+        tmp = kept or new_folder(out_dir.parent, f".{out_dir.name}.partial-")
         (tmp / STAGING_MARK).touch()
     except OSError as exc:
         raise RegmeanError(f"{out_dir.parent}: cannot write here ({exc.strerror})") from None
@@ -156,15 +157,9 @@ def _kept(tmp: Path, resumable: bool, log) -> bool:
 
 def _finished_steps(folder: Path) -> int:
     """The steps a staging folder's journals (one per process of the merge) record as finished."""
-    from regmean.merge.journal import JOURNALS
+    from regmean.merge.journal import JOURNALS, finished_steps
 
-    finished = 0
-    for journal in folder.glob(JOURNALS):
-        try:
-            finished += max(0, len(journal.read_text(encoding="utf-8").splitlines()) - 1)
-        except OSError:
-            continue
-    return finished
+    return sum(len(finished_steps(journal)) for journal in folder.glob(JOURNALS))
 
 
 def _planned_bytes(folder: Path) -> int:
