@@ -74,6 +74,7 @@ def test_mergekit_ties_and_linear_are_our_merges(llamas, tmp_path):  # noqa: F81
         ({"models": [{"model": "a", "parameters": {"weight": [0.1, 0.9]}}]}, "models.0.parameters.weight: gradients"),
         # sweep 7 R14: adapters over another folder than base_model were applied over base_model, silently
         ({"models": [{"model": "other+lora_a"}, {"model": "other+lora_b"}]}, "apply LoRA adapters over other, and"),
+        ({"models": [{"model": "+lora_a"}]}, "models.0: '+lora_a': give `<folder>+<lora folder>`"),  # sweep 8 F06
     ],
 )
 def test_what_mergekit_has_and_we_do_not_is_one_line(llamas, tmp_path, change, says):  # noqa: F811
@@ -83,3 +84,18 @@ def test_what_mergekit_has_and_we_do_not_is_one_line(llamas, tmp_path, change, s
     path.write_text(yaml.safe_dump({**recipe, **change}))
     cli_fails(["merge", path, tmp_path / "out"], str(path), says)
     assert not (tmp_path / "out").exists()
+
+
+def test_one_base_folder_however_spelled_is_one_base(tmp_path):
+    """Sweep 8 F05: `./base+a`, `base/+b` and an absolute path to the same folder were refused as different bases."""
+    from regmean.merge.mergekit import from_mergekit
+
+    (tmp_path / "base").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "base")
+    raw = {
+        "merge_method": "linear",
+        "base_model": "base/",
+        "models": [{"model": "./base+a"}, {"model": f"{tmp_path / 'base'}+b"}, {"model": "link+c"}],
+    }
+    recipe = from_mergekit(raw, str(tmp_path / "mk.yaml"))
+    assert [m["path"] for m in recipe["models"]] == ["a", "b", "c"] and recipe["base_model"] == "base/"

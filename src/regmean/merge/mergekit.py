@@ -7,6 +7,7 @@ What has no equivalent is refused in one line, never dropped."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 from regmean.errors import RegmeanError
@@ -48,10 +49,12 @@ def from_mergekit(raw: dict, source: str) -> dict:
         where = f"models.{number}"  # numbered from 0, as our recipes' messages number them
         if not isinstance(entry, dict) or not isinstance(entry.get("model"), str):
             raise RegmeanError(f"{source}: {where}: give `model: <folder>` (or `<folder>+<lora folder>`)")
-        folder, _, lora = entry["model"].partition("+")
+        folder, plus, lora = entry["model"].partition("+")
+        if plus and not (folder and lora):
+            raise RegmeanError(f"{source}: {where}: {entry['model']!r}: give `<folder>+<lora folder>`, both named")
         if lora:
             lora_base = lora_base or folder
-            if folder != lora_base:
+            if not _same_folder(folder, lora_base, source):
                 raise RegmeanError(f"{source}: {where}: LoRA adapters over different bases ({lora_base}, {folder})")
         if method != "average" and base is not None and not lora and folder == base:
             continue  # mergekit reads the base model's entry as the base (a zero task vector)
@@ -63,12 +66,18 @@ def from_mergekit(raw: dict, source: str) -> dict:
                 "top-level parameters"
             )
         models.append(_model(lora or folder, {**shared, **given}, method))
-    if base is not None and lora_base is not None and os.path.normpath(base) != os.path.normpath(lora_base):
+    if base is not None and lora_base is not None and not _same_folder(base, lora_base, source):
         raise RegmeanError(
             f"{source}: the models apply LoRA adapters over {lora_base}, and base_model is {base}: here the adapters "
             "are applied over the merge's base model; give the same folder to both (or merge full models)"
         )
     return _recipe(raw, source, method, options, models, base or lora_base, shared, name)
+
+
+def _same_folder(a: str, b: str, source: str) -> bool:
+    """Whether two of the recipe's paths (relative to its folder) name one folder, however spelled."""
+    root = Path(source).parent
+    return os.path.realpath(root / a) == os.path.realpath(root / b)
 
 
 def _recipe(
