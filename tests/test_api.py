@@ -62,6 +62,16 @@ def test_the_apis_common_mistakes_are_regmean_errors(tmp_path, monkeypatch):
         "takes the Statistics regmean.measure returns": lambda: regmean.save_statistics("x", tmp_path / "s"),
         "not a folder": lambda: regmean.save_statistics(stats, model / "config.json"),
         "withhold='no': give True or False": lambda: regmean.Protection(withhold="no"),
+        # sweep 8 F09, F10: still plain exceptions, and strings taken as true
+        "StatisticsFile: a path": lambda: regmean.StatisticsFile(123),
+        r"examples\[0\]: its text is a int": lambda: regmean.measure(model, [regmean.Example(text=5)]),
+        "log 'x': give a function": lambda: regmean.merge(str(tmp_path / "r.yaml"), "o", log="x"),
+        "device None: give a string": lambda: regmean.measure(model, EXAMPLES, device=None),
+        "text_field \\['text'\\]: give a string": lambda: regmean.load_examples(data, text_field=["text"]),
+        "a recipe: a path": lambda: regmean.MergeConfig.from_file(123),
+        "a recipe is a mapping": lambda: regmean.MergeConfig.parse("x"),
+        "force 'no': give True or False": lambda: regmean.merge(str(tmp_path / "r.yaml"), "o", force="no"),
+        "per_label 'no': give True or False": lambda: regmean.evaluate(model, data, per_label="no"),
     }
     for says, mistake in mistakes.items():
         with pytest.raises(regmean.RegmeanError, match=says):

@@ -32,3 +32,15 @@ def check_whole_number(value: object, name: str, unit: str, least: int = 1) -> N
     """A Python API argument that must be a whole number (never a bool or a string): a RegmeanError otherwise."""
     if isinstance(value, bool) or not isinstance(value, int) or value < least:
         raise RegmeanError(f"{name} {value!r}: a whole number of {unit}, at least {least}")
+
+
+def check_flag(value: object, name: str) -> None:
+    """A Python API switch: True or False (a string such as "no" would otherwise count as true)."""
+    if not isinstance(value, bool):
+        raise RegmeanError(f"{name} {value!r}: give True or False")
+
+
+def check_text(value: object, name: str, optional: bool = False) -> None:
+    """A Python API argument that must be a string (a device, a column name; or None where `optional`)."""
+    if not (isinstance(value, str) or (optional and value is None)):
+        raise RegmeanError(f"{name} {value!r}: give a string")

@@ -20,7 +20,7 @@ import torch
 from rich.progress import Progress
 
 from regmean.architecture import load_config
-from regmean.errors import RegmeanError, check_whole_number
+from regmean.errors import RegmeanError, check_flag, check_text, check_whole_number
 from regmean.heads import head_kind
 from regmean.io.chat import render_chat
 from regmean.io.data import Example, load_examples
@@ -244,6 +244,7 @@ def evaluate(
     or LoRA adapters (over `base`, or the local base their config names); conversations score the assistant turns
     only unless `score_tokens` is "all"."""
     models, data = _check_arguments(models, data, batch_size, max_length)
+    _check_switches(per_label, progress, device)
     bases: dict = {}  # adapters over one base share it
     candidates = [Candidate.open(m, base, bases) for m in models]
     kinds = {c.path: model_kind(c.config_dir) for c in candidates}
@@ -285,6 +286,12 @@ def _check_arguments(models, data, batch_size, max_length) -> tuple[list[Path], 
     check_whole_number(batch_size, "batch_size", "examples")
     check_whole_number(max_length, "max_length", "tokens")
     return [Path(m) for m in models], Path(data)
+
+
+def _check_switches(per_label, progress, device) -> None:
+    check_flag(per_label, "per_label")
+    check_flag(progress, "progress")
+    check_text(device, "device")
 
 
 def _lm_examples(

@@ -26,7 +26,7 @@ import torch
 
 from regmean import __version__
 from regmean.dtypes import FLOATS, STATISTICS, STORED_NAMES
-from regmean.errors import RegmeanError, one_line
+from regmean.errors import RegmeanError, check_path, one_line
 from regmean.io.metadata import Metadata
 from regmean.io.outputs import Inputs
 from regmean.io.staged import StagedFiles, replaceable_target, target_file, write_atomic
@@ -208,6 +208,7 @@ class StatisticsFile:
     a count of the right shapes and dtypes."""
 
     def __init__(self, path: str | Path):
+        check_path(path, "StatisticsFile")
         files = stats_files(path)
         self.path = files[0] if len(files) == 1 else Path(path)
         opened = [open_statistics(f, FORMAT, "regmean statistics") for f in files]

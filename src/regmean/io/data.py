@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from regmean.errors import RegmeanError, check_path, check_whole_number, one_line
+from regmean.errors import RegmeanError, check_path, check_text, check_whole_number, one_line
 from regmean.io.chat import Turns, read_turns
 
 DATA_FIELDS = ("text_field", "text_pair_field", "target_field", "messages_field", "prompt_field", "response_field")
@@ -130,6 +130,12 @@ def load_examples(
     tokenizer without a chat template). Either is rendered later by `render_chat`.
     """
     check_path(path, "load_examples reads a data file")
+    for name, field in (("text_field", text_field), ("text_pair_field", text_pair_field)):
+        check_text(field, name, optional=name != "text_field")
+    for name, field in (("target_field", target_field), ("messages_field", messages_field)):
+        check_text(field, name, optional=True)
+    for name, field in (("prompt_field", prompt_field), ("response_field", response_field)):
+        check_text(field, name, optional=True)
     if max_examples is not None:
         check_whole_number(max_examples, "max_examples", "examples")
     if (prompt_field is None) != (response_field is None):

@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 from regmean import distributed, dtypes
 from regmean.devices import check_device
-from regmean.errors import RegmeanError, check_path, check_whole_number
+from regmean.errors import RegmeanError, check_flag, check_path, check_text, check_whole_number
 from regmean.io.adapter import is_adapter, open_model
 from regmean.io.chat import render_chat
 from regmean.io.data import Example
@@ -75,7 +75,7 @@ def measure(
     """
     sums = dtypes.named(stats_dtype, dtypes.STATISTICS, "stats dtype")
     _check_arguments(examples, protection, batch_size, max_length)
-    _check_paths(model_dir, base, checkpoint_dir, provenance)
+    _check_paths(model_dir, base, checkpoint_dir, provenance, device, progress)
     model, tokenizer, examples, described, fingerprint = _loaded(
         model_dir, base, allow_pickle, examples, device, model_dtype, max_length
     )
@@ -140,13 +140,18 @@ def _check_arguments(examples, protection, batch_size, max_length) -> None:
         or not all(isinstance(e, Example) for e in examples)
     ):
         raise RegmeanError("examples: a list of regmean.Example; read a data file with regmean.load_examples(path)")
+    wrong = next((k for k, e in enumerate(examples) if not isinstance(e.text, str)), None)
+    if wrong is not None:
+        raise RegmeanError(f"examples[{wrong}]: its text is a {type(examples[wrong].text).__name__}, not a string")
     if not examples:
         raise RegmeanError("no examples to measure on")
     if protection is not None and not isinstance(protection, Protection):
         raise RegmeanError(f"protection: a regmean.Protection(...), not a {type(protection).__name__}")
 
 
-def _check_paths(model_dir, base, checkpoint_dir, provenance) -> None:
+def _check_paths(model_dir, base, checkpoint_dir, provenance, device, progress) -> None:
+    check_text(device, "device")
+    check_flag(progress, "progress")
     check_path(model_dir, "model_dir")
     check_path(base, "base", optional=True)
     check_path(checkpoint_dir, "checkpoint_dir", optional=True)

@@ -22,7 +22,7 @@ from pydantic import (
 )
 
 from regmean.dtypes import FLOATS
-from regmean.errors import RegmeanError, one_line
+from regmean.errors import RegmeanError, check_path, one_line
 from regmean.io.adapter import input_paths as adapter_inputs
 from regmean.io.untrusted import compile_pattern, resolve_user_path
 from regmean.merge.mergekit import from_mergekit, is_mergekit
@@ -214,6 +214,7 @@ class MergeConfig(RecipeModel):
     @classmethod
     def from_file(cls, path: str | Path) -> MergeConfig:
         """Read YAML; relative paths are resolved against the config file's folder."""
+        check_path(path, "a recipe")
         path = Path(path)
         if not path.is_file():
             raise RegmeanError(f"{path}: config file not found")
@@ -234,6 +235,8 @@ class MergeConfig(RecipeModel):
 
     @classmethod
     def parse(cls, raw: dict, source: str = "config", root: Path | None = None) -> MergeConfig:
+        if not isinstance(raw, dict):
+            raise RegmeanError(f"{source}: a recipe is a mapping (method, models, ...), not {type(raw).__name__}")
         parsing = _PARSING.set(True)
         try:
             config = cls.model_validate(raw)

@@ -11,7 +11,7 @@ import torch
 
 from regmean import distributed
 from regmean.devices import check_device
-from regmean.errors import RegmeanError, check_path
+from regmean.errors import RegmeanError, check_flag, check_path, check_text
 from regmean.io.outputs import check_output_path
 from regmean.io.writer import DEFAULT_SHARD_BYTES, ShardedWriter
 from regmean.merge.config import MergeConfig
@@ -54,6 +54,12 @@ def merge(
     thread stages each step's inputs there while the previous step computes. Under torchrun the steps are divided
     among the ranks (`merge.parallel`), and only rank 0 returns the report (the others None).
     """
+    check_path(out_dir, "out_dir")
+    for flag, name in ((force, "force"), (progress, "progress"), (dry_run, "dry_run")):
+        check_flag(flag, name)
+    check_text(device, "device")
+    if log is not None and not callable(log):
+        raise RegmeanError(f"log {log!r}: give a function of one line of text (e.g. print), or None")
     sources: list[tuple[str, Path]] = []
     if isinstance(config, dict):  # a recipe as a mapping, its relative paths taken from the working folder
         config = MergeConfig.parse(config, source="recipe", root=Path.cwd())
@@ -65,7 +71,6 @@ def merge(
     if lora_rank is not None:
         config = config.with_lora(lora_rank)
     sources += config.input_paths()
-    check_path(out_dir, "out_dir")
     out_dir = Path(out_dir)
     shard_bytes = parse_size(shard_size, "--shard-size")
     memory_limit = None if max_memory is None else parse_size(max_memory, "--max-memory")
