@@ -296,7 +296,10 @@ def test_bad_input_is_one_line_before_any_work(tmp_path):
     long.write_text('{"text": "%s"}\n' % ("word " * 100))
     bad = [models[0], {**models[1], "data": {"file": str(long), "max_length": 512}}]
     errors = merge_fails(
-        tmp_path, {**recipe, "models": bad}, f"{long}: ", "config.json: declares 64 positions", "data: max_length"
+        tmp_path,
+        {**recipe, "models": bad},
+        f"{long}: {models[1]['path']}/config.json: declares 64 positions",
+        "data: max_length",
     )
     assert len(errors) == 1
 

@@ -91,7 +91,12 @@ def model_data(entry: ModelEntry, folders: tuple[Path, ...], model: nn.Module) -
     folder = tokenizer_folder(folders)
     tokenizer = load_tokenizer(folder)
     examples, formatting = render_chat(examples, tokenizer, folder)
-    batches = list(make_batches(examples, tokenizer, model, spec.batch_size, spec.max_length, "cpu"))
+    try:
+        batches = list(make_batches(examples, tokenizer, model, spec.batch_size, spec.max_length, "cpu"))
+    except RegmeanError as exc:  # the skeleton is the first model's: name this entry's (the same architecture)
+        first = str(getattr(model.config, "_name_or_path", "") or "")
+        said = [p.replace(f"{first}/config.json", f"{entry.path}/config.json") if first else p for p in exc.problems]
+        raise RegmeanError(said) from None
     tokens = sum(b.tokens for b in batches)
     chat = {"formatting": formatting} if formatting else {}
     record = {"data": spec.file.name, **{k: v for k, v in fields.items() if v}, **chat}
