@@ -239,13 +239,13 @@ def test_an_interrupted_run_resumes_and_other_settings_are_refused(tmp_path, mon
     monkeypatch.setattr(R, "SUITES", {"fake": fake})
     out = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
-        R.run_bench("fake", [0, 1, 2], out, tmp_path)
+        R.run_bench("fake", [0, 1, 2], out, tmp_path / "base")
     assert calls == [0, 1]
-    report = R.run_bench("fake", [0, 1, 2], out, tmp_path)
+    report = R.run_bench("fake", [0, 1, 2], out, tmp_path / "base")
     assert calls == [0, 1, 1, 2]  # seed 0 kept, seeds 1 and 2 run
     assert "| average | 60.0 +- 10.0 |" in report and "over 3 seed(s)" in report, report  # 50, 60, 70
     with pytest.raises(RegmeanError, match="train_size"):
-        R.run_bench("fake", [0], out, tmp_path, train_size=10)
+        R.run_bench("fake", [0], out, tmp_path / "base", train_size=10)
     # the packaged backbone is recorded by name, so results.json resumes in another checkout (another venv path)
     default = R.run_bench("fake", [0], tmp_path / "default")
     settings = json.loads((tmp_path / "default" / "results.json").read_text())["settings"]
@@ -257,7 +257,7 @@ def test_an_interrupted_run_resumes_and_other_settings_are_refused(tmp_path, mon
     # the demo alone starts afresh over a demo of other settings (an earlier version's preset), saying so
     monkeypatch.setattr(R, "SUITES", {"tasks": fake})
     capsys.readouterr()
-    R.run_bench("demo", [0], out, tmp_path)
+    R.run_bench("demo", [0], out, tmp_path / "base")
     said = capsys.readouterr().out
     assert f"{out} holds an earlier demo of other settings: running the demo afresh" in said, said
     assert json.loads((out / "results.json").read_text())["settings"]["pairs"] == [["tweets", "rotten_tomatoes"]]
@@ -386,7 +386,7 @@ def test_seeds_kept_from_before_the_constant_predictor_get_its_rows(tmp_path):
 
     out = tmp_path / "run"
     out.mkdir()
-    settings = R.Settings(base=tmp_path, work=out / "work", train_size=40, test_size=30)
+    settings = R.Settings(base=tmp_path / "base", work=out / "work", train_size=40, test_size=30)
     row = {"suite": "tasks", "seed": 0, "task": "debates+chatterbot", "eval": "debates", "method": "average"}
     earlier = {
         "settings": R._describe(settings),
@@ -396,7 +396,7 @@ def test_seeds_kept_from_before_the_constant_predictor_get_its_rows(tmp_path):
         "curves": [],
     }
     (out / "results.json").write_text(json.dumps(earlier))
-    R.run_bench("tasks", [0], out, tmp_path, train_size=40, test_size=30)
+    R.run_bench("tasks", [0], out, tmp_path / "base", train_size=40, test_size=30)
     rows = json.loads((out / "results.json").read_text())["rows"]
     got = {r["eval"]: r["value"] for r in rows if r["method"] == "constant" and r["metric"] == "accuracy"}
     assert set(got) == {"tweets", "rotten_tomatoes", "debates", "chatterbot"}
@@ -425,6 +425,9 @@ def test_bench_refuses_an_output_it_cannot_use_before_any_work(tmp_path):
     (tmp_path / "other" / "results.json").unlink()
     (tmp_path / "other" / "results.json").mkdir()
     cli_fails(["bench", "demo", "--out", tmp_path / "other"], "holds other files and no bench results")
+    base = tmp_path / "base"  # sweep 8 F13: fine-tuned first, then refused
+    base.mkdir()
+    cli_fails(["bench", "demo", "--base", base, "--out", base / "run"], "the output lies inside the base model")
 
 
 def test_a_failed_bench_leaves_no_work_behind(tmp_path, monkeypatch):
@@ -437,7 +440,7 @@ def test_a_failed_bench_leaves_no_work_behind(tmp_path, monkeypatch):
 
     monkeypatch.setitem(R.SUITES, "tasks", suite)
     with pytest.raises(KeyboardInterrupt):
-        R.run_bench("tasks", [0], tmp_path / "run", tmp_path)
+        R.run_bench("tasks", [0], tmp_path / "run", tmp_path / "base")
     assert not (tmp_path / "run").exists()
 
 

@@ -14,6 +14,7 @@ import transformers
 
 from regmean.devices import check_device
 from regmean.errors import RegmeanError
+from regmean.io.outputs import check_output_path
 from regmean_bench.report import write_report
 from regmean_bench.runner import TASK_PAIRS, Results, Settings
 from regmean_bench.suites import SUITES, constant_rows
@@ -87,6 +88,7 @@ def run_bench(name: str, seeds: list[int], out: Path, base: Path | None = None, 
     settings = replace(Settings(base=base or packaged_minilm(), work=out / "work", recipe=recipe), **preset)
     check_device(settings.device)
     _check_out(out)
+    check_output_path(out, [("base model", settings.base)])  # (fine-tuning would come first)
     described = _describe(settings)
     results = _finished(out / "results.json", described, settings.log if name == "demo" else None)
     made = not out.exists()
