@@ -82,7 +82,7 @@ def merge(
         return merge_on_ranks(config, request, LocalRunner(memory_limit, distributed.init_from_env(device), progress))
     check_output_dir(check_output_path(out_dir, sources), force)  # before the inputs are opened and planned
     ready = LocalRunner(memory_limit, device, progress).plan(open_inputs(config), log)
-    key = resume_key(config, sources, ready.form, ready.method, ready.steps, shard_bytes)
+    key = resume_key(config, sources, ready.form, ready.method, ready.steps, shard_bytes, device)
     fill = _journaled(ready.method, ready.steps, progress, key)
     return write_output(request, ready.form, ready.plan.write_bytes, fill, resume_key=key)
 

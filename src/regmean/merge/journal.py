@@ -14,6 +14,8 @@ import hashlib
 import json
 from pathlib import Path
 
+import torch
+
 from regmean import __version__, distributed
 from regmean.errors import RegmeanError
 from regmean.io.writer import Layout, ShardedWriter
@@ -30,13 +32,14 @@ def merge_key(
     layouts: list[Layout],
     steps: list[Step],
     shard_bytes: int,
-    processes: int = 1,
+    workers: object = 1,
 ) -> str:
-    """What a resumed merge must share with the interrupted one (the processes too: they divide the steps)."""
+    """What a resumed merge must share with the interrupted one (the processes too, which divide the steps, and the
+    kind of device they compute on)."""
     digest = hashlib.blake2b(digest_size=16)
     plan = [(type(s).__name__, s.outputs, s.rows) for s in steps]
     shapes = [[(name, str(dtype), list(shape)) for name, (dtype, shape) in layout.items()] for layout in layouts]
-    digest.update(json.dumps([__version__, recipe, shapes, plan, shard_bytes, processes], default=str).encode())
+    digest.update(json.dumps([__version__, recipe, shapes, plan, shard_bytes, workers], default=str).encode())
     for _, source in sources:
         files = [source] if source.is_file() else sorted(p for p in source.rglob("*") if p.is_file())
         for file in files:
@@ -45,13 +48,15 @@ def merge_key(
     return digest.hexdigest()
 
 
-def resume_key(config, sources, form, method, steps: list[Step], shard_bytes: int) -> str | None:
+def resume_key(config, sources, form, method, steps: list[Step], shard_bytes: int, device: str) -> str | None:
     """The key an interrupted run of this merge journals its steps under (`merge.journal`), or None where it does
-    not resume (an adapter output of a method that keeps state across steps)."""
+    not resume (an adapter output of a method that keeps state across steps). The kind of device is in it: a GPU's
+    arithmetic rounds otherwise than a CPU's, and a resumed merge equals an uninterrupted one byte for byte."""
     if not form.resumable(method):
         return None
     recipe = config.relative_to(Path("/")).to_yaml()
-    return merge_key(recipe, sources, form.layouts, steps, shard_bytes, distributed.world_size())
+    workers = (distributed.world_size(), torch.device(device).type)
+    return merge_key(recipe, sources, form.layouts, steps, shard_bytes, workers)
 
 
 def journal_key(folder: Path) -> str | None:

@@ -63,6 +63,9 @@ def _seconds(step: Step) -> float:
 class StepRunner(Protocol):
     """How this process plans a merge and runs steps (the engine's loop; `merge.engine.LocalRunner`)."""
 
+    device: str
+    """Where the steps compute (cpu, cuda:N)."""
+
     def plan(self, inputs: MergeInputs, log) -> Planned: ...
 
     def run(
@@ -85,7 +88,7 @@ def merge_on_ranks(config: MergeConfig, request: OutputRequest, runner: StepRunn
     inputs = open_inputs(config)
     ready = runner.plan(inputs, request.log if rank == 0 else None)
     method, steps, form = ready.method, ready.steps, ready.form
-    key = resume_key(config, request.sources, form, method, steps, request.shard_bytes)
+    key = resume_key(config, request.sources, form, method, steps, request.shard_bytes, runner.device)
     mine = [(n, steps[n]) for n in divide(steps, ranks, head_bytes(inputs))[rank]]
     if rank != 0:
         staged = _shared([None])
