@@ -81,8 +81,7 @@ def open_model(path: str | Path, base: str | Path | None = None, allow_pickle: b
 
 
 def implied_base(path: str | Path) -> Path | None:
-    """The local base model folder an adapter's config names, for an adapter folder given no base (it is read, so
-    it is an input: no output may lie inside it); None for a model folder or a base that is not local."""
+    """The local base folder an adapter's config names (read, so an input, when no base is given), or None."""
     if not is_adapter(path):
         return None
     try:

@@ -113,6 +113,18 @@ def _json_lines(stream, path: Path) -> list:
                 ) from None
 
 
+def _check_options(path, columns: list) -> None:
+    """The path and the column options (`DATA_FIELDS`, in order) of the kinds they must be, and chat's together."""
+    check_path(path, "load_examples reads a data file")
+    for number, (name, field) in enumerate(zip(DATA_FIELDS, columns, strict=True)):
+        check_text(field, name, optional=number > 0)
+    _, _, _, messages_field, prompt_field, response_field = columns
+    if (prompt_field is None) != (response_field is None):
+        raise RegmeanError("give --prompt-field and --response-field together (a prompt and its response)")
+    if messages_field and prompt_field:
+        raise RegmeanError("give either --messages-field or --prompt-field/--response-field, not both")
+
+
 def load_examples(
     path: str | Path,
     text_field: str = "text",
@@ -129,19 +141,9 @@ def load_examples(
     `response_field` (a user turn and the assistant's answer; their plain concatenation is the fallback text for a
     tokenizer without a chat template). Either is rendered later by `render_chat`.
     """
-    check_path(path, "load_examples reads a data file")
-    for name, field in (("text_field", text_field), ("text_pair_field", text_pair_field)):
-        check_text(field, name, optional=name != "text_field")
-    for name, field in (("target_field", target_field), ("messages_field", messages_field)):
-        check_text(field, name, optional=True)
-    for name, field in (("prompt_field", prompt_field), ("response_field", response_field)):
-        check_text(field, name, optional=True)
+    _check_options(path, [text_field, text_pair_field, target_field, messages_field, prompt_field, response_field])
     if max_examples is not None:
         check_whole_number(max_examples, "max_examples", "examples")
-    if (prompt_field is None) != (response_field is None):
-        raise RegmeanError("give --prompt-field and --response-field together (a prompt and its response)")
-    if messages_field and prompt_field:
-        raise RegmeanError("give either --messages-field or --prompt-field/--response-field, not both")
     table = read_table(path)
     chat = [messages_field] if messages_field else [prompt_field, response_field] if prompt_field else []
     fields = chat or [text_field, text_pair_field, target_field]
