@@ -32,6 +32,16 @@ def interrupt_at(monkeypatch, method: str, at: int) -> None:
     monkeypatch.setattr(cls, "compute", compute)
 
 
+def interrupted(monkeypatch, config, out, method: str, at: int):
+    """Merge `config` into `out`, interrupted (Ctrl-C) at its `at`-th step; the staging folder it keeps."""
+    with monkeypatch.context() as patch:
+        interrupt_at(patch, method, at)
+        with pytest.raises(Stop):
+            merge(config, out, progress=False)
+    (staged,) = out.parent.glob(f".{out.name}.partial-*")
+    return staged
+
+
 def recipe(tmp_path, method: str) -> dict:
     models = make_models(tmp_path / "in", "bert", "BertForSequenceClassification", stats=method == "regmean")
     if method == "regmean_plusplus":
@@ -47,11 +57,7 @@ def test_an_interrupted_merge_resumes_to_the_same_bytes(tmp_path, monkeypatch, m
     merge(config, tmp_path / "whole", progress=False)
     steps = merge(config, tmp_path / "plan", dry_run=True).steps
     at = random.Random(method).randrange(2, steps)  # a random step, the same at every run
-    with monkeypatch.context() as patch:
-        interrupt_at(patch, method, at)
-        with pytest.raises(Stop):
-            merge(config, tmp_path / "out", progress=False)
-    (staged,) = tmp_path.glob(".out.partial-*")
+    staged = interrupted(monkeypatch, config, tmp_path / "out", method, at)
     assert not (tmp_path / "out").exists()
     assert len((staged / JOURNAL).read_text().splitlines()) == at  # the key, then at - 1 finished steps
     said = []
@@ -63,11 +69,7 @@ def test_an_interrupted_merge_resumes_to_the_same_bytes(tmp_path, monkeypatch, m
 
 def test_changed_inputs_start_over(tmp_path, monkeypatch):
     config = write_config(tmp_path, **recipe(tmp_path, "regmean"))
-    with monkeypatch.context() as patch:
-        interrupt_at(patch, "regmean", 3)
-        with pytest.raises(Stop):
-            merge(config, tmp_path / "out", progress=False)
-    (staged,) = tmp_path.glob(".out.partial-*")
+    staged = interrupted(monkeypatch, config, tmp_path / "out", "regmean", 3)
     config.write_text(config.read_text().replace("method: regmean", "method: regmean\noptions: {alpha: 0.5}"))
     said = []
     merge(config, tmp_path / "out", progress=False, log=said.append)
@@ -122,11 +124,7 @@ def swapped_keeping_size_and_time(tmp_path, monkeypatch, config, method: str, ol
     import os
     import shutil
 
-    with monkeypatch.context() as patch:
-        interrupt_at(patch, method, 3)
-        with pytest.raises(Stop):
-            merge(config, tmp_path / "out", progress=False)
-    (staged,) = tmp_path.glob(".out.partial-*")
+    staged = interrupted(monkeypatch, config, tmp_path / "out", method, 3)
     assert old.stat().st_size == new.stat().st_size and old.read_bytes() != new.read_bytes()
     times = (old.stat().st_atime_ns, old.stat().st_mtime_ns)
     if how == "cp -p":
@@ -180,11 +178,7 @@ def test_a_staged_shard_deleted_since_starts_the_merge_over(tmp_path, monkeypatc
     """Sweep 7 R17: the interrupted merge's staged shard deleted (space freed), its journal left: the rerun said it
     resumed, then failed advising to delete a file that was not there; now it starts over, said, in the same run."""
     config = write_config(tmp_path, **recipe(tmp_path, "regmean"))
-    with monkeypatch.context() as patch:
-        interrupt_at(patch, "regmean", 4)
-        with pytest.raises(Stop):
-            merge(config, tmp_path / "out", progress=False)
-    (staged,) = tmp_path.glob(".out.partial-*")
+    staged = interrupted(monkeypatch, config, tmp_path / "out", "regmean", 4)
     for shard in staged.glob(".shard-*"):
         shard.unlink()
     said = []
@@ -201,11 +195,7 @@ def test_a_journal_line_altered_since_ends_the_finished_steps(tmp_path, monkeypa
 
     config = write_config(tmp_path, **recipe(tmp_path, "regmean"))
     merge(config, tmp_path / "whole", progress=False)
-    with monkeypatch.context() as patch:
-        interrupt_at(patch, "regmean", 6)
-        with pytest.raises(Stop):
-            merge(config, tmp_path / "out", progress=False)
-    (staged,) = tmp_path.glob(".out.partial-*")
+    staged = interrupted(monkeypatch, config, tmp_path / "out", "regmean", 6)
     lines = (staged / JOURNAL).read_text().splitlines()
     solved = 3  # the third step's line
     altered = json.loads(lines[solved])
